@@ -1,0 +1,336 @@
+"""Labelled image sets, decoded once and shared by every model in a run.
+
+A dataset is named by a URI-like string:
+
+- ``imagefolder:PATH``          class sub-folders, labels by sorted folder name;
+- ``imagenet:PATH``             a folder or ``.tar`` of ``<wnid>_<anything>.JPEG`` files;
+- ``foolbox``                   the 20 ImageNet images inside the foolbox package;
+- ``fashion-mnist:SPLIT[:DIR]`` SPLIT is ``train`` (the 50k kept for training), ``calib``
+                                 (10k held out of the official train set), ``trainfull`` or ``test``.
+
+Every sample has a stable string id, and :func:`fingerprint` hashes ids plus labels so that
+predictions of different models are only compared on identical samples.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import struct
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+CALIB_SIZE = 10_000
+CALIB_SEED = 0
+
+
+class DatasetError(ValueError):
+    pass
+
+
+@dataclass
+class RawSource:
+    """Samples before decoding: ids, labels (-1 when unknown) and a reader of raw bytes."""
+
+    name: str
+    ids: list[str]
+    labels: np.ndarray
+    read: Callable[[int], bytes]
+    class_names: list[str] | None = None
+
+
+@dataclass
+class DecodedSet:
+    """Decoded uint8 images, (C, H, W) each, that decoded cleanly, in a stable order.
+
+    ``images`` is either a list of tensors (mixed sizes) or one (N, C, H, W) tensor.
+    ``failures`` lists ``(id, reason)`` for every sample skipped as unreadable.
+    """
+
+    name: str
+    ids: list[str]
+    labels: np.ndarray
+    images: list[torch.Tensor] | torch.Tensor
+    class_names: list[str] | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.ids, self.labels)
+
+    def batch(self, start: int, stop: int) -> list[torch.Tensor] | torch.Tensor:
+        return self.images[start:stop]
+
+    def subset(self, index: Sequence[int]) -> "DecodedSet":
+        index = list(index)
+        imgs = self.images[torch.as_tensor(index)] if isinstance(self.images, torch.Tensor) else [
+            self.images[i] for i in index]
+        return DecodedSet(self.name, [self.ids[i] for i in index], self.labels[index], imgs, self.class_names)
+
+
+def fingerprint(ids: Sequence[str], labels: np.ndarray) -> str:
+    """sha256 over the ordered ids and labels (first 16 hex digits)."""
+    h = hashlib.sha256()
+    for i, y in zip(ids, np.asarray(labels).tolist()):
+        h.update(f"{i}\t{y}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Decode image bytes to a uint8 (C, H, W) tensor with C=1 (greyscale) or C=3 (RGB).
+
+    RGBA, palette and CMYK images become RGB; 16-bit and float greyscale become 8-bit L.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode not in ("L", "RGB"):
+            im = im.convert("L" if im.mode in ("I", "I;16", "F", "1") else "RGB")
+        arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def decode_all(source: RawSource, progress: bool = True) -> DecodedSet:
+    """Decode every sample once; unreadable ones are skipped, counted and reported."""
+    from tqdm.auto import tqdm
+
+    ids, labels, images, failures = [], [], [], []
+    for i in tqdm(range(len(source.ids)), desc=f"decode {source.name}", disable=not progress, leave=False):
+        try:
+            images.append(decode_image(source.read(i)))
+        except Exception as e:  # any decoder error means the file is unusable, never fatal
+            failures.append((source.ids[i], f"{type(e).__name__}: {e}"))
+            continue
+        ids.append(source.ids[i])
+        labels.append(int(source.labels[i]))
+    if failures:
+        warnings.warn(f"{source.name}: skipped {len(failures)} unreadable image(s), first: {failures[0]}")
+    return DecodedSet(source.name, ids, np.asarray(labels, dtype=np.int64), images, source.class_names, failures)
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+def _imagenet_index() -> dict[str, int]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return {wnid: i for i, wnid in enumerate(info.label_names())}
+
+
+def _imagenet_names() -> list[str]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+def _wnid_label(filename: str, index: dict[str, int]) -> int:
+    wnid = Path(filename).name.split("_")[0]
+    if wnid not in index:
+        raise DatasetError(f"{filename}: name does not start with an ImageNet wnid (like n01440764_...)")
+    return index[wnid]
+
+
+def imagenet_source(path: str | os.PathLike) -> RawSource:
+    """ImageNet-style folder or tar: the label is the wnid prefix of each file name."""
+    p = Path(path)
+    index = _imagenet_index()
+    if p.is_file() and tarfile.is_tarfile(p):
+        tf = tarfile.open(p)
+        members = sorted((m for m in tf.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES),
+                         key=lambda m: m.name)
+        ids = [m.name for m in members]
+
+        def read(i: int) -> bytes:
+            f = tf.extractfile(members[i])
+            assert f is not None
+            return f.read()
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        ids = [str(f.relative_to(p)) for f in files]
+
+        def read(i: int) -> bytes:
+            return files[i].read_bytes()
+    else:
+        raise DatasetError(f"imagenet:{path}: not a folder or a tar file")
+    if not ids:
+        raise DatasetError(f"imagenet:{path}: no image files found")
+    labels = np.array([_wnid_label(i, index) for i in ids], dtype=np.int64)
+    return RawSource(f"imagenet:{p.name}", ids, labels, read, _imagenet_names())
+
+
+def imagefolder_source(path: str | os.PathLike) -> RawSource:
+    p = Path(path)
+    if not p.is_dir():
+        raise DatasetError(f"imagefolder:{path}: not a folder")
+    classes = sorted(d.name for d in p.iterdir() if d.is_dir())
+    if not classes:
+        raise DatasetError(f"imagefolder:{path}: no class sub-folders")
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((p / name).rglob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(c)
+    if not files:
+        raise DatasetError(f"imagefolder:{path}: no image files found")
+    ids = [str(f.relative_to(p)) for f in files]
+    return RawSource(f"imagefolder:{p.name}", ids, np.array(labels, dtype=np.int64),
+                     lambda i: files[i].read_bytes(), classes)
+
+
+def foolbox_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError("the foolbox images need the PyPI package foolbox: pip install foolbox")
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
+def foolbox_source() -> RawSource:
+    """The 20 ImageNet images shipped in foolbox, named ``imagenet_<nn>_<label>.jpg``."""
+    d = foolbox_dir()
+    files = sorted(d.glob("imagenet_*.jpg"))
+    if len(files) != 20:
+        raise DatasetError(f"expected 20 foolbox ImageNet images in {d}, found {len(files)}")
+    labels = np.array([int(f.stem.split("_")[-1]) for f in files], dtype=np.int64)
+    return RawSource("foolbox", [f.name for f in files], labels, lambda i: files[i].read_bytes(), _imagenet_names())
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise DatasetError(f"{path}: not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise DatasetError(f"{path}: truncated IDX file ({arr.size} of {int(np.prod(shape))} values)")
+    return arr.reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for cand in (root / stem, root / f"{stem}.gz"):
+        if cand.is_file():
+            return cand
+    raise DatasetError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {root}. Install it with "
+        "'apt-get install -y dataset-fashion-mnist' or pass fashion-mnist:SPLIT:DIR"
+    )
+
+
+def fashion_mnist_arrays(split: str, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images (N, 28, 28) uint8, labels (N,) and ids for one split.
+
+    ``train`` and ``calib`` split the official 60k training images with a fixed seed into
+    50k and 10k; ``trainfull`` is all 60k; ``test`` is the official 10k.
+    """
+    if split not in ("train", "calib", "trainfull", "test"):
+        raise DatasetError(f"fashion-mnist split must be train, calib, trainfull or test, got {split!r}")
+    base = Path(root) if root else FASHION_MNIST_DIR
+    if not base.is_dir() and root is None:
+        base = _download_fashion_mnist()
+    prefix = "t10k" if split == "test" else "train"
+    x = _read_idx(_find_idx(base, f"{prefix}-images-idx3-ubyte"))
+    y = _read_idx(_find_idx(base, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    if len(x) != len(y):
+        raise DatasetError(f"{base}: {len(x)} images but {len(y)} labels")
+    idx = np.arange(len(x))
+    if split in ("train", "calib"):
+        perm = np.random.default_rng(CALIB_SEED).permutation(len(x))
+        idx = np.sort(perm[:CALIB_SIZE] if split == "calib" else perm[CALIB_SIZE:])
+    ids = [f"{prefix}/{i:05d}" for i in idx]
+    return x[idx], y[idx], ids
+
+
+def _download_fashion_mnist() -> Path:
+    """Fallback for machines with internet and no Debian package: torchvision's downloader."""
+    from torchvision.datasets import FashionMNIST
+
+    root = Path(os.environ.get("TINYSAVER_DATA", Path.home() / ".cache" / "tinysaver"))
+    try:
+        FashionMNIST(str(root), train=True, download=True)
+        FashionMNIST(str(root), train=False, download=True)
+    except Exception as e:
+        raise DatasetError(
+            f"Fashion-MNIST is not in {FASHION_MNIST_DIR} and could not be downloaded ({e}). "
+            "Install it with 'apt-get install -y dataset-fashion-mnist'"
+        ) from e
+    return root / "FashionMNIST" / "raw"
+
+
+def fashion_mnist_set(split: str, root: str | os.PathLike | None = None, limit: int | None = None) -> DecodedSet:
+    x, y, ids = fashion_mnist_arrays(split, root)
+    if limit is not None:
+        x, y, ids = x[:limit], y[:limit], ids[:limit]
+    images = torch.from_numpy(np.ascontiguousarray(x))[:, None]  # (N, 1, 28, 28)
+    return DecodedSet(f"fashion-mnist:{split}", ids, y, images, list(FASHION_MNIST_CLASSES))
+
+
+def load_dataset(uri: str, progress: bool = True, limit: int | None = None) -> DecodedSet:
+    """Load and decode a dataset named as described in the module docstring."""
+    kind, _, rest = uri.partition(":")
+    if kind == "fashion-mnist":
+        split, _, root = rest.partition(":")
+        return fashion_mnist_set(split or "test", root or None, limit)
+    if kind == "foolbox":
+        src = foolbox_source()
+    elif kind == "imagenet":
+        src = imagenet_source(rest)
+    elif kind == "imagefolder":
+        src = imagefolder_source(rest)
+    else:
+        raise DatasetError(
+            f"unknown dataset {uri!r}; use imagefolder:PATH, imagenet:PATH, foolbox or fashion-mnist:SPLIT[:DIR]"
+        )
+    if limit is not None:
+        src = RawSource(src.name, src.ids[:limit], src.labels[:limit], src.read, src.class_names)
+    return decode_all(src, progress=progress)
+
+
+def paths_source(paths: Sequence[str | os.PathLike]) -> RawSource:
+    """Unlabelled images from files, folders (searched recursively) and tar files, for inference."""
+    ids: list[str] = []
+    readers: list[Callable[[], bytes]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    ids.append(str(f))
+                    readers.append(f.read_bytes)
+        elif p.is_file() and p.suffix.lower() == ".tar":
+            tf = tarfile.open(p)
+            for m in sorted(tf.getmembers(), key=lambda m: m.name):
+                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+                    ids.append(f"{p}:{m.name}")
+                    readers.append(lambda m=m, tf=tf: tf.extractfile(m).read())
+        elif p.is_file():
+            ids.append(str(p))
+            readers.append(p.read_bytes)
+        else:
+            raise DatasetError(f"{p}: no such file or folder")
+    return RawSource("paths", ids, np.full(len(ids), -1, dtype=np.int64), lambda i: readers[i]())

@@ -1,0 +1,140 @@
+"""Cost measurements of one model: FLOPs/MACs at its input size, and wall-clock latency.
+
+Units: ``flops`` and ``macs`` are per single image (batch size 1); latency is milliseconds per
+batch; throughput is images per second.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    flops: int
+    macs: int
+    counter: str  # 'deepspeed' or 'torch'
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    # (B, H, L, E) @ (B, H, E, S) then (B, H, L, S) @ (B, H, S, Ev): 2 FLOPs per MAC
+    *batch, L, E = query_shape
+    S = key_shape[-2]
+    Ev = value_shape[-1]
+    b = 1
+    for d in batch:
+        b *= d
+    return 2 * b * L * S * E + 2 * b * L * S * Ev
+
+
+def _sdpa_ops() -> list[Any]:
+    aten = torch.ops.aten
+    names = [
+        "_scaled_dot_product_flash_attention_for_cpu",  # the CPU fused kernel torch counts as 0
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    ]
+    return [getattr(aten, n) for n in names if hasattr(aten, n)]
+
+
+def count_flops_torch(module: nn.Module, input_shape: Sequence[int]) -> FlopCount:
+    """torch FlopCounterMode with the fused attention kernels counted (torch leaves CPU SDPA at 0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {op: (lambda q, k, v, *a, **kw: _sdpa_flops(q, k, v)) for op in _sdpa_ops()}
+    device = next(module.parameters()).device
+    x = torch.randn(1, *input_shape[-3:], device=device)
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with torch.inference_mode(), counter:
+        module(x)
+    flops = int(counter.get_total_flops())
+    return FlopCount(flops=flops, macs=flops // 2, counter="torch")
+
+
+def count_flops_deepspeed(module: nn.Module, input_shape: Sequence[int]) -> FlopCount:
+    """DeepSpeed's flops profiler at batch size 1 (the counter the TinySaver paper used)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.profiling.flops_profiler import get_model_profile
+
+    device = next(module.parameters()).device
+    with torch.inference_mode():
+        flops, macs, _ = get_model_profile(
+            module,
+            args=[torch.randn(1, *input_shape[-3:], device=device)],
+            print_profile=False,
+            detailed=False,
+            as_string=False,
+        )
+    return FlopCount(flops=int(flops), macs=int(macs), counter="deepspeed")
+
+
+def count_flops(module: nn.Module, input_shape: Sequence[int], counter: str = "deepspeed") -> FlopCount:
+    """FLOPs and MACs of one image; falls back to torch's counter when DeepSpeed is unavailable or fails."""
+    if counter not in ("deepspeed", "torch"):
+        raise ValueError(f"counter must be 'deepspeed' or 'torch', got {counter!r}")
+    if counter == "deepspeed":
+        try:
+            return count_flops_deepspeed(module, input_shape)
+        except Exception as e:  # import errors, unsupported ops: say so and use the other counter
+            warnings.warn(f"DeepSpeed flops profiler failed ({type(e).__name__}: {e}); using torch's counter")
+    return count_flops_torch(module, input_shape)
+
+
+@dataclass(frozen=True)
+class Latency:
+    batch_size: int
+    ms_per_batch: float  # median
+    images_per_s: float
+    repeats: int
+
+
+def device_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def measure_latency(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int] = (1,),
+    min_run_time: float = 0.5,
+    warmup: int = 2,
+) -> list[Latency]:
+    """Median latency per batch with torch.utils.benchmark (which syncs CUDA and picks repeat counts)."""
+    from torch.utils import benchmark
+
+    device = next(module.parameters()).device
+    out = []
+    for bs in batch_sizes:
+        if bs < 1:
+            raise ValueError(f"batch sizes must be ≥ 1, got {bs}")
+        x = torch.randn(bs, *input_shape[-3:], device=device)
+        with torch.inference_mode():
+            for _ in range(warmup):
+                module(x)
+            t = benchmark.Timer("m(x)", globals={"m": module, "x": x}, num_threads=torch.get_num_threads())
+            meas = t.blocked_autorange(min_run_time=min_run_time)
+        ms = meas.median * 1e3
+        out.append(Latency(bs, ms, bs / meas.median, len(meas.times)))
+    return out
+
+
+def latency_table(lats: Sequence[Latency]) -> dict[str, dict[str, float]]:
+    return {f"bs{l.batch_size}": {"ms_per_batch": round(l.ms_per_batch, 4),
+                                  "images_per_s": round(l.images_per_s, 2)} for l in lats}
+
+
+__all__ = ["FlopCount", "Latency", "count_flops", "measure_latency", "device_info", "latency_table", "asdict"]

@@ -1,0 +1,212 @@
+"""The zoo_index: one folder per zoo, a YAML manifest plus compact prediction arrays.
+
+Layout of ``<root>/<zoo>/``::
+
+    zoo.yaml                     manifest: dataset splits + fingerprints, one entry per model
+    splits/<split>.npz           ids (str), labels (int64) of each split
+    preds/<model>/<split>.npz    pred (int32), conf (float32), topk_idx, topk_prob, [logits fp16]
+
+Every file is written atomically (temporary file, fsync, rename), so a killed run leaves either
+the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import yaml
+
+MANIFEST = "zoo.yaml"
+
+
+class ZooError(ValueError):
+    pass
+
+
+def default_root() -> Path:
+    """``$TINYSAVER_ZOO_ROOT``, else ``./zoo_index`` if present, else the checkout's ``zoo_index``."""
+    env = os.environ.get("TINYSAVER_ZOO_ROOT")
+    if env:
+        return Path(env)
+    here = Path.cwd() / "zoo_index"
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parent.parent / "zoo_index"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_yaml(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=120).encode())
+
+
+def model_dirname(key: str) -> str:
+    return key.replace("/", "__")
+
+
+@dataclass
+class Predictions:
+    """Per-sample predictions of one model on one split; arrays are aligned with ``ids``."""
+
+    model: str
+    split: str
+    ids: np.ndarray
+    labels: np.ndarray  # -1 where unknown
+    pred: np.ndarray    # (N,) int
+    conf: np.ndarray    # (N,) max softmax in [0, 1]
+    topk_idx: np.ndarray | None = None
+    topk_prob: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.pred == self.labels
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if len(self.pred) else float("nan")
+
+
+@dataclass
+class Zoo:
+    """A loaded zoo. ``manifest`` is the parsed zoo.yaml."""
+
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def models(self) -> dict[str, dict[str, Any]]:
+        return self.manifest.get("models", {})
+
+    @property
+    def splits(self) -> dict[str, dict[str, Any]]:
+        return self.manifest.get("splits", {})
+
+    def measured(self) -> list[str]:
+        return [k for k, m in self.models.items() if m.get("status") == "measured"]
+
+    def model(self, key: str) -> dict[str, Any]:
+        if key not in self.models:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(self.models), n=5, cutoff=0.3)
+            raise ZooError(f"model {key!r} is not in zoo {self.name!r}. "
+                           f"{'Did you mean: ' + ', '.join(close) if close else 'Models: ' + ', '.join(self.models)}")
+        return self.models[key]
+
+    def split_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in self.splits:
+            raise ZooError(f"zoo {self.name!r} has no split {split!r}; splits: {', '.join(self.splits) or 'none'}")
+        with np.load(self.path / "splits" / f"{split}.npz") as z:
+            return z["ids"], z["labels"]
+
+    def predictions(self, model: str, split: str) -> Predictions:
+        entry = self.model(model)
+        if entry.get("status") != "measured":
+            raise ZooError(f"{model!r} in zoo {self.name!r} is {entry.get('status')}: it has no predictions")
+        ids, labels = self.split_arrays(split)
+        f = self.path / "preds" / model_dirname(model) / f"{split}.npz"
+        if not f.is_file():
+            raise ZooError(f"no predictions of {model!r} on split {split!r} ({f} missing)")
+        with np.load(f) as z:
+            if str(z["fingerprint"]) != self.splits[split]["fingerprint"]:
+                raise ZooError(f"{f}: made on different samples than split {split!r} (fingerprint mismatch)")
+            get = lambda k: z[k] if k in z.files else None  # noqa: E731
+            return Predictions(model, split, ids, labels, z["pred"], z["conf"],
+                               get("topk_idx"), get("topk_prob"), get("logits"))
+
+    def table(self) -> pd.DataFrame:
+        """One row per model: status, params, FLOPs/MACs, accuracy per split, latency per batch size."""
+        rows = []
+        for key, m in self.models.items():
+            row: dict[str, Any] = {"model": key, "status": m.get("status"), "params_M": _m(m.get("params"))}
+            row["GFLOPs"] = _g(m.get("flops"))
+            row["GMACs"] = _g(m.get("macs"))
+            for split, acc in (m.get("accuracy") or {}).items():
+                row[f"top1_{split}"] = round(100 * acc, 2) if acc is not None else None
+            for bs, lat in ((m.get("latency") or {}).get("table") or {}).items():
+                row[f"ms_{bs}"] = lat["ms_per_batch"]
+            rows.append(row)
+        df = pd.DataFrame(rows)
+        if "GFLOPs" in df and len(df):
+            df = df.sort_values("GFLOPs", kind="stable", na_position="last").reset_index(drop=True)
+        return df
+
+
+def _m(x: Any) -> float | None:
+    return None if x is None else round(x / 1e6, 3)
+
+
+def _g(x: Any) -> float | None:
+    return None if x is None else round(x / 1e9, 4)
+
+
+def zoo_path(name: str, root: Path | None = None) -> Path:
+    p = Path(name)
+    if p.is_dir() and (p / MANIFEST).is_file():
+        return p
+    if "/" in name or name.startswith("."):
+        raise ZooError(f"{name}: not a zoo folder (no {MANIFEST})")
+    return (root or default_root()) / name
+
+
+def list_zoos(root: Path | None = None) -> list[str]:
+    r = root or default_root()
+    if not r.is_dir():
+        return []
+    return sorted(d.name for d in r.iterdir() if (d / MANIFEST).is_file())
+
+
+def load_zoo(name: str, root: Path | None = None) -> Zoo:
+    """Load a zoo by name (from the zoo root) or by folder path."""
+    path = zoo_path(name, root)
+    f = path / MANIFEST
+    if not f.is_file():
+        known = list_zoos(root)
+        raise ZooError(f"no zoo {name!r} in {path.parent}; known zoos: {', '.join(known) or 'none'}")
+    with open(f) as fh:
+        manifest = yaml.safe_load(fh) or {}
+    return Zoo(manifest.get("name", path.name), path, manifest)
+
+
+@contextlib.contextmanager
+def zoo_lock(path: Path) -> Iterator[None]:
+    """Exclusive writer lock on a zoo folder, so two profile runs never interleave writes."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ZooError(f"zoo {path} is being written by another process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
