@@ -103,7 +103,7 @@ def device_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     else:
         name = platform.processor() or platform.machine()
     return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+            "torch": str(torch.__version__)}
 
 
 def measure_latency(

@@ -74,13 +74,18 @@ class ModelSpec:
     in_chans: int | None = None
     input_size: int | None = None
     label: str | None = None  # the name the model has inside a zoo; defaults to ``name``
+    kwargs: dict[str, Any] | None = None  # extra timm create_model arguments (depth, patch_size, ...)
+    preprocess: dict[str, Any] | None = None  # overrides of the data config (mean, std, crop_pct, ...)
 
     @property
     def key(self) -> str:
         return self.label or self.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in (None, False)}
+        return {k: v for k, v in asdict(self).items() if v not in (None, False, {})}
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.key, self.checkpoint))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | str) -> "ModelSpec":
@@ -274,7 +279,10 @@ def _timm_preprocess(module: nn.Module, spec: ModelSpec) -> Preprocess:
     if len(mean) != c:  # e.g. 1-channel models: average the RGB statistics
         mean = (sum(mean) / len(mean),) * c
         std = (sum(std) / len(std),) * c
-    return Preprocess((c, h, w), float(cfg["crop_pct"]), str(cfg["interpolation"]), mean, std)
+    pre = Preprocess((c, h, w), float(cfg["crop_pct"]), str(cfg["interpolation"]), mean, std)
+    if spec.preprocess:
+        pre = Preprocess.from_dict({**pre.to_dict(), **spec.preprocess})
+    return pre
 
 
 def _torchvision_build(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
@@ -320,7 +328,8 @@ def create_model(spec: ModelSpec | str, device: str | torch.device = "cpu") -> L
             kwargs["num_classes"] = spec.num_classes
         if spec.in_chans is not None:
             kwargs["in_chans"] = spec.in_chans
-        if spec.input_size is not None:
+        kwargs.update(spec.kwargs or {})
+        if spec.input_size is not None and "img_size" not in kwargs:
             kwargs["img_size"] = spec.input_size  # only models with a fixed grid accept it
         try:
             module = timm.create_model(arch, pretrained=spec.pretrained and kind == "timm", **kwargs)

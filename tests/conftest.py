@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny real timm models with random weights and tiny synthetic images."""
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+IMAGENET_TAR = SHARED / "data" / "imagenet-sample-1000.tar"
+TIMM_RESULTS = SHARED / "data" / "timm-results"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def need(path_ok: bool, what: str):
+    """Skip on a user's machine without the data; under CI missing data must fail the run."""
+    if path_ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {what} is missing")
+    pytest.skip(f"{what} is not available on this machine")
+
+
+def need_package(name: str):
+    import importlib.util
+
+    need(importlib.util.find_spec(name) is not None, f"the Python package {name}")
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """An ImageFolder with 3 classes × 4 images of mixed size and mode, plus one corrupt file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for c in range(3):
+        d = root / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(4):
+            h, w = int(rng.integers(20, 48)), int(rng.integers(20, 48))
+            if i == 0:
+                arr = rng.integers(0, 255, (h, w), dtype=np.uint8)  # greyscale
+            elif i == 1:
+                arr = rng.integers(0, 255, (h, w, 4), dtype=np.uint8)  # RGBA
+            else:
+                arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            (d / f"img{i}.png").write_bytes(png_bytes(arr))
+    (root / "class0" / "broken.png").write_bytes(b"not an image at all")
+    return root
+
+
+@pytest.fixture
+def tiny_zoo_cfg(image_folder):
+    from tinysaver.models import ModelSpec
+    from tinysaver.profiler import ProfileConfig
+
+    common = dict(num_classes=3, input_size=32)
+    return ProfileConfig(
+        zoo="tiny",
+        splits={"a": f"imagefolder:{image_folder}", "b": f"imagefolder:{image_folder}"},
+        models=[ModelSpec("test_efficientnet", **common), ModelSpec("test_resnet", **common),
+                ModelSpec("test_vit", num_classes=3)],
+        batch_sizes=[1, 2], eval_batch_size=4, topk=2, latency_min_run_time=0.01,
+    )

@@ -1,0 +1,90 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from tinysaver.profiler import profile
+from tinysaver.zoo import ZooError, load_zoo
+
+
+def test_profile_writes_a_complete_zoo(tiny_zoo_cfg, tmp_path):
+    root = tmp_path / "zoos"
+    path = profile(tiny_zoo_cfg, root, progress=False, log=lambda s: None)
+    zoo = load_zoo("tiny", root)
+    assert set(zoo.models) == {"test_efficientnet", "test_resnet", "test_vit"}
+    for key, m in zoo.models.items():
+        assert m["status"] == "measured"
+        assert m["params"] > 0 and m["flops"] > 0 and m["macs"] * 2 == pytest.approx(m["flops"], rel=0.2)
+        assert set(m["latency"]["table"]) == {"bs1", "bs2"}
+        assert m["latency"]["threads"] >= 1 and m["latency"]["torch"]
+        p = zoo.predictions(key, "a")
+        assert len(p.pred) == 12 and np.all((p.conf > 0) & (p.conf <= 1))
+        assert m["accuracy"]["a"] == pytest.approx(p.accuracy)
+        assert p.topk_idx.shape == (12, 2) and np.array_equal(p.topk_idx[:, 0], p.pred)
+    # each model keeps its own preprocessing
+    assert zoo.models["test_vit"]["preprocess"] != zoo.models["test_resnet"]["preprocess"]
+    assert zoo.splits["a"]["skipped_unreadable"] == 1
+    df = zoo.table()
+    assert list(df["model"]) == sorted(zoo.models, key=lambda k: zoo.models[k]["flops"])
+    assert not list(path.rglob(".*.tmp*"))
+
+
+def test_profile_refuses_other_samples_in_same_split(tiny_zoo_cfg, tmp_path, image_folder):
+    root = tmp_path / "zoos"
+    tiny_zoo_cfg.models = tiny_zoo_cfg.models[:1]
+    profile(tiny_zoo_cfg, root, progress=False, log=lambda s: None)
+    (image_folder / "class1" / "img2.png").unlink()
+    from tinysaver.models import ModelSpec
+
+    tiny_zoo_cfg.models = [ModelSpec("test_resnet", num_classes=3, input_size=32)]
+    with pytest.raises(ZooError, match="fingerprint"):
+        profile(tiny_zoo_cfg, root, progress=False, log=lambda s: None)
+
+
+def test_resume_after_kill_recomputes_nothing(tiny_zoo_cfg, tmp_path):
+    """Kill a real `tinysaver profile` run after its first model, restart it, and check the result."""
+    root = tmp_path / "zoos"
+    cfg = {
+        "zoo": "tiny",
+        "splits": tiny_zoo_cfg.splits,
+        "models": [{"name": n, "num_classes": 3, "input_size": 32, "label": f"{n}_{i}"}
+                   for i, n in enumerate(["test_efficientnet", "test_resnet", "test_convnext", "test_efficientnet"])],
+        "batch_sizes": [1, 4],
+        "latency_min_run_time": 1.0,
+    }
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "tinysaver.cli", "--root", str(root), "profile", "--config", str(cfg_file), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    manifest = root / "tiny" / "zoo.yaml"
+    deadline = time.time() + 240
+    done_before_kill = []
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.is_file():
+            m = yaml.safe_load(manifest.read_text()) or {}
+            done_before_kill = list((m.get("models") or {}))
+            if done_before_kill:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it slower"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 1 <= len(done_before_kill) < 4
+    first = done_before_kill[0]
+    pred_file = root / "tiny" / "preds" / first / "a.npz"
+    stamp = pred_file.stat().st_mtime_ns
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{first}: already profiled, skipping" in out.stdout
+    assert pred_file.stat().st_mtime_ns == stamp  # not recomputed
+    zoo = load_zoo("tiny", root)
+    assert len(zoo.measured()) == 4
+    for key in zoo.models:
+        for split in ("a", "b"):
+            zoo.predictions(key, split)  # every file complete and matching its split
+    assert not [p for p in (root / "tiny").rglob("*") if ".tmp" in p.name]

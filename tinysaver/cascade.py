@@ -1,0 +1,191 @@
+"""Run a saver → … → base cascade for real, with batch shrinking, returning results in input order.
+
+Each stage derives its own input from the once-decoded uint8 image (its own resize, crop and
+normalisation). A sample leaves the cascade at the first saver whose max-softmax confidence is
+≥ that saver's threshold; only the samples still open are batched into the next stage, so the
+compute of later stages is really skipped.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .models import LoadedModel, ModelSpec, create_model
+from .transforms import prepare_batch
+
+
+class CascadeError(ValueError):
+    pass
+
+
+@dataclass
+class CascadeResult:
+    """Per-sample answers in input order. ``stage`` indexes ``stage_names``.
+
+    With ``all_stages=True``, ``stage_pred``/``stage_conf`` are (num_stages, N) arrays holding every
+    stage's prediction on every sample (computed without shrinking, for analysis).
+    """
+
+    pred: np.ndarray
+    conf: np.ndarray
+    stage: np.ndarray
+    stage_names: list[str]
+    class_names: list[str] | None = None
+    stage_pred: np.ndarray | None = None
+    stage_conf: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.pred)
+
+    @property
+    def exit_ratios(self) -> list[float]:
+        n = max(len(self.stage), 1)
+        return [float((self.stage == i).sum()) / n for i in range(len(self.stage_names))]
+
+    def class_name(self, i: int) -> str | None:
+        if self.class_names is None:
+            return None
+        return self.class_names[int(self.pred[i])]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"class": int(self.pred[i]), "name": self.class_name(i), "confidence": float(self.conf[i]),
+                 "exit_stage": int(self.stage[i]), "stage_name": self.stage_names[int(self.stage[i])]}
+                for i in range(len(self))]
+
+
+@dataclass
+class Cascade:
+    """Stages in running order: savers first, the base last. ``thresholds[i]`` belongs to saver i."""
+
+    stages: list[LoadedModel]
+    thresholds: list[float]
+    class_names: list[str] | None = None
+    device: str | torch.device = "cpu"
+    half: bool = False
+    channels_last: bool = False
+    _validated: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise CascadeError("a cascade needs at least the base model")
+        if len(self.thresholds) != len(self.stages) - 1:
+            raise CascadeError(f"{len(self.stages) - 1} saver(s) need as many thresholds, got {len(self.thresholds)}")
+        for t in self.thresholds:
+            if not (isinstance(t, (int, float)) and 0.0 <= float(t) <= 1.0):
+                raise CascadeError(f"thresholds are max-softmax confidences and must lie in [0, 1], got {t}")
+        ncls = {m.key: m.num_classes for m in self.stages}
+        if len(set(ncls.values())) != 1:
+            raise CascadeError(f"stages predict different class spaces: {ncls}")
+        if self.half and torch.device(self.device).type != "cuda":
+            raise CascadeError("half precision is only supported on GPU; keep fp32 on CPU")
+        for m in self.stages:
+            m.module.eval().to(self.device)
+            if self.half:
+                m.module.half()
+            if self.channels_last:
+                m.module.to(memory_format=torch.channels_last)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [m.key for m in self.stages]
+
+    def _run_stage(self, i: int, images: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.stages[i]
+        x = prepare_batch(images, m.preprocess).to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.half:
+            x = x.half()
+        prob = m.module(x).float().softmax(-1)
+        conf, pred = prob.max(-1)
+        return pred.cpu(), conf.cpu()
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[torch.Tensor] | torch.Tensor, batch_size: int = 64, shrink: bool = True,
+                all_stages: bool = False) -> CascadeResult:
+        """Classify decoded uint8 images, a list of (C, H, W) or one (N, C, H, W) tensor.
+
+        ``shrink=False`` runs every stage on every sample and applies the thresholds afterwards
+        (the reference the shrinking path must match). ``all_stages`` implies ``shrink=False``.
+        """
+        n = len(images)
+        if n == 0:
+            raise CascadeError("no images to classify: the input is empty")
+        if batch_size < 1:
+            raise CascadeError(f"batch_size must be ≥ 1, got {batch_size}")
+        shrink = shrink and not all_stages
+        S = len(self.stages)
+        pred = np.empty(n, dtype=np.int64)
+        conf = np.empty(n, dtype=np.float32)
+        stage = np.empty(n, dtype=np.int64)
+        sp = np.empty((S, n), dtype=np.int64) if not shrink else None
+        sc = np.empty((S, n), dtype=np.float32) if not shrink else None
+        for start in range(0, n, batch_size):
+            chunk = images[start:start + batch_size]
+            idx = np.arange(start, min(start + batch_size, n))
+            open_ = np.arange(len(idx))  # positions in chunk still undecided
+            for i in range(S):
+                if shrink:
+                    if len(open_) == 0:
+                        break
+                    sub = chunk[torch.as_tensor(open_)] if isinstance(chunk, torch.Tensor) else [chunk[j] for j in open_]
+                    p, c = self._run_stage(i, sub)
+                    p, c = p.numpy(), c.numpy()
+                    here = open_
+                else:
+                    p, c = self._run_stage(i, chunk)
+                    p, c = p.numpy(), c.numpy()
+                    sp[i, idx], sc[i, idx] = p, c
+                    p, c = p[open_], c[open_]
+                    here = open_
+                done = np.ones(len(here), bool) if i == S - 1 else c >= self.thresholds[i]
+                pred[idx[here[done]]] = p[done]
+                conf[idx[here[done]]] = c[done]
+                stage[idx[here[done]]] = i
+                open_ = here[~done]
+        return CascadeResult(pred, conf, stage, self.stage_names, self.class_names, sp, sc)
+
+
+def spec_from_zoo_entry(entry: dict[str, Any], zoo_path: Path | None = None) -> ModelSpec:
+    """Rebuild the ModelSpec a zoo entry was profiled with; relative checkpoints resolve from the checkout."""
+    src = {k: v for k, v in (entry.get("source") or {}).items() if k in ModelSpec.__dataclass_fields__}
+    if not src.get("name"):
+        raise CascadeError(f"zoo entry {entry.get('key')!r} does not say how to build the model")
+    ck = src.get("checkpoint")
+    if ck and not os.path.isabs(ck) and not Path(ck).is_file() and zoo_path is not None:
+        cand = zoo_path.parent.parent / ck  # <checkout>/zoo_index/<zoo> → <checkout>/<ck>
+        if cand.is_file():
+            src["checkpoint"] = str(cand)
+    src["label"] = entry.get("key")
+    return ModelSpec.from_dict(src)
+
+
+def build_cascade(selection, zoo=None, device: str = "cpu", **kwargs: Any) -> Cascade:
+    """A Cascade from a :class:`tinysaver.selector.Selection` (or its dict form) and its zoo."""
+    from .zoo import load_zoo
+
+    sel = selection if isinstance(selection, dict) else selection.to_dict()
+    zoo = zoo or load_zoo(sel["zoo"])
+    stages, thresholds = [], []
+    for st in sel["stages"]:
+        stages.append(create_model(spec_from_zoo_entry(zoo.model(st["model"]), zoo.path), device=device))
+        if st["threshold"] is not None:
+            thresholds.append(float(st["threshold"]))
+    return Cascade(stages, thresholds, class_names=zoo_class_names(zoo), device=device, **kwargs)
+
+
+def zoo_class_names(zoo) -> list[str] | None:
+    for s in zoo.splits.values():
+        names = s.get("class_names")
+        if names == "imagenet":
+            from .data import _imagenet_names
+
+            return _imagenet_names()
+        if isinstance(names, list):
+            return names
+    return None

@@ -1,0 +1,75 @@
+"""PNG plots of a saver–base pair (needs the ``plot`` extra: matplotlib)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .selector import SelectorConfig, SplitData, calibration_and_test, model_cost, select
+
+
+def exit_curve(sd: SplitData, base: str, saver: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exit ratio and, for the exited samples, saver and base accuracy; plus cascade accuracy (all samples)."""
+    order = np.argsort(-sd.conf[saver], kind="stable")
+    s = (sd.pred[saver] == sd.labels)[order].astype(float)
+    b = (sd.pred[base] == sd.labels)[order].astype(float)
+    k = np.arange(1, len(order) + 1)
+    cs, cb = np.cumsum(s), np.cumsum(b)
+    cascade = (cs + (b.sum() - cb)) / len(order)
+    return k / len(order), cs / k, cb / k, cascade
+
+
+def plot_pair(zoo, base: str, saver: str, out: str | Path, cfg: SelectorConfig | None = None) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install 'tinysaver[plot]'") from e
+    cfg = cfg or SelectorConfig()
+    calib, test = calibration_and_test(zoo, [base, saver], cfg.calib_split, cfg.test_split, cfg.seed)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for sd, style in ((calib, "--"), (test, "-")):
+        if sd is None:
+            continue
+        r, s_acc, b_acc, casc = exit_curve(sd, base, saver)
+        ax1.plot(r, s_acc, style, color="tab:orange", label=f"saver on exited [{sd.name}]")
+        ax1.plot(r, b_acc, style, color="tab:blue", label=f"base on exited [{sd.name}]")
+        ax1.plot(r, casc, style, color="tab:green", label=f"cascade, all samples [{sd.name}]")
+    ax1.set_xlabel("early-exit ratio")
+    ax1.set_ylabel("accuracy")
+    ax1.set_title(f"{base} – {saver}")
+    ax1.legend(fontsize=7)
+    # Pareto front of every measured model as a saver for this base
+    costs = {m: model_cost(zoo, m, cfg.cost) for m in zoo.measured()}
+    pts = []
+    for m in zoo.measured():
+        if m == base or costs[m] >= costs[base]:
+            continue
+        sel, _ = select(zoo, base, cfg, savers=[m], top=1)
+        pts.append((sel.cost_cascade / costs[base], sel.acc_cascade_test if sel.acc_cascade_test is not None
+                    else sel.acc_cascade_calib, m))
+    if pts:
+        xs, ys, names = zip(*pts)
+        ax2.scatter(xs, ys, color="tab:gray")
+        for x, y, nme in pts:
+            ax2.annotate(nme, (x, y), fontsize=6)
+        front = sorted(pts)
+        best, fx, fy = -1.0, [], []
+        for x, y, _ in front:
+            if y > best:
+                best = y
+                fx.append(x)
+                fy.append(y)
+        ax2.plot(fx, fy, "-", color="tab:red", label="Pareto front")
+    ax2.axvline(1.0, color="tab:blue", lw=0.8, label="base alone")
+    ax2.set_xlabel(f"relative cost ({cfg.cost})")
+    ax2.set_ylabel("cascade accuracy (held out)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
