@@ -1,0 +1,35 @@
+"""Published facts from timm's result tables (huggingface/pytorch-image-models ``results/``).
+
+The tables are read from ``../shared/data/timm-results`` (or ``$TINYSAVER_TIMM_RESULTS``); they are
+not copied into the project.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+BENCHMARK_CSV = "benchmark-infer-amp-nchw-pt291-cu128-4090.csv"
+RESULTS_CSV = "results-imagenet.csv"
+SOURCE = "timm results/ (huggingface/pytorch-image-models, commit aa4b585)"
+
+
+def results_dir() -> Path:
+    env = os.environ.get("TINYSAVER_TIMM_RESULTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "timm-results"
+
+
+def published_gmacs(arch: str, img_size: int = 224, folder: Path | None = None) -> float:
+    """GMACs that timm's GPU benchmark table lists for ``arch`` at ``img_size``."""
+    df = pd.read_csv((folder or results_dir()) / BENCHMARK_CSV)
+    row = df[(df["model"] == arch) & (df["infer_img_size"] == img_size)]
+    if row.empty:
+        raise KeyError(f"{arch} at {img_size}px is not in {BENCHMARK_CSV}")
+    return float(row["infer_gmacs"].iloc[0])
+
+
+def published_results(folder: Path | None = None) -> pd.DataFrame:
+    return pd.read_csv((folder or results_dir()) / RESULTS_CSV)
