@@ -85,7 +85,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .profiler import ProfileConfig, profile
 
     if args.config:
-        cfg = ProfileConfig.from_yaml(args.config, zoo=args.zoo, limit=args.limit, device=args.device)
+        cfg = ProfileConfig.from_yaml(args.config, zoo=args.zoo, limit=args.limit, device=args.device,
+                                      force=args.force or None)
     else:
         if not (args.zoo and args.model and args.split):
             raise SystemExit("give --config FILE, or --zoo, at least one --model and one --split")
@@ -96,7 +97,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         cfg = ProfileConfig(zoo=args.zoo, splits=_parse_splits(args.split), models=specs,
                             batch_sizes=args.batch_sizes, eval_batch_size=args.eval_batch_size, topk=args.topk,
                             save_logits=args.save_logits, flops_counter=args.flops_counter,
-                            device=args.device or "cpu", limit=args.limit)
+                            device=args.device or "cpu", limit=args.limit, force=args.force)
     path = profile(cfg, _root(args), progress=not args.quiet)
     print(f"zoo written to {path}")
     return 0
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--flops-counter", choices=["deepspeed", "torch"], default="deepspeed")
     pr.add_argument("--device")
     pr.add_argument("--limit", type=int, help="first N samples per split")
+    pr.add_argument("--force", action="store_true",
+                    help="re-measure finished models (FLOPs, latency); prediction files are reused")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_profile)
 

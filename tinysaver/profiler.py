@@ -37,6 +37,7 @@ class ProfileConfig:
     latency_min_run_time: float = 0.5
     limit: int | None = None  # first N samples of each split, for quick runs
     description: str = ""
+    force: bool = False  # re-measure finished models (FLOPs, latency); finished prediction files are reused
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -153,7 +154,8 @@ def profile(cfg: ProfileConfig, root: Path | None = None, progress: bool = True,
     torch.manual_seed(0)
     with zoo_lock(path):
         manifest = _load_manifest(path, cfg)
-        todo = [m for m in cfg.models if not _model_done(path, manifest["models"].get(m.key), cfg.splits)]
+        todo = [m for m in cfg.models
+                if cfg.force or not _model_done(path, manifest["models"].get(m.key), cfg.splits)]
         for m in cfg.models:
             if m not in todo:
                 log(f"{m.key}: already profiled, skipping")
