@@ -148,6 +148,11 @@ def _add_later_commands(sub) -> None:
     from . import cli_select
 
     cli_select.register(sub)
+    try:  # the ESN ships in the same distribution; keep the CLI usable if it is absent
+        from esn import cli as esn_cli
+    except ImportError:
+        return
+    esn_cli.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,126 @@
+"""Costs of each exit and budget curves: accuracy at 25/50/75/100 % of the base's FLOPs.
+
+Per-sample cost when leaving at exit e (0 = saver, 1..N = ESN exits, N + 1 = base head):
+saver + [stem + stages 1..e + the ESN work of exits 1..e] (+ the base tail for the base head).
+The ESN work of exit n is one embedding and one bus pass over n + 1 tokens, as in dynamic inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tinysaver.measure import count_flops
+
+from .model import ExitSequenceNetwork
+from .policy import ExitPolicy, choose_policy
+from .staged import StagedModel, pooled
+
+
+def _flops(fn, *args) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tinysaver.measure import _sdpa_flops, _sdpa_ops
+
+    mapping = {op: (lambda q, k, v, *a, **kw: _sdpa_flops(q, k, v)) for op in _sdpa_ops()}
+    c = FlopCounterMode(display=False, custom_mapping=mapping)
+    with c, torch.inference_mode():
+        out = fn(*args)
+    return int(c.get_total_flops()), out
+
+
+@dataclass
+class ExitCosts:
+    """FLOPs per image: saver, cumulative base cost at each exit, ESN overhead at each exit."""
+
+    saver: int
+    base_total: int
+    base_at_exit: list[int]  # stem + stages 1..n, n = 1..N
+    esn_at_exit: list[int]   # ESN work of exits 1..n
+    tail: int
+
+    def per_exit(self) -> np.ndarray:
+        """Cost of leaving at exit 0..N+1 (last = base head)."""
+        costs = [self.saver] + [self.saver + b + e for b, e in zip(self.base_at_exit, self.esn_at_exit)]
+        costs.append(self.saver + self.base_at_exit[-1] + self.esn_at_exit[-1] + self.tail)
+        return np.array(costs, dtype=np.float64)
+
+    @property
+    def esn_overhead_pct(self) -> float:
+        return 100.0 * self.esn_at_exit[-1] / self.base_total
+
+
+def exit_costs(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork) -> ExitCosts:
+    s = count_flops(saver.module, saver.preprocess.input_size, "torch").flops
+    total = count_flops(base.module, base.preprocess.input_size, "torch").flops
+    x0 = torch.zeros(1, *base.preprocess.input_size)
+    f, x = _flops(base_staged.stem, x0)
+    base_cum, esn_cum = [], []
+    cum = f
+    with torch.inference_mode():
+        sf = torch.zeros(1, esn.cfg.saver_dim)
+        sl = torch.zeros(1, esn.cfg.num_classes)
+        tokens = esn.embed(sf, [])
+    e_cum = _flops(esn.embed, sf, [])[0]
+    for n, stage in enumerate(base_staged.stages, start=1):
+        f, x = _flops(stage, x)
+        cum += f
+        base_cum.append(cum)
+        fe, tok = _flops(lambda t: esn.embed_stages[n - 1](pooled(t)) + esn.pos[n], x)
+        tokens = torch.cat([tokens, tok[:, None]], dim=1)
+        fx, _ = _flops(esn.exit_logits, tokens, n, sl)
+        e_cum += fe + fx
+        esn_cum.append(e_cum)
+    tail, _ = _flops(base_staged.tail, x)
+    return ExitCosts(s, total, base_cum, esn_cum, tail)
+
+
+def budget_table(calib: dict, test: dict, costs: ExitCosts, budgets=(0.25, 0.5, 0.75, 1.0)) -> list[dict]:
+    """For each budget (fraction of base FLOPs) and setting, pick thresholds on calib (best accuracy
+    with calib cost ≤ budget) and report test accuracy and test cost.
+
+    ``calib``/``test`` hold ``preds``/``confs`` ((1 + N, B), row 0 = saver), ``base_pred`` and ``labels``.
+    """
+    per_exit = costs.per_exit()
+    n_exits = calib["preds"].shape[0]
+    grid = np.unique(np.quantile(calib["confs"][0], np.linspace(0, 1, 41)))
+    grid = np.concatenate([grid, [np.inf]])
+
+    def evaluate(d, thresholds, use_esn):
+        if use_esn:
+            pol = ExitPolicy(list(thresholds))
+            ans, where = pol.apply(d["preds"], d["confs"], d["base_pred"])
+            cost = per_exit[where].mean()
+        else:
+            t = thresholds[0]
+            ex = d["confs"][0] >= t
+            ans = np.where(ex, d["preds"][0], d["base_pred"])
+            cost = costs.saver + (1 - ex.mean()) * costs.base_total
+        return float((ans == d["labels"]).mean()), float(cost / costs.base_total)
+
+    candidates = {"saver cascade": [], "saver + ESN": []}
+    for t in grid:
+        candidates["saver cascade"].append([t])
+        for t_esn in grid[::2]:
+            candidates["saver + ESN"].append([t] + [t_esn] * (n_exits - 1))
+    for tol in (0.0, 0.5, 1.0, 2.0, 4.0):  # the selector-style policies too
+        candidates["saver + ESN"].append(choose_policy(calib["preds"], calib["confs"], calib["base_pred"],
+                                                       calib["labels"], "bounded", tol).thresholds)
+    rows = []
+    base_acc = float((test["base_pred"] == test["labels"]).mean())
+    for b in budgets:
+        row = {"budget": f"{int(100 * b)}%", "base alone": f"{100 * base_acc:.2f}" if b >= 1.0 else "—"}
+        for name, cands in candidates.items():
+            best = None
+            for th in cands:
+                acc_c, cost_c = evaluate(calib, th, name != "saver cascade")
+                if cost_c <= b + 1e-9 and (best is None or acc_c > best[0]):
+                    best = (acc_c, th)
+            if best is None:
+                row[name] = "—"
+            else:
+                acc_t, cost_t = evaluate(test, best[1], name != "saver cascade")
+                row[name] = f"{100 * acc_t:.2f} @ {100 * cost_t:.0f}%"
+        rows.append(row)
+    return rows

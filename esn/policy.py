@@ -1,0 +1,121 @@
+"""Exit thresholds for saver + ESN exits, and dynamic inference that really skips compute.
+
+Exits in running order: 0 = the saver, n = ESN exit after base stage n (1..N), and the base's own
+head last. Thresholds are chosen on a calibration split no ESN training saw, one exit at a time
+with the selector's exact sweep: among the samples still open, exit n takes the largest set that
+meets the criterion against the base on those samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tinysaver.selector import SaverOrder, best_exit
+
+from .model import ExitSequenceNetwork
+from .staged import StagedModel, pooled, saver_outputs
+
+
+@dataclass
+class ExitPolicy:
+    thresholds: list[float]  # saver, then ESN exits 1..N; ``inf`` disables an exit
+
+    def apply(self, preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Offline: (exits, B) predictions/confidences → answer and exit index (len(thresholds) = base)."""
+        n = preds.shape[1]
+        answer = base_pred.copy()
+        where = np.full(n, len(self.thresholds))
+        open_ = np.ones(n, bool)
+        for i, t in enumerate(self.thresholds):
+            take = open_ & (confs[i] >= t)
+            answer[take] = preds[i][take]
+            where[take] = i
+            open_ &= ~take
+        return answer, where
+
+
+def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, labels: np.ndarray,
+                  criterion: str = "zero", tolerance: float = 0.0, delta: float = 0.1,
+                  saver_threshold: float | None = None) -> ExitPolicy:
+    """Greedy exact sweep exit by exit. ``tolerance`` (points of the whole split) is spent first come,
+    first served; with ``guaranteed``, δ and ε are split evenly over the exits (union bound)."""
+    n_exits, n = preds.shape
+    open_ = np.ones(n, bool)
+    base_ok = base_pred == labels
+    thresholds = []
+    lost = 0.0  # accuracy points lost so far (calibration)
+    for i in range(n_exits):
+        idx = np.flatnonzero(open_)
+        if i == 0 and saver_threshold is not None:
+            t = float(saver_threshold)
+        elif len(idx) == 0:
+            t = float("inf")
+        else:
+            ok = preds[i][idx] == labels[idx]
+            so = SaverOrder.build(confs[i][idx], ok)
+            if criterion == "guaranteed":
+                tol, d = tolerance / n_exits * n / len(idx), delta / n_exits
+            else:
+                tol, d = max(tolerance - lost, 0.0) * n / len(idx), delta
+            k = best_exit(so, base_ok[idx], criterion, tol, d)
+            t = float(so.thresholds[k])
+        take = open_ & (confs[i] >= t)
+        lost += 100.0 * ((base_ok[take].sum() - (preds[i][take] == labels[take]).sum()) / n)
+        thresholds.append(t)
+        open_ &= ~take
+    return ExitPolicy(thresholds)
+
+
+def offline_exit_outputs(esn: ExitSequenceNetwork, feats: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """All exits on cached features: (1 + N, B) predictions and confidences (row 0 = saver)."""
+    with torch.inference_mode():
+        logits = esn(feats["saver_feat"], feats["stage_feats"], feats["saver_logits"])
+        allp = torch.cat([feats["saver_logits"][None], logits]).float().softmax(-1)
+        conf, pred = allp.max(-1)
+    return pred.numpy(), conf.numpy()
+
+
+@torch.inference_mode()
+def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork, policy: ExitPolicy,
+                    images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Saver first; then base stage by stage on the still-open samples only, evaluating the ESN exit
+    after each stage; the base head answers the rest. Returns (answer, exit index) in input order."""
+    from tinysaver.transforms import prepare_batch
+
+    if len(policy.thresholds) != esn.num_exits + 1:
+        raise ValueError(f"policy has {len(policy.thresholds)} thresholds for {esn.num_exits + 1} exits")
+    n = len(images)
+    answer = np.empty(n, np.int64)
+    where = np.empty(n, np.int64)
+    for s in range(0, n, batch_size):
+        chunk = images[s:s + batch_size]
+        ids = np.arange(s, min(s + batch_size, n))
+        sf, sl = saver_outputs(saver.module, prepare_batch(chunk, saver.preprocess))
+        conf, pred = sl.float().softmax(-1).max(-1)
+        done = (conf >= policy.thresholds[0]).numpy()
+        answer[ids[done]], where[ids[done]] = pred.numpy()[done], 0
+        keep = torch.as_tensor(np.flatnonzero(~done))
+        if len(keep) == 0:
+            continue
+        ids = ids[~done]
+        sub = chunk[keep] if isinstance(chunk, torch.Tensor) else [chunk[j] for j in keep.tolist()]
+        x = base_staged.stem(prepare_batch(sub, base.preprocess))
+        sl = sl[keep]
+        tokens = esn.embed(sf[keep], [])
+        for st, stage in enumerate(base_staged.stages, start=1):
+            x = stage(x)
+            tok = esn.embed_stages[st - 1](pooled(x)) + esn.pos[st]
+            tokens = torch.cat([tokens, tok[:, None]], dim=1)
+            conf, pred = esn.exit_logits(tokens, st, sl).float().softmax(-1).max(-1)
+            done = (conf >= policy.thresholds[st]).numpy()
+            answer[ids[done]], where[ids[done]] = pred.numpy()[done], st
+            keep = torch.as_tensor(np.flatnonzero(~done))
+            if len(keep) == 0:
+                break
+            ids, x, sl, tokens = ids[~done], x[keep], sl[keep], tokens[keep]
+        else:
+            answer[ids] = base_staged.tail(x).argmax(-1).numpy()
+            where[ids] = len(policy.thresholds)
+    return answer, where

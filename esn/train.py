@@ -1,0 +1,225 @@
+"""Train an ESN on a frozen saver–base pair from a zoo.
+
+The config mirrors the paper's Table 7 (``esn/configs/default.yaml``). With ``feature_cache`` the
+frozen backbones run once over the training set and every epoch reuses their pooled features, so
+augmentation must be off; without it, AutoAugment, mixup and cutmix come from torchvision/timm.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+
+from .model import ESNConfig, ExitSequenceNetwork, esn_loss
+from .staged import StagedModel, pooled, saver_outputs, staged
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 6.25e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0  # Table 7 lists 20 warm-up epochs for 10 training epochs; see README
+    num_layers: int = 1
+    dim: int = 128
+    num_heads: int = 8
+    granularity: str = "stage"
+    autoaugment: bool = False
+    mixup: float = 0.0  # Table 7: 0.8
+    cutmix: float = 0.0  # Table 7: 1.0
+    feature_cache: bool = True
+    train_split: str = "train"
+    train_limit: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.feature_cache and (self.autoaugment or self.mixup or self.cutmix):
+            raise ValueError("the feature cache stores un-augmented features: turn autoaugment, mixup and "
+                             "cutmix off, or set feature_cache: false")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs and batch_size must be ≥ 1 and lr > 0")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, **overrides: Any) -> "TrainSettings":
+        d = yaml.safe_load(Path(path).read_text()) if path else {}
+        d = d or {}
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown ESN settings {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**d)
+
+
+@dataclass
+class Pair:
+    """The frozen saver and base of an ESN, built from their zoo entries."""
+
+    zoo: str
+    saver_key: str
+    base_key: str
+    saver: Any  # LoadedModel
+    base: Any   # LoadedModel
+    base_staged: StagedModel = field(repr=False)
+
+    @classmethod
+    def from_zoo(cls, zoo, saver: str, base: str, granularity: str = "stage") -> "Pair":
+        from tinysaver.cascade import spec_from_zoo_entry
+        from tinysaver.models import create_model
+
+        s = create_model(spec_from_zoo_entry(zoo.model(saver), zoo.path))
+        b = create_model(spec_from_zoo_entry(zoo.model(base), zoo.path))
+        if s.num_classes != b.num_classes:
+            raise ValueError(f"saver {saver!r} and base {base!r} predict different class spaces")
+        for m in (s, b):
+            m.module.eval().requires_grad_(False)
+        return cls(zoo.name, saver, base, s, b, staged(b.module, granularity))
+
+
+def frozen_features(pair: Pair, images, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Saver pre-logits (N, D), saver logits (N, K), pooled base stage features [(N, C_n)], base logits."""
+    from tinysaver.transforms import prepare_batch
+
+    out: dict[str, list] = {"saver_feat": [], "saver_logits": [], "base_logits": []}
+    stage_feats: list[list[torch.Tensor]] = []
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            chunk = images[s:s + batch_size]
+            sf, sl = saver_outputs(pair.saver.module, prepare_batch(chunk, pair.saver.preprocess))
+            feats, bl = pair.base_staged.forward_all(prepare_batch(chunk, pair.base.preprocess))
+            out["saver_feat"].append(sf)
+            out["saver_logits"].append(sl)
+            out["base_logits"].append(bl)
+            if not stage_feats:
+                stage_feats = [[] for _ in feats]
+            for i, f in enumerate(feats):
+                stage_feats[i].append(pooled(f))
+    res = {k: torch.cat(v) for k, v in out.items()}
+    res["stage_feats"] = [torch.cat(f) for f in stage_feats]
+    return res
+
+
+def _batches(n: int, bs: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    for s in range(0, n, bs):
+        yield perm[s:s + bs]
+
+
+def build_esn(pair: Pair, settings: TrainSettings) -> ExitSequenceNetwork:
+    input_size = pair.base.preprocess.input_size
+    with torch.inference_mode():
+        sf, _ = saver_outputs(pair.saver.module, torch.zeros(1, *pair.saver.preprocess.input_size))
+    cfg = ESNConfig(saver_dim=sf.shape[-1], stage_dims=tuple(pair.base_staged.stage_channels(input_size)),
+                    num_classes=pair.base.num_classes, dim=settings.dim, num_layers=settings.num_layers,
+                    num_heads=settings.num_heads)
+    return ExitSequenceNetwork(cfg)
+
+
+def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bool = True) -> ExitSequenceNetwork:
+    """Train on ``data`` (a DecodedSet); the backbones stay frozen (no gradients reach them)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    esn = build_esn(pair, settings)
+    opt = torch.optim.AdamW(esn.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    n = len(data)
+    steps_per_epoch = math.ceil(n / settings.batch_size)
+    total = settings.epochs * steps_per_epoch
+    warm = int(settings.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / max(warm, 1) if s < warm else
+                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1))))
+    labels = torch.as_tensor(data.labels)
+    cache = frozen_features(pair, data.images) if settings.feature_cache else None
+    mixer = _mixer(settings, pair.base.num_classes)
+    for epoch in range(settings.epochs):
+        esn.train()
+        correct = np.zeros(esn.num_exits)
+        seen = 0
+        t0 = time.perf_counter()
+        for idx in tqdm(_batches(n, settings.batch_size, gen), total=steps_per_epoch,
+                        desc=f"esn epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False):
+            y = labels[idx]
+            if cache is not None:
+                sf, sl = cache["saver_feat"][idx], cache["saver_logits"][idx]
+                feats = [f[idx] for f in cache["stage_feats"]]
+                target = y
+            else:
+                sf, sl, feats, target = _live_features(pair, data, idx, y, settings, mixer)
+            logits = esn(sf, feats, sl)
+            loss = esn_loss(logits, target, sl)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            correct += (logits.argmax(-1) == y).sum(-1).detach().numpy()
+            seen += len(idx)
+        accs = ", ".join(f"{100 * c / seen:.1f}" for c in correct)
+        log(f"epoch {epoch + 1}: loss {loss.item():.4f}, train accuracy per exit (%): {accs} "
+            f"({time.perf_counter() - t0:.1f}s)")
+    esn.eval()
+    return esn
+
+
+def _mixer(settings: TrainSettings, num_classes: int):
+    if not (settings.mixup or settings.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, num_classes=num_classes,
+                 label_smoothing=0.0)
+
+
+def _live_features(pair: Pair, data, idx, y, settings: TrainSettings, mixer):
+    """Augment raw images, then run the frozen backbones (no grad) on them."""
+    from tinysaver.transforms import prepare_batch
+
+    imgs = data.images[idx] if isinstance(data.images, torch.Tensor) else [data.images[i] for i in idx]
+    if settings.autoaugment:
+        from torchvision.transforms import v2
+
+        aa = v2.AutoAugment()
+        imgs = [aa(im) for im in imgs]
+    xs = prepare_batch(imgs, pair.saver.preprocess)
+    xb = prepare_batch(imgs, pair.base.preprocess)
+    target = y
+    if mixer is not None and len(idx) % 2 == 0:
+        # one mix decision for both views: mix the base view, apply the same lam/perm to the saver view
+        state = torch.get_rng_state()
+        xb, target = mixer(xb, y)
+        torch.set_rng_state(state)
+        xs, _ = mixer(xs, y)
+    with torch.no_grad():
+        sf, sl = saver_outputs(pair.saver.module, xs)
+        feats, _ = pair.base_staged.forward_all(xb)
+    return sf, sl, [pooled(f) for f in feats], target
+
+
+def save_esn(path: str | Path, esn: ExitSequenceNetwork, pair: Pair, settings: TrainSettings,
+             extra: dict | None = None) -> None:
+    from tinysaver.zoo import atomic_write_bytes
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"state_dict": esn.state_dict(), "config": esn.cfg.to_dict(), "settings": asdict(settings),
+                "zoo": pair.zoo, "saver": pair.saver_key, "base": pair.base_key, **(extra or {})}, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def load_esn(path: str | Path, saver: str | None = None, base: str | None = None) -> tuple[ExitSequenceNetwork, dict]:
+    """Load an ESN checkpoint; refuse one made for a different saver or base."""
+    ck = torch.load(str(path), map_location="cpu", weights_only=False)
+    for role, want in (("saver", saver), ("base", base)):
+        if want is not None and ck[role] != want:
+            raise ValueError(f"{path} was trained for {role} {ck[role]!r}, not {want!r}")
+    cfg = dict(ck["config"])
+    cfg["stage_dims"] = tuple(cfg["stage_dims"])
+    esn = ExitSequenceNetwork(ESNConfig(**cfg))
+    esn.load_state_dict(ck["state_dict"])
+    return esn.eval(), ck

@@ -1,0 +1,148 @@
+import numpy as np
+import pytest
+import torch
+
+from esn.model import ESNConfig, ExitSequenceNetwork, esn_loss
+from esn.policy import ExitPolicy, choose_policy, dynamic_predict, offline_exit_outputs
+from esn.staged import saver_outputs, staged
+from esn.train import Pair, TrainSettings, frozen_features, load_esn, save_esn, train_esn
+from tinysaver.data import DecodedSet
+from tinysaver.models import ModelSpec, create_model
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    s = create_model(ModelSpec("test_efficientnet", num_classes=4, input_size=32))
+    b = create_model(ModelSpec("test_resnet", num_classes=4, input_size=40))
+    for m in (s, b):
+        m.module.requires_grad_(False)
+    return Pair("tiny", "saver", "base", s, b, staged(b.module))
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randint(0, 256, (48, 3, 36, 36), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 4, (48,), generator=g).numpy()
+    return DecodedSet("syn", [str(i) for i in range(48)], labels, imgs)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "test_vit", "mobilenetv3_small_050", "regnetx_002"])
+def test_stage_split_reproduces_the_model(name):
+    m = create_model(ModelSpec(name, num_classes=3)).module
+    sm = staged(m)
+    x = torch.randn(2, 3, 64, 64) if name != "test_vit" else torch.randn(2, 3, 160, 160)
+    with torch.inference_mode():
+        feats, logits = sm.forward_all(x)
+        torch.testing.assert_close(logits, m(x))
+        if name in ("test_resnet", "regnetx_002"):  # timm's own stage outputs
+            ref = m.forward_intermediates(x, intermediates_only=True)  # also lists the stem first
+            assert len(ref) == len(feats) + 1
+            for a, b in zip(feats, ref[1:]):
+                torch.testing.assert_close(a, b)
+
+
+def make_esn(layers=1, dim=32, stages=(8, 16, 24), saver_dim=12, k=5):
+    torch.manual_seed(0)
+    return ExitSequenceNetwork(ESNConfig(saver_dim, stages, k, dim=dim, num_layers=layers))
+
+
+@pytest.mark.parametrize("layers", [0, 1, 3])
+def test_every_exit_equals_the_saver_at_init(layers):
+    esn = make_esn(layers)
+    sf, sl = torch.randn(6, 12), torch.randn(6, 5)
+    feats = [torch.randn(6, c, 3, 3) for c in (8, 16, 24)]
+    out = esn(sf, feats, sl)
+    assert out.shape == (3, 6, 5)
+    for n in range(3):
+        assert torch.equal(out[n], sl)
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_causality_later_features_do_not_change_earlier_exits(layers):
+    esn = make_esn(layers)
+    for h in esn.heads:  # non-zero heads so exits depend on the bus
+        torch.nn.init.normal_(h.weight)
+    sf, sl = torch.randn(4, 12), torch.randn(4, 5)
+    feats = [torch.randn(4, c) for c in (8, 16, 24)]
+    a = esn(sf, feats, sl)
+    feats2 = feats[:2] + [feats[2] + 10 * torch.randn_like(feats[2])]
+    b = esn(sf, feats2, sl)
+    torch.testing.assert_close(a[:2], b[:2])
+    assert not torch.allclose(a[2], b[2])
+    # and the prefix path used by dynamic inference gives the same exits
+    toks = esn.embed(sf, feats)
+    for n in (1, 2, 3):
+        torch.testing.assert_close(esn.exit_logits(toks, n, sl), a[n - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_loss_weights_follow_the_formula():
+    torch.manual_seed(0)
+    exits = torch.randn(2, 5, 3)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    sl = torch.randn(5, 3)
+    w = 2 * (1 - torch.softmax(sl, -1).max(-1).values)
+    manual = sum((w * torch.nn.functional.cross_entropy(e, y, reduction="none")).mean() for e in exits)
+    torch.testing.assert_close(esn_loss(exits, y, sl), manual)
+    # a fully confident saver sample contributes nothing
+    sl2 = sl.clone()
+    sl2[0] = torch.tensor([100.0, 0, 0])
+    per = esn_loss(exits[:, :1], y[:1], sl2[:1])
+    assert per.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_training_never_touches_the_backbones(pair, data):
+    before = {k: v.clone() for k, v in pair.base.module.state_dict().items()}
+    for cache in (True, False):
+        settings = TrainSettings(epochs=1, batch_size=16, feature_cache=cache, dim=8, num_layers=1,
+                                 mixup=0.0 if cache else 0.8, cutmix=0.0 if cache else 1.0)
+        esn = train_esn(pair, data, settings, log=lambda s: None, progress=False)
+    assert all(p.grad is None for p in pair.base.module.parameters())
+    assert all(p.grad is None for p in pair.saver.module.parameters())
+    for k, v in pair.base.module.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert any(h.weight.abs().sum() > 0 for h in esn.heads)  # the ESN itself did learn
+
+
+def test_cache_refuses_augmentation():
+    with pytest.raises(ValueError, match="feature cache"):
+        TrainSettings(feature_cache=True, mixup=0.8)
+
+
+def test_dynamic_inference_matches_offline_policy(pair, data):
+    esn = train_esn(pair, data, TrainSettings(epochs=2, batch_size=16, dim=16), log=lambda s: None, progress=False)
+    feats = frozen_features(pair, data.images)
+    preds, confs = offline_exit_outputs(esn, feats)
+    base_pred = feats["base_logits"].argmax(-1).numpy()
+    # thresholds at the median confidence of each exit so that every exit answers some samples
+    pol = ExitPolicy([float(np.median(c)) for c in confs])
+    ref, ref_where = pol.apply(preds, confs, base_pred)
+    for bs in (1, 7, 48):
+        ans, where = dynamic_predict(pair.saver, pair.base, pair.base_staged, esn, pol, data.images, batch_size=bs)
+        assert np.array_equal(where, ref_where) and np.array_equal(ans, ref)
+    assert len(np.unique(ref_where)) >= 3
+
+
+def test_policy_zero_loss_on_calibration():
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = rng.integers(0, 3, n)
+    base_pred = np.where(rng.random(n) < 0.8, labels, (labels + 1) % 3)
+    preds = np.stack([np.where(rng.random(n) < a, labels, (labels + 2) % 3) for a in (0.6, 0.7, 0.75)])
+    confs = np.clip((preds == labels) * 0.3 + rng.random((3, n)) * 0.7, 0, 1)
+    pol = choose_policy(preds, confs, base_pred, labels, "zero")
+    ans, _ = pol.apply(preds, confs, base_pred)
+    assert (ans == labels).mean() >= (base_pred == labels).mean()
+    assert (np.array(pol.thresholds) < np.inf).any()
+
+
+def test_checkpoint_round_trip_and_refusal(pair, data, tmp_path):
+    esn = train_esn(pair, data, TrainSettings(epochs=1, batch_size=16, dim=8), log=lambda s: None, progress=False)
+    f = tmp_path / "esn.pt"
+    save_esn(f, esn, pair, TrainSettings(epochs=1, dim=8))
+    loaded, ck = load_esn(f, saver="saver", base="base")
+    for k, v in esn.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    with pytest.raises(ValueError, match="trained for base 'base'"):
+        load_esn(f, base="other")
