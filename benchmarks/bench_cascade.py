@@ -10,25 +10,12 @@ image is t(saver) + (1 − exit ratio) · t(base), from the stages timed alone o
 from __future__ import annotations
 
 import argparse
-import time
-
-import numpy as np
 import torch
 
-from tinysaver.cascade import Cascade, build_cascade
+from tinysaver.cascade import build_cascade, compare_with_base
 from tinysaver.data import load_dataset
 from tinysaver.selector import SelectorConfig, select
 from tinysaver.zoo import load_zoo
-
-
-def timed(cascade: Cascade, images, bs: int, reps: int):
-    cascade.predict(images[: min(len(images), bs)], batch_size=bs)  # warm-up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        res = cascade.predict(images, batch_size=bs)
-        ts.append(time.perf_counter() - t0)
-    return min(ts), res
 
 
 def main() -> int:
@@ -49,24 +36,15 @@ def main() -> int:
     data = load_dataset(uri, progress=False, limit=args.images)
     images = data.images
     cas = build_cascade(sel, zoo)
-    saver_only = Cascade(cas.stages[:1], [])
-    base_only = Cascade(cas.stages[-1:], [])
     print(f"{args.zoo}: {sel.savers[0].model} (conf ≥ {sel.savers[0].threshold:.4f}) → {args.base}; "
           f"{len(data)} images from {uri}; torch threads {torch.get_num_threads()}")
     print("| batch | base img/s | cascade img/s | speedup | ideal speedup | cascade/ideal | exit ratio | "
           "base acc | cascade acc |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for bs in args.batch_sizes:
-        tb, rb = timed(base_only, images, bs, args.reps)
-        ts, _ = timed(saver_only, images, bs, args.reps)
-        tc, rc = timed(cas, images, bs, args.reps)
-        exit_ratio = float((rc.stage == 0).mean())
-        ideal = ts + (1 - exit_ratio) * tb
-        n = len(images)
-        acc_b = float((rb.pred == data.labels).mean())
-        acc_c = float((rc.pred == data.labels).mean())
-        print(f"| {bs} | {n / tb:.1f} | {n / tc:.1f} | {tb / tc:.2f}x | {tb / ideal:.2f}x | {ideal / tc:.2f} | "
-              f"{exit_ratio:.1%} | {100 * acc_b:.2f}% | {100 * acc_c:.2f}% |")
+    for r in compare_with_base(cas, data.images, data.labels, args.batch_sizes, args.reps):
+        print(f"| {r['batch']} | {r['base_img_s']:.1f} | {r['cascade_img_s']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['ideal_speedup']:.2f}x | {r['of_ideal']:.2f} | {r['exit_ratio']:.1%} | "
+              f"{100 * r['base_acc']:.2f}% | {100 * r['cascade_acc']:.2f}% |")
     return 0
 
 

@@ -189,3 +189,40 @@ def zoo_class_names(zoo) -> list[str] | None:
         if isinstance(names, list):
             return names
     return None
+
+
+def measure_throughput(cascade: Cascade, images, batch_size: int, repeats: int = 2) -> tuple[float, CascadeResult]:
+    """Best-of-``repeats`` wall time (s) to classify ``images`` (decoded uint8) after one warm-up batch."""
+    import time
+
+    cascade.predict(images[: min(len(images), batch_size)], batch_size=batch_size)
+    best, res = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = cascade.predict(images, batch_size=batch_size)
+        best = min(best, time.perf_counter() - t0)
+    return best, res
+
+
+def compare_with_base(cascade: Cascade, images, labels, batch_sizes=(1, 32, 128), repeats: int = 2) -> list[dict]:
+    """Throughput of base alone, saver alone and the cascade on the same images, plus the ideal.
+
+    The ideal time per image is t(saver) + (1 − exit ratio) · t(base), from the stages timed alone.
+    Only two-stage cascades are compared.
+    """
+    if len(cascade.stages) != 2:
+        raise CascadeError("compare_with_base takes a saver → base cascade")
+    saver_only = Cascade(cascade.stages[:1], [], device=cascade.device)
+    base_only = Cascade(cascade.stages[1:], [], device=cascade.device)
+    rows = []
+    n = len(images)
+    for bs in batch_sizes:
+        tb, rb = measure_throughput(base_only, images, bs, repeats)
+        ts, _ = measure_throughput(saver_only, images, bs, repeats)
+        tc, rc = measure_throughput(cascade, images, bs, repeats)
+        exit_ratio = float((rc.stage == 0).mean())
+        ideal = ts + (1 - exit_ratio) * tb
+        rows.append({"batch": bs, "base_img_s": n / tb, "cascade_img_s": n / tc, "speedup": tb / tc,
+                     "ideal_speedup": tb / ideal, "of_ideal": ideal / tc, "exit_ratio": exit_ratio,
+                     "base_acc": float((rb.pred == labels).mean()), "cascade_acc": float((rc.pred == labels).mean())})
+    return rows
