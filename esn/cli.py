@@ -48,18 +48,23 @@ def cmd_train(args) -> int:
     return 0
 
 
-def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic_check: int = 256, log=print):
-    """Policy on calib, results on test, budget table and a dynamic-vs-offline exactness check."""
+def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic_check: int = 256, log=print,
+                        splits=None, features=None):
+    """Policy on calib, results on test, budget table and a dynamic-vs-offline exactness check.
+
+    ``splits`` (train, calib, test) and ``features`` ({'calib': ..., 'test': ...} from
+    :func:`esn.train.frozen_features`) may be passed in to avoid recomputing them.
+    """
     from tinysaver.selector import SaverOrder, best_exit
 
     from .evaluate import budget_table, exit_costs
     from .policy import ExitPolicy, choose_policy, dynamic_predict, offline_exit_outputs
     from .train import frozen_features
 
-    _, calib, test = esn_splits(zoo)
+    _, calib, test = splits or esn_splits(zoo)
     out = {}
     for name, ds in (("calib", calib), ("test", test)):
-        f = frozen_features(pair, ds.images)
+        f = features[name] if features else frozen_features(pair, ds.images)
         p, c = offline_exit_outputs(esn, f)
         out[name] = {"preds": p, "confs": c, "base_pred": f["base_logits"].argmax(-1).numpy(), "labels": ds.labels}
     cal, tst = out["calib"], out["test"]
@@ -121,15 +126,20 @@ def cmd_eval(args) -> int:
 def cmd_grid(args) -> int:
     from .train import TrainSettings, train_esn
 
+    from .train import frozen_features
+
     zoo, pair = _pair(args)
-    train, _, _ = esn_splits(zoo)
+    splits = esn_splits(zoo)
+    train, calib, test = splits
+    cache = frozen_features(pair, train.images)
+    feats = {"calib": frozen_features(pair, calib.images), "test": frozen_features(pair, test.images)}
     rows = []
     for layers in args.layers:
         for dim in args.dims:
             settings = TrainSettings.from_yaml(args.config, num_layers=layers, dim=dim, epochs=args.epochs)
-            esn = train_esn(pair, train, settings, log=lambda s: None, progress=False)
+            esn = train_esn(pair, train, settings, log=lambda s: None, progress=False, cache=cache)
             s = evaluate_checkpoint(zoo, pair, esn, args.criterion, args.tolerance, dynamic_check=0,
-                                    log=lambda s: None)
+                                    log=lambda s: None, splits=splits, features=feats)
             rows.append((layers, dim, s))
             print(f"layers {layers} dim {dim}: ESN {100 * s['esn_acc']:.2f}% at {100 * s['esn_cost']:.1f}% FLOPs "
                   f"(cascade {100 * s['cascade_acc']:.2f}% at {100 * s['cascade_cost']:.1f}%), overhead "

@@ -121,8 +121,12 @@ def build_esn(pair: Pair, settings: TrainSettings) -> ExitSequenceNetwork:
     return ExitSequenceNetwork(cfg)
 
 
-def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bool = True) -> ExitSequenceNetwork:
-    """Train on ``data`` (a DecodedSet); the backbones stay frozen (no gradients reach them)."""
+def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bool = True,
+              cache: dict | None = None) -> ExitSequenceNetwork:
+    """Train on ``data`` (a DecodedSet); the backbones stay frozen (no gradients reach them).
+
+    ``cache`` may pass features already computed by :func:`frozen_features` on ``data``.
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(settings.seed)
@@ -136,7 +140,10 @@ def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / max(warm, 1) if s < warm else
                                               0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1))))
     labels = torch.as_tensor(data.labels)
-    cache = frozen_features(pair, data.images) if settings.feature_cache else None
+    if settings.feature_cache and cache is None:
+        cache = frozen_features(pair, data.images)
+    elif not settings.feature_cache:
+        cache = None
     mixer = _mixer(settings, pair.base.num_classes)
     for epoch in range(settings.epochs):
         esn.train()

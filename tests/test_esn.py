@@ -146,3 +146,24 @@ def test_checkpoint_round_trip_and_refusal(pair, data, tmp_path):
         assert torch.equal(v, loaded.state_dict()[k])
     with pytest.raises(ValueError, match="trained for base 'base'"):
         load_esn(f, base="other")
+
+
+def test_esn_cli_train_and_eval(tiny_zoo_cfg, tmp_path, capsys):
+    from tinysaver.cli import main
+    from tinysaver.profiler import profile
+
+    root = tmp_path / "zoos"
+    tiny_zoo_cfg.models = tiny_zoo_cfg.models[:2]
+    tiny_zoo_cfg.batch_sizes = [1]
+    profile(tiny_zoo_cfg, root, progress=False, log=lambda s: None)
+    cfg = tmp_path / "esn.yaml"
+    cfg.write_text("epochs: 2\nbatch_size: 4\ndim: 8\nnum_layers: 1\n")
+    ck = tmp_path / "esn.pt"
+    args = ["--root", str(root), "esn", "train", "--zoo", "tiny", "--base", "test_resnet", "--saver",
+            "test_efficientnet", "--config", str(cfg), "--out", str(ck)]
+    assert main(args) == 0 and ck.is_file()
+    assert main(["--root", str(root), "esn", "eval", "--zoo", "tiny", "--checkpoint", str(ck)]) == 0
+    out = capsys.readouterr().out
+    assert "saver + ESN" in out and "| 25% |" in out and "100.0% identical" in out
+    assert main(["--root", str(root), "esn", "eval", "--zoo", "tiny", "--checkpoint", str(ck),
+                 "--base", "test_efficientnet"]) == 2
