@@ -46,6 +46,7 @@ class TrainConfig:
     device: str = "auto"
     data_root: str | None = None
     eval_batch_size: int = 500
+    fp16_tolerance: float = 0.1  # accuracy points on calib; within it, weights are stored in fp16
 
 
 def spec_for(entry: dict[str, Any], cfg: TrainConfig, checkpoint: str | None = None) -> ModelSpec:
@@ -112,19 +113,55 @@ def train_one(entry: dict[str, Any], cfg: TrainConfig, train, calib, test, devic
             bar.set_postfix(loss=f"{loss.item():.3f}")
     train_s = time.perf_counter() - t0
     net.eval()
-    acc32 = evaluate(model, calib, cfg.eval_batch_size, device)
     sd32 = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    # fp16 only if it leaves the calibration accuracy unchanged
+    res = choose_precision(model, sd32, calib, test, cfg, device)
+    return {**res, "train_seconds": round(train_s, 1), "train_samples": budget, "seed": seed}
+
+
+def choose_precision(model, sd32: dict, calib, test, cfg: TrainConfig, device) -> dict[str, Any]:
+    """fp16 weights when calib accuracy moves by at most ``cfg.fp16_tolerance`` points, else fp32.
+
+    Accuracies are those of the weights actually saved, so reloading reproduces them exactly.
+    """
+    net = model.module
+    net.load_state_dict(sd32)
+    acc32 = evaluate(model, calib, cfg.eval_batch_size, device)
     sd16 = {k: (v.half() if v.is_floating_point() else v) for k, v in sd32.items()}
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd16.items()})
     acc16 = evaluate(model, calib, cfg.eval_batch_size, device)
-    use16 = acc16 == acc32
-    sd = sd16 if use16 else sd32
+    use16 = abs(acc16 - acc32) * 100 <= cfg.fp16_tolerance
     if not use16:
         net.load_state_dict(sd32)
     test_acc = evaluate(model, test, cfg.eval_batch_size, device)
-    return {"state_dict": sd, "dtype": "float16" if use16 else "float32", "calib_acc": acc16 if use16 else acc32,
-            "test_acc": test_acc, "train_seconds": round(train_s, 1), "train_samples": budget, "seed": seed}
+    return {"state_dict": sd16 if use16 else sd32, "dtype": "float16" if use16 else "float32",
+            "calib_acc": acc16 if use16 else acc32, "calib_acc_fp32": acc32, "test_acc": test_acc}
+
+
+def recompress(cfg: TrainConfig) -> None:
+    """Re-apply :func:`choose_precision` to fp32 checkpoints already trained (no retraining)."""
+    from safetensors.torch import load_file, save
+
+    out = Path(cfg.out_dir)
+    manifest_path = out / "manifest.yaml"
+    manifest = yaml.safe_load(manifest_path.read_text())
+    calib = fashion_mnist_set("calib", cfg.data_root)
+    test = fashion_mnist_set("test", cfg.data_root)
+    entries = {e.get("label", e["arch"]): e for e in cfg.models}
+    for label, rec in manifest["models"].items():
+        if rec["dtype"] != "float32":
+            continue
+        f = out / rec["file"]
+        sd32 = load_file(str(f))
+        model = create_model(spec_for(entries[label], cfg), device="cpu")
+        res = choose_precision(model, sd32, calib, test, cfg, "cpu")
+        if res["dtype"] == "float32":
+            continue
+        blob = save({k: v.contiguous() for k, v in res.pop("state_dict").items()})
+        atomic_write_bytes(f, blob)
+        rec.update(res, sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
+        atomic_write_yaml(manifest_path, manifest)
+        print(f"{label}: now float16, calib {100 * rec['calib_acc']:.2f}% (fp32 {100 * rec['calib_acc_fp32']:.2f}%), "
+              f"test {100 * rec['test_acc']:.2f}%, {len(blob) / 1e6:.1f} MB", flush=True)
 
 
 def train_zoo(cfg: TrainConfig, only: list[str] | None = None) -> Path:
@@ -163,12 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--only", nargs="*")
     p.add_argument("--device")
+    p.add_argument("--recompress", action="store_true", help="re-check fp16 for fp32 checkpoints, no training")
     args = p.parse_args(argv)
     d = yaml.safe_load(Path(args.config).read_text())
     if args.device:
         d["device"] = args.device
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    train_zoo(TrainConfig(**d), args.only)
+    if args.recompress:
+        recompress(TrainConfig(**d))
+    else:
+        train_zoo(TrainConfig(**d), args.only)
     return 0
 
 
