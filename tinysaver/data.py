@@ -102,7 +102,7 @@ def decode_image(data: bytes) -> torch.Tensor:
         im.load()
         if im.mode not in ("L", "RGB"):
             im = im.convert("L" if im.mode in ("I", "I;16", "F", "1") else "RGB")
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.array(im, dtype=np.uint8)  # a writable copy: torch warns on read-only buffers
     if arr.ndim == 2:
         arr = arr[None]
     else:

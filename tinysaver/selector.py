@@ -180,7 +180,7 @@ class Selection:
             "saver": " → ".join(s.model for s in self.savers) or "(none)",
             "threshold": ", ".join(f"{s.threshold:.4f}" for s in self.savers) or "",
             "exit_ratio": round(float(sum(self.exit_ratio_calib[:-1])), 4) if self.found else 0.0,
-            "cost_base": self.cost_base, "cost_cascade": round(self.cost_cascade, 6),
+            **self._costs(),
             "saving_%": round(self.saving_pct, 2),
             f"acc_base_{self.calib_split}": round(100 * self.acc_base_calib, 2),
             f"acc_cascade_{self.calib_split}": round(100 * self.acc_cascade_calib, 2),
@@ -189,6 +189,11 @@ class Selection:
             r[f"acc_base_{self.test_split}"] = round(100 * (self.acc_base_test or 0), 2)
             r[f"acc_cascade_{self.test_split}"] = round(100 * (self.acc_cascade_test or 0), 2)
         return r
+
+    def _costs(self) -> dict[str, float]:
+        if self.cost_metric == "flops":
+            return {"GFLOPs_base": round(self.cost_base / 1e9, 5), "GFLOPs_cascade": round(self.cost_cascade / 1e9, 5)}
+        return {"ms_base": round(self.cost_base, 4), "ms_cascade": round(self.cost_cascade, 4)}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
