@@ -96,7 +96,8 @@ def test_training_never_touches_the_backbones(pair, data):
     before = {k: v.clone() for k, v in pair.base.module.state_dict().items()}
     for cache in (True, False):
         settings = TrainSettings(epochs=1, batch_size=16, feature_cache=cache, dim=8, num_layers=1,
-                                 mixup=0.0 if cache else 0.8, cutmix=0.0 if cache else 1.0)
+                                 mixup=0.0 if cache else 0.8, cutmix=0.0 if cache else 1.0,
+                                 autoaugment=not cache)
         esn = train_esn(pair, data, settings, log=lambda s: None, progress=False)
     assert all(p.grad is None for p in pair.base.module.parameters())
     assert all(p.grad is None for p in pair.saver.module.parameters())
