@@ -27,7 +27,17 @@ def lite():
 @pytest.fixture(scope="module")
 def sample64():
     need(IMAGENET_TAR.is_file(), str(IMAGENET_TAR))
-    return load_dataset(f"imagenet:{IMAGENET_TAR}", progress=False, limit=64)
+    return load_dataset(f"imagenet:{IMAGENET_TAR}", progress=False, limit=40)
+
+
+@pytest.fixture(scope="module")
+def reference(lite, sample64):
+    """Each model on the whole input once, thresholds applied afterwards (the offline reference)."""
+    from tests.test_cascade import offline_reference
+
+    stages = [lite[LITE[0]], lite[LITE[2]]]
+    t = float(np.median(offline_reference(stages[:1], [], sample64.images)[1]))  # half the images go on
+    return stages, t, offline_reference(stages, [t], sample64.images)
 
 
 def test_lite0_on_foolbox_images(lite):
@@ -37,20 +47,15 @@ def test_lite0_on_foolbox_images(lite):
     assert (res.pred == ds.labels).sum() >= 17
 
 
-@pytest.mark.parametrize("batch_size", [1, 16, 64])
-def test_real_cascade_is_exact(lite, sample64, batch_size):
-    from tests.test_cascade import offline_reference
-
-    stages = [lite[LITE[0]], lite[LITE[2]]]
-    ref_all = offline_reference(stages, [0.0], sample64.images)
-    t = float(np.median(ref_all[1]))  # the median saver confidence: half the images go on
-    ref = offline_reference(stages, [t], sample64.images)
+@pytest.mark.parametrize("batch_size", [1, 16, 40])
+def test_real_cascade_is_exact(reference, sample64, batch_size):
+    stages, t, ref = reference
     for shrink in (True, False):
         res = Cascade(stages, [t]).predict(sample64.images, batch_size=batch_size, shrink=shrink)
         assert np.array_equal(res.stage, ref[2]) and np.array_equal(res.pred, ref[0])
         # the same fp32 kernels at another batch size can differ in the last bits (blocked sums):
         np.testing.assert_allclose(res.conf, ref[1], rtol=1e-4, atol=1e-5)
-    assert 10 < (ref[2] == 0).sum() < 54
+    assert 10 <= (ref[2] == 0).sum() <= 30
     assert (ref[0] == sample64.labels).mean() > 0.8
 
 
@@ -59,10 +64,11 @@ def test_stored_predictions_reproduce(lite, sample64):
 
     zoo = load_zoo("imagenet-lite")
     p = zoo.predictions(LITE[0], "val")
-    assert list(p.ids[:64]) == sample64.ids  # same samples, same order
+    n = len(sample64)
+    assert list(p.ids[:n]) == sample64.ids  # same samples, same order
     res = Cascade([lite[LITE[0]]], []).predict(sample64.images, batch_size=50)
-    assert np.array_equal(res.pred, p.pred[:64])
-    np.testing.assert_allclose(res.conf, p.conf[:64], atol=1e-5)
+    assert np.array_equal(res.pred, p.pred[:n])
+    np.testing.assert_allclose(res.conf, p.conf[:n], atol=1e-5)
     assert 0.85 <= zoo.models[LITE[0]]["accuracy"]["val"] <= 0.92
 
 
