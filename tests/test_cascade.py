@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tinysaver.cascade import Cascade, CascadeError
-from tinysaver.models import ModelSpec, create_model
+from tinysaver import ModelSpec, create_model
 
 
 def tiny(name, n=3, **kw):
