@@ -106,6 +106,17 @@ def test_infer_cli_on_real_images(tmp_path):
     empty.mkdir()
     out = subprocess.run(cmd[:-1] + [str(empty)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "no images found" in out.stderr
+    # a tar input, with the threshold chosen by the selector right now
+    tar = tmp_path / "few.tar"
+    with tarfile.open(tar, "w") as tf:
+        for f in sorted(d.glob("n*")):
+            tf.add(f, arcname=f"x/{f.name}")
+    sel_cmd = [sys.executable, "-m", "tinysaver.cli", "infer", "--zoo", "imagenet-lite", "--base", LITE[2],
+               "--from-selection", str(tar)]
+    out = subprocess.run(sel_cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("path,class,name") and len(lines) == 7 and "few.tar:x/n01440764" in lines[1]
     bad_cmd = [c if c != "0.5" else "1.5" for c in cmd]
     bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "[0, 1]" in bad.stderr

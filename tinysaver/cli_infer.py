@@ -15,10 +15,10 @@ def _selection(args, zoo):
             raise SystemExit("--saver needs --threshold")
         return {"zoo": zoo.name, "stages": [{"model": args.saver, "threshold": args.threshold},
                                             {"model": args.base, "threshold": None}]}
-    if args.from_selection and args.from_selection != "auto":
-        sel = json.loads(Path(args.from_selection).read_text())
+    if args.selection:
+        sel = json.loads(Path(args.selection).read_text())
         if sel.get("base") != args.base:
-            raise SystemExit(f"{args.from_selection} selects for base {sel.get('base')!r}, not {args.base!r}")
+            raise SystemExit(f"{args.selection} selects for base {sel.get('base')!r}, not {args.base!r}")
         return sel
     sel, _ = select(zoo, args.base, SelectorConfig(criterion=args.criterion, tolerance=args.tolerance))
     return sel
@@ -85,8 +85,9 @@ def register(sub) -> None:
     p.add_argument("--base", required=True)
     p.add_argument("--saver")
     p.add_argument("--threshold", type=float)
-    p.add_argument("--from-selection", nargs="?", const="auto",
-                   help="a JSON file from 'tinysaver query --save', or nothing to select now")
+    p.add_argument("--from-selection", action="store_true",
+                   help="select the saver now with the selector (--criterion, --tolerance); the default")
+    p.add_argument("--selection", help="a JSON file written by 'tinysaver query --save'")
     p.add_argument("--criterion", default="zero", choices=["zero", "bounded", "subset", "guaranteed"])
     p.add_argument("--tolerance", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=32)
