@@ -34,7 +34,6 @@ def main() -> int:
         return 1
     uri = args.dataset or zoo.splits.get("test", next(iter(zoo.splits.values())))["source"]
     data = load_dataset(uri, progress=False, limit=args.images)
-    images = data.images
     cas = build_cascade(sel, zoo)
     print(f"{args.zoo}: {sel.savers[0].model} (conf ≥ {sel.savers[0].threshold:.4f}) → {args.base}; "
           f"{len(data)} images from {uri}; torch threads {torch.get_num_threads()}")

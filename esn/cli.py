@@ -1,7 +1,6 @@
 """``tinysaver esn train | eval | grid``."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,7 @@ def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic
     from tinysaver.selector import SaverOrder, best_exit
 
     from .evaluate import budget_table, exit_costs
-    from .policy import ExitPolicy, choose_policy, dynamic_predict, offline_exit_outputs
+    from .policy import choose_policy, dynamic_predict, offline_exit_outputs
     from .train import frozen_features
 
     _, calib, test = splits or esn_splits(zoo)
@@ -187,4 +186,4 @@ def register(sub) -> None:
     g.set_defaults(func=cmd_grid)
 
 
-__all__ = ["register", "argparse"]
+__all__ = ["register", "evaluate_checkpoint", "esn_splits"]

@@ -4,7 +4,7 @@ import torch
 
 from esn.model import ESNConfig, ExitSequenceNetwork, esn_loss
 from esn.policy import ExitPolicy, choose_policy, dynamic_predict, offline_exit_outputs
-from esn.staged import saver_outputs, staged
+from esn.staged import staged
 from esn.train import Pair, TrainSettings, frozen_features, load_esn, save_esn, train_esn
 from tinysaver.data import DecodedSet
 from tinysaver.models import ModelSpec, create_model

@@ -6,7 +6,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 
 from tests.conftest import IMAGENET_TAR, need, need_package
 from tinysaver.cascade import Cascade, build_cascade

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -137,4 +137,4 @@ def latency_table(lats: Sequence[Latency]) -> dict[str, dict[str, float]]:
                                   "images_per_s": round(l.images_per_s, 2)} for l in lats}
 
 
-__all__ = ["FlopCount", "Latency", "count_flops", "measure_latency", "device_info", "latency_table", "asdict"]
+__all__ = ["FlopCount", "Latency", "count_flops", "measure_latency", "device_info", "latency_table"]

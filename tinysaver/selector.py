@@ -27,7 +27,7 @@ unsupervised early exits), so "accuracy" becomes agreement with the base.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -505,4 +505,4 @@ def select_all_arrays(zoo_name: str, models: Sequence[str], costs: dict[str, flo
 
 
 __all__ = ["SelectorConfig", "Selection", "Stage", "select", "select_all", "SaverOrder", "feasible_exits",
-           "CRITERIA", "SelectionError", "ZooError", "field"]
+           "CRITERIA", "SelectionError", "ZooError"]

@@ -16,11 +16,10 @@ import argparse
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
@@ -217,4 +216,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["TrainConfig", "train_zoo", "spec_for", "field", "np"]
+__all__ = ["TrainConfig", "train_zoo", "recompress", "spec_for"]
