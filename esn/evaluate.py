@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tinysaver.measure import count_flops
+from tinysaver.measure import count_flops, flop_counter
 
 from .model import ExitSequenceNetwork
 from .policy import ExitPolicy, choose_policy
@@ -19,12 +19,7 @@ from .staged import StagedModel, pooled
 
 
 def _flops(fn, *args) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from tinysaver.measure import _sdpa_flops, _sdpa_ops
-
-    mapping = {op: (lambda q, k, v, *a, **kw: _sdpa_flops(q, k, v)) for op in _sdpa_ops()}
-    c = FlopCounterMode(display=False, custom_mapping=mapping)
+    c = flop_counter()
     with c, torch.inference_mode():
         out = fn(*args)
     return int(c.get_total_flops()), out

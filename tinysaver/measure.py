@@ -44,14 +44,19 @@ def _sdpa_ops() -> list[Any]:
     return [getattr(aten, n) for n in names if hasattr(aten, n)]
 
 
-def count_flops_torch(module: nn.Module, input_shape: Sequence[int]) -> FlopCount:
-    """torch FlopCounterMode with the fused attention kernels counted (torch leaves CPU SDPA at 0)."""
+def flop_counter():
+    """A torch FlopCounterMode that also counts the fused attention kernels (torch leaves CPU SDPA at 0)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {op: (lambda q, k, v, *a, **kw: _sdpa_flops(q, k, v)) for op in _sdpa_ops()}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_flops_torch(module: nn.Module, input_shape: Sequence[int]) -> FlopCount:
+    """FLOPs of one image with :func:`flop_counter`."""
     device = next(module.parameters()).device
     x = torch.randn(1, *input_shape[-3:], device=device)
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    counter = flop_counter()
     with torch.inference_mode(), counter:
         module(x)
     flops = int(counter.get_total_flops())
@@ -137,4 +142,4 @@ def latency_table(lats: Sequence[Latency]) -> dict[str, dict[str, float]]:
                                   "images_per_s": round(l.images_per_s, 2)} for l in lats}
 
 
-__all__ = ["FlopCount", "Latency", "count_flops", "measure_latency", "device_info", "latency_table"]
+__all__ = ["FlopCount", "Latency", "count_flops", "flop_counter", "measure_latency", "device_info", "latency_table"]
