@@ -134,20 +134,16 @@ class Cascade:
                     if len(open_) == 0:
                         break
                     sub = chunk[torch.as_tensor(open_)] if isinstance(chunk, torch.Tensor) else [chunk[j] for j in open_]
-                    p, c = self._run_stage(i, sub)
-                    p, c = p.numpy(), c.numpy()
-                    here = open_
-                else:
-                    p, c = self._run_stage(i, chunk)
-                    p, c = p.numpy(), c.numpy()
+                    p, c = (t.numpy() for t in self._run_stage(i, sub))
+                else:  # every sample through every stage; keep the open ones for the decision
+                    p, c = (t.numpy() for t in self._run_stage(i, chunk))
                     sp[i, idx], sc[i, idx] = p, c
                     p, c = p[open_], c[open_]
-                    here = open_
-                done = np.ones(len(here), bool) if i == S - 1 else c >= self.thresholds[i]
-                pred[idx[here[done]]] = p[done]
-                conf[idx[here[done]]] = c[done]
-                stage[idx[here[done]]] = i
-                open_ = here[~done]
+                done = np.ones(len(open_), bool) if i == S - 1 else c >= self.thresholds[i]
+                pred[idx[open_[done]]] = p[done]
+                conf[idx[open_[done]]] = c[done]
+                stage[idx[open_[done]]] = i
+                open_ = open_[~done]
         return CascadeResult(pred, conf, stage, self.stage_names, self.class_names, sp, sc)
 
 
