@@ -1,16 +1,24 @@
 """tinysaver: a small saver model answers the easy inputs so the large base model runs less.
 
 Data flows one way: profiler → zoo_index → selector → cascade (and the ``esn`` package).
+Names are imported on first use, so ``tinysaver query`` does not pay for torch and timm.
 """
-from .cascade import Cascade, CascadeResult, build_cascade
-from .data import load_dataset
-from .models import ModelSpec, Preprocess, create_model
-from .profiler import ProfileConfig, profile
-from .selector import Selection, SelectorConfig, select, select_all
-from .zoo import Zoo, list_zoos, load_zoo
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = [
-    "Cascade", "CascadeResult", "build_cascade", "load_dataset", "ModelSpec", "Preprocess", "create_model",
-    "ProfileConfig", "profile", "Selection", "SelectorConfig", "select", "select_all", "Zoo", "list_zoos", "load_zoo",
-]
+
+_PUBLIC = {
+    "Cascade": "cascade", "CascadeResult": "cascade", "build_cascade": "cascade",
+    "load_dataset": "data",
+    "ModelSpec": "models", "Preprocess": "models", "create_model": "models",
+    "ProfileConfig": "profiler", "profile": "profiler",
+    "Selection": "selector", "SelectorConfig": "selector", "select": "selector", "select_all": "selector",
+    "Zoo": "zoo", "list_zoos": "zoo", "load_zoo": "zoo",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'tinysaver' has no attribute {name!r}")
