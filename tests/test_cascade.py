@@ -49,13 +49,35 @@ def test_shrinking_matches_offline_reference(mixed_images, batch_size):
     thresholds = [float(confs[0]), 0.34]
     ref = offline_reference(stages, thresholds, mixed_images)
     cas = Cascade(stages, thresholds)
-    for shrink in (True, False):
-        res = cas.predict(mixed_images, batch_size=batch_size, shrink=shrink)
+    for shrink, refill in ((True, True), (True, False), (False, True)):
+        res = cas.predict(mixed_images, batch_size=batch_size, shrink=shrink, refill=refill)
         assert np.array_equal(res.stage, ref[2])
         assert np.array_equal(res.pred, ref[0])
         # fp32 kernels may pick other blockings at other batch sizes: allow float noise only
         np.testing.assert_allclose(res.conf, ref[1], rtol=1e-5, atol=1e-6)
     assert 0 < (ref[2] == 0).sum() < len(mixed_images)  # the test exercises both exits
+
+
+def test_refill_runs_later_stages_on_full_batches(mixed_images):
+    stages = [tiny("test_efficientnet", input_size=32), tiny("test_resnet", input_size=40), tiny("test_vit")]
+    confs = offline_reference(stages, [0, 0], mixed_images)[1]
+    thresholds = [float(np.quantile(confs, 0.4)), 0.0]  # about 60% of samples go on past the first saver
+    seen = {i: [] for i in range(3)}
+    for i, m in enumerate(stages):
+        m.module.register_forward_hook(lambda mod, args, out, i=i: seen[i].append(len(args[0])))
+    ref = offline_reference(stages, thresholds, mixed_images)
+    for refill in (True, False):
+        for v in seen.values():
+            v.clear()
+        res = Cascade(stages, thresholds).predict(mixed_images, batch_size=4, refill=refill)
+        assert np.array_equal(res.stage, ref[2]) and np.array_equal(res.pred, ref[0])
+        survivors = int((ref[2] > 0).sum())
+        assert sum(seen[1]) == survivors and sum(seen[0]) == len(mixed_images)
+        if refill:  # every batch is full except possibly each stage's last one
+            assert all(b == 4 for b in seen[1][:-1]) and len(seen[1]) == -(-survivors // 4)
+        else:
+            assert len(seen[1]) > -(-survivors // 4)  # per-chunk leftovers make more, smaller batches
+    assert not seen[2]  # a threshold of 0 answers everything at the second stage
 
 
 def test_all_stages_and_exit_ratios(mixed_images):

@@ -3,7 +3,8 @@
 Each stage derives its own input from the once-decoded uint8 image (its own resize, crop and
 normalisation). A sample leaves the cascade at the first saver whose max-softmax confidence is
 ≥ that saver's threshold; only the samples still open are batched into the next stage, so the
-compute of later stages is really skipped.
+compute of later stages is really skipped. Survivors are held until they fill a batch (refill), so
+a base behind a good saver still runs at the batch size it was given.
 """
 from __future__ import annotations
 
@@ -105,13 +106,21 @@ class Cascade:
         conf, pred = prob.max(-1)
         return pred.cpu(), conf.cpu()
 
+    def _take(self, images, idx: np.ndarray):
+        return images[torch.as_tensor(idx)] if isinstance(images, torch.Tensor) else [images[j] for j in idx]
+
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor] | torch.Tensor, batch_size: int = 64, shrink: bool = True,
-                all_stages: bool = False) -> CascadeResult:
+                all_stages: bool = False, refill: bool = True) -> CascadeResult:
         """Classify decoded uint8 images, a list of (C, H, W) or one (N, C, H, W) tensor.
 
+        With ``shrink`` (the default) a stage only sees the samples no earlier saver answered.
+        ``refill`` then holds those survivors until ``batch_size`` of them have gathered, so later
+        stages run full batches rather than each input chunk's few leftovers; only each stage's
+        last batch may be short. ``refill=False`` sends every chunk's survivors on at once.
         ``shrink=False`` runs every stage on every sample and applies the thresholds afterwards
-        (the reference the shrinking path must match). ``all_stages`` implies ``shrink=False``.
+        (the reference the shrinking paths must match). ``all_stages`` implies ``shrink=False``.
+        The answers are in input order whichever path runs.
         """
         n = len(images)
         if n == 0:
@@ -125,25 +134,39 @@ class Cascade:
         stage = np.empty(n, dtype=np.int64)
         sp = np.empty((S, n), dtype=np.int64) if not shrink else None
         sc = np.empty((S, n), dtype=np.float32) if not shrink else None
+        # waiting[i]: input indices that reached stage i and have not run there yet
+        waiting = [np.empty(0, dtype=np.int64) for _ in range(S)]
+
+        def run(i: int, idx: np.ndarray) -> None:
+            """Stage i on samples idx: record those it answers, queue the rest for stage i + 1."""
+            p, c = (t.numpy() for t in self._run_stage(i, self._take(images, idx)))
+            done = np.ones(len(idx), bool) if i == S - 1 else c >= self.thresholds[i]
+            pred[idx[done]], conf[idx[done]], stage[idx[done]] = p[done], c[done], i
+            if i + 1 < S:
+                waiting[i + 1] = np.concatenate([waiting[i + 1], idx[~done]])
+
+        def drain(i: int, full_only: bool) -> None:
+            while len(waiting[i]) >= (batch_size if full_only else 1):
+                idx, waiting[i] = waiting[i][:batch_size], waiting[i][batch_size:]
+                run(i, idx)
+
         for start in range(0, n, batch_size):
-            chunk = images[start:start + batch_size]
             idx = np.arange(start, min(start + batch_size, n))
-            open_ = np.arange(len(idx))  # positions in chunk still undecided
-            for i in range(S):
-                if shrink:
-                    if len(open_) == 0:
-                        break
-                    sub = chunk[torch.as_tensor(open_)] if isinstance(chunk, torch.Tensor) else [chunk[j] for j in open_]
-                    p, c = (t.numpy() for t in self._run_stage(i, sub))
-                else:  # every sample through every stage; keep the open ones for the decision
-                    p, c = (t.numpy() for t in self._run_stage(i, chunk))
+            if not shrink:  # every sample through every stage; the decision only uses the open ones
+                open_ = idx
+                for i in range(S):
+                    p, c = (t.numpy() for t in self._run_stage(i, self._take(images, idx)))
                     sp[i, idx], sc[i, idx] = p, c
-                    p, c = p[open_], c[open_]
-                done = np.ones(len(open_), bool) if i == S - 1 else c >= self.thresholds[i]
-                pred[idx[open_[done]]] = p[done]
-                conf[idx[open_[done]]] = c[done]
-                stage[idx[open_[done]]] = i
-                open_ = open_[~done]
+                    at = open_ - start
+                    done = np.ones(len(open_), bool) if i == S - 1 else c[at] >= self.thresholds[i]
+                    pred[open_[done]], conf[open_[done]], stage[open_[done]] = p[at][done], c[at][done], i
+                    open_ = open_[~done]
+                continue
+            run(0, idx)
+            for i in range(1, S):
+                drain(i, full_only=refill)
+        for i in range(1, S):  # the short tail batches, earlier stages first so their survivors join later queues
+            drain(i, full_only=False)
         return CascadeResult(pred, conf, stage, self.stage_names, self.class_names, sp, sc)
 
 
