@@ -100,3 +100,20 @@ def test_bad_cascades_rejected(mixed_images):
         Cascade([a, tiny("test_resnet")], [])
     with pytest.raises(CascadeError, match="empty"):
         Cascade([a], []).predict([])
+
+
+def test_compare_with_base_reports_both_paths(mixed_images):
+    from tinysaver.cascade import compare_with_base
+
+    stages = [tiny("test_efficientnet", input_size=32), tiny("test_resnet", input_size=40)]
+    labels = np.arange(len(mixed_images)) % 3
+    t = float(np.median(offline_reference(stages[:1], [], mixed_images)[1]))
+    ref = offline_reference(stages, [t], mixed_images)
+    rows = compare_with_base(Cascade(stages, [t]), mixed_images, labels, batch_sizes=(1, 4), repeats=1)
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["cascade_img_s"] > 0 and r["cascade_norefill_img_s"] > 0 and r["base_img_s"] > 0
+        assert r["exit_ratio"] == pytest.approx((ref[2] == 0).mean())
+        assert r["cascade_acc"] == pytest.approx((ref[0] == labels).mean())
+    with pytest.raises(CascadeError, match="saver → base"):
+        compare_with_base(Cascade(stages[:1], []), mixed_images, labels)
