@@ -55,7 +55,7 @@ def _flatten(seqs: list[nn.Module], granularity: str) -> list[nn.Module]:
 
 
 def staged(model: nn.Module, granularity: str = "stage") -> StagedModel:
-    """Split a timm ResNet, EfficientNet/MobileNetV3/LCNet, RegNet or ViT into stages."""
+    """Split a timm ResNet, EfficientNet/MobileNetV3/LCNet, RegNet, ConvNeXt or ViT into stages."""
     m = model
     name = type(m).__name__
     if name == "ResNet":
@@ -78,6 +78,11 @@ def staged(model: nn.Module, granularity: str = "stage") -> StagedModel:
         stages = [m.s1, m.s2, m.s3, m.s4]
 
         def tail(x): return m.forward_head(m.final_conv(x))
+    elif name == "ConvNeXt":
+        def stem(x): return m.stem(x)
+        stages = list(m.stages)
+
+        def tail(x): return m.forward_head(m.norm_pre(x))
     elif name == "VisionTransformer":
         def stem(x): return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         stages = list(m.blocks)
@@ -85,7 +90,7 @@ def staged(model: nn.Module, granularity: str = "stage") -> StagedModel:
         def tail(x): return m.forward_head(m.norm(x))
     else:
         raise ValueError(f"no stage split for {name}; supported: ResNet, EfficientNet, MobileNetV3, RegNet, "
-                         "VisionTransformer")
+                         "ConvNeXt, VisionTransformer")
     return StagedModel(m, stem, _flatten(stages, granularity), tail)
 
 
