@@ -30,6 +30,7 @@ def test_profile_writes_a_complete_zoo(tiny_zoo_cfg, tmp_path):
     assert zoo.splits["a"]["skipped_unreadable"] == 1
     df = zoo.table()
     assert list(df["model"]) == sorted(zoo.models, key=lambda k: zoo.models[k]["flops"])
+    assert dict(zip(df["model"], df["input_px"])) == {k: m["preprocess"]["input_size"][-1] for k, m in zoo.models.items()}
     assert not list(path.rglob(".*.tmp*"))
 
 

@@ -144,10 +144,11 @@ class Zoo:
                                get("topk_idx"), get("topk_prob"), get("logits"))
 
     def table(self) -> pd.DataFrame:
-        """One row per model: status, params, FLOPs/MACs, accuracy per split, latency per batch size."""
+        """One row per model: status, input side (px), params, FLOPs/MACs, accuracy per split, latency per batch size."""
         rows = []
         for key, m in self.models.items():
-            row: dict[str, Any] = {"model": key, "status": m.get("status"), "params_M": _m(m.get("params"))}
+            row: dict[str, Any] = {"model": key, "status": m.get("status"), "input_px": _input_px(m),
+                                   "params_M": _m(m.get("params"))}
             row["GFLOPs"] = _g(m.get("flops"))
             row["GMACs"] = _g(m.get("macs"))
             for split, acc in (m.get("accuracy") or {}).items():
@@ -159,6 +160,12 @@ class Zoo:
         if "GFLOPs" in df and len(df):
             df = df.sort_values("GFLOPs", kind="stable", na_position="last").reset_index(drop=True)
         return df
+
+
+def _input_px(m: dict) -> int | None:
+    """The side of the model's input image: measured models keep their preprocessing, published ones a size."""
+    size = (m.get("preprocess") or {}).get("input_size") or (m.get("published") or {}).get("img_size")
+    return int(size[-1]) if isinstance(size, (list, tuple)) else (int(size) if size else None)
 
 
 def _m(x: Any) -> float | None:
