@@ -5,8 +5,9 @@ Run from the repository root::
     python -m tinysaver.train --config zoo_index/configs/fashion-mnist-train.yaml
 
 Each model trains on a fixed, seeded budget of training samples (``train_samples``) with AdamW,
-a cosine schedule with linear warm-up, and light augmentation (random flip and a ±2-pixel random
-crop, torchvision v2 transforms). Weights are saved as safetensors, in fp16 when that leaves the
+a cosine schedule with linear warm-up, and light augmentation (random horizontal flip, plus an
+optional ``shift``-pixel random crop; torchvision v2 functional ops). A model entry may override
+``input_size``, ``lr`` and ``train_samples``. Weights are saved as safetensors, in fp16 when that leaves the
 ``calib`` accuracy unchanged, and a manifest records architecture, config, sha256 and the accuracy
 reached by the *saved* weights.
 """
@@ -41,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 50
     train_samples: int = 50_000  # default per-model budget; a model entry may override it
+    shift: int = 0  # max random translation in pixels; 0 = flip only (a shift slowed learning at <=4 epochs)
     seed: int = 0
     device: str = "auto"
     data_root: str | None = None
@@ -52,20 +54,26 @@ def spec_for(entry: dict[str, Any], cfg: TrainConfig, checkpoint: str | None = N
     """The ModelSpec that rebuilds a zoo model: 1 channel, 10 classes, Fashion-MNIST statistics."""
     return ModelSpec(
         name=entry["arch"], label=entry.get("label", entry["arch"]), num_classes=10, in_chans=1,
-        input_size=cfg.input_size, kwargs=entry.get("kwargs") or None, checkpoint=checkpoint,
+        input_size=int(entry.get("input_size", cfg.input_size)), kwargs=entry.get("kwargs") or None, checkpoint=checkpoint,
         preprocess={"crop_pct": 1.0, "interpolation": "bilinear", "mean": [FASHION_MEAN], "std": [FASHION_STD]},
     )
 
 
-def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _augment(batch: torch.Tensor, gen: torch.Generator, shift: int = 0) -> torch.Tensor:
+    """Random horizontal flip, then a random translation of up to ``shift`` pixels (zero fill).
+
+    ``batch``: (N, C, H, W) raw images; the same shape comes back. Draws only from ``gen``.
+    """
     from torchvision.transforms import v2
 
     n = len(batch)
     flip = torch.rand(n, generator=gen) < 0.5
-    batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    padded = v2.functional.pad(batch, [2, 2, 2, 2])
-    dx = torch.randint(0, 5, (n,), generator=gen)
-    dy = torch.randint(0, 5, (n,), generator=gen)
+    batch = torch.where(flip[:, None, None, None], v2.functional.horizontal_flip(batch), batch)
+    if shift <= 0:
+        return batch
+    padded = v2.functional.pad(batch, [shift] * 4)
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
     h, w = batch.shape[-2:]
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
@@ -102,7 +110,7 @@ def train_one(entry: dict[str, Any], cfg: TrainConfig, train, calib, test, devic
     bar = tqdm(range(steps), desc=f"train {label}", leave=False)
     for step in bar:
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        x = prepare_batch(_augment(train.images[idx], gen), model.preprocess).to(device)
+        x = prepare_batch(_augment(train.images[idx], gen, cfg.shift), model.preprocess).to(device)
         loss = torch.nn.functional.cross_entropy(net(x), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
