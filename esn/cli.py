@@ -56,7 +56,7 @@ def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic
     """
     from tinysaver.selector import SaverOrder, best_exit
 
-    from .evaluate import budget_table, exit_costs
+    from .evaluate import budget_table, exit_costs, saver_cascade
     from .policy import choose_policy, dynamic_predict, offline_exit_outputs
     from .train import frozen_features
 
@@ -74,10 +74,7 @@ def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic
     # the plain saver cascade under the same criterion, for comparison
     so = SaverOrder.build(cal["confs"][0], cal["preds"][0] == cal["labels"])
     k = best_exit(so, cal["base_pred"] == cal["labels"], criterion, tolerance, 0.1)
-    t0 = float(so.thresholds[k])
-    ex = tst["confs"][0] >= t0
-    casc = np.where(ex, tst["preds"][0], tst["base_pred"])
-    casc_cost = (costs.saver + (1 - ex.mean()) * costs.base_total) / costs.base_total
+    casc, casc_cost = saver_cascade(tst, float(so.thresholds[k]), costs)
     exit_acc = [(p == tst["labels"]).mean() for p in tst["preds"]]
     summary = {
         "base_acc": float((tst["base_pred"] == tst["labels"]).mean()),

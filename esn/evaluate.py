@@ -71,6 +71,14 @@ def exit_costs(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork) 
     return ExitCosts(s, total, base_cum, esn_cum, tail)
 
 
+def saver_cascade(d: dict, threshold: float, costs: ExitCosts) -> tuple[np.ndarray, float]:
+    """The plain saver → base cascade on ``d`` (``preds``/``confs`` row 0 = saver, ``base_pred``):
+    answers (B,) and mean cost per image as a fraction of the base's FLOPs."""
+    ex = d["confs"][0] >= threshold
+    ans = np.where(ex, d["preds"][0], d["base_pred"])
+    return ans, float((costs.saver + (1 - ex.mean()) * costs.base_total) / costs.base_total)
+
+
 def budget_table(calib: dict, test: dict, costs: ExitCosts, budgets=(0.25, 0.5, 0.75, 1.0)) -> list[dict]:
     """For each budget (fraction of base FLOPs) and setting, pick thresholds on calib (best accuracy
     with calib cost ≤ budget) and report test accuracy and test cost.
@@ -87,12 +95,9 @@ def budget_table(calib: dict, test: dict, costs: ExitCosts, budgets=(0.25, 0.5, 
             pol = ExitPolicy(list(thresholds))
             ans, where = pol.apply(d["preds"], d["confs"], d["base_pred"])
             cost = per_exit[where].mean()
-        else:
-            t = thresholds[0]
-            ex = d["confs"][0] >= t
-            ans = np.where(ex, d["preds"][0], d["base_pred"])
-            cost = costs.saver + (1 - ex.mean()) * costs.base_total
-        return float((ans == d["labels"]).mean()), float(cost / costs.base_total)
+            return float((ans == d["labels"]).mean()), float(cost / costs.base_total)
+        ans, frac = saver_cascade(d, thresholds[0], costs)
+        return float((ans == d["labels"]).mean()), frac
 
     candidates = {"saver cascade": [], "saver + ESN": []}
     for t in grid:
