@@ -1,7 +1,7 @@
 """Cascade throughput against the base alone, and against the ideal from stage latencies.
 
     python benchmarks/bench_cascade.py --zoo imagenet-lite --base tf_efficientnet_lite2.pypi_in1k
-    python benchmarks/bench_cascade.py --zoo fashion-mnist --base resnet10t
+    python benchmarks/bench_cascade.py --zoo fashion-mnist --base resnet10t [--cost latency:cpu:bs128]
 
 The threshold comes from the selector (zero loss on the calibration split). Images are decoded
 once before timing; each timed run includes every stage's own preprocessing. The ideal time per
@@ -28,9 +28,10 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--cost", default="flops", help="the selector's cost: flops or latency:cpu:bsN")
     args = ap.parse_args()
     zoo = load_zoo(args.zoo)
-    sel, _ = select(zoo, args.base, SelectorConfig(criterion="zero", max_stages=2))
+    sel, _ = select(zoo, args.base, SelectorConfig(criterion="zero", max_stages=2, cost=args.cost))
     if not sel.found:
         print(sel.message)
         return 1
