@@ -48,19 +48,22 @@ def cmd_infer(args) -> int:
     failed = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(src.ids), desc="infer", disable=len(src.ids) < 200 or args.quiet, file=sys.stderr)
-    for start in range(0, len(src.ids), args.batch_size):
+    # decode a few batches at a time: memory stays bounded, and the cascade can refill the base's
+    # batches with survivors from several input batches
+    block = args.batch_size * 8
+    for start in range(0, len(src.ids), block):
         ids, imgs = [], []
-        for i in range(start, min(start + args.batch_size, len(src.ids))):
+        for i in range(start, min(start + block, len(src.ids))):
             try:
                 imgs.append(decode_image(src.read(i)))
                 ids.append(src.ids[i])
             except Exception as e:  # one bad file never stops the run
                 failed += 1
                 print(f"tinysaver: cannot read {src.ids[i]}: {type(e).__name__}: {e}", file=sys.stderr)
-        bar.update(min(args.batch_size, len(src.ids) - start))
+        bar.update(min(block, len(src.ids) - start))
         if not imgs:
             continue
-        res = cascade.predict(imgs, batch_size=args.batch_size)
+        res = cascade.predict(imgs, batch_size=args.batch_size, refill=not args.no_refill)
         for path, row in zip(ids, res.rows()):
             counts[row["exit_stage"]] += 1
             if args.format == "csv":
@@ -91,6 +94,8 @@ def register(sub) -> None:
     p.add_argument("--criterion", default="zero", choices=["zero", "bounded", "subset", "guaranteed"])
     p.add_argument("--tolerance", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-refill", action="store_true",
+                   help="send each batch's survivors on at once instead of gathering full batches for the base")
     p.add_argument("--device", default="cpu")
     p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     p.add_argument("--quiet", action="store_true")
