@@ -69,3 +69,21 @@ def test_augment_flips_and_shifts_only():
     shifted = _augment(x, torch.Generator().manual_seed(1), shift=1)
     assert shifted.shape == x.shape and shifted.dtype == x.dtype
     assert torch.equal(_augment(x, torch.Generator().manual_seed(1), shift=1), shifted)  # seeded
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"arch": "test_resnet", "train_sample": 10}, "unknown key"),
+    ({"arch": "test_resnet", "input_size": 24}, "≥ 28"),
+    ({"arch": "test_resnet", "lr": 0}, "positive"),
+    ({"label": "x"}, "needs an 'arch'"),
+])
+def test_config_rejects_bad_model_entries(entry, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(models=[entry])
+
+
+def test_config_rejects_duplicate_labels_and_empty_lists():
+    with pytest.raises(ValueError, match="unique"):
+        TrainConfig(models=[{"arch": "test_resnet"}, {"arch": "test_resnet"}])
+    with pytest.raises(ValueError, match="no models"):
+        TrainConfig(models=[])

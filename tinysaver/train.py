@@ -49,6 +49,29 @@ class TrainConfig:
     eval_batch_size: int = 500
     fp16_tolerance: float = 0.1  # accuracy points on calib; within it, weights are stored in fp16
 
+    MODEL_KEYS = ("arch", "label", "kwargs", "input_size", "lr", "train_samples")
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("the training config lists no models")
+        labels = []
+        for e in self.models:
+            if not isinstance(e, dict) or "arch" not in e:
+                raise ValueError(f"each model entry needs an 'arch' (a timm name), got {e!r}")
+            unknown = set(e) - set(self.MODEL_KEYS)
+            if unknown:
+                raise ValueError(f"model {e['arch']!r}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(self.MODEL_KEYS)}")
+            if int(e.get("input_size", self.input_size)) < 28:
+                raise ValueError(f"model {e['arch']!r}: input_size must be ≥ 28 (Fashion-MNIST images are 28 px)")
+            if int(e.get("train_samples", self.train_samples)) < 1 or float(e.get("lr", self.lr)) <= 0:
+                raise ValueError(f"model {e['arch']!r}: train_samples and lr must be positive")
+            labels.append(e.get("label", e["arch"]))
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"labels must be unique (they name the checkpoint files): {dup}; set 'label' on repeats")
+        if self.shift < 0:
+            raise ValueError(f"shift is a number of pixels ≥ 0, got {self.shift}")
+
 
 def spec_for(entry: dict[str, Any], cfg: TrainConfig, checkpoint: str | None = None) -> ModelSpec:
     """The ModelSpec that rebuilds a zoo model: 1 channel, 10 classes, Fashion-MNIST statistics."""
