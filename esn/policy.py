@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tinysaver.data import take_images
 from tinysaver.selector import SaverOrder, best_exit
 
 from .model import ExitSequenceNetwork
@@ -100,8 +101,7 @@ def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetw
         if len(keep) == 0:
             continue
         ids = ids[~done]
-        sub = chunk[keep] if isinstance(chunk, torch.Tensor) else [chunk[j] for j in keep.tolist()]
-        x = base_staged.stem(prepare_batch(sub, base.preprocess))
+        x = base_staged.stem(prepare_batch(take_images(chunk, keep), base.preprocess))
         sl = sl[keep]
         tokens = esn.embed(sf[keep], [])
         for st, stage in enumerate(base_staged.stages, start=1):

@@ -185,9 +185,10 @@ def _mixer(settings: TrainSettings, num_classes: int):
 
 def _live_features(pair: Pair, data, idx, y, settings: TrainSettings, mixer):
     """Augment raw images, then run the frozen backbones (no grad) on them."""
+    from tinysaver.data import take_images
     from tinysaver.transforms import prepare_batch
 
-    imgs = data.images[idx] if isinstance(data.images, torch.Tensor) else [data.images[i] for i in idx]
+    imgs = take_images(data.images, idx)
     if settings.autoaugment:
         from torchvision.transforms import v2
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .data import take_images
 from .models import LoadedModel, ModelSpec, create_model
 from .transforms import prepare_batch
 
@@ -106,9 +107,6 @@ class Cascade:
         conf, pred = prob.max(-1)
         return pred.cpu(), conf.cpu()
 
-    def _take(self, images, idx: np.ndarray):
-        return images[torch.as_tensor(idx)] if isinstance(images, torch.Tensor) else [images[j] for j in idx]
-
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor] | torch.Tensor, batch_size: int = 64, shrink: bool = True,
                 all_stages: bool = False, refill: bool = True) -> CascadeResult:
@@ -139,7 +137,7 @@ class Cascade:
 
         def run(i: int, idx: np.ndarray) -> None:
             """Stage i on samples idx: record those it answers, queue the rest for stage i + 1."""
-            p, c = (t.numpy() for t in self._run_stage(i, self._take(images, idx)))
+            p, c = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
             done = np.ones(len(idx), bool) if i == S - 1 else c >= self.thresholds[i]
             pred[idx[done]], conf[idx[done]], stage[idx[done]] = p[done], c[done], i
             if i + 1 < S:
@@ -155,7 +153,7 @@ class Cascade:
             if not shrink:  # every sample through every stage; the decision only uses the open ones
                 open_ = idx
                 for i in range(S):
-                    p, c = (t.numpy() for t in self._run_stage(i, self._take(images, idx)))
+                    p, c = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
                     sp[i, idx], sc[i, idx] = p, c
                     at = open_ - start
                     done = np.ones(len(open_), bool) if i == S - 1 else c[at] >= self.thresholds[i]

@@ -78,9 +78,16 @@ class DecodedSet:
 
     def subset(self, index: Sequence[int]) -> "DecodedSet":
         index = list(index)
-        imgs = self.images[torch.as_tensor(index)] if isinstance(self.images, torch.Tensor) else [
-            self.images[i] for i in index]
-        return DecodedSet(self.name, [self.ids[i] for i in index], self.labels[index], imgs, self.class_names)
+        return DecodedSet(self.name, [self.ids[i] for i in index], self.labels[index], take_images(self.images, index),
+                          self.class_names)
+
+
+def take_images(images: list[torch.Tensor] | torch.Tensor, index) -> list[torch.Tensor] | torch.Tensor:
+    """The images at ``index`` (ints, an array or a tensor), in that order, in the container they came in:
+    rows of an (N, C, H, W) tensor, or items of a list of (C, H, W) tensors of any sizes."""
+    if isinstance(images, torch.Tensor):
+        return images[torch.as_tensor(index, dtype=torch.long)]
+    return [images[int(i)] for i in index]
 
 
 def fingerprint(ids: Sequence[str], labels: np.ndarray) -> str:
