@@ -18,7 +18,8 @@ from .policy import ExitPolicy, choose_policy
 from .staged import StagedModel, pooled
 
 
-def _flops(fn, *args) -> int:
+def _flops(fn, *args) -> tuple[int, object]:
+    """(FLOPs counted while running ``fn(*args)``, its output)."""
     c = flop_counter()
     with c, torch.inference_mode():
         out = fn(*args)
@@ -53,11 +54,9 @@ def exit_costs(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork) 
     f, x = _flops(base_staged.stem, x0)
     base_cum, esn_cum = [], []
     cum = f
-    with torch.inference_mode():
-        sf = torch.zeros(1, esn.cfg.saver_dim)
-        sl = torch.zeros(1, esn.cfg.num_classes)
-        tokens = esn.embed(sf, [])
-    e_cum = _flops(esn.embed, sf, [])[0]
+    sf = torch.zeros(1, esn.cfg.saver_dim)
+    sl = torch.zeros(1, esn.cfg.num_classes)
+    e_cum, tokens = _flops(esn.embed, sf, [])
     for n, stage in enumerate(base_staged.stages, start=1):
         f, x = _flops(stage, x)
         cum += f
