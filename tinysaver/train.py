@@ -65,7 +65,7 @@ class TrainConfig:
                 raise ValueError(f"model {e['arch']!r}: input_size must be ≥ 28 (Fashion-MNIST images are 28 px)")
             if int(e.get("train_samples", self.train_samples)) < 1 or float(e.get("lr", self.lr)) <= 0:
                 raise ValueError(f"model {e['arch']!r}: train_samples and lr must be positive")
-            labels.append(e.get("label", e["arch"]))
+            labels.append(model_label(e))
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"labels must be unique (they name the checkpoint files): {dup}; set 'label' on repeats")
@@ -73,10 +73,15 @@ class TrainConfig:
             raise ValueError(f"shift is a number of pixels ≥ 0, got {self.shift}")
 
 
+def model_label(entry: dict[str, Any]) -> str:
+    """A model's name in the zoo and in its checkpoint file: ``label``, else the architecture."""
+    return entry.get("label", entry["arch"])
+
+
 def spec_for(entry: dict[str, Any], cfg: TrainConfig, checkpoint: str | None = None) -> ModelSpec:
     """The ModelSpec that rebuilds a zoo model: 1 channel, 10 classes, Fashion-MNIST statistics."""
     return ModelSpec(
-        name=entry["arch"], label=entry.get("label", entry["arch"]), num_classes=10, in_chans=1,
+        name=entry["arch"], label=model_label(entry), num_classes=10, in_chans=1,
         input_size=int(entry.get("input_size", cfg.input_size)), kwargs=entry.get("kwargs") or None, checkpoint=checkpoint,
         preprocess={"crop_pct": 1.0, "interpolation": "bilinear", "mean": [FASHION_MEAN], "std": [FASHION_STD]},
     )
@@ -114,7 +119,7 @@ def evaluate(model, data, batch_size: int, device) -> float:
 def train_one(entry: dict[str, Any], cfg: TrainConfig, train, calib, test, device) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    label = entry.get("label", entry["arch"])
+    label = model_label(entry)
     seed = cfg.seed + int(hashlib.sha256(label.encode()).hexdigest()[:6], 16)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -176,7 +181,7 @@ def recompress(cfg: TrainConfig) -> None:
     manifest = yaml.safe_load(manifest_path.read_text())
     calib = fashion_mnist_set("calib", cfg.data_root)
     test = fashion_mnist_set("test", cfg.data_root)
-    entries = {e.get("label", e["arch"]): e for e in cfg.models}
+    entries = {model_label(e): e for e in cfg.models}
     for label, rec in manifest["models"].items():
         if rec["dtype"] != "float32":
             continue
@@ -207,7 +212,7 @@ def train_zoo(cfg: TrainConfig, only: list[str] | None = None) -> Path:
     calib = fashion_mnist_set("calib", cfg.data_root)
     test = fashion_mnist_set("test", cfg.data_root)
     for entry in cfg.models:
-        label = entry.get("label", entry["arch"])
+        label = model_label(entry)
         if (only and label not in only) or label in manifest["models"]:
             continue
         res = train_one(entry, cfg, train, calib, test, device)
