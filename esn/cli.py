@@ -120,9 +120,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from .train import TrainSettings, train_esn
-
-    from .train import frozen_features
+    from .train import TrainSettings, frozen_features, train_esn
 
     zoo, pair = _pair(args)
     splits = esn_splits(zoo)

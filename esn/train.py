@@ -129,6 +129,8 @@ def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bo
     """
     from tqdm.auto import tqdm
 
+    from tinysaver.train import warmup_cosine
+
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     esn = build_esn(pair, settings)
@@ -136,9 +138,7 @@ def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bo
     n = len(data)
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = settings.epochs * steps_per_epoch
-    warm = int(settings.warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / max(warm, 1) if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1))))
+    sched = warmup_cosine(opt, int(settings.warmup_epochs * steps_per_epoch), total)
     labels = torch.as_tensor(data.labels)
     if settings.feature_cache and cache is None:
         cache = frozen_features(pair, data.images)

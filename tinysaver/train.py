@@ -73,6 +73,13 @@ class TrainConfig:
             raise ValueError(f"shift is a number of pixels ≥ 0, got {self.shift}")
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, warm: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factor: linear from 1/warm up to 1 over ``warm`` steps, then cosine to 0
+    at step ``total``. Call ``step()`` once per optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(warm, 1) if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1))))
+
+
 def model_label(entry: dict[str, Any]) -> str:
     """A model's name in the zoo and in its checkpoint file: ``label``, else the architecture."""
     return entry.get("label", entry["arch"])
@@ -128,9 +135,7 @@ def train_one(entry: dict[str, Any], cfg: TrainConfig, train, calib, test, devic
     budget = int(entry.get("train_samples", cfg.train_samples))
     steps = math.ceil(budget / cfg.batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=float(entry.get("lr", cfg.lr)), weight_decay=cfg.weight_decay)
-    warm = min(cfg.warmup_steps, steps // 5)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(warm, 1) if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1))))
+    sched = warmup_cosine(opt, min(cfg.warmup_steps, steps // 5), steps)
     order = torch.cat([torch.randperm(len(train), generator=gen) for _ in range(math.ceil(budget / len(train)))])[:budget]
     labels = torch.as_tensor(train.labels)
     net.train()
@@ -252,4 +257,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["TrainConfig", "train_zoo", "recompress", "spec_for"]
+__all__ = ["TrainConfig", "train_zoo", "recompress", "spec_for", "warmup_cosine"]
