@@ -15,7 +15,7 @@ from tinysaver.measure import count_flops, flop_counter
 
 from .model import ExitSequenceNetwork
 from .policy import ExitPolicy, choose_policy
-from .staged import StagedModel, pooled
+from .staged import StagedModel
 
 
 def _flops(fn, *args) -> tuple[int, object]:
@@ -61,7 +61,7 @@ def exit_costs(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork) 
         f, x = _flops(stage, x)
         cum += f
         base_cum.append(cum)
-        fe, tok = _flops(lambda t: esn.embed_stages[n - 1](pooled(t)) + esn.pos[n], x)
+        fe, tok = _flops(esn.embed_stage, n, x)
         tokens = torch.cat([tokens, tok[:, None]], dim=1)
         fx, _ = _flops(esn.exit_logits, tokens, n, sl)
         e_cum += fe + fx

@@ -67,11 +67,14 @@ class ExitSequenceNetwork(nn.Module):
 
     def embed(self, saver_feat: torch.Tensor, stage_feats: list[torch.Tensor]) -> torch.Tensor:
         """Tokens (B, 1 + len(stage_feats), dim). Features may be pooled (B, C) or raw maps."""
-        toks = [self.embed_saver(saver_feat)]
-        for i, f in enumerate(stage_feats):
-            toks.append(self.embed_stages[i](f if f.dim() == 2 else pooled(f)))
-        t = torch.stack(toks, dim=1)
-        return t + self.pos[: t.shape[1]]
+        toks = [self.embed_saver(saver_feat) + self.pos[0]]
+        toks += [self.embed_stage(n, f) for n, f in enumerate(stage_feats, start=1)]
+        return torch.stack(toks, dim=1)
+
+    def embed_stage(self, n: int, feat: torch.Tensor) -> torch.Tensor:
+        """Token (B, dim) of base stage ``n`` (1-based) from its pooled (B, C) feature or its raw
+        map ((B, C, H, W) or ViT tokens (B, T, C)); dynamic inference adds tokens one at a time."""
+        return self.embed_stages[n - 1](feat if feat.dim() == 2 else pooled(feat)) + self.pos[n]
 
     def run_bus(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.bus is None:

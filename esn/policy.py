@@ -16,7 +16,7 @@ from tinysaver.data import take_images
 from tinysaver.selector import SaverOrder, best_exit
 
 from .model import ExitSequenceNetwork
-from .staged import StagedModel, pooled, saver_outputs
+from .staged import StagedModel, saver_outputs
 
 
 @dataclass
@@ -106,8 +106,7 @@ def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetw
         tokens = esn.embed(sf[keep], [])
         for st, stage in enumerate(base_staged.stages, start=1):
             x = stage(x)
-            tok = esn.embed_stages[st - 1](pooled(x)) + esn.pos[st]
-            tokens = torch.cat([tokens, tok[:, None]], dim=1)
+            tokens = torch.cat([tokens, esn.embed_stage(st, x)[:, None]], dim=1)
             conf, pred = esn.exit_logits(tokens, st, sl).float().softmax(-1).max(-1)
             done = (conf >= policy.thresholds[st]).numpy()
             answer[ids[done]], where[ids[done]] = pred.numpy()[done], st
