@@ -13,6 +13,8 @@ import torch
 
 from tinysaver.measure import count_flops, flop_counter
 
+from tinysaver.policy import answers, apply
+
 from .model import ExitSequenceNetwork
 from .policy import ExitPolicy, choose_policy
 from .staged import StagedModel
@@ -73,9 +75,9 @@ def exit_costs(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork) 
 def saver_cascade(d: dict, threshold: float, costs: ExitCosts) -> tuple[np.ndarray, float]:
     """The plain saver → base cascade on ``d`` (``preds``/``confs`` row 0 = saver, ``base_pred``):
     answers (B,) and mean cost per image as a fraction of the base's FLOPs."""
-    ex = d["confs"][0] >= threshold
-    ans = np.where(ex, d["preds"][0], d["base_pred"])
-    return ans, float((costs.saver + (1 - ex.mean()) * costs.base_total) / costs.base_total)
+    where = apply(d["confs"][:1], [threshold])
+    ans = answers(np.stack([d["preds"][0], d["base_pred"]]), where)
+    return ans, float((costs.saver + where.mean() * costs.base_total) / costs.base_total)
 
 
 def budget_table(calib: dict, test: dict, costs: ExitCosts, budgets=(0.25, 0.5, 0.75, 1.0)) -> list[dict]:
@@ -123,3 +125,62 @@ def budget_table(calib: dict, test: dict, costs: ExitCosts, budgets=(0.25, 0.5, 
                 row[name] = f"{100 * acc_t:.2f} @ {100 * cost_t:.0f}%"
         rows.append(row)
     return rows
+
+
+def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic_check: int = 256, log=print,
+                        splits=None, features=None):
+    """Policy on calib, results on test, budget table and a dynamic-vs-offline exactness check.
+
+    ``splits`` (train, calib, test) and ``features`` ({'calib': ..., 'test': ...} from
+    :func:`esn.train.frozen_features`) may be passed in to avoid recomputing them.
+    """
+    from tinysaver.selector import SaverOrder, best_exit
+
+    from .policy import choose_policy, dynamic_predict, offline_exit_outputs
+    from .train import esn_splits, frozen_features
+
+    _, calib, test = splits or esn_splits(zoo)
+    out = {}
+    for name, ds in (("calib", calib), ("test", test)):
+        f = features[name] if features else frozen_features(pair, ds.images)
+        p, c = offline_exit_outputs(esn, f)
+        out[name] = {"preds": p, "confs": c, "base_pred": f["base_logits"].argmax(-1).numpy(), "labels": ds.labels}
+    cal, tst = out["calib"], out["test"]
+    costs = exit_costs(pair.saver, pair.base, pair.base_staged, esn)
+    per_exit = costs.per_exit()
+    policy = choose_policy(cal["preds"], cal["confs"], cal["base_pred"], cal["labels"], criterion, tolerance)
+    ans, where = policy.apply(tst["preds"], tst["confs"], tst["base_pred"])
+    # the plain saver cascade under the same criterion, for comparison
+    so = SaverOrder.build(cal["confs"][0], cal["preds"][0] == cal["labels"])
+    _, t = best_exit(so, cal["base_pred"] == cal["labels"], criterion, tolerance, 0.1)
+    casc, casc_cost = saver_cascade(tst, t, costs)
+    exit_acc = [(p == tst["labels"]).mean() for p in tst["preds"]]
+    summary = {
+        "base_acc": float((tst["base_pred"] == tst["labels"]).mean()),
+        "cascade_acc": float((casc == tst["labels"]).mean()), "cascade_cost": float(casc_cost),
+        "esn_acc": float((ans == tst["labels"]).mean()), "esn_cost": float(per_exit[where].mean() / costs.base_total),
+        "esn_overhead_pct": costs.esn_overhead_pct, "esn_params": sum(p.numel() for p in esn.parameters()),
+        "exit_accuracy": [float(a) for a in exit_acc], "policy": policy.thresholds,
+        "exit_share": [float((where == i).mean()) for i in range(len(per_exit))],
+    }
+    log(f"test accuracy per exit (0 = saver): {', '.join(f'{100 * a:.2f}' for a in exit_acc)}")
+    log(f"policy ({criterion}) thresholds: {', '.join(f'{t:.4f}' for t in policy.thresholds)}")
+    log(f"share answered per exit (last = base head): {', '.join(f'{100 * s:.1f}%' for s in summary['exit_share'])}")
+    log(f"base alone:     {100 * summary['base_acc']:.2f}% at 100% FLOPs")
+    log(f"saver cascade:  {100 * summary['cascade_acc']:.2f}% at {100 * casc_cost:.1f}% FLOPs")
+    log(f"saver + ESN:    {100 * summary['esn_acc']:.2f}% at {100 * summary['esn_cost']:.1f}% FLOPs "
+        f"(ESN overhead {costs.esn_overhead_pct:.2f}% of base FLOPs, {summary['esn_params']} params)")
+    rows = budget_table(cal, tst, costs)
+    summary["budget"] = rows
+    log("| budget | base alone | saver cascade | saver + ESN |\n|---|---|---|---|")
+    for r in rows:
+        log(f"| {r['budget']} | {r['base alone']} | {r['saver cascade']} | {r['saver + ESN']} |")
+    if dynamic_check:
+        imgs = test.images[:dynamic_check]
+        dyn, dwhere = dynamic_predict(pair.saver, pair.base, pair.base_staged, esn, policy, imgs, batch_size=64)
+        ref_ans, ref_where = policy.apply(tst["preds"][:, :dynamic_check], tst["confs"][:, :dynamic_check],
+                                          tst["base_pred"][:dynamic_check])
+        same = float(((dyn == ref_ans) & (dwhere == ref_where)).mean())
+        summary["dynamic_match"] = same
+        log(f"dynamic inference vs offline policy on {len(imgs)} test images: {100 * same:.1f}% identical")
+    return summary

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from tinysaver.data import take_images
+from tinysaver.policy import answers, apply
 from tinysaver.selector import SaverOrder, best_exit
 
 from .model import ExitSequenceNetwork
@@ -25,16 +26,8 @@ class ExitPolicy:
 
     def apply(self, preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Offline: (exits, B) predictions/confidences → answer and exit index (len(thresholds) = base)."""
-        n = preds.shape[1]
-        answer = base_pred.copy()
-        where = np.full(n, len(self.thresholds))
-        open_ = np.ones(n, bool)
-        for i, t in enumerate(self.thresholds):
-            take = open_ & (confs[i] >= t)
-            answer[take] = preds[i][take]
-            where[take] = i
-            open_ &= ~take
-        return answer, where
+        where = apply(confs, self.thresholds)
+        return answers(np.concatenate([preds, base_pred[None]]), where), where
 
 
 def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, labels: np.ndarray,
@@ -60,9 +53,8 @@ def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, l
                 tol, d = tolerance / n_exits * n / len(idx), delta / n_exits
             else:
                 tol, d = max(tolerance - lost, 0.0) * n / len(idx), delta
-            k = best_exit(so, base_ok[idx], criterion, tol, d)
-            t = float(so.thresholds[k])
-        take = open_ & (confs[i] >= t)
+            _, t = best_exit(so, base_ok[idx], criterion, tol, d)
+        take = open_ & (apply([confs[i]], [t]) == 0)
         lost += 100.0 * ((base_ok[take].sum() - (preds[i][take] == labels[take]).sum()) / n)
         thresholds.append(t)
         open_ &= ~take
@@ -95,7 +87,7 @@ def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetw
         ids = np.arange(s, min(s + batch_size, n))
         sf, sl = saver_outputs(saver.module, prepare_batch(chunk, saver.preprocess))
         conf, pred = sl.float().softmax(-1).max(-1)
-        done = (conf >= policy.thresholds[0]).numpy()
+        done = apply([conf.numpy()], policy.thresholds[:1]) == 0
         answer[ids[done]], where[ids[done]] = pred.numpy()[done], 0
         keep = torch.as_tensor(np.flatnonzero(~done))
         if len(keep) == 0:
@@ -108,7 +100,7 @@ def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetw
             x = stage(x)
             tokens = torch.cat([tokens, esn.embed_stage(st, x)[:, None]], dim=1)
             conf, pred = esn.exit_logits(tokens, st, sl).float().softmax(-1).max(-1)
-            done = (conf >= policy.thresholds[st]).numpy()
+            done = apply([conf.numpy()], policy.thresholds[st:st + 1]) == 0
             answer[ids[done]], where[ids[done]] = pred.numpy()[done], st
             keep = torch.as_tensor(np.flatnonzero(~done))
             if len(keep) == 0:

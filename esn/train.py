@@ -70,11 +70,10 @@ class Pair:
 
     @classmethod
     def from_zoo(cls, zoo, saver: str, base: str, granularity: str = "stage") -> "Pair":
-        from tinysaver.cascade import spec_from_zoo_entry
-        from tinysaver.models import create_model
-
-        s = create_model(spec_from_zoo_entry(zoo.model(saver), zoo.path))
-        b = create_model(spec_from_zoo_entry(zoo.model(base), zoo.path))
+        if saver == base:
+            raise ValueError(f"a model cannot be its own saver: {saver!r} is the base; pick a cheaper model as --saver")
+        s = zoo.load_model(saver)
+        b = zoo.load_model(base)
         if s.num_classes != b.num_classes:
             raise ValueError(f"saver {saver!r} and base {base!r} predict different class spaces")
         for m in (s, b):
@@ -231,3 +230,23 @@ def load_esn(path: str | Path, saver: str | None = None, base: str | None = None
     esn = ExitSequenceNetwork(ESNConfig(**cfg))
     esn.load_state_dict(ck["state_dict"])
     return esn.eval(), ck
+
+
+def esn_splits(zoo, seed: int = 0, limit: int | None = None):
+    """(train, calib, test) DecodedSets: the zoo's own splits, or its first split cut 50/25/25."""
+    from tinysaver.data import load_dataset
+
+    names = ("train", "calib", "test")
+    if all(n in zoo.splits for n in names):
+        sets = []
+        for n in names:
+            ds = load_dataset(zoo.splits[n]["source"], progress=False, limit=None)
+            if ds.fingerprint != zoo.splits[n]["fingerprint"]:
+                raise ValueError(f"split {n!r} on disk differs from the one zoo {zoo.name!r} was profiled on")
+            sets.append(ds if limit is None else ds.subset(range(min(limit, len(ds)))))
+        return tuple(sets)
+    first = next(iter(zoo.splits))
+    ds = load_dataset(zoo.splits[first]["source"], progress=False)
+    perm = np.random.default_rng(seed).permutation(len(ds))
+    a, b = len(ds) // 2, 3 * len(ds) // 4
+    return ds.subset(np.sort(perm[:a])), ds.subset(np.sort(perm[a:b])), ds.subset(np.sort(perm[b:]))

@@ -6,9 +6,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, need
-from tinysaver.cascade import Cascade, spec_from_zoo_entry
+from tinysaver.cascade import Cascade
 from tinysaver.data import FASHION_MNIST_DIR, load_dataset
-from tinysaver.models import create_model
 from tinysaver.zoo import load_zoo
 
 CKPT = REPO / "zoo_index" / "checkpoints" / "fashion-mnist"
@@ -42,7 +41,7 @@ def test_reloaded_checkpoint_reproduces_recorded_predictions(which):
     need(FASHION_MNIST_DIR.is_dir(), "Debian dataset-fashion-mnist")
     zoo = load_zoo("fashion-mnist")
     key = sorted(zoo.models, key=lambda k: zoo.models[k]["flops"])[which]
-    model = create_model(spec_from_zoo_entry(zoo.model(key), zoo.path))
+    model = zoo.load_model(key)
     data = load_dataset("fashion-mnist:test", progress=False)
     res = Cascade([model], []).predict(data.images, batch_size=500)
     stored = zoo.predictions(key, "test")

@@ -8,7 +8,6 @@ a base behind a good saver still runs at the batch size it was given.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +16,8 @@ import numpy as np
 import torch
 
 from .data import take_images
-from .models import LoadedModel, ModelSpec, create_model
+from .models import LoadedModel
+from .policy import Selection, SelectionError, answers, apply, exit_ratios
 from .transforms import prepare_batch
 
 
@@ -46,8 +46,7 @@ class CascadeResult:
 
     @property
     def exit_ratios(self) -> list[float]:
-        n = max(len(self.stage), 1)
-        return [float((self.stage == i).sum()) / n for i in range(len(self.stage_names))]
+        return exit_ratios(self.stage, len(self.stage_names))
 
     def class_name(self, i: int) -> str | None:
         if self.class_names is None:
@@ -78,8 +77,11 @@ class Cascade:
         if len(self.thresholds) != len(self.stages) - 1:
             raise CascadeError(f"{len(self.stages) - 1} saver(s) need as many thresholds, got {len(self.thresholds)}")
         for t in self.thresholds:
-            if not (isinstance(t, (int, float)) and 0.0 <= float(t) <= 1.0):
+            if isinstance(t, bool) or not (isinstance(t, (int, float)) and 0.0 <= float(t) <= 1.0):
                 raise CascadeError(f"thresholds are max-softmax confidences and must lie in [0, 1], got {t}")
+        names = [m.key for m in self.stages]
+        if len(set(names)) != len(names):
+            raise CascadeError(f"a model cannot be its own saver: the stages are {names}")
         ncls = {m.key: m.num_classes for m in self.stages}
         if len(set(ncls.values())) != 1:
             raise CascadeError(f"stages predict different class spaces: {ncls}")
@@ -138,7 +140,7 @@ class Cascade:
         def run(i: int, idx: np.ndarray) -> None:
             """Stage i on samples idx: record those it answers, queue the rest for stage i + 1."""
             p, c = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
-            done = np.ones(len(idx), bool) if i == S - 1 else c >= self.thresholds[i]
+            done = np.ones(len(idx), bool) if i == S - 1 else apply([c], self.thresholds[i:i + 1]) == 0
             pred[idx[done]], conf[idx[done]], stage[idx[done]] = p[done], c[done], i
             if i + 1 < S:
                 waiting[i + 1] = np.concatenate([waiting[i + 1], idx[~done]])
@@ -150,50 +152,43 @@ class Cascade:
 
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
-            if not shrink:  # every sample through every stage; the decision only uses the open ones
-                open_ = idx
+            if not shrink:  # every sample through every stage, then the policy decides
                 for i in range(S):
-                    p, c = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
-                    sp[i, idx], sc[i, idx] = p, c
-                    at = open_ - start
-                    done = np.ones(len(open_), bool) if i == S - 1 else c[at] >= self.thresholds[i]
-                    pred[open_[done]], conf[open_[done]], stage[open_[done]] = p[at][done], c[at][done], i
-                    open_ = open_[~done]
+                    sp[i, idx], sc[i, idx] = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
                 continue
             run(0, idx)
             for i in range(1, S):
                 drain(i, full_only=refill)
         for i in range(1, S):  # the short tail batches, earlier stages first so their survivors join later queues
             drain(i, full_only=False)
+        if not shrink:
+            stage = apply(sc, self.thresholds)
+            pred, conf = answers(sp, stage), answers(sc, stage)
         return CascadeResult(pred, conf, stage, self.stage_names, self.class_names, sp, sc)
 
 
-def spec_from_zoo_entry(entry: dict[str, Any], zoo_path: Path | None = None) -> ModelSpec:
-    """Rebuild the ModelSpec a zoo entry was profiled with; relative checkpoints resolve from the checkout."""
-    src = {k: v for k, v in (entry.get("source") or {}).items() if k in ModelSpec.__dataclass_fields__}
-    if not src.get("name"):
-        raise CascadeError(f"zoo entry {entry.get('key')!r} does not say how to build the model")
-    ck = src.get("checkpoint")
-    if ck and not os.path.isabs(ck) and not Path(ck).is_file() and zoo_path is not None:
-        cand = zoo_path.parent.parent / ck  # <checkout>/zoo_index/<zoo> → <checkout>/<ck>
-        if cand.is_file():
-            src["checkpoint"] = str(cand)
-    src["label"] = entry.get("key")
-    return ModelSpec.from_dict(src)
+def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: str = "cpu",
+                  accept_preprocess_change: bool = False, **kwargs: Any) -> Cascade:
+    """A Cascade from a :class:`tinysaver.policy.Selection` (or its dict form, or a JSON file) and its zoo.
 
-
-def build_cascade(selection, zoo=None, device: str = "cpu", **kwargs: Any) -> Cascade:
-    """A Cascade from a :class:`tinysaver.selector.Selection` (or its dict form) and its zoo."""
+    The selection is validated, and every model is looked up in the zoo, before any model loads.
+    Each model is rebuilt by the zoo, which stops when timm's current preprocessing differs from
+    the recorded one unless ``accept_preprocess_change``.
+    """
     from .zoo import load_zoo
 
-    sel = selection if isinstance(selection, dict) else selection.to_dict()
-    zoo = zoo or load_zoo(sel["zoo"])
-    stages, thresholds = [], []
-    for st in sel["stages"]:
-        stages.append(create_model(spec_from_zoo_entry(zoo.model(st["model"]), zoo.path), device=device))
-        if st["threshold"] is not None:
-            thresholds.append(float(st["threshold"]))
-    return Cascade(stages, thresholds, class_names=zoo_class_names(zoo), device=device, **kwargs)
+    if isinstance(selection, (str, Path)):
+        selection = Selection.load(selection)
+    elif isinstance(selection, dict):
+        selection = Selection.from_dict(selection)
+    elif not isinstance(selection, Selection):
+        raise SelectionError(f"build_cascade takes a Selection, its dict or a JSON path, got {type(selection).__name__}")
+    zoo = zoo or load_zoo(selection.zoo)
+    for m in selection.models:
+        zoo.model(m)  # unknown names fail here, before anything loads
+    stages = [zoo.load_model(m, device=device, accept_preprocess_change=accept_preprocess_change)
+              for m in selection.models]
+    return Cascade(stages, selection.thresholds, class_names=zoo_class_names(zoo), device=device, **kwargs)
 
 
 def zoo_class_names(zoo) -> list[str] | None:

@@ -1,164 +1,195 @@
-"""The ``tinysaver`` command line. Each subcommand is a thin wrapper over the Python API."""
+"""The ``tinysaver`` command line: every command is registered here.
+
+Handlers live in ``cli_zoo``, ``cli_select``, ``cli_infer`` and ``esn.cli``; each only parses,
+calls the library and prints, and none imports another. Handlers are named by string and
+imported on use, so ``tinysaver --help`` and ``tinysaver query`` do not load torch.
+Library defaults are the command-line defaults (``SelectorConfig``'s fields are read here).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
+from importlib import import_module
 from typing import Sequence
 
+from . import __version__
+from .policy import CRITERIA
 
 
-def _root(args: argparse.Namespace) -> Path | None:
-    return Path(args.root) if getattr(args, "root", None) else None
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default (argparse's own formatter skips options without help)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS) \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
-def _print_df(df, fmt: str = "table") -> None:
-    import pandas as pd
-
-    with pd.option_context("display.max_rows", 500, "display.max_columns", 50, "display.width", 200):
-        if fmt == "markdown":
-            print(_markdown(df))
-        elif fmt == "csv":
-            print(df.to_csv(index=False), end="")
-        else:
-            print(df.to_string(index=False))
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {v}")
+    return v
 
 
-def _markdown(df) -> str:
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join("" if v is None or v != v else str(v) for v in row) + " |")
-    return "\n".join(lines)
+def _handler(path: str):
+    def run(args: argparse.Namespace) -> int:
+        module, _, name = path.partition(":")
+        return getattr(import_module(module), name)(args)
+    return run
 
 
-# --- zoo ---------------------------------------------------------------------------------------------
+def _selector_defaults():
+    from .selector import SelectorConfig
 
-def cmd_zoo_list(args: argparse.Namespace) -> int:
-    from .zoo import default_root, list_zoos, load_zoo
-
-    root = _root(args) or default_root()
-    names = list_zoos(root)
-    if not names:
-        print(f"no zoos in {root}")
-        return 0
-    rows = []
-    for n in names:
-        z = load_zoo(n, root)
-        st = [m.get("status") for m in z.models.values()]
-        rows.append({"zoo": n, "models": len(st), "measured": st.count("measured"),
-                     "published": st.count("published"), "splits": ",".join(
-                         f"{s}({v.get('samples')})" for s, v in z.splits.items())})
-    import pandas as pd
-
-    _print_df(pd.DataFrame(rows), args.format)
-    return 0
+    return SelectorConfig()
 
 
-def cmd_zoo_show(args: argparse.Namespace) -> int:
-    from .zoo import load_zoo
-
-    z = load_zoo(args.name, _root(args))
-    if args.format == "table":
-        print(f"zoo {z.name}: {z.manifest.get('description', '')}".rstrip(": "))
-        for s, v in z.splits.items():
-            print(f"  split {s}: {v.get('samples')} samples from {v.get('source')} (fingerprint {v.get('fingerprint')})")
-    _print_df(z.table(), args.format)
-    return 0
-
-
-# --- profile -----------------------------------------------------------------------------------------
-
-def _parse_splits(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for it in items:
-        name, sep, uri = it.partition("=")
-        if not sep or not name or not uri:
-            raise SystemExit(f"--split expects NAME=DATASET (e.g. val=imagenet:images.tar), got {it!r}")
-        out[name] = uri
-    return out
-
-
-def cmd_profile(args: argparse.Namespace) -> int:
-    from .models import ModelSpec
-    from .profiler import ProfileConfig, profile
-
-    if args.config:
-        cfg = ProfileConfig.from_yaml(args.config, zoo=args.zoo, limit=args.limit, device=args.device,
-                                      force=args.force or None)
-    else:
-        if not (args.zoo and args.model and args.split):
-            raise SystemExit("give --config FILE, or --zoo, at least one --model and one --split")
-        specs = [ModelSpec(m, pretrained=args.pretrained, num_classes=args.num_classes, in_chans=args.in_chans,
-                           checkpoint=args.checkpoint if len(args.model) == 1 else None) for m in args.model]
-        if args.checkpoint and len(args.model) != 1:
-            raise SystemExit("--checkpoint applies to exactly one --model; use a --config file for several")
-        cfg = ProfileConfig(zoo=args.zoo, splits=_parse_splits(args.split), models=specs,
-                            batch_sizes=args.batch_sizes, eval_batch_size=args.eval_batch_size, topk=args.topk,
-                            save_logits=args.save_logits, flops_counter=args.flops_counter,
-                            device=args.device or "cpu", limit=args.limit, force=args.force)
-    path = profile(cfg, _root(args), progress=not args.quiet)
-    print(f"zoo written to {path}")
-    return 0
+def _add_selector_args(p: argparse.ArgumentParser) -> None:
+    d = _selector_defaults()
+    p.add_argument("--zoo", default="fashion-mnist", help="zoo name (in --root) or folder")
+    p.add_argument("--criterion", choices=CRITERIA, default=d.criterion)
+    p.add_argument("--tolerance", type=float, default=d.tolerance, help="ε, allowed accuracy loss in points (1.0 = 1%%)")
+    p.add_argument("--delta", type=float, default=d.delta, help="δ of the guaranteed criterion")
+    p.add_argument("--guarantee-method", choices=["wsr", "clopper-pearson"], default=d.guarantee_method,
+                   help="the test behind the guaranteed criterion")
+    p.add_argument("--cost", default=d.cost, help="flops or latency:DEVICE:bsN, e.g. latency:cpu:bs1")
+    p.add_argument("--label-free", action="store_true", help="use agreement with the base instead of labels")
+    p.add_argument("--max-stages", type=int, choices=[2, 3], default=d.max_stages,
+                   help="3 also searches chains of two savers")
+    p.add_argument("--calib-split", help="split to select on (default: calib, or half of the only split)")
+    p.add_argument("--test-split", help="held-out split to report on (default: test, or the other half)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the half/half split when the zoo has one split")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tinysaver", description="Pick small saver models that answer easy inputs first.")
-    p.add_argument("--root", help="zoo_index folder (default: $TINYSAVER_ZOO_ROOT or ./zoo_index)")
+    # --root is accepted before or after the subcommand
+    root = argparse.ArgumentParser(add_help=False)
+    root.add_argument("--root", default=argparse.SUPPRESS,
+                      help="zoo_index folder (default: $TINYSAVER_ZOO_ROOT or ./zoo_index)")
+    p = argparse.ArgumentParser(prog="tinysaver", formatter_class=_Help,
+                                description="Pick small saver models that answer easy inputs first.")
+    p.add_argument("--version", action="version", version=f"tinysaver {__version__}")
+    p.add_argument("--root", default=None, help="zoo_index folder (default: $TINYSAVER_ZOO_ROOT or ./zoo_index)")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(parent, name, handler, help_):
+        q = parent.add_parser(name, help=help_, description=help_, formatter_class=_Help, parents=[root])
+        q.set_defaults(func=_handler(handler))
+        return q
 
     zoo = sub.add_parser("zoo", help="list and show profiled zoos")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)
-    zl = zsub.add_parser("list", help="list zoos")
-    zl.add_argument("--format", choices=["table", "markdown", "csv"], default="table")
-    zl.set_defaults(func=cmd_zoo_list)
-    zs = zsub.add_parser("show", help="show one zoo's models")
-    zs.add_argument("name", nargs="?", default="fashion-mnist")
-    zs.add_argument("--format", choices=["table", "markdown", "csv"], default="table")
-    zs.set_defaults(func=cmd_zoo_show)
+    q = cmd(zsub, "list", "tinysaver.cli_zoo:cmd_zoo_list", "list zoos")
+    q.add_argument("--format", choices=["table", "markdown", "csv"], default="table")
+    q = cmd(zsub, "show", "tinysaver.cli_zoo:cmd_zoo_show", "show one zoo's models")
+    q.add_argument("name", nargs="?", default="fashion-mnist")
+    q.add_argument("--format", choices=["table", "markdown", "csv"], default="table")
 
-    pr = sub.add_parser("profile", help="profile models into a zoo (resumable)")
-    pr.add_argument("--config", help="YAML with zoo, splits, models, batch_sizes, ...")
-    pr.add_argument("--zoo")
-    pr.add_argument("--model", action="append", help="timm/torchvision/offline name; repeat for several")
-    pr.add_argument("--split", action="append", default=[], help="NAME=DATASET, e.g. val=imagenet:sample.tar")
-    pr.add_argument("--checkpoint", help="local weights file for the single --model")
-    pr.add_argument("--pretrained", action="store_true", help="download hub weights (needs internet)")
-    pr.add_argument("--num-classes", type=int)
-    pr.add_argument("--in-chans", type=int)
-    pr.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    pr.add_argument("--eval-batch-size", type=int, default=64)
-    pr.add_argument("--topk", type=int, default=5)
-    pr.add_argument("--save-logits", action="store_true")
-    pr.add_argument("--flops-counter", choices=["deepspeed", "torch"], default="deepspeed")
-    pr.add_argument("--device")
-    pr.add_argument("--limit", type=int, help="first N samples per split")
-    pr.add_argument("--force", action="store_true",
-                    help="re-measure finished models (FLOPs, latency); prediction files are reused")
-    pr.add_argument("--quiet", action="store_true")
-    pr.set_defaults(func=cmd_profile)
+    q = cmd(sub, "profile", "tinysaver.cli_zoo:cmd_profile", "profile models into a zoo (resumable)")
+    q.add_argument("--config", help="YAML with zoo, splits, models, batch_sizes, ...")
+    q.add_argument("--zoo")
+    q.add_argument("--model", action="append", help="timm/torchvision/offline name; repeat for several")
+    q.add_argument("--split", action="append", default=[], help="NAME=DATASET, e.g. val=imagenet:sample.tar")
+    q.add_argument("--checkpoint", help="local weights file for the single --model")
+    q.add_argument("--pretrained", action="store_true", help="download hub weights (needs internet)")
+    q.add_argument("--num-classes", type=positive_int)
+    q.add_argument("--in-chans", type=positive_int)
+    q.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 32])
+    q.add_argument("--eval-batch-size", type=positive_int, default=64)
+    q.add_argument("--topk", type=positive_int, default=5)
+    q.add_argument("--save-logits", action="store_true")
+    q.add_argument("--flops-counter", choices=["deepspeed", "torch"], default="deepspeed")
+    q.add_argument("--device")
+    q.add_argument("--limit", type=positive_int, help="first N samples per split")
+    q.add_argument("--force", action="store_true",
+                   help="re-measure finished models (FLOPs, latency); prediction files are reused")
+    q.add_argument("--quiet", action="store_true")
 
-    _add_later_commands(sub)
+    q = cmd(sub, "query", "tinysaver.cli_select:cmd_query", "best saver and threshold for one base model")
+    _add_selector_args(q)
+    q.add_argument("--base", required=True)
+    q.add_argument("--saver", action="append", help="restrict candidates to these savers (repeat for several)")
+    q.add_argument("--top", type=positive_int, default=5, help="how many candidates to list")
+    q.add_argument("--save", help="write the selection as JSON, for 'tinysaver infer --selection FILE'")
+
+    q = cmd(sub, "select", "tinysaver.cli_select:cmd_select", "whole-zoo table: best saver of every base")
+    _add_selector_args(q)
+    q.add_argument("--out", help="path stem for the .csv and .md tables")
+
+    q = cmd(sub, "plot", "tinysaver.cli_select:cmd_plot",
+            "accuracy vs early-exit ratio and the cost/accuracy Pareto front (PNG)")
+    _add_selector_args(q)
+    q.add_argument("--base", required=True)
+    q.add_argument("--saver", required=True)
+    q.add_argument("--out", default="tinysaver-plot.png")
+
+    q = cmd(sub, "infer", "tinysaver.cli_infer:cmd_infer", "classify images through saver → base")
+    q.add_argument("paths", nargs="+", help="image files, folders or .tar files")
+    _add_selector_args(q)
+    q.add_argument("--base", required=True)
+    how = q.add_mutually_exclusive_group()
+    how.add_argument("--from-selection", action="store_true",
+                     help="run the selector now with the selector options (what happens without --selection/--threshold)")
+    how.add_argument("--selection", help="a JSON file written by 'tinysaver query --save'")
+    how.add_argument("--threshold", type=float, help="the --saver's threshold, given by hand")
+    q.add_argument("--saver", action="append",
+                   help="with --threshold: that saver; alone: restrict the selector to these savers")
+    q.add_argument("--batch-size", type=positive_int, default=32)
+    q.add_argument("--no-refill", action="store_true",
+                   help="send each batch's survivors on at once instead of gathering full batches for the base")
+    q.add_argument("--accept-preprocess-change", action="store_true",
+                   help="run a model whose current timm data config differs from the one the zoo recorded")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    q.add_argument("--quiet", action="store_true")
+
+    esn = sub.add_parser("esn", help="train and evaluate an Exit Sequence Network on a saver–base pair")
+    esub = esn.add_subparsers(dest="esn_command", required=True)
+    q = cmd(esub, "train", "esn.cli:cmd_train", "train an ESN on a saver–base pair")
+    q.add_argument("--zoo", default="fashion-mnist")
+    q.add_argument("--base", required=True)
+    q.add_argument("--saver", required=True)
+    q.add_argument("--config", help="YAML of ESN settings (see esn/configs/default.yaml)")
+    q.add_argument("--epochs", type=positive_int)
+    q.add_argument("--num-layers", type=int)
+    q.add_argument("--dim", type=positive_int)
+    q.add_argument("--out", required=True)
+    q = cmd(esub, "eval", "esn.cli:cmd_eval", "choose exit thresholds on calib, report test and budgets")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--zoo", help="default: the zoo the checkpoint was trained in")
+    q.add_argument("--base", help="refuse the checkpoint unless it was trained for this base")
+    q.add_argument("--saver", help="refuse the checkpoint unless it was trained for this saver")
+    q.add_argument("--criterion", choices=CRITERIA, default="zero")
+    q.add_argument("--tolerance", type=float, default=0.0)
+    q = cmd(esub, "grid", "esn.cli:cmd_grid", "train and evaluate ESNs over bus depths and widths")
+    q.add_argument("--zoo", default="fashion-mnist")
+    q.add_argument("--base", required=True)
+    q.add_argument("--saver", required=True)
+    q.add_argument("--criterion", choices=CRITERIA, default="zero")
+    q.add_argument("--tolerance", type=float, default=0.0)
+    q.add_argument("--config")
+    q.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2])
+    q.add_argument("--dims", type=positive_int, nargs="+", default=[8, 32, 128])
+    q.add_argument("--epochs", type=positive_int)
     return p
-
-
-def _add_later_commands(sub) -> None:
-    """Selector, cascade and ESN commands register here (kept apart to keep imports lazy)."""
-    from . import cli_select
-
-    cli_select.register(sub)
-    try:  # the ESN ships in the same distribution; keep the CLI usable if it is absent
-        from esn import cli as esn_cli
-    except ImportError:
-        return
-    esn_cli.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except BrokenPipeError:  # `tinysaver ... | head`: the reader left; that is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"tinysaver: error: {msg}", file=sys.stderr)
         return 2

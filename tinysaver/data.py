@@ -101,15 +101,25 @@ def fingerprint(ids: Sequence[str], labels: np.ndarray) -> str:
 def decode_image(data: bytes) -> torch.Tensor:
     """Decode image bytes to a uint8 (C, H, W) tensor with C=1 (greyscale) or C=3 (RGB).
 
-    RGBA, palette and CMYK images become RGB; 16-bit and float greyscale become 8-bit L.
+    The EXIF orientation is applied. RGBA, palette and CMYK images become RGB; 16-bit greyscale
+    is scaled (not clipped) to 8 bits, and float greyscale in [0, 1] is scaled to [0, 255].
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        if im.mode not in ("L", "RGB"):
-            im = im.convert("L" if im.mode in ("I", "I;16", "F", "1") else "RGB")
-        arr = np.array(im, dtype=np.uint8)  # a writable copy: torch warns on read-only buffers
+        im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            wide = np.asarray(im, dtype=np.float64)  # 16-bit samples: scale, do not clip, to 8 bits
+            sixteen = im.mode.startswith("I;16") or wide.max(initial=0) > 255
+            arr = np.clip(np.round(wide / (257.0 if sixteen else 1.0)), 0, 255).astype(np.uint8)
+        elif im.mode == "F":
+            wide = np.asarray(im, dtype=np.float64)
+            arr = np.clip(np.round(wide * (255.0 if wide.max(initial=0) <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+        else:
+            if im.mode not in ("L", "RGB"):
+                im = im.convert("L" if im.mode == "1" else "RGB")
+            arr = np.array(im, dtype=np.uint8)  # a writable copy: torch warns on read-only buffers
     if arr.ndim == 2:
         arr = arr[None]
     else:
@@ -117,19 +127,38 @@ def decode_image(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def decoded_blocks(source: RawSource, block: int):
+    """Decode ``source`` ``block`` samples at a time, skipping unreadable ones.
+
+    Yields ``(ids, images, failures)`` per block: the ids and uint8 images that decoded, and
+    ``(id, reason)`` for each sample that did not.
+    """
+    for start in range(0, len(source.ids), block):
+        ids, images, failures = [], [], []
+        for i in range(start, min(start + block, len(source.ids))):
+            try:
+                images.append(decode_image(source.read(i)))
+            except Exception as e:  # any decoder error means the file is unusable, never fatal
+                failures.append((source.ids[i], f"{type(e).__name__}: {e}"))
+                continue
+            ids.append(source.ids[i])
+        yield ids, images, failures
+
+
 def decode_all(source: RawSource, progress: bool = True) -> DecodedSet:
     """Decode every sample once; unreadable ones are skipped, counted and reported."""
     from tqdm.auto import tqdm
 
-    ids, labels, images, failures = [], [], [], []
-    for i in tqdm(range(len(source.ids)), desc=f"decode {source.name}", disable=not progress, leave=False):
-        try:
-            images.append(decode_image(source.read(i)))
-        except Exception as e:  # any decoder error means the file is unusable, never fatal
-            failures.append((source.ids[i], f"{type(e).__name__}: {e}"))
-            continue
-        ids.append(source.ids[i])
-        labels.append(int(source.labels[i]))
+    ids, images, failures = [], [], []
+    bar = tqdm(total=len(source.ids), desc=f"decode {source.name}", disable=not progress, leave=False)
+    for b_ids, b_images, b_failures in decoded_blocks(source, 256):
+        ids += b_ids
+        images += b_images
+        failures += b_failures
+        bar.update(len(b_ids) + len(b_failures))
+    bar.close()
+    index = {sid: i for i, sid in enumerate(source.ids)}
+    labels = [int(source.labels[index[sid]]) for sid in ids]
     if failures:
         warnings.warn(f"{source.name}: skipped {len(failures)} unreadable image(s), first: {failures[0]}")
     return DecodedSet(source.name, ids, np.asarray(labels, dtype=np.int64), images, source.class_names, failures)

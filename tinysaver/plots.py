@@ -5,18 +5,23 @@ from pathlib import Path
 
 import numpy as np
 
+from .policy import answers, apply
 from .selector import SelectorConfig, SplitData, calibration_and_test, model_cost, select
 
 
-def exit_curve(sd: SplitData, base: str, saver: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Exit ratio and, for the exited samples, saver and base accuracy; plus cascade accuracy (all samples)."""
-    order = np.argsort(-sd.conf[saver], kind="stable")
-    s = (sd.pred[saver] == sd.labels)[order].astype(float)
-    b = (sd.pred[base] == sd.labels)[order].astype(float)
-    k = np.arange(1, len(order) + 1)
-    cs, cb = np.cumsum(s), np.cumsum(b)
-    cascade = (cs + (b.sum() - cb)) / len(order)
-    return k / len(order), cs / k, cb / k, cascade
+def exit_curve(sd: SplitData, base: str, saver: str, points: int = 200) -> tuple[np.ndarray, ...]:
+    """At ``points`` thresholds (quantiles of the saver's confidence): exit ratio, saver and base
+    accuracy on the exited samples, and cascade accuracy on all samples."""
+    qs = np.unique(np.quantile(sd.conf[saver].astype(np.float64), np.linspace(0, 1, points)))[::-1]
+    y = sd.labels
+    rows = []
+    for t in qs:
+        where = apply([sd.conf[saver]], [t])
+        ex = where == 0
+        casc = answers(np.stack([sd.pred[saver], sd.pred[base]]), where)
+        rows.append((ex.mean(), (sd.pred[saver][ex] == y[ex]).mean(), (sd.pred[base][ex] == y[ex]).mean(),
+                     (casc == y).mean()))
+    return tuple(np.array(c) for c in zip(*rows))
 
 
 def plot_pair(zoo, base: str, saver: str, out: str | Path, cfg: SelectorConfig | None = None) -> Path:
@@ -28,6 +33,9 @@ def plot_pair(zoo, base: str, saver: str, out: str | Path, cfg: SelectorConfig |
     except ImportError as e:
         raise ImportError("plots need matplotlib: pip install 'tinysaver[plot]'") from e
     cfg = cfg or SelectorConfig()
+    if saver == base:
+        raise ValueError(f"a model cannot be its own saver: {saver!r} is the base; pick a cheaper --saver")
+    zoo.model(base), zoo.model(saver)
     calib, test = calibration_and_test(zoo, [base, saver], cfg.calib_split, cfg.test_split, cfg.seed)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for sd, style in ((calib, "--"), (test, "-")):

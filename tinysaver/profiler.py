@@ -6,6 +6,9 @@ and reuses finished prediction files (checked by dataset fingerprint), so nothin
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +62,21 @@ class ProfileConfig:
 
         with open(path) as f:
             d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a profile config is a mapping (zoo, splits, models, ...)")
         d.update({k: v for k, v in overrides.items() if v is not None})
-        d["models"] = [ModelSpec.from_dict(m) for m in d.get("models", [])]
+        here = Path(path).resolve().parent
+        models = []
+        for m in d.get("models", []):
+            spec = ModelSpec.from_dict(m)
+            if spec.checkpoint and not Path(spec.checkpoint).is_absolute():  # relative to the config file
+                f = here / spec.checkpoint
+                if not f.is_file():
+                    raise ValueError(f"{path}: checkpoint {spec.checkpoint!r} of {spec.key!r} is not at {f} "
+                                     "(relative paths are read from the config file's folder)")
+                spec = dataclasses.replace(spec, checkpoint=str(f))
+            models.append(spec)
+        d["models"] = models
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
@@ -128,11 +144,19 @@ def _register_split(path: Path, manifest: dict[str, Any], split: str, uri: str, 
     }
 
 
-def _model_done(path: Path, entry: dict[str, Any] | None, splits: dict[str, Any]) -> bool:
+def _model_done(path: Path, manifest: dict[str, Any], key: str, splits: dict[str, Any]) -> bool:
+    """Finished: measured, and every prediction file reads back and matches its split (a truncated
+    file makes the model count as unfinished, so the run repairs it)."""
+    entry = manifest["models"].get(key)
     if not entry or entry.get("status") != "measured":
         return False
-    return all(s in (entry.get("accuracy") or {}) and (path / "preds" / model_dirname(entry["key"]) / f"{s}.npz").is_file()
-               for s in splits)
+    for s in splits:
+        fp = (manifest["splits"].get(s) or {}).get("fingerprint")
+        if s not in (entry.get("accuracy") or {}) or fp is None:
+            return False
+        if _existing_preds(path / "preds" / model_dirname(key) / f"{s}.npz", fp) is None:
+            return False
+    return True
 
 
 def _existing_preds(f: Path, fp: str) -> dict[str, np.ndarray] | None:
@@ -142,7 +166,10 @@ def _existing_preds(f: Path, fp: str) -> dict[str, np.ndarray] | None:
         with np.load(f) as z:
             if str(z["fingerprint"]) != fp:
                 return None
-            return {k: z[k] for k in z.files}
+            out = {k: z[k] for k in z.files}
+        if "pred" not in out or "conf" not in out:
+            return None
+        return out
     except Exception:  # unreadable leftovers are recomputed, never trusted
         return None
 
@@ -152,27 +179,47 @@ def profile(cfg: ProfileConfig, root: Path | None = None, progress: bool = True,
     """Profile every model of ``cfg`` into ``<root>/<zoo>``; returns the zoo folder."""
     path = zoo_path(cfg.zoo, root) if root is None else Path(root) / cfg.zoo
     torch.manual_seed(0)
-    with zoo_lock(path):
-        manifest = _load_manifest(path, cfg)
-        todo = [m for m in cfg.models
-                if cfg.force or not _model_done(path, manifest["models"].get(m.key), cfg.splits)]
-        for m in cfg.models:
-            if m not in todo:
-                log(f"{m.key}: already profiled, skipping")
-        if not todo:
-            return path
-        data: dict[str, DecodedSet] = {}
-        for split, uri in cfg.splits.items():
-            data[split] = load_dataset(uri, progress=progress, limit=cfg.limit)  # decoded once, shared by all models
-            if data[split].failures:
-                log(f"split {split}: skipped {len(data[split].failures)} unreadable image(s): "
-                    + ", ".join(i for i, _ in data[split].failures[:5]))
-            _register_split(path, manifest, split, uri, data[split])
-        atomic_write_yaml(path / MANIFEST, manifest)
-        for spec in todo:
-            manifest["models"][spec.key] = _profile_one(spec, cfg, data, path, progress, log)
-            atomic_write_yaml(path / MANIFEST, manifest)
+    created = not path.exists()
+    try:
+        with zoo_lock(path):
+            _profile_locked(cfg, path, progress, log)
+    except BaseException:
+        # a run that fails before any model is done leaves no empty zoo behind
+        if created and not _has_models(path):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     return path
+
+
+def _has_models(path: Path) -> bool:
+    import yaml
+
+    try:
+        with open(path / MANIFEST) as fh:
+            return bool((yaml.safe_load(fh) or {}).get("models"))
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def _profile_locked(cfg: ProfileConfig, path: Path, progress: bool, log: Callable[[str], None]) -> None:
+    manifest = _load_manifest(path, cfg)
+    data: dict[str, DecodedSet] = {}
+    todo = [m for m in cfg.models if cfg.force or not _model_done(path, manifest, m.key, cfg.splits)]
+    for m in cfg.models:
+        if m not in todo:
+            log(f"{m.key}: already profiled, skipping")
+    if not todo:
+        return
+    for split, uri in cfg.splits.items():
+        data[split] = load_dataset(uri, progress=progress, limit=cfg.limit)  # decoded once, shared by all models
+        if data[split].failures:
+            log(f"split {split}: skipped {len(data[split].failures)} unreadable image(s): "
+                + ", ".join(i for i, _ in data[split].failures[:5]))
+        _register_split(path, manifest, split, uri, data[split])
+    for spec in todo:
+        entry = _profile_one(spec, cfg, data, path, progress, log)
+        manifest["models"][spec.key] = entry
+        atomic_write_yaml(path / MANIFEST, manifest)  # the manifest appears with the first finished model
 
 
 def _profile_one(spec: ModelSpec, cfg: ProfileConfig, data: dict[str, DecodedSet], path: Path,
@@ -192,10 +239,16 @@ def _profile_one(spec: ModelSpec, cfg: ProfileConfig, data: dict[str, DecodedSet
             atomic_write_npz(f, fingerprint=np.array(ds.fingerprint), **res)
         known = ds.labels >= 0
         accuracy[split] = float((res["pred"][known] == ds.labels[known]).mean()) if known.any() else None
+    source = dict(model.source)
+    if source.get("checkpoint"):  # recorded relative to the checkout that holds the zoo, when inside it
+        checkout = path.resolve().parent.parent
+        ck = Path(source["checkpoint"]).resolve()
+        if ck.is_relative_to(checkout):
+            source["checkpoint"] = os.path.relpath(ck, checkout)
     entry = {
         "key": spec.key,
         "status": "measured",
-        "source": model.source,
+        "source": source,
         "num_classes": model.num_classes,
         "preprocess": model.preprocess.to_dict(),
         "params": count_parameters(model.module),

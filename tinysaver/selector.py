@@ -1,62 +1,75 @@
 """Choose, for a base model, the saver model(s) and confidence threshold(s) of least expected cost.
 
 A cascade runs the saver S first; a sample exits when S's max-softmax confidence is ≥ t, and the
-rest go to the base B. With ``k`` samples exiting out of ``n``, the relative cost is
-``cost(S)/cost(B) + (1 − k/n)`` and the accuracy change against the base alone is
-``(Σ_exited correct_S − Σ_exited correct_B) / n``.
+rest go to the base B (the rule itself is :func:`tinysaver.policy.apply`). With ``k`` samples
+exiting out of ``n``, the relative cost is ``cost(S)/cost(B) + (1 − k/n)``.
 
-Sorting S's confidences once (descending) turns every threshold into a prefix of that order, so
-one cumulative sum per (saver, base) pair scores all thresholds exactly. Only prefix lengths at
-confidence boundaries are valid, so tied confidences always exit together.
+Every policy is scored by two counts over the calibration samples: *harm* (the base was right, the
+cascade is wrong) and *repair* (the reverse). One function, :func:`criterion_passes`, turns those
+counts into "meets the criterion" for pairs and chains alike (tolerance ε in accuracy points):
 
-Criteria (``tolerance`` ε is in accuracy points, 1.0 = 1 %):
-
-- ``zero``: cascade accuracy ≥ base accuracy on the calibration split;
-- ``bounded``: cascade accuracy ≥ base accuracy − ε;
-- ``subset``: scanning t downward, stop at the first t where S's accuracy on the exited samples
-  falls below B's accuracy on those samples (the rule of the paper's public code);
+- ``zero``: repair − harm ≥ 0, i.e. the cascade is at least as accurate as the base;
+- ``bounded``: repair − harm ≥ −ε·n/100;
+- ``subset``: the rule of the paper's public code. Thresholds 1, 0.999, … 0.001 are scanned
+  downward; exits are the samples with confidence > t; the answer is the first t where the saver
+  is less accurate than the base on the exited samples (or 0.001 if there is none). Pairs only;
 - ``guaranteed``: with probability ≥ 1 − δ over the calibration draw, the expected loss on new
-  samples from the same distribution is ≤ ε. Per threshold, loss = P(exit turns a correct base
-  answer wrong) − P(exit repairs a wrong one); we bound the first by its Clopper–Pearson upper
-  limit and the second by its lower limit (each at δ/2), and test thresholds in fixed sequence
-  from high t to low t, stopping at the first that fails (which keeps the error rate at δ with no
-  multiplicity correction). Assumption: calibration and future samples are exchangeable.
+  samples from the same distribution is ≤ ε. Policies are tested with :mod:`tinysaver.risk` along
+  sequences fixed before the data are seen (a threshold grid, and for chains fixed paths of
+  threshold pairs); δ is split evenly over every sequence tested for the base (Bonferroni), so
+  the choice among savers and chains is covered too. Assumption: exchangeable samples.
+
+Pairs are searched exactly: sorting S's confidences once turns every threshold into a prefix of
+that order. Chains (``max_stages=3``: S1 → S2 → B, stages in increasing cost) are searched
+exactly for ``zero``/``bounded``: for every exit count of S1, the best threshold of S2 over the
+samples S1 passes on is found from prefix sums kept up to date as S1's exits grow (O(n²) per
+chain, see benchmarks/RESULTS.md for the time). A chain is reported only when it beats every pair.
+
+Thresholds lie halfway between the two calibration confidences around them, never on a sample,
+so float noise in a re-run cannot move a calibration sample across one.
 
 Label-free mode replaces the labels with the base's own predictions (the distillation target of
 unsupervised early exits), so "accuracy" becomes agreement with the base.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+import itertools
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from .policy import (CRITERIA, Selection, SelectionError, Stage, answers, apply, exit_ratios, midpoint_threshold,
+                     near_threshold, per_sample_cost, stage_costs)
+from .risk import METHODS, fixed_sequence, passes_clopper_pearson, passes_wsr
 from .zoo import Zoo, ZooError
 
-CRITERIA = ("zero", "bounded", "subset", "guaranteed")
+# the paper's public code scans these thresholds (np.arange keeps its float steps exactly)
+PUBLIC_GRID = np.arange(1, 0, -0.001)
+# guaranteed: a data-independent grid, fine near 1 where confident savers pile up; descending
+GUARANTEE_GRID = np.unique(np.concatenate([np.round(np.arange(1, 1000) / 1000, 3),
+                                           1 - 10.0 ** -np.arange(3.02, 7.001, 0.02)]))[::-1]
+# guaranteed chains: paths (1 − t1) = r · (1 − t2), t2 walking down GUARANTEE_GRID
+CHAIN_PATHS = (1.0, 0.5, 0.25)
+MAX_STAGES = 3
 
 
-class SelectionError(ValueError):
-    pass
-
-
-# --- the exact sweep --------------------------------------------------------------------------------
+# --- one saver's order and the pair sweep -----------------------------------------------------------
 
 @dataclass
 class SaverOrder:
-    """One saver's confidences sorted once, reused for every base.
+    """One saver's confidences sorted once (descending), reused for every base.
 
-    ``order`` sorts samples by descending confidence; ``valid[k]`` says whether exiting exactly the
-    first ``k`` samples is reachable by some threshold (k = 0..n); ``thresholds[k]`` is that
-    threshold (``inf`` for k = 0).
+    ``valid[k]`` says whether exiting exactly the first ``k`` samples is reachable by a threshold
+    (k = 0..n; a run of tied confidences is never split); ``cum_correct[k]`` counts the saver's
+    correct answers among the first k.
     """
 
     order: np.ndarray
+    sorted_conf: np.ndarray
     valid: np.ndarray
-    thresholds: np.ndarray
-    cum_correct: np.ndarray  # (n+1,) S's correct answers among the first k
+    cum_correct: np.ndarray
 
     @classmethod
     def build(cls, conf: np.ndarray, correct: np.ndarray) -> "SaverOrder":
@@ -66,140 +79,111 @@ class SaverOrder:
         sc = conf[order]
         valid = np.ones(n + 1, dtype=bool)
         if n > 1:
-            valid[1:n] = sc[:-1] > sc[1:]  # cannot split a run of tied confidences
-        thresholds = np.concatenate([[np.inf], sc])
+            valid[1:n] = sc[:-1] > sc[1:]
         cum = np.concatenate([[0], np.cumsum(np.asarray(correct, dtype=np.int64)[order])])
-        return cls(order, valid, thresholds, cum)
+        return cls(order, sc, valid, cum)
 
     @property
     def n(self) -> int:
         return len(self.order)
 
+    def threshold(self, k: int) -> float:
+        """The midpoint threshold that exits exactly the first ``k``."""
+        return midpoint_threshold(self.sorted_conf, k)
 
-def clopper_pearson(k: np.ndarray, n: int, alpha: float, upper: bool) -> np.ndarray:
-    """One-sided Clopper–Pearson limit of a binomial rate with ``k`` successes in ``n`` trials."""
-    from scipy.stats import beta
-
-    k = np.asarray(k, dtype=np.float64)
-    if upper:
-        return np.where(k >= n, 1.0, beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1e-12)))
-    return np.where(k <= 0, 0.0, beta.ppf(alpha, np.maximum(k, 1e-12), n - k + 1))
+    def exits_at(self, thresholds: np.ndarray, strict: bool = False) -> np.ndarray:
+        """How many samples have confidence ≥ t (or > t with ``strict``), for each t."""
+        side = "left" if strict else "right"
+        return np.searchsorted(-self.sorted_conf, -np.asarray(thresholds, dtype=np.float64), side=side)
 
 
-def feasible_exits(so: SaverOrder, base_correct: np.ndarray, criterion: str, tolerance: float = 0.0,
-                   delta: float = 0.1) -> np.ndarray:
-    """Boolean (n+1,) mask of exit counts k that meet ``criterion`` for this base."""
-    n = so.n
-    bc = np.asarray(base_correct, dtype=np.int64)[so.order]
-    cum_b = np.concatenate([[0], np.cumsum(bc)])
-    diff = so.cum_correct - cum_b  # correct(cascade) − correct(base) when the first k exit
-    ok = so.valid.copy()
-    if criterion == "zero":
-        ok &= diff >= 0
-    elif criterion == "bounded":
-        ok &= diff >= -tolerance / 100.0 * n - 1e-9
-    elif criterion == "subset":
-        bad = np.flatnonzero(so.valid & (diff < 0))
-        if len(bad):
-            ok[bad[0]:] = False  # stop at the first threshold (scanning down) where S trails B on the exits
-    elif criterion == "guaranteed":
-        sc_sorted = so.cum_correct
-        # harm: S wrong where B right; repair: S right where B wrong, among the first k
-        s_right = np.diff(sc_sorted)
-        harm = np.concatenate([[0], np.cumsum((s_right == 0) & (bc == 1))])
-        repair = np.concatenate([[0], np.cumsum((s_right == 1) & (bc == 0))])
-        ucb = clopper_pearson(harm, n, delta / 2, upper=True) - clopper_pearson(repair, n, delta / 2, upper=False)
-        passed = ucb <= tolerance / 100.0
-        passed[0] = True  # no exits: no loss
-        fail = np.flatnonzero(so.valid & ~passed)
-        if len(fail):
-            ok[fail[0]:] = False  # fixed-sequence testing: stop at the first failure
-        ok &= passed
-    else:
-        raise SelectionError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+def criterion_passes(criterion: str, outcomes, count: int, n: int, tolerance: float = 0.0, delta: float = 0.1,
+                     method: str = "clopper-pearson") -> np.ndarray:
+    """Which candidate policies meet ``criterion``: the one definition, for pairs and chains.
+
+    Candidates are in testing order, fewest exits first; candidate 0 is "nothing exits".
+    ``outcomes(rows)`` returns, for those candidate indices, ``(harm, repair, losses)``: counts
+    over the ``n`` calibration samples, and a callable giving the (len(rows), n) per-sample losses
+    (used by the ``wsr`` test only). ``delta`` is the level of this one sequence. Sequential rules
+    (subset, guaranteed) pull candidates in chunks and stop at their first failure.
+    Returns a (count,) mask; the caller takes the cheapest passing candidate.
+    """
+    ok = np.zeros(count, dtype=bool)
     ok[0] = True
+    if criterion in ("zero", "bounded"):
+        harm, repair, _ = outcomes(np.arange(count))
+        gain = np.asarray(repair, dtype=np.int64) - np.asarray(harm, dtype=np.int64)
+        ok |= (gain >= 0) if criterion == "zero" else (100 * gain >= -tolerance * n - 1e-9)
+        return ok
+    if criterion not in CRITERIA:
+        raise SelectionError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if criterion == "guaranteed" and method not in METHODS:
+        raise SelectionError(f"guarantee method must be one of {', '.join(METHODS)}, got {method!r}")
+    chunk = 64
+    for start in range(1, count, chunk):
+        rows = np.arange(start, min(start + chunk, count))
+        harm, repair, losses = outcomes(rows)
+        if criterion == "subset":  # the first dip is itself the answer
+            passed = np.asarray(repair) >= np.asarray(harm)
+            fail = np.flatnonzero(~passed)
+            ok[rows[: fail[0] + 1 if len(fail) else len(rows)]] = True
+        elif method == "clopper-pearson":
+            passed = passes_clopper_pearson(harm, repair, n, tolerance / 100.0, delta)
+            ok[rows] = fixed_sequence(passed)
+        else:
+            passed = passes_wsr(losses(), tolerance / 100.0, delta)
+            ok[rows] = fixed_sequence(passed)
+        if not passed.all():
+            break
     return ok
 
 
-def best_exit(so: SaverOrder, base_correct: np.ndarray, criterion: str, tolerance: float, delta: float) -> int:
-    """The largest feasible exit count (cost falls as more samples exit)."""
-    return int(np.flatnonzero(feasible_exits(so, base_correct, criterion, tolerance, delta))[-1])
+def pair_candidates(so: SaverOrder, criterion: str) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate exit counts ``k`` (increasing, starting at 0) and their thresholds for one saver."""
+    if criterion in ("zero", "bounded"):
+        ks = np.flatnonzero(so.valid)
+        return ks, _midpoints(so, ks)
+    if criterion == "subset":
+        ks = np.concatenate([[0], so.exits_at(PUBLIC_GRID, strict=True)])
+        return ks, _midpoints(so, ks)
+    if criterion == "guaranteed":
+        ks = np.concatenate([[0], so.exits_at(GUARANTEE_GRID)])
+        return ks, np.concatenate([[np.inf], GUARANTEE_GRID])
+    raise SelectionError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
 
 
-# --- results -----------------------------------------------------------------------------------------
-
-@dataclass
-class Stage:
-    model: str
-    threshold: float | None  # None for the base, which answers everything that reaches it
-
-
-@dataclass
-class Selection:
-    """A cascade chosen for one base; exactly what :func:`tinysaver.cascade.build_cascade` takes.
-
-    Costs are in the unit of ``cost_metric`` per image (FLOPs, or ms for latency). Accuracies are
-    fractions in [0, 1]; with ``target == 'base-agreement'`` they are agreement with the base.
-    """
-
-    zoo: str
-    base: str
-    stages: list[Stage]
-    criterion: str
-    tolerance: float
-    delta: float | None
-    cost_metric: str
-    target: str  # 'labels' or 'base-agreement'
-    calib_split: str
-    test_split: str | None
-    cost_base: float
-    cost_cascade: float
-    exit_ratio_calib: list[float]
-    acc_base_calib: float
-    acc_cascade_calib: float
-    exit_ratio_test: list[float] | None = None
-    acc_base_test: float | None = None
-    acc_cascade_test: float | None = None
-    message: str = ""
-
-    @property
-    def found(self) -> bool:
-        return len(self.stages) > 1
-
-    @property
-    def savers(self) -> list[Stage]:
-        return self.stages[:-1]
-
-    @property
-    def saving_pct(self) -> float:
-        return 100.0 * (1 - self.cost_cascade / self.cost_base)
-
-    def summary_row(self) -> dict[str, Any]:
-        r: dict[str, Any] = {
-            "base": self.base,
-            "saver": " → ".join(s.model for s in self.savers) or "(none)",
-            "threshold": ", ".join(f"{s.threshold:.4f}" for s in self.savers) or "",
-            "exit_ratio": round(float(sum(self.exit_ratio_calib[:-1])), 4) if self.found else 0.0,
-            **self._costs(),
-            "saving_%": round(self.saving_pct, 2),
-            f"acc_base_{self.calib_split}": round(100 * self.acc_base_calib, 2),
-            f"acc_cascade_{self.calib_split}": round(100 * self.acc_cascade_calib, 2),
-        }
-        if self.test_split is not None:
-            r[f"acc_base_{self.test_split}"] = round(100 * (self.acc_base_test or 0), 2)
-            r[f"acc_cascade_{self.test_split}"] = round(100 * (self.acc_cascade_test or 0), 2)
-        return r
-
-    def _costs(self) -> dict[str, float]:
-        if self.cost_metric == "flops":
-            return {"GFLOPs_base": round(self.cost_base / 1e9, 5), "GFLOPs_cascade": round(self.cost_cascade / 1e9, 5)}
-        return {"ms_base": round(self.cost_base, 4), "ms_cascade": round(self.cost_cascade, 4)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def _midpoints(so: SaverOrder, ks: np.ndarray) -> np.ndarray:
+    sc = so.sorted_conf
+    n = so.n
+    t = np.full(len(ks), np.inf)
+    inner = (ks > 0) & (ks < n)
+    t[inner] = (sc[ks[inner] - 1] + sc[ks[inner]]) / 2
+    if n:
+        t[ks >= n] = sc[n - 1] / 2
+    return t
 
 
-# --- data access --------------------------------------------------------------------------------------
+def best_exit(so: SaverOrder, base_correct: np.ndarray, criterion: str, tolerance: float = 0.0,
+              delta: float = 0.1, method: str = "clopper-pearson") -> tuple[int, float]:
+    """The cheapest passing policy of one saver → base pair: (exit count k, threshold)."""
+    ks, ts = pair_candidates(so, criterion)
+    bc = np.asarray(base_correct, dtype=bool)[so.order]
+    sc = np.diff(so.cum_correct).astype(bool)
+    harm_cum = np.concatenate([[0], np.cumsum(bc & ~sc)])
+    repair_cum = np.concatenate([[0], np.cumsum(sc & ~bc)])
+
+    d = bc.astype(np.int8) - sc.astype(np.int8)
+
+    def outcomes(rows):
+        k = ks[rows]
+        return harm_cum[k], repair_cum[k], lambda: np.where(np.arange(so.n)[None, :] < k[:, None], d[None, :], 0)
+
+    ok = criterion_passes(criterion, outcomes, len(ks), so.n, tolerance, delta, method)
+    j = int(np.flatnonzero(ok)[-1])  # more exits never cost more
+    return int(ks[j]), float(ts[j])
+
+
+# --- data access ----------------------------------------------------------------------------------------
 
 @dataclass
 class SplitData:
@@ -209,6 +193,12 @@ class SplitData:
     labels: np.ndarray
     pred: dict[str, np.ndarray]
     conf: dict[str, np.ndarray]
+
+    def outcome(self, stages: Sequence[Stage], target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(answer, answering stage) of a policy on this split."""
+        thresholds = [s.threshold for s in stages[:-1]]
+        where = apply([self.conf[s.model] for s in stages], thresholds)  # the base's row is not read
+        return answers([self.pred[s.model] for s in stages], where), where
 
 
 def model_cost(zoo: Zoo, model: str, cost: str) -> float:
@@ -220,7 +210,7 @@ def model_cost(zoo: Zoo, model: str, cost: str) -> float:
         return float(e["flops"])
     if cost.startswith("latency:"):
         parts = cost.split(":")
-        if len(parts) != 3 or not parts[2].startswith("bs"):
+        if len(parts) != 3 or not parts[2].startswith("bs") or not parts[2][2:].isdigit():
             raise SelectionError(f"latency cost must look like latency:cpu:bs1, got {cost!r}")
         lat = e.get("latency") or {}
         if lat.get("device") != parts[1]:
@@ -271,19 +261,22 @@ def calibration_and_test(zoo: Zoo, models: Sequence[str], calib_split: str | Non
     return calib, test
 
 
-# --- selection ----------------------------------------------------------------------------------------
+# --- selection ------------------------------------------------------------------------------------------
 
 @dataclass
 class SelectorConfig:
+    """How to select. The CLI's defaults are these (one place)."""
+
     criterion: str = "zero"
     tolerance: float = 0.0  # accuracy points
     delta: float = 0.1
     cost: str = "flops"
     label_free: bool = False
-    max_stages: int = 2  # 2 = saver + base; 3+ also searches chains
+    max_stages: int = 2  # 2 = saver + base; 3 also searches chains S1 → S2 → base
     calib_split: str | None = None
     test_split: str | None = None
     seed: int = 0
+    guarantee_method: str = "wsr"
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -292,115 +285,187 @@ class SelectorConfig:
             raise SelectionError(f"tolerance ε must be ≥ 0 accuracy points, got {self.tolerance}")
         if not 0 < self.delta < 1:
             raise SelectionError(f"δ must be in (0, 1), got {self.delta}")
-        if self.max_stages < 2:
-            raise SelectionError("max_stages must be ≥ 2 (one saver and the base)")
+        if not 2 <= self.max_stages <= MAX_STAGES:
+            raise SelectionError(f"max_stages must be 2 (saver + base) or {MAX_STAGES} (two savers + base); "
+                                 f"longer chains are not searched, got {self.max_stages}")
+        if self.max_stages > 2 and self.criterion == "subset":
+            raise SelectionError("subset is the paper's two-stage rule and has no chain form; "
+                                 "use --max-stages 2, or zero/bounded/guaranteed for chains")
+        if self.guarantee_method not in METHODS:
+            raise SelectionError(f"guarantee method must be one of {', '.join(METHODS)}, got {self.guarantee_method!r}")
+
+    @property
+    def target(self) -> str:
+        return "base-agreement" if self.label_free else "labels"
+
+    @classmethod
+    def from_options(cls, options) -> "SelectorConfig":
+        """From any object with some of these fields as attributes (an argparse namespace, say)."""
+        names = cls.__dataclass_fields__
+        return cls(**{k: getattr(options, k) for k in names if getattr(options, k, None) is not None})
+
+
+def selection_for(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Sequence[str] | None = None,
+                  threshold: float | None = None, selection: str | None = None) -> Selection:
+    """The one way a command gets its policy: a saved selection file, a saver with a given threshold,
+    or the selector (restricted to ``savers`` when given). Validated before any model loads."""
+    if selection is not None:
+        if savers or threshold is not None:
+            raise SelectionError("give either a saved selection or --saver/--threshold, not both")
+        sel = Selection.load(selection)
+        if sel.base != base:
+            raise SelectionError(f"{selection} selects for base {sel.base!r}, not {base!r}")
+        if sel.zoo != zoo.name:
+            raise SelectionError(f"{selection} was selected in zoo {sel.zoo!r}, not {zoo.name!r}")
+        for m in sel.models:
+            zoo.model(m)
+        return sel
+    if threshold is not None:
+        if not savers or len(savers) != 1:
+            raise SelectionError("--threshold needs exactly one --saver (it is that saver's threshold)")
+        for m in (savers[0], base):
+            zoo.model(m)
+        return Selection.manual(zoo.name, [(savers[0], threshold)], base)
+    sel, _ = select(zoo, base, cfg, savers=savers)
+    return sel
 
 
 @dataclass
 class Candidate:
-    savers: list[tuple[str, float]]
-    exits: list[int]
-    rel_cost: float
-    cost: float
-    correct: int
+    stages: list[Stage]
+    cost: float      # mean cost per image on the calibration split
+    correct: int     # calibration samples the cascade gets right
 
 
 def _targets(sd: SplitData, base: str, label_free: bool) -> np.ndarray:
     return sd.pred[base] if label_free else sd.labels
 
 
-def _cascade_outcome(sd: SplitData, stages: Sequence[Stage], target: np.ndarray) -> tuple[np.ndarray, list[float]]:
-    """Per-sample answers of a cascade on ``sd`` and the fraction answered by each stage."""
-    n = len(target)
-    answer = np.full(n, -1, dtype=np.int64)
-    open_ = np.ones(n, dtype=bool)
-    ratios = []
-    for st in stages:
-        take = open_ if st.threshold is None else open_ & (sd.conf[st.model] >= st.threshold)
-        answer[take] = sd.pred[st.model][take]
-        ratios.append(float(take.sum()) / max(n, 1))
-        open_ &= ~take
-    return answer, ratios
+def _sequences(pool_size: int, cfg: SelectorConfig) -> int:
+    """How many test sequences share δ (guaranteed): one per saver, one per chain and path."""
+    chains = pool_size * (pool_size - 1) // 2 if cfg.max_stages > 2 else 0
+    return pool_size + chains * len(CHAIN_PATHS)
 
 
-def _pair_candidates(base: str, savers: Sequence[str], calib: SplitData, costs: dict[str, float],
-                     cfg: SelectorConfig, orders: dict[str, SaverOrder] | None = None) -> list[Candidate]:
+def _pair_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: dict[str, float],
+                     cfg: SelectorConfig, orders: dict[str, SaverOrder] | None, delta_seq: float) -> list[Candidate]:
     target = _targets(calib, base, cfg.label_free)
     base_correct = calib.pred[base] == target
     n = len(target)
     out = []
-    for s in savers:
+    for s in pool:
         so = orders[s] if orders and not cfg.label_free else SaverOrder.build(calib.conf[s], calib.pred[s] == target)
-        k = best_exit(so, base_correct, cfg.criterion, cfg.tolerance, cfg.delta)
-        rel = costs[s] / costs[base] + (1 - k / n)
-        bc_sorted = base_correct[so.order]
-        correct = int(so.cum_correct[k] + bc_sorted[k:].sum())
-        out.append(Candidate([(s, float(so.thresholds[k]))], [k], rel, rel * costs[base], correct))
+        k, t = best_exit(so, base_correct, cfg.criterion, cfg.tolerance, delta_seq, cfg.guarantee_method)
+        if k == 0:
+            continue
+        correct = int(so.cum_correct[k] + base_correct[so.order][k:].sum())
+        out.append(Candidate([Stage(s, t), Stage(base, None)], costs[s] + (1 - k / n) * costs[base], correct))
     return out
 
 
-def _chain_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: dict[str, float],
-                      cfg: SelectorConfig, two_stage: list[Candidate]) -> list[Candidate]:
-    """Extend the best cascades with a cheaper front stage, keeping the criterion against the base.
+def _chain_exact(c1, c2, s1_ok, s2_ok, b_ok, cost1: float, cost2: float, cost_b: float, slack: float,
+                 beat: float) -> tuple[float, int, int] | None:
+    """Cheapest S1 → S2 → B policy with correct(cascade) − correct(base) ≥ −slack, if it costs < ``beat``
+    (total over the split). Returns (total cost, k1, m2): S1 exits its first k1 samples; S2 exits,
+    among the rest, those in the first m2 of its own order."""
+    n = len(c1)
+    o1 = SaverOrder.build(c1, s1_ok)
+    o2 = SaverOrder.build(c2, s2_ok)
+    pos2 = np.empty(n, dtype=np.int64)
+    pos2[o2.order] = np.arange(n)
+    g1 = s1_ok.astype(np.int64) - b_ok
+    g2 = s2_ok.astype(np.int64) - b_ok
+    # start with S1 exiting everything, then hand samples back to the rest in S1's order (k1 falling)
+    gain1 = int(g1.sum())
+    prefix2 = np.zeros(n + 1, dtype=np.int64)   # S2's gain over the first m of its order, rest only
+    in_rest = np.zeros(n, dtype=bool)           # by S2 position
+    best = None
+    for k1 in range(n, -1, -1):
+        if k1 < n:
+            j = o1.order[k1]
+            gain1 -= int(g1[j])
+            p = pos2[j]
+            in_rest[p] = True
+            if g2[j]:
+                prefix2[p + 1:] += g2[j]
+        lower = n * cost1 + (n - k1) * cost2  # even if S2 answered the whole rest
+        if lower >= beat:
+            break  # lower only grows as k1 falls
+        if not o1.valid[k1] or k1 == 0:
+            continue
+        ok = o2.valid & (prefix2 >= -slack - gain1)
+        m2 = n - int(np.argmax(ok[::-1]))  # the largest feasible m (always ≥ 0: m = 0 has gain 0 … if gain1 ok)
+        if not ok[m2]:
+            continue
+        exits2 = int(in_rest[:m2].sum())
+        if exits2 == 0:
+            continue
+        total = lower + (n - k1 - exits2) * cost_b
+        if total < beat:
+            beat, best = total, (total, k1, m2)
+    return best
 
-    Dynamic programming over cost-sorted models: every chain ending in saver S2 → base is extended
-    by each model cheaper than S2, whose threshold is swept exactly against the composite
-    (S2 → base) treated as one model with per-sample cost and correctness.
-    """
+
+def _chain_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: dict[str, float],
+                      cfg: SelectorConfig, beat: float, delta_seq: float) -> list[Candidate]:
+    """Chains S1 → S2 → base (S1 cheaper than S2) that cost less than ``beat`` per image."""
     target = _targets(calib, base, cfg.label_free)
+    ok = {m: calib.pred[m] == target for m in (*pool, base)}
     n = len(target)
-    base_correct = calib.pred[base] == target
-    frontier = [c for c in two_stage if c.exits[0] > 0]
-    found: list[Candidate] = []
-    for depth in range(3, cfg.max_stages + 1):
-        nxt = []
-        for c in frontier:
-            stages = [Stage(m, t) for m, t in c.savers] + [Stage(base, None)]
-            answer, _ = _cascade_outcome(calib, stages, target)
-            comp_correct = answer == target
-            # per-sample cost of the composite: each stage's cost until the sample exits
-            comp_cost = np.zeros(n)
-            open_ = np.ones(n, dtype=bool)
-            for st in stages:
-                comp_cost[open_] += costs[st.model]
-                if st.threshold is not None:
-                    open_ &= ~(calib.conf[st.model] >= st.threshold)
-            front = c.savers[0][0]
-            for s in pool:
-                if costs[s] >= costs[front] or s in (m for m, _ in c.savers):
-                    continue
-                so = SaverOrder.build(calib.conf[s], calib.pred[s] == target)
-                comp_sorted = comp_correct[so.order].astype(np.int64)
-                # front stage answers the first k, the composite the rest; compare with the base alone
-                rest = np.concatenate([np.cumsum(comp_sorted[::-1])[::-1], [0]])
-                total_correct = so.cum_correct + rest
-                gain = total_correct - int(base_correct.sum())
-                feasible = so.valid.copy()
-                if cfg.criterion == "zero":
-                    feasible &= gain >= 0
-                elif cfg.criterion in ("bounded", "guaranteed"):
-                    # chains are reported under the empirical bound; the guarantee covers two stages
-                    feasible &= gain >= -cfg.tolerance / 100.0 * n - 1e-9
-                elif cfg.criterion == "subset":
-                    cum_comp = np.concatenate([[0], np.cumsum(comp_sorted)])
-                    bad = np.flatnonzero(so.valid & (so.cum_correct < cum_comp))
-                    if len(bad):
-                        feasible[bad[0]:] = False
-                feasible[0] = False
-                if not feasible.any():
-                    continue
-                cum_rest_cost = np.concatenate([np.cumsum(comp_cost[so.order][::-1])[::-1], [0.0]])
-                total_cost = (costs[s] * n + cum_rest_cost) / n
-                idx = np.flatnonzero(feasible)
-                k = int(idx[np.argmin(total_cost[idx])])
-                cand = Candidate([(s, float(so.thresholds[k]))] + c.savers, [k] + c.exits,
-                                 total_cost[k] / costs[base], float(total_cost[k]), int(total_correct[k]))
-                nxt.append(cand)
-        found += nxt
-        frontier = sorted(nxt, key=lambda c: c.rel_cost)[:8]
-        if not frontier:
-            break
-    return found
+    out = []
+    for s1, s2 in itertools.combinations(sorted(pool, key=lambda m: costs[m]), 2):
+        if cfg.criterion in ("zero", "bounded"):
+            slack = cfg.tolerance * n / 100 + 1e-9 if cfg.criterion == "bounded" else 0
+            found = _chain_exact(calib.conf[s1], calib.conf[s2], ok[s1], ok[s2], ok[base].astype(np.int64),
+                                 costs[s1], costs[s2], costs[base], slack, beat * n)
+            if found is None:
+                continue
+            _, k1, m2 = found
+            o1 = SaverOrder.build(calib.conf[s1], ok[s1])
+            o2 = SaverOrder.build(calib.conf[s2], ok[s2])
+            stages = [Stage(s1, o1.threshold(k1)), Stage(s2, o2.threshold(m2)), Stage(base, None)]
+        else:  # guaranteed: fixed paths of threshold pairs, each a test sequence
+            stages = _chain_guaranteed(s1, s2, base, calib, ok, cfg, delta_seq, costs)
+            if stages is None:
+                continue
+        cand = _candidate(stages, calib, target, costs)
+        if cand.cost < beat:
+            out.append(cand)
+            beat = cand.cost
+    return out
+
+
+def _chain_guaranteed(s1, s2, base, calib: SplitData, ok, cfg: SelectorConfig, delta_seq: float,
+                      costs: dict[str, float]) -> list[Stage] | None:
+    n = len(calib.labels)
+    b_ok = ok[base].astype(np.int8)
+    correct = np.stack([ok[s1], ok[s2], ok[base]]).astype(np.int8)
+    cum = stage_costs([costs[s1], costs[s2], costs[base]])
+    best = None
+    t2 = np.concatenate([[np.inf], GUARANTEE_GRID])
+    rows_n = np.arange(n)[None, :]
+    for r in CHAIN_PATHS:
+        t1 = np.where(np.isinf(t2), np.inf, 1 - r * (1 - t2))
+        seen = {}
+
+        def outcomes(rows):
+            where = np.stack([apply([calib.conf[s1], calib.conf[s2]], [t1[j], t2[j]]) for j in rows])
+            loss = b_ok[None, :] - correct[where, rows_n]
+            seen.update(zip(rows.tolist(), where))
+            return (loss == 1).sum(1), (loss == -1).sum(1), lambda: loss
+
+        passing = criterion_passes("guaranteed", outcomes, len(t2), n, cfg.tolerance, delta_seq, cfg.guarantee_method)
+        for j in np.flatnonzero(passing)[1:]:
+            c = float(per_sample_cost(seen[int(j)], cum).mean())
+            if best is None or c < best[0]:
+                best = (c, [Stage(s1, float(t1[j])), Stage(s2, float(t2[j])), Stage(base, None)])
+    return None if best is None else best[1]
+
+
+def _candidate(stages: list[Stage], sd: SplitData, target: np.ndarray, costs: dict[str, float]) -> Candidate:
+    ans, where = sd.outcome(stages, target)
+    cost = float(per_sample_cost(where, stage_costs([costs[s.model] for s in stages])).mean())
+    return Candidate(stages, cost, int((ans == target).sum()))
 
 
 def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Sequence[str] | None = None,
@@ -417,15 +482,15 @@ def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Seque
     ncls = entry.get("num_classes")
     if savers is not None:
         for s in savers:
+            if s == base:
+                raise SelectionError(f"a model cannot be its own saver: {s!r} is the base")
             se = zoo.model(s)
             if se.get("status") != "measured":
                 raise SelectionError(f"saver {s!r} has no predictions in zoo {zoo.name!r}")
             if se.get("num_classes") != ncls:
                 raise SelectionError(f"saver {s!r} predicts {se.get('num_classes')} classes but base {base!r} "
                                      f"predicts {ncls}: their class spaces differ")
-            if s == base:
-                raise SelectionError("a model cannot be its own saver")
-        pool = list(savers)
+        pool = list(dict.fromkeys(savers))
     else:
         pool = [m for m in zoo.measured() if m != base and costs[m] < costs[base]
                 and zoo.models[m].get("num_classes") == ncls]
@@ -436,44 +501,51 @@ def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Seque
 def _select_on(zoo_name: str, base: str, pool: Sequence[str], costs: dict[str, float], calib: SplitData,
                test: SplitData | None, cfg: SelectorConfig, top: int = 5,
                orders: dict[str, SaverOrder] | None = None) -> tuple[Selection, pd.DataFrame]:
-    cands = [c for c in _pair_candidates(base, pool, calib, costs, cfg, orders)]
-    if cfg.max_stages > 2:
-        best2 = min((c.rel_cost for c in cands if c.exits[0] > 0), default=np.inf)
-        chains = [c for c in _chain_candidates(base, pool, calib, costs, cfg, cands) if c.rel_cost < best2 - 1e-12]
-        cands += chains
-    useful = sorted((c for c in cands if c.exits[0] > 0 and c.rel_cost < 1.0), key=lambda c: (c.rel_cost, -c.correct))
-    target_kind = "base-agreement" if cfg.label_free else "labels"
-    n = len(calib.labels)
-    base_acc = float((calib.pred[base] == _targets(calib, base, cfg.label_free)).mean())
-    common = dict(zoo=zoo_name, base=base, criterion=cfg.criterion, tolerance=cfg.tolerance,
-                  delta=cfg.delta if cfg.criterion == "guaranteed" else None, cost_metric=cfg.cost,
-                  target=target_kind, calib_split=calib.name, test_split=test.name if test else None,
-                  cost_base=costs[base], acc_base_calib=base_acc)
+    delta_seq = cfg.delta / max(_sequences(len(pool), cfg), 1)
+    cands = _pair_candidates(base, pool, calib, costs, cfg, orders, delta_seq)
+    if cfg.max_stages > 2 and len(pool) >= 2:
+        best2 = min((c.cost for c in cands), default=costs[base])
+        cands += _chain_candidates(base, pool, calib, costs, cfg, best2 * (1 - 1e-12), delta_seq)
+    useful = sorted((c for c in cands if c.cost < costs[base]), key=lambda c: (c.cost, -c.correct))
     if not useful:
         why = "no cheaper model in the zoo" if not pool else f"no saver meets the {cfg.criterion} criterion"
-        sel = Selection(stages=[Stage(base, None)], cost_cascade=costs[base], exit_ratio_calib=[1.0],
-                        acc_cascade_calib=base_acc, message=f"no saver: run the base alone ({why})", **common)
-        _fill_test(sel, test, cfg)
+        sel = _report([Stage(base, None)], zoo_name, base, calib, test, costs, cfg, len(pool),
+                      message=f"no saver: run the base alone ({why})")
         return sel, pd.DataFrame()
-    rows = []
-    for c in useful[:top]:
-        stages = [Stage(m, t) for m, t in c.savers] + [Stage(base, None)]
-        s = Selection(stages=stages, cost_cascade=c.cost, exit_ratio_calib=[], acc_cascade_calib=c.correct / n,
-                      **common)
-        _, s.exit_ratio_calib = _cascade_outcome(calib, stages, _targets(calib, base, cfg.label_free))
-        _fill_test(s, test, cfg)
-        rows.append(s)
-    return rows[0], pd.DataFrame([r.summary_row() for r in rows])
+    rows = [_report(c.stages, zoo_name, base, calib, test, costs, cfg, len(pool)) for c in useful[:top]]
+    from .report import summary_row
+
+    return rows[0], pd.DataFrame([summary_row(r) for r in rows])
 
 
-def _fill_test(sel: Selection, test: SplitData | None, cfg: SelectorConfig) -> None:
-    if test is None:
-        return
-    target = _targets(test, sel.base, cfg.label_free)
-    answer, ratios = _cascade_outcome(test, sel.stages, target)
-    sel.acc_base_test = float((test.pred[sel.base] == target).mean())
-    sel.acc_cascade_test = float((answer == target).mean())
-    sel.exit_ratio_test = ratios
+def _report(stages: list[Stage], zoo_name: str, base: str, calib: SplitData, test: SplitData | None,
+            costs: dict[str, float], cfg: SelectorConfig, pool_size: int, message: str = "") -> Selection:
+    """The Selection of a policy: its calibration and held-out results, all through policy.apply."""
+    cum = stage_costs([costs[s.model] for s in stages])
+    target = _targets(calib, base, cfg.label_free)
+    ans, where = calib.outcome(stages, target)
+    guarantee = ""
+    if cfg.criterion == "guaranteed":
+        guarantee = (f"P(expected loss > {cfg.tolerance} pts) ≤ {cfg.delta}: {cfg.guarantee_method} tests in fixed "
+                     f"sequence, δ split over {_sequences(pool_size, cfg)} sequences; "
+                     "assumes exchangeable samples")
+    sel = Selection(zoo=zoo_name, base=base, stages=stages, criterion=cfg.criterion, tolerance=cfg.tolerance,
+                    delta=cfg.delta if cfg.criterion == "guaranteed" else None, cost_metric=cfg.cost,
+                    target=cfg.target, calib_split=calib.name, test_split=test.name if test else None,
+                    cost_base=costs[base], cost_cascade=float(per_sample_cost(where, cum).mean()),
+                    exit_ratio_calib=exit_ratios(where, len(stages)),
+                    acc_base_calib=float((calib.pred[base] == target).mean()),
+                    acc_cascade_calib=float((ans == target).mean()),
+                    near_threshold_calib=near_threshold([calib.conf[s.model] for s in stages[:-1]],
+                                                        [s.threshold for s in stages[:-1]]),
+                    guarantee=guarantee, message=message)
+    if test is not None:
+        t_target = _targets(test, base, cfg.label_free)
+        t_ans, t_where = test.outcome(stages, t_target)
+        sel.acc_base_test = float((test.pred[base] == t_target).mean())
+        sel.acc_cascade_test = float((t_ans == t_target).mean())
+        sel.exit_ratio_test = exit_ratios(t_where, len(stages))
+    return sel
 
 
 def select_all(zoo: Zoo, cfg: SelectorConfig | None = None) -> tuple[list[Selection], pd.DataFrame]:
@@ -491,8 +563,10 @@ def select_all(zoo: Zoo, cfg: SelectorConfig | None = None) -> tuple[list[Select
                              calib, test, cfg)
 
 
-def select_all_arrays(zoo_name: str, models: Sequence[str], costs: dict[str, float], num_classes: dict[str, Any],
+def select_all_arrays(zoo_name: str, models: Sequence[str], costs: dict[str, float], num_classes: dict,
                       calib: SplitData, test: SplitData | None, cfg: SelectorConfig) -> tuple[list[Selection], pd.DataFrame]:
+    from .report import summary_row
+
     orders = None
     if not cfg.label_free:
         orders = {m: SaverOrder.build(calib.conf[m], calib.pred[m] == calib.labels) for m in models}
@@ -501,8 +575,8 @@ def select_all_arrays(zoo_name: str, models: Sequence[str], costs: dict[str, flo
         pool = [m for m in models if costs[m] < costs[base] and num_classes[m] == num_classes[base]]
         sel, _ = _select_on(zoo_name, base, pool, costs, calib, test, cfg, top=1, orders=orders)
         sels.append(sel)
-    return sels, pd.DataFrame([s.summary_row() for s in sels])
+    return sels, pd.DataFrame([summary_row(s) for s in sels])
 
 
-__all__ = ["SelectorConfig", "Selection", "Stage", "select", "select_all", "SaverOrder", "feasible_exits",
-           "CRITERIA", "SelectionError", "ZooError"]
+__all__ = ["SelectorConfig", "Selection", "Stage", "select", "select_all", "selection_for", "SaverOrder", "best_exit",
+           "criterion_passes", "CRITERIA", "SelectionError", "ZooError", "SplitData", "model_cost"]

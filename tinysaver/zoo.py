@@ -122,11 +122,60 @@ class Zoo:
                            f"{'Did you mean: ' + ', '.join(close) if close else 'Models: ' + ', '.join(self.models)}")
         return self.models[key]
 
+    def model_spec(self, key: str):
+        """The :class:`~tinysaver.models.ModelSpec` the entry was profiled with. A relative checkpoint
+        path resolves from the checkout that holds this zoo_index (``<checkout>/zoo_index/<zoo>``)."""
+        from .models import ModelSpec
+
+        entry = self.model(key)
+        src = {k: v for k, v in (entry.get("source") or {}).items() if k in ModelSpec.__dataclass_fields__}
+        if not src.get("name"):
+            raise ZooError(f"zoo {self.name!r}: entry {key!r} does not say how to build the model "
+                           f"({entry.get('status')} entries carry published facts only)")
+        ck = src.get("checkpoint")
+        if ck and not os.path.isabs(ck):
+            cand = self.path.parent.parent / ck
+            if cand.is_file() or not Path(ck).is_file():
+                src["checkpoint"] = str(cand)
+        src["label"] = key
+        return ModelSpec.from_dict(src)
+
+    def load_model(self, key: str, device: str = "cpu", accept_preprocess_change: bool = False):
+        """Rebuild ``key`` as it was profiled, in eval mode on ``device``.
+
+        The recorded preprocessing is what the stored predictions were made with. When timm's
+        current data config differs (a timm upgrade, say), this stops with both configs named,
+        unless ``accept_preprocess_change``, which runs the model with the new config and warns.
+        """
+        import warnings
+
+        from .models import Preprocess, create_model
+
+        model = create_model(self.model_spec(key), device=device)
+        recorded = self.models[key].get("preprocess")
+        if recorded:
+            old = Preprocess.from_dict(recorded)
+            if old != model.preprocess:
+                changed = {k: (v, model.preprocess.to_dict()[k]) for k, v in old.to_dict().items()
+                           if model.preprocess.to_dict()[k] != v}
+                what = "; ".join(f"{k}: recorded {a}, now {b}" for k, (a, b) in changed.items())
+                msg = (f"{key}: the preprocessing differs from the one zoo {self.name!r} recorded ({what}), "
+                       "so its stored accuracy and thresholds may not hold")
+                if not accept_preprocess_change:
+                    raise ZooError(msg + ". Re-profile the model, or pass --accept-preprocess-change "
+                                   "(accept_preprocess_change=True) to run it anyway")
+                warnings.warn(msg + "; running with the new preprocessing as asked")
+        return model
+
     def split_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split not in self.splits:
             raise ZooError(f"zoo {self.name!r} has no split {split!r}; splits: {', '.join(self.splits) or 'none'}")
-        with np.load(self.path / "splits" / f"{split}.npz") as z:
-            return z["ids"], z["labels"]
+        f = self.path / "splits" / f"{split}.npz"
+        try:
+            with np.load(f) as z:
+                return z["ids"], z["labels"]
+        except Exception as e:
+            raise ZooError(f"{f}: cannot read ({type(e).__name__}: {e}); re-run 'tinysaver profile' to rewrite it") from None
 
     def predictions(self, model: str, split: str) -> Predictions:
         entry = self.model(model)
@@ -136,12 +185,19 @@ class Zoo:
         f = self.path / "preds" / model_dirname(model) / f"{split}.npz"
         if not f.is_file():
             raise ZooError(f"no predictions of {model!r} on split {split!r} ({f} missing)")
-        with np.load(f) as z:
-            if str(z["fingerprint"]) != self.splits[split]["fingerprint"]:
-                raise ZooError(f"{f}: made on different samples than split {split!r} (fingerprint mismatch)")
-            get = lambda k: z[k] if k in z.files else None  # noqa: E731
-            return Predictions(model, split, ids, labels, z["pred"], z["conf"],
-                               get("topk_idx"), get("topk_prob"), get("logits"))
+        try:
+            with np.load(f) as z:
+                fp = str(z["fingerprint"])
+                get = lambda k: z[k] if k in z.files else None  # noqa: E731
+                arrays = {k: get(k) for k in ("pred", "conf", "topk_idx", "topk_prob", "logits")}
+        except Exception as e:  # truncated or corrupt: name the file and the way out
+            raise ZooError(f"{f}: cannot read ({type(e).__name__}: {e}); re-run 'tinysaver profile' with this "
+                           "zoo's config to recompute it") from None
+        if fp != self.splits[split]["fingerprint"]:
+            raise ZooError(f"{f}: made on different samples than split {split!r} (fingerprint mismatch)")
+        if arrays["pred"] is None or arrays["conf"] is None or len(arrays["pred"]) != len(ids):
+            raise ZooError(f"{f}: holds no pred/conf arrays of {len(ids)} samples; re-run 'tinysaver profile'")
+        return Predictions(model, split, ids, labels, **arrays)
 
     def table(self) -> pd.DataFrame:
         """One row per model: status, input side (px), params, FLOPs/MACs, accuracy per split, latency per batch size."""
@@ -185,22 +241,50 @@ def zoo_path(name: str, root: Path | None = None) -> Path:
     return (root or default_root()) / name
 
 
-def list_zoos(root: Path | None = None) -> list[str]:
-    r = root or default_root()
+def list_zoos(root: Path | str | None = None) -> list[str]:
+    r = Path(root) if root else default_root()
     if not r.is_dir():
         return []
     return sorted(d.name for d in r.iterdir() if (d / MANIFEST).is_file())
 
 
-def load_zoo(name: str, root: Path | None = None) -> Zoo:
-    """Load a zoo by name (from the zoo root) or by folder path."""
+def zoo_summaries(root: Path | str | None = None) -> list[dict[str, Any]]:
+    """One row per zoo folder; a zoo whose manifest cannot be read gets its error, not a crash."""
+    rows = []
+    for n in list_zoos(root):
+        try:
+            z = load_zoo(n, root)
+        except ZooError as e:
+            rows.append({"zoo": n, "models": None, "measured": None, "published": None, "splits": f"error: {e}"})
+            continue
+        st = [m.get("status") for m in z.models.values()]
+        rows.append({"zoo": n, "models": len(st), "measured": st.count("measured"), "published": st.count("published"),
+                     "splits": ",".join(f"{s}({v.get('samples')})" for s, v in z.splits.items())})
+    return rows
+
+
+def load_zoo(name: str, root: Path | str | None = None) -> Zoo:
+    """Load a zoo by name (from the zoo root) or by folder path; a broken manifest is named, not dumped."""
+    root = Path(root) if root else None
     path = zoo_path(name, root)
     f = path / MANIFEST
     if not f.is_file():
         known = list_zoos(root)
         raise ZooError(f"no zoo {name!r} in {path.parent}; known zoos: {', '.join(known) or 'none'}")
-    with open(f) as fh:
-        manifest = yaml.safe_load(fh) or {}
+    try:
+        with open(f) as fh:
+            manifest = yaml.safe_load(fh)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ZooError(f"{f}: not valid YAML ({first}); restore it from git or re-run 'tinysaver profile'") from None
+    if manifest is None:
+        manifest = {}
+    if not isinstance(manifest, dict):
+        raise ZooError(f"{f}: a zoo manifest is a mapping with 'splits' and 'models', got a {type(manifest).__name__}")
+    for key in ("models", "splits"):
+        if not isinstance(manifest.get(key, {}) or {}, dict):
+            raise ZooError(f"{f}: '{key}' must be a mapping, got a {type(manifest[key]).__name__}")
+        manifest[key] = manifest.get(key) or {}
     return Zoo(manifest.get("name", path.name), path, manifest)
 
 

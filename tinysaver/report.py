@@ -1,0 +1,87 @@
+"""Every table and text the command line prints, in one place (no computing here)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .policy import Selection
+
+
+def summary_row(sel: Selection) -> dict[str, Any]:
+    """One table row of a selection (Table 5 style): savers, thresholds, exit ratio, costs, accuracies."""
+    r: dict[str, Any] = {
+        "base": sel.base,
+        "saver": " → ".join(s.model for s in sel.savers) or "(none)",
+        "threshold": ", ".join(f"{s.threshold:.4f}" for s in sel.savers),
+        "exit_ratio": round(float(sum(sel.exit_ratio_calib[:-1])), 4) if sel.found else 0.0,
+    }
+    if sel.cost_metric == "flops":
+        r["GFLOPs_base"] = round(sel.cost_base / 1e9, 5)
+        r["GFLOPs_cascade"] = round(sel.cost_cascade / 1e9, 5)
+    else:
+        r["ms_base"] = round(sel.cost_base, 4)
+        r["ms_cascade"] = round(sel.cost_cascade, 4)
+    r["saving_%"] = round(sel.saving_pct, 2)
+    r[f"acc_base_{sel.calib_split}"] = round(100 * sel.acc_base_calib, 2)
+    r[f"acc_cascade_{sel.calib_split}"] = round(100 * sel.acc_cascade_calib, 2)
+    if sel.test_split is not None:
+        r[f"acc_base_{sel.test_split}"] = round(100 * sel.acc_base_test, 2)
+        r[f"acc_cascade_{sel.test_split}"] = round(100 * sel.acc_cascade_test, 2)
+    return r
+
+
+def _fmt_cost(x: float, metric: str) -> str:
+    return f"{x / 1e9:.4f} GFLOPs" if metric == "flops" else f"{x:.4f} ms/img"
+
+
+def describe(sel: Selection) -> str:
+    """Human-readable answer to 'which saver, at what confidence?'."""
+    lines = [f"base: {sel.base}  (zoo {sel.zoo}, criterion {sel.criterion}"
+             + (f", ε={sel.tolerance} pts" if sel.criterion in ("bounded", "guaranteed") else "")
+             + (f", δ={sel.delta}" if sel.delta is not None else "")
+             + f", target {sel.target})"]
+    if not sel.found:
+        lines.append(sel.message)
+    else:
+        chain = " → ".join(f"{s.model} (conf ≥ {s.threshold:.6g})" for s in sel.savers)
+        lines.append(f"saver: {chain} → {sel.base}")
+        if sel.exit_ratio_calib:
+            lines.append("exit ratio: " + ", ".join(f"{r:.1%}" for r in sel.exit_ratio_calib[:-1])
+                         + f" on {sel.calib_split}")
+        if any(sel.near_threshold_calib):
+            lines.append(f"warning: {sum(sel.near_threshold_calib)} calibration sample(s) lie within 1e-5 of a "
+                         "threshold; float noise may move them")
+    if sel.cost_base is not None:
+        lines.append(f"cost: {_fmt_cost(sel.cost_base, sel.cost_metric)} → "
+                     f"{_fmt_cost(sel.cost_cascade, sel.cost_metric)}  (saving {sel.saving_pct:.1f}%)")
+    if sel.acc_base_calib is not None:
+        lines.append(f"accuracy on {sel.calib_split} (calibration): {100 * sel.acc_base_calib:.2f}% → "
+                     f"{100 * sel.acc_cascade_calib:.2f}%")
+    if sel.test_split is not None and sel.acc_base_test is not None:
+        lines.append(f"accuracy on {sel.test_split} (held out):    {100 * sel.acc_base_test:.2f}% → "
+                     f"{100 * sel.acc_cascade_test:.2f}%")
+    if sel.guarantee:
+        lines.append(f"guarantee: {sel.guarantee}")
+    return "\n".join(lines)
+
+
+def markdown(df) -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join("" if v is None or v != v else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def format_table(df, fmt: str = "table") -> str:
+    """A DataFrame as an aligned table, markdown or CSV."""
+    import pandas as pd
+
+    if fmt == "markdown":
+        return markdown(df)
+    if fmt == "csv":
+        return df.to_csv(index=False).rstrip("\n")
+    with pd.option_context("display.max_rows", 500, "display.max_columns", 50, "display.width", 200):
+        return df.to_string(index=False)
+
+
+__all__ = ["summary_row", "describe", "markdown", "format_table"]
