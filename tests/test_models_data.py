@@ -1,3 +1,4 @@
+import io
 import numpy as np
 import pytest
 import torch
@@ -95,7 +96,9 @@ def test_bad_dataset_uris(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'none'}")
     with pytest.raises(DatasetError, match="split"):
         load_dataset("fashion-mnist:valid")
-    with pytest.raises(Exception):
+    from PIL import UnidentifiedImageError
+
+    with pytest.raises(UnidentifiedImageError):
         decode_image(b"garbage")
 
 
@@ -115,3 +118,31 @@ def test_imagenet_tar_labels_from_wnid(tmp_path):
             tf.addfile(info, io.BytesIO(data))
     ds = load_dataset(f"imagenet:{f}", progress=False)
     assert ds.labels.tolist() == [0, 1]
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    grey8 = rng.integers(0, 256, (12, 10)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(buf, format="PNG")  # 16-bit greyscale
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    got = decode_image(buf.getvalue())
+    assert got.shape == (1, 12, 10)
+    assert np.array_equal(got[0].numpy(), grey8)  # not an all-white image
+
+
+def test_exif_orientation_is_applied():
+    from PIL import Image
+
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = 255  # left half white
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display", as phones write it
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    got = decode_image(buf.getvalue())
+    assert got.shape == (3, 40, 20)  # displayed upright: taller than wide
+    assert got[:, :20].float().mean() > 200 and got[:, 20:].float().mean() < 50  # white half now on top
