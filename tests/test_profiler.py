@@ -88,3 +88,83 @@ def test_resume_after_kill_recomputes_nothing(tiny_zoo_cfg, tmp_path):
         for split in ("a", "b"):
             zoo.predictions(key, split)  # every file complete and matching its split
     assert not [p for p in (root / "tiny").rglob("*") if ".tmp" in p.name]
+
+
+def test_profile_repairs_a_truncated_prediction_file(tiny_zoo_cfg, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_zoo_cfg, models=tiny_zoo_cfg.models[:1], splits={"a": tiny_zoo_cfg.splits["a"]})
+    root = tmp_path / "zoos"
+    profile(cfg, root, progress=False, log=lambda s: None)
+    key = cfg.models[0].key
+    before = load_zoo("tiny", root).predictions(key, "a")
+    f = root / "tiny" / "preds" / key / "a.npz"
+    f.write_bytes(f.read_bytes()[:50])
+    with pytest.raises(ZooError, match=f"{key}/a.npz: cannot read"):
+        load_zoo("tiny", root).predictions(key, "a")
+    logs = []
+    profile(cfg, root, progress=False, log=logs.append)
+    assert not any("already profiled" in s for s in logs)  # the broken model is not taken as done
+    after = load_zoo("tiny", root).predictions(key, "a")
+    assert np.array_equal(after.pred, before.pred)
+
+
+def test_a_failed_profile_leaves_no_empty_zoo(tiny_zoo_cfg, tmp_path):
+    import dataclasses
+
+    from tinysaver.models import CheckpointError, ModelSpec
+
+    broken = ModelSpec("test_resnet", num_classes=3, checkpoint=str(tmp_path / "missing.safetensors"))
+    cfg = dataclasses.replace(tiny_zoo_cfg, models=[broken])
+    root = tmp_path / "zoos"
+    with pytest.raises(CheckpointError, match="missing.safetensors"):
+        profile(cfg, root, progress=False, log=lambda s: None)
+    assert not (root / "tiny").exists()
+    from tinysaver.zoo import list_zoos
+
+    assert list_zoos(root) == []
+
+
+def test_relative_checkpoints_resolve_from_the_config_file(tmp_path, image_folder):
+    import torch
+    from safetensors.torch import save_file
+
+    from tinysaver.models import ModelSpec, create_model
+    from tinysaver.profiler import ProfileConfig
+
+    (tmp_path / "ck").mkdir()
+    m = create_model(ModelSpec("test_resnet", num_classes=3, input_size=32))
+    save_file({k: v.contiguous() for k, v in m.module.state_dict().items()}, str(tmp_path / "ck" / "r.safetensors"))
+    (tmp_path / "configs").mkdir()
+    conf = tmp_path / "configs" / "c.yaml"
+    conf.write_text(yaml.safe_dump({"zoo": "rel", "splits": {"a": f"imagefolder:{image_folder}"},
+                                    "models": [{"name": "test_resnet", "num_classes": 3, "input_size": 32,
+                                                "checkpoint": "../ck/r.safetensors"}]}))
+    cfg = ProfileConfig.from_yaml(conf)
+    assert cfg.models[0].checkpoint == str((tmp_path / "ck" / "r.safetensors").resolve())
+    conf.write_text(conf.read_text().replace("../ck/", "./ck/"))
+    with pytest.raises(ValueError, match="read from the config file's folder"):
+        ProfileConfig.from_yaml(conf)
+    del torch
+
+
+def test_zoo_rebuild_checks_the_recorded_preprocessing(tiny_zoo_cfg, tmp_path):
+    import dataclasses
+    import warnings
+
+    from tinysaver.zoo import atomic_write_yaml
+
+    cfg = dataclasses.replace(tiny_zoo_cfg, models=tiny_zoo_cfg.models[1:2], splits={"a": tiny_zoo_cfg.splits["a"]})
+    root = tmp_path / "zoos"
+    profile(cfg, root, progress=False, log=lambda s: None)
+    key = cfg.models[0].key
+    assert load_zoo("tiny", root).load_model(key).preprocess.crop_pct  # unchanged: loads
+    zoo = load_zoo("tiny", root)
+    zoo.manifest["models"][key]["preprocess"]["crop_pct"] = 0.5  # as if timm's config had changed since
+    atomic_write_yaml(zoo.path / "zoo.yaml", zoo.manifest)
+    with pytest.raises(ZooError, match=r"crop_pct: recorded 0.5, now .*accept-preprocess-change"):
+        load_zoo("tiny", root).load_model(key)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model = load_zoo("tiny", root).load_model(key, accept_preprocess_change=True)
+    assert model.preprocess.crop_pct != 0.5 and any("crop_pct" in str(x.message) for x in w)

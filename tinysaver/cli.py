@@ -22,10 +22,21 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS) \
-                and action.option_strings:
+        d = action.default
+        if "%(default)" not in text and action.option_strings and not (d is None or d is False or d == argparse.SUPPRESS):
             text += " (default: %(default)s)"
-        return text
+        return text.strip()
+
+
+def _fill_help(parser: argparse.ArgumentParser) -> None:
+    """argparse prints nothing for an option without help, default included: give each one a line."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _fill_help(sub)
+        elif action.help is None and action.option_strings and action.default is not None \
+                and action.default is not False and action.default != argparse.SUPPRESS:
+            action.help = "(default: %(default)s)"
 
 
 def positive_int(text: str) -> int:
@@ -178,13 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--dims", type=positive_int, nargs="+", default=[8, 32, 128])
     q.add_argument("--epochs", type=positive_int)
+    _fill_help(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that left early is caught here, not at exit
+        return rc
     except BrokenPipeError:  # `tinysaver ... | head`: the reader left; that is not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

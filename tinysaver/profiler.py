@@ -74,7 +74,7 @@ class ProfileConfig:
                 if not f.is_file():
                     raise ValueError(f"{path}: checkpoint {spec.checkpoint!r} of {spec.key!r} is not at {f} "
                                      "(relative paths are read from the config file's folder)")
-                spec = dataclasses.replace(spec, checkpoint=str(f))
+                spec = dataclasses.replace(spec, checkpoint=str(f.resolve()))
             models.append(spec)
         d["models"] = models
         unknown = set(d) - set(cls.__dataclass_fields__)
