@@ -113,8 +113,6 @@ def test_imagenet_tar_labels_from_wnid(tmp_path):
             data = png_bytes(np.zeros((8, 8, 3), np.uint8))
             info = tarfile.TarInfo(f"d/{name}")
             info.size = len(data)
-            import io
-
             tf.addfile(info, io.BytesIO(data))
     ds = load_dataset(f"imagenet:{f}", progress=False)
     assert ds.labels.tolist() == [0, 1]

@@ -126,7 +126,6 @@ def test_a_failed_profile_leaves_no_empty_zoo(tiny_zoo_cfg, tmp_path):
 
 
 def test_relative_checkpoints_resolve_from_the_config_file(tmp_path, image_folder):
-    import torch
     from safetensors.torch import save_file
 
     from tinysaver.models import ModelSpec, create_model
@@ -145,7 +144,6 @@ def test_relative_checkpoints_resolve_from_the_config_file(tmp_path, image_folde
     conf.write_text(conf.read_text().replace("../ck/", "./ck/"))
     with pytest.raises(ValueError, match="read from the config file's folder"):
         ProfileConfig.from_yaml(conf)
-    del torch
 
 
 def test_zoo_rebuild_checks_the_recorded_preprocessing(tiny_zoo_cfg, tmp_path):

@@ -12,7 +12,8 @@ _PUBLIC = {
     "load_dataset": "data",
     "ModelSpec": "models", "Preprocess": "models", "create_model": "models",
     "ProfileConfig": "profiler", "profile": "profiler",
-    "Selection": "selector", "SelectorConfig": "selector", "select": "selector", "select_all": "selector",
+    "Selection": "policy", "Stage": "policy", "SelectorConfig": "selector", "select": "selector",
+    "select_all": "selector",
     "Zoo": "zoo", "list_zoos": "zoo", "load_zoo": "zoo",
 }
 __all__ = list(_PUBLIC)
