@@ -126,3 +126,25 @@ def test_bad_criterion():
     so = SaverOrder.build(np.array([0.5]), np.array([True]))
     with pytest.raises(ValueError, match="criterion"):
         best_exit(so, np.array([True]), "nonsense")
+
+
+def test_subset_equals_the_public_rule_on_every_real_pair():
+    """All 31 saver → base pairs of the two committed zoos (the issue found 13 that differed), and its
+    example: convnext_atto ← regnety_002 exits 95.0 % at a threshold near 0.504."""
+    from tinysaver.zoo import load_zoo
+
+    pairs = 0
+    for name, split in (("fashion-mnist", "calib"), ("imagenet-lite", "val")):
+        zoo = load_zoo(name)
+        models = sorted(zoo.measured(), key=lambda m: zoo.models[m]["flops"])
+        preds = {m: zoo.predictions(m, split) for m in models}
+        for i, base in enumerate(models):
+            for saver in models[:i]:
+                y = preds[base].labels
+                s_ok, b_ok, conf = preds[saver].pred == y, preds[base].pred == y, preds[saver].conf
+                k, t = best_exit(SaverOrder.build(conf, s_ok), b_ok, "subset")
+                assert k == public_code_subset(conf, s_ok, b_ok), (name, saver, base)
+                pairs += 1
+                if (saver, base) == ("regnety_002", "convnext_atto"):
+                    assert k / len(y) == pytest.approx(0.9508) and 0.503 < t < 0.504
+    assert pairs == 31
