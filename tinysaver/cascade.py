@@ -69,7 +69,10 @@ class Cascade:
     device: str | torch.device = "cpu"
     half: bool = False
     channels_last: bool = False
-    _validated: bool = field(default=False, repr=False)
+    backend: str | Sequence[str] = "eager"  # one for every stage, or one per stage (see tinysaver.runtimes)
+    backend_fallback: str | None = None     # "eager": a stage whose export fails runs eager instead
+    cache_dir: str | Path | None = None     # where exports are cached (default: next to the checkpoint)
+    _runners: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -87,12 +90,28 @@ class Cascade:
             raise CascadeError(f"stages predict different class spaces: {ncls}")
         if self.half and torch.device(self.device).type != "cuda":
             raise CascadeError("half precision is only supported on GPU; keep fp32 on CPU")
+        backends = [self.backend] * len(self.stages) if isinstance(self.backend, str) else list(self.backend)
+        if len(backends) != len(self.stages):
+            raise CascadeError(f"give one backend for all stages or one per stage ({len(self.stages)}), got {backends}")
+        if (self.half or self.channels_last) and set(backends) - {"eager", "compile"}:
+            raise CascadeError("half and channels_last apply to the eager and compile backends only")
+        if set(backends) - {"eager"} and torch.device(self.device).type != "cpu":
+            raise CascadeError("the compile/onnxruntime/openvino backends run on CPU here; use --device cpu")
+        from .runtimes import runner_with_fallback
+
         for m in self.stages:
             m.module.eval().to(self.device)
             if self.half:
                 m.module.half()
             if self.channels_last:
                 m.module.to(memory_format=torch.channels_last)
+        cache = Path(self.cache_dir) if self.cache_dir else None
+        self._runners = [runner_with_fallback(m, b, self.backend_fallback, cache) for m, b in zip(self.stages, backends)]
+
+    @property
+    def backends(self) -> list[str]:
+        """The backend each stage actually runs on (after any fallback)."""
+        return [r.backend for r in self._runners]
 
     @property
     def stage_names(self) -> list[str]:
@@ -105,7 +124,7 @@ class Cascade:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.half:
             x = x.half()
-        prob = m.module(x).float().softmax(-1)
+        prob = self._runners[i](x).float().softmax(-1)
         conf, pred = prob.max(-1)
         return pred.cpu(), conf.cpu()
 
@@ -186,6 +205,11 @@ def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: st
     zoo = zoo or load_zoo(selection.zoo)
     for m in selection.models:
         zoo.model(m)  # unknown names fail here, before anything loads
+    from .runtimes import check_backend
+
+    backend = kwargs.get("backend", "eager")
+    for b in [backend] if isinstance(backend, str) else backend:
+        check_backend(b)  # so does a backend that is unknown or not installed
     stages = [zoo.load_model(m, device=device, accept_preprocess_change=accept_preprocess_change)
               for m in selection.models]
     return Cascade(stages, selection.thresholds, class_names=zoo_class_names(zoo), device=device, **kwargs)
@@ -229,8 +253,9 @@ def compare_with_base(cascade: Cascade, images, labels, batch_sizes=(1, 32, 128)
     """
     if len(cascade.stages) != 2:
         raise CascadeError("compare_with_base takes a saver → base cascade")
-    saver_only = Cascade(cascade.stages[:1], [], device=cascade.device)
-    base_only = Cascade(cascade.stages[1:], [], device=cascade.device)
+    same = dict(device=cascade.device, cache_dir=cascade.cache_dir)
+    saver_only = Cascade(cascade.stages[:1], [], backend=cascade.backends[:1], **same)
+    base_only = Cascade(cascade.stages[1:], [], backend=cascade.backends[1:], **same)
     rows = []
     n = len(images)
     for bs in batch_sizes:

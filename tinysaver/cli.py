@@ -49,6 +49,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def int_list(text: str) -> list[int]:
+    """'1,32,128' or '1' → [1, 32, 128] / [1]; each ≥ 1."""
+    return [positive_int(t) for t in text.split(",") if t.strip()]
+
+
+def _flatten(args: argparse.Namespace, name: str) -> None:
+    v = getattr(args, name, None)
+    if v and isinstance(v[0], list):
+        setattr(args, name, [x for part in v for x in part])
+
+
 def _handler(path: str):
     def run(args: argparse.Namespace) -> int:
         module, _, name = path.partition(":")
@@ -70,7 +81,8 @@ def _add_selector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, default=d.delta, help="δ of the guaranteed criterion")
     p.add_argument("--guarantee-method", choices=["wsr", "clopper-pearson"], default=d.guarantee_method,
                    help="the test behind the guaranteed criterion")
-    p.add_argument("--cost", default=d.cost, help="flops or latency:DEVICE:bsN, e.g. latency:cpu:bs1")
+    p.add_argument("--cost", default=d.cost,
+                   help="flops or latency:DEVICE:bsN[:BACKEND], e.g. latency:cpu:bs1 or latency:cpu:bs1:onnxruntime")
     p.add_argument("--label-free", action="store_true", help="use agreement with the base instead of labels")
     p.add_argument("--max-stages", type=int, choices=[2, 3], default=d.max_stages,
                    help="3 also searches chains of two savers")
@@ -112,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pretrained", action="store_true", help="download hub weights (needs internet)")
     q.add_argument("--num-classes", type=positive_int)
     q.add_argument("--in-chans", type=positive_int)
-    q.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 32])
+    q.add_argument("--batch-sizes", type=int_list, nargs="+", default=[1, 32],
+                   help="latency batch sizes, e.g. 1 32 128 or 1,32,128")
     q.add_argument("--eval-batch-size", type=positive_int, default=64)
     q.add_argument("--topk", type=positive_int, default=5)
     q.add_argument("--save-logits", action="store_true")
@@ -122,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true",
                    help="re-measure finished models (FLOPs, latency); prediction files are reused")
     q.add_argument("--quiet", action="store_true")
+    q.add_argument("--latency-only", action="store_true",
+                   help="add latency rows per --backends to an existing zoo (--zoo or --config); predictions untouched")
+    q.add_argument("--backends", default="eager",
+                   help="with --latency-only: comma-separated eager, compile, onnxruntime, openvino")
 
     q = cmd(sub, "query", "tinysaver.cli_select:cmd_query", "best saver and threshold for one base model")
     _add_selector_args(q)
@@ -157,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send each batch's survivors on at once instead of gathering full batches for the base")
     q.add_argument("--accept-preprocess-change", action="store_true",
                    help="run a model whose current timm data config differs from the one the zoo recorded")
+    q.add_argument("--backend", default="eager",
+                   help="eager, compile, onnxruntime or openvino: one for all stages, or one per stage, comma-separated")
+    q.add_argument("--backend-fallback", choices=["eager"],
+                   help="run a stage whose export fails on eager instead of stopping")
     q.add_argument("--device", default="cpu")
     q.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     q.add_argument("--quiet", action="store_true")
@@ -195,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _flatten(args, "batch_sizes")
     try:
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # inside the try: a reader that left early is caught here, not at exit

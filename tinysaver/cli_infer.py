@@ -29,7 +29,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
                          ".tif files, folders and .tar files)")
     if not args.quiet:
         print(describe(sel), file=sys.stderr)
-    cascade = build_cascade(sel, zoo, device=args.device, accept_preprocess_change=args.accept_preprocess_change)
+    backends = args.backend.split(",")
+    cascade = build_cascade(sel, zoo, device=args.device, accept_preprocess_change=args.accept_preprocess_change,
+                            backend=backends[0] if len(backends) == 1 else backends,
+                            backend_fallback=args.backend_fallback)
     names = cascade.stage_names
     counts = [0] * len(names)
     failed = 0
@@ -59,7 +62,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     done = sum(counts)
     summary = {"images": done, "unreadable": failed, "seconds": round(dt, 3),
                "images_per_s": round(done / dt, 2) if dt > 0 else None,
-               "thresholds": sel.thresholds,
+               "thresholds": sel.thresholds, "backends": cascade.backends,
                "exit_ratio": {n: round(c / max(done, 1), 4) for n, c in zip(names, counts)}}
     print("summary: " + json.dumps(summary), file=sys.stderr)
     return 0 if done else 2

@@ -48,8 +48,17 @@ def _parse_splits(items) -> dict[str, str]:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .models import ModelSpec
-    from .profiler import ProfileConfig, profile
+    from .profiler import ProfileConfig, profile, profile_latency
 
+    if args.latency_only:
+        zoo = args.zoo or (ProfileConfig.from_yaml(args.config).zoo if args.config else None)
+        if not zoo:
+            raise ValueError("--latency-only needs the zoo: give --zoo NAME or --config FILE")
+        path = profile_latency(zoo, [b for b in args.backends.split(",") if b], args.batch_sizes,
+                               Path(args.root) if args.root else None, models=args.model, limit=args.limit,
+                               log=(lambda s: None) if args.quiet else print)
+        print(f"latency rows added to {path}")
+        return 0
     if args.config:
         cfg = ProfileConfig.from_yaml(args.config, zoo=args.zoo, limit=args.limit, device=args.device,
                                       force=args.force or None)

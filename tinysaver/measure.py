@@ -112,16 +112,23 @@ def device_info(device: str | torch.device = "cpu") -> dict[str, Any]:
 
 
 def measure_latency(
-    module: nn.Module,
+    module,
     input_shape: Sequence[int],
     batch_sizes: Sequence[int] = (1,),
     min_run_time: float = 0.5,
     warmup: int = 2,
+    device: str | torch.device | None = None,
 ) -> list[Latency]:
-    """Median latency per batch with torch.utils.benchmark (which syncs CUDA and picks repeat counts)."""
+    """Median latency per batch with torch.utils.benchmark (which syncs CUDA and picks repeat counts).
+
+    ``module`` is an ``nn.Module`` or any callable on a float (N, C, H, W) batch, such as a
+    :class:`tinysaver.runtimes.Runner`; ``device`` defaults to the module's parameters' device.
+    """
     from torch.utils import benchmark
 
-    device = next(module.parameters()).device
+    if device is None:
+        params = getattr(module, "parameters", None)
+        device = next(params()).device if params else torch.device("cpu")
     out = []
     for bs in batch_sizes:
         if bs < 1:

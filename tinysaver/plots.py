@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .policy import answers, apply
-from .selector import SelectorConfig, SplitData, calibration_and_test, model_cost, select
+from .selector import SelectorConfig, SplitData, available_costs, calibration_and_test, select
 
 
 def exit_curve(sd: SplitData, base: str, saver: str, points: int = 200) -> tuple[np.ndarray, ...]:
@@ -50,7 +50,7 @@ def plot_pair(zoo, base: str, saver: str, out: str | Path, cfg: SelectorConfig |
     ax1.set_title(f"{base} – {saver}")
     ax1.legend(fontsize=7)
     # Pareto front of every measured model as a saver for this base
-    costs = {m: model_cost(zoo, m, cfg.cost) for m in zoo.measured()}
+    costs = available_costs(zoo, zoo.measured(), cfg.cost)
     pts = []
     for m in zoo.measured():
         if m == base or costs[m] >= costs[base]:

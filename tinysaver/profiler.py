@@ -264,6 +264,64 @@ def _profile_one(spec: ModelSpec, cfg: ProfileConfig, data: dict[str, DecodedSet
     return entry
 
 
+AGREEMENT_TOP1 = 0.999   # a backend is exact when it gives eager's class on ≥ 99.9 % of samples
+AGREEMENT_CONF = 1e-4    # … and every confidence within this of eager's
+
+
+def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int] = (1, 32, 128),
+                    root: Path | None = None, models: Sequence[str] | None = None, limit: int | None = None,
+                    min_run_time: float = 0.5, log: Callable[[str], None] = print) -> Path:
+    """Add per-backend latency rows to an existing zoo; predictions are read, never written.
+
+    For each measured model and backend: export (cached), check agreement with the zoo's stored
+    eager predictions on every split (the first ``limit`` samples of each, when given), and measure
+    latency at ``batch_sizes``. Stored under ``models.<key>.backends.<backend>`` with the runtime
+    version, export time, agreement, whether it is exact, and the machine the latency came from.
+    """
+    from .runtimes import agreement_with_predictions, check_backend, make_runner
+    from .zoo import load_zoo
+
+    for b in backends:
+        check_backend(b)  # before anything runs
+    if not batch_sizes or any(bs < 1 for bs in batch_sizes):
+        raise ValueError("batch sizes must be ≥ 1")
+    z = load_zoo(zoo, root)
+    keys = list(models) if models else z.measured()
+    for k in keys:
+        if z.model(k).get("status") != "measured":
+            raise ZooError(f"{k!r} in zoo {zoo!r} is {z.models[k].get('status')}: nothing to run")
+    with zoo_lock(z.path):
+        data = {}
+        for split, meta in z.splits.items():
+            data[split] = load_dataset(meta["source"], progress=False, limit=limit)
+        for key in keys:
+            model = z.load_model(key)
+            entry = z.manifest["models"][key]
+            for b in backends:
+                runner = make_runner(model, b)
+                agree = {}
+                for split, ds in data.items():
+                    stored = z.predictions(key, split)
+                    agree[split] = agreement_with_predictions(model, runner, ds, stored)
+                exact = all(a["top1_agreement"] >= AGREEMENT_TOP1 and a["max_conf_diff"] <= AGREEMENT_CONF
+                            for a in agree.values())
+                lats = measure_latency(runner, model.preprocess.input_size, batch_sizes, min_run_time=min_run_time,
+                                       device="cpu")
+                entry.setdefault("backends", {})[b] = {
+                    "version": backend_version_of(b), "export_s": round(runner.export_s, 3), "exact": exact,
+                    "agreement": agree, "latency": {**device_info("cpu"), "table": latency_table(lats)}}
+                log(f"{key} [{b}]: " + ", ".join(f"bs{lt.batch_size} {lt.ms_per_batch:.2f} ms" for lt in lats)
+                    + ("" if exact else "  (NOT exact against eager: see its agreement)"))
+            atomic_write_yaml(z.path / MANIFEST, z.manifest)
+    return z.path
+
+
+def backend_version_of(backend: str) -> str:
+    from .runtimes import backend_version
+
+    return backend_version(backend)
+
+
 def add_published(zoo: str, entries: dict[str, dict[str, Any]], root: Path | None = None,
                   description: str = "") -> Path:
     """Write published (not measured) entries, e.g. timm's tables, into a zoo manifest."""
@@ -277,4 +335,4 @@ def add_published(zoo: str, entries: dict[str, dict[str, Any]], root: Path | Non
     return path
 
 
-__all__: Sequence[str] = ["ProfileConfig", "profile", "predict", "add_published"]
+__all__: Sequence[str] = ["ProfileConfig", "profile", "profile_latency", "predict", "add_published"]

@@ -210,16 +210,35 @@ def model_cost(zoo: Zoo, model: str, cost: str) -> float:
         return float(e["flops"])
     if cost.startswith("latency:"):
         parts = cost.split(":")
-        if len(parts) != 3 or not parts[2].startswith("bs") or not parts[2][2:].isdigit():
-            raise SelectionError(f"latency cost must look like latency:cpu:bs1, got {cost!r}")
-        lat = e.get("latency") or {}
+        if len(parts) not in (3, 4) or not parts[2].startswith("bs") or not parts[2][2:].isdigit():
+            raise SelectionError(f"latency cost must look like latency:cpu:bs1 or latency:cpu:bs1:onnxruntime, got {cost!r}")
+        backend = parts[3] if len(parts) == 4 else "eager"
+        lat = ((e.get("backends") or {}).get(backend) or {}).get("latency")
+        if lat is None and backend == "eager":
+            lat = e.get("latency") or {}
+        if lat is None:
+            raise SelectionError(f"{model!r} has no latency on backend {backend!r} in zoo {zoo.name!r}; measure it with "
+                                 f"'tinysaver profile --latency-only --zoo {zoo.name} --backends {backend}'")
         if lat.get("device") != parts[1]:
             raise SelectionError(f"{model!r} has latency measured on {lat.get('device')!r}, not {parts[1]!r}")
         row = (lat.get("table") or {}).get(parts[2])
         if not row:
-            raise SelectionError(f"{model!r} has no latency at {parts[2]}; measured: {', '.join(lat.get('table') or {})}")
+            raise SelectionError(f"{model!r} has no latency at {parts[2]} on {backend}; measured: "
+                                 f"{', '.join(lat.get('table') or {})}")
         return float(row["ms_per_batch"]) / int(parts[2][2:])
-    raise SelectionError(f"cost must be 'flops' or 'latency:DEVICE:bsN', got {cost!r}")
+    raise SelectionError(f"cost must be 'flops' or 'latency:DEVICE:bsN[:BACKEND]', got {cost!r}")
+
+
+def available_costs(zoo: Zoo, models: Sequence[str], cost: str) -> dict[str, float]:
+    """Costs of the models that have this cost measured (a backend's latency may cover only some)."""
+    out = {}
+    for m in models:
+        try:
+            out[m] = model_cost(zoo, m, cost)
+        except SelectionError:
+            if not cost.startswith("latency:"):
+                raise
+    return out
 
 
 def load_split_data(zoo: Zoo, split: str, models: Sequence[str]) -> SplitData:
@@ -478,7 +497,8 @@ def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Seque
     entry = zoo.model(base)
     if entry.get("status") != "measured":
         raise SelectionError(f"{base!r} is {entry.get('status')} in zoo {zoo.name!r}: it has no predictions to select on")
-    costs = {m: model_cost(zoo, m, cfg.cost) for m in zoo.measured()}
+    costs = available_costs(zoo, zoo.measured(), cfg.cost)
+    costs[base] = model_cost(zoo, base, cfg.cost)  # the base must have one: this names what is missing
     ncls = entry.get("num_classes")
     if savers is not None:
         for s in savers:
@@ -487,12 +507,13 @@ def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Seque
             se = zoo.model(s)
             if se.get("status") != "measured":
                 raise SelectionError(f"saver {s!r} has no predictions in zoo {zoo.name!r}")
+            costs[s] = model_cost(zoo, s, cfg.cost)
             if se.get("num_classes") != ncls:
                 raise SelectionError(f"saver {s!r} predicts {se.get('num_classes')} classes but base {base!r} "
                                      f"predicts {ncls}: their class spaces differ")
         pool = list(dict.fromkeys(savers))
     else:
-        pool = [m for m in zoo.measured() if m != base and costs[m] < costs[base]
+        pool = [m for m in costs if m != base and costs[m] < costs[base]
                 and zoo.models[m].get("num_classes") == ncls]
     calib, test = calibration_and_test(zoo, [base, *pool], cfg.calib_split, cfg.test_split, cfg.seed)
     return _select_on(zoo.name, base, pool, costs, calib, test, cfg, top)
@@ -557,7 +578,10 @@ def select_all(zoo: Zoo, cfg: SelectorConfig | None = None) -> tuple[list[Select
     models = zoo.measured()
     if not models:
         raise SelectionError(f"zoo {zoo.name!r} has no measured models")
-    costs = {m: model_cost(zoo, m, cfg.cost) for m in models}
+    costs = available_costs(zoo, models, cfg.cost)
+    if not costs:
+        model_cost(zoo, models[0], cfg.cost)  # raises, naming what is missing
+    models = [m for m in models if m in costs]
     calib, test = calibration_and_test(zoo, models, cfg.calib_split, cfg.test_split, cfg.seed)
     return select_all_arrays(zoo.name, models, costs, {m: zoo.models[m].get("num_classes") for m in models},
                              calib, test, cfg)

@@ -211,6 +211,9 @@ class Zoo:
                 row[f"top1_{split}"] = round(100 * acc, 2) if acc is not None else None
             for bs, lat in ((m.get("latency") or {}).get("table") or {}).items():
                 row[f"ms_{bs}"] = lat["ms_per_batch"]
+            for backend, b in (m.get("backends") or {}).items():  # one column per backend and batch size
+                for bs, lat in ((b.get("latency") or {}).get("table") or {}).items():
+                    row[f"ms_{bs}_{backend}"] = lat["ms_per_batch"]
             rows.append(row)
         df = pd.DataFrame(rows)
         if "GFLOPs" in df and len(df):

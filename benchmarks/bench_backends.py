@@ -1,0 +1,131 @@
+"""Cascades on inference backends: do FLOPs savings become wall-clock savings on CPU?
+
+    python benchmarks/bench_backends.py --zoo fashion-mnist --images 512
+    python benchmarks/bench_backends.py --zoo imagenet-lite --images 64
+
+For every base the selector gives a saver (zero loss on calib, FLOPs cost, pairs), on each backend
+and batch size: the base alone, the cascade, and the saver alone run on the same images,
+interleaved (base, cascade, saver, base, cascade, saver, …) for ``--repeats`` repetitions. Each
+repetition gives a speedup (base / cascade) and an ideal time, saver + (1 − exit ratio) · base,
+from the stage times of that same repetition; medians and min–max spreads are printed. A noisy
+neighbour slows the three runs of a repetition alike, so it cannot fake a ratio.
+
+Also printed: export time and resident memory per backend, the cascade on the fastest backend against
+the base on eager (what a user runs today), and the issue's goals.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from tinysaver.cascade import Cascade
+from tinysaver.data import load_dataset
+from tinysaver.selector import SelectorConfig, select_all
+from tinysaver.zoo import load_zoo
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def timed(cascade: Cascade, images, bs: int) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    res = cascade.predict(images, batch_size=bs)
+    return time.perf_counter() - t0, res.stage
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default="fashion-mnist")
+    ap.add_argument("--split", default=None, help="images to run (default: test, or the zoo's first split)")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument("--backends", default="eager,onnxruntime,openvino")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--bases", nargs="*", help="only these bases")
+    args = ap.parse_args()
+    zoo = load_zoo(args.zoo)
+    split = args.split or ("test" if "test" in zoo.splits else next(iter(zoo.splits)))
+    images = load_dataset(zoo.splits[split]["source"], progress=False, limit=args.images).images
+    backends = args.backends.split(",")
+    sels, _ = select_all(zoo, SelectorConfig())
+    sels = [s for s in sels if s.found and (not args.bases or s.base in args.bases)]
+    print(f"zoo {args.zoo}: {len(images)} {split} images, backends {', '.join(backends)}, batch sizes "
+          f"{args.batch_sizes}, {args.repeats} interleaved repetitions; speedups are medians (min–max)")
+    models = {}
+    for sel in sels:
+        for m in sel.models:
+            models.setdefault(m, zoo.load_model(m))
+    # export (or load from the cache) once per model and backend, noting time and memory
+    print("\n| backend | models | export s (total, this run) | from cache | resident MB added |")
+    print("|---|---|---|---|---|")
+    for b in backends:
+        before = rss_mb()
+        cas = [Cascade([models[m]], [], backend=b) for m in models]
+        print(f"| {b} | {len(cas)} | {sum(c._runners[0].export_s for c in cas):.1f} | "
+              f"{sum(c._runners[0].cached for c in cas)} | {rss_mb() - before:.0f} |")
+    print("\n| base ← saver | FLOPs saving | batch | backend | base img/s | cascade img/s | speedup | ideal | "
+          "of ideal | exit ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    goals = []
+    for sel in sels:
+        saver, base = sel.models[0], sel.base
+        if len(sel.models) != 2:
+            continue
+        best = {}
+        for bs in args.batch_sizes:
+            eager_base = None
+            for b in backends:
+                base_only = Cascade([models[base]], [], backend=b)
+                saver_only = Cascade([models[saver]], [], backend=b)
+                cascade = Cascade([models[saver], models[base]], sel.thresholds, backend=b)
+                for c in (base_only, cascade, saver_only):  # warm-up
+                    c.predict(images[: min(len(images), 4 * bs)], batch_size=bs)
+                tb, tc, ts, ideal = [], [], [], []
+                for _ in range(args.repeats):
+                    t_base, _ = timed(base_only, images, bs)
+                    t_casc, stage = timed(cascade, images, bs)
+                    t_sav, _ = timed(saver_only, images, bs)
+                    exit_ratio = float((stage == 0).mean())
+                    tb.append(t_base)
+                    tc.append(t_casc)
+                    ts.append(t_sav)
+                    ideal.append(t_sav + (1 - exit_ratio) * t_base)
+                tb, tc, ideal = map(np.array, (tb, tc, ideal))
+                sp, idl, of = tb / tc, tb / ideal, ideal / tc
+                n = len(images)
+                print(f"| {base} ← {saver} | {sel.saving_pct:.1f}% | {bs} | {b} | {n / np.median(tb):.1f} | "
+                      f"{n / np.median(tc):.1f} | {np.median(sp):.2f}× ({sp.min():.2f}–{sp.max():.2f}) | "
+                      f"{np.median(idl):.2f}× | {np.median(of):.2f} ({of.min():.2f}–{of.max():.2f}) | {exit_ratio:.1%} |",
+                      flush=True)
+                if b == "eager":
+                    eager_base = np.median(tb)
+                best.setdefault(bs, []).append((np.median(tc), b, np.median(sp), np.median(of)))
+            t_best, b_best, _, _ = min(best[bs])
+            if eager_base is not None:
+                goals.append((base, saver, sel.saving_pct, bs, b_best, eager_base / t_best, best[bs]))
+    print("\n| base ← saver | batch | fastest backend for the cascade | cascade there vs base on eager |")
+    print("|---|---|---|---|")
+    for base, saver, _, bs, b_best, ratio, _ in goals:
+        print(f"| {base} ← {saver} | {bs} | {b_best} | {ratio:.2f}× |")
+    print("\ngoals (issue 11):")
+    for base, saver, saving, bs, b_best, ratio, rows in goals:
+        for t_c, b, sp, of in rows:
+            if saving >= 50 and bs in (1, 128):
+                print(f"  {base} bs{bs} {b}: cascade faster than base on the same backend: "
+                      f"{'yes' if sp > 1 else 'NO'} ({sp:.2f}×)")
+            if of < 0.95:
+                print(f"  {base} bs{bs} {b}: of ideal {of:.2f} < 0.95")
+        if base == "resnet10t" and bs == 1:
+            print(f"  resnet10t bs1: fastest-backend cascade vs eager base {ratio:.2f}× (goal ≥ 5×)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Inference backends: export once, reuse the cache, agree with eager, and run the cascade exactly."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import need_package
+from tests.test_cascade import offline_reference, split_threshold, tiny
+from tinysaver.cascade import Cascade
+from tinysaver.runtimes import BackendError, agreement, check_backend, make_runner, runner_with_fallback
+
+ONNX_BACKENDS = ["onnxruntime", "openvino"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (3, 24 + i, 30 - i), dtype=torch.uint8, generator=g) for i in range(13)]
+
+
+@pytest.mark.parametrize("backend", ONNX_BACKENDS)
+def test_export_is_cached_and_agrees_with_eager(backend, tmp_path, images):
+    need_package(backend)
+    m = tiny("test_efficientnet", input_size=32)
+    first = make_runner(m, backend, cache_dir=tmp_path)
+    assert not first.cached and first.export_path.is_file() and first.export_s > 0
+    stamp = os.stat(first.export_path).st_mtime_ns
+    again = make_runner(m, backend, cache_dir=tmp_path)
+    assert again.cached and again.export_s == 0 and again.export_path == first.export_path
+    assert os.stat(again.export_path).st_mtime_ns == stamp  # loaded, not exported again
+    for bs in (1, 5, 13):  # dynamic batch: shrinking changes it at every stage
+        a = agreement(m, again, images, batch_size=bs)
+        assert a["top1_agreement"] == 1.0 and a["max_conf_diff"] < 1e-4 and a["samples"] == 13
+    with torch.no_grad():
+        m.module.conv_stem.weight.add_(0.1)  # other weights: another key, another export
+    assert make_runner(m, backend, cache_dir=tmp_path).export_path != first.export_path
+
+
+@pytest.mark.parametrize("backend", ONNX_BACKENDS)
+def test_cascade_on_a_backend_is_exact_against_its_offline_policy(backend, tmp_path, images):
+    need_package(backend)
+    stages = [tiny("test_efficientnet", input_size=32), tiny("test_resnet", input_size=40)]
+    cas = Cascade(stages, [0.0], backend=backend, cache_dir=tmp_path)
+    assert cas.backends == [backend, backend]
+    every = cas.predict(images, all_stages=True)  # every stage on every sample, on this backend
+    t, near = split_threshold(every.stage_conf[0])
+    assert near == 0
+    cas.thresholds = [t]
+    ref = Cascade(stages, [t], backend=backend, cache_dir=tmp_path).predict(images, shrink=False)
+    for bs in (1, 4):
+        res = cas.predict(images, batch_size=bs)
+        assert np.array_equal(res.stage, ref.stage) and np.array_equal(res.pred, ref.pred)
+    assert 0 < (ref.stage == 0).sum() < len(images)
+    eager = offline_reference(stages, [t], images)  # the backend's decisions match eager's here too
+    assert np.array_equal(ref.stage, eager[2]) and np.array_equal(ref.pred, eager[0])
+
+
+def test_one_backend_per_stage(tmp_path, images):
+    need_package("onnxruntime")
+    stages = [tiny("test_efficientnet", input_size=32), tiny("test_resnet", input_size=40)]
+    cas = Cascade(stages, [0.5], backend=["onnxruntime", "eager"], cache_dir=tmp_path)
+    assert cas.backends == ["onnxruntime", "eager"]
+    with pytest.raises(ValueError, match="one per stage"):
+        Cascade(stages, [0.5], backend=["eager"])
+
+
+def test_missing_or_unknown_backend_names_the_extra(monkeypatch):
+    with pytest.raises(BackendError, match="unknown backend 'tensorrt'"):
+        check_backend("tensorrt")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(BackendError, match=r"pip install 'tinysaver\[onnx\]'"):
+        check_backend("onnxruntime")
+
+
+class Svd(torch.nn.Module):
+    """A classifier whose op (linalg_svdvals) has no ONNX export."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(torch.linalg.svdvals(x.flatten(2)))
+
+
+def test_failed_export_names_model_and_op_and_falls_back_only_when_asked(tmp_path):
+    need_package("onnxruntime")
+    from tinysaver.models import LoadedModel, Preprocess
+
+    m = LoadedModel("svd-net", Svd().eval(), Preprocess((3, 8, 8)), 3)
+    with pytest.raises(BackendError, match=r"svd-net: cannot export to ONNX \(op aten::linalg_svdvals\)"):
+        make_runner(m, "onnxruntime", cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match="running svd-net on eager"):
+        r = runner_with_fallback(m, "onnxruntime", "eager", cache_dir=tmp_path)
+    assert r.backend == "eager" and not list(tmp_path.glob("*.onnx"))  # no half-written export left
+
+
+def test_compile_backend_agrees_with_eager(images):
+    """torch.compile (inductor) on a small conv net: compiling a timm model takes minutes on 2 cores."""
+    from tinysaver.models import LoadedModel, Preprocess
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+    m = LoadedModel("small-conv", net, Preprocess((3, 16, 16)), 3)
+    r = make_runner(m, "compile")
+    assert r.backend == "compile"
+    for bs in (1, 6):
+        a = agreement(m, r, images[:6], batch_size=bs)
+        assert a["top1_agreement"] == 1.0 and a["max_conf_diff"] < 1e-4
+
+
+def test_latency_only_profile_adds_backend_rows_and_costs(tiny_zoo_cfg, tmp_path):
+    need_package("onnxruntime")
+    import dataclasses
+    import hashlib
+
+    from tinysaver.cli import main
+    from tinysaver.profiler import profile
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.zoo import load_zoo
+
+    from safetensors.torch import save_file
+
+    from tinysaver.models import create_model
+
+    specs = []
+    for spec in tiny_zoo_cfg.models[:2]:  # a zoo's models carry their weights: save them as checkpoints
+        f = tmp_path / f"{spec.key}.safetensors"
+        save_file({k: v.contiguous() for k, v in create_model(spec).module.state_dict().items()}, str(f))
+        specs.append(dataclasses.replace(spec, checkpoint=str(f)))
+    cfg = dataclasses.replace(tiny_zoo_cfg, models=specs)
+    root = tmp_path / "zoos"
+    profile(cfg, root, progress=False, log=lambda s: None)
+    preds = sorted((root / "tiny" / "preds").rglob("*.npz"))
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in preds]
+    assert main(["profile", "--latency-only", "--zoo", "tiny", "--root", str(root), "--backends",
+                 "eager,onnxruntime", "--batch-sizes", "1,3", "--quiet"]) == 0
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in preds] == digest  # predictions untouched
+    zoo = load_zoo("tiny", root)
+    for key, m in zoo.models.items():
+        for b in ("eager", "onnxruntime"):
+            row = m["backends"][b]
+            assert row["exact"] and set(row["latency"]["table"]) == {"bs1", "bs3"}
+            assert row["latency"]["device"] == "cpu" and row["latency"]["threads"] >= 1
+            assert set(row["agreement"]) == {"a", "b"} and row["agreement"]["a"]["top1_agreement"] == 1.0
+    assert {"ms_bs1_onnxruntime", "ms_bs3_eager"} <= set(zoo.table().columns)
+    keys = sorted(zoo.models, key=lambda k: zoo.models[k]["backends"]["onnxruntime"]["latency"]["table"]["bs1"]["ms_per_batch"])
+    sel, _ = select(zoo, keys[-1], SelectorConfig(cost="latency:cpu:bs1:onnxruntime", criterion="bounded", tolerance=100))
+    assert sel.cost_metric == "latency:cpu:bs1:onnxruntime"
+    assert sel.cost_base == zoo.models[keys[-1]]["backends"]["onnxruntime"]["latency"]["table"]["bs1"]["ms_per_batch"]
+    with pytest.raises(ValueError, match="no latency on backend 'openvino'.*--backends openvino"):
+        select(zoo, keys[-1], SelectorConfig(cost="latency:cpu:bs1:openvino"))

@@ -1,0 +1,213 @@
+"""Run one model on a batch on an inference backend: eager PyTorch, torch.compile, ONNX Runtime or OpenVINO.
+
+A :class:`Runner` maps a float (N, C, H, W) batch to (N, classes) logits, for any N: batch
+shrinking changes the batch size at every cascade stage. ONNX Runtime and OpenVINO run an ONNX
+export of the model, made once and cached under a key of the model's name, a sha256 of its
+weights, its input size and the torch and runtime versions, so a later run loads it instead of
+exporting again. Thread counts are set through each runtime's own options (ONNX Runtime's
+``intra_op_num_threads``, OpenVINO's ``INFERENCE_NUM_THREADS``) to torch's thread count.
+
+The runtimes are optional extras: ``pip install 'tinysaver[onnx]'`` and ``'tinysaver[openvino]'``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .models import LoadedModel
+
+BACKENDS = ("eager", "compile", "onnxruntime", "openvino")
+_EXTRA = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
+
+
+class BackendError(ValueError):
+    pass
+
+
+@dataclass
+class Runner:
+    """One model on one backend. ``export_s`` is the time spent exporting (0 when the cache held it)."""
+
+    key: str
+    backend: str
+    fn: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
+    export_path: Path | None = None
+    export_s: float = 0.0
+    cached: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def check_backend(name: str) -> None:
+    """Raise a one-line error when ``name`` is unknown or its runtime is not installed."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if name in _EXTRA:
+        module, extra = _EXTRA[name]
+        if importlib.util.find_spec(module) is None:
+            raise BackendError(f"backend {name!r} needs {module}: pip install 'tinysaver[{extra}]'")
+
+
+def backend_version(name: str) -> str:
+    if name in _EXTRA:
+        return str(importlib.import_module(_EXTRA[name][0]).__version__)
+    return str(torch.__version__)
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the module's state dict (names, shapes, dtypes and bytes), first 16 hex digits."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def export_key(model: LoadedModel, backend: str) -> str:
+    parts = [model.key, weights_sha256(model.module), "x".join(map(str, model.preprocess.input_size)),
+             f"torch{torch.__version__}", f"{backend}{backend_version(backend)}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def default_cache_dir(model: LoadedModel) -> Path:
+    """Next to the model's checkpoint when it has a writable one; else ``$TINYSAVER_CACHE`` or
+    ``~/.cache/tinysaver``, under ``exports/``."""
+    ck = model.source.get("checkpoint")
+    if ck and Path(ck).is_file() and os.access(Path(ck).parent, os.W_OK):
+        return Path(ck).parent / "exports"
+    return Path(os.environ.get("TINYSAVER_CACHE", Path.home() / ".cache" / "tinysaver")) / "exports"
+
+
+def export_onnx(model: LoadedModel, path: Path) -> None:
+    """ONNX export with a dynamic batch axis, written atomically; a failure names the model and the op."""
+    from .zoo import atomic_write_bytes
+
+    x = torch.zeros(2, *model.preprocess.input_size)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.module.eval(), (x,), str(tmp), input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        op = re.search(r"operator '([^']+)'", str(e))
+        what = f"op {op.group(1)}" if op else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise BackendError(f"{model.key}: cannot export to ONNX ({what}); run this stage on eager with "
+                           "--backend-fallback eager") from None
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink(missing_ok=True)
+
+
+def _onnx_file(model: LoadedModel, backend: str, cache_dir: Path | None) -> tuple[Path, float, bool]:
+    path = (cache_dir or default_cache_dir(model)) / f"{model.key.replace('/', '__')}-{export_key(model, backend)}.onnx"
+    if path.is_file():
+        return path, 0.0, True
+    t0 = time.perf_counter()
+    export_onnx(model, path)
+    return path, time.perf_counter() - t0, False
+
+
+def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | None = None,
+                threads: int | None = None) -> Runner:
+    """A :class:`Runner` for ``model`` on ``backend`` (exporting once, then reusing the cached file)."""
+    check_backend(backend)
+    threads = threads or torch.get_num_threads()
+    module = model.module.eval()
+    if backend == "eager":
+        return Runner(model.key, backend, module)
+    if backend == "compile":
+        compiled = torch.compile(module, dynamic=True)
+        return Runner(model.key, backend, compiled)
+    path, secs, cached = _onnx_file(model, backend, cache_dir)
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        def run_ort(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy()})[0])
+
+        return Runner(model.key, backend, run_ort, path, secs, cached)
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+
+    def run_ov(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(compiled(x.detach().cpu().numpy())[0]))
+
+    return Runner(model.key, backend, run_ov, path, secs, cached)
+
+
+def runner_with_fallback(model: LoadedModel, backend: str, fallback: str | None = None,
+                         cache_dir: Path | None = None) -> Runner:
+    """:func:`make_runner`, falling back to ``fallback`` (only "eager") for this model when its export fails."""
+    if fallback not in (None, "eager"):
+        raise BackendError(f"the only fallback backend is eager, got {fallback!r}")
+    try:
+        return make_runner(model, backend, cache_dir)
+    except BackendError as e:
+        if fallback is None or "cannot export" not in str(e):
+            raise
+        warnings.warn(f"{e}; running {model.key} on eager as --backend-fallback asks")
+        return make_runner(model, "eager")
+
+
+def agreement(model: LoadedModel, runner: Runner, images, batch_size: int = 64) -> dict[str, float]:
+    """How closely ``runner`` reproduces eager on decoded ``images``: the share of samples with the
+    same top-1 class, and the largest max-softmax confidence difference."""
+    from .data import take_images
+    from .transforms import prepare_batch
+
+    same, worst, n = 0, 0.0, len(images)
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            x = prepare_batch(take_images(images, range(s, min(s + batch_size, n))), model.preprocess)
+            ce, pe = model.module(x).float().softmax(-1).max(-1)
+            cr, pr = runner(x).float().softmax(-1).max(-1)
+            same += int((pe == pr).sum())
+            worst = max(worst, float((ce - cr).abs().max()))
+    return {"top1_agreement": same / max(n, 1), "max_conf_diff": worst, "samples": n}
+
+
+def agreement_with_predictions(model: LoadedModel, runner: Runner, data, stored, batch_size: int = 256) -> dict:
+    """Agreement of ``runner`` with eager predictions stored in a zoo (``stored``: Predictions of the
+    same split), on the samples of ``data`` (a DecodedSet, possibly the split's first N samples)."""
+    from .transforms import prepare_batch
+
+    n = len(data)
+    if list(data.ids) != [str(i) for i in stored.ids[:n]]:
+        raise BackendError(f"{model.key}: the decoded samples are not the ones the zoo recorded (ids differ)")
+    preds, confs = [], []
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            c, p = runner(prepare_batch(data.batch(s, s + batch_size), model.preprocess)).float().softmax(-1).max(-1)
+            preds.append(p.numpy())
+            confs.append(c.numpy())
+    pred, conf = np.concatenate(preds), np.concatenate(confs)
+    return {"top1_agreement": round(float((pred == stored.pred[:n]).mean()), 6),
+            "max_conf_diff": float(np.abs(conf - stored.conf[:n]).max()), "samples": n}
+
+
+__all__ = ["agreement_with_predictions", "BACKENDS", "BackendError", "Runner", "make_runner", "runner_with_fallback", "check_backend",
+           "agreement", "weights_sha256", "export_key", "default_cache_dir"]
