@@ -154,3 +154,15 @@ def test_latency_only_profile_adds_backend_rows_and_costs(tiny_zoo_cfg, tmp_path
     assert sel.cost_base == zoo.models[keys[-1]]["backends"]["onnxruntime"]["latency"]["table"]["bs1"]["ms_per_batch"]
     with pytest.raises(ValueError, match="no latency on backend 'openvino'.*--backends openvino"):
         select(zoo, keys[-1], SelectorConfig(cost="latency:cpu:bs1:openvino"))
+
+
+def test_malloc_advice_only_where_it_helps(monkeypatch):
+    from tinysaver.runtimes import malloc_advice
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert "LD_PRELOAD=" in malloc_advice(32, [224, 260])
+    assert malloc_advice(1, [224]) is None          # batch 1: no large buffers
+    assert malloc_advice(32, [32, 64]) is None      # small images
+    assert malloc_advice(32, [224], "cuda") is None
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    assert malloc_advice(32, [224]) is None         # already on

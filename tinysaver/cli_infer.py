@@ -33,6 +33,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
     cascade = build_cascade(sel, zoo, device=args.device, accept_preprocess_change=args.accept_preprocess_change,
                             backend=backends[0] if len(backends) == 1 else backends,
                             backend_fallback=args.backend_fallback)
+    from .runtimes import malloc_advice
+
+    advice = malloc_advice(args.batch_size, [m.preprocess.input_size[-1] for m in cascade.stages], args.device)
+    if advice and not args.quiet:
+        print(f"tinysaver: note: {advice}", file=sys.stderr)
     names = cascade.stage_names
     counts = [0] * len(names)
     failed = 0
