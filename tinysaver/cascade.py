@@ -72,7 +72,7 @@ class Cascade:
     backend: str | Sequence[str] = "eager"  # one for every stage, or one per stage (see tinysaver.runtimes)
     backend_fallback: str | None = None     # "eager": a stage whose export fails runs eager instead
     cache_dir: str | Path | None = None     # where exports are cached (default: next to the checkpoint)
-    _runners: list = field(default_factory=list, repr=False)
+    _runners: list = field(default_factory=list, repr=False, init=False)
 
     def __post_init__(self) -> None:
         if not self.stages:
