@@ -141,6 +141,9 @@ def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | No
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # idle intra-op threads spin by default; in a cascade the next stage (another session, or
+        # torch) then competes with them for the cores, which made every ratio noisy on 2 cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
         def run_ort(x: torch.Tensor) -> torch.Tensor:
