@@ -278,7 +278,7 @@ def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int
     latency at ``batch_sizes``. Stored under ``models.<key>.backends.<backend>`` with the runtime
     version, export time, agreement, whether it is exact, and the machine the latency came from.
     """
-    from .runtimes import agreement_with_predictions, check_backend, make_runner
+    from .runtimes import agreement_with_predictions, backend_version, check_backend, make_runner
     from .zoo import load_zoo
 
     for b in backends:
@@ -308,18 +308,12 @@ def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int
                 lats = measure_latency(runner, model.preprocess.input_size, batch_sizes, min_run_time=min_run_time,
                                        device="cpu")
                 entry.setdefault("backends", {})[b] = {
-                    "version": backend_version_of(b), "export_s": round(runner.export_s, 3), "exact": exact,
+                    "version": backend_version(b), "export_s": round(runner.export_s, 3), "exact": exact,
                     "agreement": agree, "latency": {**device_info("cpu"), "table": latency_table(lats)}}
                 log(f"{key} [{b}]: " + ", ".join(f"bs{lt.batch_size} {lt.ms_per_batch:.2f} ms" for lt in lats)
                     + ("" if exact else "  (NOT exact against eager: see its agreement)"))
             atomic_write_yaml(z.path / MANIFEST, z.manifest)
     return z.path
-
-
-def backend_version_of(backend: str) -> str:
-    from .runtimes import backend_version
-
-    return backend_version(backend)
 
 
 def add_published(zoo: str, entries: dict[str, dict[str, Any]], root: Path | None = None,

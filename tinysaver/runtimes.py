@@ -93,8 +93,6 @@ def default_cache_dir(model: LoadedModel) -> Path:
 
 def export_onnx(model: LoadedModel, path: Path) -> None:
     """ONNX export with a dynamic batch axis, written atomically; a failure names the model and the op."""
-    from .zoo import atomic_write_bytes
-
     x = torch.zeros(2, *model.preprocess.input_size)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,8 +108,7 @@ def export_onnx(model: LoadedModel, path: Path) -> None:
         what = f"op {op.group(1)}" if op else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise BackendError(f"{model.key}: cannot export to ONNX ({what}); run this stage on eager with "
                            "--backend-fallback eager") from None
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink(missing_ok=True)
+    os.replace(tmp, path)  # same folder: the rename is atomic
 
 
 def _onnx_file(model: LoadedModel, backend: str, cache_dir: Path | None) -> tuple[Path, float, bool]:
@@ -176,40 +173,39 @@ def runner_with_fallback(model: LoadedModel, backend: str, fallback: str | None 
         return make_runner(model, "eager")
 
 
-def agreement(model: LoadedModel, runner: Runner, images, batch_size: int = 64) -> dict[str, float]:
-    """How closely ``runner`` reproduces eager on decoded ``images``: the share of samples with the
-    same top-1 class, and the largest max-softmax confidence difference."""
+def _classify(fn, model: LoadedModel, images, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top-1 class, max-softmax confidence) of ``fn`` on decoded uint8 ``images``."""
     from .data import take_images
     from .transforms import prepare_batch
 
-    same, worst, n = 0, 0.0, len(images)
+    preds, confs = [], []
     with torch.inference_mode():
-        for s in range(0, n, batch_size):
-            x = prepare_batch(take_images(images, range(s, min(s + batch_size, n))), model.preprocess)
-            ce, pe = model.module(x).float().softmax(-1).max(-1)
-            cr, pr = runner(x).float().softmax(-1).max(-1)
-            same += int((pe == pr).sum())
-            worst = max(worst, float((ce - cr).abs().max()))
-    return {"top1_agreement": same / max(n, 1), "max_conf_diff": worst, "samples": n}
+        for s in range(0, len(images), batch_size):
+            x = prepare_batch(take_images(images, range(s, min(s + batch_size, len(images)))), model.preprocess)
+            c, p = fn(x).float().softmax(-1).max(-1)
+            preds.append(p.numpy())
+            confs.append(c.numpy())
+    return np.concatenate(preds), np.concatenate(confs)
+
+
+def _compare(pred, conf, ref_pred, ref_conf) -> dict:
+    return {"top1_agreement": round(float((pred == ref_pred).mean()), 6),
+            "max_conf_diff": float(np.abs(conf - ref_conf).max()), "samples": len(pred)}
+
+
+def agreement(model: LoadedModel, runner: Runner, images, batch_size: int = 64) -> dict[str, float]:
+    """How closely ``runner`` reproduces eager on decoded ``images``: the share of samples with the
+    same top-1 class, and the largest max-softmax confidence difference."""
+    return _compare(*_classify(runner, model, images, batch_size), *_classify(model.module, model, images, batch_size))
 
 
 def agreement_with_predictions(model: LoadedModel, runner: Runner, data, stored, batch_size: int = 256) -> dict:
     """Agreement of ``runner`` with eager predictions stored in a zoo (``stored``: Predictions of the
     same split), on the samples of ``data`` (a DecodedSet, possibly the split's first N samples)."""
-    from .transforms import prepare_batch
-
     n = len(data)
     if list(data.ids) != [str(i) for i in stored.ids[:n]]:
         raise BackendError(f"{model.key}: the decoded samples are not the ones the zoo recorded (ids differ)")
-    preds, confs = [], []
-    with torch.inference_mode():
-        for s in range(0, n, batch_size):
-            c, p = runner(prepare_batch(data.batch(s, s + batch_size), model.preprocess)).float().softmax(-1).max(-1)
-            preds.append(p.numpy())
-            confs.append(c.numpy())
-    pred, conf = np.concatenate(preds), np.concatenate(confs)
-    return {"top1_agreement": round(float((pred == stored.pred[:n]).mean()), 6),
-            "max_conf_diff": float(np.abs(conf - stored.conf[:n]).max()), "samples": n}
+    return _compare(*_classify(runner, model, data.images, batch_size), stored.pred[:n], stored.conf[:n])
 
 
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -233,5 +229,6 @@ def malloc_advice(batch_size: int, input_sides: list[int], device: str = "cpu") 
             f"(batch {batch_size}); run with {how}: measured 1.9-2.4x faster (benchmarks/RESULTS.md)")
 
 
-__all__ = ["malloc_advice", "agreement_with_predictions", "BACKENDS", "BackendError", "Runner", "make_runner", "runner_with_fallback", "check_backend",
-           "agreement", "weights_sha256", "export_key", "default_cache_dir"]
+__all__ = ["BACKENDS", "BackendError", "Runner", "make_runner", "runner_with_fallback", "check_backend",
+           "agreement", "agreement_with_predictions", "malloc_advice", "weights_sha256", "export_key",
+           "default_cache_dir"]
