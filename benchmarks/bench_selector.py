@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from tinysaver.policy import apply
+from tinysaver.policy import exits
 from tinysaver.selector import SelectorConfig, SplitData, select_all_arrays
 
 
@@ -44,7 +44,7 @@ def grid_scan_pair(sd: SplitData, saver: str, base: str, cs: float, cb: float, s
     base_correct = b_ok.sum()
     best = (cs / cb + 1.0, None)
     for t in np.linspace(0, 1, steps):
-        ex = apply([sd.conf[saver]], [t]) == 0
+        ex = exits(sd.conf[saver], t)
         if s_ok[ex].sum() + b_ok[~ex].sum() >= base_correct:
             cost = cs / cb + 1 - ex.mean()
             if cost < best[0]:

@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from tinysaver.policy import apply
+from tinysaver.policy import exits
 from tinysaver.selector import GUARANTEE_GRID, SaverOrder, best_exit
 from tinysaver.zoo import load_zoo
 
@@ -73,7 +73,7 @@ def main() -> int:
     eps = args.tolerance / 100
     rng = np.random.default_rng(args.seed)
     methods = ["ours, wsr", "ours, clopper-pearson", "MAPIE LTT (harm rate, HB)"]
-    exits = {m: [] for m in methods}
+    exit_share = {m: [] for m in methods}
     viol = {m: 0 for m in methods}
     secs = {m: 0.0 for m in methods}
     for _ in range(args.repeats):
@@ -86,16 +86,16 @@ def main() -> int:
             else:
                 t = mapie_threshold(c, s, b, eps, args.delta)
             secs[m] += time.perf_counter() - t0
-            ex = apply([conf_all], [t]) == 0
-            exits[m].append(ex.mean())
+            ex = exits(conf_all, t)
+            exit_share[m].append(ex.mean())
             viol[m] += (b_all[ex].sum() - s_all[ex].sum()) / N > eps
     print(f"zoo {args.zoo}: {saver} → {base}, population {N} samples ({'+'.join(splits)} pooled), calibration draws of "
           f"{N // 2}, {args.repeats} repetitions, ε = {args.tolerance} pts, δ = {args.delta}")
     print("| method | mean exit ratio | exit ratio vs MAPIE | violation rate (promised ≤ δ) | s per selection |")
     print("|---|---|---|---|---|")
-    ref = np.mean(exits[methods[-1]])
+    ref = np.mean(exit_share[methods[-1]])
     for m in methods:
-        e = np.mean(exits[m])
+        e = np.mean(exit_share[m])
         print(f"| {m} | {e:.2%} | {e / ref if ref else float('nan'):.3f}× | {viol[m] / args.repeats:.1%} | "
               f"{secs[m] / args.repeats:.3f} |")
     return 0

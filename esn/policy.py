@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from tinysaver.data import take_images
-from tinysaver.policy import answers, apply
+from tinysaver.policy import answers, apply, exits
 from tinysaver.selector import SaverOrder, best_exit
 
 from .model import ExitSequenceNetwork
@@ -54,7 +54,7 @@ def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, l
             else:
                 tol, d = max(tolerance - lost, 0.0) * n / len(idx), delta
             _, t = best_exit(so, base_ok[idx], criterion, tol, d)
-        take = open_ & (apply([confs[i]], [t]) == 0)
+        take = open_ & exits(confs[i], t)
         lost += 100.0 * ((base_ok[take].sum() - (preds[i][take] == labels[take]).sum()) / n)
         thresholds.append(t)
         open_ &= ~take
@@ -87,7 +87,7 @@ def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetw
         ids = np.arange(s, min(s + batch_size, n))
         sf, sl = saver_outputs(saver.module, prepare_batch(chunk, saver.preprocess))
         conf, pred = sl.float().softmax(-1).max(-1)
-        done = apply([conf.numpy()], policy.thresholds[:1]) == 0
+        done = exits(conf.numpy(), policy.thresholds[0])
         answer[ids[done]], where[ids[done]] = pred.numpy()[done], 0
         keep = torch.as_tensor(np.flatnonzero(~done))
         if len(keep) == 0:
@@ -100,7 +100,7 @@ def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetw
             x = stage(x)
             tokens = torch.cat([tokens, esn.embed_stage(st, x)[:, None]], dim=1)
             conf, pred = esn.exit_logits(tokens, st, sl).float().softmax(-1).max(-1)
-            done = apply([conf.numpy()], policy.thresholds[st:st + 1]) == 0
+            done = exits(conf.numpy(), policy.thresholds[st])
             answer[ids[done]], where[ids[done]] = pred.numpy()[done], st
             keep = torch.as_tensor(np.flatnonzero(~done))
             if len(keep) == 0:

@@ -17,7 +17,7 @@ import torch
 
 from .data import take_images
 from .models import LoadedModel
-from .policy import Selection, SelectionError, answers, apply, exit_ratios
+from .policy import Selection, SelectionError, answers, apply, exit_ratios, exits
 from .transforms import prepare_batch
 
 
@@ -159,7 +159,7 @@ class Cascade:
         def run(i: int, idx: np.ndarray) -> None:
             """Stage i on samples idx: record those it answers, queue the rest for stage i + 1."""
             p, c = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
-            done = np.ones(len(idx), bool) if i == S - 1 else apply([c], self.thresholds[i:i + 1]) == 0
+            done = np.ones(len(idx), bool) if i == S - 1 else exits(c, self.thresholds[i])
             pred[idx[done]], conf[idx[done]], stage[idx[done]] = p[done], c[done], i
             if i + 1 < S:
                 waiting[i + 1] = np.concatenate([waiting[i + 1], idx[~done]])

@@ -47,15 +47,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     bar = tqdm(total=len(src.ids), desc="infer", disable=len(src.ids) < 200 or args.quiet, file=sys.stderr)
     # a few batches per block: memory stays bounded, and refill can gather survivors across batches
-    for ids, imgs, failures in decoded_blocks(src, args.batch_size * 8):
+    for index, imgs, failures in decoded_blocks(src, args.batch_size * 8):
         for path, why in failures:  # one bad file never stops the run
             print(f"tinysaver: cannot read {path}: {why}", file=sys.stderr)
         failed += len(failures)
-        bar.update(len(ids) + len(failures))
+        bar.update(len(index) + len(failures))
         if not imgs:
             continue
         res = cascade.predict(imgs, batch_size=args.batch_size, refill=not args.no_refill)
-        for path, row in zip(ids, res.rows()):
+        for path, row in zip((src.ids[i] for i in index), res.rows()):
             counts[row["exit_stage"]] += 1
             if writer:
                 writer.writerow([path, row["class"], row["name"] or "", f"{row['confidence']:.6f}", row["exit_stage"],

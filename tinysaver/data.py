@@ -130,35 +130,35 @@ def decode_image(data: bytes) -> torch.Tensor:
 def decoded_blocks(source: RawSource, block: int):
     """Decode ``source`` ``block`` samples at a time, skipping unreadable ones.
 
-    Yields ``(ids, images, failures)`` per block: the ids and uint8 images that decoded, and
-    ``(id, reason)`` for each sample that did not.
+    Yields ``(index, images, failures)`` per block: the source positions and uint8 images that
+    decoded, and ``(id, reason)`` for each sample that did not.
     """
     for start in range(0, len(source.ids), block):
-        ids, images, failures = [], [], []
+        index, images, failures = [], [], []
         for i in range(start, min(start + block, len(source.ids))):
             try:
                 images.append(decode_image(source.read(i)))
             except Exception as e:  # any decoder error means the file is unusable, never fatal
                 failures.append((source.ids[i], f"{type(e).__name__}: {e}"))
                 continue
-            ids.append(source.ids[i])
-        yield ids, images, failures
+            index.append(i)
+        yield index, images, failures
 
 
 def decode_all(source: RawSource, progress: bool = True) -> DecodedSet:
     """Decode every sample once; unreadable ones are skipped, counted and reported."""
     from tqdm.auto import tqdm
 
-    ids, images, failures = [], [], []
+    index, images, failures = [], [], []
     bar = tqdm(total=len(source.ids), desc=f"decode {source.name}", disable=not progress, leave=False)
-    for b_ids, b_images, b_failures in decoded_blocks(source, 256):
-        ids += b_ids
+    for b_index, b_images, b_failures in decoded_blocks(source, 256):
+        index += b_index
         images += b_images
         failures += b_failures
-        bar.update(len(b_ids) + len(b_failures))
+        bar.update(len(b_index) + len(b_failures))
     bar.close()
-    index = {sid: i for i, sid in enumerate(source.ids)}
-    labels = [int(source.labels[index[sid]]) for sid in ids]
+    ids = [source.ids[i] for i in index]
+    labels = [int(source.labels[i]) for i in index]
     if failures:
         warnings.warn(f"{source.name}: skipped {len(failures)} unreadable image(s), first: {failures[0]}")
     return DecodedSet(source.name, ids, np.asarray(labels, dtype=np.int64), images, source.class_names, failures)

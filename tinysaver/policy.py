@@ -55,6 +55,11 @@ def apply(confs: np.ndarray | Sequence[np.ndarray], thresholds: Sequence[float])
     return stage
 
 
+def exits(conf: np.ndarray, threshold: float) -> np.ndarray:
+    """(N,) mask of the samples one stage answers: :func:`apply` with that stage alone."""
+    return apply([conf], [threshold]) == 0
+
+
 def answers(preds: np.ndarray | Sequence[np.ndarray], stage: np.ndarray) -> np.ndarray:
     """(N,) prediction of the answering stage, from (S, N) per-stage predictions."""
     preds = np.asarray(preds)
@@ -84,22 +89,26 @@ def near_threshold(confs: np.ndarray | Sequence[np.ndarray], thresholds: Sequenc
             for i, t in enumerate(thresholds)]
 
 
-def midpoint_threshold(sorted_desc: np.ndarray, k: int) -> float:
-    """The threshold that exits exactly the first ``k`` of ``sorted_desc`` (descending confidences),
-    halfway between the k-th and (k+1)-th, so no calibration sample sits on it.
+def midpoint_thresholds(sorted_desc: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """For each exit count k, the threshold that exits exactly the first k of ``sorted_desc``
+    (descending confidences), halfway between the k-th and (k+1)-th, so no sample sits on it.
 
     k = 0 gives ``inf`` (nothing exits); k = N gives half the lowest confidence (everything exits).
-    The caller must not split a run of tied confidences.
+    A k that would split a run of tied confidences is refused.
     """
-    n = len(sorted_desc)
-    if k <= 0:
-        return math.inf
-    if k >= n:
-        return float(sorted_desc[n - 1]) / 2
-    hi, lo = float(sorted_desc[k - 1]), float(sorted_desc[k])
-    if not hi > lo:
-        raise SelectionError(f"cannot split tied confidences {hi} and {lo}")
-    return (hi + lo) / 2
+    sc = np.asarray(sorted_desc, dtype=np.float64)
+    ks = np.asarray(ks, dtype=np.int64)
+    n = len(sc)
+    t = np.full(len(ks), np.inf)
+    inner = (ks > 0) & (ks < n)
+    hi, lo = sc[ks[inner] - 1], sc[ks[inner]]
+    if np.any(hi <= lo):
+        j = int(np.flatnonzero(hi <= lo)[0])
+        raise SelectionError(f"cannot split tied confidences {hi[j]} and {lo[j]}")
+    t[inner] = (hi + lo) / 2
+    if n:
+        t[ks >= n] = sc[n - 1] / 2
+    return t
 
 
 # --- the typed selection -------------------------------------------------------------------------------
@@ -259,5 +268,5 @@ def validate_stages(stages: Sequence[Stage], base: str | None = None) -> None:
 
 
 __all__ = ["apply", "answers", "exit_ratios", "stage_costs", "per_sample_cost", "near_threshold",
-           "midpoint_threshold", "Stage", "Selection", "SelectionError", "validate_stages", "CRITERIA",
+           "midpoint_thresholds", "exits", "Stage", "Selection", "SelectionError", "validate_stages", "CRITERIA",
            "SCHEMA_VERSION", "MARGIN"]

@@ -297,12 +297,11 @@ def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int
         for key in keys:
             model = z.load_model(key)
             entry = z.manifest["models"][key]
+            stored = {split: z.predictions(key, split) for split in data}  # read once, compared per backend
             for b in backends:
                 runner = make_runner(model, b)
-                agree = {}
-                for split, ds in data.items():
-                    stored = z.predictions(key, split)
-                    agree[split] = agreement_with_predictions(model, runner, ds, stored)
+                agree = {split: agreement_with_predictions(model, runner, ds, stored[split])
+                         for split, ds in data.items()}
                 exact = all(a["top1_agreement"] >= AGREEMENT_TOP1 and a["max_conf_diff"] <= AGREEMENT_CONF
                             for a in agree.values())
                 lats = measure_latency(runner, model.preprocess.input_size, batch_sizes, min_run_time=min_run_time,

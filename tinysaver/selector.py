@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .policy import (CRITERIA, Selection, SelectionError, Stage, answers, apply, exit_ratios, midpoint_threshold,
+from .policy import (CRITERIA, Selection, SelectionError, Stage, answers, apply, exit_ratios, midpoint_thresholds,
                      near_threshold, per_sample_cost, stage_costs)
 from .risk import METHODS, fixed_sequence, passes_clopper_pearson, passes_wsr
 from .zoo import Zoo, ZooError
@@ -87,9 +87,9 @@ class SaverOrder:
     def n(self) -> int:
         return len(self.order)
 
-    def threshold(self, k: int) -> float:
-        """The midpoint threshold that exits exactly the first ``k``."""
-        return midpoint_threshold(self.sorted_conf, k)
+    def thresholds(self, ks: np.ndarray) -> np.ndarray:
+        """The midpoint thresholds that exit exactly the first ``k``, for each k of ``ks``."""
+        return midpoint_thresholds(self.sorted_conf, ks)
 
     def exits_at(self, thresholds: np.ndarray, strict: bool = False) -> np.ndarray:
         """How many samples have confidence ≥ t (or > t with ``strict``), for each t."""
@@ -142,25 +142,14 @@ def pair_candidates(so: SaverOrder, criterion: str) -> tuple[np.ndarray, np.ndar
     """The candidate exit counts ``k`` (increasing, starting at 0) and their thresholds for one saver."""
     if criterion in ("zero", "bounded"):
         ks = np.flatnonzero(so.valid)
-        return ks, _midpoints(so, ks)
+        return ks, so.thresholds(ks)
     if criterion == "subset":
         ks = np.concatenate([[0], so.exits_at(PUBLIC_GRID, strict=True)])
-        return ks, _midpoints(so, ks)
+        return ks, so.thresholds(ks)
     if criterion == "guaranteed":
         ks = np.concatenate([[0], so.exits_at(GUARANTEE_GRID)])
         return ks, np.concatenate([[np.inf], GUARANTEE_GRID])
     raise SelectionError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-
-
-def _midpoints(so: SaverOrder, ks: np.ndarray) -> np.ndarray:
-    sc = so.sorted_conf
-    n = so.n
-    t = np.full(len(ks), np.inf)
-    inner = (ks > 0) & (ks < n)
-    t[inner] = (sc[ks[inner] - 1] + sc[ks[inner]]) / 2
-    if n:
-        t[ks >= n] = sc[n - 1] / 2
-    return t
 
 
 def best_exit(so: SaverOrder, base_correct: np.ndarray, criterion: str, tolerance: float = 0.0,
@@ -383,9 +372,9 @@ def _pair_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: di
 
 
 def _chain_exact(c1, c2, s1_ok, s2_ok, b_ok, cost1: float, cost2: float, cost_b: float, slack: float,
-                 beat: float) -> tuple[float, int, int] | None:
+                 beat: float) -> tuple[float, float, float] | None:
     """Cheapest S1 → S2 → B policy with correct(cascade) − correct(base) ≥ −slack, if it costs < ``beat``
-    (total over the split). Returns (total cost, k1, m2): S1 exits its first k1 samples; S2 exits,
+    (total over the split). Returns (total cost, t1, t2): S1 exits its first k1 samples, and S2 exits,
     among the rest, those in the first m2 of its own order."""
     n = len(c1)
     o1 = SaverOrder.build(c1, s1_ok)
@@ -413,7 +402,7 @@ def _chain_exact(c1, c2, s1_ok, s2_ok, b_ok, cost1: float, cost2: float, cost_b:
         if not o1.valid[k1] or k1 == 0:
             continue
         ok = o2.valid & (prefix2 >= -slack - gain1)
-        m2 = n - int(np.argmax(ok[::-1]))  # the largest feasible m (always ≥ 0: m = 0 has gain 0 … if gain1 ok)
+        m2 = n - int(np.argmax(ok[::-1]))  # the largest feasible m, if any is (checked next)
         if not ok[m2]:
             continue
         exits2 = int(in_rest[:m2].sum())
@@ -422,7 +411,10 @@ def _chain_exact(c1, c2, s1_ok, s2_ok, b_ok, cost1: float, cost2: float, cost_b:
         total = lower + (n - k1 - exits2) * cost_b
         if total < beat:
             beat, best = total, (total, k1, m2)
-    return best
+    if best is None:
+        return None
+    total, k1, m2 = best
+    return total, float(o1.thresholds([k1])[0]), float(o2.thresholds([m2])[0])
 
 
 def _chain_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: dict[str, float],
@@ -439,10 +431,8 @@ def _chain_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: d
                                  costs[s1], costs[s2], costs[base], slack, beat * n)
             if found is None:
                 continue
-            _, k1, m2 = found
-            o1 = SaverOrder.build(calib.conf[s1], ok[s1])
-            o2 = SaverOrder.build(calib.conf[s2], ok[s2])
-            stages = [Stage(s1, o1.threshold(k1)), Stage(s2, o2.threshold(m2)), Stage(base, None)]
+            _, t1, t2 = found
+            stages = [Stage(s1, t1), Stage(s2, t2), Stage(base, None)]
         else:  # guaranteed: fixed paths of threshold pairs, each a test sequence
             stages = _chain_guaranteed(s1, s2, base, calib, ok, cfg, delta_seq, costs)
             if stages is None:

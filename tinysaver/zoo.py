@@ -156,8 +156,8 @@ class Zoo:
         if recorded:
             old = Preprocess.from_dict(recorded)
             if old != model.preprocess:
-                changed = {k: (v, model.preprocess.to_dict()[k]) for k, v in old.to_dict().items()
-                           if model.preprocess.to_dict()[k] != v}
+                now = model.preprocess.to_dict()
+                changed = {k: (v, now[k]) for k, v in old.to_dict().items() if now[k] != v}
                 what = "; ".join(f"{k}: recorded {a}, now {b}" for k, (a, b) in changed.items())
                 msg = (f"{key}: the preprocessing differs from the one zoo {self.name!r} recorded ({what}), "
                        "so its stored accuracy and thresholds may not hold")
