@@ -3,13 +3,14 @@
     python benchmarks/bench_backends.py --zoo fashion-mnist --images 512
     python benchmarks/bench_backends.py --zoo imagenet-lite --images 64
 
-For every base the selector gives a saver (zero loss on calib, FLOPs cost, pairs), on each backend
+For every base the selector gives a saver (zero loss on calib, pairs, FLOPs cost or ``--cost``), on each backend
 and batch size: the base alone, the cascade, and the saver alone run on the same images,
 interleaved (base, cascade, saver, base, cascade, saver, …) for ``--repeats`` repetitions. Each
 repetition gives a speedup (base / cascade) and an ideal time, saver + (1 − exit ratio) · base,
 from the stage times of that same repetition; medians and min–max spreads are printed. A noisy
 neighbour slows the three runs of a repetition alike, so it cannot fake a ratio.
 
+``--threads 1,2`` runs the saver's runtime on 1 thread and the base's on 2 (in all three runs).
 Also printed: export time and resident memory per backend, the cascade on the fastest backend against
 the base on eager (what a user runs today), and the issue's goals.
 """
@@ -49,15 +50,25 @@ def main() -> int:
     ap.add_argument("--backends", default="eager,onnxruntime,openvino")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bases", nargs="*", help="only these bases")
+    ap.add_argument("--cost", default="flops",
+                    help="the selector's cost, e.g. latency:cpu:bs1:onnxruntime (default: flops)")
+    ap.add_argument("--threads", default=None,
+                    help="SAVER,BASE intra-op threads of the onnxruntime/openvino stages, used alike by the base "
+                         "alone, the saver alone and the cascade (default: torch's thread count for both)")
     args = ap.parse_args()
     zoo = load_zoo(args.zoo)
     split = args.split or ("test" if "test" in zoo.splits else next(iter(zoo.splits)))
     images = load_dataset(zoo.splits[split]["source"], progress=False, limit=args.images).images
     backends = args.backends.split(",")
-    sels, _ = select_all(zoo, SelectorConfig())
+    t_saver, t_base = map(int, args.threads.split(",")) if args.threads else (None, None)
+
+    def threads(b: str, t: int | None) -> int | None:
+        return t if b in ("onnxruntime", "openvino") else None
+    sels, _ = select_all(zoo, SelectorConfig(cost=args.cost))
     sels = [s for s in sels if s.found and (not args.bases or s.base in args.bases)]
     print(f"zoo {args.zoo}: {len(images)} {split} images, backends {', '.join(backends)}, batch sizes "
-          f"{args.batch_sizes}, {args.repeats} interleaved repetitions; speedups are medians (min–max)")
+          f"{args.batch_sizes}, {args.repeats} interleaved repetitions; speedups are medians (min–max); runtime "
+          f"threads saver {t_saver or 'default'}, base {t_base or 'default'}; savers selected on {args.cost}")
     models = {}
     for sel in sels:
         for m in sel.models:
@@ -82,9 +93,10 @@ def main() -> int:
         for bs in args.batch_sizes:
             eager_base = None
             for b in backends:
-                base_only = Cascade([models[base]], [], backend=b)
-                saver_only = Cascade([models[saver]], [], backend=b)
-                cascade = Cascade([models[saver], models[base]], sel.thresholds, backend=b)
+                ts_, tb_ = threads(b, t_saver), threads(b, t_base)
+                base_only = Cascade([models[base]], [], backend=b, threads=tb_)
+                saver_only = Cascade([models[saver]], [], backend=b, threads=ts_)
+                cascade = Cascade([models[saver], models[base]], sel.thresholds, backend=b, threads=[ts_, tb_])
                 for c in (base_only, cascade, saver_only):  # warm-up
                     c.predict(images[: min(len(images), 4 * bs)], batch_size=bs)
                 tb, tc, ts, ideal = [], [], [], []

@@ -66,6 +66,28 @@ def test_one_backend_per_stage(tmp_path, images):
         Cascade(stages, [0.5], backend=["eager"])
 
 
+def test_threads_per_stage_reach_the_runtimes(tmp_path, images):
+    need_package("onnxruntime")
+    need_package("openvino")
+    stages = [tiny("test_efficientnet", input_size=32), tiny("test_resnet", input_size=40)]
+    every = Cascade(stages, [0.0], backend="onnxruntime", cache_dir=tmp_path).predict(images, all_stages=True)
+    t, near = split_threshold(every.stage_conf[0])
+    assert near == 0
+    cas = Cascade(stages, [t], backend=["onnxruntime", "openvino"], threads=[1, 2], cache_dir=tmp_path)
+    assert [r.threads for r in cas._runners] == [1, 2]  # as the runtimes themselves report them
+    assert [r.threads for r in Cascade(stages, [0.5], backend="openvino", threads=1,
+                                        cache_dir=tmp_path)._runners] == [1, 1]
+    res = cas.predict(images, batch_size=4)  # thread counts change no decision
+    assert np.array_equal(res.stage, (every.stage_conf[0] < t).astype(int))
+    assert np.array_equal(res.pred[res.stage == 1], every.stage_pred[1][res.stage == 1])
+    with pytest.raises(ValueError, match="one per stage"):
+        Cascade(stages, [0.5], backend="onnxruntime", threads=[1, 2, 1])
+    with pytest.raises(ValueError, match="integers ≥ 1"):
+        Cascade(stages, [0.5], backend="onnxruntime", threads=0)
+    with pytest.raises(ValueError, match="torch.set_num_threads"):
+        Cascade(stages, [0.5], backend=["onnxruntime", "eager"], threads=[1, torch.get_num_threads() + 1])
+
+
 def test_missing_or_unknown_backend_names_the_extra(monkeypatch):
     with pytest.raises(BackendError, match="unknown backend 'tensorrt'"):
         check_backend("tensorrt")

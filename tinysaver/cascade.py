@@ -72,6 +72,7 @@ class Cascade:
     backend: str | Sequence[str] = "eager"  # one for every stage, or one per stage (see tinysaver.runtimes)
     backend_fallback: str | None = None     # "eager": a stage whose export fails runs eager instead
     cache_dir: str | Path | None = None     # where exports are cached (default: next to the checkpoint)
+    threads: int | Sequence[int] | None = None  # intra-op threads of the onnxruntime/openvino stages, one or per stage
     _runners: list = field(default_factory=list, repr=False, init=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +98,7 @@ class Cascade:
             raise CascadeError("half and channels_last apply to the eager and compile backends only")
         if set(backends) - {"eager"} and torch.device(self.device).type != "cpu":
             raise CascadeError("the compile/onnxruntime/openvino backends run on CPU here; use --device cpu")
+        threads = self._stage_threads(backends)
         from .runtimes import runner_with_fallback
 
         for m in self.stages:
@@ -106,7 +108,27 @@ class Cascade:
             if self.channels_last:
                 m.module.to(memory_format=torch.channels_last)
         cache = Path(self.cache_dir) if self.cache_dir else None
-        self._runners = [runner_with_fallback(m, b, self.backend_fallback, cache) for m, b in zip(self.stages, backends)]
+        self._runners = [runner_with_fallback(m, b, self.backend_fallback, cache, t)
+                         for m, b, t in zip(self.stages, backends, threads)]
+
+    def _stage_threads(self, backends: list[str]) -> list[int | None]:
+        # Tiny models at batch 1 run faster on one thread (thread hand-off costs more than the
+        # work) while their base may want all cores, so a runtime's thread count is per stage.
+        # Eager and compile share torch's one global pool, which a stage cannot set for itself.
+        t = self.threads
+        threads = [t] * len(self.stages) if t is None or isinstance(t, int) else list(t)
+        if len(threads) != len(self.stages):
+            raise CascadeError(f"give one thread count for all stages or one per stage ({len(self.stages)}), got {t}")
+        for n, b in zip(threads, backends):
+            if n is None:
+                continue
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise CascadeError(f"thread counts must be integers ≥ 1, got {n!r}")
+            if b in ("eager", "compile") and n != torch.get_num_threads():
+                raise CascadeError(f"a {b} stage runs on torch's {torch.get_num_threads()} thread(s); per-stage thread "
+                                   "counts apply to onnxruntime and openvino stages (set torch's with "
+                                   "torch.set_num_threads)")
+        return threads
 
     @property
     def backends(self) -> list[str]:
@@ -254,8 +276,9 @@ def compare_with_base(cascade: Cascade, images, labels, batch_sizes=(1, 32, 128)
     if len(cascade.stages) != 2:
         raise CascadeError("compare_with_base takes a saver → base cascade")
     same = dict(device=cascade.device, cache_dir=cascade.cache_dir)
-    saver_only = Cascade(cascade.stages[:1], [], backend=cascade.backends[:1], **same)
-    base_only = Cascade(cascade.stages[1:], [], backend=cascade.backends[1:], **same)
+    threads = cascade._stage_threads(cascade.backends)
+    saver_only = Cascade(cascade.stages[:1], [], backend=cascade.backends[:1], threads=threads[:1], **same)
+    base_only = Cascade(cascade.stages[1:], [], backend=cascade.backends[1:], threads=threads[1:], **same)
     rows = []
     n = len(images)
     for bs in batch_sizes:

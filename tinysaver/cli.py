@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager, compile, onnxruntime or openvino: one for all stages, or one per stage, comma-separated")
     q.add_argument("--backend-fallback", choices=["eager"],
                    help="run a stage whose export fails on eager instead of stopping")
+    q.add_argument("--threads", type=int_list,
+                   help="intra-op threads of onnxruntime/openvino stages: one for all, or one per stage, e.g. 1,2 "
+                        "(default: torch's thread count)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     q.add_argument("--quiet", action="store_true")

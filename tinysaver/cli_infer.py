@@ -32,7 +32,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     backends = args.backend.split(",")
     cascade = build_cascade(sel, zoo, device=args.device, accept_preprocess_change=args.accept_preprocess_change,
                             backend=backends[0] if len(backends) == 1 else backends,
-                            backend_fallback=args.backend_fallback)
+                            backend_fallback=args.backend_fallback,
+                            threads=args.threads[0] if args.threads and len(args.threads) == 1 else args.threads)
     from .runtimes import malloc_advice
 
     advice = malloc_advice(args.batch_size, [m.preprocess.input_size[-1] for m in cascade.stages], args.device)

@@ -5,7 +5,8 @@ shrinking changes the batch size at every cascade stage. ONNX Runtime and OpenVI
 export of the model, made once and cached under a key of the model's name, a sha256 of its
 weights, its input size and the torch and runtime versions, so a later run loads it instead of
 exporting again. Thread counts are set through each runtime's own options (ONNX Runtime's
-``intra_op_num_threads``, OpenVINO's ``INFERENCE_NUM_THREADS``) to torch's thread count.
+``intra_op_num_threads``, OpenVINO's ``INFERENCE_NUM_THREADS``): torch's thread count unless the
+caller gives one (a :class:`~tinysaver.cascade.Cascade` can give one per stage).
 
 The runtimes are optional extras: ``pip install 'tinysaver[onnx]'`` and ``'tinysaver[openvino]'``.
 """
@@ -37,7 +38,8 @@ class BackendError(ValueError):
 
 @dataclass
 class Runner:
-    """One model on one backend. ``export_s`` is the time spent exporting (0 when the cache held it)."""
+    """One model on one backend. ``export_s`` is the time spent exporting (0 when the cache held it);
+    ``threads`` is the intra-op thread count the runtime reports it uses."""
 
     key: str
     backend: str
@@ -45,6 +47,7 @@ class Runner:
     export_path: Path | None = None
     export_s: float = 0.0
     cached: bool = False
+    threads: int | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
@@ -127,10 +130,10 @@ def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | No
     threads = threads or torch.get_num_threads()
     module = model.module.eval()
     if backend == "eager":
-        return Runner(model.key, backend, module)
+        return Runner(model.key, backend, module, threads=torch.get_num_threads())
     if backend == "compile":
         compiled = torch.compile(module, dynamic=True)
-        return Runner(model.key, backend, compiled)
+        return Runner(model.key, backend, compiled, threads=torch.get_num_threads())
     path, secs, cached = _onnx_file(model, backend, cache_dir)
     if backend == "onnxruntime":
         import onnxruntime as ort
@@ -146,7 +149,8 @@ def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | No
         def run_ort(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy()})[0])
 
-        return Runner(model.key, backend, run_ort, path, secs, cached)
+        return Runner(model.key, backend, run_ort, path, secs, cached,
+                      session.get_session_options().intra_op_num_threads)
     import openvino as ov
 
     core = ov.Core()
@@ -156,16 +160,16 @@ def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | No
     def run_ov(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(compiled(x.detach().cpu().numpy())[0]))
 
-    return Runner(model.key, backend, run_ov, path, secs, cached)
+    return Runner(model.key, backend, run_ov, path, secs, cached, int(compiled.get_property("INFERENCE_NUM_THREADS")))
 
 
 def runner_with_fallback(model: LoadedModel, backend: str, fallback: str | None = None,
-                         cache_dir: Path | None = None) -> Runner:
+                         cache_dir: Path | None = None, threads: int | None = None) -> Runner:
     """:func:`make_runner`, falling back to ``fallback`` (only "eager") for this model when its export fails."""
     if fallback not in (None, "eager"):
         raise BackendError(f"the only fallback backend is eager, got {fallback!r}")
     try:
-        return make_runner(model, backend, cache_dir)
+        return make_runner(model, backend, cache_dir, threads)
     except BackendError as e:
         if fallback is None or "cannot export" not in str(e):
             raise
