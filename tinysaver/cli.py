@@ -139,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add latency rows per --backends to an existing zoo (--zoo or --config); predictions untouched")
     q.add_argument("--backends", default="eager",
                    help="with --latency-only: comma-separated eager, compile, onnxruntime, openvino")
+    q.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="ray: model × shard units on a Ray cluster (predictions and FLOPs; latency stays local)")
+    q.add_argument("--address", help="with --backend ray: the cluster to join (default: $RAY_ADDRESS, else local)")
+    q.add_argument("--shards", type=positive_int, default=4, help="with --backend ray: shards per split")
+    q.add_argument("--gpus-per-task", type=float, default=0.0, help="with --backend ray: GPUs per model actor")
+    q.add_argument("--cpus-per-task", type=float, default=1.0, help="with --backend ray: CPUs per model actor")
+    q.add_argument("--max-retries", type=int, default=3, help="with --backend ray: restarts of a killed actor")
+    q.add_argument("--plan", action="store_true",
+                   help="print the expected wall time and GPU-hours of the config, run nothing")
+    q.add_argument("--gpus", type=positive_int, default=1, help="with --plan: GPUs to plan for")
+    q.add_argument("--gpu-type", default="rtx4090",
+                   help="with --plan: the device whose published timm benchmark to use")
 
     q = cmd(sub, "query", "tinysaver.cli_select:cmd_query", "best saver and threshold for one base model")
     _add_selector_args(q)

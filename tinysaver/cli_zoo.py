@@ -49,6 +49,7 @@ def _parse_splits(items) -> dict[str, str]:
 def cmd_profile(args: argparse.Namespace) -> int:
     from .models import ModelSpec
     from .profiler import ProfileConfig, profile, profile_latency
+    from .zoo import zoo_path
 
     if args.latency_only:
         zoo = args.zoo or (ProfileConfig.from_yaml(args.config).zoo if args.config else None)
@@ -73,6 +74,21 @@ def cmd_profile(args: argparse.Namespace) -> int:
                             batch_sizes=args.batch_sizes, eval_batch_size=args.eval_batch_size, topk=args.topk,
                             save_logits=args.save_logits, flops_counter=args.flops_counter,
                             device=args.device or "cpu", limit=args.limit, force=args.force)
-    path = profile(cfg, Path(args.root) if args.root else None, progress=not args.quiet)
-    print(f"zoo written to {path}")
+    root = Path(args.root) if args.root else None
+    if args.plan:
+        from .plan import format_plan, plan_profile
+
+        print(format_plan(plan_profile(cfg, args.gpus, args.gpu_type, root=root)))
+        return 0
+    if args.backend == "ray":
+        from .profile_ray import profile_on_ray
+
+        counts = profile_on_ray(cfg, root, address=args.address, shards=args.shards,
+                                gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
+                                max_retries=args.max_retries, progress=not args.quiet,
+                                log=(lambda s: None) if args.quiet else print)
+        print("ray: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    else:
+        profile(cfg, root, progress=not args.quiet)
+    print(f"zoo written to {root / cfg.zoo if root else zoo_path(cfg.zoo)}")
     return 0

@@ -318,20 +318,50 @@ def _download_fashion_mnist() -> Path:
     return root / "FashionMNIST" / "raw"
 
 
-def fashion_mnist_set(split: str, root: str | os.PathLike | None = None, limit: int | None = None) -> DecodedSet:
+def fashion_mnist_set(split: str, root: str | os.PathLike | None = None, limit: int | None = None,
+                      rows: tuple[int, int] | None = None) -> DecodedSet:
     x, y, ids = fashion_mnist_arrays(split, root)
     if limit is not None:
         x, y, ids = x[:limit], y[:limit], ids[:limit]
+    if rows is not None:
+        x, y, ids = x[rows[0]:rows[1]], y[rows[0]:rows[1]], ids[rows[0]:rows[1]]
     images = torch.from_numpy(np.ascontiguousarray(x))[:, None]  # (N, 1, 28, 28)
     return DecodedSet(f"fashion-mnist:{split}", ids, y, images, list(FASHION_MNIST_CLASSES))
 
 
-def load_dataset(uri: str, progress: bool = True, limit: int | None = None) -> DecodedSet:
-    """Load and decode a dataset named as described in the module docstring."""
+def load_dataset(uri: str, progress: bool = True, limit: int | None = None,
+                 rows: tuple[int, int] | None = None) -> DecodedSet:
+    """Load and decode a dataset named as described in the module docstring.
+
+    ``limit`` keeps the first N samples; ``rows=(start, stop)`` then keeps that range of them (a
+    shard), counted before unreadable images are skipped, so shards concatenate to the whole set.
+    """
     kind, _, rest = uri.partition(":")
     if kind == "fashion-mnist":
         split, _, root = rest.partition(":")
-        return fashion_mnist_set(split or "test", root or None, limit)
+        return fashion_mnist_set(split or "test", root or None, limit, rows)
+    src = raw_source(uri, limit)
+    if rows is not None:
+        sl = slice(*rows)
+        src = RawSource(src.name, src.ids[sl], src.labels[sl], lambda i, a=rows[0], read=src.read: read(a + i),
+                        src.class_names)
+    return decode_all(src, progress=progress)
+
+
+def dataset_size(uri: str, limit: int | None = None) -> int:
+    """How many samples ``load_dataset(uri, limit=limit)`` reads (before skipping unreadable ones),
+    found by listing, not decoding."""
+    kind, _, rest = uri.partition(":")
+    if kind == "fashion-mnist":
+        split, _, root = rest.partition(":")
+        n = len(fashion_mnist_arrays(split or "test", root or None)[2])
+        return n if limit is None else min(n, limit)
+    return len(raw_source(uri, limit).ids)
+
+
+def raw_source(uri: str, limit: int | None = None) -> RawSource:
+    """The undecoded samples of a file-based dataset URI (not fashion-mnist, which is arrays)."""
+    kind, _, rest = uri.partition(":")
     if kind == "foolbox":
         src = foolbox_source()
     elif kind == "imagenet":
@@ -344,7 +374,7 @@ def load_dataset(uri: str, progress: bool = True, limit: int | None = None) -> D
         )
     if limit is not None:
         src = RawSource(src.name, src.ids[:limit], src.labels[:limit], src.read, src.class_names)
-    return decode_all(src, progress=progress)
+    return src
 
 
 def paths_source(paths: Sequence[str | os.PathLike]) -> RawSource:

@@ -107,7 +107,7 @@ def device_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         name = torch.cuda.get_device_name(device)
     else:
         name = platform.processor() or platform.machine()
-    return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(),
+    return {"device": device.type, "device_name": name, "host": platform.node(), "threads": torch.get_num_threads(),
             "torch": str(torch.__version__)}
 
 

@@ -15,6 +15,7 @@ import difflib
 import importlib
 import importlib.util
 import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,14 @@ def create_model(spec: ModelSpec | str, device: str | torch.device = "cpu") -> L
     if isinstance(spec, str):
         spec = ModelSpec(spec)
     kind = resolve_kind(spec.name)
+    # Weights that no checkpoint overwrites are drawn from a seed fixed by the model's key, so every
+    # process (a Ray worker, a rerun) builds the same model; the caller's RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(spec.key.encode()))
+        return _build(spec, kind, device)
+
+
+def _build(spec: ModelSpec, kind: str, device: str | torch.device) -> LoadedModel:
     source: dict[str, Any] = {"kind": kind, **spec.to_dict()}
     if kind == "torchvision":
         module, pre = _torchvision_build(spec)

@@ -40,6 +40,7 @@ class ProfileConfig:
     latency_min_run_time: float = 0.5
     limit: int | None = None  # first N samples of each split, for quick runs
     description: str = ""
+    split_sizes: dict[str, int] | None = None  # samples per split, for --plan on data this machine lacks
     force: bool = False  # re-measure finished models (FLOPs, latency); finished prediction files are reused
 
     def __post_init__(self) -> None:
@@ -90,6 +91,10 @@ def predict(model: LoadedModel, data: DecodedSet, batch_size: int = 64, topk: in
 
     device = next(model.module.parameters()).device
     k = min(topk, model.num_classes)
+    if len(data) == 0:  # a shard whose every image was unreadable
+        empty = {"pred": np.zeros(0, np.int32), "conf": np.zeros(0, np.float32),
+                 "topk_idx": np.zeros((0, k), np.int32), "topk_prob": np.zeros((0, k), np.float16)}
+        return {**empty, "logits": np.zeros((0, model.num_classes), np.float16)} if save_logits else empty
     preds, confs, tki, tkp, logits = [], [], [], [], []
     with torch.inference_mode():
         for s in tqdm(range(0, len(data), batch_size), desc=desc or model.key, disable=not progress, leave=False):
@@ -226,9 +231,10 @@ def _profile_one(spec: ModelSpec, cfg: ProfileConfig, data: dict[str, DecodedSet
                  progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = create_model(spec, device=cfg.device)
-    shape = model.preprocess.input_size
-    fc = count_flops(model.module, shape, cfg.flops_counter)
-    lats = measure_latency(model.module, shape, cfg.batch_sizes, min_run_time=cfg.latency_min_run_time)
+    entry = describe_model(model, cfg.flops_counter, path)
+    lats = measure_latency(model.module, model.preprocess.input_size, cfg.batch_sizes,
+                           min_run_time=cfg.latency_min_run_time)
+    entry["latency"] = {**device_info(cfg.device), "table": latency_table(lats)}
     accuracy: dict[str, float | None] = {}
     for split, ds in data.items():
         f = path / "preds" / model_dirname(spec.key) / f"{split}.npz"
@@ -237,16 +243,31 @@ def _profile_one(spec: ModelSpec, cfg: ProfileConfig, data: dict[str, DecodedSet
             res = predict(model, ds, cfg.eval_batch_size, cfg.topk, cfg.save_logits, progress,
                           desc=f"{spec.key} [{split}]")
             atomic_write_npz(f, fingerprint=np.array(ds.fingerprint), **res)
-        known = ds.labels >= 0
-        accuracy[split] = float((res["pred"][known] == ds.labels[known]).mean()) if known.any() else None
+        accuracy[split] = top1(res["pred"], ds.labels)
+    entry["accuracy"] = accuracy
+    log(f"{spec.key}: {entry['macs'] / 1e9:.3f} GMACs, " + ", ".join(
+        f"{s} top-1 {100 * a:.2f}%" for s, a in accuracy.items() if a is not None)
+        + f" ({time.perf_counter() - t0:.1f}s)")
+    return entry
+
+
+def top1(pred: np.ndarray, labels: np.ndarray) -> float | None:
+    """Accuracy over the labelled samples (label ≥ 0); None when no sample has a label."""
+    known = labels >= 0
+    return float((pred[known] == labels[known]).mean()) if known.any() else None
+
+
+def describe_model(model: LoadedModel, flops_counter: str, zoo_dir: Path) -> dict[str, Any]:
+    """A model's manifest entry before latency and accuracy: source, preprocessing, params, FLOPs."""
+    fc = count_flops(model.module, model.preprocess.input_size, flops_counter)
     source = dict(model.source)
     if source.get("checkpoint"):  # recorded relative to the checkout that holds the zoo, when inside it
-        checkout = path.resolve().parent.parent
+        checkout = zoo_dir.resolve().parent.parent
         ck = Path(source["checkpoint"]).resolve()
         if ck.is_relative_to(checkout):
             source["checkpoint"] = os.path.relpath(ck, checkout)
-    entry = {
-        "key": spec.key,
+    return {
+        "key": model.key,
         "status": "measured",
         "source": source,
         "num_classes": model.num_classes,
@@ -255,13 +276,7 @@ def _profile_one(spec: ModelSpec, cfg: ProfileConfig, data: dict[str, DecodedSet
         "flops": fc.flops,
         "macs": fc.macs,
         "flops_counter": fc.counter,
-        "latency": {**device_info(cfg.device), "table": latency_table(lats)},
-        "accuracy": accuracy,
     }
-    log(f"{spec.key}: {fc.macs / 1e9:.3f} GMACs, " + ", ".join(
-        f"{s} top-1 {100 * a:.2f}%" for s, a in accuracy.items() if a is not None)
-        + f" ({time.perf_counter() - t0:.1f}s)")
-    return entry
 
 
 AGREEMENT_TOP1 = 0.999   # a backend is exact when it gives eager's class on ≥ 99.9 % of samples

@@ -1,0 +1,295 @@
+"""Profile a zoo on Ray: model × data-shard units, retried, staged, and merged as a local run would.
+
+Why actors: a model is loaded once per actor and then runs shard after shard; a task per unit
+would reload it every time. Each (split, shard) is decoded once by a Ray task and the decoded
+tensor goes through the object store to every model that needs it. Each actor asks Ray for
+``num_cpus``/``num_gpus``, so one config runs on a laptop or on a GPU cluster (``RAY_ADDRESS``).
+
+Faults:
+
+- a killed actor process is restarted by Ray (``max_restarts``) and its in-flight unit re-run
+  (``max_task_retries``); a restarted actor reports it, and the run counts it as a retry;
+- every finished unit is written atomically to ``<zoo>.staging/`` next to the zoo, so a rerun
+  after the *driver* died computes only the units that are not there;
+- when every unit of a model is in, the driver concatenates its shards into the zoo's usual
+  prediction files and then adds the model's manifest entry, each write atomic: the model is
+  either merged whole or not at all.
+
+Latency is not measured here (a shared cluster's timings mislead): run
+``tinysaver profile --latency-only`` on the machine that will serve the cascade.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .profiler import ProfileConfig, _existing_preds, _load_manifest, _model_done, _register_split, describe_model, \
+    predict, top1
+from .zoo import MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, zoo_lock, zoo_path
+
+MAX_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One model on rows [start, stop) of one split (rows counted before unreadable images are skipped)."""
+
+    model: str
+    split: str
+    shard: int
+    start: int
+    stop: int
+
+
+def shard_bounds(n: int, shards: int, align: int = 1) -> list[tuple[int, int]]:
+    """``shards`` contiguous row ranges covering [0, n), their edges on multiples of ``align`` (the
+    eval batch size, so a shard's batches are the local run's batches); empty ranges are dropped."""
+    step = -(-n // shards)
+    step = -(-step // align) * align
+    return [(a, min(a + step, n)) for a in range(0, n, step)] if n else []
+
+
+def staging_dir(zoo_dir: Path) -> Path:
+    return zoo_dir.parent / f"{zoo_dir.name}.staging"
+
+
+def _unit_tag(cfg: ProfileConfig, spec_dict: dict, split: str) -> str:
+    # a staged unit is reused only by a run that would compute the very same thing
+    what = json.dumps([spec_dict, cfg.splits[split], cfg.topk, cfg.save_logits], sort_keys=True)
+    return hashlib.sha256(what.encode()).hexdigest()[:12]
+
+
+def unit_file(staging: Path, unit: Unit, tag: str) -> Path:
+    return staging / model_dirname(unit.model) / f"{unit.split}-{unit.start:09d}-{unit.stop:09d}-{tag}.npz"
+
+
+def _staged(f: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(f) as z:
+            out = {k: z[k] for k in z.files}
+        return out if {"ids", "labels", "pred", "conf"} <= set(out) else None
+    except Exception:  # a leftover that does not read back is computed again
+        return None
+
+
+def check_config(cfg: ProfileConfig, shards: int, gpus_per_task: float, cpus_per_task: float) -> dict[str, int]:
+    """Everything that can be checked before a task starts: names, checkpoints, data, options.
+    Returns the number of rows of each split."""
+    from .data import dataset_size
+    from .models import resolve_kind
+
+    if shards < 1:
+        raise ValueError(f"--shards must be ≥ 1, got {shards}")
+    if gpus_per_task < 0 or cpus_per_task <= 0:
+        raise ValueError("--gpus-per-task must be ≥ 0 and CPUs per task > 0")
+    for spec in cfg.models:
+        resolve_kind(spec.name)  # unknown names fail here, listing close matches
+        if spec.checkpoint and not Path(spec.checkpoint).is_file():
+            raise ValueError(f"{spec.key}: checkpoint {spec.checkpoint} does not exist")
+    return {split: dataset_size(uri, cfg.limit) for split, uri in cfg.splits.items()}
+
+
+def _ray_classes():
+    import ray
+
+    # no CPU reserved: the model actors hold theirs for life, and a decode waiting for one of
+    # them would wait forever once every CPU has an actor
+    @ray.remote(num_cpus=0)
+    def decode(uri: str, limit: int | None, rows: tuple[int, int]):
+        from .data import load_dataset
+
+        return load_dataset(uri, progress=False, limit=limit, rows=rows)
+
+    @ray.remote
+    class ModelWorker:
+        """One model, loaded once, run over many shards."""
+
+        def __init__(self, spec: dict, device: str):
+            from .models import ModelSpec, create_model
+
+            self.model = create_model(ModelSpec.from_dict(spec), device=device)
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+        def describe(self, flops_counter: str, zoo_dir: str) -> dict:
+            return describe_model(self.model, flops_counter, Path(zoo_dir))
+
+        def run(self, data, out: str, batch_size: int, topk: int, save_logits: bool) -> tuple[int, bool]:
+            res = predict(self.model, data, batch_size, topk, save_logits, progress=False)
+            atomic_write_npz(Path(out), ids=np.array(data.ids, dtype=str), labels=data.labels,
+                             failed=np.array([i for i, _ in data.failures], dtype=str), **res)
+            return os.getpid(), self.restarted
+
+    return decode, ModelWorker
+
+
+def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | None = None, shards: int = 4,
+                   gpus_per_task: float = 0.0, cpus_per_task: float = 1.0, max_retries: int = MAX_RETRIES,
+                   progress: bool = True, log: Callable[[str], None] = print,
+                   on_unit: Callable[[Unit, int], None] | None = None) -> dict[str, Any]:
+    """Profile ``cfg`` (predictions and FLOPs, no latency) as model × shard units on Ray.
+
+    Joins the cluster at ``address`` (or ``RAY_ADDRESS``) when given, uses a Ray instance this
+    process already started, or else starts a local one. ``on_unit(unit, worker_pid)`` is called
+    as each unit finishes. Returns counts: ``units`` (all), ``run`` (computed now), ``reused``
+    (found staged), ``skipped`` (units of models already in the zoo), ``retries`` (actor restarts),
+    ``merged`` (models written to the zoo).
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    sizes = check_config(cfg, shards, gpus_per_task, cpus_per_task)  # before Ray starts anything
+    path = zoo_path(cfg.zoo, root) if root is None else Path(root) / cfg.zoo
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    if gpus_per_task > ray.cluster_resources().get("GPU", 0):
+        raise ValueError(f"--gpus-per-task {gpus_per_task} but the Ray cluster has "
+                         f"{ray.cluster_resources().get('GPU', 0)} GPU(s)")
+    decode, ModelWorker = _ray_classes()
+    device = "cuda" if gpus_per_task > 0 else cfg.device
+    staging = staging_dir(path)
+    bounds = {s: shard_bounds(n, shards, cfg.eval_batch_size) for s, n in sizes.items()}
+    counts = {"units": 0, "run": 0, "reused": 0, "skipped": 0, "retries": 0, "merged": 0}
+    with zoo_lock(path):
+        manifest = _load_manifest(path, cfg)
+        todo, pending = [], {}
+        for spec in cfg.models:
+            units = [Unit(spec.key, s, k, a, b) for s, bs in bounds.items() for k, (a, b) in enumerate(bs)]
+            counts["units"] += len(units)
+            if not cfg.force and _model_done(path, manifest, spec.key, cfg.splits):
+                counts["skipped"] += len(units)
+                log(f"{spec.key}: already profiled, skipping")
+                continue
+            tags = {s: _unit_tag(cfg, spec.to_dict(), s) for s in cfg.splits}
+            files = {u: unit_file(staging, u, tags[u.split]) for u in units}
+            missing = [u for u in units if _staged(files[u]) is None]
+            counts["reused"] += len(units) - len(missing)
+            todo.append((spec, files))
+            pending[spec.key] = missing
+        bar = tqdm(total=counts["units"], initial=counts["units"] - sum(map(len, pending.values())),
+                   desc=f"profile {cfg.zoo} on ray", disable=not progress)
+        decoded: dict[tuple[str, int], Any] = {}
+        users: dict[tuple[str, int], int] = {}  # units still to run on each decoded shard
+        for units in pending.values():
+            for u in units:
+                users[(u.split, u.shard)] = users.get((u.split, u.shard), 0) + 1
+
+        def shard_ref(u: Unit):
+            key = (u.split, u.shard)
+            if key not in decoded:
+                decoded[key] = decode.remote(cfg.splits[u.split], cfg.limit, (u.start, u.stop))
+            return decoded[key]
+
+        def release(u: Unit) -> None:
+            key = (u.split, u.shard)
+            users[key] -= 1
+            if users[key] == 0:  # the last model has run on it: the object store may free it
+                decoded.pop(key, None)
+
+        # several actors per model when the cluster has more slots than models, so 64 GPUs are
+        # not left idle by a 45-model pool; each actor takes its own share of the model's shards
+        res = ray.cluster_resources()
+        slots = res.get("GPU", 0) / gpus_per_task if gpus_per_task > 0 else res.get("CPU", 1) / cpus_per_task
+        per_model = max(1, int(slots // max(len(todo), 1)))
+        actors: dict[str, list] = {}
+        queues: dict[Any, list[Unit]] = {}
+        described, inflight, restarts, left = {}, {}, set(), {}
+
+        def submit(spec, files, actor) -> None:
+            # one unit in flight per actor: it runs its calls one at a time anyway, and a unit
+            # submitted after a crash lands on the restarted actor
+            u = queues[actor].pop(0)
+            ref = actor.run.remote(shard_ref(u), str(files[u]), cfg.eval_batch_size, cfg.topk, cfg.save_logits)
+            inflight[ref] = (spec, files, u, actor)
+
+        def merge(spec, files) -> None:
+            _merge(path, manifest, cfg, spec.key, files, ray.get(described[spec.key]), log)
+            counts["merged"] += 1
+            bar.set_postfix(models=f"{counts['merged']}/{len(todo)}", retries=len(restarts))
+            for a in actors.pop(spec.key):
+                ray.kill(a)  # frees its CPUs/GPUs for the next model's actors
+
+        for spec, files in todo:
+            units = pending[spec.key]
+            k = max(1, min(per_model, len(units)))
+            opts = dict(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_restarts=max_retries,
+                        max_task_retries=max_retries)
+            actors[spec.key] = [ModelWorker.options(**opts).remote(spec.to_dict(), device) for _ in range(k)]
+            described[spec.key] = actors[spec.key][0].describe.remote(cfg.flops_counter, str(path))  # FLOPs once
+            left[spec.key] = len(units)
+            for i, a in enumerate(actors[spec.key]):
+                queues[a] = units[i::k]
+                if queues[a]:
+                    submit(spec, files, a)
+            if not units:
+                merge(spec, files)
+        try:
+            while inflight:
+                [ref], _ = ray.wait(list(inflight), num_returns=1)
+                spec, files, u, actor = inflight.pop(ref)
+                pid, restarted = ray.get(ref)
+                counts["run"] += 1
+                left[spec.key] -= 1
+                release(u)
+                if restarted:
+                    restarts.add((spec.key, pid))
+                bar.update(1)
+                bar.set_postfix(models=f"{counts['merged']}/{len(todo)}", retries=len(restarts))
+                if on_unit:
+                    on_unit(u, pid)
+                if queues[actor]:
+                    submit(spec, files, actor)
+                elif left[spec.key] == 0:
+                    merge(spec, files)
+        finally:
+            bar.close()
+            for group in actors.values():
+                for a in group:
+                    ray.kill(a)
+        counts["retries"] = len(restarts)
+        if staging.is_dir() and not any(staging.rglob("*.npz")):
+            shutil.rmtree(staging, ignore_errors=True)
+    return counts
+
+
+def _merge(path: Path, manifest: dict, cfg: ProfileConfig, key: str, files: dict[Unit, Path], entry: dict,
+           log: Callable[[str], None]) -> None:
+    """Concatenate a model's staged shards into the zoo's prediction files, then add its manifest entry."""
+    from .data import DecodedSet
+
+    accuracy = {}
+    for split in cfg.splits:
+        parts = [_staged(files[u]) for u in sorted((u for u in files if u.split == split), key=lambda u: u.start)]
+        if any(p is None for p in parts):
+            raise ZooError(f"{key}: a staged shard of split {split!r} no longer reads back; run the command again")
+        ids = [str(i) for p in parts for i in p["ids"]]
+        labels = np.concatenate([p["labels"] for p in parts]).astype(np.int64)
+        failed = [(str(i), "unreadable") for p in parts for i in p["failed"]]
+        whole = DecodedSet(cfg.splits[split], ids, labels, [], None, failed)
+        names = manifest["splits"].get(split, {}).get("class_names")
+        if names is None:  # the split's class names come from the data, as a local run records them
+            from .data import load_dataset
+
+            names = load_dataset(cfg.splits[split], progress=False, limit=cfg.limit, rows=(0, 1)).class_names
+        whole.class_names = names if names != "imagenet" else [""] * 1000
+        _register_split(path, manifest, split, cfg.splits[split], whole)
+        res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("ids", "labels", "failed")}
+        out = path / "preds" / model_dirname(key) / f"{split}.npz"
+        if _existing_preds(out, whole.fingerprint) is None or cfg.force:
+            atomic_write_npz(out, fingerprint=np.array(whole.fingerprint), **res)
+        accuracy[split] = top1(res["pred"], labels)
+    manifest["models"][key] = {**entry, "profiled_on": "ray", "accuracy": accuracy}
+    atomic_write_yaml(path / MANIFEST, manifest)
+    for f in files.values():
+        f.unlink(missing_ok=True)
+    log(f"{key}: {entry['macs'] / 1e9:.3f} GMACs, " + ", ".join(
+        f"{s} top-1 {100 * a:.2f}%" for s, a in accuracy.items() if a is not None) + " (ray)")
+
+
+__all__ = ["Unit", "profile_on_ray", "shard_bounds", "staging_dir", "check_config"]
