@@ -1,8 +1,10 @@
 """Profile a zoo on Ray: model × data-shard units, retried, staged, and merged as a local run would.
 
-Why actors: a model is loaded once per actor and then runs shard after shard; a task per unit
-would reload it every time. Each (split, shard) is decoded once by a Ray task and the decoded
-tensor goes through the object store to every model that needs it. Each actor asks Ray for
+Why actors: a worker actor keeps the model it loaded and runs shard after shard of it, then
+moves on to the next model in the same process; a task per unit would reload the model (and
+import torch) every time. A pool as large as the cluster's slots takes units as it frees up,
+preferring the model it holds. Each (split, shard) is decoded once by a Ray task and the decoded
+tensor goes through the object store to every model that needs it. Each worker asks Ray for
 ``num_cpus``/``num_gpus``, so one config runs on a laptop or on a GPU cluster (``RAY_ADDRESS``).
 
 Faults:
@@ -109,19 +111,27 @@ def _ray_classes():
 
     @ray.remote
     class ModelWorker:
-        """One model, loaded once, run over many shards."""
+        """Runs units, keeping the model it last loaded: a model loads once per worker, and the
+        worker process (with torch imported) serves model after model."""
 
-        def __init__(self, spec: dict, device: str):
-            from .models import ModelSpec, create_model
-
-            self.model = create_model(ModelSpec.from_dict(spec), device=device)
+        def __init__(self, device: str):
+            self.device, self.model = device, None
             self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
-        def describe(self, flops_counter: str, zoo_dir: str) -> dict:
-            return describe_model(self.model, flops_counter, Path(zoo_dir))
+        def _load(self, spec: dict):
+            from .models import ModelSpec, create_model
 
-        def run(self, data, out: str, batch_size: int, topk: int, save_logits: bool) -> tuple[int, bool]:
-            res = predict(self.model, data, batch_size, topk, save_logits, progress=False)
+            spec = ModelSpec.from_dict(spec)
+            if self.model is None or self.model.key != spec.key:
+                self.model = None  # the old model's memory goes before the new one arrives
+                self.model = create_model(spec, device=self.device)
+            return self.model
+
+        def describe(self, spec: dict, flops_counter: str, zoo_dir: str) -> dict:
+            return describe_model(self._load(spec), flops_counter, Path(zoo_dir))
+
+        def run(self, spec: dict, data, out: str, batch_size: int, topk: int, save_logits: bool) -> tuple[int, bool]:
+            res = predict(self._load(spec), data, batch_size, topk, save_logits, progress=False)
             atomic_write_npz(Path(out), ids=np.array(data.ids, dtype=str), labels=data.labels,
                              failed=np.array([i for i, _ in data.failures], dtype=str), **res)
             return os.getpid(), self.restarted
@@ -192,66 +202,76 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
             if users[key] == 0:  # the last model has run on it: the object store may free it
                 decoded.pop(key, None)
 
-        # several actors per model when the cluster has more slots than models, so 64 GPUs are
-        # not left idle by a 45-model pool; each actor takes its own share of the model's shards
+        # A pool of workers as large as the cluster allows. An idle worker takes the next unit of
+        # the model it holds; failing that, a model no worker holds yet; failing that (the tail),
+        # any unit left, so no slot idles while work remains.
         res = ray.cluster_resources()
         slots = res.get("GPU", 0) / gpus_per_task if gpus_per_task > 0 else res.get("CPU", 1) / cpus_per_task
-        per_model = max(1, int(slots // max(len(todo), 1)))
-        actors: dict[str, list] = {}
-        queues: dict[Any, list[Unit]] = {}
-        described, inflight, restarts, left = {}, {}, set(), {}
+        remaining = {spec.key: len(pending[spec.key]) for spec, _ in todo}
+        n_workers = max(1, min(int(slots), sum(remaining.values()) or 1))
+        opts = dict(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_restarts=max_retries,
+                    max_task_retries=max_retries)
+        workers = [ModelWorker.options(**opts).remote(device) for _ in range(n_workers)]
+        by_key = {spec.key: (spec, files) for spec, files in todo}
+        holds: dict[int, str | None] = {w: None for w in range(n_workers)}
+        described, inflight, restarts = {}, {}, set()
 
-        def submit(spec, files, actor) -> None:
-            # one unit in flight per actor: it runs its calls one at a time anyway, and a unit
-            # submitted after a crash lands on the restarted actor
-            u = queues[actor].pop(0)
-            ref = actor.run.remote(shard_ref(u), str(files[u]), cfg.eval_batch_size, cfg.topk, cfg.save_logits)
-            inflight[ref] = (spec, files, u, actor)
+        def describe(key: str, w: int) -> None:
+            if key not in described:  # FLOPs once per model, on the first worker that loads it
+                described[key] = workers[w].describe.remote(by_key[key][0].to_dict(), cfg.flops_counter, str(path))
 
-        def merge(spec, files) -> None:
-            _merge(path, manifest, cfg, spec.key, files, ray.get(described[spec.key]), log)
+        def next_unit(w: int) -> Unit | None:
+            held = {k for k in holds.values() if k}
+            order = ([holds[w]] if holds[w] else []) + [k for k in pending if k not in held] + list(pending)
+            for key in order:
+                if key and pending.get(key):
+                    return pending[key].pop(0)
+            return None
+
+        def submit(w: int) -> None:
+            u = next_unit(w)
+            if u is None:
+                return
+            spec, files = by_key[u.model]
+            holds[w] = u.model
+            describe(u.model, w)
+            ref = workers[w].run.remote(spec.to_dict(), shard_ref(u), str(files[u]), cfg.eval_batch_size, cfg.topk,
+                                        cfg.save_logits)
+            inflight[ref] = (u, w)
+
+        def merge(key: str) -> None:
+            spec, files = by_key[key]
+            _merge(path, manifest, cfg, key, files, ray.get(described[key]), log)
             counts["merged"] += 1
             bar.set_postfix(models=f"{counts['merged']}/{len(todo)}", retries=len(restarts))
-            for a in actors.pop(spec.key):
-                ray.kill(a)  # frees its CPUs/GPUs for the next model's actors
 
-        for spec, files in todo:
-            units = pending[spec.key]
-            k = max(1, min(per_model, len(units)))
-            opts = dict(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_restarts=max_retries,
-                        max_task_retries=max_retries)
-            actors[spec.key] = [ModelWorker.options(**opts).remote(spec.to_dict(), device) for _ in range(k)]
-            described[spec.key] = actors[spec.key][0].describe.remote(cfg.flops_counter, str(path))  # FLOPs once
-            left[spec.key] = len(units)
-            for i, a in enumerate(actors[spec.key]):
-                queues[a] = units[i::k]
-                if queues[a]:
-                    submit(spec, files, a)
-            if not units:
-                merge(spec, files)
         try:
+            for key, n in remaining.items():
+                if n == 0:  # every unit was staged by an earlier run: only the FLOPs are left
+                    describe(key, 0)
+                    merge(key)
+            for w in range(n_workers):
+                submit(w)
             while inflight:
                 [ref], _ = ray.wait(list(inflight), num_returns=1)
-                spec, files, u, actor = inflight.pop(ref)
+                u, w = inflight.pop(ref)
                 pid, restarted = ray.get(ref)
                 counts["run"] += 1
-                left[spec.key] -= 1
+                remaining[u.model] -= 1
                 release(u)
                 if restarted:
-                    restarts.add((spec.key, pid))
+                    restarts.add(pid)
                 bar.update(1)
                 bar.set_postfix(models=f"{counts['merged']}/{len(todo)}", retries=len(restarts))
                 if on_unit:
                     on_unit(u, pid)
-                if queues[actor]:
-                    submit(spec, files, actor)
-                elif left[spec.key] == 0:
-                    merge(spec, files)
+                submit(w)  # before the merge, so the worker does not wait for the driver's writes
+                if remaining[u.model] == 0:
+                    merge(u.model)
         finally:
             bar.close()
-            for group in actors.values():
-                for a in group:
-                    ray.kill(a)
+            for a in workers:
+                ray.kill(a)
         counts["retries"] = len(restarts)
         if staging.is_dir() and not any(staging.rglob("*.npz")):
             shutil.rmtree(staging, ignore_errors=True)

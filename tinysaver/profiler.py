@@ -232,9 +232,10 @@ def _profile_one(spec: ModelSpec, cfg: ProfileConfig, data: dict[str, DecodedSet
     t0 = time.perf_counter()
     model = create_model(spec, device=cfg.device)
     entry = describe_model(model, cfg.flops_counter, path)
-    lats = measure_latency(model.module, model.preprocess.input_size, cfg.batch_sizes,
-                           min_run_time=cfg.latency_min_run_time)
-    entry["latency"] = {**device_info(cfg.device), "table": latency_table(lats)}
+    if cfg.batch_sizes:  # an empty list: predictions and FLOPs only, latency later (--latency-only)
+        lats = measure_latency(model.module, model.preprocess.input_size, cfg.batch_sizes,
+                               min_run_time=cfg.latency_min_run_time)
+        entry["latency"] = {**device_info(cfg.device), "table": latency_table(lats)}
     accuracy: dict[str, float | None] = {}
     for split, ds in data.items():
         f = path / "preds" / model_dirname(spec.key) / f"{split}.npz"
