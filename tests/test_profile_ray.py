@@ -202,3 +202,15 @@ def test_plan_cli_prints_without_running(tmp_path):
     assert not (tmp_path / "zoo_index").exists()
     assert yaml.safe_load((REPO / "zoo_index" / "configs" / "imagenet-paper-pool.yaml").read_text())["zoo"] == \
         "imagenet-paper-pool"
+
+
+def test_cli_ray_backend_joins_a_running_cluster(ray_local, cfg, local_zoo, tmp_path):
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(yaml.safe_dump({"zoo": cfg.zoo, "splits": cfg.splits, "models": [m.to_dict() for m in cfg.models],
+                                    "eval_batch_size": cfg.eval_batch_size, "topk": cfg.topk}))
+    out = subprocess.run([sys.executable, "-m", "tinysaver", "profile", "--config", str(conf), "--backend", "ray",
+                          "--address", ray_local.get_runtime_context().gcs_address, "--shards", "3",
+                          "--root", str(tmp_path), "--quiet"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "merged 2" in out.stdout and "retries 0" in out.stdout
+    assert_same_zoo(load_zoo("rayzoo", tmp_path), local_zoo)

@@ -132,7 +132,9 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     lines.append(f"{len(plan.rows)} models: {plan.gpu_hours:.2f} GPU-hours; on {plan.gpus} × {plan.gpu_type} "
                  f"({plan.shards} shard(s) per split): {plan.wall_hours:.2f} h wall "
-                 f"({plan.wall_hours * 60:.0f} min). Forward passes only; decoding and weight loading add to it.")
+                 f"({plan.wall_hours * 60:.0f} min).")
+    lines.append("Forward passes only, at the table's mixed precision and batch size: tinysaver profiles in fp32 at "
+                 "eval_batch_size, which runs slower, and decoding and weight loading add to it.")
     lines.append(f"Throughput: {plan.table}")
     return "\n".join(lines)
 

@@ -3,9 +3,10 @@
 Why actors: a worker actor keeps the model it loaded and runs shard after shard of it, then
 moves on to the next model in the same process; a task per unit would reload the model (and
 import torch) every time. A pool as large as the cluster's slots takes units as it frees up,
-preferring the model it holds. Each (split, shard) is decoded once by a Ray task and the decoded
-tensor goes through the object store to every model that needs it. Each worker asks Ray for
-``num_cpus``/``num_gpus``, so one config runs on a laptop or on a GPU cluster (``RAY_ADDRESS``).
+preferring the model it holds. Each (split, shard) is decoded once, by the first worker that
+needs it, and the decoded tensor goes through the object store to every other model. Each worker
+asks Ray for ``num_cpus``/``num_gpus``, so one config runs on a laptop or on a GPU cluster
+(``RAY_ADDRESS``).
 
 Faults:
 
@@ -101,14 +102,6 @@ def check_config(cfg: ProfileConfig, shards: int, gpus_per_task: float, cpus_per
 def _ray_classes():
     import ray
 
-    # no CPU reserved: the model actors hold theirs for life, and a decode waiting for one of
-    # them would wait forever once every CPU has an actor
-    @ray.remote(num_cpus=0)
-    def decode(uri: str, limit: int | None, rows: tuple[int, int]):
-        from .data import load_dataset
-
-        return load_dataset(uri, progress=False, limit=limit, rows=rows)
-
     @ray.remote
     class ModelWorker:
         """Runs units, keeping the model it last loaded: a model loads once per worker, and the
@@ -127,6 +120,13 @@ def _ray_classes():
                 self.model = create_model(spec, device=self.device)
             return self.model
 
+        def decode(self, uri: str, limit: int | None, rows: tuple[int, int]):
+            # decoded by the first worker that needs the shard (no extra process to start), then
+            # shared with the others through the object store
+            from .data import load_dataset
+
+            return load_dataset(uri, progress=False, limit=limit, rows=rows)
+
         def describe(self, spec: dict, flops_counter: str, zoo_dir: str) -> dict:
             return describe_model(self._load(spec), flops_counter, Path(zoo_dir))
 
@@ -136,7 +136,7 @@ def _ray_classes():
                              failed=np.array([i for i, _ in data.failures], dtype=str), **res)
             return os.getpid(), self.restarted
 
-    return decode, ModelWorker
+    return ModelWorker
 
 
 def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | None = None, shards: int = 4,
@@ -161,7 +161,7 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
     if gpus_per_task > ray.cluster_resources().get("GPU", 0):
         raise ValueError(f"--gpus-per-task {gpus_per_task} but the Ray cluster has "
                          f"{ray.cluster_resources().get('GPU', 0)} GPU(s)")
-    decode, ModelWorker = _ray_classes()
+    ModelWorker = _ray_classes()
     device = "cuda" if gpus_per_task > 0 else cfg.device
     staging = staging_dir(path)
     bounds = {s: shard_bounds(n, shards, cfg.eval_batch_size) for s, n in sizes.items()}
@@ -190,10 +190,10 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
             for u in units:
                 users[(u.split, u.shard)] = users.get((u.split, u.shard), 0) + 1
 
-        def shard_ref(u: Unit):
+        def shard_ref(u: Unit, worker):
             key = (u.split, u.shard)
             if key not in decoded:
-                decoded[key] = decode.remote(cfg.splits[u.split], cfg.limit, (u.start, u.stop))
+                decoded[key] = worker.decode.remote(cfg.splits[u.split], cfg.limit, (u.start, u.stop))
             return decoded[key]
 
         def release(u: Unit) -> None:
@@ -235,7 +235,7 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
             spec, files = by_key[u.model]
             holds[w] = u.model
             describe(u.model, w)
-            ref = workers[w].run.remote(spec.to_dict(), shard_ref(u), str(files[u]), cfg.eval_batch_size, cfg.topk,
+            ref = workers[w].run.remote(spec.to_dict(), shard_ref(u, workers[w]), str(files[u]), cfg.eval_batch_size, cfg.topk,
                                         cfg.save_logits)
             inflight[ref] = (u, w)
 
