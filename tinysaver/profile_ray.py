@@ -88,6 +88,10 @@ def check_config(cfg: ProfileConfig, shards: int, gpus_per_task: float, cpus_per
     from .data import dataset_size
     from .models import resolve_kind
 
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("the ray backend needs Ray: pip install 'tinysaver[ray]'")
     if shards < 1:
         raise ValueError(f"--shards must be ≥ 1, got {shards}")
     if gpus_per_task < 0 or cpus_per_task <= 0:
