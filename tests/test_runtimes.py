@@ -188,3 +188,12 @@ def test_malloc_advice_only_where_it_helps(monkeypatch):
     assert malloc_advice(32, [224], "cuda") is None
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
     assert malloc_advice(32, [224]) is None         # already on
+    monkeypatch.delenv("LD_PRELOAD")
+    assert malloc_advice(32, [224], backends=["onnxruntime", "openvino"]) is None  # OpenVINO crashes under it
+
+
+def test_openvino_refuses_a_preloaded_tcmalloc(monkeypatch, tmp_path):
+    need_package("openvino")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    with pytest.raises(BackendError, match="OpenVINO crashes when tcmalloc is preloaded"):
+        make_runner(tiny("test_resnet", input_size=32), "openvino", cache_dir=tmp_path)

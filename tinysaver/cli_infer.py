@@ -36,7 +36,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                             threads=args.threads[0] if args.threads and len(args.threads) == 1 else args.threads)
     from .runtimes import malloc_advice
 
-    advice = malloc_advice(args.batch_size, [m.preprocess.input_size[-1] for m in cascade.stages], args.device)
+    advice = malloc_advice(args.batch_size, [m.preprocess.input_size[-1] for m in cascade.stages], args.device,
+                           cascade.backends)
     if advice and not args.quiet:
         print(f"tinysaver: note: {advice}", file=sys.stderr)
     names = cascade.stage_names

@@ -151,6 +151,11 @@ def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | No
 
         return Runner(model.key, backend, run_ort, path, secs, cached,
                       session.get_session_options().intra_op_num_threads)
+    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        # measured here: OpenVINO 2026.4 aborts with "double free or corruption" on its first
+        # inference when tcmalloc is preloaded, even without torch in the process
+        raise BackendError(f"{model.key}: OpenVINO crashes when tcmalloc is preloaded (LD_PRELOAD); run OpenVINO "
+                           "stages without it, or use --backend onnxruntime")
     import openvino as ov
 
     core = ov.Core()
@@ -215,7 +220,8 @@ def agreement_with_predictions(model: LoadedModel, runner: Runner, data, stored,
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 
-def malloc_advice(batch_size: int, input_sides: list[int], device: str = "cpu") -> str | None:
+def malloc_advice(batch_size: int, input_sides: list[int], device: str = "cpu",
+                  backends: list[str] | None = None) -> str | None:
     """A hint when glibc's malloc will slow this run down, else None.
 
     Large images allocate activation buffers of MBs (tens of MB in a batch); glibc serves them
@@ -225,8 +231,8 @@ def malloc_advice(batch_size: int, input_sides: list[int], device: str = "cpu") 
     in the kernel fell to 0–1 %. jemalloc lost at batch 32.
     """
     preload = os.environ.get("LD_PRELOAD", "")
-    if device != "cpu" or max(input_sides, default=0) < 160 or "malloc" in preload:
-        return None
+    if device != "cpu" or max(input_sides, default=0) < 160 or "malloc" in preload or "openvino" in (backends or []):
+        return None  # (OpenVINO crashes under tcmalloc, see make_runner)
     how = (f"LD_PRELOAD={TCMALLOC}" if Path(TCMALLOC).is_file()
            else "apt-get install -y libtcmalloc-minimal4, then LD_PRELOAD=" + TCMALLOC)
     return (f"{max(input_sides)} px images on CPU spend much of their time in page faults under glibc's malloc "
