@@ -1,0 +1,395 @@
+"""Serve a cascade on Ray Serve: one deployment per stage, dynamic batching, early answers, a live loss bound.
+
+``build_app(selection, zoo)`` returns a Serve application (``serve.run(app)``):
+
+- one **stage deployment** per model of the selection (savers, then the base). Each batches the
+  requests it gets with ``@serve.batch`` and derives its own input from the decoded uint8 image
+  with its own timm preprocessing, exactly as :class:`tinysaver.cascade.Cascade` does;
+- one **ingress** (FastAPI through ``@serve.ingress``) that decodes each image once, asks the
+  stages in order, and answers as soon as an exit fires (:func:`tinysaver.policy.exits`). A
+  request answered by a saver never waits for the base.
+
+Routes: ``POST /predict`` (one image, raw bytes or multipart), ``POST /predict/batch`` (multipart,
+answers streamed as JSON lines in the order they are ready), ``GET /healthz`` and ``GET /metrics``
+(JSON; the same counters also go to Ray's Prometheus metrics through ``ray.serve.metrics``).
+
+**Audit.** A fraction (``audit``) of the early answers is also sent to the base after the answer
+has gone out. Over the last ``audit_window`` requests, with E early exits of which m were audited
+and k disagreed with the base, the accuracy the cascade gives up against the base is at most
+(E / W) · CP⁺(k, m, δ), a label-free Clopper–Pearson upper bound on the live traffic. When it
+passes ``audit_tolerance`` (accuracy points) the service logs a warning and reports ``drift`` in
+``/healthz`` and ``/metrics``: the traffic no longer looks like the calibration data.
+
+**Faults.** A request that finds a stage replica dead is retried while Serve restarts it; after
+``retries`` failures it gets HTTP 503 with "retry" in its reason, never a hang. Bad bodies get 400
+(not an image, empty), 413 (over ``max_body_bytes``) or 415 (content type), and touch nothing else.
+Replicas drain their accepted requests on shutdown (``graceful_shutdown_timeout_s``).
+"""
+# No ``from __future__ import annotations`` here: FastAPI reads the route signatures at
+# definition time, and ``Request`` is imported inside the function that builds the app.
+import asyncio
+import logging
+import os
+import random
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .policy import Selection, SelectionError, exits
+
+log = logging.getLogger("tinysaver.serve")
+
+RAW_TYPES = ("application/octet-stream", "image/")
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+@dataclass
+class ServeOptions:
+    """How to serve. Per-stage values take one number for every stage or one per stage."""
+
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    replicas: int | Sequence[int] = 1
+    num_cpus: float | Sequence[float] = 0.5   # fractional: three deployments must fit on 2 cores
+    num_gpus: float | Sequence[float] = 0.0
+    ingress_num_cpus: float = 0.25
+    backend: str | Sequence[str] = "eager"
+    audit: float = 0.0                # fraction of early answers also sent to the base
+    delta: float = 0.1
+    audit_tolerance: float = 1.0      # accuracy points
+    audit_window: int = 200           # requests the bound is computed over
+    min_audits: int = 30
+    max_body_bytes: int = 10 * 2**20
+    retries: int = 5
+    seed: int = 0
+    accept_preprocess_change: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise ValueError("max_batch_size must be ≥ 1 and batch_wait_timeout_s ≥ 0")
+        if not 0 <= self.audit <= 1:
+            raise ValueError(f"--audit is a fraction of the early answers in [0, 1], got {self.audit}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"δ must be in (0, 1), got {self.delta}")
+        if self.audit_tolerance <= 0 or self.audit_window < 1 or self.min_audits < 1:
+            raise ValueError("audit tolerance, window and minimum audits must be positive")
+        if self.max_body_bytes < 1 or self.retries < 0:
+            raise ValueError("max_body_bytes must be ≥ 1 and retries ≥ 0")
+
+    def per_stage(self, name: str, n: int) -> list:
+        v = getattr(self, name)
+        out = [v] * n if isinstance(v, (int, float, str)) else list(v)
+        if len(out) != n:
+            raise ValueError(f"{name}: give one value for all {n} stages or one per stage, got {v}")
+        return out
+
+
+def loss_bound(records: Sequence[tuple[bool, bool | None]], delta: float, min_audits: int) -> float | None:
+    """Upper bound (fraction) on the accuracy the cascade gives up against the base over ``records``:
+    one (exited early, disagreed with the base or None when not audited) per request. None until
+    ``min_audits`` exits have been audited."""
+    from .risk import clopper_pearson
+
+    w = len(records)
+    exited = [d for e, d in records if e]
+    audited = [d for d in exited if d is not None]
+    if w == 0 or len(audited) < min_audits:
+        return None
+    k = int(sum(audited))
+    return len(exited) / w * float(clopper_pearson(np.array([k]), len(audited), delta, upper=True)[0])
+
+
+def _stage_deployment():
+    import torch
+    from ray import serve
+    from ray.serve import metrics
+
+    @serve.deployment(graceful_shutdown_timeout_s=30)
+    class StageServer:
+        """One cascade stage: its model on its backend, with dynamic batching."""
+
+        def __init__(self, zoo_dir: str, key: str, backend: str, max_batch_size: int, wait_s: float,
+                     accept_preprocess_change: bool):
+            from .runtimes import make_runner
+            from .zoo import load_zoo
+
+            self.model = load_zoo(zoo_dir).load_model(key, accept_preprocess_change=accept_preprocess_change)
+            self.runner = make_runner(self.model, backend)
+            self.classify.set_max_batch_size(max_batch_size)
+            self.classify.set_batch_wait_timeout_s(wait_s)
+            self.sizes: Counter = Counter()
+            self.hist = metrics.Histogram("tinysaver_stage_batch_size", description="requests per stage batch",
+                                          boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("stage",))
+            self.hist.set_default_tags({"stage": key})
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+        async def classify(self, images: list) -> list[tuple[int, float]]:
+            from .transforms import prepare_batch
+
+            with torch.inference_mode():
+                prob = self.runner(prepare_batch(images, self.model.preprocess)).float().softmax(-1)
+            conf, pred = prob.max(-1)
+            self.sizes[len(images)] += 1
+            self.hist.observe(len(images))
+            return list(zip(pred.tolist(), conf.tolist()))
+
+        def stats(self) -> dict:
+            return {"batch_sizes": {int(k): v for k, v in sorted(self.sizes.items())}, "pid": os.getpid()}
+
+    return StageServer
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass
+class AuditState:
+    window: deque = field(default_factory=deque)
+    audited: int = 0
+    disagreements: int = 0
+    alarm: bool = False
+    bound: float | None = None
+
+
+def _ingress_deployment():
+    import ray
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from ray import serve
+    from ray.serve import metrics
+
+    app = FastAPI(title="tinysaver cascade")
+    dead = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+    @serve.deployment(graceful_shutdown_timeout_s=30)
+    @serve.ingress(app)
+    class CascadeIngress:
+        def __init__(self, stages: list, names: list[str], thresholds: list[float], class_names, opts: dict):
+            self.stages, self.names, self.thresholds = stages, names, thresholds
+            self.class_names = class_names
+            self.o = ServeOptions(**opts)
+            self.rng = random.Random(self.o.seed)
+            self.requests = 0
+            self.exits = Counter()
+            self.retried = 0
+            self.unavailable = 0
+            self.latency = Counter()
+            self.audit = AuditState(window=deque(maxlen=self.o.audit_window))
+            self.m_requests = metrics.Counter("tinysaver_requests", description="answered images")
+            self.m_exits = metrics.Counter("tinysaver_exits", description="answers per stage", tag_keys=("stage",))
+            self.m_latency = metrics.Histogram("tinysaver_latency_ms", description="server-side latency",
+                                               boundaries=list(LATENCY_BUCKETS_MS))
+            self.m_bound = metrics.Gauge("tinysaver_audit_loss_bound", description="upper bound on accuracy given up")
+
+        # --- input -------------------------------------------------------------------------------
+        async def _body(self, request: Request) -> bytes:
+            n = request.headers.get("content-length")
+            if n is not None and n.isdigit() and int(n) > self.o.max_body_bytes:
+                raise BadRequest(413, f"body of {n} bytes exceeds the limit of {self.o.max_body_bytes}")
+            chunks, total = [], 0
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > self.o.max_body_bytes:
+                    raise BadRequest(413, f"body exceeds the limit of {self.o.max_body_bytes} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        async def _files(self, request: Request, many: bool) -> list[tuple[str, bytes]]:
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            body = await self._body(request)
+            if ctype.startswith("multipart/form-data"):
+                request._body = body  # starlette parses the multipart form from the cached body
+                form = await request.form()
+                files = [(getattr(v, "filename", k) or k, await v.read()) for k, v in form.multi_items()
+                         if hasattr(v, "read")]
+                if not files:
+                    raise BadRequest(400, "the multipart body holds no file")
+                return files if many else files[:1]
+            if many:
+                raise BadRequest(415, f"/predict/batch takes multipart/form-data, got {ctype or 'no content type'}")
+            if not ctype.startswith(RAW_TYPES):
+                raise BadRequest(415, f"send an image as application/octet-stream, image/* or multipart/form-data, "
+                                      f"got {ctype or 'no content type'}")
+            return [("body", body)]
+
+        @staticmethod
+        def _decode(data: bytes):
+            from .data import decode_image
+
+            if not data:
+                raise BadRequest(400, "empty body: send the image's bytes")
+            try:
+                return decode_image(data)
+            except Exception as e:  # the decoder's own words name the problem
+                raise BadRequest(400, f"not a decodable image ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+        # --- the cascade ---------------------------------------------------------------------------
+        async def _stage(self, i: int, img) -> tuple[int, float]:
+            for attempt in range(self.o.retries + 1):
+                try:
+                    return await self.stages[i].classify.remote(img)
+                except dead:  # the replica died; Serve is starting another
+                    self.retried += 1
+                    await asyncio.sleep(min(0.2 * 2 ** attempt, 3.0))
+            self.unavailable += 1
+            raise BadRequest(503, f"stage {self.names[i]} is restarting; retry the request")
+
+        async def _answer(self, img) -> dict:
+            t0 = time.perf_counter()
+            last = len(self.stages) - 1
+            for i in range(len(self.stages)):
+                pred, conf = await self._stage(i, img)
+                if i == last or exits(np.array([conf], dtype=np.float32), self.thresholds[i])[0]:
+                    break
+            ms = (time.perf_counter() - t0) * 1e3
+            early = i < last
+            record = [early, None]
+            self.audit.window.append(record)
+            if early and self.o.audit > 0 and self.rng.random() < self.o.audit:
+                asyncio.get_running_loop().create_task(self._audit(img, pred, record))
+            self.requests += 1
+            self.exits[i] += 1
+            self.latency[next((b for b in LATENCY_BUCKETS_MS if ms <= b), "inf")] += 1
+            self.m_requests.inc()
+            self.m_exits.inc(tags={"stage": self.names[i]})
+            self.m_latency.observe(ms)
+            return {"class": int(pred), "name": self.class_names[int(pred)] if self.class_names else None,
+                    "confidence": float(conf), "exit_stage": i, "stage_name": self.names[i],
+                    "latency_ms": round(ms, 3)}
+
+        async def _audit(self, img, pred: int, record: list) -> None:
+            # runs after the early answer has gone out: the client never waits for it
+            try:
+                base_pred, _ = await self._stage(len(self.stages) - 1, img)
+            except BadRequest:
+                return
+            record[1] = base_pred != pred
+            self.audit.audited += 1
+            self.audit.disagreements += int(record[1])
+            self._update_alarm()
+
+        def _update_alarm(self) -> None:
+            a = self.audit
+            full = len(a.window) == a.window.maxlen
+            a.bound = loss_bound([tuple(r) for r in a.window], self.o.delta, self.o.min_audits)
+            if a.bound is not None:
+                self.m_bound.set(a.bound)
+            alarm = bool(full and a.bound is not None and 100 * a.bound > self.o.audit_tolerance)
+            if alarm and not a.alarm:
+                log.warning("tinysaver: the audit bounds the accuracy given up at %.2f points (δ=%g), above the "
+                            "tolerance of %.2f: the traffic has drifted from the calibration data",
+                            100 * a.bound, self.o.delta, self.o.audit_tolerance)
+            a.alarm = alarm
+
+        def _audit_view(self) -> dict:
+            a = self.audit
+            return {"fraction": self.o.audit, "audited": a.audited, "disagreements": a.disagreements,
+                    "window_requests": len(a.window), "loss_bound_points": None if a.bound is None else
+                    round(100 * a.bound, 4), "tolerance_points": self.o.audit_tolerance, "delta": self.o.delta,
+                    "alarm": a.alarm}
+
+        @staticmethod
+        def _error(e: BadRequest) -> JSONResponse:
+            return JSONResponse({"error": e.reason}, status_code=e.status)
+
+        # --- routes ---------------------------------------------------------------------------------
+        @app.post("/predict")
+        async def predict(self, request: Request):
+            try:
+                [(_, data)] = await self._files(request, many=False)
+                img = await asyncio.to_thread(self._decode, data)
+                return await self._answer(img)
+            except BadRequest as e:
+                return self._error(e)
+
+        @app.post("/predict/batch")
+        async def predict_batch(self, request: Request):
+            try:
+                files = await self._files(request, many=True)
+            except BadRequest as e:
+                return self._error(e)
+
+            async def one(index: int, name: str, data: bytes) -> dict:
+                try:
+                    img = await asyncio.to_thread(self._decode, data)
+                    return {"index": index, "file": name, **(await self._answer(img))}
+                except BadRequest as e:
+                    return {"index": index, "file": name, "error": e.reason, "status": e.status}
+
+            async def lines():
+                import json
+
+                for ready in asyncio.as_completed([one(i, n, d) for i, (n, d) in enumerate(files)]):
+                    yield json.dumps(await ready) + "\n"
+
+            return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+        @app.get("/healthz")
+        async def healthz(self):
+            return {"status": "drift" if self.audit.alarm else "ok", "stages": self.names,
+                    "audit": self._audit_view()}
+
+        @app.get("/metrics")
+        async def metrics_json(self):
+            batches = {}
+            for name, h in zip(self.names, self.stages):
+                try:
+                    batches[name] = (await h.stats.remote())["batch_sizes"]
+                except dead:
+                    batches[name] = None
+            n = max(self.requests, 1)
+            return {"requests": self.requests, "stages": self.names, "thresholds": self.thresholds,
+                    "exits": {self.names[i]: self.exits[i] for i in range(len(self.names))},
+                    "exit_ratio": {self.names[i]: round(self.exits[i] / n, 4) for i in range(len(self.names))},
+                    "batch_sizes": batches,
+                    "latency_ms_histogram": {str(k): v for k, v in sorted(self.latency.items(), key=lambda kv: (
+                        kv[0] == "inf", kv[0] if kv[0] != "inf" else 0))},
+                    "retried_calls": self.retried, "unavailable": self.unavailable,
+                    "status": "drift" if self.audit.alarm else "ok", "audit": self._audit_view()}
+
+    return CascadeIngress
+
+
+def build_app(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
+              root: Path | None = None):
+    """A Ray Serve application for ``selection`` (a Selection, its dict or a JSON file) over ``zoo``.
+
+    Validates the selection and looks every model up before anything is deployed. Stage replicas
+    load their model from the zoo's folder, which must be readable where they run.
+    """
+    from .cascade import zoo_class_names
+    from .runtimes import check_backend
+    from .zoo import load_zoo
+
+    if isinstance(selection, (str, Path)):
+        selection = Selection.load(selection)
+    elif isinstance(selection, dict):
+        selection = Selection.from_dict(selection)
+    elif not isinstance(selection, Selection):
+        raise SelectionError(f"build_app takes a Selection, its dict or a JSON path, got {type(selection).__name__}")
+    o = options or ServeOptions()
+    zoo = zoo or load_zoo(selection.zoo, root)
+    for m in selection.models:
+        zoo.model(m)
+    n = len(selection.models)
+    backends, replicas = o.per_stage("backend", n), o.per_stage("replicas", n)
+    cpus, gpus = o.per_stage("num_cpus", n), o.per_stage("num_gpus", n)
+    for b in backends:
+        check_backend(b)
+    Stage, Ingress = _stage_deployment(), _ingress_deployment()
+    stages = [Stage.options(name=f"stage{i}-{key.replace('/', '_')}", num_replicas=int(r),
+                            ray_actor_options={"num_cpus": float(c), "num_gpus": float(g)})
+              .bind(str(zoo.path), key, b, o.max_batch_size, o.batch_wait_timeout_s, o.accept_preprocess_change)
+              for i, (key, b, r, c, g) in enumerate(zip(selection.models, backends, replicas, cpus, gpus))]
+    return Ingress.options(ray_actor_options={"num_cpus": o.ingress_num_cpus}).bind(
+        stages, list(selection.models), list(selection.thresholds), zoo_class_names(zoo), asdict(o))
+
+
+__all__ = ["ServeOptions", "build_app", "loss_bound"]
