@@ -101,14 +101,14 @@ def main() -> int:
                     c.predict(images[: min(len(images), 4 * bs)], batch_size=bs)
                 tb, tc, ts, ideal = [], [], [], []
                 for _ in range(args.repeats):
-                    t_base, _ = timed(base_only, images, bs)
-                    t_casc, stage = timed(cascade, images, bs)
-                    t_sav, _ = timed(saver_only, images, bs)
+                    run_base, _ = timed(base_only, images, bs)
+                    run_casc, stage = timed(cascade, images, bs)
+                    run_sav, _ = timed(saver_only, images, bs)
                     exit_ratio = float((stage == 0).mean())
-                    tb.append(t_base)
-                    tc.append(t_casc)
-                    ts.append(t_sav)
-                    ideal.append(t_sav + (1 - exit_ratio) * t_base)
+                    tb.append(run_base)
+                    tc.append(run_casc)
+                    ts.append(run_sav)
+                    ideal.append(run_sav + (1 - exit_ratio) * run_base)
                 tb, tc, ideal = map(np.array, (tb, tc, ideal))
                 sp, idl, of = tb / tc, tb / ideal, ideal / tc
                 n = len(images)
