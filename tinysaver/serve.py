@@ -16,9 +16,11 @@ answers streamed as JSON lines in the order they are ready), ``GET /healthz`` an
 **Audit.** A fraction (``audit``) of the early answers is also sent to the base after the answer
 has gone out. Over the last ``audit_window`` requests, with E early exits of which m were audited
 and k disagreed with the base, the accuracy the cascade gives up against the base is at most
-(E / W) · CP⁺(k, m, δ), a label-free Clopper–Pearson upper bound on the live traffic. When it
-passes ``audit_tolerance`` (accuracy points) the service logs a warning and reports ``drift`` in
-``/healthz`` and ``/metrics``: the traffic no longer looks like the calibration data.
+(E / W) · CP⁺(k, m, δ), a label-free Clopper–Pearson upper bound on the live traffic (it bounds
+the disagreement, which is at least the loss). Once the window is full, a bound above
+``audit_tolerance`` (accuracy points) logs a warning and shows ``drift`` in ``/healthz`` and
+``/metrics``: the traffic no longer looks like the calibration data. Size the window so that it
+holds enough audits (W · audit · exit ratio of a few dozen); few audits make a wide bound.
 
 **Faults.** A request that finds a stage replica dead is retried while Serve restarts it; after
 ``retries`` failures it gets HTTP 503 with "retry" in its reason, never a hang. Bad bodies get 400
@@ -61,8 +63,7 @@ class ServeOptions:
     audit: float = 0.0                # fraction of early answers also sent to the base
     delta: float = 0.1
     audit_tolerance: float = 1.0      # accuracy points
-    audit_window: int = 200           # requests the bound is computed over
-    min_audits: int = 30
+    audit_window: int = 200           # requests the bound is computed over; the alarm waits until it is full
     max_body_bytes: int = 10 * 2**20
     retries: int = 5
     seed: int = 0
@@ -75,8 +76,8 @@ class ServeOptions:
             raise ValueError(f"--audit is a fraction of the early answers in [0, 1], got {self.audit}")
         if not 0 < self.delta < 1:
             raise ValueError(f"δ must be in (0, 1), got {self.delta}")
-        if self.audit_tolerance <= 0 or self.audit_window < 1 or self.min_audits < 1:
-            raise ValueError("audit tolerance, window and minimum audits must be positive")
+        if self.audit_tolerance <= 0 or self.audit_window < 1:
+            raise ValueError("the audit tolerance and window must be positive")
         if self.max_body_bytes < 1 or self.retries < 0:
             raise ValueError("max_body_bytes must be ≥ 1 and retries ≥ 0")
 
@@ -88,17 +89,24 @@ class ServeOptions:
         return out
 
 
-def loss_bound(records: Sequence[tuple[bool, bool | None]], delta: float, min_audits: int) -> float | None:
+def loss_bound(records: Sequence[tuple[bool, bool | None]], delta: float) -> float | None:
     """Upper bound (fraction) on the accuracy the cascade gives up against the base over ``records``:
-    one (exited early, disagreed with the base or None when not audited) per request. None until
-    ``min_audits`` exits have been audited."""
+    one (exited early, disagreed with the base, or None when not audited) per request.
+
+    (E / W) · CP⁺(k, m, δ) with W requests, E early exits, m of them audited and k disagreeing.
+    Few audits give a wide bound; with none it is E / W, as if every early answer were wrong.
+    """
     from .risk import clopper_pearson
 
     w = len(records)
+    if w == 0:
+        return None
     exited = [d for e, d in records if e]
     audited = [d for d in exited if d is not None]
-    if w == 0 or len(audited) < min_audits:
-        return None
+    if not exited:
+        return 0.0
+    if not audited:
+        return len(exited) / w
     k = int(sum(audited))
     return len(exited) / w * float(clopper_pearson(np.array([k]), len(audited), delta, upper=True)[0])
 
@@ -277,8 +285,8 @@ def _ingress_deployment():
 
         def _update_alarm(self) -> None:
             a = self.audit
-            full = len(a.window) == a.window.maxlen
-            a.bound = loss_bound([tuple(r) for r in a.window], self.o.delta, self.o.min_audits)
+            full = len(a.window) == a.window.maxlen  # no alarm from the first few requests
+            a.bound = loss_bound([tuple(r) for r in a.window], self.o.delta)
             if a.bound is not None:
                 self.m_bound.set(a.bound)
             alarm = bool(full and a.bound is not None and 100 * a.bound > self.o.audit_tolerance)

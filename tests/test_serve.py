@@ -1,0 +1,220 @@
+"""The cascade as a Ray Serve service: real HTTP requests against one local Ray instance."""
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import need, need_package
+from tinysaver.data import FASHION_MNIST_DIR
+
+BASE = "resnet10t"
+N = 80
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(img: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img[0].numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def service():
+    need_package("ray")
+    need_package("httpx")
+    need(FASHION_MNIST_DIR.is_dir(), "Fashion-MNIST (apt-get install -y dataset-fashion-mnist)")
+    import httpx
+    import ray
+    from ray import serve
+
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.serve import ServeOptions, build_app
+    from tinysaver.zoo import load_zoo
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    zoo = load_zoo("fashion-mnist")
+    sel, _ = select(zoo, BASE, SelectorConfig())
+    # small CPU shares: this app and the audit app (3 deployments each) share 2 cores
+    opts = dict(num_cpus=0.25, ingress_num_cpus=0.2, max_body_bytes=64 * 1024)
+    serve.run(build_app(sel, zoo, ServeOptions(**opts)), name="casc", route_prefix="/")
+    audit = ServeOptions(**opts, audit=1.0, audit_window=200, audit_tolerance=2.0, delta=0.1)
+    serve.run(build_app(sel, zoo, audit), name="audited", route_prefix="/audited")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    yield {"client": client, "sel": sel, "zoo": zoo, "serve": serve}
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline(service):
+    """Fashion test images and what Cascade.predict gives for them (every stage, for the margin)."""
+    from tinysaver.cascade import build_cascade
+    from tinysaver.data import load_dataset
+
+    imgs = load_dataset("fashion-mnist:test", progress=False, limit=N).images
+    res = build_cascade(service["sel"], service["zoo"]).predict(imgs, all_stages=True)
+    return imgs, res
+
+
+def post_image(client, data: bytes, path="/predict", ctype="image/png"):
+    return client.post(path, content=data, headers={"content-type": ctype})
+
+
+def test_answers_equal_the_offline_cascade(service, offline):
+    from tinysaver.policy import MARGIN
+
+    imgs, ref = offline
+    t = service["sel"].thresholds[0]
+    with ThreadPoolExecutor(8) as pool:  # concurrent: the stages batch them dynamically
+        replies = list(pool.map(lambda i: post_image(service["client"], png(imgs[i])), range(N)))
+    assert all(r.status_code == 200 for r in replies)
+    got = [r.json() for r in replies]
+    stable = np.abs(ref.stage_conf[0].astype(np.float64) - t) >= MARGIN
+    assert stable.sum() >= N - 2  # float noise may only matter next to the threshold
+    for i in np.flatnonzero(stable):
+        assert got[i]["exit_stage"] == ref.stage[i] and got[i]["class"] == ref.pred[i], i
+        assert got[i]["stage_name"] == ref.stage_names[ref.stage[i]] and got[i]["latency_ms"] > 0
+    assert 0 < (ref.stage == 0).sum() < N  # both stages answer some
+    m = service["client"].get("/metrics").json()
+    assert m["requests"] >= N and set(m["exit_ratio"]) == set(ref.stage_names)
+    sizes = m["batch_sizes"][ref.stage_names[0]]
+    assert sum(int(k) * v for k, v in sizes.items()) >= N and max(map(int, sizes)) > 1  # batched for real
+    # early answers do not wait for the base
+    early = [g["latency_ms"] for g in got if g["exit_stage"] == 0]
+    late = [g["latency_ms"] for g in got if g["exit_stage"] == 1]
+    assert np.median(early) < np.median(late)
+
+
+def test_streamed_batch_answers_early_exits_first(service, offline):
+    imgs, ref = offline
+    files = [("files", (f"{i}.png", png(imgs[i]), "image/png")) for i in range(40)]
+    lines = []
+    with service["client"].stream("POST", "/predict/batch", files=files) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        for line in r.iter_lines():
+            if line:
+                lines.append(json.loads(line))
+    assert sorted(x["index"] for x in lines) == list(range(40))
+    pos = {s: [k for k, x in enumerate(lines) if x["exit_stage"] == s] for s in (0, 1)}
+    assert pos[0] and pos[1] and np.mean(pos[0]) < np.mean(pos[1])
+
+
+def test_bad_input_gets_a_clear_status_and_hurts_no_one(service, offline):
+    imgs, _ = offline
+    c = service["client"]
+    good = png(imgs[0])
+    bad = [(b"", "image/png", 400, "empty"), (b"not an image", "image/png", 400, "not a decodable image"),
+           (good, "text/plain", 415, "multipart"), (b"\x00" * (100 * 1024), "application/octet-stream", 413, "limit")]
+    with ThreadPoolExecutor(8) as pool:  # bad and good requests side by side
+        goods = [pool.submit(post_image, c, good) for _ in range(8)]
+        bads = [(pool.submit(post_image, c, body, "/predict", ctype), status, words)
+                for body, ctype, status, words in bad]
+        for f, status, words in bads:
+            r = f.result()
+            assert r.status_code == status and words in r.json()["error"], (status, r.text)
+            assert "\n" not in r.json()["error"]
+        assert all(f.result().status_code == 200 for f in goods)
+    r = c.post("/predict/batch", content=good, headers={"content-type": "image/png"})
+    assert r.status_code == 415
+    files = [("files", ("ok.png", good, "image/png")), ("files", ("bad.png", b"junk", "image/png"))]
+    lines = [json.loads(x) for x in c.post("/predict/batch", files=files).text.splitlines()]
+    assert {x["file"]: ("error" in x) for x in lines} == {"ok.png": False, "bad.png": True}
+    assert c.get("/healthz").json()["status"] == "ok"
+
+
+def test_the_audit_alarm_fires_after_the_traffic_shifts_and_not_before(service, offline):
+    from tinysaver.data import load_dataset
+
+    c = service["client"]
+    clean = load_dataset("fashion-mnist:test", progress=False, limit=300).images
+    g = torch.Generator().manual_seed(0)
+    noisy = (clean.float() + 100 * torch.randn(clean.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+
+    def send(batch):
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(lambda im: post_image(c, png(im), "/audited/predict"), batch))
+
+    def settled_health():  # the audits run after the answers: wait until they are all in
+        for _ in range(100):
+            h = c.get("/audited/healthz").json()
+            m = c.get("/audited/metrics").json()
+            if h["audit"]["audited"] == sum(v for k, v in m["exits"].items() if k != BASE):
+                return h
+            time.sleep(0.1)
+        raise AssertionError("audits did not finish")
+
+    for part in range(0, 300, 75):
+        assert all(r.status_code == 200 for r in send(clean[part:part + 75]))
+        h = settled_health()
+        assert h["status"] == "ok", h  # never before the shift
+    assert h["audit"]["loss_bound_points"] is not None and h["audit"]["loss_bound_points"] < 2.0
+    assert all(r.status_code == 200 for r in send(noisy))
+    h = settled_health()
+    assert h["status"] == "drift" and h["audit"]["loss_bound_points"] > 2.0, h
+    m = c.get("/audited/metrics").json()
+    assert m["status"] == "drift" and m["audit"]["alarm"] and m["audit"]["disagreements"] > 0
+    assert c.get("/metrics").json()["audit"]["audited"] == 0  # the other app audits nothing
+
+
+def test_killing_the_base_replica_loses_no_request(service, offline):
+    import os
+    import signal
+
+    imgs, ref = offline
+    serve, c = service["serve"], service["client"]
+    base_stage = serve.get_deployment_handle(f"stage1-{BASE}", app_name="casc")
+    pid = base_stage.stats.remote().result()["pid"]
+    to_base = [png(imgs[i]) for i in np.flatnonzero(ref.stage == 1)]
+    payloads = [to_base[i % len(to_base)] for i in range(60)]
+    done = []
+
+    def one(data):
+        r = post_image(c, data)
+        done.append(r.status_code)
+        return r
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, d) for d in payloads]
+        while len(done) < 10:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)  # mid-load
+        replies = [f.result(timeout=120) for f in futures]  # none hangs
+    codes = [r.status_code for r in replies]
+    assert set(codes) <= {200, 503}, codes
+    assert all("retry" in r.json()["error"] for r in replies if r.status_code == 503)
+    assert codes.count(200) >= 10
+    for _ in range(120):  # Serve brings the base back
+        if post_image(c, payloads[0]).status_code == 200 and base_stage.stats.remote().result()["pid"] != pid:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the base replica did not come back")
+    print(f"replica kill under load: {codes.count(200)} answered, {codes.count(503)} told to retry")
+
+
+def test_loss_bound_is_the_exit_share_times_a_clopper_pearson_limit():
+    from tinysaver.serve import loss_bound
+
+    assert loss_bound([], 0.1) is None
+    assert loss_bound([(False, None)] * 10, 0.1) == 0.0            # nothing exited: nothing given up
+    assert loss_bound([(True, None)] * 5 + [(False, None)] * 5, 0.1) == 0.5  # no audit: every exit may be wrong
+    clean = [(True, False)] * 150 + [(False, None)] * 50
+    b = loss_bound(clean, 0.1)
+    assert b == pytest.approx(0.75 * (1 - 0.1 ** (1 / 150)), rel=1e-6)  # CP⁺(0, n, δ) = 1 − δ^(1/n)
+    worse = [(True, True)] * 5 + [(True, False)] * 145 + [(False, None)] * 50
+    assert loss_bound(worse, 0.1) > b and loss_bound(worse, 0.01) > loss_bound(worse, 0.1)
