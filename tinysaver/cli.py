@@ -73,6 +73,30 @@ def _selector_defaults():
     return SelectorConfig()
 
 
+def _serve_defaults():
+    from .serve import ServeOptions
+
+    return ServeOptions()
+
+
+def _add_cascade_args(q: argparse.ArgumentParser) -> None:
+    """What infer and serve share: the selection (made now, read from a file, or given by hand) and
+    the backends its stages run on."""
+    _add_selector_args(q)
+    q.add_argument("--base", required=True)
+    how = q.add_mutually_exclusive_group()
+    how.add_argument("--from-selection", action="store_true",
+                     help="run the selector now with the selector options (what happens without --selection/--threshold)")
+    how.add_argument("--selection", help="a JSON file written by 'tinysaver query --save'")
+    how.add_argument("--threshold", type=float, help="the --saver's threshold, given by hand")
+    q.add_argument("--saver", action="append",
+                   help="with --threshold: that saver; alone: restrict the selector to these savers")
+    q.add_argument("--accept-preprocess-change", action="store_true",
+                   help="run a model whose current timm data config differs from the one the zoo recorded")
+    q.add_argument("--backend", default="eager",
+                   help="eager, compile, onnxruntime or openvino: one for all stages, or one per stage, comma-separated")
+
+
 def _add_selector_args(p: argparse.ArgumentParser) -> None:
     d = _selector_defaults()
     p.add_argument("--zoo", default="fashion-mnist", help="zoo name (in --root) or folder")
@@ -172,22 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = cmd(sub, "infer", "tinysaver.cli_infer:cmd_infer", "classify images through saver → base")
     q.add_argument("paths", nargs="+", help="image files, folders or .tar files")
-    _add_selector_args(q)
-    q.add_argument("--base", required=True)
-    how = q.add_mutually_exclusive_group()
-    how.add_argument("--from-selection", action="store_true",
-                     help="run the selector now with the selector options (what happens without --selection/--threshold)")
-    how.add_argument("--selection", help="a JSON file written by 'tinysaver query --save'")
-    how.add_argument("--threshold", type=float, help="the --saver's threshold, given by hand")
-    q.add_argument("--saver", action="append",
-                   help="with --threshold: that saver; alone: restrict the selector to these savers")
+    _add_cascade_args(q)
     q.add_argument("--batch-size", type=positive_int, default=32)
     q.add_argument("--no-refill", action="store_true",
                    help="send each batch's survivors on at once instead of gathering full batches for the base")
-    q.add_argument("--accept-preprocess-change", action="store_true",
-                   help="run a model whose current timm data config differs from the one the zoo recorded")
-    q.add_argument("--backend", default="eager",
-                   help="eager, compile, onnxruntime or openvino: one for all stages, or one per stage, comma-separated")
     q.add_argument("--backend-fallback", choices=["eager"],
                    help="run a stage whose export fails on eager instead of stopping")
     q.add_argument("--threads", type=int_list,
@@ -196,6 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu")
     q.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     q.add_argument("--quiet", action="store_true")
+
+    q = cmd(sub, "serve", "tinysaver.cli_serve:cmd_serve",
+            "serve the cascade over HTTP on Ray Serve (POST /predict, /predict/batch; GET /healthz, /metrics)")
+    _add_cascade_args(q)
+    d = _serve_defaults()
+    q.add_argument("--host", default="127.0.0.1")
+    q.add_argument("--port", type=positive_int, default=8000)
+    q.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
+    q.add_argument("--max-batch-size", type=positive_int, default=d.max_batch_size, help="per stage, @serve.batch")
+    q.add_argument("--batch-wait-ms", type=float, default=1e3 * d.batch_wait_timeout_s,
+                   help="how long a stage waits to fill a batch")
+    q.add_argument("--replicas", type=int_list, default=[d.replicas], help="one for all stages, or one per stage")
+    q.add_argument("--num-cpus", default=str(d.num_cpus), help="CPUs per stage replica: one, or one per stage")
+    q.add_argument("--num-gpus", default=str(d.num_gpus), help="GPUs per stage replica: one, or one per stage")
+    q.add_argument("--audit", type=float, default=d.audit,
+                   help="fraction of early answers also sent to the base, after answering, to bound the loss live")
+    q.add_argument("--audit-tolerance", type=float, default=d.audit_tolerance,
+                   help="accuracy points: a live loss bound above it raises the drift alarm")
+    q.add_argument("--audit-window", type=positive_int, default=d.audit_window,
+                   help="requests the live bound is computed over")
+    q.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20)
 
     esn = sub.add_parser("esn", help="train and evaluate an Exit Sequence Network on a saver–base pair")
     esub = esn.add_subparsers(dest="esn_command", required=True)

@@ -1,0 +1,73 @@
+"""Handler of ``tinysaver serve``: the selected cascade as an HTTP service on Ray Serve."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import sys
+import time
+
+
+def _floats(text: str, what: str) -> float | list[float]:
+    try:
+        vals = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{what} takes a number or one per stage, comma-separated, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise ValueError(f"{what} must be ≥ 0, got {text!r}")
+    return vals[0] if len(vals) == 1 else vals
+
+
+def serve_options(args: argparse.Namespace):
+    from .serve import ServeOptions
+
+    backends = args.backend.split(",")
+    return ServeOptions(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3,
+                        replicas=args.replicas[0] if len(args.replicas) == 1 else args.replicas,
+                        num_cpus=_floats(args.num_cpus, "--num-cpus"), num_gpus=_floats(args.num_gpus, "--num-gpus"),
+                        backend=backends[0] if len(backends) == 1 else backends, audit=args.audit,
+                        delta=args.delta, audit_tolerance=args.audit_tolerance, audit_window=args.audit_window,
+                        max_body_bytes=int(args.max_body_mb * 2**20),
+                        accept_preprocess_change=args.accept_preprocess_change)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .report import describe
+    from .selector import SelectorConfig, selection_for
+    from .zoo import load_zoo
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None:
+        raise ValueError("tinysaver serve needs Ray Serve: pip install 'tinysaver[serve]'")
+    opts = serve_options(args)  # bad options fail before Ray starts
+    zoo = load_zoo(args.zoo, args.root)
+    if args.from_selection and args.saver:
+        raise ValueError("--from-selection runs the selector over the zoo; drop --saver, or drop --from-selection "
+                         "to select among the given savers")
+    sel = selection_for(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver,
+                        threshold=args.threshold, selection=args.selection)
+    print(describe(sel), file=sys.stderr)
+    import ray
+    from ray import serve
+
+    from .serve import build_app
+
+    app = build_app(sel, zoo, opts)  # validated (models, backends, per-stage options) before deploying
+    stop = []
+
+    def request_stop(signum, frame):  # Ctrl-C or SIGTERM (a container stopping), even when inherited ignored
+        stop.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="tinysaver", route_prefix="/")
+    print(f"tinysaver: serving {' → '.join(sel.models)} at http://{args.host}:{args.port} "
+          "(POST /predict, POST /predict/batch, GET /healthz, GET /metrics); Ctrl-C stops", file=sys.stderr)
+    while not stop:
+        time.sleep(0.2)
+    print("tinysaver: stopping; replicas answer what they accepted first", file=sys.stderr)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
