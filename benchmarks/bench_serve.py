@@ -1,0 +1,173 @@
+"""The cascade served on Ray Serve under closed-loop load, against a served base and in-process cascades.
+
+    python benchmarks/bench_serve.py --zoo fashion-mnist --base resnet10t --requests 400
+    python benchmarks/bench_serve.py --zoo imagenet-lite --base tf_efficientnet_lite2.pypi_in1k --split val --requests 96
+
+Load generator: an asyncio client on httpx, one coroutine per simulated user, each sending its
+next request as soon as its last one is answered (closed loop), at concurrency 1, 8 and 32. We
+use it rather than locust because the closed-loop concurrency is then exact and in-process, and
+every per-request field (exit stage, latency) comes back without parsing locust's reports.
+
+Both applications (the cascade, and the base alone with the same batching settings) are deployed
+side by side, and their runs alternate (base, cascade, base, cascade …) so that a noisy
+neighbour slows both alike. For each concurrency: throughput, p50 and p99 latency (client side),
+the exit ratio, and the p50 of early answers against the p50 of answers from the base. The
+in-process reference runs ``Cascade.predict`` and the base alone on the same decoded images at the
+stages' batch size; the goal is served speedup ≥ 0.9 × in-process speedup at concurrency 32.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import time
+
+import numpy as np
+
+
+def encoded_images(zoo, split: str, n: int) -> tuple[list[bytes], object]:
+    """The split's first n images as the bytes a client would send, and the decoded set."""
+    import io
+
+    from PIL import Image
+
+    from tinysaver.data import load_dataset, raw_source
+
+    uri = zoo.splits[split]["source"]
+    data = load_dataset(uri, progress=False, limit=n)
+    if uri.startswith("fashion-mnist"):
+        out = []
+        for img in data.images:
+            buf = io.BytesIO()
+            Image.fromarray(img[0].numpy()).save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out, data
+    src = raw_source(uri, n)
+    return [src.read(i) for i in range(len(src.ids))], data
+
+
+async def closed_loop(url: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[float, list[dict]]:
+    import httpx
+
+    results: list[dict] = []
+    counter = iter(range(total))
+
+    async def user(client):
+        for i in counter:
+            t0 = time.perf_counter()
+            r = await client.post(url, content=bodies[i % len(bodies)],
+                                  headers={"content-type": "application/octet-stream"})
+            ms = (time.perf_counter() - t0) * 1e3
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code}: {r.text}")
+            results.append({**r.json(), "client_ms": ms})
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user(client) for _ in range(concurrency)))
+        return time.perf_counter() - t0, results
+
+
+def in_process(sel, zoo, images, batch_size: int, repeats: int = 3) -> tuple[float, float]:
+    """Images/s of the cascade and of the base alone, Cascade.predict on decoded images, interleaved."""
+    from tinysaver.cascade import Cascade
+
+    stages = [zoo.load_model(m) for m in sel.models]
+    cascade = Cascade(stages, sel.thresholds)
+    base = Cascade(stages[-1:], [])
+    tc, tb = [], []
+    for c in (cascade, base):
+        c.predict(images[:batch_size], batch_size=batch_size)
+    for _ in range(repeats):
+        for c, out in ((base, tb), (cascade, tc)):
+            t0 = time.perf_counter()
+            c.predict(images, batch_size=batch_size)
+            out.append(time.perf_counter() - t0)
+    return len(images) / float(np.median(tc)), len(images) / float(np.median(tb))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default="fashion-mnist")
+    ap.add_argument("--base", default="resnet10t")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--requests", type=int, default=400, help="requests per run")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    args = ap.parse_args()
+
+    import ray
+    from ray import serve
+
+    from tinysaver.policy import Selection
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.serve import ServeOptions, build_app
+    from tinysaver.zoo import load_zoo
+
+    zoo = load_zoo(args.zoo)
+    sel, _ = select(zoo, args.base, SelectorConfig())
+    if not sel.found:
+        raise SystemExit(f"{args.base} has no saver in {args.zoo}")
+    bodies, data = encoded_images(zoo, args.split, min(args.requests, 1000))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    opts = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3, num_cpus=0.5,
+                ingress_num_cpus=0.25)
+    serve.run(build_app(sel, zoo, ServeOptions(**opts)), name="cascade", route_prefix="/cascade")
+    serve.run(build_app(Selection.manual(zoo.name, [], args.base), zoo, ServeOptions(**opts)), name="base",
+              route_prefix="/base")
+    url = f"http://127.0.0.1:{port}"
+    print(f"{args.zoo}: {' → '.join(sel.models)} (threshold {sel.thresholds[0]:.4f}), {args.requests} requests per "
+          f"run, max batch {args.max_batch_size}, wait {args.batch_wait_ms} ms, {args.repeats} alternating runs; "
+          f"medians")
+    asyncio.run(closed_loop(f"{url}/cascade/predict", bodies, 4, 32))  # warm-up both
+    asyncio.run(closed_loop(f"{url}/base/predict", bodies, 4, 32))
+    rows = []
+    for c in args.concurrency:
+        runs = {"base": [], "cascade": []}
+        for _ in range(args.repeats):
+            for name in ("base", "cascade"):
+                runs[name].append(asyncio.run(closed_loop(f"{url}/{name}/predict", bodies, c, args.requests)))
+        row = {"concurrency": c}
+        for name, rs in runs.items():
+            lat = np.concatenate([[r["client_ms"] for r in res] for _, res in rs])
+            row[f"{name}_img_s"] = float(np.median([args.requests / t for t, _ in rs]))
+            row[f"{name}_p50"], row[f"{name}_p99"] = np.percentile(lat, 50), np.percentile(lat, 99)
+        res = [r for _, results in runs["cascade"] for r in results]
+        stage = np.array([r["exit_stage"] for r in res])
+        ms = np.array([r["client_ms"] for r in res])
+        row["exit_ratio"] = float((stage == 0).mean())
+        row["early_p50"] = float(np.median(ms[stage == 0])) if (stage == 0).any() else float("nan")
+        row["late_p50"] = float(np.median(ms[stage > 0])) if (stage > 0).any() else float("nan")
+        rows.append(row)
+        print(f"  concurrency {c}: cascade {row['cascade_img_s']:.1f} img/s, base {row['base_img_s']:.1f} img/s",
+              flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    ip_c, ip_b = in_process(sel, zoo, data.images, args.max_batch_size)
+    print("\n| concurrency | cascade img/s | p50 ms | p99 ms | exit ratio | p50 early exit | p50 via base | "
+          "base img/s | base p50 | base p99 | served speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['cascade_img_s']:.1f} | {r['cascade_p50']:.1f} | {r['cascade_p99']:.1f} | "
+              f"{r['exit_ratio']:.1%} | {r['early_p50']:.1f} | {r['late_p50']:.1f} | {r['base_img_s']:.1f} | "
+              f"{r['base_p50']:.1f} | {r['base_p99']:.1f} | {r['cascade_img_s'] / r['base_img_s']:.2f}× |")
+    sp = ip_c / ip_b
+    print(f"\nin-process at batch {args.max_batch_size}: cascade {ip_c:.1f} img/s, base {ip_b:.1f} img/s, "
+          f"speedup {sp:.2f}×")
+    top = max(rows, key=lambda r: r["concurrency"])
+    served = top["cascade_img_s"] / top["base_img_s"]
+    print(f"goal at concurrency {top['concurrency']}: served speedup {served:.2f}× ≥ 0.9 × in-process {sp:.2f}× = "
+          f"{0.9 * sp:.2f}×: {'yes' if served >= 0.9 * sp else 'NO'}; the service costs "
+          f"{ip_c / top['cascade_img_s']:.2f}× the in-process cascade's time per image")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
