@@ -17,7 +17,7 @@ import torch
 
 from .data import take_images
 from .models import LoadedModel
-from .policy import Selection, SelectionError, answers, apply, exit_ratios, exits
+from .policy import Selection, answers, apply, exit_ratios, exits
 from .transforms import prepare_batch
 
 
@@ -218,12 +218,7 @@ def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: st
     """
     from .zoo import load_zoo
 
-    if isinstance(selection, (str, Path)):
-        selection = Selection.load(selection)
-    elif isinstance(selection, dict):
-        selection = Selection.from_dict(selection)
-    elif not isinstance(selection, Selection):
-        raise SelectionError(f"build_cascade takes a Selection, its dict or a JSON path, got {type(selection).__name__}")
+    selection = Selection.coerce(selection, "build_cascade")
     zoo = zoo or load_zoo(selection.zoo)
     for m in selection.models:
         zoo.model(m)  # unknown names fail here, before anything loads

@@ -18,11 +18,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from .zoo import load_zoo
 
     zoo = load_zoo(args.zoo, args.root)
-    if args.from_selection and args.saver:
-        raise ValueError("--from-selection runs the selector over the zoo; drop --saver, or drop --from-selection "
-                         "to select among the given savers")
     sel = selection_for(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver,
-                        threshold=args.threshold, selection=args.selection)
+                        threshold=args.threshold, selection=args.selection, from_selection=args.from_selection)
     src = paths_source(args.paths)
     if not src.ids:
         raise ValueError("no images found in the given paths (looked for .jpg, .jpeg, .png, .bmp, .webp, .gif, "

@@ -41,11 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("tinysaver serve needs Ray Serve: pip install 'tinysaver[serve]'")
     opts = serve_options(args)  # bad options fail before Ray starts
     zoo = load_zoo(args.zoo, args.root)
-    if args.from_selection and args.saver:
-        raise ValueError("--from-selection runs the selector over the zoo; drop --saver, or drop --from-selection "
-                         "to select among the given savers")
     sel = selection_for(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver,
-                        threshold=args.threshold, selection=args.selection)
+                        threshold=args.threshold, selection=args.selection, from_selection=args.from_selection)
     print(describe(sel), file=sys.stderr)
     import ray
     from ray import serve

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -185,6 +186,17 @@ class Selection:
         if self.cost_base is None or self.cost_cascade is None:
             return None
         return 100.0 * (1 - self.cost_cascade / self.cost_base)
+
+    @classmethod
+    def coerce(cls, obj: Any, caller: str = "this") -> "Selection":
+        """A Selection from a Selection, its dict form or a JSON file path; anything else is refused."""
+        if isinstance(obj, (str, os.PathLike)):
+            return cls.load(obj)
+        if isinstance(obj, dict):
+            return cls.from_dict(obj)
+        if not isinstance(obj, cls):
+            raise SelectionError(f"{caller} takes a Selection, its dict or a JSON path, got {type(obj).__name__}")
+        return obj
 
     @classmethod
     def manual(cls, zoo: str, savers: Sequence[tuple[str, float]], base: str) -> "Selection":

@@ -314,9 +314,14 @@ class SelectorConfig:
 
 
 def selection_for(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Sequence[str] | None = None,
-                  threshold: float | None = None, selection: str | None = None) -> Selection:
+                  threshold: float | None = None, selection: str | None = None,
+                  from_selection: bool = False) -> Selection:
     """The one way a command gets its policy: a saved selection file, a saver with a given threshold,
-    or the selector (restricted to ``savers`` when given). Validated before any model loads."""
+    or the selector (restricted to ``savers`` when given; ``from_selection`` says the user asked for
+    the selector over the whole zoo). Validated before any model loads."""
+    if from_selection and savers:
+        raise SelectionError("--from-selection runs the selector over the zoo; drop --saver, or drop "
+                             "--from-selection to select among the given savers")
     if selection is not None:
         if savers or threshold is not None:
             raise SelectionError("give either a saved selection or --saver/--threshold, not both")

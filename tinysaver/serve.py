@@ -37,11 +37,11 @@ import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .policy import Selection, SelectionError, exits
+from .policy import Selection, exits
 
 log = logging.getLogger("tinysaver.serve")
 
@@ -376,12 +376,7 @@ def build_app(selection: Selection | dict | str | Path, zoo=None, options: Serve
     from .runtimes import check_backend
     from .zoo import load_zoo
 
-    if isinstance(selection, (str, Path)):
-        selection = Selection.load(selection)
-    elif isinstance(selection, dict):
-        selection = Selection.from_dict(selection)
-    elif not isinstance(selection, Selection):
-        raise SelectionError(f"build_app takes a Selection, its dict or a JSON path, got {type(selection).__name__}")
+    selection = Selection.coerce(selection, "build_app")
     o = options or ServeOptions()
     zoo = zoo or load_zoo(selection.zoo, root)
     for m in selection.models:
