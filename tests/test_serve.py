@@ -218,3 +218,27 @@ def test_loss_bound_is_the_exit_share_times_a_clopper_pearson_limit():
     assert b == pytest.approx(0.75 * (1 - 0.1 ** (1 / 150)), rel=1e-6)  # CP⁺(0, n, δ) = 1 − δ^(1/n)
     worse = [(True, True)] * 5 + [(True, False)] * 145 + [(False, None)] * 50
     assert loss_bound(worse, 0.1) > b and loss_bound(worse, 0.01) > loss_bound(worse, 0.1)
+
+
+def test_shutdown_answers_the_requests_already_accepted(service, offline):
+    """Deleting the app while requests are in flight: each gets an answer or a clean refusal, no
+    dropped connection, and those the ingress had accepted are answered."""
+    import httpx
+
+    imgs, ref = offline
+    serve, c = service["serve"], service["client"]
+    to_base = [png(imgs[i]) for i in np.flatnonzero(ref.stage == 1)]
+
+    def one(data):
+        try:
+            return post_image(c, data).status_code
+        except httpx.HTTPError as e:  # a dropped connection is what must not happen
+            return repr(e)
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one, to_base[i % len(to_base)]) for i in range(32)]
+        time.sleep(0.2)  # some are inside the replicas now
+        serve.delete("casc")  # drains the replicas (graceful_shutdown_timeout_s)
+        codes = [f.result(timeout=120) for f in futures]
+    assert all(code in (200, 404, 503) for code in codes), codes
+    assert codes.count(200) >= 1
