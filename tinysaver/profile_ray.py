@@ -239,8 +239,8 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
             spec, files = by_key[u.model]
             holds[w] = u.model
             describe(u.model, w)
-            ref = workers[w].run.remote(spec.to_dict(), shard_ref(u, workers[w]), str(files[u]), cfg.eval_batch_size, cfg.topk,
-                                        cfg.save_logits)
+            ref = workers[w].run.remote(spec.to_dict(), shard_ref(u, workers[w]), str(files[u]), cfg.eval_batch_size,
+                                        cfg.topk, cfg.save_logits)
             inflight[ref] = (u, w)
 
         def merge(key: str) -> None:
@@ -301,6 +301,7 @@ def _merge(path: Path, manifest: dict, cfg: ProfileConfig, key: str, files: dict
             from .data import load_dataset
 
             names = load_dataset(cfg.splits[split], progress=False, limit=cfg.limit, rows=(0, 1)).class_names
+        # the manifest stores ImageNet's 1000 names as the word "imagenet"; any 1000 names say the same
         whole.class_names = names if names != "imagenet" else [""] * 1000
         _register_split(path, manifest, split, cfg.splits[split], whole)
         res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("ids", "labels", "failed")}
