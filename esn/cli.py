@@ -1,4 +1,4 @@
-"""Handlers of ``tinysaver esn train | eval | grid`` (registered in tinysaver.cli)."""
+"""Handlers of ``tinysaver esn train | eval | grid`` and ``tinysaver exits compare`` (registered in tinysaver.cli)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,4 +68,27 @@ def cmd_grid(args) -> int:
     return 0
 
 
-__all__ = ["cmd_train", "cmd_eval", "cmd_grid"]
+def cmd_compare(args) -> int:
+    import json
+
+    from tinysaver.zoo import atomic_write_bytes, load_zoo
+
+    from .compare import CompareSettings, compare, format_rows, parse_families, plot_rows
+
+    families = parse_families(args.methods)  # before anything loads
+    settings = CompareSettings(epochs=args.epochs, label_free=args.label_free, calibrate=args.calibrate,
+                               alpha=args.alpha, gate_lambda=args.gate_lambda, lf_tolerance=args.lf_tolerance,
+                               wallclock_images=args.wallclock_images, train_limit=args.train_limit)
+    zoo = load_zoo(args.zoo, Path(args.root) if args.root else None)
+    rows = compare(zoo, args.saver, args.base, families, settings)
+    print(format_rows(rows))
+    if args.png:
+        plot_rows(rows, Path(args.png), f"{zoo.name}: {args.base} ← {args.saver}")
+        print(f"plot written to {args.png}")
+    if args.json:
+        clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+        atomic_write_bytes(Path(args.json), json.dumps(clean, indent=1).encode())
+    return 0
+
+
+__all__ = ["cmd_train", "cmd_eval", "cmd_grid", "cmd_compare"]

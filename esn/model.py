@@ -94,6 +94,22 @@ class ExitSequenceNetwork(nn.Module):
         out = self.run_bus(tokens[:, : n + 1])
         return saver_logits + self.heads[n - 1](out[:, n])
 
+    # -- the exit-method protocol of esn.exits (the saver runs first and is exit 0)
+    uses_saver = True
+
+    def offline(self, feats: dict) -> torch.Tensor:
+        return self(feats["saver_feat"], feats["stage_feats"], feats["saver_logits"])
+
+    def begin(self, saver_feat: torch.Tensor, saver_logits: torch.Tensor) -> dict:
+        return {"tokens": self.embed(saver_feat, []), "saver_logits": saver_logits}
+
+    def step(self, n: int, stage_out: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        tokens = torch.cat([state["tokens"], self.embed_stage(n, stage_out)[:, None]], dim=1)
+        return self.exit_logits(tokens, n, state["saver_logits"]), {**state, "tokens": tokens}
+
+    def select(self, state: dict, keep: torch.Tensor) -> dict:
+        return {k: v[keep] for k, v in state.items()}
+
 
 def esn_loss(exit_logits: torch.Tensor, target: torch.Tensor, saver_logits: torch.Tensor) -> torch.Tensor:
     """Σ_n mean_m 2·(1 − max softmax of the saver on m) · CE(exit_n(m), y_m).

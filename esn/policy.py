@@ -12,17 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tinysaver.data import take_images
 from tinysaver.policy import answers, apply, exits
 from tinysaver.selector import SaverOrder, best_exit
 
 from .model import ExitSequenceNetwork
-from .staged import StagedModel, saver_outputs
+from .staged import StagedModel
 
 
 @dataclass
 class ExitPolicy:
-    thresholds: list[float]  # saver, then ESN exits 1..N; ``inf`` disables an exit
+    thresholds: list[float]  # one per running-order exit (for the ESN: the saver, then exits 1..N); ``inf`` disables one
+    temperatures: list[float] | None = None  # one per exit and the base head; None = 1 (uncalibrated)
 
     def apply(self, preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Offline: (exits, B) predictions/confidences → answer and exit index (len(thresholds) = base)."""
@@ -70,43 +70,13 @@ def offline_exit_outputs(esn: ExitSequenceNetwork, feats: dict[str, torch.Tensor
     return pred.numpy(), conf.numpy()
 
 
-@torch.inference_mode()
 def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork, policy: ExitPolicy,
                     images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Saver first; then base stage by stage on the still-open samples only, evaluating the ESN exit
     after each stage; the base head answers the rest. Returns (answer, exit index) in input order."""
-    from tinysaver.transforms import prepare_batch
+    from types import SimpleNamespace
 
-    if len(policy.thresholds) != esn.num_exits + 1:
-        raise ValueError(f"policy has {len(policy.thresholds)} thresholds for {esn.num_exits + 1} exits")
-    n = len(images)
-    answer = np.empty(n, np.int64)
-    where = np.empty(n, np.int64)
-    for s in range(0, n, batch_size):
-        chunk = images[s:s + batch_size]
-        ids = np.arange(s, min(s + batch_size, n))
-        sf, sl = saver_outputs(saver.module, prepare_batch(chunk, saver.preprocess))
-        conf, pred = sl.float().softmax(-1).max(-1)
-        done = exits(conf.numpy(), policy.thresholds[0])
-        answer[ids[done]], where[ids[done]] = pred.numpy()[done], 0
-        keep = torch.as_tensor(np.flatnonzero(~done))
-        if len(keep) == 0:
-            continue
-        ids = ids[~done]
-        x = base_staged.stem(prepare_batch(take_images(chunk, keep), base.preprocess))
-        sl = sl[keep]
-        tokens = esn.embed(sf[keep], [])
-        for st, stage in enumerate(base_staged.stages, start=1):
-            x = stage(x)
-            tokens = torch.cat([tokens, esn.embed_stage(st, x)[:, None]], dim=1)
-            conf, pred = esn.exit_logits(tokens, st, sl).float().softmax(-1).max(-1)
-            done = exits(conf.numpy(), policy.thresholds[st])
-            answer[ids[done]], where[ids[done]] = pred.numpy()[done], st
-            keep = torch.as_tensor(np.flatnonzero(~done))
-            if len(keep) == 0:
-                break
-            ids, x, sl, tokens = ids[~done], x[keep], sl[keep], tokens[keep]
-        else:
-            answer[ids] = base_staged.tail(x).argmax(-1).numpy()
-            where[ids] = len(policy.thresholds)
-    return answer, where
+    from .exits import dynamic_predict as run
+
+    pair = SimpleNamespace(saver=saver, base=base, base_staged=base_staged)
+    return run(pair, esn, policy, images, batch_size)

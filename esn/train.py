@@ -38,6 +38,7 @@ class TrainSettings:
     train_split: str = "train"
     train_limit: int | None = None
     seed: int = 0
+    label_free: bool = False  # learn the base's outputs (seed 001): no label is read
 
     def __post_init__(self) -> None:
         if self.feature_cache and (self.autoaugment or self.mixup or self.cutmix):
@@ -138,7 +139,8 @@ def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bo
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = settings.epochs * steps_per_epoch
     sched = warmup_cosine(opt, int(settings.warmup_epochs * steps_per_epoch), total)
-    labels = torch.as_tensor(data.labels)
+    # label-free runs never touch data.labels: their target and their logged accuracy come from the base
+    labels = None if settings.label_free else torch.as_tensor(data.labels)
     if settings.feature_cache and cache is None:
         cache = frozen_features(pair, data.images)
     elif not settings.feature_cache:
@@ -151,13 +153,16 @@ def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bo
         t0 = time.perf_counter()
         for idx in tqdm(_batches(n, settings.batch_size, gen), total=steps_per_epoch,
                         desc=f"esn epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False):
-            y = labels[idx]
+            y = None if labels is None else labels[idx]
             if cache is not None:
                 sf, sl = cache["saver_feat"][idx], cache["saver_logits"][idx]
-                feats = [f[idx] for f in cache["stage_feats"]]
+                feats, bl = [f[idx] for f in cache["stage_feats"]], cache["base_logits"][idx]
                 target = y
             else:
-                sf, sl, feats, target = _live_features(pair, data, idx, y, settings, mixer)
+                sf, sl, feats, target, bl = _live_features(pair, data, idx, y, settings, mixer)
+            if settings.label_free:
+                y = bl.argmax(-1)  # the train "accuracy" logged below is agreement with the base
+                target = bl.float().softmax(-1)
             logits = esn(sf, feats, sl)
             loss = esn_loss(logits, target, sl)
             opt.zero_grad(set_to_none=True)
@@ -167,7 +172,8 @@ def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bo
             correct += (logits.argmax(-1) == y).sum(-1).detach().numpy()
             seen += len(idx)
         accs = ", ".join(f"{100 * c / seen:.1f}" for c in correct)
-        log(f"epoch {epoch + 1}: loss {loss.item():.4f}, train accuracy per exit (%): {accs} "
+        what = "agreement with the base" if settings.label_free else "accuracy"
+        log(f"epoch {epoch + 1}: loss {loss.item():.4f}, train {what} per exit (%): {accs} "
             f"({time.perf_counter() - t0:.1f}s)")
     esn.eval()
     return esn
@@ -196,7 +202,7 @@ def _live_features(pair: Pair, data, idx, y, settings: TrainSettings, mixer):
     xs = prepare_batch(imgs, pair.saver.preprocess)
     xb = prepare_batch(imgs, pair.base.preprocess)
     target = y
-    if mixer is not None and len(idx) % 2 == 0:
+    if mixer is not None and y is not None and len(idx) % 2 == 0:
         # one mix decision for both views: mix the base view, apply the same lam/perm to the saver view
         state = torch.get_rng_state()
         xb, target = mixer(xb, y)
@@ -204,8 +210,8 @@ def _live_features(pair: Pair, data, idx, y, settings: TrainSettings, mixer):
         xs, _ = mixer(xs, y)
     with torch.no_grad():
         sf, sl = saver_outputs(pair.saver.module, xs)
-        feats, _ = pair.base_staged.forward_all(xb)
-    return sf, sl, [pooled(f) for f in feats], target
+        feats, bl = pair.base_staged.forward_all(xb)
+    return sf, sl, [pooled(f) for f in feats], target, bl
 
 
 def save_esn(path: str | Path, esn: ExitSequenceNetwork, pair: Pair, settings: TrainSettings,

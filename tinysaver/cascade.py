@@ -73,6 +73,7 @@ class Cascade:
     backend_fallback: str | None = None     # "eager": a stage whose export fails runs eager instead
     cache_dir: str | Path | None = None     # where exports are cached (default: next to the checkpoint)
     threads: int | Sequence[int] | None = None  # intra-op threads of the onnxruntime/openvino stages, one or per stage
+    temperatures: Sequence[float] | None = None  # one per stage: confidence = max softmax(logits / T); default 1
     _runners: list = field(default_factory=list, repr=False, init=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +84,10 @@ class Cascade:
         for t in self.thresholds:
             if isinstance(t, bool) or not (isinstance(t, (int, float)) and 0.0 <= float(t) <= 1.0):
                 raise CascadeError(f"thresholds are max-softmax confidences and must lie in [0, 1], got {t}")
+        temps = [1.0] * len(self.stages) if self.temperatures is None else [float(t) for t in self.temperatures]
+        if len(temps) != len(self.stages) or not all(np.isfinite(t) and t > 0 for t in temps):
+            raise CascadeError(f"give one temperature > 0 per stage ({len(self.stages)}), got {self.temperatures}")
+        self.temperatures = temps
         names = [m.key for m in self.stages]
         if len(set(names)) != len(names):
             raise CascadeError(f"a model cannot be its own saver: the stages are {names}")
@@ -146,7 +151,7 @@ class Cascade:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.half:
             x = x.half()
-        prob = self._runners[i](x).float().softmax(-1)
+        prob = (self._runners[i](x).float() / self.temperatures[i]).softmax(-1)
         conf, pred = prob.max(-1)
         return pred.cpu(), conf.cpu()
 
@@ -229,7 +234,8 @@ def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: st
         check_backend(b)  # so does a backend that is unknown or not installed
     stages = [zoo.load_model(m, device=device, accept_preprocess_change=accept_preprocess_change)
               for m in selection.models]
-    return Cascade(stages, selection.thresholds, class_names=zoo_class_names(zoo), device=device, **kwargs)
+    return Cascade(stages, selection.thresholds, class_names=zoo_class_names(zoo), device=device,
+                   temperatures=selection.temperatures, **kwargs)
 
 
 def zoo_class_names(zoo) -> list[str] | None:

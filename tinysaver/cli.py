@@ -108,6 +108,8 @@ def _add_selector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost", default=d.cost,
                    help="flops or latency:DEVICE:bsN[:BACKEND], e.g. latency:cpu:bs1 or latency:cpu:bs1:onnxruntime")
     p.add_argument("--label-free", action="store_true", help="use agreement with the base instead of labels")
+    p.add_argument("--calibrate", choices=["temperature"], default=d.calibrate,
+                   help="choose thresholds on temperature-scaled confidences (run 'tinysaver zoo calibrate' first)")
     p.add_argument("--max-stages", type=int, choices=[2, 3], default=d.max_stages,
                    help="3 also searches chains of two savers")
     p.add_argument("--calib-split", help="split to select on (default: calib, or half of the only split)")
@@ -138,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = cmd(zsub, "show", "tinysaver.cli_zoo:cmd_zoo_show", "show one zoo's models")
     q.add_argument("name", nargs="?", default="fashion-mnist")
     q.add_argument("--format", choices=["table", "markdown", "csv"], default="table")
+    q = cmd(zsub, "calibrate", "tinysaver.cli_zoo:cmd_zoo_calibrate",
+            "fit a temperature per model; store calibrated confidences and ECE before/after")
+    q.add_argument("--zoo", default="fashion-mnist")
+    q.add_argument("--model", action="append", help="only these models (repeat); default: every measured model")
+    q.add_argument("--fit-split", default="calib", help="labelled split the temperatures are fitted on")
 
     q = cmd(sub, "profile", "tinysaver.cli_zoo:cmd_profile", "profile models into a zoo (resumable)")
     q.add_argument("--config", help="YAML with zoo, splits, models, batch_sizes, ...")
@@ -258,6 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--dims", type=positive_int, nargs="+", default=[8, 32, 128])
     q.add_argument("--epochs", type=positive_int)
+
+    ex = sub.add_parser("exits", help="compare the ESN with the related early-exit methods on one pair")
+    xsub = ex.add_subparsers(dest="exits_command", required=True)
+    q = cmd(xsub, "compare", "esn.cli:cmd_compare",
+            "train ESN, SDN, ZTW, gates and label-free exits on one pair; one table and one plot")
+    q.add_argument("--zoo", default="fashion-mnist")
+    q.add_argument("--base", required=True)
+    q.add_argument("--saver", required=True)
+    q.add_argument("--methods", default="esn,sdn,ztw,gates,label-free",
+                   help="comma-separated: esn, sdn, ztw (with its two ablations), gates, label-free")
+    q.add_argument("--epochs", type=positive_int, default=10)
+    q.add_argument("--label-free", action="store_true", help="train every method on the base's outputs only")
+    q.add_argument("--calibrate", choices=["temperature"], help="fit a temperature per exit on calib first")
+    q.add_argument("--alpha", type=float, default=0.1, help="conformal sets at coverage 1 − α")
+    q.add_argument("--gate-lambda", type=float, default=1.0, help="λ, the weight of FLOPs in the gates' cost")
+    q.add_argument("--lf-tolerance", type=float, default=1.0, help="T of the label-free T/2^n threshold rule (points)")
+    q.add_argument("--wallclock-images", type=int, default=256, help="test images timed at batch 1 and 128 (0: skip)")
+    q.add_argument("--train-limit", type=positive_int, help="use only the first N training images")
+    q.add_argument("--png", help="write accuracy against FLOPs here")
+    q.add_argument("--json", help="write the rows here")
     _fill_help(p)
     return p
 

@@ -1,4 +1,4 @@
-"""Handlers of ``tinysaver zoo list | show`` and ``tinysaver profile``."""
+"""Handlers of ``tinysaver zoo list | show | calibrate`` and ``tinysaver profile``."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,14 @@ def cmd_zoo_show(args: argparse.Namespace) -> int:
         for s, v in z.splits.items():
             print(f"  split {s}: {v.get('samples')} samples from {v.get('source')} (fingerprint {v.get('fingerprint')})")
     print(format_table(z.table(), args.format))
+    return 0
+
+
+def cmd_zoo_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_zoo
+
+    path = calibrate_zoo(args.zoo, args.model, args.fit_split, root=args.root)
+    print(f"calibrated confidences written to {path}/calibration; see 'tinysaver zoo show {args.zoo}'")
     return 0
 
 

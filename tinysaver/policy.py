@@ -118,6 +118,7 @@ def midpoint_thresholds(sorted_desc: np.ndarray, ks: np.ndarray) -> np.ndarray:
 class Stage:
     model: str
     threshold: float | None  # None for the base, which answers everything that reaches it
+    temperature: float = 1.0  # confidence = max softmax(logits / temperature); ≠ 1 after ``--calibrate temperature``
 
 
 @dataclass
@@ -174,6 +175,11 @@ class Selection:
         return [float(s.threshold) for s in self.stages[:-1]]
 
     @property
+    def temperatures(self) -> list[float]:
+        """One per stage, in running order; all 1.0 unless selected on temperature-scaled confidences."""
+        return [float(s.temperature) for s in self.stages]
+
+    @property
     def found(self) -> bool:
         return len(self.stages) > 1
 
@@ -207,7 +213,8 @@ class Selection:
     # -- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["stages"] = [{"model": s.model, "threshold": s.threshold} for s in self.stages]
+        d["stages"] = [{"model": s.model, "threshold": s.threshold,
+                        **({"temperature": s.temperature} if s.temperature != 1.0 else {})} for s in self.stages]
         return d
 
     @classmethod
@@ -252,9 +259,9 @@ class Selection:
 
 
 def _stage_from(d: Any) -> Stage:
-    if not isinstance(d, dict) or set(d) != {"model", "threshold"}:
-        raise SelectionError(f"each stage is {{'model': NAME, 'threshold': T or null}}, got {d!r}")
-    return Stage(d["model"], d["threshold"])
+    if not isinstance(d, dict) or not {"model", "threshold"} <= set(d) <= {"model", "threshold", "temperature"}:
+        raise SelectionError(f"each stage is {{'model': NAME, 'threshold': T or null[, 'temperature': T > 0]}}, got {d!r}")
+    return Stage(d["model"], d["threshold"], d.get("temperature", 1.0))
 
 
 def validate_stages(stages: Sequence[Stage], base: str | None = None) -> None:
@@ -273,6 +280,10 @@ def validate_stages(stages: Sequence[Stage], base: str | None = None) -> None:
         raise SelectionError(f"the last stage must be the base {base!r}, got {names[-1]!r}")
     if stages[-1].threshold is not None:
         raise SelectionError(f"the base {names[-1]!r} answers everything that reaches it: its threshold must be null")
+    for s in stages:
+        t = s.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (np.isfinite(t) and t > 0):
+            raise SelectionError(f"stage {s.model!r}: a temperature is a number > 0, got {t!r}")
     for s in stages[:-1]:
         t = s.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 <= float(t) <= 1.0):

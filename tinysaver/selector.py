@@ -34,7 +34,7 @@ unsupervised early exits), so "accuracy" becomes agreement with the base.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -44,6 +44,8 @@ from .policy import (CRITERIA, Selection, SelectionError, Stage, answers, apply,
                      near_threshold, per_sample_cost, stage_costs)
 from .risk import METHODS, fixed_sequence, passes_clopper_pearson, passes_wsr
 from .zoo import Zoo, ZooError
+
+CALIBRATIONS = (None, "temperature")  # how confidences may be recalibrated before thresholds are chosen
 
 # the paper's public code scans these thresholds (np.arange keeps its float steps exactly)
 PUBLIC_GRID = np.arange(1, 0, -0.001)
@@ -182,6 +184,7 @@ class SplitData:
     labels: np.ndarray
     pred: dict[str, np.ndarray]
     conf: dict[str, np.ndarray]
+    temperature: dict[str, float] = field(default_factory=dict)  # models whose ``conf`` is temperature-scaled
 
     def outcome(self, stages: Sequence[Stage], target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(answer, answering stage) of a policy on this split."""
@@ -230,19 +233,25 @@ def available_costs(zoo: Zoo, models: Sequence[str], cost: str) -> dict[str, flo
     return out
 
 
-def load_split_data(zoo: Zoo, split: str, models: Sequence[str]) -> SplitData:
-    preds = {m: zoo.predictions(m, split) for m in models}
+def load_split_data(zoo: Zoo, split: str, models: Sequence[str], calibrate: str | None = None) -> SplitData:
+    """Stored predictions; with ``calibrate='temperature'``, the confidences of ``tinysaver zoo calibrate``."""
+    if calibrate not in CALIBRATIONS:
+        raise SelectionError(f"calibrate must be one of {', '.join(map(str, CALIBRATIONS))}, got {calibrate!r}")
+    read = zoo.calibrated_predictions if calibrate else zoo.predictions
+    preds = {m: read(m, split) for m in models}
     labels = next(iter(preds.values())).labels
-    return SplitData(split, labels, {m: p.pred for m, p in preds.items()}, {m: p.conf for m, p in preds.items()})
+    temps = {m: zoo.temperature(m) for m in models} if calibrate else {}
+    return SplitData(split, labels, {m: p.pred for m, p in preds.items()}, {m: p.conf for m, p in preds.items()},
+                     temps)
 
 
 def _subset(sd: SplitData, idx: np.ndarray, name: str) -> SplitData:
     return SplitData(name, sd.labels[idx], {m: v[idx] for m, v in sd.pred.items()},
-                     {m: v[idx] for m, v in sd.conf.items()})
+                     {m: v[idx] for m, v in sd.conf.items()}, sd.temperature)
 
 
 def calibration_and_test(zoo: Zoo, models: Sequence[str], calib_split: str | None, test_split: str | None,
-                         seed: int = 0) -> tuple[SplitData, SplitData | None]:
+                         seed: int = 0, calibrate: str | None = None) -> tuple[SplitData, SplitData | None]:
     """Pick the selection split and the held-out split.
 
     Defaults: ``calib``/``test`` when the zoo has both; otherwise the zoo's first split cut into two
@@ -253,7 +262,7 @@ def calibration_and_test(zoo: Zoo, models: Sequence[str], calib_split: str | Non
         if "calib" in splits and "test" in splits:
             calib_split, test_split = "calib", "test"
         elif splits:
-            whole = load_split_data(zoo, splits[0], models)
+            whole = load_split_data(zoo, splits[0], models, calibrate)
             perm = np.random.default_rng(seed).permutation(len(whole.labels))
             half = len(perm) // 2
             return (_subset(whole, np.sort(perm[:half]), f"{splits[0]}[calib]"),
@@ -264,8 +273,8 @@ def calibration_and_test(zoo: Zoo, models: Sequence[str], calib_split: str | Non
         raise SelectionError("give the calibration split too")
     if test_split == calib_split:
         raise SelectionError("the held-out split must differ from the calibration split")
-    calib = load_split_data(zoo, calib_split, models)
-    test = load_split_data(zoo, test_split, models) if test_split else None
+    calib = load_split_data(zoo, calib_split, models, calibrate)
+    test = load_split_data(zoo, test_split, models, calibrate) if test_split else None
     return calib, test
 
 
@@ -285,6 +294,7 @@ class SelectorConfig:
     test_split: str | None = None
     seed: int = 0
     guarantee_method: str = "wsr"
+    calibrate: str | None = None  # "temperature": thresholds on temperature-scaled confidences
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -299,6 +309,8 @@ class SelectorConfig:
         if self.max_stages > 2 and self.criterion == "subset":
             raise SelectionError("subset is the paper's two-stage rule and has no chain form; "
                                  "use --max-stages 2, or zero/bounded/guaranteed for chains")
+        if self.calibrate not in CALIBRATIONS:
+            raise SelectionError(f"calibrate must be one of {', '.join(map(str, CALIBRATIONS))}, got {self.calibrate!r}")
         if self.guarantee_method not in METHODS:
             raise SelectionError(f"guarantee method must be one of {', '.join(METHODS)}, got {self.guarantee_method!r}")
 
@@ -510,7 +522,7 @@ def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Seque
     else:
         pool = [m for m in costs if m != base and costs[m] < costs[base]
                 and zoo.models[m].get("num_classes") == ncls]
-    calib, test = calibration_and_test(zoo, [base, *pool], cfg.calib_split, cfg.test_split, cfg.seed)
+    calib, test = calibration_and_test(zoo, [base, *pool], cfg.calib_split, cfg.test_split, cfg.seed, cfg.calibrate)
     return _select_on(zoo.name, base, pool, costs, calib, test, cfg, top)
 
 
@@ -537,6 +549,7 @@ def _select_on(zoo_name: str, base: str, pool: Sequence[str], costs: dict[str, f
 def _report(stages: list[Stage], zoo_name: str, base: str, calib: SplitData, test: SplitData | None,
             costs: dict[str, float], cfg: SelectorConfig, pool_size: int, message: str = "") -> Selection:
     """The Selection of a policy: its calibration and held-out results, all through policy.apply."""
+    stages = [Stage(s.model, s.threshold, calib.temperature.get(s.model, 1.0)) for s in stages]
     cum = stage_costs([costs[s.model] for s in stages])
     target = _targets(calib, base, cfg.label_free)
     ans, where = calib.outcome(stages, target)
@@ -577,7 +590,7 @@ def select_all(zoo: Zoo, cfg: SelectorConfig | None = None) -> tuple[list[Select
     if not costs:
         model_cost(zoo, models[0], cfg.cost)  # raises, naming what is missing
     models = [m for m in models if m in costs]
-    calib, test = calibration_and_test(zoo, models, cfg.calib_split, cfg.test_split, cfg.seed)
+    calib, test = calibration_and_test(zoo, models, cfg.calib_split, cfg.test_split, cfg.seed, cfg.calibrate)
     return select_all_arrays(zoo.name, models, costs, {m: zoo.models[m].get("num_classes") for m in models},
                              calib, test, cfg)
 

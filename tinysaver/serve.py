@@ -122,12 +122,13 @@ def _stage_deployment():
         """One cascade stage: its model on its backend, with dynamic batching."""
 
         def __init__(self, zoo_dir: str, key: str, backend: str, max_batch_size: int, wait_s: float,
-                     accept_preprocess_change: bool):
+                     accept_preprocess_change: bool, temperature: float = 1.0):
             from .runtimes import make_runner
             from .zoo import load_zoo
 
             self.model = load_zoo(zoo_dir).load_model(key, accept_preprocess_change=accept_preprocess_change)
             self.runner = make_runner(self.model, backend)
+            self.temperature = float(temperature)
             self.classify.set_max_batch_size(max_batch_size)
             self.classify.set_batch_wait_timeout_s(wait_s)
             self.sizes: Counter = Counter()
@@ -140,7 +141,8 @@ def _stage_deployment():
             from .transforms import prepare_batch
 
             with torch.inference_mode():
-                prob = self.runner(prepare_batch(images, self.model.preprocess)).float().softmax(-1)
+                logits = self.runner(prepare_batch(images, self.model.preprocess)).float()
+                prob = (logits / self.temperature).softmax(-1)
             conf, pred = prob.max(-1)
             self.sizes[len(images)] += 1
             self.hist.observe(len(images))
@@ -395,8 +397,9 @@ def build_app(selection: Selection | dict | str | Path, zoo=None, options: Serve
     stages = [Stage.options(name=f"stage{i}-{key.replace('/', '_')}", num_replicas=int(r),
                             max_ongoing_requests=2 * o.max_batch_size,
                             ray_actor_options={"num_cpus": float(c), "num_gpus": float(g)})
-              .bind(str(zoo.path), key, b, o.max_batch_size, o.batch_wait_timeout_s, o.accept_preprocess_change)
-              for i, (key, b, r, c, g) in enumerate(zip(selection.models, backends, replicas, cpus, gpus))]
+              .bind(str(zoo.path), key, b, o.max_batch_size, o.batch_wait_timeout_s, o.accept_preprocess_change, t)
+              for i, (key, b, r, c, g, t) in enumerate(zip(selection.models, backends, replicas, cpus, gpus,
+                                                           selection.temperatures))]
     return Ingress.options(max_ongoing_requests=o.max_ongoing_requests,
                            ray_actor_options={"num_cpus": o.ingress_num_cpus}).bind(
         stages, list(selection.models), list(selection.thresholds), zoo_class_names(zoo), asdict(o))

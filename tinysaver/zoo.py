@@ -199,6 +199,28 @@ class Zoo:
             raise ZooError(f"{f}: holds no pred/conf arrays of {len(ids)} samples; re-run 'tinysaver profile'")
         return Predictions(model, split, ids, labels, **arrays)
 
+    def calibrated_predictions(self, model: str, split: str) -> Predictions:
+        """:meth:`predictions` with the temperature-scaled confidences of ``tinysaver zoo calibrate``."""
+        cal = self.model(model).get("calibration")
+        if not cal:
+            raise ZooError(f"{model!r} in zoo {self.name!r} has no calibrated confidences; run "
+                           f"'tinysaver zoo calibrate --zoo {self.name}' first")
+        p = self.predictions(model, split)
+        f = self.path / "calibration" / model_dirname(model) / f"{split}.npz"
+        try:
+            with np.load(f) as z:
+                fp, conf = str(z["fingerprint"]), z["conf"]
+        except Exception as e:
+            raise ZooError(f"{f}: cannot read ({type(e).__name__}: {e}); re-run 'tinysaver zoo calibrate'") from None
+        if fp != self.splits[split]["fingerprint"] or len(conf) != len(p.conf):
+            raise ZooError(f"{f}: made on different samples than split {split!r}; re-run 'tinysaver zoo calibrate'")
+        p.conf = conf
+        return p
+
+    def temperature(self, model: str) -> float:
+        """The fitted temperature of ``model`` (1.0 when it was never calibrated)."""
+        return float((self.model(model).get("calibration") or {}).get("temperature", 1.0))
+
     def table(self) -> pd.DataFrame:
         """One row per model: status, input side (px), params, FLOPs/MACs, accuracy per split, latency per batch size."""
         rows = []
@@ -211,6 +233,12 @@ class Zoo:
                 row[f"top1_{split}"] = round(100 * acc, 2) if acc is not None else None
             for bs, lat in ((m.get("latency") or {}).get("table") or {}).items():
                 row[f"ms_{bs}"] = lat["ms_per_batch"]
+            cal = m.get("calibration") or {}
+            if cal:
+                row["T"] = round(cal["temperature"], 3)
+            for split, e in (cal.get("ece") or {}).items():  # 15-bin top-label ECE in %, before and after T
+                row[f"ece_{split}"] = round(100 * e["before"], 2)
+                row[f"ece_T_{split}"] = round(100 * e["after"], 2)
             for backend, b in (m.get("backends") or {}).items():  # one column per backend and batch size
                 for bs, lat in ((b.get("latency") or {}).get("table") or {}).items():
                     row[f"ms_{bs}_{backend}"] = lat["ms_per_batch"]

@@ -1,0 +1,183 @@
+"""What every exit method in ``esn/`` shares: running order, offline outputs, costs, dynamic inference.
+
+An exit method is an ``nn.Module`` with
+
+- ``uses_saver``: the saver runs first and is exit 0 (the ESN); otherwise every exit sits inside
+  the base (SDN, ZTW, gates), as in their papers;
+- ``num_exits``: one exit after each base stage of the shared stage split (:mod:`esn.staged`);
+- ``offline(feats)`` → (num_exits, B, K) logits from cached features (:func:`esn.train.frozen_features`);
+- ``begin(saver_feat, saver_logits)`` → state, ``step(n, stage_out, state)`` → (logits (B, K), state)
+  and ``select(state, keep)`` → state of the rows still open: dynamic inference, stage by stage;
+- optionally ``score(n, logits)`` → (B,), the value thresholds apply to. The default is the
+  max softmax of ``logits / T`` (T = 1 unless calibrated); learned gates return their exit probability.
+
+Exits in running order: [the saver], exit 1 … N, then the base head, which answers the rest. Every
+method goes through the same :class:`~esn.policy.ExitPolicy`, so offline evaluation and dynamic
+inference apply one rule.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tinysaver.data import take_images
+from tinysaver.policy import exits
+
+from .staged import pooled, saver_outputs
+
+
+def _confidence(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    conf, pred = (logits.float() / temperature).softmax(-1).max(-1)
+    return pred, conf
+
+
+def exit_score(method, e: int, logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, score) of running-order exit ``e`` from its (B, K) logits."""
+    n = e if method.uses_saver else e + 1  # the base stage this exit follows (0 = the saver)
+    pred, conf = _confidence(logits, temperature)
+    if n > 0 and hasattr(method, "score"):
+        conf = method.score(n, logits)
+    return pred, conf
+
+
+def all_logits(method, feats: dict) -> torch.Tensor:
+    """(E, B, K) logits of every exit in running order (saver first when it is one), base head excluded."""
+    with torch.inference_mode():
+        out = method.offline(feats).float()
+        if method.uses_saver:
+            out = torch.cat([feats["saver_logits"].float()[None], out])
+    return out
+
+
+def offline_outputs(method, feats: dict, labels, temperatures=None) -> dict:
+    """Everything a policy search and the evaluation read, for one split.
+
+    ``preds``/``confs`` (E, B): each exit's class and score; ``probs`` (E + 1, B, K): each exit's
+    temperature-scaled probabilities, the base head last; ``base_pred`` (B,), ``labels`` (B,).
+    """
+    logits = all_logits(method, feats)
+    n_exits = logits.shape[0]
+    temps = [1.0] * (n_exits + 1) if temperatures is None else list(temperatures)
+    if len(temps) != n_exits + 1:
+        raise ValueError(f"need {n_exits + 1} temperatures (exits and base head), got {len(temps)}")
+    preds, confs = [], []
+    with torch.inference_mode():
+        for e in range(n_exits):
+            p, c = exit_score(method, e, logits[e], temps[e])
+            preds.append(p.numpy())
+            confs.append(c.float().numpy())
+        base = feats["base_logits"].float()
+        probs = torch.cat([logits, base[None]]) / torch.tensor(temps).view(-1, 1, 1)
+    return {"preds": np.stack(preds) if preds else np.zeros((0, len(base)), np.int64),
+            "confs": np.stack(confs) if confs else np.zeros((0, len(base)), np.float32),
+            "probs": probs.softmax(-1).numpy(), "base_pred": base.argmax(-1).numpy(),
+            "labels": np.asarray(labels)}
+
+
+# --- costs ------------------------------------------------------------------------------------------------
+
+def _flops(fn, *args):
+    from tinysaver.measure import flop_counter
+
+    c = flop_counter()
+    with c, torch.inference_mode():
+        out = fn(*args)
+    return int(c.get_total_flops()), out
+
+
+def exit_flops(pair, method) -> dict:
+    """FLOPs per image of leaving at each running-order exit, the base head last.
+
+    Leaving at exit n costs the saver (when the method runs it), the base's stem and stages 1..n,
+    and the method's own work at exits 1..n (the steps dynamic inference really runs).
+    Returns ``per_exit`` (E + 1,), ``base_total`` and ``overhead`` (method FLOPs at the last exit).
+    """
+    from tinysaver.measure import count_flops
+
+    saver, base, st = pair.saver, pair.base, pair.base_staged
+    base_total = count_flops(base.module, base.preprocess.input_size, "torch").flops
+    s = count_flops(saver.module, saver.preprocess.input_size, "torch").flops if method.uses_saver else 0
+    with torch.inference_mode():
+        sf, sl = saver_outputs(saver.module, torch.zeros(1, *saver.preprocess.input_size))
+    f, x = _flops(st.stem, torch.zeros(1, *base.preprocess.input_size))
+    cum_head, state = _flops(method.begin, sf, sl)  # e.g. the ESN's saver token
+    cum_base, per_exit = f, [s] if method.uses_saver else []
+    for n, stage in enumerate(st.stages, start=1):
+        f, x = _flops(stage, x)
+        cum_base += f
+        if n > method.num_exits:
+            continue
+        fh, (logits, state) = _flops(method.step, n, x, state)
+        if hasattr(method, "score"):
+            fs, _ = _flops(method.score, n, logits)
+            fh += fs
+        cum_head += fh
+        per_exit.append(s + cum_base + cum_head)
+    tail, _ = _flops(st.tail, x)
+    per_exit.append(s + cum_base + cum_head + tail)
+    return {"per_exit": np.array(per_exit, dtype=np.float64), "base_total": float(base_total),
+            "overhead": float(cum_head), "saver": float(s)}
+
+
+# --- dynamic inference --------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def dynamic_predict(pair, method, policy, images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Run a method for real: the saver (if used), then the base stage by stage on the still-open
+    rows only, an exit after each stage; the base head answers the rest.
+
+    ``policy`` is an :class:`esn.policy.ExitPolicy` with one threshold per running-order exit.
+    Returns (answer, running-order exit index) in input order; the base head is index E.
+    """
+    from tinysaver.transforms import prepare_batch
+
+    n_exits = method.num_exits + int(method.uses_saver)
+    if len(policy.thresholds) != n_exits:
+        raise ValueError(f"policy has {len(policy.thresholds)} thresholds for {n_exits} exits")
+    temps = policy.temperatures or [1.0] * (n_exits + 1)
+    st = pair.base_staged
+    n = len(images)
+    answer = np.empty(n, np.int64)
+    where = np.empty(n, np.int64)
+
+    def leave(e, logits, ids):
+        pred, conf = exit_score(method, e, logits, temps[e])
+        done = exits(conf.float().numpy(), policy.thresholds[e])
+        answer[ids[done]], where[ids[done]] = pred.numpy()[done], e
+        return ~done
+
+    for s in range(0, n, batch_size):
+        chunk = images[s:s + batch_size]
+        ids = np.arange(s, min(s + batch_size, n))
+        sf = sl = None
+        if method.uses_saver:
+            sf, sl = saver_outputs(pair.saver.module, prepare_batch(chunk, pair.saver.preprocess))
+        state = method.begin(sf, sl)
+        e = 0
+        open_ = np.ones(len(ids), bool)
+        if method.uses_saver:
+            open_ = leave(0, sl, ids)
+            e = 1
+        keep = torch.as_tensor(np.flatnonzero(open_))
+        if len(keep) == 0:
+            continue
+        ids, state = ids[open_], method.select(state, keep)
+        x = st.stem(prepare_batch(take_images(chunk, keep), pair.base.preprocess))
+        for k, stage in enumerate(st.stages, start=1):
+            x = stage(x)
+            if k > method.num_exits:
+                continue
+            logits, state = method.step(k, x, state)
+            open_ = leave(e, logits, ids)
+            e += 1
+            keep = torch.as_tensor(np.flatnonzero(open_))
+            if len(keep) == 0:
+                break
+            ids, x, state = ids[open_], x[keep], method.select(state, keep)
+        else:
+            pred, _ = _confidence(st.tail(x), temps[-1])
+            answer[ids], where[ids] = pred.numpy(), n_exits
+    return answer, where
+
+
+__all__ = ["exit_score", "all_logits", "offline_outputs", "exit_flops", "dynamic_predict", "pooled"]
