@@ -1,4 +1,4 @@
-"""Handlers of ``tinysaver esn train | eval | grid`` and ``tinysaver exits compare`` (registered in tinysaver.cli)."""
+"""Handlers of ``tinysaver esn train | eval | grid`` and ``tinysaver exits compare | regimes`` (registered in tinysaver.cli)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -91,4 +91,19 @@ def cmd_compare(args) -> int:
     return 0
 
 
-__all__ = ["cmd_train", "cmd_eval", "cmd_grid", "cmd_compare"]
+def cmd_regimes(args) -> int:
+    from tinysaver.zoo import load_zoo
+
+    from .regimes import REGIMES, RegimeSettings, compare_regimes, format_regimes
+
+    regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+    bad = sorted(set(regimes) - set(REGIMES))
+    if bad or not regimes:
+        raise ValueError(f"unknown regime(s) {bad or args.regimes!r}; choose from {', '.join(REGIMES)}")
+    settings = RegimeSettings(joint_samples=args.joint_samples, mixed_samples=args.mixed_samples)
+    zoo = load_zoo(args.zoo, Path(args.root) if args.root else None)
+    print(format_regimes(compare_regimes(zoo, args.base, regimes, settings, args.train_limit)))
+    return 0
+
+
+__all__ = ["cmd_train", "cmd_eval", "cmd_grid", "cmd_compare", "cmd_regimes"]

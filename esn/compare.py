@@ -29,6 +29,7 @@ from .ztw import ZTW
 
 FAMILIES = ("esn", "sdn", "ztw", "gates", "label-free")
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
+WALLCLOCK_REPEATS = 3  # best of: a neighbour can only slow a run down
 
 
 @dataclass
@@ -109,6 +110,7 @@ def train_methods(pair, train, cache: dict, families, s: CompareSettings, log=pr
     sdn = None
     if "sdn" in families or "gates" in families:
         log("training SDN exits")
+        torch.manual_seed(s.seed)  # every method starts from the same seed, whatever ran before it
         sdn = SDN(dims, k)
         fit_exits(lambda b: sdn(b["stage_feats"]), sdn.parameters(), cache, target, **fit)
         if "sdn" in families:
@@ -116,6 +118,7 @@ def train_methods(pair, train, cache: dict, families, s: CompareSettings, log=pr
     if "ztw" in families:
         for name, cascade, ensemble in (("ZTW", True, True), ("ZTW (ensembling only)", False, True)):
             log(f"training {name}")
+            torch.manual_seed(s.seed)
             m = ZTW(dims, k, cascade=cascade, ensemble=ensemble)
             fit_exits(lambda b: m(b["stage_feats"], ensembled=False), m.classifier_params(), cache, target, **fit)
             fit_exits(lambda b: m(b["stage_feats"], ensembled=True), m.ensemble_params(), cache, target,
@@ -136,6 +139,7 @@ def train_methods(pair, train, cache: dict, families, s: CompareSettings, log=pr
         out[f"gates (λ={s.gate_lambda:g})"] = g
     if "label-free" in families:
         log("training label-free SDN exits and a label-free ESN")
+        torch.manual_seed(s.seed)
         lf = SDN(dims, k)
         fit_exits(lambda b: lf(b["stage_feats"]), lf.parameters(), cache, soft_targets(cache["base_logits"]), **fit)
         out["label-free SDN"] = lf.eval()
@@ -238,9 +242,12 @@ def method_row(name, method, pair, feats: dict, labels: dict, test_images, s: Co
         policy = ExitPolicy(zero.thresholds, temps)
         imgs = test_images[: s.wallclock_images]
         for bs in (1, 128):
-            t0 = time.perf_counter()
-            ans, where = dynamic_predict(pair, method, policy, imgs, batch_size=bs)
-            row[f"ms_per_img_bs{bs}"] = 1e3 * (time.perf_counter() - t0) / len(imgs)
+            best = np.inf
+            for _ in range(WALLCLOCK_REPEATS):
+                t0 = time.perf_counter()
+                ans, where = dynamic_predict(pair, method, policy, imgs, batch_size=bs)
+                best = min(best, time.perf_counter() - t0)
+            row[f"ms_per_img_bs{bs}"] = 1e3 * best / len(imgs)
         ref_ans, ref_where = policy.apply(tst["preds"][:, :len(imgs)], tst["confs"][:, :len(imgs)],
                                           tst["base_pred"][:len(imgs)])
         row["dynamic_match"] = float(((ans == ref_ans) & (where == ref_where)).mean())
@@ -268,10 +275,13 @@ def base_row(pair, feats: dict, labels: dict, test_images, s: CompareSettings) -
         imgs = test_images[: s.wallclock_images]
         with torch.inference_mode():
             for bs in (1, 128):
-                t0 = time.perf_counter()
-                for i in range(0, len(imgs), bs):
-                    pair.base.module(prepare_batch(imgs[i:i + bs], pair.base.preprocess))
-                row[f"ms_per_img_bs{bs}"] = 1e3 * (time.perf_counter() - t0) / len(imgs)
+                best = np.inf
+                for _ in range(WALLCLOCK_REPEATS):
+                    t0 = time.perf_counter()
+                    for i in range(0, len(imgs), bs):
+                        pair.base.module(prepare_batch(imgs[i:i + bs], pair.base.preprocess))
+                    best = min(best, time.perf_counter() - t0)
+                row[f"ms_per_img_bs{bs}"] = 1e3 * best / len(imgs)
     return row
 
 

@@ -97,8 +97,10 @@ def exit_flops(pair, method) -> dict:
     saver, base, st = pair.saver, pair.base, pair.base_staged
     base_total = count_flops(base.module, base.preprocess.input_size, "torch").flops
     s = count_flops(saver.module, saver.preprocess.input_size, "torch").flops if method.uses_saver else 0
-    with torch.inference_mode():
-        sf, sl = saver_outputs(saver.module, torch.zeros(1, *saver.preprocess.input_size))
+    sf = sl = None
+    if method.uses_saver:
+        with torch.inference_mode():
+            sf, sl = saver_outputs(saver.module, torch.zeros(1, *saver.preprocess.input_size))
     f, x = _flops(st.stem, torch.zeros(1, *base.preprocess.input_size))
     cum_head, state = _flops(method.begin, sf, sl)  # e.g. the ESN's saver token
     cum_base, per_exit = f, [s] if method.uses_saver else []

@@ -83,7 +83,9 @@ class Pair:
 
 
 def frozen_features(pair: Pair, images, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Saver pre-logits (N, D), saver logits (N, K), pooled base stage features [(N, C_n)], base logits."""
+    """Saver pre-logits (N, D), saver logits (N, K), pooled base stage features [(N, C_n)], base logits.
+
+    ``pair.saver`` may be None (exits inside the base only): then the saver entries are absent."""
     from tinysaver.transforms import prepare_batch
 
     out: dict[str, list] = {"saver_feat": [], "saver_logits": [], "base_logits": []}
@@ -91,16 +93,17 @@ def frozen_features(pair: Pair, images, batch_size: int = 256) -> dict[str, torc
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
             chunk = images[s:s + batch_size]
-            sf, sl = saver_outputs(pair.saver.module, prepare_batch(chunk, pair.saver.preprocess))
             feats, bl = pair.base_staged.forward_all(prepare_batch(chunk, pair.base.preprocess))
-            out["saver_feat"].append(sf)
-            out["saver_logits"].append(sl)
+            if pair.saver is not None:  # a pair without a saver feeds exits inside the base only
+                sf, sl = saver_outputs(pair.saver.module, prepare_batch(chunk, pair.saver.preprocess))
+                out["saver_feat"].append(sf)
+                out["saver_logits"].append(sl)
             out["base_logits"].append(bl)
             if not stage_feats:
                 stage_feats = [[] for _ in feats]
             for i, f in enumerate(feats):
                 stage_feats[i].append(pooled(f))
-    res = {k: torch.cat(v) for k, v in out.items()}
+    res = {k: torch.cat(v) for k, v in out.items() if v}
     res["stage_feats"] = [torch.cat(f) for f in stage_feats]
     return res
 

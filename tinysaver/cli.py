@@ -285,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train-limit", type=positive_int, help="use only the first N training images")
     q.add_argument("--png", help="write accuracy against FLOPs here")
     q.add_argument("--json", help="write the rows here")
+    q = cmd(xsub, "regimes", "esn.cli:cmd_regimes",
+            "SDN exits trained disjoint, joint and mixed (seed 002): what each costs the base head")
+    q.add_argument("--zoo", default="fashion-mnist")
+    q.add_argument("--base", required=True)
+    q.add_argument("--regimes", default="disjoint,joint,mixed")
+    q.add_argument("--joint-samples", type=positive_int, default=120_000,
+                   help="training samples of the joint regime (the zoo's own base budget by default)")
+    q.add_argument("--mixed-samples", type=positive_int, default=50_000)
+    q.add_argument("--train-limit", type=positive_int, help="use only the first N images of each split")
     _fill_help(p)
     return p
 

@@ -1,0 +1,256 @@
+"""The related early-exit methods in esn/: SDN, ZTW, gates, label-free exits, and their comparison."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from esn.compare import CompareSettings, SaverOnly, parse_families, train_methods
+from esn.exits import dynamic_predict, exit_flops, offline_outputs
+from esn.gates import Gates, gate_targets, train_gates
+from esn.label_free import tolerance_thresholds
+from esn.policy import ExitPolicy
+from esn.sdn import SDN
+from esn.staged import staged
+from esn.train import Pair, TrainSettings, frozen_features, train_esn
+from esn.ztw import ZTW
+from tinysaver.data import DecodedSet
+from tinysaver.models import ModelSpec, create_model
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    s = create_model(ModelSpec("test_efficientnet", num_classes=4, input_size=32))
+    b = create_model(ModelSpec("test_resnet", num_classes=4, input_size=40))
+    for m in (s, b):
+        m.module.eval().requires_grad_(False)
+    return Pair("tiny", "saver", "base", s, b, staged(b.module))
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randint(0, 256, (48, 3, 36, 36), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 4, (48,), generator=g).numpy()
+    return DecodedSet("syn", [str(i) for i in range(48)], labels, imgs)
+
+
+@pytest.fixture(scope="module")
+def methods(pair, data):
+    cache = frozen_features(pair, data.images)
+    s = CompareSettings(epochs=2, esn={"batch_size": 16, "dim": 16})
+    return cache, train_methods(pair, data, cache, ["esn", "sdn", "ztw", "gates", "label-free"], s, log=lambda m: None)
+
+
+def test_every_method_is_trained_and_named(methods):
+    _, ms = methods
+    assert list(ms) == ["saver cascade", "saver + ESN", "SDN", "ZTW", "ZTW (connections only)", "ZTW (ensembling only)",
+                        "gates (λ=1)", "label-free SDN", "label-free saver + ESN"]
+    assert ms["ZTW"].cascade and ms["ZTW"].ensemble
+    assert ms["ZTW (connections only)"].cascade and not ms["ZTW (connections only)"].ensemble
+    assert not ms["ZTW (ensembling only)"].cascade and ms["ZTW (ensembling only)"].ensemble
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_dynamic_inference_equals_the_offline_policy_for_every_method(pair, data, methods, calibrated):
+    cache, ms = methods
+    for name, m in ms.items():
+        n_exits = m.num_exits + int(m.uses_saver)
+        temps = list(np.linspace(0.7, 1.6, n_exits + 1)) if calibrated else None
+        out = offline_outputs(m, cache, data.labels, temps)
+        # each exit's threshold at the median score of the samples still open there: every exit answers some
+        open_, th = np.ones(len(data), bool), []
+        for c in out["confs"]:
+            th.append(float(np.median(c[open_])))
+            open_ &= c < th[-1]
+        pol = ExitPolicy(th, temps)
+        ref, ref_where = pol.apply(out["preds"], out["confs"], out["base_pred"])
+        assert len(np.unique(ref_where)) == n_exits + 1, name
+        for bs in (1, 7, 48):
+            ans, where = dynamic_predict(pair, m, pol, data.images, batch_size=bs)
+            assert np.array_equal(where, ref_where) and np.array_equal(ans, ref), (name, bs)
+
+
+def test_ztw_cascade_connections_cannot_see_later_stages():
+    torch.manual_seed(0)
+    for ensemble in (False, True):
+        m = ZTW((6, 8, 10), 5, cascade=True, ensemble=ensemble)
+        feats = [torch.randn(4, c) for c in (6, 8, 10)]
+        a = m(feats)
+        b = m(feats[:2] + [feats[2] + 5 * torch.randn(4, 10)])
+        torch.testing.assert_close(a[:2], b[:2])
+        assert not torch.allclose(a[2], b[2])
+    # and the stopped gradient: exit 2's loss does not reach classifier 1
+    m = ZTW((6, 8), 5, cascade=True, ensemble=False)
+    out = m([torch.randn(4, 6), torch.randn(4, 8)])
+    out[1].sum().backward()
+    g0 = m.heads[0].weight.grad
+    assert (g0 is None or not g0.any()) and m.heads[1].weight.grad.abs().sum() > 0
+
+
+def test_geometric_ensemble_of_one_exit_equals_that_exit():
+    torch.manual_seed(0)
+    m = ZTW((6, 8, 10), 5, cascade=True, ensemble=True)
+    feats = [torch.randn(4, c) for c in (6, 8, 10)]
+    ens, ics = m(feats), m(feats, ensembled=False)
+    torch.testing.assert_close(ens[0].softmax(-1), ics[0].softmax(-1))
+    # exit 3 with every weight but its own at zero (and b = 1) is exit 3 alone too
+    with torch.no_grad():
+        m.log_w[2, :2] = -float("inf")
+    torch.testing.assert_close(m(feats)[2].softmax(-1), ics[2].softmax(-1))
+    # while with the earlier exits weighted in, it is not
+    with torch.no_grad():
+        m.log_w[2, :2] = 0.0
+    assert not torch.allclose(m(feats)[2].softmax(-1), ics[2].softmax(-1))
+
+
+def test_label_free_training_reads_no_label(pair, data):
+    cache = frozen_features(pair, data.images)
+    shuffled = copy.copy(data)
+    shuffled.labels = np.random.default_rng(0).permutation(data.labels)
+    s = CompareSettings(epochs=1, esn={"batch_size": 16, "dim": 8})
+    a = train_methods(pair, data, cache, ["label-free"], s, log=lambda m: None)
+    b = train_methods(pair, shuffled, cache, ["label-free"], s, log=lambda m: None)
+    for name in ("label-free SDN", "label-free saver + ESN"):
+        for (k, v), w in zip(a[name].state_dict().items(), b[name].state_dict().values()):
+            assert torch.equal(v, w), (name, k)
+    # the supervised SDN does read them: the same check fails there
+    a = train_methods(pair, data, cache, ["sdn"], s, log=lambda m: None)["SDN"]
+    b = train_methods(pair, shuffled, cache, ["sdn"], s, log=lambda m: None)["SDN"]
+    assert not torch.equal(a.heads[0].weight, b.heads[0].weight)
+    # an ESN trained label-free on data without any label at all
+    unlabelled = copy.copy(data)
+    unlabelled.labels = np.full(len(data), -1)
+    train_esn(pair, unlabelled, TrainSettings(epochs=1, batch_size=16, dim=8, label_free=True),
+              log=lambda m: None, progress=False, cache=cache)
+
+
+def test_tolerance_rule_spends_t_over_2_to_the_n():
+    rng = np.random.default_rng(0)
+    n, t = 2000, 4.0
+    base = rng.integers(0, 5, n)
+    preds = np.stack([np.where(rng.random(n) < a, base, (base + 1) % 5) for a in (0.6, 0.8, 0.9)])
+    confs = np.clip((preds == base) * 0.4 + rng.random((3, n)) * 0.6, 0, 1)
+    th = tolerance_thresholds(preds, confs, base, t)
+    open_ = np.ones(n, bool)
+    for i, thr in enumerate(th):
+        take = open_ & (confs[i] >= thr)
+        disagree = 100 * (take & (preds[i] != base)).sum() / n
+        assert disagree <= t / 2 ** (i + 1) + 1e-9
+        # the rule takes the most it can: one more sample (the next lower score) would break it
+        rest = np.flatnonzero(open_ & (confs[i] < thr))
+        if len(rest):
+            j = rest[np.argmax(confs[i][rest])]
+            more = 100 * ((take & (preds[i] != base)).sum() + (preds[i][j] != base[j])) / n
+            assert more > t / 2 ** (i + 1) or preds[i][j] == base[j] and (confs[i][rest] == confs[i][j]).sum() > 1
+        open_ &= ~take
+    with pytest.raises(ValueError, match="tolerance"):
+        tolerance_thresholds(preds, confs, base, -1)
+
+
+def test_gate_targets_pick_the_cheapest_exit():
+    k = 3
+    y = torch.tensor([0, 1])
+    good, bad = torch.tensor([8.0, 0, 0]), torch.tensor([0, 0, 8.0])
+    # sample 0 is right at exit 1 already; sample 1 only at the base head
+    exits = torch.stack([torch.stack([good, bad]), torch.stack([good, bad])])
+    base = torch.stack([good, torch.tensor([0, 8.0, 0])])
+    t = gate_targets(exits, base, y, np.array([0.3, 0.6, 1.0]), lam=1.0)
+    assert t.tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    # with no cost at all, leaving late is never worse, so only a strictly better exit is taken
+    assert exits.shape[-1] == k
+
+
+def test_gates_learn_to_separate_easy_from_hard():
+    torch.manual_seed(0)
+    n, k = 400, 4
+    y = torch.randint(0, k, (n,))
+    easy = torch.rand(n) < 0.5
+    logits = torch.randn(n, k)
+    logits[easy, y[easy]] += 6  # confident and right on the easy half
+    base = torch.zeros(n, k)
+    base[torch.arange(n), y] = 6
+    sdn = SDN((4,), k)
+    g = Gates(sdn)
+    train_gates(g, logits[None], base, y, np.array([0.2, 1.0]), lam=1.0, epochs=300)
+    with torch.no_grad():
+        score = g.score(1, logits)
+    assert score[easy].mean() > 0.8 and score[~easy].mean() < 0.3
+    assert not any(p.requires_grad for p in g.exits.parameters())
+
+
+def test_exit_flops_add_up(pair, methods):
+    _, ms = methods
+    for name, m in ms.items():
+        f = exit_flops(pair, m)
+        per = f["per_exit"]
+        assert len(per) == m.num_exits + int(m.uses_saver) + 1, name
+        assert np.all(np.diff(per) > 0), name
+        assert per[-1] == pytest.approx(f["saver"] + f["base_total"] + f["overhead"], rel=0.02), name
+    assert isinstance(ms["saver cascade"], SaverOnly)
+
+
+def test_unknown_method_is_refused():
+    assert parse_families("sdn, ztw,sdn") == ["sdn", "ztw"]
+    with pytest.raises(ValueError, match="choose from"):
+        parse_families("sdn,branchynet")
+
+
+def test_exits_compare_cli(tiny_zoo_cfg, tmp_path, capsys):
+    pytest.importorskip("torchmetrics")
+    pytest.importorskip("matplotlib")
+    import json
+
+    from tinysaver.cli import main
+    from tinysaver.profiler import profile
+
+    root = tmp_path / "zoos"
+    tiny_zoo_cfg.models = tiny_zoo_cfg.models[:2]
+    tiny_zoo_cfg.batch_sizes = [1]
+    profile(tiny_zoo_cfg, root, progress=False, log=lambda s: None)
+    png, js = tmp_path / "cmp.png", tmp_path / "cmp.json"
+    args = ["--root", str(root), "exits", "compare", "--zoo", "tiny", "--base", "test_resnet", "--saver",
+            "test_efficientnet", "--epochs", "1", "--wallclock-images", "8", "--png", str(png), "--json", str(js)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(js.read_text())
+    names = [r["method"] for r in rows]
+    assert names[:2] == ["base alone", "saver cascade"] and "ZTW (ensembling only)" in names
+    for r in rows[1:]:
+        assert r["dynamic_match"] == 1.0, r["method"]
+        assert 0 < r["zero_loss_flops_pct"] <= 100 + 1e-6
+    assert "| method | 25% |" in out and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["--root", str(root), "exits", "compare", "--zoo", "tiny", "--base", "test_resnet",
+                 "--saver", "test_efficientnet", "--methods", "esn,nope"]) == 2
+
+
+def test_training_regimes(tiny_zoo_cfg, tmp_path):
+    from esn.regimes import RegimeSettings, train_regime
+    from esn.train import esn_splits
+    from tinysaver.profiler import profile
+    from tinysaver.zoo import load_zoo
+
+    root = tmp_path / "zoos"
+    tiny_zoo_cfg.models = tiny_zoo_cfg.models[1:2]
+    tiny_zoo_cfg.batch_sizes = [1]
+    profile(tiny_zoo_cfg, root, progress=False, log=lambda s: None)
+    zoo = load_zoo("tiny", root)
+    train, _, _ = esn_splits(zoo)
+    ref = {k: v.clone() for k, v in zoo.load_model("test_resnet").module.state_dict().items()}
+    s = RegimeSettings(joint_samples=16, mixed_samples=16, heads_epochs=1, batch_size=8)
+
+    def same(module):
+        return all(torch.equal(v, ref[k]) for k, v in module.state_dict().items())
+
+    base, sdn = train_regime(zoo, "test_resnet", "disjoint", train, s)
+    assert same(base.module) and sdn.num_exits == 4
+    base, _ = train_regime(zoo, "test_resnet", "mixed", train, s)
+    assert not same(base.module) and not any(p.requires_grad for p in base.module.parameters())
+    joint, _ = train_regime(zoo, "test_resnet", "joint", train, s)
+    fresh, _ = train_regime(zoo, "test_resnet", "joint", train, s)
+    assert not same(joint.module)
+    for (k, v), w in zip(joint.module.state_dict().items(), fresh.module.state_dict().values()):
+        assert torch.equal(v, w), k  # seeded: the same run twice gives the same weights
+    with pytest.raises(ValueError, match="regime must be"):
+        train_regime(zoo, "test_resnet", "alternating", train, s)
