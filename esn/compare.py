@@ -130,6 +130,7 @@ def train_methods(pair, train, cache: dict, families, s: CompareSettings, log=pr
                 out["ZTW (connections only)"] = conn
     if "gates" in families:
         log("training gates on the frozen SDN exits")
+        torch.manual_seed(s.seed)
         g = Gates(copy.deepcopy(sdn))
         flops = exit_flops(pair, g.exits)
         with torch.inference_mode():

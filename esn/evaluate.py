@@ -9,67 +9,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-from tinysaver.measure import count_flops, flop_counter
 
 from tinysaver.policy import answers, apply
+
+from .exits import exit_flops
 
 from .model import ExitSequenceNetwork
 from .policy import ExitPolicy, choose_policy
 from .staged import StagedModel
 
 
-def _flops(fn, *args) -> tuple[int, object]:
-    """(FLOPs counted while running ``fn(*args)``, its output)."""
-    c = flop_counter()
-    with c, torch.inference_mode():
-        out = fn(*args)
-    return int(c.get_total_flops()), out
-
-
 @dataclass
 class ExitCosts:
-    """FLOPs per image: saver, cumulative base cost at each exit, ESN overhead at each exit."""
+    """FLOPs per image of the saver, the whole base, leaving at each exit, and the ESN's own work."""
 
-    saver: int
-    base_total: int
-    base_at_exit: list[int]  # stem + stages 1..n, n = 1..N
-    esn_at_exit: list[int]   # ESN work of exits 1..n
-    tail: int
+    saver: float
+    base_total: float
+    per_exit_flops: np.ndarray  # leaving at exit 0 (saver), 1..N (ESN exits), N + 1 (base head)
+    overhead: float             # ESN work up to its last exit
 
     def per_exit(self) -> np.ndarray:
-        """Cost of leaving at exit 0..N+1 (last = base head)."""
-        costs = [self.saver] + [self.saver + b + e for b, e in zip(self.base_at_exit, self.esn_at_exit)]
-        costs.append(self.saver + self.base_at_exit[-1] + self.esn_at_exit[-1] + self.tail)
-        return np.array(costs, dtype=np.float64)
+        return self.per_exit_flops
 
     @property
     def esn_overhead_pct(self) -> float:
-        return 100.0 * self.esn_at_exit[-1] / self.base_total
+        return 100.0 * self.overhead / self.base_total
 
 
 def exit_costs(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork) -> ExitCosts:
-    s = count_flops(saver.module, saver.preprocess.input_size, "torch").flops
-    total = count_flops(base.module, base.preprocess.input_size, "torch").flops
-    x0 = torch.zeros(1, *base.preprocess.input_size)
-    f, x = _flops(base_staged.stem, x0)
-    base_cum, esn_cum = [], []
-    cum = f
-    sf = torch.zeros(1, esn.cfg.saver_dim)
-    sl = torch.zeros(1, esn.cfg.num_classes)
-    e_cum, tokens = _flops(esn.embed, sf, [])
-    for n, stage in enumerate(base_staged.stages, start=1):
-        f, x = _flops(stage, x)
-        cum += f
-        base_cum.append(cum)
-        fe, tok = _flops(esn.embed_stage, n, x)
-        tokens = torch.cat([tokens, tok[:, None]], dim=1)
-        fx, _ = _flops(esn.exit_logits, tokens, n, sl)
-        e_cum += fe + fx
-        esn_cum.append(e_cum)
-    tail, _ = _flops(base_staged.tail, x)
-    return ExitCosts(s, total, base_cum, esn_cum, tail)
+    """Counted once, by :func:`esn.exits.exit_flops`, for every exit method alike."""
+    from types import SimpleNamespace
+
+    f = exit_flops(SimpleNamespace(saver=saver, base=base, base_staged=base_staged), esn)
+    return ExitCosts(f["saver"], f["base_total"], f["per_exit"], f["overhead"])
 
 
 def saver_cascade(d: dict, threshold: float, costs: ExitCosts) -> tuple[np.ndarray, float]:

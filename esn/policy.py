@@ -63,11 +63,10 @@ def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, l
 
 def offline_exit_outputs(esn: ExitSequenceNetwork, feats: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """All exits on cached features: (1 + N, B) predictions and confidences (row 0 = saver)."""
-    with torch.inference_mode():
-        logits = esn(feats["saver_feat"], feats["stage_feats"], feats["saver_logits"])
-        allp = torch.cat([feats["saver_logits"][None], logits]).float().softmax(-1)
-        conf, pred = allp.max(-1)
-    return pred.numpy(), conf.numpy()
+    from .exits import offline_outputs
+
+    out = offline_outputs(esn, feats, np.full(len(feats["base_logits"]), -1))
+    return out["preds"], out["confs"]
 
 
 def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork, policy: ExitPolicy,

@@ -43,8 +43,13 @@ def methods(pair, data):
     return cache, train_methods(pair, data, cache, ["esn", "sdn", "ztw", "gates", "label-free"], s, log=lambda m: None)
 
 
-def test_every_method_is_trained_and_named(methods):
-    _, ms = methods
+def test_every_method_is_trained_and_named(pair, data, methods):
+    cache, ms = methods
+    again = train_methods(pair, data, cache, ["esn", "sdn", "ztw", "gates", "label-free"],
+                          CompareSettings(epochs=2, esn={"batch_size": 16, "dim": 16}), log=lambda m: None)
+    for name, m in ms.items():  # seeded: whatever ran before, the same weights
+        for (k, v), w in zip(m.state_dict().items(), again[name].state_dict().values()):
+            assert torch.equal(v, w), (name, k)
     assert list(ms) == ["saver cascade", "saver + ESN", "SDN", "ZTW", "ZTW (connections only)", "ZTW (ensembling only)",
                         "gates (λ=1)", "label-free SDN", "label-free saver + ESN"]
     assert ms["ZTW"].cascade and ms["ZTW"].ensemble
