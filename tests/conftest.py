@@ -72,3 +72,29 @@ def tiny_zoo_cfg(image_folder):
                 ModelSpec("test_vit", num_classes=3)],
         batch_sizes=[1, 2], eval_batch_size=4, topk=2, latency_min_run_time=0.01,
     )
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A frozen saver–base pair of tiny timm models (4 classes) for the exit methods in esn/."""
+    from esn.staged import staged
+    from esn.train import Pair
+    from tinysaver.models import ModelSpec, create_model
+
+    torch.manual_seed(0)
+    s = create_model(ModelSpec("test_efficientnet", num_classes=4, input_size=32))
+    b = create_model(ModelSpec("test_resnet", num_classes=4, input_size=40))
+    for m in (s, b):
+        m.module.eval().requires_grad_(False)
+    return Pair("tiny", "saver", "base", s, b, staged(b.module))
+
+
+@pytest.fixture(scope="module")
+def data():
+    """48 random 36 px uint8 images with labels in 0..3."""
+    from tinysaver.data import DecodedSet
+
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randint(0, 256, (48, 3, 36, 36), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 4, (48,), generator=g).numpy()
+    return DecodedSet("syn", [str(i) for i in range(48)], labels, imgs)

@@ -5,27 +5,8 @@ import torch
 from esn.model import ESNConfig, ExitSequenceNetwork, esn_loss
 from esn.policy import ExitPolicy, choose_policy, dynamic_predict, offline_exit_outputs
 from esn.staged import staged
-from esn.train import Pair, TrainSettings, frozen_features, load_esn, save_esn, train_esn
-from tinysaver.data import DecodedSet
+from esn.train import TrainSettings, frozen_features, load_esn, save_esn, train_esn
 from tinysaver.models import ModelSpec, create_model
-
-
-@pytest.fixture(scope="module")
-def pair():
-    torch.manual_seed(0)
-    s = create_model(ModelSpec("test_efficientnet", num_classes=4, input_size=32))
-    b = create_model(ModelSpec("test_resnet", num_classes=4, input_size=40))
-    for m in (s, b):
-        m.module.requires_grad_(False)
-    return Pair("tiny", "saver", "base", s, b, staged(b.module))
-
-
-@pytest.fixture(scope="module")
-def data():
-    g = torch.Generator().manual_seed(1)
-    imgs = torch.randint(0, 256, (48, 3, 36, 36), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 4, (48,), generator=g).numpy()
-    return DecodedSet("syn", [str(i) for i in range(48)], labels, imgs)
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "test_vit", "test_convnext",

@@ -11,29 +11,8 @@ from esn.gates import Gates, gate_targets, train_gates
 from esn.label_free import tolerance_thresholds
 from esn.policy import ExitPolicy
 from esn.sdn import SDN
-from esn.staged import staged
-from esn.train import Pair, TrainSettings, frozen_features, train_esn
+from esn.train import TrainSettings, frozen_features, train_esn
 from esn.ztw import ZTW
-from tinysaver.data import DecodedSet
-from tinysaver.models import ModelSpec, create_model
-
-
-@pytest.fixture(scope="module")
-def pair():
-    torch.manual_seed(0)
-    s = create_model(ModelSpec("test_efficientnet", num_classes=4, input_size=32))
-    b = create_model(ModelSpec("test_resnet", num_classes=4, input_size=40))
-    for m in (s, b):
-        m.module.eval().requires_grad_(False)
-    return Pair("tiny", "saver", "base", s, b, staged(b.module))
-
-
-@pytest.fixture(scope="module")
-def data():
-    g = torch.Generator().manual_seed(1)
-    imgs = torch.randint(0, 256, (48, 3, 36, 36), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 4, (48,), generator=g).numpy()
-    return DecodedSet("syn", [str(i) for i in range(48)], labels, imgs)
 
 
 @pytest.fixture(scope="module")
