@@ -40,9 +40,10 @@ def service():
     from ray import serve
 
     from tinysaver.selector import SelectorConfig, select
-    from tinysaver.serve import ServeOptions, build_app
+    from tinysaver.serve import ServeOptions, build_app, patient_proxy_env
     from tinysaver.zoo import load_zoo
 
+    patient_proxy_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

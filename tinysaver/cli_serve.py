@@ -57,6 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
+    from .serve import patient_proxy_env
+
+    patient_proxy_env()
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="tinysaver", route_prefix="/")

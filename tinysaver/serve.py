@@ -90,6 +90,19 @@ class ServeOptions:
         return out
 
 
+# Serve's controller gives a starting HTTP proxy 5 s to report ready and 10 s per health check,
+# then kills it. On a busy 2-core machine a proxy can need longer just to import FastAPI (seen in CI
+# with a training job beside the tests), so a local instance started here is given more patience.
+PATIENT_PROXY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def patient_proxy_env() -> None:
+    """Lengthen Serve's proxy start-up and health-check timeouts for a Ray instance this process
+    starts (call before ``ray.init``). Values the user set in the environment are kept."""
+    for k, v in PATIENT_PROXY_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 def loss_bound(records: Sequence[tuple[bool, bool | None]], delta: float) -> float | None:
     """Upper bound (fraction) on the accuracy the cascade gives up against the base over ``records``:
     one (exited early, disagreed with the base, or None when not audited) per request.
