@@ -190,7 +190,12 @@ def _ingress_deployment():
     from ray.serve import metrics
 
     app = FastAPI(title="tinysaver cascade")
-    dead = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+    from ray.serve.exceptions import RayServeException
+
+    # a dead replica, or a deployment Serve is replacing or deleting (no replica, back-pressure, a
+    # cancelled call): a retry may find a new replica, else the client is told to retry. Seen under
+    # load while the app was deleted, where these had come back as HTTP 500.
+    dead = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, RayServeException)
 
     @serve.deployment(graceful_shutdown_timeout_s=30)
     @serve.ingress(app)
