@@ -48,8 +48,9 @@ class CompareSettings:
     esn: dict = field(default_factory=dict)  # TrainSettings overrides
 
     def __post_init__(self) -> None:
-        if self.calibrate not in (None, "temperature"):
-            raise ValueError(f"calibrate must be None or 'temperature', got {self.calibrate!r}")
+        from tinysaver.selector import check_calibration
+
+        check_calibration(self.calibrate)
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         if self.epochs < 1 or self.wallclock_images < 0:
@@ -203,9 +204,9 @@ def method_row(name, method, pair, feats: dict, labels: dict, test_images, s: Co
     """Every column of the comparison for one method (thresholds from calib, numbers from test)."""
     from tinysaver.calibration import cascade_conformal, coverage_and_size, ece
 
-    temps = fit_temperatures(method, feats["calib"], labels["calib"]) if s.calibrate else None
-    if name.startswith("label-free") and temps is None:  # seed 001: its exits are always calibrated
-        temps = fit_temperatures(method, feats["calib"], labels["calib"])
+    # seed 001's label-free exits are always temperature-calibrated; the others when asked
+    calibrated = s.calibrate or name.startswith("label-free")
+    temps = fit_temperatures(method, feats["calib"], labels["calib"]) if calibrated else None
     cal = offline_outputs(method, feats["calib"], labels["calib"], temps)
     tst = offline_outputs(method, feats["test"], labels["test"], temps)
     fl = exit_flops(pair, method)

@@ -23,7 +23,7 @@ import torch
 from tinysaver.data import take_images
 from tinysaver.policy import exits
 
-from .staged import pooled, saver_outputs
+from .staged import saver_outputs
 
 
 def _confidence(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,4 +182,4 @@ def dynamic_predict(pair, method, policy, images, batch_size: int = 64) -> tuple
     return answer, where
 
 
-__all__ = ["exit_score", "all_logits", "offline_outputs", "exit_flops", "dynamic_predict", "pooled"]
+__all__ = ["exit_score", "all_logits", "offline_outputs", "exit_flops", "dynamic_predict"]

@@ -47,6 +47,12 @@ from .zoo import Zoo, ZooError
 
 CALIBRATIONS = (None, "temperature")  # how confidences may be recalibrated before thresholds are chosen
 
+
+def check_calibration(calibrate: str | None) -> None:
+    """The one check of a ``calibrate`` option (selector, zoo reads and the exit-method comparison)."""
+    if calibrate not in CALIBRATIONS:
+        raise SelectionError(f"calibrate must be one of {', '.join(map(str, CALIBRATIONS))}, got {calibrate!r}")
+
 # the paper's public code scans these thresholds (np.arange keeps its float steps exactly)
 PUBLIC_GRID = np.arange(1, 0, -0.001)
 # guaranteed: a data-independent grid, fine near 1 where confident savers pile up; descending
@@ -235,8 +241,7 @@ def available_costs(zoo: Zoo, models: Sequence[str], cost: str) -> dict[str, flo
 
 def load_split_data(zoo: Zoo, split: str, models: Sequence[str], calibrate: str | None = None) -> SplitData:
     """Stored predictions; with ``calibrate='temperature'``, the confidences of ``tinysaver zoo calibrate``."""
-    if calibrate not in CALIBRATIONS:
-        raise SelectionError(f"calibrate must be one of {', '.join(map(str, CALIBRATIONS))}, got {calibrate!r}")
+    check_calibration(calibrate)
     read = zoo.calibrated_predictions if calibrate else zoo.predictions
     preds = {m: read(m, split) for m in models}
     labels = next(iter(preds.values())).labels
@@ -309,8 +314,7 @@ class SelectorConfig:
         if self.max_stages > 2 and self.criterion == "subset":
             raise SelectionError("subset is the paper's two-stage rule and has no chain form; "
                                  "use --max-stages 2, or zero/bounded/guaranteed for chains")
-        if self.calibrate not in CALIBRATIONS:
-            raise SelectionError(f"calibrate must be one of {', '.join(map(str, CALIBRATIONS))}, got {self.calibrate!r}")
+        check_calibration(self.calibrate)
         if self.guarantee_method not in METHODS:
             raise SelectionError(f"guarantee method must be one of {', '.join(METHODS)}, got {self.guarantee_method!r}")
 
