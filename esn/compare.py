@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .exits import all_logits, dynamic_predict, exit_flops, offline_outputs
+from .exits import dynamic_predict, exit_flops, fit_temperatures, offline_outputs
 from .gates import Gates, train_gates
 from .label_free import soft_targets, tolerance_thresholds
 from .policy import ExitPolicy, choose_policy
@@ -190,14 +190,6 @@ def pareto(calib: dict, test: dict, per_exit, base_total) -> list[tuple[float, f
             ta, tc, _, _ = evaluate(test, th, per_exit, base_total)
             front.append((c, a, tc, ta))
     return front
-
-
-def fit_temperatures(method, feats: dict, labels) -> list[float]:
-    """One temperature per running-order exit and the base head, fitted on ``feats`` (calib)."""
-    from tinysaver.calibration import fit_temperature
-
-    logits = all_logits(method, feats)
-    return [fit_temperature(lg, labels) for lg in logits] + [fit_temperature(feats["base_logits"], labels)]
 
 
 def method_row(name, method, pair, feats: dict, labels: dict, test_images, s: CompareSettings, log=print) -> dict:

@@ -49,6 +49,14 @@ def all_logits(method, feats: dict) -> torch.Tensor:
     return out
 
 
+def fit_temperatures(method, feats: dict, labels) -> list[float]:
+    """One temperature per running-order exit and the base head, fitted on ``feats`` (calib)."""
+    from tinysaver.calibration import fit_temperature
+
+    logits = all_logits(method, feats)
+    return [fit_temperature(lg, labels) for lg in logits] + [fit_temperature(feats["base_logits"], labels)]
+
+
 def offline_outputs(method, feats: dict, labels, temperatures=None) -> dict:
     """Everything a policy search and the evaluation read, for one split.
 
@@ -182,4 +190,4 @@ def dynamic_predict(pair, method, policy, images, batch_size: int = 64) -> tuple
     return answer, where
 
 
-__all__ = ["exit_score", "all_logits", "offline_outputs", "exit_flops", "dynamic_predict"]
+__all__ = ["exit_score", "all_logits", "fit_temperatures", "offline_outputs", "exit_flops", "dynamic_predict"]

@@ -61,6 +61,24 @@ def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, l
     return ExitPolicy(thresholds)
 
 
+def calibrated_policy(zoo, pair, method, criterion: str = "zero", tolerance: float = 0.0, delta: float = 0.1,
+                      calibrate: str | None = None, split=None) -> ExitPolicy:
+    """The exit policy to run ``method`` with: thresholds (and, with ``calibrate='temperature'``,
+    temperatures) chosen on the zoo's calibration split (``split`` overrides it), as ``esn eval`` does."""
+    from tinysaver.selector import check_calibration
+
+    from .exits import fit_temperatures, offline_outputs
+    from .train import esn_splits, frozen_features
+
+    check_calibration(calibrate)
+    ds = split if split is not None else esn_splits(zoo)[1]
+    feats = frozen_features(pair, ds.images)
+    temps = fit_temperatures(method, feats, ds.labels) if calibrate else None
+    cal = offline_outputs(method, feats, ds.labels, temps)
+    policy = choose_policy(cal["preds"], cal["confs"], cal["base_pred"], cal["labels"], criterion, tolerance, delta)
+    return ExitPolicy(policy.thresholds, temps)
+
+
 def offline_exit_outputs(esn: ExitSequenceNetwork, feats: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """All exits on cached features: (1 + N, B) predictions and confidences (row 0 = saver)."""
     from .exits import offline_outputs

@@ -230,7 +230,14 @@ def save_esn(path: str | Path, esn: ExitSequenceNetwork, pair: Pair, settings: T
 
 def load_esn(path: str | Path, saver: str | None = None, base: str | None = None) -> tuple[ExitSequenceNetwork, dict]:
     """Load an ESN checkpoint; refuse one made for a different saver or base."""
-    ck = torch.load(str(path), map_location="cpu", weights_only=False)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such ESN checkpoint; train one with 'tinysaver esn train'")
+    try:
+        ck = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle, zip and EOF errors all mean the same to the user
+        raise ValueError(f"{path} is not a checkpoint from 'tinysaver esn train' ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or not {"state_dict", "config", "saver", "base", "zoo", "settings"} <= set(ck):
+        raise ValueError(f"{path} is not a checkpoint from 'tinysaver esn train' (missing its keys)")
     for role, want in (("saver", saver), ("base", base)):
         if want is not None and ck[role] != want:
             raise ValueError(f"{path} was trained for {role} {ck[role]!r}, not {want!r}")

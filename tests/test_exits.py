@@ -56,6 +56,29 @@ def test_dynamic_inference_equals_the_offline_policy_for_every_method(pair, data
             assert np.array_equal(where, ref_where) and np.array_equal(ans, ref), (name, bs)
 
 
+@pytest.mark.parametrize("calibrate", [None, "temperature"])
+def test_calibrated_policy_is_the_greedy_policy_on_the_given_split(pair, data, methods, calibrate):
+    """What 'tinysaver serve --esn' runs with: choose_policy on the split's outputs, with fitted
+    temperatures when asked (one per exit and the base head)."""
+    from esn.exits import fit_temperatures
+    from esn.policy import calibrated_policy, choose_policy
+
+    cache, ms = methods
+    esn = ms["saver + ESN"]
+    pol = calibrated_policy(None, pair, esn, "bounded", 5.0, calibrate=calibrate, split=data)
+    temps = fit_temperatures(esn, cache, data.labels) if calibrate else None
+    out = offline_outputs(esn, cache, data.labels, temps)
+    want = choose_policy(out["preds"], out["confs"], out["base_pred"], data.labels, "bounded", 5.0)
+    assert pol.thresholds == want.thresholds and len(pol.thresholds) == esn.num_exits + 1
+    if calibrate:
+        assert pol.temperatures == pytest.approx(temps) and len(temps) == esn.num_exits + 2
+        assert any(abs(t - 1) > 1e-3 for t in temps)
+    else:
+        assert pol.temperatures is None
+    with pytest.raises(ValueError, match="calibrate must be one of"):
+        calibrated_policy(None, pair, esn, calibrate="platt", split=data)
+
+
 def test_ztw_cascade_connections_cannot_see_later_stages():
     torch.manual_seed(0)
     for ensemble in (False, True):

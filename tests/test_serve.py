@@ -172,6 +172,126 @@ def test_the_audit_alarm_fires_after_the_traffic_shifts_and_not_before(service, 
     assert c.get("/metrics").json()["audit"]["audited"] == 0  # the other app audits nothing
 
 
+def esn_policy_for(confs: np.ndarray):
+    """Thresholds that let every part answer some of these samples: each exit takes about an equal
+    share of those still open, cut at the widest gap between two confidences near that share (the
+    saver's confidences crowd near 1, where float noise could move a sample across a close cut)."""
+    from tinysaver.policy import exits, midpoint_thresholds
+
+    open_, out = np.ones(confs.shape[1], bool), []
+    for e in range(len(confs)):
+        c = np.sort(confs[e][open_].astype(np.float64))[::-1]
+        share = len(c) // (len(confs) + 1 - e)
+        ks = np.arange(max(1, share // 2), min(len(c) - 1, 2 * share) + 1)
+        k = ks[np.argmax(c[ks - 1] - c[ks])]
+        t = float(midpoint_thresholds(c, np.array([k]))[0])
+        out.append(t)
+        open_ &= ~exits(confs[e], t)
+    return out
+
+
+@pytest.fixture(scope="module")
+def esn_service(service, offline, tmp_path_factory):
+    """Saver + ESN exits + base as a second app (audit on every early answer). The ESN has random,
+    non-zero heads, so its exits disagree with the saver; thresholds split the images among all parts."""
+    from esn.exits import dynamic_predict, offline_outputs
+    from esn.policy import ExitPolicy
+    from esn.serve import build_esn_app, part_names
+    from esn.train import Pair, TrainSettings, build_esn, frozen_features, save_esn
+    from tinysaver.serve import ServeOptions
+
+    imgs, _ = offline
+    zoo, saver = service["zoo"], service["sel"].models[0]
+    pair = Pair.from_zoo(zoo, saver, BASE)
+    settings = TrainSettings(dim=32)
+    torch.manual_seed(0)
+    esn = build_esn(pair, settings).eval()
+    for h in esn.heads:
+        torch.nn.init.normal_(h.weight, std=0.5)
+    ckpt = tmp_path_factory.mktemp("esn") / "esn.pt"
+    save_esn(ckpt, esn, pair, settings)
+    feats = frozen_features(pair, imgs)
+    ref = offline_outputs(esn, feats, np.zeros(len(imgs), np.int64))
+    policy = ExitPolicy(esn_policy_for(ref["confs"]))
+    where_off = policy.apply(ref["preds"], ref["confs"], ref["base_pred"])[1]
+    answer, where = dynamic_predict(pair, esn, policy, imgs, batch_size=16)
+    opts = ServeOptions(num_cpus=0.02, ingress_num_cpus=0.02, audit=1.0, audit_window=N)
+    service["serve"].run(build_esn_app(ckpt, zoo, policy, opts), name="esn", route_prefix="/esn")
+    top2 = torch.topk(feats["base_logits"].float(), 2).values
+    return {"ckpt": ckpt, "policy": policy, "answer": answer, "where": where, "where_offline": where_off, "ref": ref,
+            "names": part_names(saver, BASE, esn.num_exits), "base_gap": (top2[:, 0] - top2[:, 1]).numpy()}
+
+
+def test_esn_exits_are_served_one_deployment_per_base_stage(service, offline, esn_service):
+    """Answers and answering parts equal the ESN's dynamic inference; audits run the rest of the base."""
+    from tinysaver.policy import MARGIN
+
+    imgs, _ = offline
+    e, c = esn_service, service["client"]
+    assert (e["where"] == e["where_offline"]).all()  # the in-process reference agrees with the offline policy
+    names = e["names"]
+    assert len(names) == 6 and names[1] == f"{BASE}/exit1"  # resnet10t: saver, 4 stages, head
+    assert set(e["where"].tolist()) == set(range(len(names)))  # every part answers some
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: post_image(c, png(imgs[i]), "/esn/predict"), range(N)))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200][:3]
+    got = [r.json() for r in replies]
+    confs, th = e["ref"]["confs"], e["policy"].thresholds
+    # float noise may only matter next to a threshold the sample reached
+    stable = np.all([(np.abs(confs[k].astype(np.float64) - t) >= MARGIN) | (e["where"] < k)
+                     for k, t in enumerate(th)], axis=0)
+    assert stable.sum() >= N - 2
+    for i in np.flatnonzero(stable):
+        assert got[i]["exit_stage"] == e["where"][i] and got[i]["class"] == e["answer"][i], i
+        assert got[i]["stage_name"] == names[e["where"][i]]
+    m = c.get("/esn/metrics").json()
+    assert m["stages"] == names and m["requests"] == N
+    assert max(map(int, m["batch_sizes"][names[2]])) > 1  # a middle part batches for real
+    # audits: every early answer, checked against the base's answer from the parts it skipped
+    for _ in range(200):
+        h = c.get("/esn/healthz").json()["audit"]
+        if h["audited"] == N - m["exits"][BASE]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"audits did not finish: {h}")
+    early = e["where"] < len(names) - 1
+    expected = int((early & (e["answer"] != e["ref"]["base_pred"])).sum())
+    fragile = int((~stable).sum() + (e["base_gap"] < 1e-4).sum())
+    assert abs(h["disagreements"] - expected) <= fragile and expected > 0, (h, expected)
+
+
+def test_esn_serving_refuses_bad_policies_and_checkpoints(service, esn_service, tmp_path, capsys):
+    from esn.policy import ExitPolicy
+    from esn.serve import build_esn_app
+    from tinysaver.serve import ServeOptions
+
+    zoo = service["zoo"]
+    ckpt = esn_service["ckpt"]
+    good = esn_service["policy"].thresholds
+    with pytest.raises(ValueError, match="need 5 thresholds"):
+        build_esn_app(ckpt, zoo, ExitPolicy(good[:-1]))
+    with pytest.raises(ValueError, match=r"in \[0, 1\] or inf"):
+        build_esn_app(ckpt, zoo, ExitPolicy([1.5] + good[1:]))
+    with pytest.raises(ValueError, match="eager"):
+        build_esn_app(ckpt, zoo, ExitPolicy(good), ServeOptions(backend="onnxruntime"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        build_esn_app(bad, zoo, ExitPolicy(good))
+    with pytest.raises(FileNotFoundError, match="esn train"):
+        build_esn_app(tmp_path / "none.pt", zoo, ExitPolicy(good))
+    from tinysaver.cli import main
+
+    serve = ["serve", "--zoo", "fashion-mnist", "--esn", str(ckpt)]
+    for argv, words in [(["--base", BASE, "--threshold", "0.9", "--saver", service["sel"].models[0]],
+                         "drop --selection, --threshold"),
+                        (["--base", "regnetx_002"], "not 'regnetx_002'"),
+                        (["--base", BASE, "--esn-thresholds", "0.9,0.9"], "need 5 thresholds")]:
+        assert main(serve + argv) == 2  # refused before Ray starts
+        assert words in capsys.readouterr().err
+
+
 def test_killing_the_base_replica_loses_no_request(service, offline):
     import os
     import signal

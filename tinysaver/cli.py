@@ -54,6 +54,17 @@ def int_list(text: str) -> list[int]:
     return [positive_int(t) for t in text.split(",") if t.strip()]
 
 
+def float_list(text: str) -> list[float]:
+    """'0.9,0.8,inf' → [0.9, 0.8, inf]."""
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return vals
+
+
 def _flatten(args: argparse.Namespace, name: str) -> None:
     v = getattr(args, name, None)
     if v and isinstance(v[0], list):
@@ -227,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-wait-ms", type=float, default=1e3 * d.batch_wait_timeout_s,
                    help="how long a stage waits to fill a batch")
     q.add_argument("--replicas", type=int_list, default=[d.replicas], help="one for all stages, or one per stage")
-    q.add_argument("--num-cpus", default=str(d.num_cpus), help="CPUs per stage replica: one, or one per stage")
+    q.add_argument("--num-cpus", default=d.num_cpus,
+                   help="CPUs per stage replica: one, or one per stage (default: 1.5 shared by the stages, "
+                        "at most 0.5 each)")
     q.add_argument("--num-gpus", default=str(d.num_gpus), help="GPUs per stage replica: one, or one per stage")
     q.add_argument("--audit", type=float, default=d.audit,
                    help="fraction of early answers also sent to the base, after answering, to bound the loss live")
@@ -236,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--audit-window", type=positive_int, default=d.audit_window,
                    help="requests the live bound is computed over")
     q.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20)
+    q.add_argument("--esn", metavar="CHECKPOINT",
+                   help="serve the saver and base of this 'tinysaver esn train' checkpoint with its exits inside the "
+                        "base (one deployment per base stage); thresholds from --esn-thresholds, else chosen on the "
+                        "zoo's calib split with --criterion/--tolerance")
+    q.add_argument("--esn-thresholds", type=float_list,
+                   help="with --esn: the saver's threshold and one per exit, comma-separated (inf disables an exit)")
 
     esn = sub.add_parser("esn", help="train and evaluate an Exit Sequence Network on a saver–base pair")
     esub = esn.add_subparsers(dest="esn_command", required=True)

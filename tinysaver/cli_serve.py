@@ -9,7 +9,9 @@ import sys
 import time
 
 
-def _floats(text: str, what: str) -> float | list[float]:
+def _floats(text: str | None, what: str) -> float | list[float] | None:
+    if text is None:
+        return None
     try:
         vals = [float(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
@@ -32,6 +34,29 @@ def serve_options(args: argparse.Namespace):
                         accept_preprocess_change=args.accept_preprocess_change)
 
 
+def _esn_app(args: argparse.Namespace, zoo, opts):
+    """The saver + ESN exits + base application of ``--esn``, with the thresholds given or chosen on calib."""
+    from esn.policy import ExitPolicy, calibrated_policy
+    from esn.serve import build_esn_app, part_names
+    from esn.train import Pair, load_esn
+
+    if args.selection or args.threshold is not None or args.from_selection:
+        raise ValueError("--esn serves the checkpoint's own saver and base: drop --selection, --threshold and "
+                         "--from-selection (give the exits' thresholds with --esn-thresholds)")
+    esn, ck = load_esn(args.esn, saver=args.saver[0] if args.saver else None, base=args.base)
+    if args.saver and len(args.saver) > 1:
+        raise ValueError("an ESN has one saver; give at most one --saver")
+    if args.esn_thresholds:
+        policy = ExitPolicy(list(args.esn_thresholds))
+    else:
+        pair = Pair.from_zoo(zoo, ck["saver"], ck["base"], ck["settings"]["granularity"])
+        policy = calibrated_policy(zoo, pair, esn, args.criterion, args.tolerance, args.delta, args.calibrate)
+    names = part_names(ck["saver"], ck["base"], esn.num_exits)
+    print("tinysaver: exits and thresholds: " + ", ".join(f"{n} ≥ {t:.4f}" for n, t in zip(names, policy.thresholds))
+          + f", then {names[-1]}", file=sys.stderr)
+    return build_esn_app(args.esn, zoo, policy, opts), names
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .report import describe
     from .selector import SelectorConfig, selection_for
@@ -41,15 +66,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("tinysaver serve needs Ray Serve: pip install 'tinysaver[serve]'")
     opts = serve_options(args)  # bad options fail before Ray starts
     zoo = load_zoo(args.zoo, args.root)
-    sel = selection_for(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver,
-                        threshold=args.threshold, selection=args.selection, from_selection=args.from_selection)
-    print(describe(sel), file=sys.stderr)
+    if args.esn:
+        app, models = _esn_app(args, zoo, opts)
+    else:
+        if args.esn_thresholds:
+            raise ValueError("--esn-thresholds needs --esn CHECKPOINT")
+        sel = selection_for(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver,
+                            threshold=args.threshold, selection=args.selection, from_selection=args.from_selection)
+        print(describe(sel), file=sys.stderr)
+        from .serve import build_app
+
+        app, models = build_app(sel, zoo, opts), sel.models  # validated before anything is deployed
     import ray
     from ray import serve
-
-    from .serve import build_app
-
-    app = build_app(sel, zoo, opts)  # validated (models, backends, per-stage options) before deploying
     stop = []
 
     def request_stop(signum, frame):  # Ctrl-C or SIGTERM (a container stopping), even when inherited ignored
@@ -63,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="tinysaver", route_prefix="/")
-    print(f"tinysaver: serving {' → '.join(sel.models)} at http://{args.host}:{args.port} "
+    print(f"tinysaver: serving {' → '.join(models)} at http://{args.host}:{args.port} "
           "(POST /predict, POST /predict/batch, GET /healthz, GET /metrics); Ctrl-C stops", file=sys.stderr)
     while not stop:
         time.sleep(0.2)

@@ -56,7 +56,7 @@ class ServeOptions:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     replicas: int | Sequence[int] = 1
-    num_cpus: float | Sequence[float] = 0.5   # fractional: three deployments must fit on 2 cores
+    num_cpus: float | Sequence[float] | None = None  # None: 1.5 CPUs shared by the stages, at most 0.5 each
     num_gpus: float | Sequence[float] = 0.0
     ingress_num_cpus: float = 0.25
     max_ongoing_requests: int = 256   # per ingress replica; more wait in Serve's proxy
@@ -84,6 +84,10 @@ class ServeOptions:
 
     def per_stage(self, name: str, n: int) -> list:
         v = getattr(self, name)
+        if name == "num_cpus" and v is None:
+            # Serve's default of 1 CPU per replica never schedules a saver, a base and an ingress
+            # on 2 cores; an ESN adds a deployment per exit. Shares this small fit any machine.
+            v = min(0.5, 1.5 / n)
         out = [v] * n if isinstance(v, (int, float, str)) else list(v)
         if len(out) != n:
             raise ValueError(f"{name}: give one value for all {n} stages or one per stage, got {v}")
@@ -150,16 +154,19 @@ def _stage_deployment():
             self.hist.set_default_tags({"stage": key})
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-        async def classify(self, images: list) -> list[tuple[int, float]]:
+        async def classify(self, items: list) -> list[tuple[int, float, None]]:
+            """(image, carry) → (class, confidence, carry for the next stage): a saver or base
+            needs only the image and passes nothing on."""
             from .transforms import prepare_batch
 
+            images = [img for img, _ in items]
             with torch.inference_mode():
                 logits = self.runner(prepare_batch(images, self.model.preprocess)).float()
                 prob = (logits / self.temperature).softmax(-1)
             conf, pred = prob.max(-1)
             self.sizes[len(images)] += 1
             self.hist.observe(len(images))
-            return list(zip(pred.tolist(), conf.tolist()))
+            return [(p, c, None) for p, c in zip(pred.tolist(), conf.tolist())]
 
         def stats(self) -> dict:
             return {"batch_sizes": {int(k): v for k, v in sorted(self.sizes.items())}, "pid": os.getpid()}
@@ -200,8 +207,14 @@ def _ingress_deployment():
     @serve.deployment(graceful_shutdown_timeout_s=30)
     @serve.ingress(app)
     class CascadeIngress:
-        def __init__(self, stages: list, names: list[str], thresholds: list[float], class_names, opts: dict):
+        """Asks the stages in order. Stage ``i`` takes (image, carry of stage i − 1) and returns
+        (class, confidence, carry); the base's answer comes from running stages ``base_from`` … last
+        (only the last for a saver cascade; every base segment for ESN exits)."""
+
+        def __init__(self, stages: list, names: list[str], thresholds: list[float], class_names, opts: dict,
+                     base_from: int | None = None):
             self.stages, self.names, self.thresholds = stages, names, thresholds
+            self.base_from = len(stages) - 1 if base_from is None else base_from
             self.class_names = class_names
             self.o = ServeOptions(**opts)
             self.rng = random.Random(self.o.seed)
@@ -260,10 +273,10 @@ def _ingress_deployment():
                 raise BadRequest(400, f"not a decodable image ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
         # --- the cascade ---------------------------------------------------------------------------
-        async def _stage(self, i: int, img) -> tuple[int, float]:
+        async def _stage(self, i: int, img, carry=None) -> tuple[int, float, object]:
             for attempt in range(self.o.retries + 1):
                 try:
-                    return await self.stages[i].classify.remote(img)
+                    return await self.stages[i].classify.remote((img, carry))
                 except dead:  # the replica died; Serve is starting another
                     self.retried += 1
                     await asyncio.sleep(min(0.2 * 2 ** attempt, 3.0))
@@ -273,8 +286,9 @@ def _ingress_deployment():
         async def _answer(self, img) -> dict:
             t0 = time.perf_counter()
             last = len(self.stages) - 1
+            carry = None
             for i in range(len(self.stages)):
-                pred, conf = await self._stage(i, img)
+                pred, conf, carry = await self._stage(i, img, carry)
                 if i == last or exits(np.array([conf], dtype=np.float32), self.thresholds[i])[0]:
                     break
             ms = (time.perf_counter() - t0) * 1e3
@@ -282,7 +296,7 @@ def _ingress_deployment():
             record = [early, None]
             self.audit.window.append(record)
             if early and self.o.audit > 0 and self.rng.random() < self.o.audit:
-                asyncio.get_running_loop().create_task(self._audit(img, pred, record))
+                asyncio.get_running_loop().create_task(self._audit(img, pred, record, i, carry))
             self.requests += 1
             self.exits[i] += 1
             self.latency[next((b for b in LATENCY_BUCKETS_MS if ms <= b), "inf")] += 1
@@ -293,10 +307,12 @@ def _ingress_deployment():
                     "confidence": float(conf), "exit_stage": i, "stage_name": self.names[i],
                     "latency_ms": round(ms, 3)}
 
-        async def _audit(self, img, pred: int, record: list) -> None:
-            # runs after the early answer has gone out: the client never waits for it
+        async def _audit(self, img, pred: int, record: list, answered: int, carry) -> None:
+            # runs after the early answer has gone out: the client never waits for it. The base's
+            # own chain goes on from the answering stage (other savers are skipped).
             try:
-                base_pred, _ = await self._stage(len(self.stages) - 1, img)
+                for j in range(max(answered + 1, self.base_from), len(self.stages)):
+                    base_pred, _, carry = await self._stage(j, img, carry)
             except BadRequest:
                 return
             record[1] = base_pred != pred
@@ -374,7 +390,8 @@ def _ingress_deployment():
                 except dead:
                     batches[name] = None
             n = max(self.requests, 1)
-            return {"requests": self.requests, "stages": self.names, "thresholds": self.thresholds,
+            return {"requests": self.requests, "stages": self.names,  # JSON has no inf: a disabled exit is null
+                    "thresholds": [t if np.isfinite(t) else None for t in self.thresholds],
                     "exits": {self.names[i]: self.exits[i] for i in range(len(self.names))},
                     "exit_ratio": {self.names[i]: round(self.exits[i] / n, 4) for i in range(len(self.names))},
                     "batch_sizes": batches,
@@ -384,6 +401,34 @@ def _ingress_deployment():
                     "status": "drift" if self.audit.alarm else "ok", "audit": self._audit_view()}
 
     return CascadeIngress
+
+
+def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:
+    """Serve options of each stage deployment, in running order (replicas, CPUs, GPUs per stage).
+
+    Serve's default of 5 ongoing requests per replica would cap every batch at 5 and, once all
+    replicas are full, send the router into back-off: under 32 concurrent clients that cut the
+    throughput from 60 to 8 images/s. A stage takes enough to fill two batches.
+    """
+    n = len(names)
+    replicas, cpus, gpus = o.per_stage("replicas", n), o.per_stage("num_cpus", n), o.per_stage("num_gpus", n)
+    return [{"name": f"stage{i}-{name.replace('/', '_')}", "num_replicas": int(r),
+             "max_ongoing_requests": 2 * o.max_batch_size,
+             "ray_actor_options": {"num_cpus": float(c), "num_gpus": float(g)}}
+            for i, (name, r, c, g) in enumerate(zip(names, replicas, cpus, gpus))]
+
+
+def ingress_app(stages: list, names: Sequence[str], thresholds: Sequence[float], class_names,
+                o: ServeOptions, base_from: int | None = None):
+    """The application: the ingress bound to stage deployments that follow the (image, carry) →
+    (class, confidence, carry) protocol of this module. ``thresholds`` has one entry per stage but
+    the last; ``base_from`` is where the base's own chain starts (default: the last stage)."""
+    if len(thresholds) != len(stages) - 1 or len(names) != len(stages):
+        raise ValueError(f"{len(stages)} stages need {len(stages) - 1} thresholds and {len(stages)} names")
+    # the ingress only awaits, so it takes many requests at once
+    return _ingress_deployment().options(max_ongoing_requests=o.max_ongoing_requests,
+                                         ray_actor_options={"num_cpus": o.ingress_num_cpus}).bind(
+        stages, list(names), [float(t) for t in thresholds], class_names, asdict(o), base_from)
 
 
 def build_app(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
@@ -402,25 +447,15 @@ def build_app(selection: Selection | dict | str | Path, zoo=None, options: Serve
     zoo = zoo or load_zoo(selection.zoo, root)
     for m in selection.models:
         zoo.model(m)
-    n = len(selection.models)
-    backends, replicas = o.per_stage("backend", n), o.per_stage("replicas", n)
-    cpus, gpus = o.per_stage("num_cpus", n), o.per_stage("num_gpus", n)
+    backends = o.per_stage("backend", len(selection.models))
     for b in backends:
         check_backend(b)
-    Stage, Ingress = _stage_deployment(), _ingress_deployment()
-    # Serve's default of 5 ongoing requests per replica would cap every batch at 5 and, once all
-    # replicas are full, send the router into back-off: under 32 concurrent clients that cut the
-    # throughput from 60 to 8 images/s. A stage takes enough to fill two batches; the ingress,
-    # which only awaits, takes many.
-    stages = [Stage.options(name=f"stage{i}-{key.replace('/', '_')}", num_replicas=int(r),
-                            max_ongoing_requests=2 * o.max_batch_size,
-                            ray_actor_options={"num_cpus": float(c), "num_gpus": float(g)})
-              .bind(str(zoo.path), key, b, o.max_batch_size, o.batch_wait_timeout_s, o.accept_preprocess_change, t)
-              for i, (key, b, r, c, g, t) in enumerate(zip(selection.models, backends, replicas, cpus, gpus,
-                                                           selection.temperatures))]
-    return Ingress.options(max_ongoing_requests=o.max_ongoing_requests,
-                           ray_actor_options={"num_cpus": o.ingress_num_cpus}).bind(
-        stages, list(selection.models), list(selection.thresholds), zoo_class_names(zoo), asdict(o))
+    Stage = _stage_deployment()
+    stages = [Stage.options(**opt).bind(str(zoo.path), key, b, o.max_batch_size, o.batch_wait_timeout_s,
+                                        o.accept_preprocess_change, t)
+              for key, b, t, opt in zip(selection.models, backends, selection.temperatures,
+                                        stage_options(o, selection.models))]
+    return ingress_app(stages, selection.models, selection.thresholds, zoo_class_names(zoo), o)
 
 
-__all__ = ["ServeOptions", "build_app", "loss_bound"]
+__all__ = ["ServeOptions", "build_app", "ingress_app", "stage_options", "loss_bound"]
