@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py --zoo fashion-mnist --base resnet10t --requests 400
     python benchmarks/bench_serve.py --zoo imagenet-lite --base tf_efficientnet_lite2.pypi_in1k --split val --requests 96
+    python benchmarks/bench_serve.py --esn esn.pt   # adds the saver with ESN exits (tinysaver esn train)
 
 Load generator: an asyncio client on httpx, one coroutine per simulated user, each sending its
 next request as soon as its last one is answered (closed loop), at concurrency 1, 8 and 32. We
@@ -14,6 +15,10 @@ neighbour slows both alike. For each concurrency: throughput, p50 and p99 latenc
 the exit ratio, and the p50 of early answers against the p50 of answers from the base. The
 in-process reference runs ``Cascade.predict`` and the base alone on the same decoded images at the
 stages' batch size; the goal is served speedup ≥ 0.9 × in-process speedup at concurrency 32.
+
+With ``--esn``, a third application serves the checkpoint's saver with its ESN exits inside the base
+(thresholds chosen on calib at zero loss, as ``tinysaver serve --esn`` does), in the same alternation;
+its in-process reference is the ESN's dynamic inference at the same batch size.
 """
 from __future__ import annotations
 
@@ -69,22 +74,29 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, total: in
         return time.perf_counter() - t0, results
 
 
-def in_process(sel, zoo, images, batch_size: int, repeats: int = 3) -> tuple[float, float]:
-    """Images/s of the cascade and of the base alone, Cascade.predict on decoded images, interleaved."""
+def in_process(sel, zoo, images, batch_size: int, repeats: int = 3, esn=None) -> dict[str, float]:
+    """Images/s of the cascade, the base alone and (given ``esn`` = (pair, model, policy)) the ESN's
+    dynamic inference, on decoded images at ``batch_size``, interleaved."""
     from tinysaver.cascade import Cascade
 
     stages = [zoo.load_model(m) for m in sel.models]
+    runs = {"base": lambda x: Cascade(stages[-1:], []).predict(x, batch_size=batch_size)}
     cascade = Cascade(stages, sel.thresholds)
-    base = Cascade(stages[-1:], [])
-    tc, tb = [], []
-    for c in (cascade, base):
-        c.predict(images[:batch_size], batch_size=batch_size)
+    runs["cascade"] = lambda x: cascade.predict(x, batch_size=batch_size)
+    if esn is not None:
+        from esn.exits import dynamic_predict
+
+        pair, model, policy = esn
+        runs["esn"] = lambda x: dynamic_predict(pair, model, policy, x, batch_size=batch_size)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for run in runs.values():
+        run(images[:batch_size])
     for _ in range(repeats):
-        for c, out in ((base, tb), (cascade, tc)):
+        for name, run in runs.items():
             t0 = time.perf_counter()
-            c.predict(images, batch_size=batch_size)
-            out.append(time.perf_counter() - t0)
-    return len(images) / float(np.median(tc)), len(images) / float(np.median(tb))
+            run(images)
+            times[name].append(time.perf_counter() - t0)
+    return {k: len(images) / float(np.median(v)) for k, v in times.items()}
 
 
 def main() -> int:
@@ -97,6 +109,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--esn", help="an ESN checkpoint for --base: also serve its saver with the ESN exits")
     args = ap.parse_args()
 
     import ray
@@ -115,24 +128,40 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    esn = None
+    if args.esn:
+        from esn.policy import calibrated_policy
+        from esn.serve import build_esn_app
+        from esn.train import Pair, load_esn
+
+        model, ck = load_esn(args.esn, base=args.base)
+        pair = Pair.from_zoo(zoo, ck["saver"], ck["base"], ck["settings"]["granularity"])
+        esn = (pair, model, calibrated_policy(zoo, pair, model))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    opts = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3, num_cpus=0.5,
-                ingress_num_cpus=0.25)
+    # logical CPU shares only decide what Serve schedules: 3 apps with 9 stages must fit 2 CPUs
+    cpus = (0.1, 0.1) if esn else (0.5, 0.25)
+    opts = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3, num_cpus=cpus[0],
+                ingress_num_cpus=cpus[1])
     serve.run(build_app(sel, zoo, ServeOptions(**opts)), name="cascade", route_prefix="/cascade")
     serve.run(build_app(Selection.manual(zoo.name, [], args.base), zoo, ServeOptions(**opts)), name="base",
               route_prefix="/base")
+    apps = ["base", "cascade"]
+    if esn:
+        serve.run(build_esn_app(args.esn, zoo, esn[2], ServeOptions(**opts)), name="esn", route_prefix="/esn")
+        apps.append("esn")
+        print(f"ESN thresholds (zero loss on calib): {', '.join(f'{t:.4f}' for t in esn[2].thresholds)}")
     url = f"http://127.0.0.1:{port}"
     print(f"{args.zoo}: {' → '.join(sel.models)} (threshold {sel.thresholds[0]:.4f}), {args.requests} requests per "
           f"run, max batch {args.max_batch_size}, wait {args.batch_wait_ms} ms, {args.repeats} alternating runs; "
           f"medians")
-    asyncio.run(closed_loop(f"{url}/cascade/predict", bodies, 4, 32))  # warm-up both
-    asyncio.run(closed_loop(f"{url}/base/predict", bodies, 4, 32))
+    for name in apps:  # warm-up
+        asyncio.run(closed_loop(f"{url}/{name}/predict", bodies, 4, 32))
     rows = []
     for c in args.concurrency:
-        runs = {"base": [], "cascade": []}
+        runs = {name: [] for name in apps}
         for _ in range(args.repeats):
-            for name in ("base", "cascade"):
+            for name in apps:
                 runs[name].append(asyncio.run(closed_loop(f"{url}/{name}/predict", bodies, c, args.requests)))
         row = {"concurrency": c}
         for name, rs in runs.items():
@@ -145,12 +174,17 @@ def main() -> int:
         row["exit_ratio"] = float((stage == 0).mean())
         row["early_p50"] = float(np.median(ms[stage == 0])) if (stage == 0).any() else float("nan")
         row["late_p50"] = float(np.median(ms[stage > 0])) if (stage > 0).any() else float("nan")
+        if esn:
+            res = [r for _, results in runs["esn"] for r in results]
+            stage = np.array([r["exit_stage"] for r in res])
+            row["esn_share"] = np.bincount(stage, minlength=len(esn[2].thresholds) + 1) / len(stage)
         rows.append(row)
         print(f"  concurrency {c}: cascade {row['cascade_img_s']:.1f} img/s, base {row['base_img_s']:.1f} img/s",
               flush=True)
     serve.shutdown()
     ray.shutdown()
-    ip_c, ip_b = in_process(sel, zoo, data.images, args.max_batch_size)
+    ip = in_process(sel, zoo, data.images, args.max_batch_size, esn=esn)
+    ip_c, ip_b = ip["cascade"], ip["base"]
     print("\n| concurrency | cascade img/s | p50 ms | p99 ms | exit ratio | p50 early exit | p50 via base | "
           "base img/s | base p50 | base p99 | served speedup |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -166,6 +200,16 @@ def main() -> int:
     print(f"goal at concurrency {top['concurrency']}: served speedup {served:.2f}× ≥ 0.9 × in-process {sp:.2f}× = "
           f"{0.9 * sp:.2f}×: {'yes' if served >= 0.9 * sp else 'NO'}; the service costs "
           f"{ip_c / top['cascade_img_s']:.2f}× the in-process cascade's time per image")
+    if esn:
+        print("\nsaver + ESN exits, served (one deployment per part) against the same base:\n")
+        print("| concurrency | ESN img/s | p50 ms | p99 ms | share answered per part (saver, exits, head) | "
+              "served speedup vs base |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['concurrency']} | {r['esn_img_s']:.1f} | {r['esn_p50']:.1f} | {r['esn_p99']:.1f} | "
+                  f"{', '.join(f'{100 * x:.1f}%' for x in r['esn_share'])} | {r['esn_img_s'] / r['base_img_s']:.2f}× |")
+        print(f"\nin-process at batch {args.max_batch_size}: saver + ESN {ip['esn']:.1f} img/s, speedup "
+              f"{ip['esn'] / ip_b:.2f}× over the base")
     return 0
 
 

@@ -33,71 +33,99 @@ def part_names(saver: str, base: str, num_exits: int) -> list[str]:
     return [saver, *(f"{base}/exit{n}" for n in range(1, num_exits + 1)), base]
 
 
+class ExitPartRunner:
+    """Part ``part`` of saver + ESN + base outside Ray (see the module docstring), on ``device``.
+
+    Items are (decoded uint8 image (C, H, W), carry of the previous part); answers are (class,
+    confidence, carry for the next part), the carry a dict of one sample's CPU tensors (None after
+    the base's head), so that neighbouring parts may run on different devices.
+    """
+
+    def __init__(self, zoo_dir: str | Path, checkpoint: str | Path, part: int, temperature: float = 1.0,
+                 accept_preprocess_change: bool = False, device: str = "cpu"):
+        from tinysaver.zoo import load_zoo
+
+        from .staged import staged
+        from .train import load_esn
+
+        esn, ck = load_esn(checkpoint)
+        if not 0 <= part <= esn.num_exits + 1:
+            raise ValueError(f"part must be in 0..{esn.num_exits + 1} (saver, exits, base head), got {part}")
+        self.esn, self.part, self.temperature, self.device = esn.to(device), part, float(temperature), device
+        key = ck["saver"] if part == 0 else ck["base"]
+        self.model = load_zoo(zoo_dir).load_model(key, device=device, accept_preprocess_change=accept_preprocess_change)
+        self.model.module.eval().requires_grad_(False)
+        self.split = staged(self.model.module, ck["settings"]["granularity"]) if part > 0 else None
+
+    def _run(self, images: list, carries: list) -> tuple:
+        import torch
+
+        from tinysaver.transforms import prepare_batch
+
+        from .exits import exit_score
+        from .staged import saver_outputs
+
+        def stacked(key):
+            return torch.stack([c[key] for c in carries]).to(self.device)
+
+        def image_batch():
+            return prepare_batch(images, self.model.preprocess).to(self.device)
+
+        esn, n = self.esn, self.part
+        if n == 0:
+            feat, logits = saver_outputs(self.model.module, image_batch())
+            carry = {"tokens": esn.begin(feat, logits)["tokens"], "saver_logits": logits}
+        elif n <= esn.num_exits:
+            x = self.split.stages[n - 1](self.split.stem(image_batch()) if n == 1 else stacked("x"))
+            logits, state = esn.step(n, x, {"tokens": stacked("tokens"), "saver_logits": stacked("saver_logits")})
+            carry = {"x": x, **state}
+        else:  # the base's head answers the rest
+            logits, carry = self.split.tail(stacked("x")), None
+        logits = logits.float().cpu()
+        if carry is None:
+            conf, pred = (logits / self.temperature).softmax(-1).max(-1)
+        else:
+            pred, conf = exit_score(esn, n, logits, self.temperature)
+        return pred, conf, carry
+
+    def __call__(self, items: list) -> list[tuple[int, float, dict | None]]:
+        import torch
+
+        with torch.inference_mode():
+            pred, conf, carry = self._run([img for img, _ in items], [c for _, c in items])
+            # one row each, copied to the CPU: a view would pickle the whole batch's storage
+            rows = [None] * len(items) if carry is None else [
+                {k: v[i].cpu().clone() for k, v in carry.items()} for i in range(len(items))]
+        return [(p, c, r) for p, c, r in zip(pred.tolist(), conf.float().tolist(), rows)]
+
+
 def _part_deployment():
-    import torch
     from ray import serve
+
+    from tinysaver.serve import stage_device
 
     @serve.deployment(graceful_shutdown_timeout_s=30)
     class ExitPart:
-        """One part of saver + ESN + base (see the module docstring), with dynamic batching."""
+        """One :class:`ExitPartRunner`, with dynamic batching."""
 
         def __init__(self, zoo_dir: str, checkpoint: str, part: int, temperature: float, max_batch_size: int,
-                     wait_s: float, accept_preprocess_change: bool):
-            from tinysaver.zoo import load_zoo
-
-            from .staged import staged
-            from .train import load_esn
-
-            self.esn, ck = load_esn(checkpoint)
-            self.part, self.temperature = part, float(temperature)
-            key = ck["saver"] if part == 0 else ck["base"]
-            self.model = load_zoo(zoo_dir).load_model(key, accept_preprocess_change=accept_preprocess_change)
-            self.model.module.eval().requires_grad_(False)
-            self.split = staged(self.model.module, ck["settings"]["granularity"]) if part > 0 else None
+                     wait_s: float, accept_preprocess_change: bool, num_gpus: float = 0.0):
+            self.run = ExitPartRunner(zoo_dir, checkpoint, part, temperature, accept_preprocess_change,
+                                      stage_device(num_gpus))
             self.classify.set_max_batch_size(max_batch_size)
             self.classify.set_batch_wait_timeout_s(wait_s)
             self.sizes: Counter = Counter()
 
-        def _run(self, images: list, carries: list) -> tuple:
-            from tinysaver.transforms import prepare_batch
-
-            from .exits import exit_score
-            from .staged import saver_outputs
-
-            def stacked(key):
-                return torch.stack([c[key] for c in carries])
-
-            esn, n = self.esn, self.part
-            if n == 0:
-                feat, logits = saver_outputs(self.model.module, prepare_batch(images, self.model.preprocess))
-                state = esn.begin(feat, logits)
-                carry = {"tokens": state["tokens"], "saver_logits": logits}
-            elif n <= esn.num_exits:
-                x = self.split.stem(prepare_batch(images, self.model.preprocess)) if n == 1 else stacked("x")
-                x = self.split.stages[n - 1](x)
-                logits, state = esn.step(n, x, {"tokens": stacked("tokens"), "saver_logits": stacked("saver_logits")})
-                carry = {"x": x, **state}
-            else:  # the base's head answers the rest
-                logits, carry = self.split.tail(stacked("x")), None
-            if carry is None:
-                conf, pred = (logits.float() / self.temperature).softmax(-1).max(-1)
-            else:
-                pred, conf = exit_score(esn, n, logits, self.temperature)
-            return pred, conf, carry
-
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
         async def classify(self, items: list) -> list[tuple[int, float, dict | None]]:
             """(image, carry of the previous part) → (class, confidence, carry for the next part)."""
-            with torch.inference_mode():
-                pred, conf, carry = self._run([img for img, _ in items], [c for _, c in items])
+            out = self.run(items)
             self.sizes[len(items)] += 1
-            # one row each, copied: a view would pickle the whole batch's storage
-            rows = [None] * len(items) if carry is None else [
-                {k: v[i].clone() for k, v in carry.items()} for i in range(len(items))]
-            return [(p, c, r) for p, c, r in zip(pred.tolist(), conf.float().tolist(), rows)]
+            return out
 
         def stats(self) -> dict:
-            return {"batch_sizes": {int(k): v for k, v in sorted(self.sizes.items())}, "pid": os.getpid()}
+            return {"batch_sizes": {int(k): v for k, v in sorted(self.sizes.items())}, "pid": os.getpid(),
+                    "device": self.run.device}
 
     return ExitPart
 
@@ -141,9 +169,10 @@ def build_esn_app(checkpoint: str | Path, zoo, policy: ExitPolicy, options: Serv
     temps = policy.temperatures or [1.0] * len(names)
     Part = _part_deployment()
     parts = [Part.options(**opt).bind(str(zoo.path), str(checkpoint), i, t, o.max_batch_size,
-                                      o.batch_wait_timeout_s, o.accept_preprocess_change)
+                                      o.batch_wait_timeout_s, o.accept_preprocess_change,
+                                      opt["ray_actor_options"]["num_gpus"])
              for i, (t, opt) in enumerate(zip(temps, stage_options(o, names)))]
     return ingress_app(parts, names, policy.thresholds, zoo_class_names(zoo), o, base_from=1)
 
 
-__all__ = ["build_esn_app", "check_policy", "part_names"]
+__all__ = ["ExitPartRunner", "build_esn_app", "check_policy", "part_names"]

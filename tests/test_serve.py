@@ -190,26 +190,124 @@ def esn_policy_for(confs: np.ndarray):
     return out
 
 
-@pytest.fixture(scope="module")
-def esn_service(service, offline, tmp_path_factory):
-    """Saver + ESN exits + base as a second app (audit on every early answer). The ESN has random,
-    non-zero heads, so its exits disagree with the saver; thresholds split the images among all parts."""
-    from esn.exits import dynamic_predict, offline_outputs
-    from esn.policy import ExitPolicy
-    from esn.serve import build_esn_app, part_names
-    from esn.train import Pair, TrainSettings, build_esn, frozen_features, save_esn
-    from tinysaver.serve import ServeOptions
+def random_esn(zoo, saver: str, path):
+    """An ESN checkpoint on ``saver`` → resnet10t with random, non-zero heads, so its exits disagree
+    with the saver. Returns (pair, esn)."""
+    from esn.train import Pair, TrainSettings, build_esn, save_esn
 
-    imgs, _ = offline
-    zoo, saver = service["zoo"], service["sel"].models[0]
     pair = Pair.from_zoo(zoo, saver, BASE)
     settings = TrainSettings(dim=32)
     torch.manual_seed(0)
     esn = build_esn(pair, settings).eval()
     for h in esn.heads:
         torch.nn.init.normal_(h.weight, std=0.5)
+    save_esn(path, esn, pair, settings)
+    return pair, esn
+
+
+def run_parts(parts, imgs, policy):
+    """The served route, in process: each image through the parts until its exit fires."""
+    from tinysaver.policy import exits
+
+    answers, where = [], []
+    for img in imgs:
+        carry = None
+        for i, part in enumerate(parts):
+            [(pred, conf, carry)] = part([(img, carry)])
+            if i == len(parts) - 1 or exits(np.array([conf], np.float32), policy.thresholds[i])[0]:
+                break
+        answers.append(pred)
+        where.append(i)
+    return np.array(answers), np.array(where)
+
+
+def fashion_zoo_saver():
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.zoo import load_zoo
+
+    zoo = load_zoo("fashion-mnist")
+    return zoo, select(zoo, BASE, SelectorConfig())[0].models[0]
+
+
+def test_exit_parts_chained_in_process_equal_dynamic_inference(tmp_path):
+    """The parts a service deploys, called one image at a time without Ray, give the ESN's dynamic
+    inference (which runs whole batches)."""
+    from esn.exits import dynamic_predict, offline_outputs
+    from esn.policy import ExitPolicy
+    from esn.serve import ExitPartRunner
+    from esn.train import frozen_features
+
+    zoo, saver = fashion_zoo_saver()
+    pair, esn = random_esn(zoo, saver, tmp_path / "esn.pt")
+    imgs = torch.randint(0, 256, (24, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    ref = offline_outputs(esn, frozen_features(pair, imgs), np.zeros(len(imgs), np.int64))
+    policy = ExitPolicy([float(np.median(c)) for c in ref["confs"]])
+    want, want_where = dynamic_predict(pair, esn, policy, imgs, batch_size=8)
+    parts = [ExitPartRunner(zoo.path, tmp_path / "esn.pt", i) for i in range(esn.num_exits + 2)]
+    got, where = run_parts(parts, imgs, policy)
+    assert np.array_equal(where, want_where) and np.array_equal(got, want)
+    assert len(set(where.tolist())) >= 3  # several parts answer
+    with pytest.raises(ValueError, match="part must be in 0..5"):
+        ExitPartRunner(zoo.path, tmp_path / "esn.pt", 6)
+
+
+def test_a_stage_given_a_gpu_runs_there_or_says_it_has_none():
+    from tinysaver.serve import ServeOptions, build_app, stage_device
+    from tinysaver.policy import Selection
+
+    assert stage_device(0) == "cpu"
+    if torch.cuda.is_available():
+        assert stage_device(0.5) == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="sees no CUDA device"):
+            stage_device(0.5)
+    need_package("ray")
+    zoo, saver = fashion_zoo_saver()
+    sel = Selection.manual(zoo.name, [(saver, 0.9)], BASE)
+    with pytest.raises(ValueError, match="onnxruntime backend runs on CPU"):
+        build_app(sel, zoo, ServeOptions(backend="onnxruntime", num_gpus=[0, 1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")
+def test_stages_on_a_gpu_answer_as_on_the_cpu(tmp_path):
+    """What --num-gpus gives a replica: the same stage code on CUDA. A saver on the CPU and a base on
+    the GPU hand carries across devices."""
+    from esn.serve import ExitPartRunner
+    from tinysaver.serve import StageRunner, stage_device
+
+    assert stage_device(0) == "cpu" and stage_device(0.5) == "cuda"
+    zoo, saver = fashion_zoo_saver()
+    _, esn = random_esn(zoo, saver, tmp_path / "esn.pt")
+    imgs = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    items = [(img, None) for img in imgs]
+    cpu = StageRunner(zoo.load_model(BASE), temperature=1.3)(items)
+    gpu = StageRunner(zoo.load_model(BASE, device="cuda"), temperature=1.3, device="cuda")(items)
+    assert [p for p, _, _ in cpu] == [p for p, _, _ in gpu]
+    assert np.allclose([c for _, c, _ in cpu], [c for _, c, _ in gpu], atol=1e-3)
+    n = esn.num_exits + 2
+    on_cpu = [ExitPartRunner(zoo.path, tmp_path / "esn.pt", i) for i in range(n)]
+    mixed = on_cpu[:1] + [ExitPartRunner(zoo.path, tmp_path / "esn.pt", i, device="cuda") for i in range(1, n)]
+    for a, b in zip(on_cpu, mixed):  # every part on every image, carries handed along
+        ra, rb = a(items), b(items)
+        assert [p for p, _, _ in ra] == [p for p, _, _ in rb]
+        assert np.allclose([c for _, c, _ in ra], [c for _, c, _ in rb], atol=1e-3)
+        items = [(img, r[2]) for img, r in zip(imgs, ra)]
+
+
+@pytest.fixture(scope="module")
+def esn_service(service, offline, tmp_path_factory):
+    """Saver + ESN exits + base as a second app (audit on every early answer), with thresholds that
+    split the images among all parts."""
+    from esn.exits import dynamic_predict, offline_outputs
+    from esn.policy import ExitPolicy
+    from esn.serve import build_esn_app, part_names
+    from esn.train import frozen_features
+    from tinysaver.serve import ServeOptions
+
+    imgs, _ = offline
+    zoo, saver = service["zoo"], service["sel"].models[0]
     ckpt = tmp_path_factory.mktemp("esn") / "esn.pt"
-    save_esn(ckpt, esn, pair, settings)
+    pair, esn = random_esn(zoo, saver, ckpt)
     feats = frozen_features(pair, imgs)
     ref = offline_outputs(esn, feats, np.zeros(len(imgs), np.int64))
     policy = ExitPolicy(esn_policy_for(ref["confs"]))

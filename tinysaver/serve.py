@@ -129,23 +129,57 @@ def loss_bound(records: Sequence[tuple[bool, bool | None]], delta: float) -> flo
     return len(exited) / w * float(clopper_pearson(np.array([k]), len(audited), delta, upper=True)[0])
 
 
-def _stage_deployment():
+def stage_device(num_gpus: float) -> str:
+    """Where a stage replica runs its model: on the GPU Ray gave it (``num_gpus`` > 0), else the CPU."""
+    if num_gpus <= 0:
+        return "cpu"
     import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("this stage was given --num-gpus > 0, but its replica sees no CUDA device")
+    return "cuda"
+
+
+class StageRunner:
+    """One saver or base stage outside Ray: its model on its backend and device, answering a batch.
+
+    Items are (decoded uint8 image (C, H, W), carry); a saver or base needs only the image, so the
+    answers are (class, confidence, None), with confidence = max softmax(logits / temperature).
+    """
+
+    def __init__(self, model, backend: str = "eager", temperature: float = 1.0, device: str = "cpu"):
+        from .runtimes import make_runner
+
+        self.model, self.temperature, self.device = model, float(temperature), device
+        self.runner = make_runner(model, backend)
+
+    def __call__(self, items: list) -> list[tuple[int, float, None]]:
+        import torch
+
+        from .transforms import prepare_batch
+
+        with torch.inference_mode():
+            x = prepare_batch([img for img, _ in items], self.model.preprocess).to(self.device)
+            logits = self.runner(x).float().cpu()
+        conf, pred = (logits / self.temperature).softmax(-1).max(-1)
+        return [(p, c, None) for p, c in zip(pred.tolist(), conf.tolist())]
+
+
+def _stage_deployment():
     from ray import serve
     from ray.serve import metrics
 
     @serve.deployment(graceful_shutdown_timeout_s=30)
     class StageServer:
-        """One cascade stage: its model on its backend, with dynamic batching."""
+        """One cascade stage (a :class:`StageRunner`), with dynamic batching."""
 
         def __init__(self, zoo_dir: str, key: str, backend: str, max_batch_size: int, wait_s: float,
-                     accept_preprocess_change: bool, temperature: float = 1.0):
-            from .runtimes import make_runner
+                     accept_preprocess_change: bool, temperature: float = 1.0, num_gpus: float = 0.0):
             from .zoo import load_zoo
 
-            self.model = load_zoo(zoo_dir).load_model(key, accept_preprocess_change=accept_preprocess_change)
-            self.runner = make_runner(self.model, backend)
-            self.temperature = float(temperature)
+            device = stage_device(num_gpus)
+            model = load_zoo(zoo_dir).load_model(key, device=device, accept_preprocess_change=accept_preprocess_change)
+            self.run = StageRunner(model, backend, temperature, device)
             self.classify.set_max_batch_size(max_batch_size)
             self.classify.set_batch_wait_timeout_s(wait_s)
             self.sizes: Counter = Counter()
@@ -155,21 +189,15 @@ def _stage_deployment():
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
         async def classify(self, items: list) -> list[tuple[int, float, None]]:
-            """(image, carry) → (class, confidence, carry for the next stage): a saver or base
-            needs only the image and passes nothing on."""
-            from .transforms import prepare_batch
-
-            images = [img for img, _ in items]
-            with torch.inference_mode():
-                logits = self.runner(prepare_batch(images, self.model.preprocess)).float()
-                prob = (logits / self.temperature).softmax(-1)
-            conf, pred = prob.max(-1)
-            self.sizes[len(images)] += 1
-            self.hist.observe(len(images))
-            return [(p, c, None) for p, c in zip(pred.tolist(), conf.tolist())]
+            """(image, carry) → (class, confidence, carry for the next stage)."""
+            out = self.run(items)
+            self.sizes[len(items)] += 1
+            self.hist.observe(len(items))
+            return out
 
         def stats(self) -> dict:
-            return {"batch_sizes": {int(k): v for k, v in sorted(self.sizes.items())}, "pid": os.getpid()}
+            return {"batch_sizes": {int(k): v for k, v in sorted(self.sizes.items())}, "pid": os.getpid(),
+                    "device": self.run.device}
 
     return StageServer
 
@@ -448,14 +476,16 @@ def build_app(selection: Selection | dict | str | Path, zoo=None, options: Serve
     for m in selection.models:
         zoo.model(m)
     backends = o.per_stage("backend", len(selection.models))
-    for b in backends:
+    for b, g in zip(backends, o.per_stage("num_gpus", len(backends))):
         check_backend(b)
+        if g > 0 and b != "eager":
+            raise ValueError(f"the {b} backend runs on CPU here: give its stage --num-gpus 0, or run it on eager")
     Stage = _stage_deployment()
     stages = [Stage.options(**opt).bind(str(zoo.path), key, b, o.max_batch_size, o.batch_wait_timeout_s,
-                                        o.accept_preprocess_change, t)
+                                        o.accept_preprocess_change, t, opt["ray_actor_options"]["num_gpus"])
               for key, b, t, opt in zip(selection.models, backends, selection.temperatures,
                                         stage_options(o, selection.models))]
     return ingress_app(stages, selection.models, selection.thresholds, zoo_class_names(zoo), o)
 
 
-__all__ = ["ServeOptions", "build_app", "ingress_app", "stage_options", "loss_bound"]
+__all__ = ["ServeOptions", "StageRunner", "build_app", "ingress_app", "stage_device", "stage_options", "loss_bound"]
