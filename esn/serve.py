@@ -28,6 +28,13 @@ from tinysaver.serve import ServeOptions, ingress_app, stage_options
 from .policy import ExitPolicy
 
 
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def part_names(saver: str, base: str, num_exits: int) -> list[str]:
     """Stage names in answers and metrics: the saver, ``<base>/exit<n>``, the base."""
     return [saver, *(f"{base}/exit{n}" for n in range(1, num_exits + 1)), base]
@@ -42,12 +49,15 @@ class ExitPartRunner:
     """
 
     def __init__(self, zoo_dir: str | Path, checkpoint: str | Path, part: int, temperature: float = 1.0,
-                 accept_preprocess_change: bool = False, device: str = "cpu"):
+                 accept_preprocess_change: bool = False, device: str = "cpu", sha256: str | None = None):
         from tinysaver.zoo import load_zoo
 
         from .staged import staged
         from .train import load_esn
 
+        if sha256 is not None and file_sha256(checkpoint) != sha256:
+            # a replica Serve restarts must not mix a retrained ESN with the parts still running
+            raise RuntimeError(f"{checkpoint} changed after the service was built; restart the service")
         esn, ck = load_esn(checkpoint)
         if not 0 <= part <= esn.num_exits + 1:
             raise ValueError(f"part must be in 0..{esn.num_exits + 1} (saver, exits, base head), got {part}")
@@ -108,10 +118,10 @@ def _part_deployment():
     class ExitPart:
         """One :class:`ExitPartRunner`, with dynamic batching."""
 
-        def __init__(self, zoo_dir: str, checkpoint: str, part: int, temperature: float, max_batch_size: int,
-                     wait_s: float, accept_preprocess_change: bool, num_gpus: float = 0.0):
+        def __init__(self, zoo_dir: str, checkpoint: str, sha256: str, part: int, temperature: float,
+                     max_batch_size: int, wait_s: float, accept_preprocess_change: bool, num_gpus: float = 0.0):
             self.run = ExitPartRunner(zoo_dir, checkpoint, part, temperature, accept_preprocess_change,
-                                      stage_device(num_gpus))
+                                      stage_device(num_gpus), sha256)
             self.classify.set_max_batch_size(max_batch_size)
             self.classify.set_batch_wait_timeout_s(wait_s)
             self.sizes: Counter = Counter()
@@ -168,7 +178,8 @@ def build_esn_app(checkpoint: str | Path, zoo, policy: ExitPolicy, options: Serv
         raise ValueError("ESN exits run on eager PyTorch (each part is cut out of the eager model); drop --backend")
     temps = policy.temperatures or [1.0] * len(names)
     Part = _part_deployment()
-    parts = [Part.options(**opt).bind(str(zoo.path), str(checkpoint), i, t, o.max_batch_size,
+    sha = file_sha256(checkpoint)
+    parts = [Part.options(**opt).bind(str(zoo.path), str(checkpoint), sha, i, t, o.max_batch_size,
                                       o.batch_wait_timeout_s, o.accept_preprocess_change,
                                       opt["ray_actor_options"]["num_gpus"])
              for i, (t, opt) in enumerate(zip(temps, stage_options(o, names)))]

@@ -249,6 +249,14 @@ def test_exit_parts_chained_in_process_equal_dynamic_inference(tmp_path):
     assert len(set(where.tolist())) >= 3  # several parts answer
     with pytest.raises(ValueError, match="part must be in 0..5"):
         ExitPartRunner(zoo.path, tmp_path / "esn.pt", 6)
+    from esn.serve import file_sha256
+
+    sha = file_sha256(tmp_path / "esn.pt")
+    ExitPartRunner(zoo.path, tmp_path / "esn.pt", 1, sha256=sha)
+    with open(tmp_path / "esn.pt", "ab") as f:  # the file changes under a running service
+        f.write(b"\0")
+    with pytest.raises(RuntimeError, match="changed after the service was built"):
+        ExitPartRunner(zoo.path, tmp_path / "esn.pt", 1, sha256=sha)
 
 
 def test_a_stage_given_a_gpu_runs_there_or_says_it_has_none():
