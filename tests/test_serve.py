@@ -393,7 +393,9 @@ def test_esn_serving_refuses_bad_policies_and_checkpoints(service, esn_service, 
     for argv, words in [(["--base", BASE, "--threshold", "0.9", "--saver", service["sel"].models[0]],
                          "drop --selection, --threshold"),
                         (["--base", "regnetx_002"], "not 'regnetx_002'"),
-                        (["--base", BASE, "--esn-thresholds", "0.9,0.9"], "need 5 thresholds")]:
+                        (["--base", BASE, "--esn-thresholds", "0.9,0.9"], "need 5 thresholds"),
+                        (["--base", BASE, "--esn-thresholds", "0.9,0.9,0.9,0.9,0.9", "--calibrate", "temperature"],
+                         "drop --calibrate")]:
         assert main(serve + argv) == 2  # refused before Ray starts
         assert words in capsys.readouterr().err
 

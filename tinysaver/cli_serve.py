@@ -47,6 +47,9 @@ def _esn_app(args: argparse.Namespace, zoo, opts):
     if args.saver and len(args.saver) > 1:
         raise ValueError("an ESN has one saver; give at most one --saver")
     if args.esn_thresholds:
+        if args.calibrate:
+            raise ValueError("--esn-thresholds apply to uncalibrated confidences; drop --calibrate, or drop "
+                             "--esn-thresholds to choose thresholds and temperatures on calib")
         policy = ExitPolicy(list(args.esn_thresholds))
     else:
         pair = Pair.from_zoo(zoo, ck["saver"], ck["base"], ck["settings"]["granularity"])

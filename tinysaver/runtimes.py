@@ -123,6 +123,10 @@ def _onnx_file(model: LoadedModel, backend: str, cache_dir: Path | None) -> tupl
     return path, time.perf_counter() - t0, False
 
 
+def model_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
+
+
 def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | None = None,
                 threads: int | None = None) -> Runner:
     """A :class:`Runner` for ``model`` on ``backend`` (exporting once, then reusing the cached file)."""
@@ -139,7 +143,7 @@ def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | No
         t0 = time.perf_counter()
         with torch.inference_mode():
             for n in (2, 1):
-                compiled(torch.zeros(n, *model.preprocess.input_size))
+                compiled(torch.zeros(n, *model.preprocess.input_size, device=model_device(module)))
         return Runner(model.key, backend, compiled, export_s=time.perf_counter() - t0, threads=torch.get_num_threads())
     path, secs, cached = _onnx_file(model, backend, cache_dir)
     if backend == "onnxruntime":
