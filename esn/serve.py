@@ -23,7 +23,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from tinysaver.serve import ServeOptions, ingress_app, stage_options
+from tinysaver.serve import GRACEFUL_SHUTDOWN_S, ServeOptions, ingress_app, stage_options
 
 from .policy import ExitPolicy
 
@@ -114,7 +114,7 @@ def _part_deployment():
 
     from tinysaver.serve import stage_device
 
-    @serve.deployment(graceful_shutdown_timeout_s=30)
+    @serve.deployment(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)
     class ExitPart:
         """One :class:`ExitPartRunner`, with dynamic batching."""
 

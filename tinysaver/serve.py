@@ -23,7 +23,8 @@ the disagreement, which is at least the loss). Once the window is full, a bound 
 holds enough audits (W · audit · exit ratio of a few dozen); few audits make a wide bound.
 
 **Faults.** A request that finds a stage replica dead is retried while Serve restarts it; after
-``retries`` failures it gets HTTP 503 with "retry" in its reason, never a hang. Bad bodies get 400
+``retries`` failures, or once ``request_timeout_s`` has passed, it gets HTTP 503 with "retry" in its
+reason, never a hang. Bad bodies get 400
 (not an image, empty), 413 (over ``max_body_bytes``) or 415 (content type), and touch nothing else.
 Replicas drain their accepted requests on shutdown (``graceful_shutdown_timeout_s``).
 """
@@ -45,6 +46,7 @@ from .policy import Selection, exits
 
 log = logging.getLogger("tinysaver.serve")
 
+GRACEFUL_SHUTDOWN_S = 30.0  # how long a replica Serve stops may finish what it accepted
 RAW_TYPES = ("application/octet-stream", "image/")
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
@@ -67,6 +69,9 @@ class ServeOptions:
     audit_window: int = 200           # requests the bound is computed over; the alarm waits until it is full
     max_body_bytes: int = 10 * 2**20
     retries: int = 5
+    # below the replicas' graceful shutdown (30 s): a request waiting on a stage that is being deleted
+    # gets a 503 before Serve kills the ingress under it (which the client would see as a 500)
+    request_timeout_s: float = 25.0
     seed: int = 0
     accept_preprocess_change: bool = False
 
@@ -81,6 +86,9 @@ class ServeOptions:
             raise ValueError("the audit tolerance and window must be positive")
         if self.max_body_bytes < 1 or self.retries < 0:
             raise ValueError("max_body_bytes must be ≥ 1 and retries ≥ 0")
+        if not 0 < self.request_timeout_s < GRACEFUL_SHUTDOWN_S:
+            raise ValueError(f"request_timeout_s must be in (0, {GRACEFUL_SHUTDOWN_S}) s, the replicas' graceful "
+                             f"shutdown, got {self.request_timeout_s}")
 
     def per_stage(self, name: str, n: int) -> list:
         v = getattr(self, name)
@@ -169,7 +177,7 @@ def _stage_deployment():
     from ray import serve
     from ray.serve import metrics
 
-    @serve.deployment(graceful_shutdown_timeout_s=30)
+    @serve.deployment(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)
     class StageServer:
         """One cascade stage (a :class:`StageRunner`), with dynamic batching."""
 
@@ -232,7 +240,7 @@ def _ingress_deployment():
     # load while the app was deleted, where these had come back as HTTP 500.
     dead = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, RayServeException)
 
-    @serve.deployment(graceful_shutdown_timeout_s=30)
+    @serve.deployment(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)
     @serve.ingress(app)
     class CascadeIngress:
         """Asks the stages in order. Stage ``i`` takes (image, carry of stage i − 1) and returns
@@ -301,22 +309,28 @@ def _ingress_deployment():
                 raise BadRequest(400, f"not a decodable image ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
         # --- the cascade ---------------------------------------------------------------------------
-        async def _stage(self, i: int, img, carry=None) -> tuple[int, float, object]:
+        async def _stage(self, i: int, img, carry, deadline: float) -> tuple[int, float, object]:
+            """Stage i's answer, retried while Serve replaces a dead replica, until ``deadline``
+            (time.monotonic()). A stage being deleted can leave a call waiting for a replica that
+            never comes; the deadline answers it with a 503 before Serve kills this replica."""
             for attempt in range(self.o.retries + 1):
                 try:
-                    return await self.stages[i].classify.remote((img, carry))
+                    return await asyncio.wait_for(self.stages[i].classify.remote((img, carry)),
+                                                  max(deadline - time.monotonic(), 0.0))
                 except dead:  # the replica died; Serve is starting another
                     self.retried += 1
-                    await asyncio.sleep(min(0.2 * 2 ** attempt, 3.0))
+                    await asyncio.sleep(min(0.2 * 2 ** attempt, 3.0, max(deadline - time.monotonic(), 0.0)))
+                except asyncio.TimeoutError:
+                    break
             self.unavailable += 1
-            raise BadRequest(503, f"stage {self.names[i]} is restarting; retry the request")
+            raise BadRequest(503, f"stage {self.names[i]} is restarting or overloaded; retry the request")
 
         async def _answer(self, img) -> dict:
             t0 = time.perf_counter()
             last = len(self.stages) - 1
-            carry = None
+            carry, deadline = None, time.monotonic() + self.o.request_timeout_s
             for i in range(len(self.stages)):
-                pred, conf, carry = await self._stage(i, img, carry)
+                pred, conf, carry = await self._stage(i, img, carry, deadline)
                 if i == last or exits(np.array([conf], dtype=np.float32), self.thresholds[i])[0]:
                     break
             ms = (time.perf_counter() - t0) * 1e3
@@ -339,8 +353,9 @@ def _ingress_deployment():
             # runs after the early answer has gone out: the client never waits for it. The base's
             # own chain goes on from the answering stage (other savers are skipped).
             try:
+                deadline = time.monotonic() + self.o.request_timeout_s
                 for j in range(max(answered + 1, self.base_from), len(self.stages)):
-                    base_pred, _, carry = await self._stage(j, img, carry)
+                    base_pred, _, carry = await self._stage(j, img, carry, deadline)
             except BadRequest:
                 return
             record[1] = base_pred != pred
