@@ -16,6 +16,17 @@ def run(*args, **kw):
                           cwd=REPO, **kw)
 
 
+def run_here(capsys, *args):
+    """``main(args)`` in this process (no interpreter start-up), as ``run`` reports it."""
+    capsys.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+
 def one_line_error(out, *needles):
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr
@@ -64,14 +75,15 @@ def test_infer_and_query_share_defaults_and_selection_files(images, tmp_path):
     assert f"tinysaver infer --zoo fashion-mnist --base resnet10t --selection {sel_file}" in q.stdout  # how to run it
 
 
-def test_bad_selection_files_fail_before_any_model_loads(images, tmp_path):
+def test_bad_selection_files_fail_before_any_model_loads(images, tmp_path, capsys):
     bad = tmp_path / "broken.json"
     bad.write_text("{oops")
-    one_line_error(run("infer", "--base", "resnet10t", "--selection", str(bad), str(images)), "broken.json")
+    one_line_error(run_here(capsys, "infer", "--base", "resnet10t", "--selection", str(bad), str(images)), "broken.json")
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"zoo": "fashion-mnist", "base": "resnet10t", "schema_version": 1,
                                  "stages": [{"model": "nope", "threshold": 0.5}, {"model": "resnet10t", "threshold": None}]}))
-    one_line_error(run("infer", "--base", "resnet10t", "--selection", str(other), str(images)), "'nope' is not in zoo")
+    one_line_error(run_here(capsys, "infer", "--base", "resnet10t", "--selection", str(other), str(images)),
+                   "'nope' is not in zoo")
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -86,14 +98,14 @@ def test_bad_selection_files_fail_before_any_model_loads(images, tmp_path):
     (["esn", "train", "--base", "resnet10t", "--saver", "regnetx_002", "--criterion", "zero", "--out", "/tmp/e.pt"],
      "unrecognized arguments: --criterion"),
 ])
-def test_flags_that_cannot_work_are_refused(images, args, needle):
-    one_line_error(run(*args, *([str(images)] if args[0] == "infer" else [])), needle)
+def test_flags_that_cannot_work_are_refused(images, args, needle, capsys):
+    one_line_error(run_here(capsys, *args, *([str(images)] if args[0] == "infer" else [])), needle)
 
 
-def test_selection_with_saver_is_refused(images, tmp_path):
+def test_selection_with_saver_is_refused(images, tmp_path, capsys):
     f = tmp_path / "s.json"
     f.write_text("{}")
-    one_line_error(run("infer", "--base", "resnet10t", "--selection", str(f), "--saver", "regnetx_002", str(images)),
+    one_line_error(run_here(capsys, "infer", "--base", "resnet10t", "--selection", str(f), "--saver", "regnetx_002", str(images)),
                    "not both")
 
 

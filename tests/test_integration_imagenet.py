@@ -101,12 +101,13 @@ def test_infer_cli_on_real_images(tmp_path):
     assert sum("tench" in r["name"].lower() for r in rows) >= 1
     assert "cannot read" in out.stderr and "zz_corrupt.jpg" in out.stderr
     assert '"images": 6' in out.stderr and "exit_ratio" in out.stderr
-    # small batches with and without refill: the same answers, in input order
-    for extra in (["--batch-size", "1"], ["--batch-size", "2", "--no-refill"]):
-        again = subprocess.run(cmd[:-1] + extra + [str(d)], capture_output=True, text=True, timeout=300)
-        assert again.returncode == 0, again.stderr
-        got = [json.loads(l) for l in again.stdout.splitlines()]
-        assert [(r["path"], r["class"], r["exit_stage"]) for r in got] == [(r["path"], r["class"], r["exit_stage"]) for r in rows]
+    # small batches without refill reach the CLI: the same answers, in input order (batch 1 and
+    # refill are compared with the offline policy in test_real_cascade_is_exact)
+    again = subprocess.run(cmd[:-1] + ["--batch-size", "2", "--no-refill", str(d)], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    got = [json.loads(l) for l in again.stdout.splitlines()]
+    assert [(r["path"], r["class"], r["exit_stage"]) for r in got] == [(r["path"], r["class"], r["exit_stage"]) for r in rows]
     empty = tmp_path / "empty"
     empty.mkdir()
     out = subprocess.run(cmd[:-1] + [str(empty)], capture_output=True, text=True, timeout=300)

@@ -135,7 +135,7 @@ def test_compile_backend_agrees_with_eager(images):
         assert a["top1_agreement"] == 1.0 and a["max_conf_diff"] < 1e-4
 
 
-def test_latency_only_profile_adds_backend_rows_and_costs(tiny_zoo_cfg, tmp_path):
+def test_latency_only_profile_adds_backend_rows_and_costs(tiny_zoo_cfg, tmp_path, capsys):
     need_package("onnxruntime")
     import dataclasses
     import hashlib
@@ -160,8 +160,12 @@ def test_latency_only_profile_adds_backend_rows_and_costs(tiny_zoo_cfg, tmp_path
     preds = sorted((root / "tiny" / "preds").rglob("*.npz"))
     digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in preds]
     assert main(["profile", "--latency-only", "--zoo", "tiny", "--root", str(root), "--backends",
-                 "eager,onnxruntime", "--batch-sizes", "1,3", "--quiet"]) == 0
+                 "eager,onnxruntime", "--batch-sizes", "1,3", "--latency-seconds", "0.01", "--quiet"]) == 0
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in preds] == digest  # predictions untouched
+    for bad in ("0", "-1", "inf", "soon"):
+        with pytest.raises(SystemExit) as e:
+            main(["profile", "--latency-only", "--zoo", "tiny", "--root", str(root), "--latency-seconds", bad])
+        assert e.value.code == 2 and "--latency-seconds" in capsys.readouterr().err
     zoo = load_zoo("tiny", root)
     for key, m in zoo.models.items():
         for b in ("eager", "onnxruntime"):

@@ -49,6 +49,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
 def int_list(text: str) -> list[int]:
     """'1,32,128' or '1' → [1, 32, 128] / [1]; each ≥ 1."""
     return [positive_int(t) for t in text.split(",") if t.strip()]
@@ -177,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true",
                    help="re-measure finished models (FLOPs, latency); prediction files are reused")
     q.add_argument("--quiet", action="store_true")
+    q.add_argument("--latency-seconds", type=positive_float,
+                   help="least measuring time per model, backend and batch size (torch.utils.benchmark's "
+                        "min_run_time; default: the config's latency_min_run_time, else 0.5)")
     q.add_argument("--latency-only", action="store_true",
                    help="add latency rows per --backends to an existing zoo (--zoo or --config); predictions untouched")
     q.add_argument("--backends", default="eager",

@@ -65,12 +65,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
             raise ValueError("--latency-only needs the zoo: give --zoo NAME or --config FILE")
         path = profile_latency(zoo, [b for b in args.backends.split(",") if b], args.batch_sizes,
                                Path(args.root) if args.root else None, models=args.model, limit=args.limit,
-                               log=(lambda s: None) if args.quiet else print)
+                               min_run_time=args.latency_seconds or 0.5, log=(lambda s: None) if args.quiet else print)
         print(f"latency rows added to {path}")
         return 0
     if args.config:
         cfg = ProfileConfig.from_yaml(args.config, zoo=args.zoo, limit=args.limit, device=args.device,
-                                      force=args.force or None)
+                                      force=args.force or None, latency_min_run_time=args.latency_seconds)
     else:
         if not (args.zoo and args.model and args.split):
             raise ValueError("give --config FILE, or --zoo, at least one --model and one --split")
@@ -81,7 +81,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         cfg = ProfileConfig(zoo=args.zoo, splits=_parse_splits(args.split), models=specs,
                             batch_sizes=args.batch_sizes, eval_batch_size=args.eval_batch_size, topk=args.topk,
                             save_logits=args.save_logits, flops_counter=args.flops_counter,
-                            device=args.device or "cpu", limit=args.limit, force=args.force)
+                            device=args.device or "cpu", limit=args.limit, force=args.force,
+                            latency_min_run_time=args.latency_seconds or 0.5)
     root = Path(args.root) if args.root else None
     if args.plan:
         from .plan import format_plan, plan_profile
