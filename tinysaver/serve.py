@@ -10,8 +10,9 @@
   request answered by a saver never waits for the base.
 
 Routes: ``POST /predict`` (one image, raw bytes or multipart), ``POST /predict/batch`` (multipart,
-answers streamed as JSON lines in the order they are ready), ``GET /healthz`` and ``GET /metrics``
-(JSON; the same counters also go to Ray's Prometheus metrics through ``ray.serve.metrics``).
+answers streamed as JSON lines in the order they are ready), ``GET /healthz`` (503 with status
+``starting`` until Serve reports every stage healthy) and ``GET /metrics`` (JSON; the same
+counters also go to Ray's Prometheus metrics through ``ray.serve.metrics``).
 
 **Audit.** A fraction (``audit``) of the early answers is also sent to the base after the answer
 has gone out. Over the last ``audit_window`` requests, with E early exits of which m were audited
@@ -32,6 +33,7 @@ Replicas drain their accepted requests on shutdown (``graceful_shutdown_timeout_
 # definition time, and ``Request`` is imported inside the function that builds the app.
 import asyncio
 import logging
+import math
 import os
 import random
 import time
@@ -260,6 +262,7 @@ def _ingress_deployment():
             self.unavailable = 0
             self.latency = Counter()
             self.audit = AuditState(window=deque(maxlen=self.o.audit_window))
+            self._starting, self._status_at = list(names), -math.inf
             self.m_requests = metrics.Counter("tinysaver_requests", description="answered images")
             self.m_exits = metrics.Counter("tinysaver_exits", description="answers per stage", tag_keys=("stage",))
             self.m_latency = metrics.Histogram("tinysaver_latency_ms", description="server-side latency",
@@ -314,14 +317,25 @@ def _ingress_deployment():
             (time.monotonic()). A stage being deleted can leave a call waiting for a replica that
             never comes; the deadline answers it with a 503 before Serve kills this replica."""
             for attempt in range(self.o.retries + 1):
+                response = self.stages[i].classify.remote((img, carry))
+                call = asyncio.ensure_future(response)
+                # not asyncio.wait_for: on timeout it also waits for the cancelled call to finish
+                # cancelling, and on a starved machine a call still being routed took a minute to
                 try:
-                    return await asyncio.wait_for(self.stages[i].classify.remote((img, carry)),
-                                                  max(deadline - time.monotonic(), 0.0))
+                    await asyncio.wait({call}, timeout=max(deadline - time.monotonic(), 0.0))
+                except asyncio.CancelledError:  # the client left: so does its stage call
+                    response.cancel()
+                    call.cancel()
+                    raise
+                if not call.done():
+                    response.cancel()
+                    call.cancel()
+                    break
+                try:
+                    return call.result()
                 except dead:  # the replica died; Serve is starting another
                     self.retried += 1
                     await asyncio.sleep(min(0.2 * 2 ** attempt, 3.0, max(deadline - time.monotonic(), 0.0)))
-                except asyncio.TimeoutError:
-                    break
             self.unavailable += 1
             raise BadRequest(503, f"stage {self.names[i]} is restarting or overloaded; retry the request")
 
@@ -419,10 +433,29 @@ def _ingress_deployment():
 
             return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+        def _stages_starting(self) -> list[str]:
+            """Stages whose deployment Serve does not report HEALTHY yet (the ingress is up, and
+            so answers, before its stages have loaded their models)."""
+            now = time.monotonic()
+            if now - self._status_at > 1.0:  # one controller call per second at most
+                app = serve.get_replica_context().app_name
+                deployments = serve.status().applications[app].deployments
+                self._starting = [n for h, n in zip(self.stages, self.names)
+                                  if deployments[h.deployment_name].status != "HEALTHY"]
+                self._status_at = now
+            return self._starting
+
         @app.get("/healthz")
         async def healthz(self):
-            return {"status": "drift" if self.audit.alarm else "ok", "stages": self.names,
-                    "audit": self._audit_view()}
+            try:
+                starting = await asyncio.to_thread(self._stages_starting)
+            except Exception as e:  # no answer from Serve's controller is no proof of health
+                starting = [f"unknown ({type(e).__name__}: {str(e)[:200]})"]
+            body = {"status": "starting" if starting else "drift" if self.audit.alarm else "ok",
+                    "stages": self.names, "audit": self._audit_view()}
+            if starting:
+                return JSONResponse({**body, "waiting_for": starting}, status_code=503)
+            return body
 
         @app.get("/metrics")
         async def metrics_json(self):
