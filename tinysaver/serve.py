@@ -320,7 +320,8 @@ def _ingress_deployment():
                 response = self.stages[i].classify.remote((img, carry))
                 call = asyncio.ensure_future(response)
                 # not asyncio.wait_for: on timeout it also waits for the cancelled call to finish
-                # cancelling, and on a starved machine a call still being routed took a minute to
+                # cancelling, which on a starved machine kept a request waiting a minute past its
+                # deadline while its call was still being routed
                 try:
                     await asyncio.wait({call}, timeout=max(deadline - time.monotonic(), 0.0))
                 except asyncio.CancelledError:  # the client left: so does its stage call
