@@ -157,13 +157,14 @@ def test_the_audit_alarm_fires_after_the_traffic_shifts_and_not_before(service, 
 
     def send(batch):
         with ThreadPoolExecutor(4) as pool:
-            return list(pool.map(lambda im: post_image(c, png(im), "/audited/predict"), batch))
+            return list(pool.map(lambda im: post_answered(c, png(im), "/audited/predict"), batch))
 
-    def settled_health():  # the audits run after the answers: wait until they are all in
-        for _ in range(100):
+    def settled_health():  # the audits run after the answers: wait until each is done or dropped
+        for _ in range(600):
             h = c.get("/audited/healthz").json()
             m = c.get("/audited/metrics").json()
-            if h["audit"]["audited"] == sum(v for k, v in m["exits"].items() if k != BASE):
+            if h["audit"]["audited"] + h["audit"]["dropped"] == sum(v for k, v in m["exits"].items() if k != BASE):
+                assert h["audit"]["dropped"] <= 10, h  # an overloaded machine may drop a few, not the bound
                 return h
             time.sleep(0.1)
         raise AssertionError("audits did not finish")
@@ -363,9 +364,9 @@ def test_esn_exits_are_served_one_deployment_per_base_stage(service, offline, es
     assert m["stages"] == names and m["requests"] == N
     assert max(map(int, m["batch_sizes"][names[2]])) > 1  # a middle part batches for real
     # audits: every early answer, checked against the base's answer from the parts it skipped
-    for _ in range(200):
+    for _ in range(600):
         h = c.get("/esn/healthz").json()["audit"]
-        if h["audited"] == N - m["exits"][BASE]:
+        if h["audited"] + h["dropped"] == N - m["exits"][BASE]:
             break
         time.sleep(0.1)
     else:
@@ -373,7 +374,9 @@ def test_esn_exits_are_served_one_deployment_per_base_stage(service, offline, es
     early = e["where"] < len(names) - 1
     expected = int((early & (e["answer"] != e["ref"]["base_pred"])).sum())
     fragile = int((~stable).sum() + (e["base_gap"] < 1e-4).sum())
-    assert abs(h["disagreements"] - expected) <= fragile and expected > 0, (h, expected)
+    # an audit dropped at the deadline (an overloaded machine) may have been a disagreement
+    assert h["dropped"] <= 10 and expected > 0, h
+    assert -fragile - h["dropped"] <= h["disagreements"] - expected <= fragile, (h, expected)
 
 
 def test_esn_serving_refuses_bad_policies_and_checkpoints(service, esn_service, tmp_path, capsys):

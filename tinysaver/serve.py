@@ -222,6 +222,7 @@ class BadRequest(Exception):
 class AuditState:
     window: deque = field(default_factory=deque)
     audited: int = 0
+    dropped: int = 0  # audits given up at the deadline (an overloaded base); not in the bound
     disagreements: int = 0
     alarm: bool = False
     bound: float | None = None
@@ -372,6 +373,7 @@ def _ingress_deployment():
                 for j in range(max(answered + 1, self.base_from), len(self.stages)):
                     base_pred, _, carry = await self._stage(j, img, carry, deadline)
             except BadRequest:
+                self.audit.dropped += 1
                 return
             record[1] = base_pred != pred
             self.audit.audited += 1
@@ -393,7 +395,8 @@ def _ingress_deployment():
 
         def _audit_view(self) -> dict:
             a = self.audit
-            return {"fraction": self.o.audit, "audited": a.audited, "disagreements": a.disagreements,
+            return {"fraction": self.o.audit, "audited": a.audited, "dropped": a.dropped,
+                    "disagreements": a.disagreements,
                     "window_requests": len(a.window), "loss_bound_points": None if a.bound is None else
                     round(100 * a.bound, 4), "tolerance_points": self.o.audit_tolerance, "delta": self.o.delta,
                     "alarm": a.alarm}
