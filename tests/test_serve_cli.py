@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, need, need_package
-from tests.test_serve import free_port, png
+from tests.test_serve import free_port, png, post_answered
 from tinysaver.data import FASHION_MNIST_DIR
 
 
@@ -41,10 +41,8 @@ def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
                 pytest.fail("the service did not come up in 4 minutes")
             time.sleep(0.5)
         img = load_dataset("fashion-mnist:test", progress=False, limit=1).images[0]
-        for _ in range(3):  # a 503 says retry; the service's deadline gives one within 25 s
-            r = httpx.post(f"{url}/predict", content=png(img), headers={"content-type": "image/png"}, timeout=60)
-            if r.status_code != 503:
-                break
+        with httpx.Client(base_url=url, timeout=60) as client:
+            r = post_answered(client, png(img))
         assert r.status_code == 200 and set(r.json()) >= {"class", "name", "confidence", "exit_stage", "stage_name",
                                                           "latency_ms"}
         assert httpx.get(f"{url}/metrics", timeout=10).json()["requests"] == 1

@@ -56,7 +56,7 @@ def _parse_splits(items) -> dict[str, str]:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .models import ModelSpec
-    from .profiler import ProfileConfig, profile, profile_latency
+    from .profiler import LATENCY_SECONDS, ProfileConfig, profile, profile_latency
     from .zoo import zoo_path
 
     if args.latency_only:
@@ -65,7 +65,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             raise ValueError("--latency-only needs the zoo: give --zoo NAME or --config FILE")
         path = profile_latency(zoo, [b for b in args.backends.split(",") if b], args.batch_sizes,
                                Path(args.root) if args.root else None, models=args.model, limit=args.limit,
-                               min_run_time=args.latency_seconds or 0.5, log=(lambda s: None) if args.quiet else print)
+                               min_run_time=args.latency_seconds or LATENCY_SECONDS, log=(lambda s: None) if args.quiet else print)
         print(f"latency rows added to {path}")
         return 0
     if args.config:
@@ -82,7 +82,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                             batch_sizes=args.batch_sizes, eval_batch_size=args.eval_batch_size, topk=args.topk,
                             save_logits=args.save_logits, flops_counter=args.flops_counter,
                             device=args.device or "cpu", limit=args.limit, force=args.force,
-                            latency_min_run_time=args.latency_seconds or 0.5)
+                            latency_min_run_time=args.latency_seconds or LATENCY_SECONDS)
     root = Path(args.root) if args.root else None
     if args.plan:
         from .plan import format_plan, plan_profile

@@ -24,6 +24,10 @@ from .transforms import prepare_batch
 from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, zoo_lock, zoo_path)
 
 
+# least time torch.utils.benchmark measures each model, backend and batch size (``--latency-seconds``)
+LATENCY_SECONDS = 0.5
+
+
 @dataclass
 class ProfileConfig:
     """What to profile. ``splits`` maps a split name to a dataset URI (see :mod:`tinysaver.data`)."""
@@ -37,7 +41,7 @@ class ProfileConfig:
     save_logits: bool = False
     flops_counter: str = "deepspeed"
     device: str = "cpu"
-    latency_min_run_time: float = 0.5
+    latency_min_run_time: float = LATENCY_SECONDS
     limit: int | None = None  # first N samples of each split, for quick runs
     description: str = ""
     split_sizes: dict[str, int] | None = None  # samples per split, for --plan on data this machine lacks
@@ -286,7 +290,7 @@ AGREEMENT_CONF = 1e-4    # … and every confidence within this of eager's
 
 def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int] = (1, 32, 128),
                     root: Path | None = None, models: Sequence[str] | None = None, limit: int | None = None,
-                    min_run_time: float = 0.5, log: Callable[[str], None] = print) -> Path:
+                    min_run_time: float = LATENCY_SECONDS, log: Callable[[str], None] = print) -> Path:
     """Add per-backend latency rows to an existing zoo; predictions are read, never written.
 
     For each measured model and backend: export (cached), check agreement with the zoo's stored

@@ -324,14 +324,12 @@ def _ingress_deployment():
                 # cancelling, which on a starved machine kept a request waiting a minute past its
                 # deadline while its call was still being routed
                 try:
-                    await asyncio.wait({call}, timeout=max(deadline - time.monotonic(), 0.0))
-                except asyncio.CancelledError:  # the client left: so does its stage call
-                    response.cancel()
-                    call.cancel()
-                    raise
-                if not call.done():
-                    response.cancel()
-                    call.cancel()
+                    done, _ = await asyncio.wait({call}, timeout=max(deadline - time.monotonic(), 0.0))
+                finally:
+                    if not call.done():  # past the deadline, or the client left: so does the stage call
+                        response.cancel()
+                        call.cancel()
+                if not done:
                     break
                 try:
                     return call.result()
