@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real timm models with random weights and tiny synthetic images."""
 import io
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,23 @@ def need_package(name: str):
     import importlib.util
 
     need(importlib.util.find_spec(name) is not None, f"the Python package {name}")
+
+
+def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``tinysaver.cli.main(args)`` in this process, reported as ``subprocess.run`` would.
+
+    Each test keeps one real ``python -m tinysaver`` run for the entry point; the rest call ``main``
+    here, which spares an interpreter start-up (torch and timm imports, several seconds) per call.
+    """
+    from tinysaver.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
 
 
 def png_bytes(arr: np.ndarray) -> bytes:

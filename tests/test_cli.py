@@ -6,25 +6,14 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, png_bytes
-from tests.test_selector_api import write_zoo
+from tests.conftest import REPO, png_bytes, run_here
 from tinysaver.cli import main
+from tests.test_selector_api import write_zoo
 
 
 def run(*args, **kw):
     return subprocess.run([sys.executable, "-m", "tinysaver", *args], capture_output=True, text=True, timeout=300,
                           cwd=REPO, **kw)
-
-
-def run_here(capsys, *args):
-    """``main(args)`` in this process (no interpreter start-up), as ``run`` reports it."""
-    capsys.readouterr()
-    try:
-        rc = main(list(args))
-    except SystemExit as e:  # argparse's usage errors
-        rc = e.code
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, rc, out.out, out.err)
 
 
 def one_line_error(out, *needles):
@@ -58,14 +47,14 @@ def test_root_works_after_the_subcommand(tmp_path, capsys):
     assert "saver:" in capsys.readouterr().out
 
 
-def test_infer_and_query_share_defaults_and_selection_files(images, tmp_path):
+def test_infer_and_query_share_defaults_and_selection_files(images, tmp_path, capsys):
     sel_file = tmp_path / "sel.json"
-    q = run("query", "--base", "resnet10t", "--save", str(sel_file))
+    q = run_here(capsys, "query", "--base", "resnet10t", "--save", str(sel_file))
     assert q.returncode == 0, q.stderr
     saved = json.loads(sel_file.read_text())
-    runs = {"default": run("infer", "--base", "resnet10t", str(images)),
-            "from-selection": run("infer", "--base", "resnet10t", "--from-selection", str(images)),
-            "file": run("infer", "--base", "resnet10t", "--selection", str(sel_file), str(images))}
+    runs = {"default": run("infer", "--base", "resnet10t", str(images)),  # the real entry point, once
+            "from-selection": run_here(capsys, "infer", "--base", "resnet10t", "--from-selection", str(images)),
+            "file": run_here(capsys, "infer", "--base", "resnet10t", "--selection", str(sel_file), str(images))}
     for how, out in runs.items():
         assert out.returncode == 0, (how, out.stderr)
         summary = json.loads(out.stderr.split("summary: ")[-1])
@@ -109,7 +98,7 @@ def test_selection_with_saver_is_refused(images, tmp_path, capsys):
                    "not both")
 
 
-def test_zoo_list_survives_broken_manifests(tmp_path):
+def test_zoo_list_survives_broken_manifests(tmp_path, capsys):
     write_zoo(tmp_path)
     (tmp_path / "bad-yaml").mkdir()
     (tmp_path / "bad-yaml" / "zoo.yaml").write_text("models: [unclosed\n")
@@ -118,14 +107,14 @@ def test_zoo_list_survives_broken_manifests(tmp_path):
     out = run("zoo", "list", "--root", str(tmp_path))
     assert out.returncode == 0 and "Traceback" not in out.stderr
     assert "syn" in out.stdout and "not valid YAML" in out.stdout and "got a list" in out.stdout
-    one_line_error(run("zoo", "show", "a-list", "--root", str(tmp_path)), "a-list/zoo.yaml")
+    one_line_error(run_here(capsys, "zoo", "show", "a-list", "--root", str(tmp_path)), "a-list/zoo.yaml")
 
 
-def test_truncated_predictions_are_named(tmp_path):
+def test_truncated_predictions_are_named(tmp_path, capsys):
     path = write_zoo(tmp_path)
     f = path / "preds" / "m1" / "calib.npz"
     f.write_bytes(f.read_bytes()[:40])
-    one_line_error(run("query", "--zoo", "syn", "--base", "m3", "--root", str(tmp_path)), "m1/calib.npz",
+    one_line_error(run_here(capsys, "query", "--zoo", "syn", "--base", "m3", "--root", str(tmp_path)), "m1/calib.npz",
                    "re-run 'tinysaver profile'")
 
 

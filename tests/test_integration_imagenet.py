@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from tests.conftest import IMAGENET_TAR, need, need_package
+from tests.conftest import IMAGENET_TAR, need, need_package, run_here
 from tinysaver.cascade import Cascade, build_cascade
 from tinysaver.data import load_dataset
 from tinysaver.models import create_model
@@ -83,7 +83,7 @@ def test_selection_builds_the_cascade_it_describes():
     assert cas.class_names[0].lower().startswith("tench")
 
 
-def test_infer_cli_on_real_images(tmp_path):
+def test_infer_cli_on_real_images(tmp_path, capsys):
     need(IMAGENET_TAR.is_file(), str(IMAGENET_TAR))
     d = tmp_path / "imgs"
     d.mkdir()
@@ -103,26 +103,24 @@ def test_infer_cli_on_real_images(tmp_path):
     assert '"images": 6' in out.stderr and "exit_ratio" in out.stderr
     # small batches without refill reach the CLI: the same answers, in input order (batch 1 and
     # refill are compared with the offline policy in test_real_cascade_is_exact)
-    again = subprocess.run(cmd[:-1] + ["--batch-size", "2", "--no-refill", str(d)], capture_output=True, text=True,
-                           timeout=300)
+    # the rest run main() in this process: the entry point was exercised above
+    here = cmd[3:-1]
+    again = run_here(capsys, *here, "--batch-size", "2", "--no-refill", str(d))
     assert again.returncode == 0, again.stderr
     got = [json.loads(l) for l in again.stdout.splitlines()]
     assert [(r["path"], r["class"], r["exit_stage"]) for r in got] == [(r["path"], r["class"], r["exit_stage"]) for r in rows]
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = subprocess.run(cmd[:-1] + [str(empty)], capture_output=True, text=True, timeout=300)
+    out = run_here(capsys, *here, str(empty))
     assert out.returncode == 2 and "no images found" in out.stderr
     # a tar input, with the threshold chosen by the selector right now
     tar = tmp_path / "few.tar"
     with tarfile.open(tar, "w") as tf:
         for f in sorted(d.glob("n*")):
             tf.add(f, arcname=f"x/{f.name}")
-    sel_cmd = [sys.executable, "-m", "tinysaver.cli", "infer", "--zoo", "imagenet-lite", "--base", LITE[2],
-               "--from-selection", str(tar)]
-    out = subprocess.run(sel_cmd, capture_output=True, text=True, timeout=300)
+    out = run_here(capsys, "infer", "--zoo", "imagenet-lite", "--base", LITE[2], "--from-selection", str(tar))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("path,class,name") and len(lines) == 7 and "few.tar:x/n01440764" in lines[1]
-    bad_cmd = [c if c != "0.5" else "1.5" for c in cmd]
-    bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=300)
+    bad = run_here(capsys, *[c if c != "0.5" else "1.5" for c in here], str(d))
     assert bad.returncode == 2 and "[0, 1]" in bad.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, TIMM_RESULTS, need, need_package, png_bytes
+from tests.conftest import REPO, TIMM_RESULTS, need, need_package, png_bytes, run_here
 from tinysaver.models import ModelSpec
 from tinysaver.profiler import ProfileConfig, profile
 from tinysaver.zoo import load_zoo
@@ -192,11 +192,11 @@ def test_plan_for_the_paper_pool():
         plan_profile(pool, 1, gpu_type="h100", root=REPO / "zoo_index")
 
 
-def test_plan_cli_prints_without_running(tmp_path):
+def test_plan_cli_prints_without_running(tmp_path, capsys, monkeypatch):
     need(TIMM_RESULTS.is_dir(), "timm's results tables (../shared/data/timm-results)")
-    out = subprocess.run([sys.executable, "-m", "tinysaver", "profile", "--config",
-                          str(REPO / "zoo_index" / "configs" / "imagenet-paper-pool.yaml"), "--plan", "--gpus", "8",
-                          "--root", str(REPO / "zoo_index")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    monkeypatch.chdir(tmp_path)
+    out = run_here(capsys, "profile", "--config", str(REPO / "zoo_index" / "configs" / "imagenet-paper-pool.yaml"),
+                   "--plan", "--gpus", "8", "--root", str(REPO / "zoo_index"))
     assert out.returncode == 0, out.stderr
     assert "on 8 × rtx4090" in out.stdout and out.stdout.count("| published |") >= 40
     assert not (tmp_path / "zoo_index").exists()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.conftest import run_here
 from tinysaver.profiler import profile
 from tinysaver.zoo import ZooError, load_zoo
 
@@ -46,7 +47,7 @@ def test_profile_refuses_other_samples_in_same_split(tiny_zoo_cfg, tmp_path, ima
         profile(tiny_zoo_cfg, root, progress=False, log=lambda s: None)
 
 
-def test_resume_after_kill_recomputes_nothing(tiny_zoo_cfg, tmp_path):
+def test_resume_after_kill_recomputes_nothing(tiny_zoo_cfg, tmp_path, capsys):
     """Kill a real `tinysaver profile` run after its first model, restart it, and check the result."""
     root = tmp_path / "zoos"
     cfg = {
@@ -78,7 +79,7 @@ def test_resume_after_kill_recomputes_nothing(tiny_zoo_cfg, tmp_path):
     first = done_before_kill[0]
     pred_file = root / "tiny" / "preds" / first / "a.npz"
     stamp = pred_file.stat().st_mtime_ns
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = run_here(capsys, *cmd[3:])  # the restart runs here: only the killed run needs its own process
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{first}: already profiled, skipping" in out.stdout
     assert pred_file.stat().st_mtime_ns == stamp  # not recomputed

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import run_here
 from tinysaver.data import fingerprint
 from tinysaver.selector import SelectionError, SelectorConfig, select, select_all
 from tinysaver.zoo import ZooError, atomic_write_npz, atomic_write_yaml, load_zoo
@@ -120,22 +121,22 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "tinysaver.cli", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_cli_query_select_plot(zoo, tmp_path):
+def test_cli_query_select_plot(zoo, tmp_path, capsys):
     root = str(tmp_path)
     out = run_cli("--root", root, "query", "--zoo", "syn", "--base", "m3", "--save", str(tmp_path / "sel.json"))
     assert out.returncode == 0, out.stderr
     assert "saver:" in out.stdout and "saving" in out.stdout and "(held out)" in out.stdout
     sel = json.loads((tmp_path / "sel.json").read_text())
     assert sel["base"] == "m3" and sel["stages"][-1]["threshold"] is None
-    out = run_cli("--root", root, "select", "--zoo", "syn", "--out", str(tmp_path / "table"))
+    out = run_here(capsys, "--root", root, "select", "--zoo", "syn", "--out", str(tmp_path / "table"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "table.csv").read_text().startswith("base,saver")
     assert (tmp_path / "table.md").read_text().startswith("| base | saver")
-    out = run_cli("--root", root, "plot", "--zoo", "syn", "--base", "m3", "--saver", "m1", "--out",
-                  str(tmp_path / "p.png"))
+    out = run_here(capsys, "--root", root, "plot", "--zoo", "syn", "--base", "m3", "--saver", "m1", "--out",
+                   str(tmp_path / "p.png"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-    out = run_cli("--root", root, "query", "--zoo", "syn", "--base", "m3", "--tolerance", "-1")
+    out = run_here(capsys, "--root", root, "query", "--zoo", "syn", "--base", "m3", "--tolerance", "-1")
     assert out.returncode == 2 and "≥ 0" in out.stderr
-    out = run_cli("--root", root, "query", "--zoo", "nope", "--base", "m3")
+    out = run_here(capsys, "--root", root, "query", "--zoo", "nope", "--base", "m3")
     assert out.returncode == 2 and "known zoos: syn" in out.stderr
