@@ -4,6 +4,7 @@ import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -40,13 +41,13 @@ def service():
     from ray import serve
 
     from tinysaver.selector import SelectorConfig, select
-    from tinysaver.serve import ServeOptions, build_app, patient_proxy_env
+    from tinysaver.serve import ServeOptions, build_app, patient_proxy_env, start_serve
     from tinysaver.zoo import load_zoo
 
     patient_proxy_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve({"host": "127.0.0.1", "port": port})
     zoo = load_zoo("fashion-mnist")
     sel, _ = select(zoo, BASE, SelectorConfig())
     # small CPU shares: this app and the audit app (3 deployments each) share 2 cores
@@ -446,6 +447,38 @@ def test_killing_the_base_replica_loses_no_request(service, offline):
     else:
         raise AssertionError("the base replica did not come back")
     print(f"replica kill under load: {codes.count(200)} answered, {codes.count(503)} told to retry")
+
+
+def test_a_slow_proxy_is_waited_for_not_fatal(monkeypatch):
+    """serve.start gives up on its proxy after a fixed 60 s; start_serve then waits on Serve's status."""
+    need_package("ray")
+    from ray import serve
+
+    from tinysaver import serve as ts
+
+    calls, polls = [], iter(["STARTING", "HEALTHY"])
+
+    def start(http_options):
+        calls.append(http_options)
+        if len(calls) == 1:
+            raise TimeoutError("HTTP proxies not available after 60s.")
+
+    monkeypatch.setattr(serve, "start", start)
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(proxies={"node": next(polls)}))
+    ts.start_serve({"port": 1})
+    assert calls == [{"port": 1}] * 2 and next(polls, "drained") == "drained"
+    # a proxy that never gets healthy ends in a TimeoutError that says so; other errors pass through
+    calls.clear()
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(proxies={"node": "UNHEALTHY"}))
+    with pytest.raises(TimeoutError, match="not healthy after 0 s"):
+        ts.start_serve({"port": 1}, wait_s=0)
+
+    def refuse(http_options):
+        raise TimeoutError("something else")
+
+    monkeypatch.setattr(serve, "start", refuse)
+    with pytest.raises(TimeoutError, match="something else"):
+        ts.start_serve({"port": 1})
 
 
 def test_loss_bound_is_the_exit_share_times_a_clopper_pearson_limit():

@@ -89,11 +89,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    from .serve import patient_proxy_env
+    from .serve import patient_proxy_env, start_serve
 
     patient_proxy_env()
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    start_serve({"host": args.host, "port": args.port})
     serve.run(app, name="tinysaver", route_prefix="/")
     print(f"tinysaver: serving {' → '.join(models)} at http://{args.host}:{args.port} "
           "(POST /predict, POST /predict/batch, GET /healthz, GET /metrics); Ctrl-C stops", file=sys.stderr)

@@ -106,8 +106,11 @@ class ServeOptions:
 
 # Serve's controller gives a starting HTTP proxy 5 s to report ready and 10 s per health check,
 # then kills it. On a busy 2-core machine a proxy can need longer just to import FastAPI (seen in CI
-# with a training job beside the tests), so a local instance started here is given more patience.
-PATIENT_PROXY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+# with a training job beside the tests; 62 s with a matmul loop beside them), so a local instance
+# started here is given more patience.
+PROXY_START_S = 300
+PATIENT_PROXY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(PROXY_START_S),
+                     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
 def patient_proxy_env() -> None:
@@ -115,6 +118,33 @@ def patient_proxy_env() -> None:
     starts (call before ``ray.init``). Values the user set in the environment are kept."""
     for k, v in PATIENT_PROXY_ENV.items():
         os.environ.setdefault(k, v)
+
+
+def start_serve(http_options: dict, wait_s: float = PROXY_START_S) -> None:
+    """``serve.start(http_options=...)``, waiting up to ``wait_s`` seconds for the HTTP proxies.
+
+    ``serve.start`` waits a fixed 60 s for its proxies and then raises, although the controller it
+    started goes on and the proxy comes up later. On a starved machine we therefore connect to that
+    controller and wait for Serve to report every proxy healthy. Raises TimeoutError past ``wait_s``.
+    """
+    from ray import serve
+
+    t0 = time.monotonic()
+    try:
+        serve.start(http_options=http_options)
+        return
+    except TimeoutError as e:
+        if "proxies not available" not in str(e):
+            raise
+        log.warning("Serve's HTTP proxy is slow to start (%s); waiting up to %.0f s in all", e, wait_s)
+    serve.start(http_options=http_options)  # the controller is running now: this connects to it
+    while True:
+        proxies = serve.status().proxies
+        if proxies and all(str(getattr(st, "value", st)) == "HEALTHY" for st in proxies.values()):
+            return
+        if time.monotonic() - t0 > wait_s:
+            raise TimeoutError(f"Serve's HTTP proxies were not healthy after {wait_s:.0f} s: {proxies}")
+        time.sleep(1.0)
 
 
 def loss_bound(records: Sequence[tuple[bool, bool | None]], delta: float) -> float | None:
