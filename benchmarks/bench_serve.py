@@ -117,7 +117,7 @@ def main() -> int:
 
     from tinysaver.policy import Selection
     from tinysaver.selector import SelectorConfig, select
-    from tinysaver.serve import ServeOptions, build_app
+    from tinysaver.serve import ServeOptions, build_app, local_ray_env, start_serve
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
@@ -137,8 +137,9 @@ def main() -> int:
         model, ck = load_esn(args.esn, base=args.base)
         pair = Pair.from_zoo(zoo, ck["saver"], ck["base"], ck["settings"]["granularity"])
         esn = (pair, model, calibrated_policy(zoo, pair, model))
+    local_ray_env()  # as `tinysaver serve` starts its Ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve({"host": "127.0.0.1", "port": port})
     # logical CPU shares only decide what Serve schedules: 3 apps with 9 stages must fit 2 CPUs
     cpus = (0.1, 0.1) if esn else (0.5, 0.25)
     opts = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3, num_cpus=cpus[0],

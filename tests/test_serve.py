@@ -41,10 +41,10 @@ def service():
     from ray import serve
 
     from tinysaver.selector import SelectorConfig, select
-    from tinysaver.serve import ServeOptions, build_app, patient_proxy_env, start_serve
+    from tinysaver.serve import ServeOptions, build_app, local_ray_env, start_serve
     from tinysaver.zoo import load_zoo
 
-    patient_proxy_env()
+    local_ray_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     start_serve({"host": "127.0.0.1", "port": port})
@@ -421,6 +421,8 @@ def test_killing_the_base_replica_loses_no_request(service, offline):
     serve, c = service["serve"], service["client"]
     base_stage = serve.get_deployment_handle(f"stage1-{BASE}", app_name="casc")
     pid = base_stage.stats.remote().result()["pid"]
+    # local_ray_env: a replica runs at the default priority, not at Ray's worker niceness of 15
+    assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0)
     to_base = [png(imgs[i]) for i in np.flatnonzero(ref.stage == 1)]
     payloads = [to_base[i % len(to_base)] for i in range(60)]
     done = []

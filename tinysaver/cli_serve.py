@@ -89,9 +89,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    from .serve import patient_proxy_env, start_serve
+    from .serve import local_ray_env, start_serve
 
-    patient_proxy_env()
+    local_ray_env()
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     start_serve({"host": args.host, "port": args.port})
     serve.run(app, name="tinysaver", route_prefix="/")
