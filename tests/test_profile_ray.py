@@ -22,6 +22,9 @@ def ray_local():
     need_package("ray")
     import ray
 
+    from tinysaver.ray_local import set_local_ray_env
+
+    set_local_ray_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -96,6 +99,8 @@ def test_a_killed_worker_is_retried_and_counted(ray_local, cfg, local_zoo, tmp_p
 
     def kill_first(unit, pid):
         if not killed:  # the worker that just finished a unit dies; its next units need a restart
+            # set_local_ray_env: workers run at our priority, not at Ray's nice 15
+            assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0)
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 

@@ -161,7 +161,12 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
     sizes = check_config(cfg, shards, gpus_per_task, cpus_per_task)  # before Ray starts anything
     path = zoo_path(cfg.zoo, root) if root is None else Path(root) / cfg.zoo
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        address = address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            from .ray_local import set_local_ray_env
+
+            set_local_ray_env()  # a local instance: its workers at the default priority
+        ray.init(address=address, log_to_driver=False)
     if gpus_per_task > ray.cluster_resources().get("GPU", 0):
         raise ValueError(f"--gpus-per-task {gpus_per_task} but the Ray cluster has "
                          f"{ray.cluster_resources().get('GPU', 0)} GPU(s)")

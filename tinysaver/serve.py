@@ -104,24 +104,21 @@ class ServeOptions:
         return out
 
 
-# Settings for a Ray instance that this process starts to serve from (not one it joins):
-# - Serve's controller gives a starting HTTP proxy 5 s to report ready and 10 s per health check,
-#   then kills it. On a busy 2-core machine a proxy can need longer just to import FastAPI (seen in
-#   CI with a training job beside the tests; 62 s with a matmul loop beside them), so it gets more.
-# - Ray starts its workers at nice 15, below everything else on the machine. For a service, the
-#   replicas are the work: beside one busy process at nice 0, stage replicas took 4 minutes to load
-#   a model that loads in 10 s on a quiet machine. So they run at the default priority.
+# Serve's controller gives a starting HTTP proxy 5 s to report ready and 10 s per health check,
+# then kills it. On a busy 2-core machine a proxy can need longer just to import FastAPI (seen in CI
+# with a training job beside the tests; 62 s with a matmul loop beside them), so a local instance
+# gives it more.
 PROXY_START_S = 300
-LOCAL_RAY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(PROXY_START_S),
-                 "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
-                 "RAY_worker_niceness": "0"}
+PROXY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(PROXY_START_S), "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
 def local_ray_env() -> None:
-    """Apply :data:`LOCAL_RAY_ENV` for a Ray instance this process starts (call before ``ray.init``).
+    """Settings for a Ray instance this process starts to serve from (call before ``ray.init``):
+    replicas at the default priority (:mod:`tinysaver.ray_local`) and a patient proxy start-up.
     Values the user set in the environment are kept."""
-    for k, v in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(k, v)
+    from .ray_local import set_local_ray_env
+
+    set_local_ray_env(PROXY_ENV)
 
 
 def start_serve(http_options: dict, wait_s: float = PROXY_START_S) -> None:
