@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, png_bytes, run_here
-from tinysaver.cli import main
 from tests.test_selector_api import write_zoo
+from tinysaver.cli import main
 
 
 def run(*args, **kw):

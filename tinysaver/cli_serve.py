@@ -91,8 +91,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, request_stop)
     from .serve import local_ray_env, start_serve
 
-    local_ray_env()
-    ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        local_ray_env()  # settings for the local instance ray.init is about to start
+    ray.init(address=address, log_to_driver=False)
     start_serve({"host": args.host, "port": args.port})
     serve.run(app, name="tinysaver", route_prefix="/")
     print(f"tinysaver: serving {' → '.join(models)} at http://{args.host}:{args.port} "

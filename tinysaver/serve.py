@@ -141,7 +141,7 @@ def start_serve(http_options: dict, wait_s: float = PROXY_START_S) -> None:
     serve.start(http_options=http_options)  # the controller is running now: this connects to it
     while True:
         proxies = serve.status().proxies
-        if proxies and all(str(getattr(st, "value", st)) == "HEALTHY" for st in proxies.values()):
+        if proxies and all(st == "HEALTHY" for st in proxies.values()):  # ProxyStatus is a str enum
             return
         if time.monotonic() - t0 > wait_s:
             raise TimeoutError(f"Serve's HTTP proxies were not healthy after {wait_s:.0f} s: {proxies}")
