@@ -10,6 +10,7 @@ from tests.conftest import need_package
 from tests.test_cascade import offline_reference, split_threshold, tiny
 from tinysaver.cascade import Cascade
 from tinysaver.runtimes import BackendError, agreement, check_backend, make_runner, runner_with_fallback
+from tinysaver.transforms import prepare_batch
 
 ONNX_BACKENDS = ["onnxruntime", "openvino"]
 
@@ -86,6 +87,17 @@ def test_threads_per_stage_reach_the_runtimes(tmp_path, images):
         Cascade(stages, [0.5], backend="onnxruntime", threads=0)
     with pytest.raises(ValueError, match="torch.set_num_threads"):
         Cascade(stages, [0.5], backend=["onnxruntime", "eager"], threads=[1, torch.get_num_threads() + 1])
+
+
+def test_onnxruntime_spins_only_when_asked(tmp_path, images):
+    need_package("onnxruntime")
+    m = tiny("test_resnet", input_size=40)
+    quiet, spinning = (make_runner(m, "onnxruntime", cache_dir=tmp_path, spin=s) for s in (False, True))
+    assert (quiet.spin, spinning.spin) == (False, True)  # as the sessions report their settings
+    x = prepare_batch(images[:4], m.preprocess)
+    assert torch.allclose(quiet(x), spinning(x), atol=1e-5)  # spinning changes timing, not answers
+    with pytest.raises(BackendError, match="onnxruntime backend only"):
+        make_runner(m, "eager", spin=True)
 
 
 def test_missing_or_unknown_backend_names_the_extra(monkeypatch):

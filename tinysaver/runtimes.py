@@ -39,7 +39,8 @@ class BackendError(ValueError):
 @dataclass
 class Runner:
     """One model on one backend. ``export_s`` is the time spent exporting (0 when the cache held it);
-    ``threads`` is the intra-op thread count the runtime reports it uses."""
+    ``threads`` is the intra-op thread count the runtime reports it uses, and ``spin`` whether its
+    idle threads spin (ONNX Runtime only)."""
 
     key: str
     backend: str
@@ -48,6 +49,7 @@ class Runner:
     export_s: float = 0.0
     cached: bool = False
     threads: int | None = None
+    spin: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
@@ -128,9 +130,16 @@ def model_device(module: torch.nn.Module) -> torch.device:
 
 
 def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | None = None,
-                threads: int | None = None) -> Runner:
-    """A :class:`Runner` for ``model`` on ``backend`` (exporting once, then reusing the cached file)."""
+                threads: int | None = None, spin: bool = False) -> Runner:
+    """A :class:`Runner` for ``model`` on ``backend`` (exporting once, then reusing the cached file).
+
+    ``spin`` (ONNX Runtime only) lets idle intra-op threads spin, as ONNX Runtime does by default.
+    That is faster for a model run alone, but in a cascade the spinning threads compete with the
+    next stage for the cores, so it is off unless asked for (benchmarks/RESULTS.md measures both).
+    """
     check_backend(backend)
+    if spin and backend != "onnxruntime":
+        raise BackendError(f"spin applies to the onnxruntime backend only, not {backend!r}")
     threads = threads or torch.get_num_threads()
     module = model.module.eval()
     if backend == "eager":
@@ -154,14 +163,15 @@ def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | No
         opts.inter_op_num_threads = 1
         # idle intra-op threads spin by default; in a cascade the next stage (another session, or
         # torch) then competes with them for the cores, which made every ratio noisy on 2 cores
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
         def run_ort(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy()})[0])
 
-        return Runner(model.key, backend, run_ort, path, secs, cached,
-                      session.get_session_options().intra_op_num_threads)
+        used = session.get_session_options()
+        return Runner(model.key, backend, run_ort, path, secs, cached, used.intra_op_num_threads,
+                      used.get_session_config_entry("session.intra_op.allow_spinning") == "1")
     if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         # measured here: OpenVINO 2026.4 aborts with "double free or corruption" on its first
         # inference when tcmalloc is preloaded, even without torch in the process
