@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +102,50 @@ def test_refill_runs_later_stages_on_full_batches(mixed_images):
         else:
             assert len(seen[1]) > -(-survivors // 4)  # per-chunk leftovers make more, smaller batches
     assert not seen[2]  # a threshold of 0 answers everything at the second stage
+
+
+@pytest.mark.parametrize("batch_size,refill", [(1, True), (4, True), (4, False), (64, True)])
+def test_pipeline_runs_the_sequential_batches_in_threads(mixed_images, batch_size, refill):
+    stages = [tiny("test_efficientnet", input_size=32), tiny("test_resnet", input_size=40), tiny("test_vit")]
+    t0, near0 = split_threshold(offline_reference(stages, [0, 0], mixed_images)[1], 0.4)
+    t1, near1 = split_threshold(offline_reference(stages[1:], [0], mixed_images)[1], 0.8)  # the base runs too
+    assert near0 + near1 <= 2
+    seen = {i: [] for i in range(3)}  # per stage: (batch size, thread name, inference mode) of each call
+    for i, m in enumerate(stages):
+        m.module.register_forward_hook(lambda mod, args, out, i=i: seen[i].append(
+            (len(args[0]), threading.current_thread().name, torch.is_inference_mode_enabled())))
+    cas = Cascade(stages, [t0, t1])
+    runs = {}
+    for pipeline in (False, True):
+        for v in seen.values():
+            v.clear()
+        runs[pipeline] = cas.predict(mixed_images, batch_size=batch_size, refill=refill, pipeline=pipeline), \
+            {i: list(v) for i, v in seen.items()}
+    (seq, seq_seen), (pipe, pipe_seen) = runs[False], runs[True]
+    assert all(seq_seen[i] and [b for b, *_ in seq_seen[i]] == [b for b, *_ in pipe_seen[i]] for i in range(3))
+    # the same batches give the same bits
+    assert np.array_equal(seq.stage, pipe.stage) and (seq.stage == 2).any()
+    assert np.array_equal(seq.pred, pipe.pred) and np.array_equal(seq.conf, pipe.conf)
+    assert {name for _, name, _ in pipe_seen[1]} == {"tinysaver-stage-1"}
+    assert {name for _, name, _ in pipe_seen[2]} == {"tinysaver-stage-2"}
+    assert all(mode for i in range(3) for _, _, mode in pipe_seen[i])  # no autograd in the stage threads
+
+
+def test_a_failing_pipeline_stage_raises_and_leaves_no_thread(mixed_images):
+    stages = [tiny("test_efficientnet", input_size=32), tiny("test_resnet", input_size=40)]
+    calls = []
+
+    def fail_on_second_call(mod, args):
+        calls.append(len(args[0]))
+        if len(calls) == 2:
+            raise RuntimeError("the base broke")
+    stages[1].module.register_forward_pre_hook(fail_on_second_call)
+    with pytest.raises(RuntimeError, match="the base broke"):
+        Cascade(stages, [1.0]).predict(mixed_images, batch_size=2, pipeline=True)
+    assert len(calls) == 2  # the stage stopped at its failure
+    assert not [t for t in threading.enumerate() if t.name.startswith("tinysaver-stage")]
+    with pytest.raises(CascadeError, match="shrinking path"):
+        Cascade(stages, [0.5]).predict(mixed_images, pipeline=True, all_stages=True)
 
 
 def test_all_stages_and_exit_ratios(mixed_images):

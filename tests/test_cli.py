@@ -62,6 +62,10 @@ def test_infer_and_query_share_defaults_and_selection_files(images, tmp_path, ca
         assert "saver: " in out.stderr  # the thresholds in use are printed
         assert len(out.stdout.strip().splitlines()) == 6  # header + one row per image
     assert f"tinysaver infer --zoo fashion-mnist --base resnet10t --selection {sel_file}" in q.stdout  # how to run it
+    one_by_one = ["infer", "--base", "resnet10t", "--selection", str(sel_file), "--batch-size", "1", str(images)]
+    plain, piped = run_here(capsys, *one_by_one), run_here(capsys, *one_by_one, "--pipeline")
+    assert piped.returncode == 0 and piped.stdout == plain.stdout  # same rows, same order
+    assert '"pipeline": true' in piped.stderr and '"pipeline": false' in plain.stderr
 
 
 def test_bad_selection_files_fail_before_any_model_loads(images, tmp_path, capsys):

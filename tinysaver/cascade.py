@@ -8,6 +8,8 @@ a base behind a good saver still runs at the batch size it was given.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -157,7 +159,7 @@ class Cascade:
 
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor] | torch.Tensor, batch_size: int = 64, shrink: bool = True,
-                all_stages: bool = False, refill: bool = True) -> CascadeResult:
+                all_stages: bool = False, refill: bool = True, pipeline: bool = False) -> CascadeResult:
         """Classify decoded uint8 images, a list of (C, H, W) or one (N, C, H, W) tensor.
 
         With ``shrink`` (the default) a stage only sees the samples no earlier saver answered.
@@ -166,6 +168,11 @@ class Cascade:
         last batch may be short. ``refill=False`` sends every chunk's survivors on at once.
         ``shrink=False`` runs every stage on every sample and applies the thresholds afterwards
         (the reference the shrinking paths must match). ``all_stages`` implies ``shrink=False``.
+        ``pipeline`` runs each later stage in its own thread, fed by the stage before it, so the
+        saver works on the next batch while the base works on survivors: more images per second
+        when the cores are not all busy with one stage (at batch 1 give each stage fewer
+        ``threads``), at the cost of each survivor waiting for the base's queue. The batches, and
+        so the answers, are the ones the sequential path gives.
         The answers are in input order whichever path runs.
         """
         n = len(images)
@@ -174,6 +181,9 @@ class Cascade:
         if batch_size < 1:
             raise CascadeError(f"batch_size must be ≥ 1, got {batch_size}")
         shrink = shrink and not all_stages
+        if pipeline and not shrink:
+            raise CascadeError("pipeline needs the shrinking path; it cannot be combined with shrink=False "
+                               "or all_stages=True")
         S = len(self.stages)
         pred = np.empty(n, dtype=np.int64)
         conf = np.empty(n, dtype=np.float32)
@@ -183,34 +193,97 @@ class Cascade:
         # waiting[i]: input indices that reached stage i and have not run there yet
         waiting = [np.empty(0, dtype=np.int64) for _ in range(S)]
 
-        def run(i: int, idx: np.ndarray) -> None:
-            """Stage i on samples idx: record those it answers, queue the rest for stage i + 1."""
+        def run(i: int, idx: np.ndarray) -> np.ndarray:
+            """Stage i on samples idx: record those it answers; return the rest, for stage i + 1."""
             p, c = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
             done = np.ones(len(idx), bool) if i == S - 1 else exits(c, self.thresholds[i])
             pred[idx[done]], conf[idx[done]], stage[idx[done]] = p[done], c[done], i
-            if i + 1 < S:
-                waiting[i + 1] = np.concatenate([waiting[i + 1], idx[~done]])
+            return idx[~done]
 
         def drain(i: int, full_only: bool) -> None:
             while len(waiting[i]) >= (batch_size if full_only else 1):
                 idx, waiting[i] = waiting[i][:batch_size], waiting[i][batch_size:]
-                run(i, idx)
+                survivors = run(i, idx)
+                if i + 1 < S:
+                    waiting[i + 1] = np.concatenate([waiting[i + 1], survivors])
 
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(start + batch_size, n))
-            if not shrink:  # every sample through every stage, then the policy decides
+        chunks = [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        if not shrink:  # every sample through every stage, then the policy decides
+            for idx in chunks:
                 for i in range(S):
                     sp[i, idx], sc[i, idx] = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
-                continue
-            run(0, idx)
-            for i in range(1, S):
-                drain(i, full_only=refill)
-        for i in range(1, S):  # the short tail batches, earlier stages first so their survivors join later queues
-            drain(i, full_only=False)
+        elif pipeline and S > 1:
+            _run_pipelined(run, S, chunks, batch_size, refill)
+        else:
+            for idx in chunks:
+                waiting[0] = idx
+                drain(0, full_only=False)
+                for i in range(1, S):
+                    drain(i, full_only=refill)
+            for i in range(1, S):  # the short tail batches, earlier stages first so their survivors join later queues
+                drain(i, full_only=False)
         if not shrink:
             stage = apply(sc, self.thresholds)
             pred, conf = answers(sp, stage), answers(sc, stage)
         return CascadeResult(pred, conf, stage, self.stage_names, self.class_names, sp, sc)
+
+
+def _run_pipelined(run, num_stages: int, chunks: list[np.ndarray], batch_size: int, refill: bool) -> None:
+    """Stage 0 on ``chunks`` in this thread, each later stage in a thread of its own.
+
+    ``run(i, idx)`` runs stage i and returns the survivors. Stage i + 1 receives them, in the order
+    stage i produced them, through a queue, and forms its batches exactly as the sequential path
+    does: with ``refill``, full batches while stage i still runs and the rest in ``batch_size``
+    pieces once it is done; without, each arrival as it is. A failure in any stage stops the
+    others after their current batch and is raised here, once every thread has ended.
+    """
+    queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(num_stages)]
+    failed: list[BaseException] = []
+
+    def hand_on(i: int, idx: np.ndarray) -> None:
+        if i + 1 < num_stages and len(idx):
+            queues[i + 1].put(idx)
+
+    @torch.inference_mode()  # grad mode is per thread: predict's does not reach this one
+    def stage_loop(i: int) -> None:
+        held = np.empty(0, dtype=np.int64)
+        try:
+            while (item := queues[i].get()) is not None:
+                if failed:
+                    continue  # keep taking items, so the stage before never waits on this one
+                if not refill:
+                    hand_on(i, run(i, item))
+                    continue
+                held = np.concatenate([held, item])
+                while len(held) >= batch_size and not failed:
+                    hand_on(i, run(i, held[:batch_size]))
+                    held = held[batch_size:]
+            for s in range(0, len(held), batch_size):
+                if not failed:
+                    hand_on(i, run(i, held[s:s + batch_size]))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            failed.append(e)
+        finally:
+            if i + 1 < num_stages:
+                queues[i + 1].put(None)  # this stage is done: the next one may run its short tail
+
+    workers = [threading.Thread(target=stage_loop, args=(i,), name=f"tinysaver-stage-{i}", daemon=True)
+               for i in range(1, num_stages)]
+    for w in workers:
+        w.start()
+    try:
+        for idx in chunks:
+            if failed:
+                break
+            hand_on(0, run(0, idx))
+    except BaseException as e:  # noqa: BLE001
+        failed.append(e)
+    finally:
+        queues[1].put(None)
+        for w in workers:
+            w.join()
+    if failed:
+        raise failed[0]
 
 
 def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: str = "cpu",

@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=positive_int, default=32)
     q.add_argument("--no-refill", action="store_true",
                    help="send each batch's survivors on at once instead of gathering full batches for the base")
+    q.add_argument("--pipeline", action="store_true",
+                   help="run each later stage in its own thread, so the saver works on the next batch while the "
+                        "base works on survivors (more images/s; give each stage fewer --threads)")
     q.add_argument("--backend-fallback", choices=["eager"],
                    help="run a stage whose export fails on eager instead of stopping")
     q.add_argument("--threads", type=int_list,

@@ -53,7 +53,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         bar.update(len(index) + len(failures))
         if not imgs:
             continue
-        res = cascade.predict(imgs, batch_size=args.batch_size, refill=not args.no_refill)
+        res = cascade.predict(imgs, batch_size=args.batch_size, refill=not args.no_refill,
+                              pipeline=args.pipeline)
         for path, row in zip((src.ids[i] for i in index), res.rows()):
             counts[row["exit_stage"]] += 1
             if writer:
@@ -66,7 +67,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     done = sum(counts)
     summary = {"images": done, "unreadable": failed, "seconds": round(dt, 3),
                "images_per_s": round(done / dt, 2) if dt > 0 else None,
-               "thresholds": sel.thresholds, "backends": cascade.backends,
+               "thresholds": sel.thresholds, "backends": cascade.backends, "pipeline": args.pipeline,
                "exit_ratio": {n: round(c / max(done, 1), 4) for n, c in zip(names, counts)}}
     print("summary: " + json.dumps(summary), file=sys.stderr)
     return 0 if done else 2

@@ -1,0 +1,89 @@
+"""Does running the base in its own thread (``Cascade.predict(pipeline=True)``) make cascades faster?
+
+    python benchmarks/bench_pipeline.py --zoo fashion-mnist --images 512 --repeats 7
+
+At batch 1 the sequential cascade leaves a core idle while the single-thread saver runs, and
+switching one session between saver and base costs time (bench_alternation.py). The pipelined
+cascade runs the saver on batch k + 1 in one thread while the base runs survivors of batch k in
+another, each on ``--pipeline-threads`` intra-op threads. Per saver–base pair, backend and batch
+size, interleaved for ``--repeats`` repetitions on the same decoded images:
+
+- the base alone on ``--threads``' base count, with tinysaver's non-spinning sessions and, on ONNX
+  Runtime, with the runtime's default spinning: the faster of the two is "best base";
+- the sequential cascade (``--threads`` SAVER,BASE) and the pipelined one (``--pipeline-threads``).
+
+Printed: ms per image (medians) and each cascade's speedup over the best base, median (min–max).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from tinysaver.cascade import Cascade
+from tinysaver.data import load_dataset
+from tinysaver.runtimes import make_runner
+from tinysaver.selector import SelectorConfig, select_all
+from tinysaver.zoo import load_zoo
+
+
+def seconds(cascade: Cascade, images, bs: int, pipeline: bool = False) -> float:
+    t0 = time.perf_counter()
+    cascade.predict(images, batch_size=bs, pipeline=pipeline)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default="fashion-mnist")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument("--backends", default="onnxruntime")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--bases", nargs="*", help="only these bases")
+    ap.add_argument("--threads", default="1,2", help="SAVER,BASE threads of the sequential cascade and the bases")
+    ap.add_argument("--pipeline-threads", default="1,1", help="SAVER,BASE threads of the pipelined cascade")
+    args = ap.parse_args()
+    zoo = load_zoo(args.zoo)
+    split = "test" if "test" in zoo.splits else next(iter(zoo.splits))
+    images = load_dataset(zoo.splits[split]["source"], progress=False, limit=args.images).images
+    t_saver, t_base = map(int, args.threads.split(","))
+    p_saver, p_base = map(int, args.pipeline_threads.split(","))
+    sels = [s for s in select_all(zoo, SelectorConfig())[0]
+            if s.found and len(s.models) == 2 and (not args.bases or s.base in args.bases)]
+    print(f"zoo {args.zoo}: {len(images)} {split} images, {args.repeats} interleaved repetitions, savers selected "
+          f"on flops; sequential cascade and bases on threads {t_saver},{t_base}, pipelined cascade on "
+          f"{p_saver},{p_base}; speedups over the best base are medians (min–max)\n")
+    print("| base ← saver | backend | batch | exit ratio | best base ms/img | sequential ms/img | pipelined ms/img | "
+          "sequential / best base | pipelined / best base |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sel in sels:
+        saver, base = (zoo.load_model(k) for k in sel.models)
+        for b in args.backends.split(","):
+            bases = [Cascade([base], [], backend=b, threads=t_base)]
+            if b == "onnxruntime":
+                spinning = Cascade([base], [], backend=b, threads=t_base)
+                spinning._runners[0] = make_runner(base, b, threads=t_base, spin=True)
+                bases.append(spinning)
+            seq = Cascade([saver, base], sel.thresholds, backend=b, threads=[t_saver, t_base])
+            pipe = Cascade([saver, base], sel.thresholds, backend=b, threads=[p_saver, p_base])
+            for bs in args.batch_sizes:
+                runs = [(c, False) for c in bases] + [(seq, False), (pipe, True)]
+                for c, p in runs:  # warm-up
+                    c.predict(images[: min(len(images), 4 * bs)], batch_size=bs, pipeline=p)
+                times = np.array([[seconds(c, images, bs, p) for c, p in runs] for _ in range(args.repeats)])
+                best = times[:, : len(bases)].min(axis=1)
+                ts, tp = times[:, -2], times[:, -1]
+                exit_ratio = float((seq.predict(images, batch_size=bs).stage == 0).mean())
+                per = 1e3 / len(images)
+                rs, rp = best / ts, best / tp
+                print(f"| {sel.base} ← {sel.models[0]} | {b} | {bs} | {exit_ratio:.1%} | {np.median(best) * per:.3f} | "
+                      f"{np.median(ts) * per:.3f} | {np.median(tp) * per:.3f} | "
+                      f"{np.median(rs):.2f}× ({rs.min():.2f}–{rs.max():.2f}) | "
+                      f"{np.median(rp):.2f}× ({rp.min():.2f}–{rp.max():.2f}) |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
