@@ -10,9 +10,14 @@ size, interleaved for ``--repeats`` repetitions on the same decoded images:
 
 - the base alone on ``--threads``' base count, with tinysaver's non-spinning sessions and, on ONNX
   Runtime, with the runtime's default spinning: the faster of the two is "best base";
-- the sequential cascade (``--threads`` SAVER,BASE) and the pipelined one (``--pipeline-threads``).
+- the sequential cascade (``--threads`` SAVER,BASE) and the pipelined one (``--pipeline-threads``);
+- the saver alone (on ``--threads``' saver count), for the ideal time of issue 11:
+  saver + (1 − exit ratio) · best base, from the same repetition;
+- with ``--eager-base``, the base alone on eager too: what a user runs today.
 
-Printed: ms per image (medians) and each cascade's speedup over the best base, median (min–max).
+Printed: ms per image (medians), each cascade's speedup over the best base and its share of the
+ideal (ideal / cascade time), medians (min–max), and with ``--eager-base`` the pipelined cascade
+against the eager base.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ def main() -> int:
     ap.add_argument("--bases", nargs="*", help="only these bases")
     ap.add_argument("--threads", default="1,2", help="SAVER,BASE threads of the sequential cascade and the bases")
     ap.add_argument("--pipeline-threads", default="1,1", help="SAVER,BASE threads of the pipelined cascade")
+    ap.add_argument("--eager-base", action="store_true", help="also time the base alone on eager")
     args = ap.parse_args()
     zoo = load_zoo(args.zoo)
     split = "test" if "test" in zoo.splits else next(iter(zoo.splits))
@@ -56,8 +62,9 @@ def main() -> int:
           f"on flops; sequential cascade and bases on threads {t_saver},{t_base}, pipelined cascade on "
           f"{p_saver},{p_base}; speedups over the best base are medians (min–max)\n")
     print("| base ← saver | backend | batch | exit ratio | best base ms/img | sequential ms/img | pipelined ms/img | "
-          "sequential / best base | pipelined / best base |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "sequential / best base | pipelined / best base | sequential of ideal | pipelined of ideal | "
+          "pipelined / eager base |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for sel in sels:
         saver, base = (zoo.load_model(k) for k in sel.models)
         for b in args.backends.split(","):
@@ -66,22 +73,28 @@ def main() -> int:
                 spinning = Cascade([base], [], backend=b, threads=t_base)
                 spinning._runners[0] = make_runner(base, b, threads=t_base, spin=True)
                 bases.append(spinning)
+            saver_only = Cascade([saver], [], backend=b, threads=t_saver)
+            eager = [Cascade([base], [])] if args.eager_base else []
             seq = Cascade([saver, base], sel.thresholds, backend=b, threads=[t_saver, t_base])
             pipe = Cascade([saver, base], sel.thresholds, backend=b, threads=[p_saver, p_base])
             for bs in args.batch_sizes:
-                runs = [(c, False) for c in bases] + [(seq, False), (pipe, True)]
+                runs = [(c, False) for c in bases + eager + [saver_only, seq]] + [(pipe, True)]
                 for c, p in runs:  # warm-up
                     c.predict(images[: min(len(images), 4 * bs)], batch_size=bs, pipeline=p)
                 times = np.array([[seconds(c, images, bs, p) for c, p in runs] for _ in range(args.repeats)])
                 best = times[:, : len(bases)].min(axis=1)
-                ts, tp = times[:, -2], times[:, -1]
+                t_saver_only, ts, tp = times[:, -3], times[:, -2], times[:, -1]
                 exit_ratio = float((seq.predict(images, batch_size=bs).stage == 0).mean())
+                ideal = t_saver_only + (1 - exit_ratio) * best
                 per = 1e3 / len(images)
-                rs, rp = best / ts, best / tp
+
+                def spread(r: np.ndarray, unit: str = "") -> str:
+                    return f"{np.median(r):.2f}{unit} ({r.min():.2f}–{r.max():.2f})"
+                vs_eager = spread(times[:, len(bases)] / tp, "×") if eager else "—"
                 print(f"| {sel.base} ← {sel.models[0]} | {b} | {bs} | {exit_ratio:.1%} | {np.median(best) * per:.3f} | "
-                      f"{np.median(ts) * per:.3f} | {np.median(tp) * per:.3f} | "
-                      f"{np.median(rs):.2f}× ({rs.min():.2f}–{rs.max():.2f}) | "
-                      f"{np.median(rp):.2f}× ({rp.min():.2f}–{rp.max():.2f}) |", flush=True)
+                      f"{np.median(ts) * per:.3f} | {np.median(tp) * per:.3f} | {spread(best / ts, '×')} | "
+                      f"{spread(best / tp, '×')} | {spread(ideal / ts)} | {spread(ideal / tp)} | {vs_eager} |",
+                      flush=True)
     return 0
 
 

@@ -250,7 +250,7 @@ def _run_pipelined(run, num_stages: int, chunks: list[np.ndarray], batch_size: i
         try:
             while (item := queues[i].get()) is not None:
                 if failed:
-                    continue  # keep taking items, so the stage before never waits on this one
+                    continue  # another stage failed: skip the work, but read on until the stage before ends
                 if not refill:
                     hand_on(i, run(i, item))
                     continue
