@@ -45,8 +45,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         writer.writerow(["path", "class", "name", "confidence", "exit_stage", "stage_name"])
     t0 = time.perf_counter()
     bar = tqdm(total=len(src.ids), desc="infer", disable=len(src.ids) < 200 or args.quiet, file=sys.stderr)
-    # a few batches per block: memory stays bounded, and refill can gather survivors across batches
-    for index, imgs, failures in decoded_blocks(src, args.batch_size * 8):
+    # a few batches, and at least 256 images, per block: memory stays bounded, refill can gather
+    # survivors across batches, and a pipeline is not drained and restarted every few small batches
+    for index, imgs, failures in decoded_blocks(src, max(args.batch_size * 8, 256)):
         for path, why in failures:  # one bad file never stops the run
             print(f"tinysaver: cannot read {path}: {why}", file=sys.stderr)
         failed += len(failures)
