@@ -28,7 +28,6 @@ import numpy as np
 
 from tinysaver.cascade import Cascade
 from tinysaver.data import load_dataset
-from tinysaver.runtimes import make_runner
 from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
 
@@ -105,11 +104,9 @@ def main() -> int:
                 cascade = Cascade([models[saver], models[base]], sel.thresholds, backend=b, threads=[ts_, tb_])
                 runs = [base_only, cascade, saver_only]
                 if b == "onnxruntime":  # the same two, with the base's session spinning
-                    base_spin = Cascade([models[base]], [], backend=b, threads=tb_)
-                    cascade_spin = Cascade([models[saver], models[base]], sel.thresholds, backend=b, threads=[ts_, tb_])
-                    for c in (base_spin, cascade_spin):
-                        c._runners[-1] = make_runner(models[base], b, threads=tb_, spin=True)
-                    runs += [base_spin, cascade_spin]
+                    runs += [Cascade([models[base]], [], backend=b, threads=tb_, spin=True),
+                             Cascade([models[saver], models[base]], sel.thresholds, backend=b, threads=[ts_, tb_],
+                                     spin=[False, True])]
                 for c in runs:  # warm-up
                     c.predict(images[: min(len(images), 4 * bs)], batch_size=bs)
                 times = [[] for _ in runs]

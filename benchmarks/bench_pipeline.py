@@ -28,15 +28,14 @@ import numpy as np
 
 from tinysaver.cascade import Cascade
 from tinysaver.data import load_dataset
-from tinysaver.runtimes import make_runner
 from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
 
 
-def seconds(cascade: Cascade, images, bs: int, pipeline: bool = False) -> float:
+def timed(cascade: Cascade, images, bs: int, pipeline: bool) -> tuple[float, np.ndarray]:
     t0 = time.perf_counter()
-    cascade.predict(images, batch_size=bs, pipeline=pipeline)
-    return time.perf_counter() - t0
+    res = cascade.predict(images, batch_size=bs, pipeline=pipeline)
+    return time.perf_counter() - t0, res.stage
 
 
 def main() -> int:
@@ -68,11 +67,8 @@ def main() -> int:
     for sel in sels:
         saver, base = (zoo.load_model(k) for k in sel.models)
         for b in args.backends.split(","):
-            bases = [Cascade([base], [], backend=b, threads=t_base)]
-            if b == "onnxruntime":
-                spinning = Cascade([base], [], backend=b, threads=t_base)
-                spinning._runners[0] = make_runner(base, b, threads=t_base, spin=True)
-                bases.append(spinning)
+            bases = [Cascade([base], [], backend=b, threads=t_base, spin=spin)
+                     for spin in ([False, True] if b == "onnxruntime" else [False])]
             saver_only = Cascade([saver], [], backend=b, threads=t_saver)
             eager = [Cascade([base], [])] if args.eager_base else []
             seq = Cascade([saver, base], sel.thresholds, backend=b, threads=[t_saver, t_base])
@@ -81,10 +77,11 @@ def main() -> int:
                 runs = [(c, False) for c in bases + eager + [saver_only, seq]] + [(pipe, True)]
                 for c, p in runs:  # warm-up
                     c.predict(images[: min(len(images), 4 * bs)], batch_size=bs, pipeline=p)
-                times = np.array([[seconds(c, images, bs, p) for c, p in runs] for _ in range(args.repeats)])
+                timings = [[timed(c, images, bs, p) for c, p in runs] for _ in range(args.repeats)]
+                times = np.array([[secs for secs, _ in row] for row in timings])
                 best = times[:, : len(bases)].min(axis=1)
                 t_saver_only, ts, tp = times[:, -3], times[:, -2], times[:, -1]
-                exit_ratio = float((seq.predict(images, batch_size=bs).stage == 0).mean())
+                exit_ratio = float((timings[0][-2][1] == 0).mean())  # the sequential cascade's (the pipeline's is equal)
                 ideal = t_saver_only + (1 - exit_ratio) * best
                 per = 1e3 / len(images)
 

@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import need_package
 from tests.test_cascade import offline_reference, split_threshold, tiny
-from tinysaver.cascade import Cascade
+from tinysaver.cascade import Cascade, CascadeError
 from tinysaver.runtimes import BackendError, agreement, check_backend, make_runner, runner_with_fallback
 from tinysaver.transforms import prepare_batch
 
@@ -98,6 +98,13 @@ def test_onnxruntime_spins_only_when_asked(tmp_path, images):
     assert torch.allclose(quiet(x), spinning(x), atol=1e-5)  # spinning changes timing, not answers
     with pytest.raises(BackendError, match="onnxruntime backend only"):
         make_runner(m, "eager", spin=True)
+    stages = [tiny("test_efficientnet", input_size=32), m]
+    cas = Cascade(stages, [0.5], backend="onnxruntime", spin=[False, True], cache_dir=tmp_path)
+    assert [r.spin for r in cas._runners] == [False, True]  # one per stage reaches the sessions
+    with pytest.raises(CascadeError, match="onnxruntime stages only"):
+        Cascade(stages, [0.5], backend=["onnxruntime", "eager"], spin=[False, True], cache_dir=tmp_path)
+    with pytest.raises(CascadeError, match="one per stage"):
+        Cascade(stages, [0.5], backend="onnxruntime", spin=[True], cache_dir=tmp_path)
 
 
 def test_missing_or_unknown_backend_names_the_extra(monkeypatch):

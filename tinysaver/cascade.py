@@ -75,6 +75,7 @@ class Cascade:
     backend_fallback: str | None = None     # "eager": a stage whose export fails runs eager instead
     cache_dir: str | Path | None = None     # where exports are cached (default: next to the checkpoint)
     threads: int | Sequence[int] | None = None  # intra-op threads of the onnxruntime/openvino stages, one or per stage
+    spin: bool | Sequence[bool] = False  # onnxruntime stages: idle threads spin (the runtime's default), one or per stage
     temperatures: Sequence[float] | None = None  # one per stage: confidence = max softmax(logits / T); default 1
     _runners: list = field(default_factory=list, repr=False, init=False)
 
@@ -106,6 +107,12 @@ class Cascade:
         if set(backends) - {"eager"} and torch.device(self.device).type != "cpu":
             raise CascadeError("the compile/onnxruntime/openvino backends run on CPU here; use --device cpu")
         threads = self._stage_threads(backends)
+        spins = [self.spin] * len(self.stages) if isinstance(self.spin, bool) else list(self.spin)
+        if len(spins) != len(self.stages) or not all(isinstance(v, bool) for v in spins):
+            raise CascadeError(f"give spin as one bool for all stages or one per stage ({len(self.stages)}), "
+                               f"got {self.spin!r}")
+        if any(v and b != "onnxruntime" for v, b in zip(spins, backends)):
+            raise CascadeError(f"spin applies to onnxruntime stages only; the stages run on {backends}")
         from .runtimes import runner_with_fallback
 
         for m in self.stages:
@@ -115,8 +122,8 @@ class Cascade:
             if self.channels_last:
                 m.module.to(memory_format=torch.channels_last)
         cache = Path(self.cache_dir) if self.cache_dir else None
-        self._runners = [runner_with_fallback(m, b, self.backend_fallback, cache, t)
-                         for m, b, t in zip(self.stages, backends, threads)]
+        self._runners = [runner_with_fallback(m, b, self.backend_fallback, cache, t, v)
+                         for m, b, t, v in zip(self.stages, backends, threads, spins)]
 
     def _stage_threads(self, backends: list[str]) -> list[int | None]:
         # Tiny models at batch 1 run faster on one thread (thread hand-off costs more than the

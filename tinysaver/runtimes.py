@@ -190,12 +190,12 @@ def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | No
 
 
 def runner_with_fallback(model: LoadedModel, backend: str, fallback: str | None = None,
-                         cache_dir: Path | None = None, threads: int | None = None) -> Runner:
+                         cache_dir: Path | None = None, threads: int | None = None, spin: bool = False) -> Runner:
     """:func:`make_runner`, falling back to ``fallback`` (only "eager") for this model when its export fails."""
     if fallback not in (None, "eager"):
         raise BackendError(f"the only fallback backend is eager, got {fallback!r}")
     try:
-        return make_runner(model, backend, cache_dir, threads)
+        return make_runner(model, backend, cache_dir, threads, spin)
     except BackendError as e:
         if fallback is None or "cannot export" not in str(e):
             raise
