@@ -220,3 +220,24 @@ def test_openvino_refuses_a_preloaded_tcmalloc(monkeypatch, tmp_path):
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
     with pytest.raises(BackendError, match="OpenVINO crashes when tcmalloc is preloaded"):
         make_runner(tiny("test_resnet", input_size=32), "openvino", cache_dir=tmp_path)
+
+
+def test_openvino_compiles_recurring_batch_sizes_for_their_shape_unpinned(tmp_path, images):
+    need_package("openvino")
+    m = tiny("test_efficientnet", input_size=32)
+    r = make_runner(m, "openvino", cache_dir=tmp_path)
+    ov_model = r.fn
+    # pinned threads made two 1-thread models in a pipelined cascade share one core
+    assert ov_model.dynamic.get_property("ENABLE_CPU_PINNING") is False
+    x = prepare_batch(images, m.preprocess)
+    want = ov_model.dynamic(x.numpy())[0]
+    for _ in range(ov_model.static_after - 1):
+        assert np.allclose(r(x[:4]).numpy(), want[:4], atol=1e-5)
+    assert ov_model.static == {}  # not yet asked for often enough
+    for sizes in ([4], [1, 1, 1], [2, 2, 2], [3, 3, 3], [5, 5, 5]):
+        for n in sizes:
+            assert np.allclose(r(x[:n]).numpy(), want[:n], atol=1e-5)  # the same logits on either model
+    assert sorted(ov_model.static) == [1, 2, 3, 4]  # the first four to recur; 5 stays on the dynamic model
+    assert list(ov_model.static[1].input(0).get_partial_shape()) == [1, 3, 32, 32]
+    assert ov_model.static[1].get_property("ENABLE_CPU_PINNING") is False
+    assert np.allclose(r(x).numpy(), want, atol=1e-5)  # any other size still runs
