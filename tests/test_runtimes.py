@@ -222,7 +222,7 @@ def test_openvino_refuses_a_preloaded_tcmalloc(monkeypatch, tmp_path):
         make_runner(tiny("test_resnet", input_size=32), "openvino", cache_dir=tmp_path)
 
 
-def test_openvino_compiles_recurring_batch_sizes_for_their_shape_unpinned(tmp_path, images):
+def test_openvino_runs_announced_batch_sizes_on_fixed_shapes_unpinned(tmp_path, images):
     need_package("openvino")
     m = tiny("test_efficientnet", input_size=32)
     r = make_runner(m, "openvino", cache_dir=tmp_path)
@@ -231,13 +231,20 @@ def test_openvino_compiles_recurring_batch_sizes_for_their_shape_unpinned(tmp_pa
     assert ov_model.dynamic.get_property("ENABLE_CPU_PINNING") is False
     x = prepare_batch(images, m.preprocess)
     want = ov_model.dynamic(x.numpy())[0]
-    for _ in range(ov_model.static_after - 1):
-        assert np.allclose(r(x[:4]).numpy(), want[:4], atol=1e-5)
-    assert ov_model.static == {}  # not yet asked for often enough
-    for sizes in ([4], [1, 1, 1], [2, 2, 2], [3, 3, 3], [5, 5, 5]):
-        for n in sizes:
-            assert np.allclose(r(x[:n]).numpy(), want[:n], atol=1e-5)  # the same logits on either model
-    assert sorted(ov_model.static) == [1, 2, 3, 4]  # the first four to recur; 5 stays on the dynamic model
-    assert list(ov_model.static[1].input(0).get_partial_shape()) == [1, 3, 32, 32]
-    assert ov_model.static[1].get_property("ENABLE_CPU_PINNING") is False
-    assert np.allclose(r(x).numpy(), want, atol=1e-5)  # any other size still runs
+    assert np.allclose(r(x[:4]).numpy(), want[:4], atol=1e-5) and ov_model.static == {}  # nothing compiled unasked
+    for n in (4, 1, 2, 3, 4, 5):  # 4 again: kept, and now the most recent
+        r.expect_batch(n)
+    assert list(ov_model.static) == [2, 3, 4, 5]  # the four most recently announced; 1 was dropped
+    assert list(ov_model.static[2].input(0).get_partial_shape()) == [2, 3, 32, 32]
+    assert ov_model.static[2].get_property("ENABLE_CPU_PINNING") is False
+    for n in (1, 2, 5, 13):  # fixed-shape or dynamic, the same logits
+        assert np.allclose(r(x[:n]).numpy(), want[:n], atol=1e-5)
+    make_runner(m, "eager").expect_batch(4)  # a no-op elsewhere
+    from tinysaver.measure import measure_latency
+
+    measure_latency(r, m.preprocess.input_size, [7], min_run_time=0.01)
+    assert 7 in ov_model.static  # the profiler times the shape a cascade at that batch size runs
+    cas = Cascade([m], [], backend="openvino", cache_dir=tmp_path)
+    cas.predict(images, batch_size=6)
+    cas.predict(images[:3], batch_size=6)
+    assert list(cas._runners[0].fn.static) == [6, 3]  # a cascade announces its batch size (at most the input's)

@@ -191,6 +191,8 @@ class Cascade:
         if pipeline and not shrink:
             raise CascadeError("pipeline needs the shrinking path; it cannot be combined with shrink=False "
                                "or all_stages=True")
+        for r in self._runners:  # e.g. OpenVINO compiles for this batch size, once
+            r.expect_batch(min(batch_size, n))
         S = len(self.stages)
         pred = np.empty(n, dtype=np.int64)
         conf = np.empty(n, dtype=np.float32)

@@ -134,6 +134,8 @@ def measure_latency(
         if bs < 1:
             raise ValueError(f"batch sizes must be ≥ 1, got {bs}")
         x = torch.randn(bs, *input_shape[-3:], device=device)
+        if hasattr(module, "expect_batch"):  # a Runner: an OpenVINO one compiles for this shape now
+            module.expect_batch(bs)
         with torch.inference_mode():
             for _ in range(warmup):
                 module(x)

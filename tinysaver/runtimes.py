@@ -20,6 +20,7 @@ import re
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,13 @@ class Runner:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+    def expect_batch(self, n: int) -> None:
+        """Most batches to come have ``n`` samples: a backend that runs faster on a fixed shape
+        (OpenVINO) compiles for it now. Other batch sizes still run. A no-op elsewhere."""
+        expect = getattr(self.fn, "expect_batch", None)
+        if expect is not None:
+            expect(n)
 
 
 def check_backend(name: str) -> None:
@@ -185,15 +193,14 @@ def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | No
 class OpenVinoModel:
     """An ONNX file compiled by OpenVINO for the CPU: (N, C, H, W) float → (N, classes) logits, any N.
 
-    Every batch size runs on one dynamic-batch compiled model until a size has been asked for
-    ``static_after`` times; that size then gets a model compiled for its fixed shape, up to
-    ``max_static`` sizes (the first to recur, never evicted, so a stream of odd tail sizes cannot
-    make it recompile forever). Measured on the Fashion-MNIST zoo (benchmarks/RESULTS.md): a fixed
-    shape runs 0–30 % faster and gives the same logits; a compile takes 50–150 ms.
+    Batches run on one dynamic-batch compiled model, except batch sizes announced with
+    :meth:`expect_batch` (a cascade announces its batch size, the profiler each one it times), which
+    run on a model compiled for that fixed shape: 0–30 % faster on the Fashion-MNIST zoo, with the
+    same logits. A compile takes 50–150 ms, so it happens when a size is announced, never in the
+    middle of a stream of batches. The ``max_static`` most recently announced sizes are kept.
     """
 
-    def __init__(self, path: Path, input_size: tuple[int, int, int], threads: int,
-                 static_after: int = 3, max_static: int = 4):
+    def __init__(self, path: Path, input_size: tuple[int, int, int], threads: int, max_static: int = 4):
         import openvino as ov
 
         self.core, self.path, self.input_size = ov.Core(), Path(path), tuple(input_size)
@@ -202,10 +209,9 @@ class OpenVinoModel:
         # measured, two resnet10t models in two threads ran slower than one after the other.
         self.config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
                        "ENABLE_CPU_PINNING": False}
-        self.static_after, self.max_static = static_after, max_static
+        self.max_static = max_static
         self.dynamic = self._compile(None)
-        self.static: dict[int, object] = {}
-        self._calls: dict[int, int] = {}
+        self.static: OrderedDict[int, object] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -218,18 +224,19 @@ class OpenVinoModel:
             graph.reshape([batch, *self.input_size])
         return self.core.compile_model(graph, "CPU", self.config)
 
-    def _model_for(self, n: int):
+    def expect_batch(self, n: int) -> None:
+        """Compile for batch size ``n`` now (once), so that its batches run on a fixed-shape model."""
         with self._lock:  # a served model may be called from several threads
             if n in self.static:
-                return self.static[n]
-            self._calls[n] = self._calls.get(n, 0) + 1
-            if self._calls[n] >= self.static_after and len(self.static) < self.max_static:
-                self.static[n] = self._compile(n)
-                return self.static[n]
-        return self.dynamic
+                self.static.move_to_end(n)
+                return
+            self.static[n] = self._compile(n)
+            while len(self.static) > self.max_static:
+                self.static.popitem(last=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self._model_for(len(x))(x.detach().cpu().numpy())[0]))
+        model = self.static.get(len(x), self.dynamic)
+        return torch.from_numpy(np.asarray(model(x.detach().cpu().numpy())[0]))
 
 
 def runner_with_fallback(model: LoadedModel, backend: str, fallback: str | None = None,
