@@ -195,9 +195,10 @@ class OpenVinoModel:
 
     Batches run on one dynamic-batch compiled model, except batch sizes announced with
     :meth:`expect_batch` (a cascade announces its batch size, the profiler each one it times), which
-    run on a model compiled for that fixed shape: 0–30 % faster on the Fashion-MNIST zoo, with the
-    same logits. A compile takes 50–150 ms, so it happens when a size is announced, never in the
-    middle of a stream of batches. The ``max_static`` most recently announced sizes are kept.
+    run on a model compiled for that fixed shape: 1.02–1.45× faster on the Fashion-MNIST zoo, with
+    the same logits (benchmarks/bench_openvino.py). A compile takes 80–190 ms, so it happens when
+    a size is announced, never in the middle of a stream of batches. The ``max_static`` most
+    recently announced sizes are kept.
     """
 
     def __init__(self, path: Path, input_size: tuple[int, int, int], threads: int, max_static: int = 4):
@@ -206,7 +207,7 @@ class OpenVinoModel:
         self.core, self.path, self.input_size = ov.Core(), Path(path), tuple(input_size)
         # Pinning puts each compiled model's threads on fixed cores. A cascade runs several compiled
         # models (and torch) in one process, and pinned 1-thread models then share one core:
-        # measured, two resnet10t models in two threads ran slower than one after the other.
+        # two resnet10t models in two threads ran slower than one after the other (bench_openvino.py).
         self.config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
                        "ENABLE_CPU_PINNING": False}
         self.max_static = max_static
