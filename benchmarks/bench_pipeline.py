@@ -15,6 +15,11 @@ size, interleaved for ``--repeats`` repetitions on the same decoded images:
   saver + (1 − exit ratio) · best base, from the same repetition;
 - with ``--eager-base``, the base alone on eager too: what a user runs today.
 
+Eager and compile stages share torch's one thread pool, set with ``torch.set_num_threads`` for
+each run: the base alone runs on ``--threads``' base count and on the pipeline's count (the faster
+is "best base"), the sequential cascade and the saver alone on the base count, the pipelined
+cascade on the pipeline's count (give it as N,N).
+
 Printed: ms per image (medians), each cascade's speedup over the best base and its share of the
 ideal (ideal / cascade time), medians (min–max), and with ``--eager-base`` the pipelined cascade
 against the eager base.
@@ -25,6 +30,7 @@ import argparse
 import time
 
 import numpy as np
+import torch
 
 from tinysaver.cascade import Cascade
 from tinysaver.data import load_dataset
@@ -32,7 +38,8 @@ from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
 
 
-def timed(cascade: Cascade, images, bs: int, pipeline: bool) -> tuple[float, np.ndarray]:
+def timed(cascade: Cascade, images, bs: int, pipeline: bool, torch_threads: int) -> tuple[float, np.ndarray]:
+    torch.set_num_threads(torch_threads)
     t0 = time.perf_counter()
     res = cascade.predict(images, batch_size=bs, pipeline=pipeline)
     return time.perf_counter() - t0, res.stage
@@ -64,20 +71,35 @@ def main() -> int:
           "sequential / best base | pipelined / best base | sequential of ideal | pipelined of ideal | "
           "pipelined / eager base |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    default = torch.get_num_threads()
     for sel in sels:
         saver, base = (zoo.load_model(k) for k in sel.models)
         for b in args.backends.split(","):
-            bases = [Cascade([base], [], backend=b, threads=t_base, spin=spin)
-                     for spin in ([False, True] if b == "onnxruntime" else [False])]
-            saver_only = Cascade([saver], [], backend=b, threads=t_saver)
-            eager = [Cascade([base], [])] if args.eager_base else []
-            seq = Cascade([saver, base], sel.thresholds, backend=b, threads=[t_saver, t_base])
-            pipe = Cascade([saver, base], sel.thresholds, backend=b, threads=[p_saver, p_base])
+            # each run: (cascade, pipelined?, torch's thread count while it runs)
+            if b in ("eager", "compile"):
+                # their stages share torch's one global pool, so a stage cannot have its own count:
+                # the base alone runs on both counts (the faster is best base), the sequential
+                # cascade and the saver alone on the base's, the pipelined cascade on the pipeline's
+                if p_saver != p_base:
+                    raise SystemExit(f"{b} stages share torch's thread pool: give --pipeline-threads N,N")
+                bases = [(Cascade([base], [], backend=b), False, n) for n in sorted({t_base, p_base})]
+                saver_only = (Cascade([saver], [], backend=b), False, t_base)
+                seq = (Cascade([saver, base], sel.thresholds, backend=b), False, t_base)
+                pipe = (Cascade([saver, base], sel.thresholds, backend=b), True, p_base)
+            else:
+                bases = [(Cascade([base], [], backend=b, threads=t_base, spin=spin), False, default)
+                         for spin in ([False, True] if b == "onnxruntime" else [False])]
+                saver_only = (Cascade([saver], [], backend=b, threads=t_saver), False, default)
+                seq = (Cascade([saver, base], sel.thresholds, backend=b, threads=[t_saver, t_base]), False, default)
+                pipe = (Cascade([saver, base], sel.thresholds, backend=b, threads=[p_saver, p_base]), True, default)
+            eager = [(Cascade([base], []), False, default)] if args.eager_base else []
             for bs in args.batch_sizes:
-                runs = [(c, False) for c in bases + eager + [saver_only, seq]] + [(pipe, True)]
-                for c, p in runs:  # warm-up
+                runs = bases + eager + [saver_only, seq, pipe]
+                for c, p, n in runs:  # warm-up
+                    torch.set_num_threads(n)
                     c.predict(images[: min(len(images), 4 * bs)], batch_size=bs, pipeline=p)
-                timings = [[timed(c, images, bs, p) for c, p in runs] for _ in range(args.repeats)]
+                timings = [[timed(c, images, bs, p, n) for c, p, n in runs] for _ in range(args.repeats)]
+                torch.set_num_threads(default)
                 times = np.array([[secs for secs, _ in row] for row in timings])
                 best = times[:, : len(bases)].min(axis=1)
                 t_saver_only, ts, tp = times[:, -3], times[:, -2], times[:, -1]

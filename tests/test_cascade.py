@@ -1,4 +1,5 @@
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -129,6 +130,24 @@ def test_pipeline_runs_the_sequential_batches_in_threads(mixed_images, batch_siz
     assert {name for _, name, _ in pipe_seen[1]} == {"tinysaver-stage-1"}
     assert {name for _, name, _ in pipe_seen[2]} == {"tinysaver-stage-2"}
     assert all(mode for i in range(3) for _, _, mode in pipe_seen[i])  # no autograd in the stage threads
+
+
+def test_a_pipeline_of_eager_stages_on_several_torch_threads_warns(mixed_images):
+    stages = [tiny("test_efficientnet", input_size=32), tiny("test_resnet", input_size=40)]
+    cas = Cascade(stages, [0.5])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.warns(UserWarning, match=r"torch.set_num_threads\(1\)"):
+            cas.predict(mixed_images, batch_size=4, pipeline=True)
+        torch.set_num_threads(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cas.predict(mixed_images, batch_size=4, pipeline=True)  # one thread each: nothing to say
+            torch.set_num_threads(2)
+            cas.predict(mixed_images, batch_size=4)  # not pipelined: nothing to say
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_failing_pipeline_stage_raises_and_leaves_no_thread(mixed_images):

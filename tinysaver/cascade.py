@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -191,6 +192,12 @@ class Cascade:
         if pipeline and not shrink:
             raise CascadeError("pipeline needs the shrinking path; it cannot be combined with shrink=False "
                                "or all_stages=True")
+        if pipeline and len(self.stages) > 1 and torch.get_num_threads() > 1 and {"eager", "compile"} & set(self.backends):
+            warnings.warn(f"pipeline=True runs eager/compile stages in threads that share torch's "
+                          f"{torch.get_num_threads()}-thread pool, which oversubscribes the cores: measured on 2 "
+                          "cores at batch 1, the pipelined cascade ran half as fast as the sequential one. "
+                          "Call torch.set_num_threads(1) (or set OMP_NUM_THREADS=1) first, or run the stages "
+                          "on onnxruntime/openvino with per-stage threads", stacklevel=2)
         for r in self._runners:  # e.g. OpenVINO compiles for this batch size, once
             r.expect_batch(min(batch_size, n))
         S = len(self.stages)
