@@ -240,6 +240,10 @@ def test_openvino_runs_announced_batch_sizes_on_fixed_shapes_unpinned(tmp_path, 
     for n in (1, 2, 5, 13):  # fixed-shape or dynamic, the same logits
         assert np.allclose(r(x[:n]).numpy(), want[:n], atol=1e-5)
     make_runner(m, "eager").expect_batch(4)  # a no-op elsewhere
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(BackendError, match="integer ≥ 1"):
+            r.expect_batch(bad)
+    r.expect_batch(np.int64(4))  # numpy's integers are batch sizes too
     from tinysaver.measure import measure_latency
 
     measure_latency(r, m.preprocess.input_size, [7], min_run_time=0.01)

@@ -59,6 +59,9 @@ class Runner:
     def expect_batch(self, n: int) -> None:
         """Most batches to come have ``n`` samples: a backend that runs faster on a fixed shape
         (OpenVINO) compiles for it now. Other batch sizes still run. A no-op elsewhere."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise BackendError(f"a batch size is an integer ≥ 1, got {n!r}")
+        n = int(n)
         expect = getattr(self.fn, "expect_batch", None)
         if expect is not None:
             expect(n)
