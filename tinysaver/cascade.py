@@ -198,8 +198,11 @@ class Cascade:
                           "cores at batch 1, the pipelined cascade ran half as fast as the sequential one. "
                           "Call torch.set_num_threads(1) (or set OMP_NUM_THREADS=1) first, or run the stages "
                           "on onnxruntime/openvino with per-stage threads", stacklevel=2)
-        for r in self._runners:  # e.g. OpenVINO compiles for this batch size, once
-            r.expect_batch(min(batch_size, n))
+        # Full batches will run, so OpenVINO compiles for their size (once). A call shorter than
+        # one batch is not worth a compile: its odd size stays on the dynamic-batch model.
+        if n >= batch_size:
+            for r in self._runners:
+                r.expect_batch(batch_size)
         S = len(self.stages)
         pred = np.empty(n, dtype=np.int64)
         conf = np.empty(n, dtype=np.float32)
