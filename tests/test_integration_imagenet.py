@@ -124,3 +124,29 @@ def test_infer_cli_on_real_images(tmp_path, capsys):
     assert lines[0].startswith("path,class,name") and len(lines) == 7 and "few.tar:x/n01440764" in lines[1]
     bad = run_here(capsys, *[c if c != "0.5" else "1.5" for c in here], str(d))
     assert bad.returncode == 2 and "[0, 1]" in bad.stderr
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_real_cascade_on_a_runtime_agrees_with_eager_and_is_exact(lite, sample64, backend, tmp_path):
+    """lite0 → lite2 with real ImageNet weights on a runtime: sequential and pipelined, batch 1 and 16."""
+    from tests.test_cascade import offline_reference, split_threshold
+
+    need_package(backend)
+    stages = [lite[LITE[0]], lite[LITE[2]]]
+    eager_conf = offline_reference(stages[:1], [], sample64.images)[1]
+    t, near = split_threshold(eager_conf)
+    assert near == 0  # no saver confidence within the policy margin of t: float noise cannot move a decision
+    eager = offline_reference(stages, [t], sample64.images)
+    cas = Cascade(stages, [t], backend=backend, threads=1, cache_dir=tmp_path)
+    every = cas.predict(sample64.images, batch_size=16, all_stages=True)
+    for i, m in enumerate(stages):  # the runtime agrees with eager on every real image
+        ref_pred, ref_conf = offline_reference([m], [], sample64.images)[:2]
+        assert np.array_equal(every.stage_pred[i], ref_pred)
+        np.testing.assert_allclose(every.stage_conf[i], ref_conf, atol=1e-4)
+    assert np.array_equal(every.stage, eager[2]) and 0 < (every.stage == 0).sum() < len(sample64)
+    for bs in (1, 16):
+        for pipeline in (False, True):
+            res = cas.predict(sample64.images, batch_size=bs, pipeline=pipeline)
+            assert np.array_equal(res.stage, every.stage) and np.array_equal(res.pred, every.pred)
+    if backend == "openvino":
+        assert 16 in cas._runners[0].fn.static  # the full batches ran on a fixed-shape model
