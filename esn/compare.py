@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,35 +25,12 @@ from .label_free import soft_targets, tolerance_thresholds
 from .policy import ExitPolicy, choose_policy
 from .sdn import SDN
 from .ztw import ZTW
+from tinysaver.errors import UsageError
 
-FAMILIES = ("esn", "sdn", "ztw", "gates", "label-free")
+from .settings import FAMILIES, CompareSettings  # noqa: F401 (re-exported)
+
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 WALLCLOCK_REPEATS = 3  # best of: a neighbour can only slow a run down
-
-
-@dataclass
-class CompareSettings:
-    epochs: int = 10               # exit heads and the ESN
-    lr: float = 1e-3               # SDN/ZTW classifiers (the ESN keeps its Table 7 settings)
-    ensemble_lr: float = 1e-2
-    gate_lambda: float = 1.0       # λ of the gates' cost term (seed 003 sweeps 0.01–10)
-    lf_tolerance: float = 1.0      # T of the label-free T/2^n rule, in accuracy points
-    label_free: bool = False       # train every method on the base's outputs, never on labels
-    calibrate: str | None = None   # "temperature": fit T per exit on calib before any threshold
-    alpha: float = 0.1             # conformal sets at coverage 1 − α
-    wallclock_images: int = 256
-    train_limit: int | None = None
-    seed: int = 0
-    esn: dict = field(default_factory=dict)  # TrainSettings overrides
-
-    def __post_init__(self) -> None:
-        from tinysaver.selector import check_calibration
-
-        check_calibration(self.calibrate)
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-        if self.epochs < 1 or self.wallclock_images < 0:
-            raise ValueError("epochs must be ≥ 1 and wallclock_images ≥ 0")
 
 
 class SaverOnly(torch.nn.Module):
@@ -79,7 +55,7 @@ def parse_families(text: str) -> list[str]:
     fams = [f.strip() for f in text.split(",") if f.strip()]
     bad = sorted(set(fams) - set(FAMILIES))
     if bad or not fams:
-        raise ValueError(f"unknown method(s) {bad or text!r}; choose from {', '.join(FAMILIES)}")
+        raise UsageError(f"unknown method(s) {bad or text!r}; choose from {', '.join(FAMILIES)}")
     return list(dict.fromkeys(fams))
 
 

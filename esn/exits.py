@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from tinysaver.data import take_images
-from tinysaver.policy import exits
+from tinysaver.policy import confidence
 
 from .staged import saver_outputs
+from tinysaver.errors import UsageError
 
 
 def _confidence(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    conf, pred = (logits.float() / temperature).softmax(-1).max(-1)
+    conf, pred = confidence(logits, temperature)
     return pred, conf
 
 
@@ -67,7 +68,7 @@ def offline_outputs(method, feats: dict, labels, temperatures=None) -> dict:
     n_exits = logits.shape[0]
     temps = [1.0] * (n_exits + 1) if temperatures is None else list(temperatures)
     if len(temps) != n_exits + 1:
-        raise ValueError(f"need {n_exits + 1} temperatures (exits and base head), got {len(temps)}")
+        raise UsageError(f"need {n_exits + 1} temperatures (exits and base head), got {len(temps)}")
     preds, confs = [], []
     with torch.inference_mode():
         for e in range(n_exits):
@@ -131,63 +132,98 @@ def exit_flops(pair, method) -> dict:
 
 # --- dynamic inference --------------------------------------------------------------------------------------
 
-@torch.inference_mode()
-def dynamic_predict(pair, method, policy, images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+class _SaverPart:
+    """Exit 0: the saver on the images; hands the method's state on."""
+
+    needs_images = True
+
+    def __init__(self, pair, method, temperature: float, device="cpu"):
+        self.pair, self.method, self.temperature, self.device = pair, method, temperature, device
+        self.name = pair.saver.key
+
+    def __call__(self, images, carry):
+        from tinysaver.transforms import prepare_batch
+
+        with torch.inference_mode():
+            x = prepare_batch(images, self.pair.saver.preprocess).to(self.device)
+            sf, sl = saver_outputs(self.pair.saver.module, x)
+            pred, conf = exit_score(self.method, 0, sl, self.temperature)
+            return pred, conf.float(), {"state": self.method.begin(sf, sl)}
+
+
+class _BasePart:
+    """Base stages ``first`` … ``last`` − 1 (the stem before stage 0), then exit ``exit`` of the
+    method, or, for the final part (``exit`` None), the rest of the base and its head."""
+
+    def __init__(self, pair, method, first: int, last: int, exit: int | None, temperature: float, device="cpu"):
+        self.pair, self.method, self.first, self.last, self.exit = pair, method, first, last, exit
+        self.temperature, self.device = temperature, device
+        self.needs_images = first == 0
+        base = pair.base.key
+        self.name = base if exit is None else f"{base}/exit{last}"
+
+    def __call__(self, images, carry):
+        from tinysaver.transforms import prepare_batch
+
+        st = self.pair.base_staged
+        with torch.inference_mode():
+            if self.first == 0:
+                x = st.stem(prepare_batch(images, self.pair.base.preprocess).to(self.device))
+                state = carry["state"] if carry is not None else self.method.begin(None, None)
+            else:
+                x, state = carry["x"], carry["state"]
+            for k in range(self.first, self.last):
+                x = st.stages[k](x)
+            if self.exit is None:
+                pred, conf = _confidence(st.tail(x), self.temperature)
+                return pred, conf, None
+            logits, state = self.method.step(self.last, x, state)
+            pred, conf = exit_score(self.method, self.exit, logits, self.temperature)
+            return pred, conf.float(), {"x": x, "state": state}
+
+
+def exit_stages(pair, method, temperatures=None, device="cpu") -> list:
+    """The engine's stages (see :mod:`tinysaver.engine`) of ``method`` on ``pair``, in running
+    order: the saver (if the method uses it), one base part per exit, and the base's rest with its
+    head. ``temperatures``: one per running-order exit and the base head (default 1). The models
+    and the method must already be on ``device``; the images are moved there."""
+    n_exits = method.num_exits + int(method.uses_saver)
+    temps = list(temperatures or [1.0] * (n_exits + 1))
+    if len(temps) != n_exits + 1:
+        raise UsageError(f"need {n_exits + 1} temperatures (exits and base head), got {len(temps)}")
+    stages = [_SaverPart(pair, method, temps[0], device)] if method.uses_saver else []
+    e = len(stages)
+    for k in range(1, method.num_exits + 1):
+        stages.append(_BasePart(pair, method, k - 1, k, e, temps[e], device))
+        e += 1
+    stages.append(_BasePart(pair, method, method.num_exits, len(pair.base_staged.stages), None, temps[-1], device))
+    return stages
+
+
+def dynamic_predict(pair, method, policy, images, batch_size: int = 64, refill: bool = False,
+                    pipeline: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Run a method for real: the saver (if used), then the base stage by stage on the still-open
     rows only, an exit after each stage; the base head answers the rest.
 
     ``policy`` is an :class:`esn.policy.ExitPolicy` with one threshold per running-order exit.
-    Returns (answer, running-order exit index) in input order; the base head is index E.
+    The stages run on :func:`tinysaver.engine.run`: ``refill`` lets each part wait for full
+    batches of survivors, ``pipeline`` runs each part in its own thread (see there). Returns
+    (answer, running-order exit index) in input order; the base head is index E.
     """
-    from tinysaver.transforms import prepare_batch
+    from tinysaver import engine
 
     n_exits = method.num_exits + int(method.uses_saver)
     if len(policy.thresholds) != n_exits:
-        raise ValueError(f"policy has {len(policy.thresholds)} thresholds for {n_exits} exits")
-    temps = policy.temperatures or [1.0] * (n_exits + 1)
-    st = pair.base_staged
+        raise UsageError(f"policy has {len(policy.thresholds)} thresholds for {n_exits} exits")
+    stages = exit_stages(pair, method, policy.temperatures)
     n = len(images)
     answer = np.empty(n, np.int64)
     where = np.empty(n, np.int64)
 
-    def leave(e, logits, ids):
-        pred, conf = exit_score(method, e, logits, temps[e])
-        done = exits(conf.float().numpy(), policy.thresholds[e])
-        answer[ids[done]], where[ids[done]] = pred.numpy()[done], e
-        return ~done
+    def answered(e, idx, pred, conf):
+        answer[idx], where[idx] = pred, e
 
-    for s in range(0, n, batch_size):
-        chunk = images[s:s + batch_size]
-        ids = np.arange(s, min(s + batch_size, n))
-        sf = sl = None
-        if method.uses_saver:
-            sf, sl = saver_outputs(pair.saver.module, prepare_batch(chunk, pair.saver.preprocess))
-        state = method.begin(sf, sl)
-        e = 0
-        open_ = np.ones(len(ids), bool)
-        if method.uses_saver:
-            open_ = leave(0, sl, ids)
-            e = 1
-        keep = torch.as_tensor(np.flatnonzero(open_))
-        if len(keep) == 0:
-            continue
-        ids, state = ids[open_], method.select(state, keep)
-        x = st.stem(prepare_batch(take_images(chunk, keep), pair.base.preprocess))
-        for k, stage in enumerate(st.stages, start=1):
-            x = stage(x)
-            if k > method.num_exits:
-                continue
-            logits, state = method.step(k, x, state)
-            open_ = leave(e, logits, ids)
-            e += 1
-            keep = torch.as_tensor(np.flatnonzero(open_))
-            if len(keep) == 0:
-                break
-            ids, x, state = ids[open_], x[keep], method.select(state, keep)
-        else:
-            pred, _ = _confidence(st.tail(x), temps[-1])
-            answer[ids], where[ids] = pred.numpy(), n_exits
+    with torch.inference_mode():
+        engine.run(stages, policy.thresholds, n, lambda idx: take_images(images, idx), answered,
+                   batch_size=batch_size, refill=refill, pipeline=pipeline)
     return answer, where
-
-
-__all__ = ["exit_score", "all_logits", "fit_temperatures", "offline_outputs", "exit_flops", "dynamic_predict"]

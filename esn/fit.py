@@ -11,6 +11,7 @@ import torch
 
 from .sdn import exits_loss
 from .train import _batches
+from tinysaver.errors import UsageError
 
 
 def fit_exits(forward, params, cache: dict, target: torch.Tensor, epochs: int = 10, batch_size: int = 256,
@@ -24,7 +25,7 @@ def fit_exits(forward, params, cache: dict, target: torch.Tensor, epochs: int = 
 
     params = [p for p in params if p.requires_grad]
     if not params:
-        raise ValueError("nothing to train: no parameter requires a gradient")
+        raise UsageError("nothing to train: no parameter requires a gradient")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(target)

@@ -18,6 +18,7 @@ import torch
 
 from tinysaver.policy import exits
 from tinysaver.selector import SaverOrder, best_exit
+from tinysaver.errors import UsageError
 
 
 def soft_targets(base_logits: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ def tolerance_thresholds(preds: np.ndarray, confs: np.ndarray, base_pred: np.nda
     """One threshold per exit (E, B arrays in running order): exit n spends at most ``tolerance / 2^n``
     points of the whole split in disagreements with the base, among the samples still open there."""
     if not np.isfinite(tolerance) or tolerance < 0:
-        raise ValueError(f"the tolerance T is in accuracy points and must be ≥ 0, got {tolerance}")
+        raise UsageError(f"the tolerance T is in accuracy points and must be ≥ 0, got {tolerance}")
     n_exits, n = preds.shape
     open_ = np.ones(n, bool)
     out = []

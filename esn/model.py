@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .staged import pooled
+from tinysaver.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,9 @@ class ESNConfig:
 
     def __post_init__(self) -> None:
         if self.num_layers not in (0, 1, 2, 3):
-            raise ValueError(f"num_layers must be 0, 1, 2 or 3, got {self.num_layers}")
+            raise UsageError(f"num_layers must be 0, 1, 2 or 3, got {self.num_layers}")
         if self.dim < 1 or not self.stage_dims:
-            raise ValueError("dim must be ≥ 1 and the base needs at least one stage")
+            raise UsageError("dim must be ≥ 1 and the base needs at least one stage")
 
     @property
     def heads(self) -> int:

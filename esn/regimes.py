@@ -12,32 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .sdn import SDN, exits_loss
 from .staged import pooled, staged
+from tinysaver.errors import UsageError
 
-REGIMES = ("disjoint", "joint", "mixed")
+from .settings import REGIMES, RegimeSettings  # noqa: F401 (re-exported)
 
-
-@dataclass
-class RegimeSettings:
-    joint_samples: int = 120_000   # the zoo trained resnet10t on 120k samples (fashion-mnist-train.yaml)
-    joint_lr: float = 3e-3
-    mixed_samples: int = 50_000
-    mixed_lr: float = 5e-4
-    heads_epochs: int = 10         # disjoint: exits on the frozen base
-    heads_lr: float = 1e-3
-    batch_size: int = 128
-    weight_decay: float = 0.05
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if min(self.joint_samples, self.mixed_samples, self.heads_epochs, self.batch_size) < 1:
-            raise ValueError("sample budgets, epochs and batch size must be ≥ 1")
 
 
 def _train_jointly(base, sdn: SDN, train, samples: int, lr: float, s: RegimeSettings) -> None:
@@ -87,7 +71,7 @@ def train_regime(zoo, base_key: str, regime: str, train, s: RegimeSettings | Non
 
     s = s or RegimeSettings()
     if regime not in REGIMES:
-        raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")
+        raise UsageError(f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")
     if regime == "joint":  # a fresh base, seeded, with no checkpoint
         torch.manual_seed(s.seed)
         base = create_model(dataclasses.replace(zoo.model_spec(base_key), checkpoint=None))

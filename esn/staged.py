@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tinysaver.errors import UsageError
 
 
 @dataclass
@@ -51,7 +52,7 @@ def _flatten(seqs: list[nn.Module], granularity: str) -> list[nn.Module]:
         for s in seqs:
             out.extend(list(s.children()) if isinstance(s, nn.Sequential) else [s])
         return out
-    raise ValueError(f"granularity must be 'stage' or 'block', got {granularity!r}")
+    raise UsageError(f"granularity must be 'stage' or 'block', got {granularity!r}")
 
 
 def staged(model: nn.Module, granularity: str = "stage") -> StagedModel:
@@ -89,7 +90,7 @@ def staged(model: nn.Module, granularity: str = "stage") -> StagedModel:
 
         def tail(x): return m.forward_head(m.norm(x))
     else:
-        raise ValueError(f"no stage split for {name}; supported: ResNet, EfficientNet, MobileNetV3, RegNet, "
+        raise UsageError(f"no stage split for {name}; supported: ResNet, EfficientNet, MobileNetV3, RegNet, "
                          "ConvNeXt, VisionTransformer")
     return StagedModel(m, stem, _flatten(stages, granularity), tail)
 

@@ -18,6 +18,7 @@ import yaml
 
 from .model import ESNConfig, ExitSequenceNetwork, esn_loss
 from .staged import StagedModel, pooled, saver_outputs, staged
+from tinysaver.errors import MissingFileError, UsageError
 
 
 @dataclass
@@ -42,10 +43,10 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.feature_cache and (self.autoaugment or self.mixup or self.cutmix):
-            raise ValueError("the feature cache stores un-augmented features: turn autoaugment, mixup and "
+            raise UsageError("the feature cache stores un-augmented features: turn autoaugment, mixup and "
                              "cutmix off, or set feature_cache: false")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be ≥ 1 and lr > 0")
+            raise UsageError("epochs and batch_size must be ≥ 1 and lr > 0")
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, **overrides: Any) -> "TrainSettings":
@@ -53,7 +54,7 @@ class TrainSettings:
         d = d or {}
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{path}: unknown ESN settings {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+            raise UsageError(f"{path}: unknown ESN settings {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
         d.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**d)
 
@@ -72,11 +73,11 @@ class Pair:
     @classmethod
     def from_zoo(cls, zoo, saver: str, base: str, granularity: str = "stage") -> "Pair":
         if saver == base:
-            raise ValueError(f"a model cannot be its own saver: {saver!r} is the base; pick a cheaper model as --saver")
+            raise UsageError(f"a model cannot be its own saver: {saver!r} is the base; pick a cheaper model as --saver")
         s = zoo.load_model(saver)
         b = zoo.load_model(base)
         if s.num_classes != b.num_classes:
-            raise ValueError(f"saver {saver!r} and base {base!r} predict different class spaces")
+            raise UsageError(f"saver {saver!r} and base {base!r} predict different class spaces")
         for m in (s, b):
             m.module.eval().requires_grad_(False)
         return cls(zoo.name, saver, base, s, b, staged(b.module, granularity))
@@ -231,16 +232,16 @@ def save_esn(path: str | Path, esn: ExitSequenceNetwork, pair: Pair, settings: T
 def load_esn(path: str | Path, saver: str | None = None, base: str | None = None) -> tuple[ExitSequenceNetwork, dict]:
     """Load an ESN checkpoint; refuse one made for a different saver or base."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such ESN checkpoint; train one with 'tinysaver esn train'")
+        raise MissingFileError(f"{path}: no such ESN checkpoint; train one with 'tinysaver esn train'")
     try:
         ck = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as e:  # pickle, zip and EOF errors all mean the same to the user
-        raise ValueError(f"{path} is not a checkpoint from 'tinysaver esn train' ({type(e).__name__})") from None
+        raise UsageError(f"{path} is not a checkpoint from 'tinysaver esn train' ({type(e).__name__})") from None
     if not isinstance(ck, dict) or not {"state_dict", "config", "saver", "base", "zoo", "settings"} <= set(ck):
-        raise ValueError(f"{path} is not a checkpoint from 'tinysaver esn train' (missing its keys)")
+        raise UsageError(f"{path} is not a checkpoint from 'tinysaver esn train' (missing its keys)")
     for role, want in (("saver", saver), ("base", base)):
         if want is not None and ck[role] != want:
-            raise ValueError(f"{path} was trained for {role} {ck[role]!r}, not {want!r}")
+            raise UsageError(f"{path} was trained for {role} {ck[role]!r}, not {want!r}")
     cfg = dict(ck["config"])
     cfg["stage_dims"] = tuple(cfg["stage_dims"])
     esn = ExitSequenceNetwork(ESNConfig(**cfg))
@@ -258,7 +259,7 @@ def esn_splits(zoo, seed: int = 0, limit: int | None = None):
         for n in names:
             ds = load_dataset(zoo.splits[n]["source"], progress=False, limit=None)
             if ds.fingerprint != zoo.splits[n]["fingerprint"]:
-                raise ValueError(f"split {n!r} on disk differs from the one zoo {zoo.name!r} was profiled on")
+                raise UsageError(f"split {n!r} on disk differs from the one zoo {zoo.name!r} was profiled on")
             sets.append(ds if limit is None else ds.subset(range(min(limit, len(ds)))))
         return tuple(sets)
     first = next(iter(zoo.splits))

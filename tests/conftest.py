@@ -1,59 +1,13 @@
 """Shared fixtures: tiny real timm models with random weights and tiny synthetic images."""
-import io
 import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-IMAGENET_TAR = SHARED / "data" / "imagenet-sample-1000.tar"
-TIMM_RESULTS = SHARED / "data" / "timm-results"
+from tests.helpers import png_bytes
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-def need(path_ok: bool, what: str):
-    """Skip on a user's machine without the data; under CI missing data must fail the run."""
-    if path_ok:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {what} is missing")
-    pytest.skip(f"{what} is not available on this machine")
-
-
-def need_package(name: str):
-    import importlib.util
-
-    need(importlib.util.find_spec(name) is not None, f"the Python package {name}")
-
-
-def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
-    """``tinysaver.cli.main(args)`` in this process, reported as ``subprocess.run`` would.
-
-    Each test keeps one real ``python -m tinysaver`` run for the entry point; the rest call ``main``
-    here, which spares an interpreter start-up (torch and timm imports, several seconds) per call.
-    """
-    from tinysaver.cli import main
-
-    capsys.readouterr()
-    try:
-        rc = main(list(args))
-    except SystemExit as e:  # argparse's usage errors
-        rc = e.code
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, rc, out.out, out.err)
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture

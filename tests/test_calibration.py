@@ -3,8 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-from tinysaver.calibration import (cascade_conformal, conformal_quantile, coverage_and_size, ece, fit_temperature,
-                                   prediction_sets, softmax_t, top_label_ece)
+from tinysaver.calibration import (
+    cascade_conformal,
+    conformal_quantile,
+    coverage_and_size,
+    ece,
+    fit_temperature,
+    prediction_sets,
+    softmax_t,
+    top_label_ece,
+)
 
 
 def _sampled(n=20000, k=5, t_true=3.0, seed=0):

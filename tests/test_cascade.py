@@ -5,47 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import offline_reference, split_threshold, tiny
 from tinysaver.cascade import Cascade, CascadeError
-from tinysaver import ModelSpec, create_model
-
-
-SEEDS = {"test_efficientnet": 11, "test_resnet": 12, "test_vit": 13}  # fixed numbers: hash() changes per process
-
-
-def tiny(name, n=3, **kw):
-    torch.manual_seed(SEEDS[name])
-    return create_model(ModelSpec(name, num_classes=n, **kw))
-
-
-def split_threshold(conf, q=0.5):
-    """A threshold near quantile q of ``conf``, halfway between two neighbouring distinct values,
-    and how many samples lie within the policy margin of it (float noise could flip only those)."""
-    from tinysaver.policy import MARGIN
-
-    v = np.unique(conf.astype(np.float64))
-    i = min(max(int(q * len(v)), 1), len(v) - 1)
-    t = float((v[i - 1] + v[i]) / 2)
-    return t, int((np.abs(conf - t) < MARGIN).sum())
-
-
-def offline_reference(stages, thresholds, images):
-    """Run every model on the whole input, then apply the thresholds in order."""
-    from tinysaver.transforms import prepare_batch
-
-    outs = []
-    with torch.inference_mode():
-        for m in stages:
-            prob = m.module(prepare_batch(images, m.preprocess)).softmax(-1)
-            c, p = prob.max(-1)
-            outs.append((p.numpy(), c.numpy()))
-    n = len(images)
-    pred, conf, stage = np.empty(n, int), np.empty(n, np.float32), np.empty(n, int)
-    for j in range(n):
-        for i, (p, c) in enumerate(outs):
-            if i == len(outs) - 1 or c[j] >= thresholds[i]:
-                pred[j], conf[j], stage[j] = p[j], c[j], i
-                break
-    return pred, conf, stage
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
+from tests.helpers import TIMM_RESULTS, need
 from tinysaver.catalog import PAPER_POOL, catalog_entries
 from tinysaver.models import resolve_kind
-from tests.conftest import TIMM_RESULTS, need
 
 
 def test_catalog_has_the_paper_pool_with_published_numbers():

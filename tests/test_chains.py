@@ -6,7 +6,13 @@ import pytest
 
 from tinysaver.policy import apply, per_sample_cost, stage_costs
 from tinysaver.risk import passes_clopper_pearson
-from tinysaver.selector import SelectorConfig, SplitData, _chain_exact, _select_on, select
+from tinysaver.selector import (
+    SelectorConfig,
+    SplitData,
+    _chain_exact,
+    _select_on,
+    select,
+)
 from tinysaver.zoo import load_zoo
 
 

@@ -6,8 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, png_bytes, run_here
-from tests.test_selector_api import write_zoo
+from tests.helpers import REPO, png_bytes, run_here, write_zoo
 from tinysaver.cli import main
 
 
@@ -54,14 +53,14 @@ def test_infer_and_query_share_defaults_and_selection_files(images, tmp_path, ca
     saved = json.loads(sel_file.read_text())
     runs = {"default": run("infer", "--base", "resnet10t", str(images)),  # the real entry point, once
             "from-selection": run_here(capsys, "infer", "--base", "resnet10t", "--from-selection", str(images)),
-            "file": run_here(capsys, "infer", "--base", "resnet10t", "--selection", str(sel_file), str(images))}
+            "file": run_here(capsys, "infer", "--selection", str(sel_file), str(images))}  # it names its base
     for how, out in runs.items():
         assert out.returncode == 0, (how, out.stderr)
         summary = json.loads(out.stderr.split("summary: ")[-1])
         assert summary["images"] == 5 and summary["thresholds"] == [s["threshold"] for s in saved["stages"][:-1]], how
         assert "saver: " in out.stderr  # the thresholds in use are printed
         assert len(out.stdout.strip().splitlines()) == 6  # header + one row per image
-    assert f"tinysaver infer --zoo fashion-mnist --base resnet10t --selection {sel_file}" in q.stdout  # how to run it
+    assert f"tinysaver infer --zoo fashion-mnist --selection {sel_file} IMAGES..." in q.stdout  # how to run it
     one_by_one = ["infer", "--base", "resnet10t", "--selection", str(sel_file), "--batch-size", "1", str(images)]
     plain, piped = run_here(capsys, *one_by_one), run_here(capsys, *one_by_one, "--pipeline")
     assert piped.returncode == 0 and piped.stdout == plain.stdout  # same rows, same order

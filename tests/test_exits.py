@@ -261,3 +261,21 @@ def test_training_regimes(tiny_zoo_cfg, tmp_path):
         assert torch.equal(v, w), k  # seeded: the same run twice gives the same weights
     with pytest.raises(ValueError, match="regime must be"):
         train_regime(zoo, "test_resnet", "alternating", train, s)
+
+
+@pytest.mark.parametrize("refill, pipeline", [(True, False), (True, True), (False, True)])
+def test_dynamic_inference_gains_refill_and_pipelining_with_the_same_answers(pair, data, methods, refill, pipeline):
+    """ESN inference runs on the shared engine: refill and pipelining change only the batches."""
+    cache, ms = methods
+    for name in ("saver + ESN", *[k for k in ms if k != "saver + ESN"][:1]):
+        m = ms[name]
+        out = offline_outputs(m, cache, data.labels)
+        open_, th = np.ones(len(data), bool), []
+        for c in out["confs"]:
+            th.append(float(np.median(c[open_])))
+            open_ &= c < th[-1]
+        pol = ExitPolicy(th)
+        ref, ref_where = pol.apply(out["preds"], out["confs"], out["base_pred"])
+        for bs in (1, 7):
+            ans, where = dynamic_predict(pair, m, pol, data.images, batch_size=bs, refill=refill, pipeline=pipeline)
+            assert np.array_equal(where, ref_where) and np.array_equal(ans, ref), (name, bs)

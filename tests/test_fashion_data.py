@@ -1,17 +1,14 @@
-import gzip
-import struct
 
 import numpy as np
 import pytest
 
-from tests.conftest import need
-from tinysaver.data import FASHION_MNIST_DIR, DatasetError, fashion_mnist_arrays, load_dataset
-
-
-def write_idx(path, arr, gz):
-    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    data = header + arr.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+from tests.helpers import need, write_idx
+from tinysaver.data import (
+    FASHION_MNIST_DIR,
+    DatasetError,
+    fashion_mnist_arrays,
+    load_dataset,
+)
 
 
 @pytest.mark.parametrize("gz", [True, False])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, need
+from tests.helpers import REPO, need
 from tinysaver.cascade import Cascade
 from tinysaver.data import FASHION_MNIST_DIR, load_dataset
 from tinysaver.zoo import load_zoo

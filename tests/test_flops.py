@@ -4,8 +4,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import TIMM_RESULTS, need, need_package
 from tinysaver.measure import count_flops
-from tests.conftest import TIMM_RESULTS, need, need_package
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "efficientvit_m0", "swin_tiny_patch4_window7_224"])

@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from tests.conftest import IMAGENET_TAR, need, need_package, run_here
+from tests.helpers import IMAGENET_TAR, need, need_package, run_here
 from tinysaver.cascade import Cascade, build_cascade
 from tinysaver.data import load_dataset
 from tinysaver.models import create_model
@@ -32,7 +32,7 @@ def sample64():
 @pytest.fixture(scope="module")
 def reference(lite, sample64):
     """Each model on the whole input once, thresholds applied afterwards (the offline reference)."""
-    from tests.test_cascade import offline_reference
+    from tests.helpers import offline_reference
 
     stages = [lite[LITE[0]], lite[LITE[2]]]
     t = float(np.median(offline_reference(stages[:1], [], sample64.images)[1]))  # half the images go on
@@ -129,7 +129,7 @@ def test_infer_cli_on_real_images(tmp_path, capsys):
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_real_cascade_on_a_runtime_agrees_with_eager_and_is_exact(lite, sample64, backend, tmp_path):
     """lite0 → lite2 with real ImageNet weights on a runtime: sequential and pipelined, batch 1 and 16."""
-    from tests.test_cascade import offline_reference, split_threshold
+    from tests.helpers import offline_reference, split_threshold
 
     need_package(backend)
     stages = [lite[LITE[0]], lite[LITE[2]]]

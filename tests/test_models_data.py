@@ -1,11 +1,18 @@
 import io
+
 import numpy as np
 import pytest
 import torch
 
 from tinysaver.data import DatasetError, decode_image, fingerprint, load_dataset
-from tinysaver.models import (CheckpointError, ModelNotFoundError, ModelSpec, Preprocess, create_model,
-                              pair_state_dict_in_order)
+from tinysaver.models import (
+    CheckpointError,
+    ModelNotFoundError,
+    ModelSpec,
+    Preprocess,
+    create_model,
+    pair_state_dict_in_order,
+)
 from tinysaver.transforms import prepare_batch
 
 
@@ -96,16 +103,17 @@ def test_bad_dataset_uris(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'none'}")
     with pytest.raises(DatasetError, match="split"):
         load_dataset("fashion-mnist:valid")
-    from PIL import UnidentifiedImageError
+    from tinysaver.errors import ImageError, TinysaverError
 
-    with pytest.raises(UnidentifiedImageError):
+    with pytest.raises(ImageError, match="^not an image") as e:  # a plain sentence, no decoder repr
         decode_image(b"garbage")
+    assert isinstance(e.value, TinysaverError) and "BytesIO" not in str(e.value)
 
 
 def test_imagenet_tar_labels_from_wnid(tmp_path):
     import tarfile
 
-    from tests.conftest import png_bytes
+    from tests.helpers import png_bytes
 
     f = tmp_path / "x.tar"
     with tarfile.open(f, "w") as tf:

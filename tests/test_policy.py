@@ -4,8 +4,18 @@ import json
 import numpy as np
 import pytest
 
-from tinysaver.policy import (SCHEMA_VERSION, Selection, SelectionError, Stage, answers, apply, exit_ratios,
-                              near_threshold, per_sample_cost, stage_costs)
+from tinysaver.policy import (
+    SCHEMA_VERSION,
+    Selection,
+    SelectionError,
+    Stage,
+    answers,
+    apply,
+    exit_ratios,
+    near_threshold,
+    per_sample_cost,
+    stage_costs,
+)
 
 
 def test_first_confident_stage_answers():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, TIMM_RESULTS, need, need_package, png_bytes, run_here
+from tests.helpers import REPO, TIMM_RESULTS, need, need_package, png_bytes, run_here
 from tinysaver.models import ModelSpec
 from tinysaver.profiler import ProfileConfig, profile
 from tinysaver.zoo import load_zoo

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import run_here
+from tests.helpers import run_here
 from tinysaver.profiler import profile
 from tinysaver.zoo import ZooError, load_zoo
 

@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import need_package
-from tests.test_cascade import offline_reference, split_threshold, tiny
+from tests.helpers import need_package, offline_reference, split_threshold, tiny
 from tinysaver.cascade import Cascade, CascadeError
-from tinysaver.runtimes import BackendError, agreement, check_backend, make_runner, runner_with_fallback
+from tinysaver.runtimes import (
+    BackendError,
+    agreement,
+    check_backend,
+    make_runner,
+    runner_with_fallback,
+)
 from tinysaver.transforms import prepare_batch
 
 ONNX_BACKENDS = ["onnxruntime", "openvino"]
@@ -159,14 +164,13 @@ def test_latency_only_profile_adds_backend_rows_and_costs(tiny_zoo_cfg, tmp_path
     import dataclasses
     import hashlib
 
+    from safetensors.torch import save_file
+
     from tinysaver.cli import main
+    from tinysaver.models import create_model
     from tinysaver.profiler import profile
     from tinysaver.selector import SelectorConfig, select
     from tinysaver.zoo import load_zoo
-
-    from safetensors.torch import save_file
-
-    from tinysaver.models import create_model
 
     specs = []
     for spec in tiny_zoo_cfg.models[:2]:  # a zoo's models carry their weights: save them as checkpoints

@@ -3,42 +3,11 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from tests.conftest import run_here
-from tinysaver.data import fingerprint
+from tests.helpers import run_here, write_zoo
 from tinysaver.selector import SelectionError, SelectorConfig, select, select_all
-from tinysaver.zoo import ZooError, atomic_write_npz, atomic_write_yaml, load_zoo
-
-
-def write_zoo(root, n=600, seed=0, classes=5):
-    """Four models: accuracy and cost grow together; confident answers are more often right."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n)
-    difficulty = rng.random(n)
-    splits = {}
-    path = root / "syn"
-    for split, sl in (("calib", slice(0, n // 2)), ("test", slice(n // 2, n))):
-        ids = np.array([f"s{i}" for i in range(n)])[sl]
-        splits[split] = {"source": "synthetic", "fingerprint": fingerprint(list(ids), y[sl]), "samples": len(ids)}
-        atomic_write_npz(path / "splits" / f"{split}.npz", ids=ids, labels=y[sl])
-    models = {}
-    for i, (acc, flops) in enumerate([(0.6, 1e6), (0.7, 3e6), (0.8, 1e7), (0.85, 5e7)]):
-        right = difficulty + rng.normal(0, 0.1, n) < acc
-        pred = np.where(right, y, (y + 1 + rng.integers(0, classes - 1, n)) % classes).astype(np.int32)
-        conf = np.clip(np.where(right, 0.75, 0.45) + rng.normal(0, 0.15, n), 0.2, 1).astype(np.float32)
-        key = f"m{i}"
-        for split, sl in (("calib", slice(0, n // 2)), ("test", slice(n // 2, n))):
-            atomic_write_npz(path / "preds" / key / f"{split}.npz", fingerprint=np.array(splits[split]["fingerprint"]),
-                             pred=pred[sl], conf=conf[sl])
-        models[key] = {"key": key, "status": "measured", "num_classes": classes, "flops": int(flops),
-                       "macs": int(flops / 2), "params": 1000 * (i + 1),
-                       "latency": {"device": "cpu", "table": {"bs1": {"ms_per_batch": 1.0 + i, "images_per_s": 1}}},
-                       "accuracy": {s: float((pred[sl] == y[sl]).mean()) for s, sl in
-                                    (("calib", slice(0, n // 2)), ("test", slice(n // 2, n)))}}
-    atomic_write_yaml(path / "zoo.yaml", {"name": "syn", "splits": splits, "models": models})
-    return path
+from tinysaver.zoo import ZooError, load_zoo
 
 
 @pytest.fixture

@@ -1,7 +1,5 @@
 """The cascade as a Ray Serve service: real HTTP requests against one local Ray instance."""
-import io
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from types import SimpleNamespace
@@ -10,25 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import need, need_package
+from tests.helpers import free_port, need, need_package, png, post_answered, post_image
 from tinysaver.data import FASHION_MNIST_DIR
 
 BASE = "resnet10t"
 N = 80
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png(img: torch.Tensor) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img[0].numpy()).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +35,12 @@ def service():
     zoo = load_zoo("fashion-mnist")
     sel, _ = select(zoo, BASE, SelectorConfig())
     # small CPU shares: this app and the audit app (3 deployments each) share 2 cores
-    opts = dict(num_cpus=0.25, ingress_num_cpus=0.2, max_body_bytes=64 * 1024)
+    opts = dict(layout="per-stage", num_cpus=0.25, ingress_num_cpus=0.2, max_body_bytes=64 * 1024)
     serve.run(build_app(sel, zoo, ServeOptions(**opts)), name="casc", route_prefix="/")
     audit = ServeOptions(**opts, audit=1.0, audit_window=200, audit_tolerance=2.0, delta=0.1)
     serve.run(build_app(sel, zoo, audit), name="audited", route_prefix="/audited")
+    fused = ServeOptions(num_cpus=0.3, max_body_bytes=64 * 1024, audit=1.0, audit_window=400)  # fused: the default
+    serve.run(build_app(sel, zoo, fused), name="fused", route_prefix="/fused")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     yield {"client": client, "sel": sel, "zoo": zoo, "serve": serve}
     client.close()
@@ -71,19 +57,6 @@ def offline(service):
     imgs = load_dataset("fashion-mnist:test", progress=False, limit=N).images
     res = build_cascade(service["sel"], service["zoo"]).predict(imgs, all_stages=True)
     return imgs, res
-
-
-def post_image(client, data: bytes, path="/predict", ctype="image/png"):
-    return client.post(path, content=data, headers={"content-type": ctype})
-
-
-def post_answered(client, data: bytes, path="/predict", tries: int = 3):
-    """POST as a client should: a 503 says 'retry', so retry (an overloaded machine gives some)."""
-    for _ in range(tries):
-        r = post_image(client, data, path)
-        if r.status_code != 503:
-            break
-    return r
 
 
 def test_answers_equal_the_offline_cascade(service, offline):
@@ -111,6 +84,39 @@ def test_answers_equal_the_offline_cascade(service, offline):
     assert np.median(early) < np.median(late)
 
 
+def test_the_fused_layout_answers_as_cascade_predict_in_one_deployment(service, offline):
+    """One deployment holds both stages and runs the engine on each @serve.batch batch."""
+    from tinysaver.policy import MARGIN
+
+    imgs, ref = offline
+    c, t = service["client"], service["sel"].thresholds[0]
+    status = service["serve"].status().applications["fused"].deployments
+    assert list(status) == ["Ingress"]  # one hop from the proxy: no stage deployments
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: post_answered(c, png(imgs[i]), "/fused/predict"), range(N)))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200][:3]
+    got = [r.json() for r in replies]
+    stable = np.abs(ref.stage_conf[0].astype(np.float64) - t) >= MARGIN
+    for i in np.flatnonzero(stable):
+        assert got[i]["exit_stage"] == ref.stage[i] and got[i]["class"] == ref.pred[i], i
+        assert got[i]["stage_name"] == ref.stage_names[ref.stage[i]]
+    m = c.get("/fused/metrics").json()
+    assert m["layout"] == "fused" and m["requests"] == N
+    sizes = m["batch_sizes"]["fused"]
+    assert sum(int(k) * v for k, v in sizes.items()) >= N and max(map(int, sizes)) > 1  # batched for real
+    # every early answer is audited against the base, which the same replica runs afterwards
+    for _ in range(600):
+        a = c.get("/fused/healthz").json()["audit"]
+        if a["audited"] + a["dropped"] == m["exits"][ref.stage_names[0]]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"audits did not finish: {a}")
+    early = ref.stage == 0
+    want = int((early & (ref.stage_pred[0] != ref.stage_pred[1])).sum())
+    assert a["dropped"] == 0 and abs(a["disagreements"] - want) <= int((~stable).sum()), (a, want)
+
+
 def test_streamed_batch_answers_early_exits_first(service, offline):
     imgs, ref = offline
     files = [("files", (f"{i}.png", png(imgs[i]), "image/png")) for i in range(40)]
@@ -129,7 +135,7 @@ def test_bad_input_gets_a_clear_status_and_hurts_no_one(service, offline):
     imgs, _ = offline
     c = service["client"]
     good = png(imgs[0])
-    bad = [(b"", "image/png", 400, "empty"), (b"not an image", "image/png", 400, "not a decodable image"),
+    bad = [(b"", "image/png", 400, "empty"), (b"not an image", "image/png", 400, "not a usable image: not an image"),
            (good, "text/plain", 415, "multipart"), (b"\x00" * (100 * 1024), "application/octet-stream", 413, "limit")]
     with ThreadPoolExecutor(8) as pool:  # bad and good requests side by side
         goods = [pool.submit(post_image, c, good) for _ in range(8)]
@@ -271,8 +277,8 @@ def test_exit_parts_chained_in_process_equal_dynamic_inference(tmp_path):
 
 
 def test_a_stage_given_a_gpu_runs_there_or_says_it_has_none():
-    from tinysaver.serve import ServeOptions, build_app, stage_device
     from tinysaver.policy import Selection
+    from tinysaver.serve import ServeOptions, build_app, stage_device
 
     assert stage_device(0) == "cpu"
     if torch.cuda.is_available():
@@ -332,7 +338,7 @@ def esn_service(service, offline, tmp_path_factory):
     policy = ExitPolicy(esn_policy_for(ref["confs"]))
     where_off = policy.apply(ref["preds"], ref["confs"], ref["base_pred"])[1]
     answer, where = dynamic_predict(pair, esn, policy, imgs, batch_size=16)
-    opts = ServeOptions(num_cpus=0.02, ingress_num_cpus=0.02, audit=1.0, audit_window=N)
+    opts = ServeOptions(layout="per-stage", num_cpus=0.02, ingress_num_cpus=0.02, audit=1.0, audit_window=N)
     service["serve"].run(build_esn_app(ckpt, zoo, policy, opts), name="esn", route_prefix="/esn")
     top2 = torch.topk(feats["base_logits"].float(), 2).values
     return {"ckpt": ckpt, "policy": policy, "answer": answer, "where": where, "where_offline": where_off, "ref": ref,
@@ -402,15 +408,16 @@ def test_esn_serving_refuses_bad_policies_and_checkpoints(service, esn_service, 
         build_esn_app(tmp_path / "none.pt", zoo, ExitPolicy(good))
     from tinysaver.cli import main
 
-    serve = ["serve", "--zoo", "fashion-mnist", "--esn", str(ckpt)]
-    for argv, words in [(["--base", BASE, "--threshold", "0.9", "--saver", service["sel"].models[0]],
-                         "drop --selection, --threshold"),
-                        (["--base", "regnetx_002"], "not 'regnetx_002'"),
-                        (["--base", BASE, "--esn-thresholds", "0.9,0.9"], "need 5 thresholds"),
-                        (["--base", BASE, "--esn-thresholds", "0.9,0.9,0.9,0.9,0.9", "--calibrate", "temperature"],
+    serve = ["esn", "serve", "--zoo", "fashion-mnist", "--checkpoint", str(ckpt)]
+    for argv, words in [(["--base", "regnetx_002"], "not 'regnetx_002'"),
+                        (["--base", BASE, "--thresholds", "0.9,0.9"], "need 5 thresholds"),
+                        (["--base", BASE, "--thresholds", "0.9,0.9,0.9,0.9,0.9", "--calibrate", "temperature"],
                          "drop --calibrate")]:
         assert main(serve + argv) == 2  # refused before Ray starts
         assert words in capsys.readouterr().err
+    # the old spelling says where the command went, in one line, before Ray starts
+    assert main(["serve", "--zoo", "fashion-mnist", "--base", BASE, "--esn", str(ckpt)]) == 2
+    assert f"tinysaver esn serve --checkpoint {ckpt}" in capsys.readouterr().err
 
 
 def test_killing_the_base_replica_loses_no_request(service, offline):

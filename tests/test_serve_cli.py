@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, need, need_package
-from tests.test_serve import free_port, png, post_answered
+from tests.helpers import REPO, free_port, need, need_package, png, post_answered
 from tinysaver.data import FASHION_MNIST_DIR
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from tests.test_fashion_data import write_idx
+from tests.helpers import write_idx
 from tinysaver.data import fashion_mnist_set
 from tinysaver.models import create_model
 from tinysaver.train import TrainConfig, _augment, spec_for, train_zoo

@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 import torch
+from .errors import MissingExtraError, UsageError
+from .policy import confidence
 
 ECE_BINS = 15
 T_RANGE = (0.05, 20.0)  # a temperature outside this range means the logits carry no usable scale
@@ -28,18 +30,18 @@ def _require_torchmetrics():
     import importlib.util
 
     if importlib.util.find_spec("torchmetrics") is None:
-        raise ImportError("ECE needs torchmetrics: pip install -e '.[calibration]'") from None
+        raise MissingExtraError("ECE needs torchmetrics: pip install -e '.[calibration]'") from None
 
 
 def _check(logits: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
     logits = torch.as_tensor(logits).float()
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if logits.dim() != 2 or len(logits) != len(labels):
-        raise ValueError(f"need logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise UsageError(f"need logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
     if len(labels) == 0:
-        raise ValueError("cannot calibrate on an empty split")
+        raise UsageError("cannot calibrate on an empty split")
     if (labels < 0).any() or (labels >= logits.shape[1]).any():
-        raise ValueError("calibration needs a labelled split: every label must be a class index in [0, K)")
+        raise UsageError("calibration needs a labelled split: every label must be a class index in [0, K)")
     return logits, labels
 
 
@@ -61,7 +63,7 @@ def fit_temperature(logits, labels) -> float:
 def softmax_t(logits, temperature: float = 1.0) -> torch.Tensor:
     """(N, K) probabilities of ``softmax(logits / temperature)`` in float32."""
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise UsageError(f"temperature must be > 0, got {temperature}")
     return (torch.as_tensor(logits).float() / temperature).softmax(-1)
 
 
@@ -87,14 +89,14 @@ def top_label_ece(conf, correct, n_bins: int = ECE_BINS) -> float:
     conf = torch.as_tensor(np.asarray(conf, dtype=np.float32))
     correct = torch.as_tensor(np.asarray(correct, dtype=bool)).long()
     if conf.shape != correct.shape or conf.dim() != 1 or len(conf) == 0:
-        raise ValueError("need conf (N,) and correct (N,) of the same non-zero length")
+        raise UsageError("need conf (N,) and correct (N,) of the same non-zero length")
     return float(BinaryCalibrationError(n_bins=n_bins, norm="l1")(conf, correct))
 
 
 def conformal_quantile(probs, labels, alpha: float) -> float:
     """LAC quantile ``q`` for coverage ``1 − alpha``: the ⌈(n+1)(1−α)⌉-th smallest ``1 − p(true)``."""
     if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        raise UsageError(f"alpha must be in (0, 1), got {alpha}")
     probs = torch.as_tensor(probs).float()
     _, labels = _check(probs, labels)
     scores = np.sort(1.0 - probs[torch.arange(len(labels)), labels].numpy())
@@ -195,7 +197,7 @@ def calibrate_zoo(zoo: str, models=None, fit_split: str = "calib", root=None, lo
             for split, lg in logits.items():
                 atomic_write_npz(z.path / "calibration" / model_dirname(key) / f"{split}.npz",
                                  fingerprint=np.array(z.splits[split]["fingerprint"]),
-                                 conf=softmax_t(lg, t).max(-1).values.numpy().astype(np.float32))
+                                 conf=confidence(lg, t)[0].numpy().astype(np.float32))
             z.manifest["models"][key]["calibration"] = {"method": "temperature", "fit_split": fit_split,
                                                         "temperature": round(t, 6), "ece_bins": ECE_BINS,
                                                         "ece": eces}

@@ -8,8 +8,6 @@ a base behind a good saver still runs at the batch size it was given.
 """
 from __future__ import annotations
 
-import queue
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import engine
 from .data import take_images
+from .errors import CascadeError  # noqa: F401 (re-exported)
 from .models import LoadedModel
-from .policy import Selection, answers, apply, exit_ratios, exits
-from .transforms import prepare_batch
+from .policy import Selection, answers, apply, exit_ratios
 
-
-class CascadeError(ValueError):
-    pass
 
 
 @dataclass
@@ -79,6 +75,7 @@ class Cascade:
     spin: bool | Sequence[bool] = False  # onnxruntime stages: idle threads spin (the runtime's default), one or per stage
     temperatures: Sequence[float] | None = None  # one per stage: confidence = max softmax(logits / T); default 1
     _runners: list = field(default_factory=list, repr=False, init=False)
+    _stages: list = field(default_factory=list, repr=False, init=False)  # engine.ModelStage per model
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -100,16 +97,14 @@ class Cascade:
             raise CascadeError(f"stages predict different class spaces: {ncls}")
         if self.half and torch.device(self.device).type != "cuda":
             raise CascadeError("half precision is only supported on GPU; keep fp32 on CPU")
-        backends = [self.backend] * len(self.stages) if isinstance(self.backend, str) else list(self.backend)
-        if len(backends) != len(self.stages):
-            raise CascadeError(f"give one backend for all stages or one per stage ({len(self.stages)}), got {backends}")
+        backends = engine.per_stage(self.backend, len(self.stages), "backend", (str,), CascadeError)
         if (self.half or self.channels_last) and set(backends) - {"eager", "compile"}:
             raise CascadeError("half and channels_last apply to the eager and compile backends only")
         if set(backends) - {"eager"} and torch.device(self.device).type != "cpu":
             raise CascadeError("the compile/onnxruntime/openvino backends run on CPU here; use --device cpu")
         threads = self._stage_threads(backends)
-        spins = [self.spin] * len(self.stages) if isinstance(self.spin, bool) else list(self.spin)
-        if len(spins) != len(self.stages) or not all(isinstance(v, bool) for v in spins):
+        spins = engine.per_stage(self.spin, len(self.stages), "spin", (bool,), CascadeError)
+        if not all(isinstance(v, bool) for v in spins):
             raise CascadeError(f"give spin as one bool for all stages or one per stage ({len(self.stages)}), "
                                f"got {self.spin!r}")
         if any(v and b != "onnxruntime" for v, b in zip(spins, backends)):
@@ -125,15 +120,14 @@ class Cascade:
         cache = Path(self.cache_dir) if self.cache_dir else None
         self._runners = [runner_with_fallback(m, b, self.backend_fallback, cache, t, v)
                          for m, b, t, v in zip(self.stages, backends, threads, spins)]
+        self._stages = [engine.ModelStage(m, r, temp, self.device, self.half, self.channels_last)
+                        for m, r, temp in zip(self.stages, self._runners, self.temperatures)]
 
     def _stage_threads(self, backends: list[str]) -> list[int | None]:
         # Tiny models at batch 1 run faster on one thread (thread hand-off costs more than the
         # work) while their base may want all cores, so a runtime's thread count is per stage.
         # Eager and compile share torch's one global pool, which a stage cannot set for itself.
-        t = self.threads
-        threads = [t] * len(self.stages) if t is None or isinstance(t, int) else list(t)
-        if len(threads) != len(self.stages):
-            raise CascadeError(f"give one thread count for all stages or one per stage ({len(self.stages)}), got {t}")
+        threads = engine.per_stage(self.threads, len(self.stages), "threads", (int, type(None)), CascadeError)
         for n, b in zip(threads, backends):
             if n is None:
                 continue
@@ -155,15 +149,8 @@ class Cascade:
         return [m.key for m in self.stages]
 
     def _run_stage(self, i: int, images: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.stages[i]
-        x = prepare_batch(images, m.preprocess).to(self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.half:
-            x = x.half()
-        prob = (self._runners[i](x).float() / self.temperatures[i]).softmax(-1)
-        conf, pred = prob.max(-1)
-        return pred.cpu(), conf.cpu()
+        pred, conf, _ = self._stages[i](images, None)
+        return pred, conf
 
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor] | torch.Tensor, batch_size: int = 64, shrink: bool = True,
@@ -204,105 +191,26 @@ class Cascade:
             for r in self._runners:
                 r.expect_batch(batch_size)
         S = len(self.stages)
+        if not shrink:  # every sample through every stage, then the policy decides
+            sp = np.empty((S, n), dtype=np.int64)
+            sc = np.empty((S, n), dtype=np.float32)
+            for s in range(0, n, batch_size):
+                idx = np.arange(s, min(s + batch_size, n))
+                for i in range(S):
+                    sp[i, idx], sc[i, idx] = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
+            stage = apply(sc, self.thresholds)
+            return CascadeResult(answers(sp, stage), answers(sc, stage), stage, self.stage_names, self.class_names,
+                                 sp, sc)
         pred = np.empty(n, dtype=np.int64)
         conf = np.empty(n, dtype=np.float32)
         stage = np.empty(n, dtype=np.int64)
-        sp = np.empty((S, n), dtype=np.int64) if not shrink else None
-        sc = np.empty((S, n), dtype=np.float32) if not shrink else None
-        # waiting[i]: input indices that reached stage i and have not run there yet
-        waiting = [np.empty(0, dtype=np.int64) for _ in range(S)]
 
-        def run(i: int, idx: np.ndarray) -> np.ndarray:
-            """Stage i on samples idx: record those it answers; return the rest, for stage i + 1."""
-            p, c = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
-            done = np.ones(len(idx), bool) if i == S - 1 else exits(c, self.thresholds[i])
-            pred[idx[done]], conf[idx[done]], stage[idx[done]] = p[done], c[done], i
-            return idx[~done]
+        def answer(i: int, idx: np.ndarray, p: np.ndarray, c: np.ndarray) -> None:
+            pred[idx], conf[idx], stage[idx] = p, c, i
 
-        def drain(i: int, full_only: bool) -> None:
-            while len(waiting[i]) >= (batch_size if full_only else 1):
-                idx, waiting[i] = waiting[i][:batch_size], waiting[i][batch_size:]
-                survivors = run(i, idx)
-                if i + 1 < S:
-                    waiting[i + 1] = np.concatenate([waiting[i + 1], survivors])
-
-        chunks = [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-        if not shrink:  # every sample through every stage, then the policy decides
-            for idx in chunks:
-                for i in range(S):
-                    sp[i, idx], sc[i, idx] = (t.numpy() for t in self._run_stage(i, take_images(images, idx)))
-        elif pipeline and S > 1:
-            _run_pipelined(run, S, chunks, batch_size, refill)
-        else:
-            for idx in chunks:
-                waiting[0] = idx
-                drain(0, full_only=False)
-                for i in range(1, S):
-                    drain(i, full_only=refill)
-            for i in range(1, S):  # the short tail batches, earlier stages first so their survivors join later queues
-                drain(i, full_only=False)
-        if not shrink:
-            stage = apply(sc, self.thresholds)
-            pred, conf = answers(sp, stage), answers(sc, stage)
-        return CascadeResult(pred, conf, stage, self.stage_names, self.class_names, sp, sc)
-
-
-def _run_pipelined(run, num_stages: int, chunks: list[np.ndarray], batch_size: int, refill: bool) -> None:
-    """Stage 0 on ``chunks`` in this thread, each later stage in a thread of its own.
-
-    ``run(i, idx)`` runs stage i and returns the survivors. Stage i + 1 receives them, in the order
-    stage i produced them, through a queue, and forms its batches exactly as the sequential path
-    does: with ``refill``, full batches while stage i still runs and the rest in ``batch_size``
-    pieces once it is done; without, each arrival as it is. A failure in any stage stops the
-    others after their current batch and is raised here, once every thread has ended.
-    """
-    queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(num_stages)]
-    failed: list[BaseException] = []
-
-    def hand_on(i: int, idx: np.ndarray) -> None:
-        if i + 1 < num_stages and len(idx):
-            queues[i + 1].put(idx)
-
-    @torch.inference_mode()  # grad mode is per thread: predict's does not reach this one
-    def stage_loop(i: int) -> None:
-        held = np.empty(0, dtype=np.int64)
-        try:
-            while (item := queues[i].get()) is not None:
-                if failed:
-                    continue  # another stage failed: skip the work, but read on until the stage before ends
-                if not refill:
-                    hand_on(i, run(i, item))
-                    continue
-                held = np.concatenate([held, item])
-                while len(held) >= batch_size and not failed:
-                    hand_on(i, run(i, held[:batch_size]))
-                    held = held[batch_size:]
-            for s in range(0, len(held), batch_size):
-                if not failed:
-                    hand_on(i, run(i, held[s:s + batch_size]))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-            failed.append(e)
-        finally:
-            if i + 1 < num_stages:
-                queues[i + 1].put(None)  # this stage is done: the next one may run its short tail
-
-    workers = [threading.Thread(target=stage_loop, args=(i,), name=f"tinysaver-stage-{i}", daemon=True)
-               for i in range(1, num_stages)]
-    for w in workers:
-        w.start()
-    try:
-        for idx in chunks:
-            if failed:
-                break
-            hand_on(0, run(0, idx))
-    except BaseException as e:  # noqa: BLE001
-        failed.append(e)
-    finally:
-        queues[1].put(None)
-        for w in workers:
-            w.join()
-    if failed:
-        raise failed[0]
+        engine.run(self._stages, self.thresholds, n, lambda idx: take_images(images, idx), answer,
+                   batch_size=batch_size, refill=refill, pipeline=pipeline)
+        return CascadeResult(pred, conf, stage, self.stage_names, self.class_names)
 
 
 def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: str = "cpu",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .published import BENCHMARK_CSV, RESULTS_CSV, SOURCE, results_dir
+from .errors import NotFoundError
 
 # Architecture → pretrained tag. The appendix lists EfficientViT (MSRA) m1–m5 and names m0 as the
 # smallest pool member, so m0 is included too.
@@ -42,14 +43,14 @@ def catalog_entries(folder=None) -> dict[str, dict]:
         name = f"{arch}.{tag}"
         if name not in res.index:
             cands = [m for m in res.index if m.startswith(arch + ".")]
-            raise KeyError(f"{name} not in {RESULTS_CSV}; candidates: {cands}")
+            raise NotFoundError(f"{name} not in {RESULTS_CSV}; candidates: {cands}")
         rows = res.loc[[name]]
         # some weights are listed at several test sizes: prefer the paper's 224 px
         r = rows[rows["img_size"] == 224].iloc[0] if (rows["img_size"] == 224).any() else rows.iloc[0]
         size = int(r["img_size"])
         b = bench[(bench["model"] == arch) & (bench["infer_img_size"] == size)]
         if b.empty:
-            raise KeyError(f"{arch} at {size}px not in {BENCHMARK_CSV}")
+            raise NotFoundError(f"{arch} at {size}px not in {BENCHMARK_CSV}")
         gmacs = float(b["infer_gmacs"].iloc[0])
         out[name] = {
             "source": {"kind": "timm", "name": name, "pretrained": True},

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import io
 import os
+import stat
 import struct
 import tarfile
 import warnings
@@ -27,6 +28,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .errors import DatasetError, ImageError, PixelCapError  # noqa: F401 (re-exported)
+from .limits import MAX_PIXELS
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -35,9 +39,6 @@ FASHION_MNIST_CLASSES = [
 CALIB_SIZE = 10_000
 CALIB_SEED = 0
 
-
-class DatasetError(ValueError):
-    pass
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RawSource:
     labels: np.ndarray
     read: Callable[[int], bytes]
     class_names: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)  # what was found but not listed, one sentence each
 
 
 @dataclass
@@ -98,60 +100,109 @@ def fingerprint(ids: Sequence[str], labels: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def decode_image(data: bytes) -> torch.Tensor:
+
+
+def check_max_pixels(max_pixels: int | None) -> int | None:
+    """``max_pixels`` validated: a whole number ≥ 1, or None for no cap."""
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise DatasetError(f"the pixel cap must be a whole number of pixels ≥ 1, got {max_pixels!r}")
+    return int(max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
     """Decode image bytes to a uint8 (C, H, W) tensor with C=1 (greyscale) or C=3 (RGB).
 
     The EXIF orientation is applied. RGBA, palette and CMYK images become RGB; 16-bit greyscale
     is scaled (not clipped) to 8 bits, and float greyscale in [0, 1] is scaled to [0, 255].
+    The size is read from the header first: an image of more than ``max_pixels`` pixels (width ×
+    height; None: no cap) is refused before any pixel is decoded. Anything that is not a usable
+    image raises ``ImageError`` with one plain sentence, whatever the decoder raised.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            wide = np.asarray(im, dtype=np.float64)  # 16-bit samples: scale, do not clip, to 8 bits
-            sixteen = im.mode.startswith("I;16") or wide.max(initial=0) > 255
-            arr = np.clip(np.round(wide / (257.0 if sixteen else 1.0)), 0, 255).astype(np.uint8)
-        elif im.mode == "F":
-            wide = np.asarray(im, dtype=np.float64)
-            arr = np.clip(np.round(wide * (255.0 if wide.max(initial=0) <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
-        else:
-            if im.mode not in ("L", "RGB"):
-                im = im.convert("L" if im.mode == "1" else "RGB")
-            arr = np.array(im, dtype=np.uint8)  # a writable copy: torch warns on read-only buffers
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise PixelCapError(f"{w} × {h} pixels is over the cap of {max_pixels:,} pixels (--max-pixels)")
+            if w * h == 0:
+                raise ImageError(f"the image has no pixels ({w} × {h})")
+            im.load()
+            im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                wide = np.asarray(im, dtype=np.float64)  # 16-bit samples: scale, do not clip, to 8 bits
+                sixteen = im.mode.startswith("I;16") or wide.max(initial=0) > 255
+                arr = np.clip(np.round(wide / (257.0 if sixteen else 1.0)), 0, 255).astype(np.uint8)
+            elif im.mode == "F":
+                wide = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+                arr = np.clip(np.round(wide * (255.0 if wide.max(initial=0) <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+            else:
+                if im.mode not in ("L", "RGB"):
+                    im = im.convert("L" if im.mode == "1" else "RGB")
+                arr = np.array(im, dtype=np.uint8)  # a writable copy: torch warns on read-only buffers
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image, or in a format tinysaver cannot read (JPEG, PNG, BMP, WebP, GIF, TIFF)") \
+            from None
+    except Image.DecompressionBombError:
+        raise ImageError("too many pixels: PIL refuses it as a decompression bomb") from None
+    except MemoryError:
+        raise ImageError("too large to decode in the memory available") from None
+    except Exception as e:  # PIL reports bad data as OSError, SyntaxError, ValueError, struct.error, ...
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise ImageError("truncated or corrupt image data" + (f" ({first})" if first else "")) from None
     if arr.ndim == 2:
         arr = arr[None]
-    else:
+    elif arr.ndim == 3:
         arr = arr.transpose(2, 0, 1)
+    else:
+        raise ImageError(f"an image of unexpected shape {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def decoded_blocks(source: RawSource, block: int):
+def unreadable_reason(e: BaseException) -> str:
+    """One plain sentence for why a file could not be used (no class names, no object reprs)."""
+    if isinstance(e, ImageError):
+        return str(e)
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, IsADirectoryError):
+        return "a folder, not an image file"
+    if isinstance(e, (OSError, tarfile.TarError, EOFError)):
+        return f"cannot be read ({getattr(e, 'strerror', None) or (str(e).splitlines() or ['I/O error'])[0][:120]})"
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]
+
+
+def decoded_blocks(source: RawSource, block: int, max_pixels: int | None = MAX_PIXELS):
     """Decode ``source`` ``block`` samples at a time, skipping unreadable ones.
 
     Yields ``(index, images, failures)`` per block: the source positions and uint8 images that
-    decoded, and ``(id, reason)`` for each sample that did not.
+    decoded, and ``(id, reason)`` for each sample that did not (``reason`` is one plain sentence).
     """
     for start in range(0, len(source.ids), block):
         index, images, failures = [], [], []
         for i in range(start, min(start + block, len(source.ids))):
             try:
-                images.append(decode_image(source.read(i)))
-            except Exception as e:  # any decoder error means the file is unusable, never fatal
-                failures.append((source.ids[i], f"{type(e).__name__}: {e}"))
+                images.append(decode_image(source.read(i), max_pixels))
+            except Exception as e:  # one unusable file is reported and skipped, never fatal
+                failures.append((source.ids[i], unreadable_reason(e)))
                 continue
             index.append(i)
         yield index, images, failures
 
 
-def decode_all(source: RawSource, progress: bool = True) -> DecodedSet:
+def decode_all(source: RawSource, progress: bool = True, max_pixels: int | None = MAX_PIXELS) -> DecodedSet:
     """Decode every sample once; unreadable ones are skipped, counted and reported."""
     from tqdm.auto import tqdm
 
     index, images, failures = [], [], []
     bar = tqdm(total=len(source.ids), desc=f"decode {source.name}", disable=not progress, leave=False)
-    for b_index, b_images, b_failures in decoded_blocks(source, 256):
+    for b_index, b_images, b_failures in decoded_blocks(source, 256, max_pixels):
         index += b_index
         images += b_images
         failures += b_failures
@@ -160,7 +211,8 @@ def decode_all(source: RawSource, progress: bool = True) -> DecodedSet:
     ids = [source.ids[i] for i in index]
     labels = [int(source.labels[i]) for i in index]
     if failures:
-        warnings.warn(f"{source.name}: skipped {len(failures)} unreadable image(s), first: {failures[0]}")
+        warnings.warn(f"{source.name}: skipped {len(failures)} unreadable image(s), first: "
+                      f"{failures[0][0]}: {failures[0][1]}")
     return DecodedSet(source.name, ids, np.asarray(labels, dtype=np.int64), images, source.class_names, failures)
 
 
@@ -377,26 +429,110 @@ def raw_source(uri: str, limit: int | None = None) -> RawSource:
     return src
 
 
+def _open_tar(p: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(p)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DatasetError(f"{p}: not a readable .tar archive ({unreadable_reason(e)}); is it truncated?") from None
+
+
+def _tar_members(p: Path, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    try:
+        return tf.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DatasetError(f"{p}: the .tar archive is truncated or corrupt ({unreadable_reason(e)})") from None
+
+
 def paths_source(paths: Sequence[str | os.PathLike]) -> RawSource:
-    """Unlabelled images from files, folders (searched recursively) and tar files, for inference."""
+    """Unlabelled images from files, folders (searched recursively) and tar files, for inference.
+
+    Only regular files are read: a FIFO, socket or device with an image name would block or lie, and
+    a folder named ``x.jpg`` is a folder. What is found but skipped (those, and folders that cannot be
+    listed) is counted in ``skipped``, one sentence each, never dropped silently.
+    """
     ids: list[str] = []
     readers: list[Callable[[], bytes]] = []
+    skipped: list[str] = []
+
+    def add_file(f: Path) -> None:
+        try:
+            mode = f.stat().st_mode
+        except OSError as e:
+            skipped.append(f"{f}: {unreadable_reason(e)}")
+            return
+        if stat.S_ISDIR(mode):
+            skipped.append(f"{f}: a folder with an image file's name")
+        elif not stat.S_ISREG(mode):
+            skipped.append(f"{f}: not a regular file (a pipe, socket or device)")
+        else:
+            ids.append(str(f))
+            readers.append(f.read_bytes)
+
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    ids.append(str(f))
-                    readers.append(f.read_bytes)
+            found = []
+
+            def unlisted(e: OSError) -> None:
+                skipped.append(f"{e.filename}: folder not listed ({unreadable_reason(e)})")
+
+            for top, dirs, files in os.walk(p, onerror=unlisted):
+                dirs.sort()
+                for name in files + [d for d in dirs if Path(d).suffix.lower() in IMAGE_SUFFIXES]:
+                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                        found.append(Path(top) / name)
+            for f in sorted(found):
+                add_file(f)
         elif p.is_file() and p.suffix.lower() == ".tar":
-            tf = tarfile.open(p)
-            for m in sorted(tf.getmembers(), key=lambda m: m.name):
-                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+            tf = _open_tar(p)
+            for m in sorted(_tar_members(p, tf), key=lambda m: m.name):
+                if Path(m.name).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                if m.isfile():
                     ids.append(f"{p}:{m.name}")
                     readers.append(lambda m=m, tf=tf: tf.extractfile(m).read())
-        elif p.is_file():
-            ids.append(str(p))
-            readers.append(p.read_bytes)
+                else:
+                    skipped.append(f"{p}:{m.name}: not a regular file in the archive")
+        elif p.exists() or p.is_symlink():
+            add_file(p)
         else:
             raise DatasetError(f"{p}: no such file or folder")
-    return RawSource("paths", ids, np.full(len(ids), -1, dtype=np.int64), lambda i: readers[i]())
+    return RawSource("paths", ids, np.full(len(ids), -1, dtype=np.int64), lambda i: readers[i](), skipped=skipped)
+
+
+def sample_images(uri: str, out: Path, n: int, seed: int = 0) -> list[Path]:
+    """Write ``n`` images of dataset ``uri``, chosen with ``seed``, as ``out/<index>_<label>.png``.
+
+    Refuses (before writing anything) when any target file exists; each file is written to a
+    temporary name and renamed, so an interrupted run leaves only whole images.
+    """
+    from PIL import Image
+
+    kind, _, rest = uri.partition(":")
+    if kind == "fashion-mnist":
+        split, _, root = rest.partition(":")
+        ds = fashion_mnist_set(split or "test", root or None)
+        names = FASHION_MNIST_CLASSES
+    else:
+        ds = load_dataset(uri, progress=False)
+        names = ds.class_names
+    if n > len(ds):
+        raise DatasetError(f"{uri} has {len(ds)} images; ask for at most that many with -n")
+    pick = np.sort(np.random.default_rng(seed).choice(len(ds), size=n, replace=False))
+    out = Path(out)
+    targets = []
+    for i in pick.tolist():
+        y = int(ds.labels[i])
+        label = (names[y] if names and 0 <= y < len(names) else str(y)).replace("/", "-").replace(" ", "_")
+        targets.append(out / f"{i:05d}_{label}.png")
+    clash = [t for t in targets if t.exists()]
+    if clash:
+        raise DatasetError(f"{clash[0]} already exists; choose an empty --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for i, t in zip(pick.tolist(), targets):
+        img = ds.images[i].numpy()
+        arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        tmp = t.with_name(f".{t.name}.tmp{os.getpid()}")
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, t)
+    return targets

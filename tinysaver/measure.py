@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def count_flops_deepspeed(module: nn.Module, input_shape: Sequence[int]) -> Flop
 def count_flops(module: nn.Module, input_shape: Sequence[int], counter: str = "deepspeed") -> FlopCount:
     """FLOPs and MACs of one image; falls back to torch's counter when DeepSpeed is unavailable or fails."""
     if counter not in ("deepspeed", "torch"):
-        raise ValueError(f"counter must be 'deepspeed' or 'torch', got {counter!r}")
+        raise UsageError(f"counter must be 'deepspeed' or 'torch', got {counter!r}")
     if counter == "deepspeed":
         try:
             return count_flops_deepspeed(module, input_shape)
@@ -132,7 +133,7 @@ def measure_latency(
     out = []
     for bs in batch_sizes:
         if bs < 1:
-            raise ValueError(f"batch sizes must be ≥ 1, got {bs}")
+            raise UsageError(f"batch sizes must be ≥ 1, got {bs}")
         x = torch.randn(bs, *input_shape[-3:], device=device)
         if hasattr(module, "expect_batch"):  # a Runner: an OpenVINO one compiles for this shape now
             module.expect_batch(bs)

@@ -23,6 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ModelNotFoundError, CheckpointError  # noqa: F401 (re-exported)
+from .errors import UsageError
+
 TORCHVISION_PREFIX = "torchvision/"
 
 
@@ -43,11 +46,11 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise UsageError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if len(self.input_size) != 3:
-            raise ValueError(f"input_size must be (C, H, W), got {self.input_size}")
+            raise UsageError(f"input_size must be (C, H, W), got {self.input_size}")
         if len(self.mean) != self.input_size[0] or len(self.std) != self.input_size[0]:
-            raise ValueError("mean and std need one value per input channel")
+            raise UsageError("mean and std need one value per input channel")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -94,7 +97,7 @@ class ModelSpec:
             return cls(name=d)
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown model fields {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+            raise UsageError(f"unknown model fields {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
 
 
@@ -131,12 +134,6 @@ OFFLINE_CHECKPOINTS: dict[str, OfflineCheckpoint] = {
 }
 
 
-class ModelNotFoundError(ValueError):
-    pass
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def _timm():
@@ -365,9 +362,29 @@ def _num_classes(module: nn.Module) -> int:
     with torch.inference_mode():
         last = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not last:
-        raise ValueError(f"cannot tell the class count of {type(module).__name__}")
+        raise UsageError(f"cannot tell the class count of {type(module).__name__}")
     return last[-1].out_features
 
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, refused in one sentence when it is not a device name or is not
+    on this machine (before any model is built on it)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this machine has no usable CUDA GPU (torch sees none); "
+                             "use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: tinysaver runs on cpu, cuda or mps")
+    return d

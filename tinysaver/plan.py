@@ -21,6 +21,7 @@ import pandas as pd
 
 from .profiler import ProfileConfig
 from .published import SOURCE, results_dir
+from .errors import UsageError
 
 
 @dataclass
@@ -87,10 +88,10 @@ def plan_profile(cfg: ProfileConfig, gpus: int = 1, gpu_type: str = "rtx4090", s
     from .data import dataset_size
 
     if gpus < 1:
-        raise ValueError(f"plan for at least one GPU, got {gpus}")
+        raise UsageError(f"plan for at least one GPU, got {gpus}")
     benches = gpu_benchmarks(folder)
     if gpu_type not in benches:
-        raise ValueError(f"no published benchmark for GPU type {gpu_type!r}; available: {', '.join(benches) or 'none'} "
+        raise UsageError(f"no published benchmark for GPU type {gpu_type!r}; available: {', '.join(benches) or 'none'} "
                          f"(in {folder or results_dir()})")
     bench = pd.read_csv(benches[gpu_type])
     rate = float(np.median(bench["infer_samples_per_sec"] * bench["infer_gmacs"]))  # GMAC/s, the scaling constant
@@ -110,7 +111,7 @@ def plan_profile(cfg: ProfileConfig, gpus: int = 1, gpu_type: str = "rtx4090", s
             gmacs = float(known["gmacs"]) * (size / int(known.get("img_size") or size)) ** 2
             ips, how = rate / gmacs, "GMACs-scaled"
         else:
-            raise ValueError(f"{spec.key}: not in the published benchmark at {size}px and no GMACs known; profile it "
+            raise UsageError(f"{spec.key}: not in the published benchmark at {size}px and no GMACs known; profile it "
                              "locally once (tinysaver profile --limit 1) or add it to the catalog")
         rows.append(PlanRow(spec.key, size, gmacs, ips, how, samples, samples / ips / 3600))
     shards = shards or gpus

@@ -7,6 +7,7 @@ import numpy as np
 
 from .policy import answers, apply
 from .selector import SelectorConfig, SplitData, available_costs, calibration_and_test, select
+from .errors import MissingExtraError, UsageError
 
 
 def exit_curve(sd: SplitData, base: str, saver: str, points: int = 200) -> tuple[np.ndarray, ...]:
@@ -31,10 +32,10 @@ def plot_pair(zoo, base: str, saver: str, out: str | Path, cfg: SelectorConfig |
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install 'tinysaver[plot]'") from e
+        raise MissingExtraError("plots need matplotlib: pip install 'tinysaver[plot]'") from e
     cfg = cfg or SelectorConfig()
     if saver == base:
-        raise ValueError(f"a model cannot be its own saver: {saver!r} is the base; pick a cheaper --saver")
+        raise UsageError(f"a model cannot be its own saver: {saver!r} is the base; pick a cheaper --saver")
     zoo.model(base), zoo.model(saver)
     calib, test = calibration_and_test(zoo, [base, saver], cfg.calib_split, cfg.test_split, cfg.seed)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import SelectionError  # noqa: F401 (re-exported)
+
 SCHEMA_VERSION = 1
 CRITERIA = ("zero", "bounded", "subset", "guaranteed")
 TARGETS = ("labels", "base-agreement")
@@ -26,9 +28,6 @@ TARGETS = ("labels", "base-agreement")
 # other batch sizes); selections report how many there are
 MARGIN = 1e-5
 
-
-class SelectionError(ValueError):
-    pass
 
 
 # --- the rule ------------------------------------------------------------------------------------------
@@ -59,6 +58,25 @@ def apply(confs: np.ndarray | Sequence[np.ndarray], thresholds: Sequence[float])
 def exits(conf: np.ndarray, threshold: float) -> np.ndarray:
     """(N,) mask of the samples one stage answers: :func:`apply` with that stage alone."""
     return apply([conf], [threshold]) == 0
+
+
+def confidence(logits, temperature: float = 1.0):
+    """The one confidence formula: ``max softmax(logits / T)`` over classes, and its class.
+
+    ``logits``: (B, K) torch tensor (or array), any float dtype and device; it is computed in
+    float32 on that device. ``temperature`` T > 0 (1: uncalibrated). Returns ``(conf, pred)``, two
+    (B,) torch tensors: float32 confidences in [0, 1] and int64 classes. Every stage, the profiler,
+    the runtimes' agreement check, the service and the exit methods compute it here, so an exit
+    decision online is the one the selector made offline.
+    """
+    if not hasattr(logits, "softmax"):  # numpy: torch is imported only when an array comes in
+        import torch
+
+        logits = torch.as_tensor(logits)
+    x = logits.float()
+    if temperature != 1.0:  # dividing by 1 changes no bit, but costs a pass over the logits
+        x = x / temperature
+    return x.softmax(-1).max(-1)
 
 
 def answers(preds: np.ndarray | Sequence[np.ndarray], stage: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import UsageError
 from .profiler import ProfileConfig, _existing_preds, _load_manifest, _model_done, _register_split, describe_model, \
     predict, top1
 from .zoo import MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, zoo_lock, zoo_path
@@ -91,15 +92,15 @@ def check_config(cfg: ProfileConfig, shards: int, gpus_per_task: float, cpus_per
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
-        raise ValueError("the ray backend needs Ray: pip install 'tinysaver[ray]'")
+        raise UsageError("the ray backend needs Ray: pip install 'tinysaver[ray]'")
     if shards < 1:
-        raise ValueError(f"--shards must be ≥ 1, got {shards}")
+        raise UsageError(f"--shards must be ≥ 1, got {shards}")
     if gpus_per_task < 0 or cpus_per_task <= 0:
-        raise ValueError("--gpus-per-task must be ≥ 0 and CPUs per task > 0")
+        raise UsageError("--gpus-per-task must be ≥ 0 and CPUs per task > 0")
     for spec in cfg.models:
         resolve_kind(spec.name)  # unknown names fail here, listing close matches
         if spec.checkpoint and not Path(spec.checkpoint).is_file():
-            raise ValueError(f"{spec.key}: checkpoint {spec.checkpoint} does not exist")
+            raise UsageError(f"{spec.key}: checkpoint {spec.checkpoint} does not exist")
     return {split: dataset_size(uri, cfg.limit) for split, uri in cfg.splits.items()}
 
 
@@ -168,7 +169,7 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
             set_local_ray_env()  # a local instance: its workers at the default priority
         ray.init(address=address, log_to_driver=False)
     if gpus_per_task > ray.cluster_resources().get("GPU", 0):
-        raise ValueError(f"--gpus-per-task {gpus_per_task} but the Ray cluster has "
+        raise UsageError(f"--gpus-per-task {gpus_per_task} but the Ray cluster has "
                          f"{ray.cluster_resources().get('GPU', 0)} GPU(s)")
     ModelWorker = _ray_classes()
     device = "cuda" if gpus_per_task > 0 else cfg.device

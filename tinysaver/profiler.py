@@ -20,8 +20,10 @@ import torch
 from .data import DecodedSet, load_dataset
 from .measure import count_flops, device_info, latency_table, measure_latency
 from .models import LoadedModel, ModelSpec, count_parameters, create_model
+from .policy import confidence
 from .transforms import prepare_batch
 from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, zoo_lock, zoo_path)
+from .errors import UsageError
 
 
 # least time torch.utils.benchmark measures each model, backend and batch size (``--latency-seconds``)
@@ -49,17 +51,17 @@ class ProfileConfig:
 
     def __post_init__(self) -> None:
         if not self.models:
-            raise ValueError("give at least one model to profile")
+            raise UsageError("give at least one model to profile")
         if not self.splits:
-            raise ValueError("give at least one split, e.g. val=imagenet:PATH")
+            raise UsageError("give at least one split, e.g. val=imagenet:PATH")
         keys = [m.key for m in self.models]
         dup = {k for k in keys if keys.count(k) > 1}
         if dup:
-            raise ValueError(f"model names must be unique in a zoo; repeated: {sorted(dup)}")
+            raise UsageError(f"model names must be unique in a zoo; repeated: {sorted(dup)}")
         if any(b < 1 for b in self.batch_sizes) or self.eval_batch_size < 1:
-            raise ValueError("batch sizes must be ≥ 1")
+            raise UsageError("batch sizes must be ≥ 1")
         if self.topk < 1:
-            raise ValueError("topk must be ≥ 1")
+            raise UsageError("topk must be ≥ 1")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "ProfileConfig":
@@ -68,7 +70,7 @@ class ProfileConfig:
         with open(path) as f:
             d = yaml.safe_load(f) or {}
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: a profile config is a mapping (zoo, splits, models, ...)")
+            raise UsageError(f"{path}: a profile config is a mapping (zoo, splits, models, ...)")
         d.update({k: v for k, v in overrides.items() if v is not None})
         here = Path(path).resolve().parent
         models = []
@@ -77,14 +79,14 @@ class ProfileConfig:
             if spec.checkpoint and not Path(spec.checkpoint).is_absolute():  # relative to the config file
                 f = here / spec.checkpoint
                 if not f.is_file():
-                    raise ValueError(f"{path}: checkpoint {spec.checkpoint!r} of {spec.key!r} is not at {f} "
+                    raise UsageError(f"{path}: checkpoint {spec.checkpoint!r} of {spec.key!r} is not at {f} "
                                      "(relative paths are read from the config file's folder)")
                 spec = dataclasses.replace(spec, checkpoint=str(f.resolve()))
             models.append(spec)
         d["models"] = models
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+            raise UsageError(f"{path}: unknown keys {sorted(unknown)}")
         return cls(**d)
 
 
@@ -104,10 +106,10 @@ def predict(model: LoadedModel, data: DecodedSet, batch_size: int = 64, topk: in
         for s in tqdm(range(0, len(data), batch_size), desc=desc or model.key, disable=not progress, leave=False):
             x = prepare_batch(data.batch(s, s + batch_size), model.preprocess).to(device)
             out = model.module(x).float()
-            prob = out.softmax(-1)
-            p, i = prob.topk(k, dim=-1)
-            preds.append(i[:, 0].cpu())
-            confs.append(p[:, 0].cpu())
+            c, top1 = confidence(out)
+            p, i = out.softmax(-1).topk(k, dim=-1)  # the top-k table; its first column is top1's
+            preds.append(top1.cpu())
+            confs.append(c.cpu())
             tki.append(i.cpu())
             tkp.append(p.cpu())
             if save_logits:
@@ -304,7 +306,7 @@ def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int
     for b in backends:
         check_backend(b)  # before anything runs
     if not batch_sizes or any(bs < 1 for bs in batch_sizes):
-        raise ValueError("batch sizes must be ≥ 1")
+        raise UsageError("batch sizes must be ≥ 1")
     z = load_zoo(zoo, root)
     keys = list(models) if models else z.measured()
     for k in keys:

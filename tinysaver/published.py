@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pandas as pd
+from .errors import NotFoundError
 
 BENCHMARK_CSV = "benchmark-infer-amp-nchw-pt291-cu128-4090.csv"
 RESULTS_CSV = "results-imagenet.csv"
@@ -27,7 +28,7 @@ def published_gmacs(arch: str, img_size: int = 224, folder: Path | None = None) 
     df = pd.read_csv((folder or results_dir()) / BENCHMARK_CSV)
     row = df[(df["model"] == arch) & (df["infer_img_size"] == img_size)]
     if row.empty:
-        raise KeyError(f"{arch} at {img_size}px is not in {BENCHMARK_CSV}")
+        raise NotFoundError(f"{arch} at {img_size}px is not in {BENCHMARK_CSV}")
     return float(row["infer_gmacs"].iloc[0])
 
 

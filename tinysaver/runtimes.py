@@ -28,14 +28,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import BackendError  # noqa: F401 (re-exported)
 from .models import LoadedModel
+from .policy import confidence
+from .zoo import BACKENDS  # noqa: F401 (re-exported)
 
-BACKENDS = ("eager", "compile", "onnxruntime", "openvino")
 _EXTRA = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
 
-
-class BackendError(ValueError):
-    pass
 
 
 @dataclass
@@ -266,7 +265,7 @@ def _classify(fn, model: LoadedModel, images, batch_size: int) -> tuple[np.ndarr
     with torch.inference_mode():
         for s in range(0, len(images), batch_size):
             x = prepare_batch(take_images(images, range(s, min(s + batch_size, len(images)))), model.preprocess)
-            c, p = fn(x).float().softmax(-1).max(-1)
+            c, p = confidence(fn(x))
             preds.append(p.numpy())
             confs.append(c.numpy())
     return np.concatenate(preds), np.concatenate(confs)

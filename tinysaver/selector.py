@@ -329,12 +329,15 @@ class SelectorConfig:
         return cls(**{k: getattr(options, k) for k in names if getattr(options, k, None) is not None})
 
 
-def selection_for(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Sequence[str] | None = None,
+def selection_for(zoo: Zoo, base: str | None, cfg: SelectorConfig | None = None, savers: Sequence[str] | None = None,
                   threshold: float | None = None, selection: str | None = None,
                   from_selection: bool = False) -> Selection:
     """The one way a command gets its policy: a saved selection file, a saver with a given threshold,
     or the selector (restricted to ``savers`` when given; ``from_selection`` says the user asked for
-    the selector over the whole zoo). Validated before any model loads."""
+    the selector over the whole zoo). ``base`` may be None with a saved selection, which names its
+    own. Validated before any model loads."""
+    if base is None and selection is None:
+        raise SelectionError("give --base (or --selection FILE, which names its base)")
     if from_selection and savers:
         raise SelectionError("--from-selection runs the selector over the zoo; drop --saver, or drop "
                              "--from-selection to select among the given savers")
@@ -342,7 +345,7 @@ def selection_for(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers
         if savers or threshold is not None:
             raise SelectionError("give either a saved selection or --saver/--threshold, not both")
         sel = Selection.load(selection)
-        if sel.base != base:
+        if base is not None and sel.base != base:
             raise SelectionError(f"{selection} selects for base {sel.base!r}, not {base!r}")
         if sel.zoo != zoo.name:
             raise SelectionError(f"{selection} was selected in zoo {sel.zoo!r}, not {zoo.name!r}")

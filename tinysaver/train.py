@@ -28,6 +28,7 @@ from .data import fashion_mnist_set
 from .models import ModelSpec, create_model
 from .transforms import prepare_batch
 from .zoo import atomic_write_bytes, atomic_write_yaml
+from .errors import UsageError
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
@@ -53,24 +54,24 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.models:
-            raise ValueError("the training config lists no models")
+            raise UsageError("the training config lists no models")
         labels = []
         for e in self.models:
             if not isinstance(e, dict) or "arch" not in e:
-                raise ValueError(f"each model entry needs an 'arch' (a timm name), got {e!r}")
+                raise UsageError(f"each model entry needs an 'arch' (a timm name), got {e!r}")
             unknown = set(e) - set(self.MODEL_KEYS)
             if unknown:
-                raise ValueError(f"model {e['arch']!r}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(self.MODEL_KEYS)}")
+                raise UsageError(f"model {e['arch']!r}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(self.MODEL_KEYS)}")
             if int(e.get("input_size", self.input_size)) < 28:
-                raise ValueError(f"model {e['arch']!r}: input_size must be ≥ 28 (Fashion-MNIST images are 28 px)")
+                raise UsageError(f"model {e['arch']!r}: input_size must be ≥ 28 (Fashion-MNIST images are 28 px)")
             if int(e.get("train_samples", self.train_samples)) < 1 or float(e.get("lr", self.lr)) <= 0:
-                raise ValueError(f"model {e['arch']!r}: train_samples and lr must be positive")
+                raise UsageError(f"model {e['arch']!r}: train_samples and lr must be positive")
             labels.append(model_label(e))
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
-            raise ValueError(f"labels must be unique (they name the checkpoint files): {dup}; set 'label' on repeats")
+            raise UsageError(f"labels must be unique (they name the checkpoint files): {dup}; set 'label' on repeats")
         if self.shift < 0:
-            raise ValueError(f"shift is a number of pixels ≥ 0, got {self.shift}")
+            raise UsageError(f"shift is a number of pixels ≥ 0, got {self.shift}")
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, warm: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:

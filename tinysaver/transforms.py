@@ -13,6 +13,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from .errors import UsageError
 from .models import Preprocess
 
 _INTERP = {
@@ -34,7 +35,7 @@ def _channels(img: torch.Tensor, c: int) -> torch.Tensor:
         return F.rgb_to_grayscale(img, num_output_channels=1)
     if have == 4:
         return _channels(img[..., :3, :, :], c)
-    raise ValueError(f"cannot convert a {have}-channel image to {c} channels")
+    raise UsageError(f"cannot convert a {have}-channel image to {c} channels")
 
 
 def _resize_crop(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:
@@ -54,7 +55,7 @@ def prepare_batch(images: Sequence[torch.Tensor] | torch.Tensor, pre: Preprocess
         batch = _resize_crop(_channels(images, c), pre)
     else:
         if len(images) == 0:
-            raise ValueError("cannot prepare an empty batch")
+            raise UsageError("cannot prepare an empty batch")
         batch = torch.stack([_resize_crop(_channels(im, c), pre) for im in images])
     x = batch.float().div_(255.0)
     mean = torch.tensor(pre.mean, dtype=x.dtype).view(1, -1, 1, 1)

@@ -23,11 +23,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .errors import ZooError  # noqa: F401 (re-exported)
+
 MANIFEST = "zoo.yaml"
+DEFAULT_ZOO = "fashion-mnist"  # the zoo bundled with the project, and every command's --zoo default
+# the runtimes a model can run on and a zoo records latency for (tinysaver.runtimes runs them); named
+# here so the command line can offer them without importing torch
+BACKENDS = ("eager", "compile", "onnxruntime", "openvino")
 
-
-class ZooError(ValueError):
-    pass
 
 
 def default_root() -> Path:

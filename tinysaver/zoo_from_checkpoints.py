@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from .zoo import atomic_write_yaml
+from .errors import UsageError
 
 
 def verify_checkpoints(manifest_path: Path) -> dict:
@@ -21,7 +22,7 @@ def verify_checkpoints(manifest_path: Path) -> dict:
         f = manifest_path.parent / e["file"]
         digest = hashlib.sha256(f.read_bytes()).hexdigest()
         if digest != e["sha256"]:
-            raise ValueError(f"{f}: sha256 {digest[:12]}… does not match the manifest ({e['sha256'][:12]}…)")
+            raise UsageError(f"{f}: sha256 {digest[:12]}… does not match the manifest ({e['sha256'][:12]}…)")
     return m
 
 

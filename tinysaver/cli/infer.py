@@ -1,4 +1,4 @@
-"""Handler of ``tinysaver infer``: classify image files, folders or tars through a cascade."""
+"""``tinysaver infer``: classify image files, folders or tars through a cascade; one CSV/JSONL row each."""
 from __future__ import annotations
 
 import argparse
@@ -7,22 +7,53 @@ import json
 import sys
 import time
 
+from ..errors import UsageError
+from ..limits import MAX_PIXELS
+from ._args import add_cascade_args, command, int_list, positive_int
+
+
+def register(sub) -> None:
+    q = command(sub, "infer", cmd_infer, "classify images through saver → base")
+    q.add_argument("paths", nargs="+", help="image files, folders or .tar files")
+    add_cascade_args(q)
+    q.add_argument("--batch-size", type=positive_int, default=32)
+    q.add_argument("--no-refill", action="store_true",
+                   help="send each batch's survivors on at once instead of gathering full batches for the base")
+    q.add_argument("--pipeline", action="store_true",
+                   help="run each later stage in its own thread, so the saver works on the next batch while the "
+                        "base works on survivors (more images/s; give each stage fewer --threads)")
+    q.add_argument("--backend-fallback", choices=["eager"],
+                   help="run a stage whose export fails on eager instead of stopping")
+    q.add_argument("--threads", type=int_list,
+                   help="intra-op threads of onnxruntime/openvino stages: one for all, or one per stage, e.g. 1,2 "
+                        "(default: torch's thread count)")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+                   help="skip (and count) images with more pixels (width × height), read from the header")
+    q.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    q.add_argument("--quiet", action="store_true")
+
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .cascade import build_cascade
-    from .data import decoded_blocks, paths_source
-    from .report import describe
-    from .selector import SelectorConfig, selection_for
-    from .zoo import load_zoo
+    from ..cascade import build_cascade
+    from ..data import decoded_blocks, paths_source
+    from ..models import check_device
+    from ..report import describe
+    from ..runtimes import malloc_advice
+    from ..selector import SelectorConfig, selection_for
+    from ..zoo import load_zoo
 
+    check_device(args.device)
     zoo = load_zoo(args.zoo, args.root)
     sel = selection_for(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver,
                         threshold=args.threshold, selection=args.selection, from_selection=args.from_selection)
     src = paths_source(args.paths)
+    for why in src.skipped:  # unreadable folders and non-files: counted, never silent
+        print(f"tinysaver: skipped {why}", file=sys.stderr)
     if not src.ids:
-        raise ValueError("no images found in the given paths (looked for .jpg, .jpeg, .png, .bmp, .webp, .gif, "
+        raise UsageError("no images found in the given paths (looked for .jpg, .jpeg, .png, .bmp, .webp, .gif, "
                          ".tif files, folders and .tar files)")
     if not args.quiet:
         print(describe(sel), file=sys.stderr)
@@ -31,8 +62,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
                             backend=backends[0] if len(backends) == 1 else backends,
                             backend_fallback=args.backend_fallback,
                             threads=args.threads[0] if args.threads and len(args.threads) == 1 else args.threads)
-    from .runtimes import malloc_advice
-
     advice = malloc_advice(args.batch_size, [m.preprocess.input_size[-1] for m in cascade.stages], args.device,
                            cascade.backends)
     if advice and not args.quiet:
@@ -44,14 +73,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if writer:
         writer.writerow(["path", "class", "name", "confidence", "exit_stage", "stage_name"])
     t0 = time.perf_counter()
-    bar = tqdm(total=len(src.ids), desc="infer", disable=len(src.ids) < 200 or args.quiet, file=sys.stderr)
+    # the bar counts answered images (and unreadable ones), not decoded ones: decoding runs ahead
+    bar = tqdm(total=len(src.ids), desc="infer", unit="img", disable=len(src.ids) < 200 or args.quiet,
+               file=sys.stderr)
     # a few batches, and at least 256 images, per block: memory stays bounded, refill can gather
     # survivors across batches, and a pipeline is not drained and restarted every few small batches
-    for index, imgs, failures in decoded_blocks(src, max(args.batch_size * 8, 256)):
+    for index, imgs, failures in decoded_blocks(src, max(args.batch_size * 8, 256), args.max_pixels):
         for path, why in failures:  # one bad file never stops the run
             print(f"tinysaver: cannot read {path}: {why}", file=sys.stderr)
         failed += len(failures)
-        bar.update(len(index) + len(failures))
+        bar.update(len(failures))
         if not imgs:
             continue
         res = cascade.predict(imgs, batch_size=args.batch_size, refill=not args.no_refill,
@@ -63,10 +94,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                  row["stage_name"]])
             else:
                 print(json.dumps({"path": path, **row}))
+        bar.update(len(index))
     bar.close()
     dt = time.perf_counter() - t0
     done = sum(counts)
-    summary = {"images": done, "unreadable": failed, "seconds": round(dt, 3),
+    summary = {"images": done, "unreadable": failed, "skipped": len(src.skipped), "seconds": round(dt, 3),
                "images_per_s": round(done / dt, 2) if dt > 0 else None,
                "thresholds": sel.thresholds, "backends": cascade.backends, "pipeline": args.pipeline,
                "exit_ratio": {n: round(c / max(done, 1), 4) for n, c in zip(names, counts)}}

@@ -1,0 +1,214 @@
+"""The service's parts without Ray: body parsing, decoding, tokens, the request walk with dying
+replicas, the fused batcher's early answers, the audit monitor, options and plans."""
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import png_bytes
+from tinysaver.errors import ServeError
+from tinysaver.serve import AuditMonitor, BadRequest, Plan, ServeOptions
+from tinysaver.serve.http import check_token, decode, read_files
+from tinysaver.serve.walk import FusedBatcher, StageWalk
+
+
+class FakeRequest:
+    """What the routes read of a starlette Request: headers, the body stream and the form."""
+
+    def __init__(self, body: bytes, ctype: str, length: bool = True):
+        self.headers = {"content-type": ctype, **({"content-length": str(len(body))} if length else {})}
+        self._raw = body
+
+    async def stream(self):
+        for i in range(0, len(self._raw), 7):
+            yield self._raw[i:i + 7]
+
+    async def form(self):
+        from starlette.requests import Request
+
+        scope = {"type": "http", "method": "POST", "headers": [(b"content-type", self.headers["content-type"].encode())]}
+
+        async def receive():
+            return {"type": "http.request", "body": self._body, "more_body": False}
+
+        return await Request(scope, receive).form()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def multipart(files, boundary="XyZ"):
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"; filename="{n}"\r\n'
+             f"Content-Type: image/png\r\n\r\n".encode() + d + b"\r\n" for i, (n, d) in enumerate(files)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_bodies_raw_multipart_and_every_refusal_in_one_sentence():
+    pytest.importorskip("starlette")
+    img = png_bytes(np.zeros((8, 8), np.uint8))
+    assert run(read_files(FakeRequest(img, "image/png"), False, 10_000)) == [("body", img)]
+    body, ctype = multipart([("a.png", img), ("b.png", img)])
+    assert [n for n, _ in run(read_files(FakeRequest(body, ctype), True, 10_000))] == ["a.png", "b.png"]
+    assert len(run(read_files(FakeRequest(body, ctype), False, 10_000))) == 1
+    cases = [(FakeRequest(img, "image/png"), False, 10, 413, "over the limit of 10 bytes"),
+             (FakeRequest(img, "image/png", length=False), False, 10, 413, "over the limit"),
+             (FakeRequest(img, "text/plain"), False, 10_000, 415, "application/octet-stream"),
+             (FakeRequest(img, "image/png"), True, 10_000, 415, "multipart/form-data"),
+             (FakeRequest(b"abc", "multipart/form-data"), False, 10_000, 400, "malformed multipart body (Missing boundary"),
+             (FakeRequest(b"--XyZ\r\nno headers here\r\n\r\nabc\r\n--XyZ--", "multipart/form-data; boundary=XyZ"), False,
+              10_000, 400, "malformed multipart body"),
+             (FakeRequest(b"--XyZ--\r\n", "multipart/form-data; boundary=XyZ"), False, 10_000, 400, "no file")]
+    for req, many, limit, status, words in cases:
+        with pytest.raises(BadRequest) as e:
+            run(read_files(req, many, limit))
+        assert e.value.status == status and words in e.value.reason and "\n" not in e.value.reason, e.value.reason
+
+
+def test_decoding_refusals_name_the_problem_not_the_decoder():
+    from PIL import Image
+    import io
+
+    for data, status, words in [(b"", 400, "empty body"), (b"GIF89a broken", 400, "not a usable image"),
+                                (png_bytes(np.zeros((8, 8), np.uint8))[:30], 400, "not a usable image")]:
+        with pytest.raises(BadRequest) as e:
+            decode(data, 1000)
+        assert e.value.status == status and words in e.value.reason and "0x" not in e.value.reason
+    buf = io.BytesIO()
+    Image.new("L", (400, 300)).save(buf, format="PNG")
+    with pytest.raises(BadRequest) as e:
+        decode(buf.getvalue(), 100_000)
+    assert e.value.status == 413 and "400 × 300 pixels is over the cap" in e.value.reason
+    assert decode(buf.getvalue(), None).shape == (1, 300, 400)
+
+
+def test_a_token_is_required_when_set():
+    check_token({}, None)
+    check_token({"authorization": "Bearer s3cret"}, "s3cret")
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+        with pytest.raises(BadRequest) as e:
+            check_token(headers, "s3cret")
+        assert e.value.status == 401
+
+
+class Dead(Exception):
+    pass
+
+
+def test_the_walk_retries_a_dead_replica_then_answers_503_at_the_deadline():
+    calls = []
+
+    def call(i, item):
+        calls.append(i)
+
+        async def answer():
+            if i == 1 and calls.count(1) <= 2:
+                raise Dead()  # the base replica died twice; Serve replaced it
+            return (i * 10, 0.95 if i == 0 and item[0] == "easy" else 0.1, f"carry{i}")
+        return answer()
+
+    walk = StageWalk(call, ["s", "b"], [0.9], base_from=1, retries=5, dead=(Dead,))
+    assert run(walk.answer("easy", 5.0)) == (0, 0, 0.95, "carry0")
+    assert run(walk.answer("hard", 5.0)) == (1, 10, 0.1, "carry1")
+    assert walk.retried == 2 and calls.count(1) == 3
+
+    def hang(i, item):
+        return asyncio.sleep(60)
+
+    slow = StageWalk(hang, ["s", "b"], [0.9], base_from=1, retries=5, dead=(Dead,))
+    t0 = time.monotonic()
+    with pytest.raises(BadRequest) as e:
+        run(slow.answer("x", 0.2))
+    assert e.value.status == 503 and "retry" in e.value.reason and time.monotonic() - t0 < 30
+    assert slow.unavailable == 1
+
+
+class Slow:
+    """A stage that answers by a fixed confidence and takes ``seconds``."""
+
+    def __init__(self, conf, seconds, log):
+        self.conf, self.seconds, self.log, self.name = conf, seconds, log, f"c{conf}"
+
+    def __call__(self, images, carry):
+        self.log.append(("start", self.name, time.monotonic()))
+        time.sleep(self.seconds)
+        self.log.append(("end", self.name, time.monotonic()))
+        ids = torch.as_tensor([int(im) for im in images])
+        conf = torch.where(ids % 2 == 0, torch.tensor(self.conf), torch.tensor(0.0))  # even ids exit early
+        return ids, conf, None
+
+
+def test_fused_early_answers_do_not_wait_for_the_base_pass_of_their_batch():
+    log = []
+    saver, base = Slow(0.99, 0.05, log), Slow(1.0, 1.0, log)
+    batcher = FusedBatcher([saver, base], [0.9], base_from=1)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        items = [(i, loop.create_future()) for i in range(6)]
+        got = {}
+
+        async def wait(i, fut):
+            got[i] = (await fut, time.monotonic())
+
+        waiters = [asyncio.ensure_future(wait(i, f)) for i, f in items]
+        await batcher.answer_batch(items)
+        await asyncio.gather(*waiters)
+        return got
+
+    got = run(go())
+    base_end = next(t for kind, name, t in log if kind == "end" and name == base.name)
+    for i, ((stage, pred, conf), t) in got.items():
+        assert pred == i and stage == (0 if i % 2 == 0 else 1)
+        if stage == 0:  # answered while the base was still running on the odd ones
+            assert t < base_end - 0.5, (i, base_end - t)
+    assert batcher.sizes == {6: 1}
+    assert run(batcher.base_batch([1, 2, 3])) == [1, 2, 3]  # the base alone, for the audit
+
+
+def test_a_failing_fused_batch_fails_every_waiting_request():
+    class Boom:
+        name = "boom"
+
+        def __call__(self, images, carry):
+            raise RuntimeError("model failed")
+
+    batcher = FusedBatcher([Boom(), Boom()], [0.5], base_from=1)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        items = [(i, loop.create_future()) for i in range(3)]
+        await batcher.answer_batch(items)
+        return [f.exception() for _, f in items]
+
+    assert all(isinstance(e, RuntimeError) for e in run(go()))
+
+
+def test_the_audit_monitor_is_a_plain_class():
+    m = AuditMonitor(fraction=1.0, delta=0.1, tolerance_points=50.0, window=4)
+    records = [m.request(early=True) for _ in range(4)]
+    assert m.status == "ok" and m.view()["window_requests"] == 4
+    for r in records:
+        m.audited(r, disagreed=True)  # every early answer wrong: far above 50 points
+    assert m.status == "drift" and m.view()["disagreements"] == 4
+    m.dropped()
+    assert m.view()["dropped"] == 1
+
+
+def test_options_choose_the_layout_and_plans_are_checked():
+    assert ServeOptions().resolved_layout() == "fused"
+    assert ServeOptions(num_gpus=[0, 1]).resolved_layout() == "per-stage"  # per-stage resources given
+    assert ServeOptions(replicas=[1, 2]).resolved_layout() == "per-stage"
+    assert ServeOptions(layout="per-stage").resolved_layout() == "per-stage"
+    with pytest.raises(ServeError, match="--layout must be one of fused, per-stage"):
+        ServeOptions(layout="both")
+    with pytest.raises(ServeError, match="--max-body-mb must be > 0"):
+        ServeOptions(max_body_bytes=0)
+    o = ServeOptions()
+    with pytest.raises(ServeError, match="2 stages need 1 thresholds and 2 temperatures"):
+        Plan("z", ("a", "b"), ("a", "b"), (), (1.0, 1.0), None, o, base_from=1)
+    p = Plan("z", ("a", "b"), ("a", "b"), (0.5,), (1.0, 1.0), None, o, base_from=1)
+    with pytest.raises(Exception):  # frozen: a deployment's plan cannot change under it
+        p.base_from = 0

@@ -1,0 +1,29 @@
+"""``tinysaver data sample``: write a few labelled images of a dataset as PNG files, to try ``infer`` on."""
+from __future__ import annotations
+
+import argparse
+
+from ..zoo import DEFAULT_ZOO
+from ._args import command, group, positive_int
+
+
+def register(sub) -> None:
+    dsub = group(sub, "data", "get images to try tinysaver on", "data_command")
+    q = command(dsub, "sample", cmd_sample,
+                "write N images of a dataset as PNG files named <index>_<label>.png (seeded, never overwriting)")
+    q.add_argument("dataset", nargs="?", default=DEFAULT_ZOO,
+                   help="a dataset URI (fashion-mnist[:SPLIT], imagenet:PATH, imagefolder:PATH, foolbox)")
+    q.add_argument("--out", required=True, help="folder to write into (created; existing files are never replaced)")
+    q.add_argument("-n", type=positive_int, default=20, help="how many images")
+    q.add_argument("--seed", type=int, default=0, help="which images: a seeded random choice")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..data import sample_images
+
+    written = sample_images(args.dataset, Path(args.out), args.n, args.seed)
+    print(f"{len(written)} images written to {args.out}; classify them with:\n"
+          f"  tinysaver infer --zoo {DEFAULT_ZOO} --base resnet10t {args.out}")
+    return 0

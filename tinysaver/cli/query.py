@@ -1,0 +1,39 @@
+"""``tinysaver query``: the best saver(s) and threshold(s) for one base, and the command that runs them."""
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from ._args import add_selector_args, command, positive_int
+
+
+def register(sub) -> None:
+    q = command(sub, "query", cmd_query, "best saver and threshold for one base model")
+    add_selector_args(q)
+    q.add_argument("--base", required=True)
+    q.add_argument("--saver", action="append", help="restrict candidates to these savers (repeat for several)")
+    q.add_argument("--top", type=positive_int, default=5, help="how many candidates to list")
+    q.add_argument("--save", help="write the selection as JSON, for 'tinysaver infer --selection FILE'")
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from ..report import describe, format_table
+    from ..selector import SelectorConfig, select
+    from ..zoo import load_zoo
+
+    zoo = load_zoo(args.zoo, args.root)
+    sel, table = select(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver, top=args.top)
+    print(describe(sel))
+    if len(table) > 1:
+        print("\nnext best candidates (calibration split):")
+        print(format_table(table.iloc[1:]))
+    zoo_arg = f"--zoo {shlex.quote(args.zoo)}"
+    if args.save:
+        sel.save(args.save)
+        print(f"\nselection saved to {args.save}; run it with:\n"
+              f"  tinysaver infer {zoo_arg} --selection {shlex.quote(args.save)} IMAGES...")
+    else:
+        print(f"\nnext: save it with --save sel.json, then run it with:\n"
+              f"  tinysaver infer {zoo_arg} --selection sel.json IMAGES...\n"
+              f"(no images at hand? tinysaver data sample fashion-mnist --out imgs -n 20)")
+    return 0

@@ -1,0 +1,238 @@
+"""``tinysaver serve``: the selected cascade as an HTTP service on Ray Serve.
+
+``add_serve_args``, ``serve_options`` and ``run_app`` are what another package's serve command
+(``tinysaver esn serve``) reuses, so every service starts and stops the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import sys
+import time
+
+from ..errors import MissingExtraError, ServeError, UsageError
+from ._args import add_cascade_args, command, int_list, positive_float, positive_int
+
+
+def register(sub) -> None:
+    q = command(sub, "serve", cmd_serve,
+                "serve the cascade over HTTP on Ray Serve (POST /predict, /predict/batch; GET /healthz, /metrics)")
+    add_cascade_args(q)
+    add_serve_args(q)
+    q.add_argument("--esn", help=argparse.SUPPRESS)  # moved to 'tinysaver esn serve'; kept to say so
+
+
+def add_serve_args(q: argparse.ArgumentParser) -> None:
+    """The service's own options, with ``ServeOptions``'s defaults."""
+    from ..serve import ServeOptions
+
+    from ..serve import LAYOUTS
+
+    d = ServeOptions()
+    q.add_argument("--layout", choices=LAYOUTS,
+                   help="fused: every stage in each replica of one deployment (one hop; scale with --replicas); "
+                        "per-stage: a deployment per stage, for stages that need their own hardware or replica "
+                        "count (default: per-stage when --replicas/--num-cpus/--num-gpus are given per stage, "
+                        "else fused)")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but 127.0.0.1 exposes the HTTP routes to the network "
+                        "(see the README on what else a Ray cluster exposes)")
+    q.add_argument("--port", type=_port, default=8000)
+    q.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on /predict* and /metrics (default: "
+                        "$TINYSAVER_TOKEN, else none); /healthz stays open")
+    q.add_argument("--startup-timeout", type=positive_float, default=STARTUP_TIMEOUT_S,
+                   help="seconds to wait for every replica to be scheduled and ready before giving up")
+    q.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
+    q.add_argument("--max-batch-size", type=positive_int, default=d.max_batch_size, help="per stage, @serve.batch")
+    q.add_argument("--batch-wait-ms", type=_non_negative, default=1e3 * d.batch_wait_timeout_s,
+                   help="how long a stage waits to fill a batch")
+    q.add_argument("--replicas", type=int_list, default=[d.replicas], help="one for all stages, or one per stage")
+    q.add_argument("--num-cpus", default=d.num_cpus,
+                   help="CPUs per stage replica: one, or one per stage (default: 1.5 shared by the stages, "
+                        "at most 0.5 each)")
+    q.add_argument("--num-gpus", default=str(d.num_gpus), help="GPUs per stage replica: one, or one per stage")
+    q.add_argument("--resources", type=_resources, default=None,
+                   help='custom Ray resources each replica needs, as JSON: {"node2": 1} for every stage, or '
+                        '[{}, {"node2": 1}] one per stage (pins the base to the nodes that have node2)')
+    q.add_argument("--audit", type=_non_negative, default=d.audit,
+                   help="fraction of early answers also sent to the base, after answering, to bound the loss live")
+    q.add_argument("--audit-tolerance", type=positive_float, default=d.audit_tolerance,
+                   help="accuracy points: a live loss bound above it raises the drift alarm")
+    q.add_argument("--audit-window", type=positive_int, default=d.audit_window,
+                   help="requests the live bound is computed over")
+    q.add_argument("--max-body-mb", type=positive_float, default=d.max_body_bytes / 2**20)
+    q.add_argument("--max-pixels", type=positive_int, default=d.max_pixels,
+                   help="images with more pixels (width × height) get 413 before they are decoded")
+
+
+STARTUP_TIMEOUT_S = 120.0
+
+
+def _port(text: str) -> int:
+    v = positive_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {v}")
+    return v
+
+
+def _resources(text: str):
+    import json
+
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f'expected JSON such as {{"node2": 1}}, got {text!r}') from None
+    items = v if isinstance(v, list) else [v]
+    ok = all(isinstance(d, dict) and all(isinstance(k, str) and isinstance(a, (int, float)) and not isinstance(a, bool)
+                                         and 0 < a < float("inf") for k, a in d.items()) for d in items)
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected a {{name: amount > 0}} object or a list of them, got {text!r}")
+    return v
+
+
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text!r}")
+    return v
+
+
+def _floats(text: str | None, what: str) -> float | list[float] | None:
+    if text is None:
+        return None
+    try:
+        vals = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"{what} takes a number or one per stage, comma-separated, got {text!r}") from None
+    if not vals or any(not 0 <= v < float("inf") for v in vals):
+        raise UsageError(f"{what} must be finite and ≥ 0, got {text!r}")
+    return vals[0] if len(vals) == 1 else vals
+
+
+def serve_options(args: argparse.Namespace):
+    from ..serve import ServeOptions
+
+    backends = args.backend.split(",")
+    return ServeOptions(layout=args.layout, max_pixels=args.max_pixels, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3,
+                        replicas=args.replicas[0] if len(args.replicas) == 1 else args.replicas,
+                        num_cpus=_floats(args.num_cpus, "--num-cpus"), num_gpus=_floats(args.num_gpus, "--num-gpus"),
+                        resources=args.resources,
+                        backend=backends[0] if len(backends) == 1 else backends, audit=args.audit,
+                        delta=args.delta, audit_tolerance=args.audit_tolerance, audit_window=args.audit_window,
+                        max_body_bytes=max(1, int(args.max_body_mb * 2**20)),
+                        accept_preprocess_change=args.accept_preprocess_change)
+
+
+def need_serve() -> None:
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None:
+        raise MissingExtraError("tinysaver serve needs Ray Serve: pip install 'tinysaver[serve]'")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..report import describe
+    from ..selector import SelectorConfig, selection_for
+    from ..zoo import load_zoo
+
+    if args.esn:
+        raise UsageError(f"ESN exits are served by 'tinysaver esn serve --checkpoint {args.esn}' now")
+    need_serve()
+    opts = serve_options(args)  # bad options fail before Ray starts
+    zoo = load_zoo(args.zoo, args.root)
+    sel = selection_for(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver,
+                        threshold=args.threshold, selection=args.selection, from_selection=args.from_selection)
+    print(describe(sel), file=sys.stderr)
+    from ..serve import build_app
+
+    app = build_app(sel, zoo, opts, token=token_of(args))  # validated before anything is deployed
+    return run_app(app, sel.models, args)
+
+
+def token_of(args: argparse.Namespace) -> str | None:
+    return args.token or os.environ.get("TINYSAVER_TOKEN") or None
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that is taken before Ray starts (Ray's own failure comes 35 s later, as a trace)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ServeError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise ServeError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}; "
+                             "choose another --port") from None
+
+
+def _wait_running(name: str, timeout_s: float, stop: list) -> None:
+    """Until the application runs; a deployment that fails, or is still not running at the
+    deadline (a replica Ray cannot schedule: a missing GPU or custom resource), is a ServeError
+    naming what Serve reports. Returns early, quietly, on Ctrl-C or SIGTERM."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while not stop:
+        app = serve.status().applications.get(name)
+        state = str(getattr(app, "status", ""))
+        if state.endswith("RUNNING"):
+            return
+        if state.endswith("DEPLOY_FAILED") or time.monotonic() > deadline:
+            why = [f"{d}: {st.message}" for d, st in (app.deployments if app else {}).items()
+                   if str(st.status) != "HEALTHY" and st.message] or [getattr(app, "message", "") or state]
+            first = " ".join(why[0].split())[:400]
+            verb = "failed to start" if state.endswith("DEPLOY_FAILED") else f"was not running after {timeout_s:.0f} s"
+            raise ServeError(f"the service {verb}: {first}")
+        time.sleep(0.5)
+
+
+def run_app(app, models, args: argparse.Namespace) -> int:
+    """Start Ray (or join ``--address``) and Serve, run ``app`` until Ctrl-C or SIGTERM, then stop."""
+    import ray
+    from ray import serve
+
+    from ..serve import local_ray_env, start_serve
+
+    stop = []
+
+    def request_stop(signum, frame):  # Ctrl-C or SIGTERM (a container stopping), even when inherited ignored
+        stop.append(signum)
+
+    check_port(args.host, args.port)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        local_ray_env()  # settings for the local instance ray.init is about to start
+    try:
+        ray.init(address=address, log_to_driver=False)
+        start_serve({"host": args.host, "port": args.port})
+        if hasattr(serve, "run_many"):  # deploy, then wait here, where a deadline and Ctrl-C apply
+            serve.run_many([serve.RunTarget(app, name="tinysaver", route_prefix="/")],
+                           wait_for_applications_running=False)
+            _wait_running("tinysaver", args.startup_timeout, stop)
+        else:
+            serve.run(app, name="tinysaver", route_prefix="/")
+        if not stop:
+            print(f"tinysaver: serving {' → '.join(models)} at http://{args.host}:{args.port} "
+                  "(POST /predict, POST /predict/batch, GET /healthz, GET /metrics); Ctrl-C stops", file=sys.stderr)
+        while not stop:
+            time.sleep(0.2)
+        print("tinysaver: stopping; replicas answer what they accepted first", file=sys.stderr)
+    finally:
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    return 0

@@ -1,0 +1,9 @@
+"""Input limits shared by every path that decodes images (infer, profile, serve); no imports, so
+the command line can offer them as defaults without loading torch."""
+
+# 40 megapixels: above every common camera's default output (12-24 MP phones, 24-36 MP DSLRs; 48 MP
+# phone sensors save 12 MP unless asked), and under a quarter of PIL's own bomb limit (179 MP). Decoded
+# as RGB it is 120 MB, and resizing it to a model's input took 0.86 s on one core of the 2-core
+# development VM (busy beside a test run; 0.08 s at 4 MP), per model: a shared service should not
+# spend more than that on one request.
+MAX_PIXELS = 40_000_000

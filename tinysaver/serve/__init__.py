@@ -1,0 +1,19 @@
+"""The cascade as a Ray Serve service, and the pieces it is made of.
+
+``build_app(selection, zoo, options)`` returns a Serve application (``serve.run(app)``); the builder
+``app`` makes the same from ``serve run tinysaver.serve:app zoo=fashion-mnist base=resnet10t``.
+One job per file: ``options`` (``ServeOptions`` and the frozen ``Plan``), ``http`` (bodies,
+multipart, decoding, the pixel cap, tokens), ``audit`` (the live loss bound), ``stages`` (what a
+replica runs), ``walk`` (how a request finds its answer in each layout), ``deployments`` (the Serve
+deployments, which import Ray) and ``builders`` (plans and applications). Only ``deployments``
+imports Ray or FastAPI, and only when an application is built.
+"""
+from .audit import AuditMonitor, loss_bound
+from .builders import app, application, build_app, local_ray_env, plan_for, stage_options, start_serve
+from .http import BadRequest
+from .options import GRACEFUL_SHUTDOWN_S, LAYOUTS, Plan, ServeOptions
+from .stages import ItemStage, StageRunner, stage_device
+
+__all__ = ["AuditMonitor", "BadRequest", "GRACEFUL_SHUTDOWN_S", "ItemStage", "LAYOUTS", "Plan", "ServeOptions",
+           "StageRunner", "app", "application", "build_app", "loss_bound", "local_ray_env", "plan_for",
+           "stage_device", "stage_options", "start_serve"]

@@ -1,0 +1,213 @@
+"""Applications: a plan for a selection, the deployments bound to it in either layout, and the
+builder ``serve run tinysaver.serve:app key=value …`` calls."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ServeError
+from ..policy import Selection
+from .options import Plan, ServeOptions
+
+log = logging.getLogger("tinysaver.serve")
+
+
+def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
+             root: Path | None = None) -> Plan:
+    """The plan of a saver → … → base ``selection`` over ``zoo``, checked before anything is deployed:
+    every model is in the zoo, every backend installed and able to run where it is asked to."""
+    from ..cascade import zoo_class_names
+    from ..runtimes import check_backend
+    from ..zoo import load_zoo
+
+    selection = Selection.coerce(selection, "build_app")
+    o = options or ServeOptions()
+    zoo = zoo or load_zoo(selection.zoo, root)
+    for m in selection.models:
+        zoo.model(m)
+    n = len(selection.models)
+    backends = o.per_stage("backend", n)
+    for b, g in zip(backends, o.per_stage("num_gpus", n)):
+        check_backend(b)
+        if g > 0 and b != "eager":
+            raise ServeError(f"the {b} backend runs on CPU here: give its stage --num-gpus 0, or run it on eager")
+    if o.resolved_layout() == "fused":
+        for k in ("replicas", "num_cpus", "resources"):
+            v = getattr(o, k)
+            if v is not None and not isinstance(v, (int, float, dict)):
+                raise ServeError(f"--layout fused runs every stage in one deployment: give --{k.replace('_', '-')} "
+                                 "one value, or use --layout per-stage")
+        if len(set(o.per_stage("num_gpus", n))) > 1:
+            raise ServeError("--layout fused puts every stage on one device: give --num-gpus one value, or use "
+                             "--layout per-stage")
+    names = zoo_class_names(zoo)
+    return Plan(str(zoo.path), tuple(selection.models), tuple(selection.models),
+                tuple(float(t) for t in selection.thresholds), tuple(float(t) for t in selection.temperatures),
+                tuple(names) if names else None, o, base_from=n - 1)
+
+
+def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:
+    """Serve options of each per-stage deployment, in running order (replicas, CPUs, GPUs per stage).
+
+    Serve's default of 5 ongoing requests per replica would cap every batch at 5 and, once all
+    replicas are full, send the router into back-off: under 32 concurrent clients that cut the
+    throughput from 60 to 8 images/s. A stage takes enough to fill two batches.
+    """
+    n = len(names)
+    replicas, cpus, gpus = o.per_stage("replicas", n), o.per_stage("num_cpus", n), o.per_stage("num_gpus", n)
+    resources = o.per_stage("resources", n)
+    return [{"name": f"stage{i}-{name.replace('/', '_')}", "num_replicas": int(r),
+             "max_ongoing_requests": 2 * o.max_batch_size,
+             "ray_actor_options": {"num_cpus": float(c), "num_gpus": float(g), **({"resources": dict(res)} if res else {})}}
+            for i, (name, r, c, g, res) in enumerate(zip(names, replicas, cpus, gpus, resources))]
+
+
+def application(plan: Plan, token: str | None = None):
+    """The Serve application of ``plan`` in its layout (see :mod:`tinysaver.serve.deployments`)."""
+    from .deployments import Ingress, StageServer
+
+    o = plan.options
+    if plan.layout == "fused":
+        cpus = 1.0 if o.num_cpus is None else float(o.num_cpus)
+        actor = {"num_cpus": cpus, "num_gpus": float(o.per_stage("num_gpus", 1)[0])}
+        if o.resources:
+            actor["resources"] = dict(o.resources)
+        return Ingress.options(num_replicas=int(o.replicas), max_ongoing_requests=o.max_ongoing_requests,
+                               ray_actor_options=actor).bind(plan=plan, token=token)
+    stages = [StageServer.options(**opt).bind(plan=plan, index=i)
+              for i, opt in enumerate(stage_options(o, plan.names))]
+    # the ingress only awaits, so it takes many requests at once
+    return Ingress.options(max_ongoing_requests=o.max_ongoing_requests,
+                           ray_actor_options={"num_cpus": o.ingress_num_cpus}).bind(plan=plan, stages=stages,
+                                                                                       token=token)
+
+
+def build_app(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
+              root: Path | None = None, token: str | None = None):
+    """A Ray Serve application for ``selection`` (a Selection, its dict or a JSON file) over ``zoo``.
+
+    Validates the selection and looks every model up before anything is deployed. Replicas load
+    their models from the zoo's folder, which must be readable where they run.
+    """
+    return application(plan_for(selection, zoo, options, root), token)
+
+
+# --- serve run tinysaver.serve:app key=value ... ------------------------------------------------------
+
+def _typed(args: dict) -> dict:
+    """``serve run``'s string arguments as the types the options take ("1,2" → a list, say)."""
+    from dataclasses import fields
+
+    kinds = {f.name: f.type for f in fields(ServeOptions)}
+    out = {}
+    for k, v in args.items():
+        k = k.replace("-", "_")
+        if k not in kinds or not isinstance(v, str):
+            out[k] = v
+            continue
+        kind = str(kinds[k])
+        try:
+            if kind.startswith("bool"):
+                out[k] = v.lower() in ("1", "true", "yes")
+            elif "str" in kind and "float" not in kind and "int" not in kind:
+                out[k] = v.split(",") if "," in v else v
+            elif "," in v:
+                out[k] = [float(x) if "float" in kind else int(x) for x in v.split(",")]
+            elif "int" in kind and "float" not in kind:
+                out[k] = None if v.lower() == "none" else int(v)
+            else:
+                out[k] = None if v.lower() == "none" else float(v)
+        except ValueError:
+            raise ServeError(f"{k}={v!r}: not a valid value for {k}") from None
+    return out
+
+
+def app(args: dict):
+    """Application builder: ``serve run tinysaver.serve:app zoo=fashion-mnist base=resnet10t``.
+
+    Keys: ``zoo`` (default fashion-mnist), ``root``, and either ``selection`` (a file from
+    ``tinysaver query --save``) or ``base`` with the selector's options (``criterion``,
+    ``tolerance``, …, ``saver``, ``threshold``); plus any :class:`ServeOptions` field (``layout``,
+    ``backend``, ``replicas``, ``audit``, …) and ``token``. Values are strings, as on the command line.
+    """
+    from ..selector import SelectorConfig, selection_for
+    from ..zoo import DEFAULT_ZOO, load_zoo
+
+    args = dict(args or {})
+    sel_keys = {f for f in SelectorConfig.__dataclass_fields__}
+    known = sel_keys | set(ServeOptions.__dataclass_fields__) | {"zoo", "root", "base", "selection", "saver",
+                                                                 "threshold", "token"}
+    unknown = sorted(set(k.replace("-", "_") for k in args) - known)
+    if unknown:
+        raise ServeError(f"unknown argument(s) {unknown} for tinysaver.serve:app; see its docstring")
+    args = {k.replace("-", "_"): v for k, v in args.items()}
+    zoo = load_zoo(args.pop("zoo", DEFAULT_ZOO), args.pop("root", None))
+    sel_args = {k: args.pop(k) for k in list(args) if k in sel_keys}
+    for k in ("tolerance", "delta"):
+        if k in sel_args:
+            sel_args[k] = float(sel_args[k])
+    for k in ("max_stages", "seed"):
+        if k in sel_args:
+            sel_args[k] = int(sel_args[k])
+    if "label_free" in sel_args:
+        sel_args["label_free"] = str(sel_args["label_free"]).lower() in ("1", "true", "yes")
+    saver = args.pop("saver", None)
+    threshold = args.pop("threshold", None)
+    selection = selection_for(zoo, args.pop("base", None), SelectorConfig(**sel_args),
+                              savers=saver.split(",") if isinstance(saver, str) else saver,
+                              threshold=None if threshold is None else float(threshold),
+                              selection=args.pop("selection", None))
+    token = args.pop("token", None) or os.environ.get("TINYSAVER_TOKEN") or None
+    return build_app(selection, zoo, ServeOptions(**_typed(args)), token=token)
+
+
+# --- a local Ray for the service --------------------------------------------------------------------
+
+# Serve's controller gives a starting HTTP proxy 5 s to report ready and 10 s per health check,
+# then kills it. On a busy 2-core machine a proxy can need longer just to import FastAPI (seen in CI
+# with a training job beside the tests; 62 s with a matmul loop beside them), so a local instance
+# gives it more.
+PROXY_START_S = 300
+PROXY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(PROXY_START_S), "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def local_ray_env() -> None:
+    """Settings for a Ray instance this process starts to serve from (call before ``ray.init``):
+    replicas at the default priority (:mod:`tinysaver.ray_local`) and a patient proxy start-up.
+    Values the user set in the environment are kept."""
+    from ..ray_local import set_local_ray_env
+
+    set_local_ray_env(PROXY_ENV)
+
+
+def start_serve(http_options: dict, wait_s: float = PROXY_START_S) -> None:
+    """``serve.start(http_options=...)``, waiting up to ``wait_s`` seconds for the HTTP proxies.
+
+    ``serve.start`` waits a fixed 60 s for its proxies and then raises, although the controller it
+    started goes on and the proxy comes up later. On a starved machine we therefore connect to that
+    controller and wait for Serve to report every proxy healthy. Raises TimeoutError past ``wait_s``.
+    """
+    from ray import serve
+
+    t0 = time.monotonic()
+    try:
+        serve.start(http_options=http_options)
+        return
+    except TimeoutError as e:
+        if "proxies not available" not in str(e):
+            raise
+        log.warning("Serve's HTTP proxy is slow to start (%s); waiting up to %.0f s in all", e, wait_s)
+    serve.start(http_options=http_options)  # the controller is running now: this connects to it
+    while True:
+        proxies = serve.status().proxies
+        if proxies and all(st == "HEALTHY" for st in proxies.values()):  # ProxyStatus is a str enum
+            return
+        if time.monotonic() - t0 > wait_s:
+            raise TimeoutError(f"Serve's HTTP proxies were not healthy after {wait_s:.0f} s: {proxies}")
+        time.sleep(1.0)
+
+
+__all__ = ["app", "application", "build_app", "local_ray_env", "plan_for", "stage_options", "start_serve"]

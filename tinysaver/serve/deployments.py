@@ -1,0 +1,273 @@
+"""The Serve deployments, at module level, each bound by keyword to one frozen :class:`Plan`.
+
+- ``Ingress`` (FastAPI routes, the audit, metrics). In the ``fused`` layout its replicas hold every
+  stage and answer each ``@serve.batch`` batch on the shared engine (one hop from Serve's proxy).
+  In ``per-stage`` it walks the ``StageServer`` deployments it is given, one request at a time.
+- ``StageServer``: one stage of a ``per-stage`` plan, batching its requests with ``@serve.batch``.
+
+Routes: ``POST /predict`` (one image, raw bytes or multipart), ``POST /predict/batch`` (multipart,
+answers streamed as JSON lines as they are ready), ``GET /healthz`` (503 ``starting`` until every
+deployment is healthy) and ``GET /metrics`` (JSON; counters also go to Ray's Prometheus metrics).
+Every refusal has the body ``{"error": reason}``.
+"""
+# No ``from __future__ import annotations``: FastAPI reads the route signatures at definition time.
+import asyncio
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve import metrics
+from ray.serve.exceptions import RayServeException
+from starlette.exceptions import HTTPException
+
+from .audit import AuditMonitor
+from .http import BadRequest, check_token, decode, read_files
+from .options import GRACEFUL_SHUTDOWN_S, Plan
+from .stages import ItemStage, load_stages, stage_device
+from .walk import FusedBatcher, StageWalk
+
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+# a dead replica, or a deployment Serve is replacing or deleting (no replica, back-pressure, a
+# cancelled call): a retry may find a new replica, else the client is told to retry. Seen under
+# load while the app was deleted, where these had come back as HTTP 500.
+DEAD = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, RayServeException)
+
+api = FastAPI(title="tinysaver cascade")
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request, exc):  # unknown routes and methods: the service's own error shape
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request, exc):
+    return JSONResponse({"error": "malformed request: " + "; ".join(str(e.get("msg")) for e in exc.errors())[:300]},
+                        status_code=400)
+
+
+@serve.deployment(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)
+class StageServer:
+    """Stage ``index`` of ``plan`` (per-stage layout): (image, carry) items → (class, confidence, carry)."""
+
+    def __init__(self, plan: Plan, index: int):
+        num_gpus = plan.options.per_stage("num_gpus", len(plan.names))[index]
+        self.device = stage_device(num_gpus)
+        self.run = ItemStage(load_stages(plan, self.device, [index])[index], self.device)
+        self.classify.set_max_batch_size(plan.options.max_batch_size)
+        self.classify.set_batch_wait_timeout_s(plan.options.batch_wait_timeout_s)
+        self.sizes: Counter = Counter()
+        self.hist = metrics.Histogram("tinysaver_stage_batch_size", description="requests per stage batch",
+                                      boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("stage",))
+        self.hist.set_default_tags({"stage": plan.names[index]})
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def classify(self, items: list) -> list:
+        out = await asyncio.to_thread(self.run, items)
+        self.sizes[len(items)] += 1
+        self.hist.observe(len(items))
+        return out
+
+    def stats(self) -> dict:
+        return {"batch_sizes": {int(k): v for k, v in sorted(self.sizes.items())}, "pid": os.getpid(),
+                "device": self.device}
+
+
+@serve.deployment(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)
+@serve.ingress(api)
+class Ingress:
+    """The routes. ``stages``: the per-stage layout's StageServer handles, in running order; none in
+    the fused layout, where this replica loads every stage itself."""
+
+    def __init__(self, plan: Plan, stages: list | None = None, token: str | None = None):
+        o = plan.options
+        self.plan, self.o, self.names, self.token = plan, o, list(plan.names), token
+        self.class_names = list(plan.class_names) if plan.class_names else None
+        self.fused = not stages
+        if self.fused:
+            gpus = max(o.per_stage("num_gpus", len(plan.names)))
+            self.device = stage_device(gpus)
+            built = load_stages(plan, self.device)
+            self.batcher = FusedBatcher([built[i] for i in range(len(plan.names))], plan.thresholds, plan.base_from)
+            self._fused.set_max_batch_size(o.max_batch_size)
+            self._fused.set_batch_wait_timeout_s(o.batch_wait_timeout_s)
+            self._base.set_max_batch_size(o.max_batch_size)
+            self._base.set_batch_wait_timeout_s(o.batch_wait_timeout_s)
+            self.stages, self.walk = [], None
+        else:
+            self.stages = stages
+            self.walk = StageWalk(lambda i, item: self.stages[i].classify.remote(item), plan.names, plan.thresholds,
+                                  plan.base_from, o.retries, DEAD)
+        self.rng = random.Random(o.seed)
+        self.requests = 0
+        self.exits = Counter()
+        self.latency = Counter()
+        self.audit = AuditMonitor(o.audit, o.delta, o.audit_tolerance, o.audit_window)
+        self._tasks: set = set()
+        self._starting, self._status_at = ([] if self.fused else list(plan.names)), -math.inf
+        self.m_requests = metrics.Counter("tinysaver_requests", description="answered images")
+        self.m_exits = metrics.Counter("tinysaver_exits", description="answers per stage", tag_keys=("stage",))
+        self.m_latency = metrics.Histogram("tinysaver_latency_ms", description="server-side latency",
+                                           boundaries=list(LATENCY_BUCKETS_MS))
+        self.m_bound = metrics.Gauge("tinysaver_audit_loss_bound", description="upper bound on accuracy given up")
+
+    # --- fused: the engine on each batch ------------------------------------------------------
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _fused(self, items: list) -> list:
+        return await self.batcher.answer_batch(items)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _base(self, images: list) -> list:
+        return await self.batcher.base_batch(images)
+
+    def _keep(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # a task nobody holds may be collected before it runs
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fused_answer(self, img) -> tuple:
+        fut = asyncio.get_running_loop().create_future()
+        self._keep(self._fused((img, fut)))
+        try:
+            return (*await asyncio.wait_for(asyncio.shield(fut), self.o.request_timeout_s), None)
+        except asyncio.TimeoutError:
+            raise BadRequest(503, "the service is overloaded; retry the request") from None
+
+    # --- one request ---------------------------------------------------------------------------
+    async def _answer(self, img) -> dict:
+        t0 = time.perf_counter()
+        if self.fused:
+            i, pred, conf, carry = await self._fused_answer(img)
+        else:
+            i, pred, conf, carry = await self.walk.answer(img, self.o.request_timeout_s)
+        ms = (time.perf_counter() - t0) * 1e3
+        early = i < len(self.names) - 1
+        record = self.audit.request(early)
+        if early and self.o.audit > 0 and self.rng.random() < self.o.audit:
+            self._keep(self._audit(img, pred, record, i, carry))  # after the answer: the client never waits
+        self.requests += 1
+        self.exits[i] += 1
+        self.latency[next((b for b in LATENCY_BUCKETS_MS if ms <= b), "inf")] += 1
+        self.m_requests.inc()
+        self.m_exits.inc(tags={"stage": self.names[i]})
+        self.m_latency.observe(ms)
+        return {"class": int(pred), "name": self.class_names[int(pred)] if self.class_names else None,
+                "confidence": float(conf), "exit_stage": i, "stage_name": self.names[i],
+                "latency_ms": round(ms, 3)}
+
+    async def _audit(self, img, pred: int, record: list, answered: int, carry) -> None:
+        try:
+            if self.fused:
+                base_pred = await asyncio.wait_for(self._base(img), self.o.request_timeout_s)
+            else:
+                base_pred = await self.walk.base_answer(img, answered, carry, self.o.request_timeout_s)
+        except (BadRequest, asyncio.TimeoutError):
+            self.audit.dropped()
+            return
+        self.audit.audited(record, base_pred != pred)
+        if self.audit.bound is not None:
+            self.m_bound.set(self.audit.bound)
+
+    async def _image(self, data: bytes):
+        return await asyncio.to_thread(decode, data, self.o.max_pixels)
+
+    @staticmethod
+    def _error(e: BadRequest) -> JSONResponse:
+        return JSONResponse({"error": e.reason}, status_code=e.status)
+
+    # --- routes ---------------------------------------------------------------------------------
+    @api.post("/predict")
+    async def predict(self, request: Request):
+        try:
+            check_token(request.headers, self.token)
+            [(_, data)] = await read_files(request, False, self.o.max_body_bytes)
+            return await self._answer(await self._image(data))
+        except BadRequest as e:
+            return self._error(e)
+
+    @api.post("/predict/batch")
+    async def predict_batch(self, request: Request):
+        try:
+            check_token(request.headers, self.token)
+            files = await read_files(request, True, self.o.max_body_bytes)
+        except BadRequest as e:
+            return self._error(e)
+
+        async def one(index: int, name: str, data: bytes) -> dict:
+            try:
+                return {"index": index, "file": name, **(await self._answer(await self._image(data)))}
+            except BadRequest as e:
+                return {"index": index, "file": name, "error": e.reason, "status": e.status}
+
+        async def lines():
+            for ready in asyncio.as_completed([one(i, n, d) for i, (n, d) in enumerate(files)]):
+                yield json.dumps(await ready) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    def _deployments_starting(self) -> list[str]:
+        """Stage deployments Serve does not report HEALTHY yet (the ingress is up, and so
+        answers, before its stages have loaded their models). A fused replica is its stages."""
+        if self.fused:
+            return []
+        now = time.monotonic()
+        if now - self._status_at > 1.0:  # one controller call per second at most
+            app = serve.get_replica_context().app_name
+            deployments = serve.status().applications[app].deployments
+            self._starting = [n for h, n in zip(self.stages, self.names)
+                              if deployments[h.deployment_name].status != "HEALTHY"]
+            self._status_at = now
+        return self._starting
+
+    def _thresholds(self) -> list:
+        return [t if math.isfinite(t) else None for t in self.plan.thresholds]  # JSON has no inf
+
+    @api.get("/healthz")
+    async def healthz(self):
+        try:
+            starting = await asyncio.to_thread(self._deployments_starting)
+        except Exception as e:  # no answer from Serve's controller is no proof of health
+            starting = [f"unknown ({type(e).__name__}: {str(e)[:200]})"]
+        body = {"status": "starting" if starting else self.audit.status, "layout": self.plan.layout,
+                "stages": self.names, "thresholds": self._thresholds(), "audit": self.audit.view()}
+        if starting:
+            return JSONResponse({**body, "waiting_for": starting}, status_code=503)
+        return body
+
+    @api.get("/metrics")
+    async def metrics_json(self, request: Request):
+        try:
+            check_token(request.headers, self.token)
+        except BadRequest as e:
+            return self._error(e)
+        if self.fused:
+            batches = {"fused": {int(k): v for k, v in sorted(self.batcher.sizes.items())}}
+        else:
+            batches = {}
+            for name, h in zip(self.names, self.stages):
+                try:
+                    batches[name] = (await h.stats.remote())["batch_sizes"]
+                except DEAD:
+                    batches[name] = None
+        n = max(self.requests, 1)
+        walk = self.walk
+        return {"requests": self.requests, "stages": self.names, "layout": self.plan.layout,
+                "thresholds": self._thresholds(),
+                "exits": {self.names[i]: self.exits[i] for i in range(len(self.names))},
+                "exit_ratio": {self.names[i]: round(self.exits[i] / n, 4) for i in range(len(self.names))},
+                "batch_sizes": batches,
+                "latency_ms_histogram": {str(k): v for k, v in sorted(self.latency.items(), key=lambda kv: (
+                    kv[0] == "inf", kv[0] if kv[0] != "inf" else 0))},
+                "retried_calls": walk.retried if walk else 0, "unavailable": walk.unavailable if walk else 0,
+                "status": self.audit.status, "audit": self.audit.view(), "pid": os.getpid()}
+
+
+__all__ = ["Ingress", "StageServer", "api"]

@@ -1,0 +1,91 @@
+"""Request bodies: size limits, content types, multipart forms and image decoding.
+
+Every failure is a ``BadRequest`` whose reason is one plain sentence and whose status is the HTTP
+code it deserves (400, 401, 413, 415, 503); routes turn it into ``{"error": reason}``. Nothing here
+imports Ray, so the parsing is tested on its own.
+"""
+from __future__ import annotations
+
+from ..errors import ImageError, PixelCapError, TinysaverError
+
+RAW_TYPES = ("application/octet-stream", "image/")
+
+
+class BadRequest(TinysaverError):
+    """A request the service refuses: ``status`` is its HTTP code, ``reason`` one sentence."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def content_type(headers) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``max_bytes``."""
+    n = request.headers.get("content-length")
+    if n is not None and n.isdigit() and int(n) > max_bytes:
+        raise BadRequest(413, f"the body of {int(n):,} bytes is over the limit of {max_bytes:,} bytes (--max-body-mb)")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise BadRequest(413, f"the body is over the limit of {max_bytes:,} bytes (--max-body-mb)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_files(request, many: bool, max_bytes: int) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of each image in the request: the raw body, or the files of a multipart
+    form (only the first unless ``many``)."""
+    ctype = content_type(request.headers)
+    body = await read_body(request, max_bytes)
+    if ctype.startswith("multipart/form-data"):
+        request._body = body  # starlette parses the multipart form from the cached body
+        try:
+            form = await request.form()
+            files = [(getattr(v, "filename", k) or k, await v.read()) for k, v in form.multi_items()
+                     if hasattr(v, "read")]
+        except BadRequest:
+            raise
+        except Exception as e:  # a malformed form: the parser's words, on one line
+            raise BadRequest(400, f"malformed multipart body ({' '.join(str(e).split())[:160] or type(e).__name__})") \
+                from None
+        if not files:
+            raise BadRequest(400, "the multipart body holds no file")
+        return files if many else files[:1]
+    if many:
+        raise BadRequest(415, f"/predict/batch takes multipart/form-data, got {ctype or 'no content type'}")
+    if not ctype.startswith(RAW_TYPES):
+        raise BadRequest(415, f"send an image as application/octet-stream, image/* or multipart/form-data, "
+                              f"got {ctype or 'no content type'}")
+    return [("body", body)]
+
+
+def decode(data: bytes, max_pixels: int | None):
+    """A uint8 (C, H, W) tensor, or BadRequest: 400 for what is not a usable image, 413 over the cap."""
+    from ..data import decode_image  # torch: only where images are decoded
+
+    if not data:
+        raise BadRequest(400, "empty body: send the image's bytes")
+    try:
+        return decode_image(data, max_pixels)
+    except ImageError as e:  # one plain sentence, the same as infer prints
+        raise BadRequest(413 if isinstance(e, PixelCapError) else 400, f"not a usable image: {e}") from None
+
+
+def check_token(headers, token: str | None) -> None:
+    """401 unless the request carries ``Authorization: Bearer <token>`` (no token set: open)."""
+    if not token:
+        return
+    import hmac
+
+    got = headers.get("authorization", "")
+    scheme, _, value = got.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise BadRequest(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
+
+
+__all__ = ["BadRequest", "RAW_TYPES", "check_token", "content_type", "decode", "read_body", "read_files"]

@@ -1,0 +1,129 @@
+"""What a service is: its options (``ServeOptions``) and the one frozen ``Plan`` every deployment is
+bound to. Plain dataclasses: nothing here imports Ray."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..engine import per_stage
+from ..errors import ServeError
+from ..limits import MAX_PIXELS
+
+GRACEFUL_SHUTDOWN_S = 30.0  # how long a replica Serve stops may finish what it accepted
+LAYOUTS = ("fused", "per-stage")
+# what loads a plan's stages in a replica: "module:function(plan, device, only) -> engine stages"
+MODEL_STAGES = "tinysaver.serve.stages:model_stages"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How to serve. Per-stage values take one number for every stage or one per stage.
+
+    ``layout``: ``fused`` runs every stage in each replica of one deployment (one hop from Serve's
+    proxy); ``per-stage`` gives each stage a deployment of its own, for stages that need their own
+    hardware or replica count. None picks ``per-stage`` when any resource is given per stage
+    (a list for ``replicas``, ``num_cpus``, ``num_gpus`` or ``resources``), else ``fused``.
+    """
+
+    layout: str | None = None
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    replicas: int | Sequence[int] = 1
+    # per-stage: None gives 1.5 CPUs shared by the stages, at most 0.5 each; fused: 1 CPU per replica
+    num_cpus: float | Sequence[float] | None = None
+    num_gpus: float | Sequence[float] = 0.0
+    # custom Ray resources each replica needs (to pin a stage to a node): one dict, or one per stage
+    resources: dict | Sequence[dict] | None = None
+    ingress_num_cpus: float = 0.25
+    max_ongoing_requests: int = 256   # per ingress replica; more wait in Serve's proxy
+    backend: str | Sequence[str] = "eager"
+    audit: float = 0.0                # fraction of early answers also sent to the base
+    delta: float = 0.1
+    audit_tolerance: float = 1.0      # accuracy points
+    audit_window: int = 200           # requests the bound is computed over; the alarm waits until it is full
+    max_body_bytes: int = 10 * 2**20
+    max_pixels: int | None = MAX_PIXELS  # width × height; larger images get 413 before decoding
+    retries: int = 5
+    # below the replicas' graceful shutdown (30 s): a request waiting on a stage that is being deleted
+    # gets a 503 before Serve kills the ingress under it (which the client would see as a 500)
+    request_timeout_s: float = 25.0
+    seed: int = 0
+    accept_preprocess_change: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ServeError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise ServeError("--max-batch-size must be ≥ 1 and --batch-wait-ms ≥ 0")
+        if not 0 <= self.audit <= 1:
+            raise ServeError(f"--audit is a fraction of the early answers in [0, 1], got {self.audit}")
+        if not 0 < self.delta < 1:
+            raise ServeError(f"δ must be in (0, 1), got {self.delta}")
+        if self.audit_tolerance <= 0 or self.audit_window < 1:
+            raise ServeError("--audit-tolerance must be > 0 and --audit-window ≥ 1")
+        if self.max_body_bytes < 1 or self.retries < 0:
+            raise ServeError(f"--max-body-mb must be > 0 (got {self.max_body_bytes} bytes) and retries ≥ 0")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ServeError(f"--max-pixels must be ≥ 1, got {self.max_pixels}")
+        if not 0 < self.request_timeout_s < GRACEFUL_SHUTDOWN_S:
+            raise ServeError(f"request_timeout_s must be in (0, {GRACEFUL_SHUTDOWN_S}) s, the replicas' graceful "
+                             f"shutdown, got {self.request_timeout_s}")
+
+    def per_stage(self, name: str, n: int) -> list:
+        v = getattr(self, name)
+        if name == "num_cpus" and v is None:
+            # Serve's default of 1 CPU per replica never schedules a saver, a base and an ingress
+            # on 2 cores; an ESN adds a deployment per exit. Shares this small fit any machine.
+            v = min(0.5, 1.5 / n)
+        if name == "resources" and v is None:
+            v = {}
+        return per_stage(v, n, f"--{name.replace('_', '-')}", scalar=(int, float, str, bool, dict, type(None)),
+                         error=ServeError)
+
+    def resolved_layout(self) -> str:
+        if self.layout is not None:
+            return self.layout
+        given_per_stage = any(not isinstance(getattr(self, k), (int, float, dict, type(None)))
+                              for k in ("replicas", "num_cpus", "num_gpus", "resources"))
+        return "per-stage" if given_per_stage else "fused"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a deployment needs, decided before anything is deployed; bound by keyword.
+
+    ``names``: the stages in answers and metrics, in running order; ``keys``: the zoo models they
+    load (the factory decides how); ``thresholds``: one per stage but the last; ``base_from``: where
+    the base's own chain starts (an audit runs it to get the base's answer); ``factory``: the
+    "module:function" that builds the stages in a replica (see :data:`MODEL_STAGES`), with
+    ``extra`` for it (an ESN checkpoint, say).
+    """
+
+    zoo_dir: str
+    names: tuple[str, ...]
+    keys: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    temperatures: tuple[float, ...]
+    class_names: tuple[str, ...] | None
+    options: ServeOptions
+    base_from: int
+    factory: str = MODEL_STAGES
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        if len(self.thresholds) != n - 1 or len(self.temperatures) != n:
+            raise ServeError(f"{n} stages need {n - 1} thresholds and {n} temperatures")
+        if not 0 <= self.base_from < n:
+            raise ServeError(f"base_from must index a stage, got {self.base_from} of {n}")
+
+    @property
+    def layout(self) -> str:
+        return self.options.resolved_layout()
+
+    @property
+    def backends(self) -> list[str]:
+        return self.options.per_stage("backend", len(self.names))
+
+
+__all__ = ["GRACEFUL_SHUTDOWN_S", "LAYOUTS", "MODEL_STAGES", "Plan", "ServeOptions"]

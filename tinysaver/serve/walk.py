@@ -1,0 +1,133 @@
+"""How one request finds its answer, in each layout. Plain asyncio, no Ray: the deployments give
+these classes their stages, and tests give them stand-ins.
+
+- ``StageWalk`` (per-stage layout): asks stage deployments in turn, one request at a time, retrying
+  a stage whose replica died while Serve replaces it, until the request's deadline.
+- ``FusedBatcher`` (fused layout): runs every stage of the replica on a batch of requests through
+  :func:`tinysaver.engine.run`, and answers each request the moment its stage has answered it, so
+  a request the saver answers does not wait for the base pass of its batch's survivors.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .. import engine
+from ..policy import exits
+from .http import BadRequest
+
+
+class StageWalk:
+    """``call(i, item)`` starts stage i on one (image, carry) item and returns a Serve response
+    (awaitable, with ``cancel()``); ``dead``: the exceptions that mean "replica gone, retry"."""
+
+    def __init__(self, call: Callable[[int, tuple], Any], names: Sequence[str], thresholds: Sequence[float],
+                 base_from: int, retries: int, dead: tuple[type[BaseException], ...] = ()):
+        self.call, self.names, self.thresholds = call, list(names), [float(t) for t in thresholds]
+        self.base_from, self.retries, self.dead = base_from, retries, dead
+        self.retried = self.unavailable = 0
+
+    async def stage(self, i: int, img, carry, deadline: float) -> tuple[int, float, Any]:
+        """Stage i's answer, retried while Serve replaces a dead replica, until ``deadline``
+        (time.monotonic()). A stage being deleted can leave a call waiting for a replica that
+        never comes; the deadline answers it with a 503 before Serve kills this replica."""
+        for attempt in range(self.retries + 1):
+            response = self.call(i, (img, carry))
+            call = asyncio.ensure_future(response)
+            # not asyncio.wait_for: on timeout it also waits for the cancelled call to finish
+            # cancelling, which on a starved machine kept a request waiting a minute past its
+            # deadline while its call was still being routed
+            try:
+                done, _ = await asyncio.wait({call}, timeout=max(deadline - time.monotonic(), 0.0))
+            finally:
+                if not call.done():  # past the deadline, or the client left: so does the stage call
+                    if hasattr(response, "cancel"):
+                        response.cancel()
+                    call.cancel()
+            if not done:
+                break
+            try:
+                return call.result()
+            except self.dead:  # the replica died; Serve is starting another
+                self.retried += 1
+                await asyncio.sleep(min(0.2 * 2 ** attempt, 3.0, max(deadline - time.monotonic(), 0.0)))
+        self.unavailable += 1
+        raise BadRequest(503, f"stage {self.names[i]} is restarting or overloaded; retry the request")
+
+    async def answer(self, img, timeout_s: float) -> tuple[int, int, float, Any]:
+        """(answering stage, class, confidence, its carry) of one image."""
+        last = len(self.names) - 1
+        carry, deadline = None, time.monotonic() + timeout_s
+        for i in range(last + 1):
+            pred, conf, carry = await self.stage(i, img, carry, deadline)
+            if i == last or exits(np.array([conf], dtype=np.float32), self.thresholds[i])[0]:
+                return i, pred, conf, carry
+        raise AssertionError("the last stage always answers")
+
+    async def base_answer(self, img, answered: int, carry, timeout_s: float) -> int:
+        """The base's own class: its chain from where the answer left (other savers skipped)."""
+        deadline = time.monotonic() + timeout_s
+        base_pred = None
+        for j in range(max(answered + 1, self.base_from), len(self.names)):
+            base_pred, _, carry = await self.stage(j, img, carry, deadline)
+        return base_pred
+
+
+class FusedBatcher:
+    """Every stage in this process (``stages``: engine stages in running order)."""
+
+    def __init__(self, stages: Sequence, thresholds: Sequence[float], base_from: int):
+        self.stages, self.thresholds, self.base_from = list(stages), [float(t) for t in thresholds], base_from
+        self.sizes: dict[int, int] = {}
+
+    def _run(self, images: list, thresholds, answer) -> None:
+        n = len(images)
+        self.sizes[n] = self.sizes.get(n, 0) + 1
+        engine.run(self.stages, thresholds, n, lambda idx: [images[i] for i in idx], answer, batch_size=n)
+
+    async def answer_batch(self, items: list[tuple[Any, asyncio.Future]]) -> list[None]:
+        """Answer a batch of (image, future) items: each future gets (stage, class, confidence) as
+        soon as its stage has run, from the thread the engine runs in."""
+        loop = asyncio.get_running_loop()
+
+        def settle(fut: asyncio.Future, value) -> None:
+            if not fut.done():
+                fut.set_result(value)
+
+        def answer(i: int, idx: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> None:
+            for j, p, c in zip(idx.tolist(), pred.tolist(), conf.tolist()):
+                loop.call_soon_threadsafe(settle, items[j][1], (i, int(p), float(c)))
+
+        try:
+            await asyncio.to_thread(self._run, [img for img, _ in items], self.thresholds, answer)
+        except Exception as e:  # every waiting request learns of it (this is the loop's own thread)
+            for _, fut in items:
+                if not fut.done():
+                    fut.set_exception(e)
+        return [None] * len(items)
+
+    async def base_batch(self, images: list) -> list[int]:
+        """The base's own class for each image, no exit taken. A base that is one stage on images
+        (a saver cascade) runs alone; a base in parts (ESN) runs from the saver, whose carry its
+        first part needs."""
+        out = [None] * len(images)
+
+        def answer(i, idx, pred, conf):
+            for j, p in zip(idx.tolist(), pred.tolist()):
+                out[j] = int(p)
+
+        alone = self.base_from == len(self.stages) - 1
+        stages = self.stages[-1:] if alone else self.stages
+
+        def run() -> None:
+            engine.run(stages, [float("inf")] * (len(stages) - 1), len(images), lambda idx: [images[i] for i in idx],
+                       answer, batch_size=len(images))
+
+        await asyncio.to_thread(run)
+        return out
+
+
+__all__ = ["FusedBatcher", "StageWalk"]
