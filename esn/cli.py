@@ -220,7 +220,7 @@ def cmd_serve(args) -> int:
     from tinysaver.zoo import load_zoo
 
     from .policy import ExitPolicy, calibrated_policy
-    from .serve import build_esn_app, part_names
+    from .serve import esn_plan, part_names
     from .train import Pair, load_esn
 
     need_serve()
@@ -238,8 +238,10 @@ def cmd_serve(args) -> int:
     names = part_names(ck["saver"], ck["base"], esn.num_exits)
     print("tinysaver: exits and thresholds: " + ", ".join(f"{n} ≥ {t:.4f}" for n, t in zip(names, policy.thresholds))
           + f", then {names[-1]}", file=sys.stderr)
-    app = build_esn_app(args.checkpoint, zoo, policy, opts, token_of(args))  # validated before anything is deployed
-    return run_app(app, names, args)
+    from tinysaver.serve import application, replica_needs
+
+    plan = esn_plan(args.checkpoint, zoo, policy, opts)  # validated before anything is deployed
+    return run_app(application(plan, token_of(args)), names, args, replica_needs(plan))
 
 
 __all__ = ["register", "cmd_train", "cmd_eval", "cmd_grid", "cmd_compare", "cmd_regimes", "cmd_serve"]

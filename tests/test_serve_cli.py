@@ -56,3 +56,109 @@ def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
             pytest.fail("tinysaver serve did not stop on Ctrl-C")
     out = proc.stdout.read()
     assert proc.returncode == 0, out[-3000:]
+    assert "graceful_shutdown failed" not in out  # a clean stop says nothing alarming
+
+
+def test_a_taken_port_is_refused_in_one_line_before_ray_starts(capsys):
+    import socket
+
+    from tests.helpers import run_here
+
+    need_package("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = run_here(capsys, "serve", "--base", "resnet10t", "--port", str(port))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use; choose another --port" in out.stderr
+    import ray
+
+    assert not ray.is_initialized()  # refused before Ray started
+    out = run_here(capsys, "serve", "--base", "resnet10t", "--port", "99999")
+    assert out.returncode == 2 and "a TCP port is 1-65535, got 99999" in out.stderr
+
+
+def _serve(*extra, port):
+    return subprocess.Popen([sys.executable, "-m", "tinysaver", "serve", "--zoo", "fashion-mnist", "--base",
+                             "resnet10t", "--port", str(port), "--num-cpus", "0.5", *extra], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_an_unschedulable_replica_stops_the_command_and_sigterm_works_during_start_up():
+    """A replica no node can hold (a custom resource nobody has, as a missing GPU would be) ends the
+    command with the resource named; SIGTERM while it waits stops it cleanly."""
+    need_package("ray")
+    proc = _serve("--resources", '{"nowhere": 1}', "--startup-timeout", "10", port=free_port())
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("tinysaver: error: the service was not running after 10 s") and "nowhere=1" in last, out
+    assert "Traceback" not in out
+    proc = _serve("--resources", '{"nowhere": 1}', "--startup-timeout", "600", port=free_port())
+    try:
+        lines = []
+        for line in proc.stdout:  # Serve is up and the replica is waiting for its resource
+            lines.append(line)
+            if "Started Serve" in line or "Connecting to existing Serve app" in line:
+                break
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0 and "stopped before the service was up" in out, out[-3000:]
+    assert "Traceback" not in out and "Aborted" not in out
+
+
+def test_serve_run_with_the_application_builder(tmp_path):
+    """What the README shows for Ray-native deployment: serve run tinysaver.serve:app key=value."""
+    import os
+    import shutil
+    import socket
+
+    need_package("ray")
+    need_package("httpx")
+    need(FASHION_MNIST_DIR.is_dir(), "Fashion-MNIST (apt-get install -y dataset-fashion-mnist)")
+    import httpx
+
+    from tinysaver.data import load_dataset
+
+    with socket.socket() as s:  # serve run listens on Serve's default port
+        if s.connect_ex(("127.0.0.1", 8000)) == 0:
+            pytest.skip("port 8000 is taken on this machine")
+    serve_cli = shutil.which("serve") or pytest.fail("Ray Serve's 'serve' command is not on PATH")
+    env = {**os.environ, "RAY_worker_niceness": "0"}
+    proc = subprocess.Popen([serve_cli, "run", "tinysaver.serve:app", "zoo=fashion-mnist", "base=resnet10t",
+                             "num_cpus=0.5", "token=s3cret"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        up_by = time.monotonic() + 480
+        while True:
+            try:
+                if httpx.get("http://127.0.0.1:8000/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            if time.monotonic() > up_by:
+                pytest.fail("serve run did not come up in 8 minutes")
+            time.sleep(0.5)
+        img = png(load_dataset("fashion-mnist:test", progress=False, limit=1).images[0])
+        with httpx.Client(base_url="http://127.0.0.1:8000", timeout=60) as c:
+            assert c.post("/predict", content=img, headers={"content-type": "image/png"}).status_code == 401
+            r = c.post("/predict", content=img, headers={"content-type": "image/png",
+                                                          "authorization": "Bearer s3cret"})
+            assert r.status_code == 200 and r.json()["stage_name"] in ("mobilenetv3_small_075", "resnet10t"), r.text
+            h = c.get("/healthz").json()  # open without the token
+            assert h["layout"] == "fused" and h["stages"][-1] == "resnet10t"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -147,10 +147,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sel = selection_for(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver,
                         threshold=args.threshold, selection=args.selection, from_selection=args.from_selection)
     print(describe(sel), file=sys.stderr)
-    from ..serve import build_app
 
-    app = build_app(sel, zoo, opts, token=token_of(args))  # validated before anything is deployed
-    return run_app(app, sel.models, args)
+    from ..serve import plan_for, replica_needs
+    from ..serve.builders import application
+
+    plan = plan_for(sel, zoo, opts)  # validated before anything is deployed
+    return run_app(application(plan, token_of(args)), sel.models, args, replica_needs(plan))
 
 
 def token_of(args: argparse.Namespace) -> str | None:
@@ -175,11 +177,14 @@ def check_port(host: str, port: int) -> None:
                              "choose another --port") from None
 
 
-def _wait_running(name: str, timeout_s: float, stop: list) -> None:
+def _wait_running(name: str, timeout_s: float, stop: list, needs: dict | None) -> None:
     """Until the application runs; a deployment that fails, or is still not running at the
-    deadline (a replica Ray cannot schedule: a missing GPU or custom resource), is a ServeError
-    naming what Serve reports. Returns early, quietly, on Ctrl-C or SIGTERM."""
+    deadline, is a ServeError. A replica no node can hold (a missing GPU or custom resource) is
+    named at once; otherwise the message is what Serve reports. Returns on Ctrl-C or SIGTERM."""
+    import ray
     from ray import serve
+
+    from ..serve import unschedulable
 
     deadline = time.monotonic() + timeout_s
     while not stop:
@@ -187,6 +192,10 @@ def _wait_running(name: str, timeout_s: float, stop: list) -> None:
         state = str(getattr(app, "status", ""))
         if state.endswith("RUNNING"):
             return
+        if needs and time.monotonic() > deadline:
+            why = unschedulable(needs, ray.nodes())
+            if why:
+                raise ServeError(f"the service was not running after {timeout_s:.0f} s: {why}")
         if state.endswith("DEPLOY_FAILED") or time.monotonic() > deadline:
             why = [f"{d}: {st.message}" for d, st in (app.deployments if app else {}).items()
                    if str(st.status) != "HEALTHY" and st.message] or [getattr(app, "message", "") or state]
@@ -196,8 +205,9 @@ def _wait_running(name: str, timeout_s: float, stop: list) -> None:
         time.sleep(0.5)
 
 
-def run_app(app, models, args: argparse.Namespace) -> int:
-    """Start Ray (or join ``--address``) and Serve, run ``app`` until Ctrl-C or SIGTERM, then stop."""
+def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) -> int:
+    """Start Ray (or join ``--address``) and Serve, run ``app`` until Ctrl-C or SIGTERM, then stop.
+    ``needs``: what each deployment's replica asks Ray for (to explain one that never starts)."""
     import ray
     from ray import serve
 
@@ -208,31 +218,44 @@ def run_app(app, models, args: argparse.Namespace) -> int:
     def request_stop(signum, frame):  # Ctrl-C or SIGTERM (a container stopping), even when inherited ignored
         stop.append(signum)
 
+    def catch_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, request_stop)
+
     check_port(args.host, args.port)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_stop)
+    catch_signals()
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not address:
         local_ray_env()  # settings for the local instance ray.init is about to start
     try:
         ray.init(address=address, log_to_driver=False)
+        catch_signals()  # ray.init installs a SIGTERM handler that dumps a C++ stack and aborts
         start_serve({"host": args.host, "port": args.port})
         if hasattr(serve, "run_many"):  # deploy, then wait here, where a deadline and Ctrl-C apply
             serve.run_many([serve.RunTarget(app, name="tinysaver", route_prefix="/")],
                            wait_for_applications_running=False)
-            _wait_running("tinysaver", args.startup_timeout, stop)
+            _wait_running("tinysaver", args.startup_timeout, stop, needs)
         else:
             serve.run(app, name="tinysaver", route_prefix="/")
-        if not stop:
-            print(f"tinysaver: serving {' → '.join(models)} at http://{args.host}:{args.port} "
-                  "(POST /predict, POST /predict/batch, GET /healthz, GET /metrics); Ctrl-C stops", file=sys.stderr)
+        if stop:  # Ctrl-C or SIGTERM during start-up: nothing was answered, nothing to drain
+            print("tinysaver: stopped before the service was up", file=sys.stderr)
+            return 0
+        print(f"tinysaver: serving {' → '.join(models)} at http://{args.host}:{args.port} "
+              "(POST /predict, POST /predict/batch, GET /healthz, GET /metrics); Ctrl-C stops", file=sys.stderr)
         while not stop:
             time.sleep(0.2)
         print("tinysaver: stopping; replicas answer what they accepted first", file=sys.stderr)
+        # Deleting the application drains its replicas. Serve's own shutdown would also kill its
+        # controller mid-task, which Ray reports as "graceful_shutdown failed" on every clean stop;
+        # a local instance goes with ray.shutdown instead, and a shared cluster keeps its Serve.
+        serve.delete("tinysaver")
+        address = None
     finally:
         if ray.is_initialized():
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+            if address:  # failed or stopped on a shared cluster: our application goes, quickly
+                try:
+                    serve.delete("tinysaver", _blocking=False)
+                except Exception:  # noqa: BLE001 - the error being reported matters more
+                    pass
+            ray.shutdown()  # a local instance goes with it, replicas still starting included
     return 0

@@ -9,11 +9,12 @@ deployments, which import Ray) and ``builders`` (plans and applications). Only `
 imports Ray or FastAPI, and only when an application is built.
 """
 from .audit import AuditMonitor, loss_bound
-from .builders import app, application, build_app, local_ray_env, plan_for, stage_options, start_serve
+from .builders import (app, application, build_app, local_ray_env, plan_for, replica_needs, stage_options, start_serve,
+                       unschedulable)
 from .http import BadRequest
 from .options import GRACEFUL_SHUTDOWN_S, LAYOUTS, Plan, ServeOptions
 from .stages import ItemStage, StageRunner, stage_device
 
 __all__ = ["AuditMonitor", "BadRequest", "GRACEFUL_SHUTDOWN_S", "ItemStage", "LAYOUTS", "Plan", "ServeOptions",
            "StageRunner", "app", "application", "build_app", "loss_bound", "local_ray_env", "plan_for",
-           "stage_device", "stage_options", "start_serve"]
+           "replica_needs", "stage_device", "stage_options", "start_serve", "unschedulable"]

@@ -65,6 +65,35 @@ def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:
             for i, (name, r, c, g, res) in enumerate(zip(names, replicas, cpus, gpus, resources))]
 
 
+def replica_needs(plan: Plan) -> dict[str, dict[str, float]]:
+    """What one replica of each deployment asks Ray for ({"CPU": …, "GPU": …, custom: …}), so a
+    replica that never starts can be explained by what no node has."""
+    o = plan.options
+
+    def need(cpus, gpus, res):
+        return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {}), **{k: float(v) for k, v in (res or {}).items()}}
+
+    if plan.layout == "fused":
+        return {"Ingress": need(1.0 if o.num_cpus is None else o.num_cpus, o.per_stage("num_gpus", 1)[0], o.resources)}
+    out = {opt["name"]: need(opt["ray_actor_options"]["num_cpus"], opt["ray_actor_options"]["num_gpus"],
+                             opt["ray_actor_options"].get("resources")) for opt in stage_options(o, plan.names)}
+    return {"Ingress": need(o.ingress_num_cpus, 0, None), **out}
+
+
+def unschedulable(needs: dict[str, dict[str, float]], nodes: list[dict]) -> str | None:
+    """The first deployment no alive node could ever hold, and why, in one sentence (None: all fit).
+    ``nodes``: ``ray.nodes()``."""
+    totals = [n.get("Resources", {}) for n in nodes if n.get("Alive", n.get("alive", False))]
+    for name, need in needs.items():
+        if any(all(t.get(k, 0.0) >= v for k, v in need.items()) for t in totals):
+            continue
+        short = [k for k, v in need.items() if not any(t.get(k, 0.0) >= v for t in totals)] or list(need)
+        have = ", ".join(f"{k}={max((t.get(k, 0.0) for t in totals), default=0.0):g}" for k in short)
+        return (f"a replica of {name} needs {', '.join(f'{k}={need[k]:g}' for k in short)}, but the largest node "
+                f"has {have}")
+    return None
+
+
 def application(plan: Plan, token: str | None = None):
     """The Serve application of ``plan`` in its layout (see :mod:`tinysaver.serve.deployments`)."""
     from .deployments import Ingress, StageServer
@@ -210,4 +239,5 @@ def start_serve(http_options: dict, wait_s: float = PROXY_START_S) -> None:
         time.sleep(1.0)
 
 
-__all__ = ["app", "application", "build_app", "local_ray_env", "plan_for", "stage_options", "start_serve"]
+__all__ = ["app", "application", "build_app", "local_ray_env", "plan_for", "replica_needs", "stage_options",
+           "start_serve", "unschedulable"]
