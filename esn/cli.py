@@ -108,7 +108,6 @@ def _regime_args(q) -> None:
     q.add_argument("--joint-samples", type=positive_int, default=d["joint_samples"].default,
                    help="training samples of the joint regime (the zoo's own base budget by default)")
     q.add_argument("--mixed-samples", type=positive_int, default=d["mixed_samples"].default)
-from tinysaver.errors import UsageError
 
 
 def _pair(args, granularity="stage"):

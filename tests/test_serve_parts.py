@@ -186,15 +186,51 @@ def test_a_failing_fused_batch_fails_every_waiting_request():
     assert all(isinstance(e, RuntimeError) for e in run(go()))
 
 
-def test_the_audit_monitor_is_a_plain_class():
-    m = AuditMonitor(fraction=1.0, delta=0.1, tolerance_points=50.0, window=4)
-    records = [m.request(early=True) for _ in range(4)]
-    assert m.status == "ok" and m.view()["window_requests"] == 4
-    for r in records:
-        m.audited(r, disagreed=True)  # every early answer wrong: far above 50 points
-    assert m.status == "drift" and m.view()["disagreements"] == 4
-    m.dropped()
-    assert m.view()["dropped"] == 1
+def feed(m, rng, n, exit_p, disagree_p):
+    for _ in range(n):
+        early = rng.random() < exit_p
+        audit = early and rng.random() < m.fraction
+        rec = m.request(early, audit)
+        if audit:
+            m.audited(rec, rng.random() < disagree_p)
+
+
+def test_the_audit_monitor_separates_certified_uncertain_and_drift():
+    import random
+
+    rng = random.Random(1)
+    m = AuditMonitor(fraction=1.0, delta=0.1, tolerance_points=5.0)
+    assert m.state == "uncertain" and m.view()["more_requests"] > 0
+    feed(m, rng, 400, exit_p=0.7, disagree_p=0.0)
+    assert m.state == "certified" and m.view()["loss_points"]["upper"] <= 5.0 and m.changes[0][1:] == ("uncertain",
+                                                                                                      "certified")
+    feed(m, rng, 400, exit_p=0.7, disagree_p=0.5)  # the traffic shifts: a third of all answers now differ
+    assert m.state == "drift" and m.view()["loss_points"]["lower"] > 5.0 and m.alarm
+    few = AuditMonitor(fraction=0.05, delta=0.1, tolerance_points=1.0)
+    feed(few, rng, 300, exit_p=0.7, disagree_p=0.0)
+    v = few.view()  # 300 clean requests at 5 % audits cannot certify 1 point: uncertain, never drift
+    assert v["state"] == "uncertain" and v["more_requests"] > 1000 and v["more_audits"] > 0
+    off = AuditMonitor(fraction=0.0, delta=0.1, tolerance_points=1.0)
+    off.request(True)
+    assert off.state == "off" and off.view()["loss_points"] is None
+    rec = few.request(True, audit=True)
+    assert few.view()["pending"] == 1
+    few.dropped()
+    assert few.view()["pending"] == 0 and few.view()["dropped"] == 1 and rec[1] is None
+
+
+def test_checking_after_every_request_keeps_false_drift_below_delta():
+    """Anytime validity, seeded: streams whose loss sits exactly at the tolerance, checked after
+    every request, call drift in at most δ of them (plus sampling slack)."""
+    import random
+
+    delta, streams, alarms = 0.1, 300, 0
+    for seed in range(streams):
+        rng = random.Random(seed)
+        m = AuditMonitor(fraction=0.5, delta=delta, tolerance_points=10.0)
+        feed(m, rng, 600, exit_p=0.5, disagree_p=0.2)  # loss = 0.5 × 0.2 = 10 points: the hardest null
+        alarms += any(to == "drift" for _, _, to in m.changes)
+    assert alarms / streams <= delta + 3 * (delta * (1 - delta) / streams) ** 0.5, alarms
 
 
 def test_options_choose_the_layout_and_plans_are_checked():

@@ -60,9 +60,8 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--audit", type=_non_negative, default=d.audit,
                    help="fraction of early answers also sent to the base, after answering, to bound the loss live")
     q.add_argument("--audit-tolerance", type=positive_float, default=d.audit_tolerance,
-                   help="accuracy points: a live loss bound above it raises the drift alarm")
-    q.add_argument("--audit-window", type=positive_int, default=d.audit_window,
-                   help="requests the live bound is computed over")
+                   help="accuracy points: certified while the live bound on the loss against the base is below it, "
+                        "drift once the loss is shown to exceed it")
     q.add_argument("--max-body-mb", type=positive_float, default=d.max_body_bytes / 2**20)
     q.add_argument("--max-pixels", type=positive_int, default=d.max_pixels,
                    help="images with more pixels (width × height) get 413 before they are decoded")
@@ -124,7 +123,7 @@ def serve_options(args: argparse.Namespace):
                         num_cpus=_floats(args.num_cpus, "--num-cpus"), num_gpus=_floats(args.num_gpus, "--num-gpus"),
                         resources=args.resources,
                         backend=backends[0] if len(backends) == 1 else backends, audit=args.audit,
-                        delta=args.delta, audit_tolerance=args.audit_tolerance, audit_window=args.audit_window,
+                        delta=args.delta, audit_tolerance=args.audit_tolerance,
                         max_body_bytes=max(1, int(args.max_body_mb * 2**20)),
                         accept_preprocess_change=args.accept_preprocess_change)
 
@@ -205,6 +204,42 @@ def _wait_running(name: str, timeout_s: float, stop: list, needs: dict | None) -
         time.sleep(0.5)
 
 
+def _local(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+class AuditWatch:
+    """Prints the audit's state changes on this terminal (they also go to the service's log),
+    reading the open /healthz at most every 2 s."""
+
+    def __init__(self, url: str, every_s: float = 2.0):
+        self.url, self.every_s, self.next, self.state = url, every_s, 0.0, None
+
+    def poll(self) -> None:
+        import json
+        import urllib.request
+
+        if time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + self.every_s
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as r:
+                audit = json.loads(r.read())["audit"]
+        except Exception:  # noqa: BLE001 - a busy or restarting service: look again later
+            return
+        state = audit.get("state")
+        if state in (None, "off") or state == self.state:
+            return
+        if self.state is not None or state != "uncertain":
+            b = audit.get("loss_points") or {}
+            more = f"; about {audit['more_requests']:,} more requests would certify it" \
+                if state == "uncertain" and audit.get("more_requests") else ""
+            print(f"tinysaver: audit {state} after {audit['requests']} requests: loss against the base in "
+                  f"[{b.get('lower', 0):.2f}, {b.get('upper', 100):.2f}] points, tolerance "
+                  f"{audit['tolerance_points']:.2f}{more}", file=sys.stderr, flush=True)
+        self.state = state
+
+
 def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) -> int:
     """Start Ray (or join ``--address``) and Serve, run ``app`` until Ctrl-C or SIGTERM, then stop.
     ``needs``: what each deployment's replica asks Ray for (to explain one that never starts)."""
@@ -242,8 +277,10 @@ def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) ->
             return 0
         print(f"tinysaver: serving {' → '.join(models)} at http://{args.host}:{args.port} "
               "(POST /predict, POST /predict/batch, GET /healthz, GET /metrics); Ctrl-C stops", file=sys.stderr)
+        watch = AuditWatch(f"http://{_local(args.host)}:{args.port}/healthz")
         while not stop:
             time.sleep(0.2)
+            watch.poll()
         print("tinysaver: stopping; replicas answer what they accepted first", file=sys.stderr)
         # Deleting the application drains its replicas. Serve's own shutdown would also kill its
         # controller mid-task, which Ray reports as "graceful_shutdown failed" on every clean stop;

@@ -8,7 +8,7 @@ replica runs), ``walk`` (how a request finds its answer in each layout), ``deplo
 deployments, which import Ray) and ``builders`` (plans and applications). Only ``deployments``
 imports Ray or FastAPI, and only when an application is built.
 """
-from .audit import AuditMonitor, loss_bound
+from .audit import AuditMonitor, confidence_sequence
 from .builders import (app, application, build_app, local_ray_env, plan_for, replica_needs, stage_options, start_serve,
                        unschedulable)
 from .http import BadRequest
@@ -16,5 +16,5 @@ from .options import GRACEFUL_SHUTDOWN_S, LAYOUTS, Plan, ServeOptions
 from .stages import ItemStage, StageRunner, stage_device
 
 __all__ = ["AuditMonitor", "BadRequest", "GRACEFUL_SHUTDOWN_S", "ItemStage", "LAYOUTS", "Plan", "ServeOptions",
-           "StageRunner", "app", "application", "build_app", "loss_bound", "local_ray_env", "plan_for",
+           "StageRunner", "app", "application", "build_app", "confidence_sequence", "local_ray_env", "plan_for",
            "replica_needs", "stage_device", "stage_options", "start_serve", "unschedulable"]

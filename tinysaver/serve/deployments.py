@@ -110,14 +110,15 @@ class Ingress:
         self.requests = 0
         self.exits = Counter()
         self.latency = Counter()
-        self.audit = AuditMonitor(o.audit, o.delta, o.audit_tolerance, o.audit_window)
+        self.audit = AuditMonitor(o.audit, o.delta, o.audit_tolerance)
         self._tasks: set = set()
         self._starting, self._status_at = ([] if self.fused else list(plan.names)), -math.inf
         self.m_requests = metrics.Counter("tinysaver_requests", description="answered images")
         self.m_exits = metrics.Counter("tinysaver_exits", description="answers per stage", tag_keys=("stage",))
         self.m_latency = metrics.Histogram("tinysaver_latency_ms", description="server-side latency",
                                            boundaries=list(LATENCY_BUCKETS_MS))
-        self.m_bound = metrics.Gauge("tinysaver_audit_loss_bound", description="upper bound on accuracy given up")
+        self.m_bound = metrics.Gauge("tinysaver_audit_loss_upper_points",
+                                     description="anytime-valid upper bound on the accuracy given up (points)")
 
     # --- fused: the engine on each batch ------------------------------------------------------
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -150,8 +151,9 @@ class Ingress:
             i, pred, conf, carry = await self.walk.answer(img, self.o.request_timeout_s)
         ms = (time.perf_counter() - t0) * 1e3
         early = i < len(self.names) - 1
-        record = self.audit.request(early)
-        if early and self.o.audit > 0 and self.rng.random() < self.o.audit:
+        audit = early and self.o.audit > 0 and self.rng.random() < self.o.audit
+        record = self.audit.request(early, audit)
+        if audit:
             self._keep(self._audit(img, pred, record, i, carry))  # after the answer: the client never waits
         self.requests += 1
         self.exits[i] += 1
@@ -173,8 +175,6 @@ class Ingress:
             self.audit.dropped()
             return
         self.audit.audited(record, base_pred != pred)
-        if self.audit.bound is not None:
-            self.m_bound.set(self.audit.bound)
 
     async def _image(self, data: bytes):
         return await asyncio.to_thread(decode, data, self.o.max_pixels)
@@ -227,6 +227,10 @@ class Ingress:
             self._status_at = now
         return self._starting
 
+    def _status(self) -> str:
+        """``ok`` without an audit; else the audit's state: certified, uncertain or drift."""
+        return "ok" if self.audit.state == "off" else self.audit.state
+
     def _thresholds(self) -> list:
         return [t if math.isfinite(t) else None for t in self.plan.thresholds]  # JSON has no inf
 
@@ -236,8 +240,11 @@ class Ingress:
             starting = await asyncio.to_thread(self._deployments_starting)
         except Exception as e:  # no answer from Serve's controller is no proof of health
             starting = [f"unknown ({type(e).__name__}: {str(e)[:200]})"]
-        body = {"status": "starting" if starting else self.audit.status, "layout": self.plan.layout,
-                "stages": self.names, "thresholds": self._thresholds(), "audit": self.audit.view()}
+        audit = self.audit.view()
+        if audit["loss_points"]:
+            self.m_bound.set(audit["loss_points"]["upper"])
+        body = {"status": "starting" if starting else self._status(), "layout": self.plan.layout,
+                "stages": self.names, "thresholds": self._thresholds(), "audit": audit}
         if starting:
             return JSONResponse({**body, "waiting_for": starting}, status_code=503)
         return body
@@ -267,7 +274,7 @@ class Ingress:
                 "latency_ms_histogram": {str(k): v for k, v in sorted(self.latency.items(), key=lambda kv: (
                     kv[0] == "inf", kv[0] if kv[0] != "inf" else 0))},
                 "retried_calls": walk.retried if walk else 0, "unavailable": walk.unavailable if walk else 0,
-                "status": self.audit.status, "audit": self.audit.view(), "pid": os.getpid()}
+                "status": self._status(), "audit": self.audit.view(), "pid": os.getpid()}
 
 
 __all__ = ["Ingress", "StageServer", "api"]

@@ -40,7 +40,6 @@ class ServeOptions:
     audit: float = 0.0                # fraction of early answers also sent to the base
     delta: float = 0.1
     audit_tolerance: float = 1.0      # accuracy points
-    audit_window: int = 200           # requests the bound is computed over; the alarm waits until it is full
     max_body_bytes: int = 10 * 2**20
     max_pixels: int | None = MAX_PIXELS  # width × height; larger images get 413 before decoding
     retries: int = 5
@@ -59,8 +58,8 @@ class ServeOptions:
             raise ServeError(f"--audit is a fraction of the early answers in [0, 1], got {self.audit}")
         if not 0 < self.delta < 1:
             raise ServeError(f"δ must be in (0, 1), got {self.delta}")
-        if self.audit_tolerance <= 0 or self.audit_window < 1:
-            raise ServeError("--audit-tolerance must be > 0 and --audit-window ≥ 1")
+        if not 0 < self.audit_tolerance <= 100:
+            raise ServeError(f"--audit-tolerance is in accuracy points, in (0, 100], got {self.audit_tolerance}")
         if self.max_body_bytes < 1 or self.retries < 0:
             raise ServeError(f"--max-body-mb must be > 0 (got {self.max_body_bytes} bytes) and retries ≥ 0")
         if self.max_pixels is not None and self.max_pixels < 1:

@@ -1,0 +1,251 @@
+"""The service's layouts against the floor of serving on the same machine, in one interleaved run.
+
+    python benchmarks/bench_serve_layouts.py --zoo fashion-mnist --base resnet10t --requests 300
+    python benchmarks/bench_serve_layouts.py --zoo imagenet-lite --base tf_efficientnet_lite2.pypi_in1k \\
+        --split val --requests 96 --concurrency 1 32
+
+Applications, all on one local Ray instance and driven by the same closed-loop httpx client
+(``closed_loop`` of bench_serve.py, one coroutine per simulated user), their runs alternating so a
+noisy neighbour slows them alike:
+
+- ``floor-uvicorn``: a bare FastAPI app on uvicorn (its own process) that decodes the image the way
+  the service does and returns a constant: what HTTP and decoding alone cost;
+- ``floor-serve``: the same handler as a one-deployment Serve app: what Serve's proxy adds;
+- ``per-stage``: the cascade with a deployment per stage (eager);
+- ``fused``: the cascade in one deployment (eager), the default layout;
+- ``fused-onnx``: the same on ONNX Runtime (``--backend onnxruntime``).
+
+Also, in this process and after the service is gone: ``Cascade.predict`` at the service's batch
+size (the in-process reference), its batch-1 time per image, and ``/predict/batch`` with 16 images
+per request against the in-process cascade on the same backend.
+"""
+# No ``from __future__ import annotations``: FastAPI reads the floor route's signature at definition time.
+import argparse
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serve import closed_loop, encoded_images  # noqa: E402
+
+FLOOR_APP = '''
+from fastapi import FastAPI, Request
+from tinysaver.serve.http import decode, read_files
+app = FastAPI()
+
+@app.post("/predict")
+async def predict(request: Request):
+    [(_, data)] = await read_files(request, False, 10 * 2**20)
+    img = decode(data, 40_000_000)
+    return {"class": 0, "confidence": 1.0, "exit_stage": 0, "shape": list(img.shape)}
+'''
+
+
+from fastapi import FastAPI, Request  # noqa: E402
+from ray import serve as _serve  # noqa: E402
+
+floor_api = FastAPI()
+
+
+@_serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=256)
+@_serve.ingress(floor_api)
+class Floor:
+    """The bare Serve floor: decode as the service does, answer a constant."""
+
+    @floor_api.post("/predict")
+    async def predict(self, request: Request):
+        from tinysaver.serve.http import decode, read_files
+
+        [(_, data)] = await read_files(request, False, 10 * 2**20)
+        img = decode(data, 40_000_000)
+        return {"class": 0, "confidence": 1.0, "exit_stage": 0, "shape": list(img.shape)}
+
+
+def floor_serve_app():
+    return Floor.bind()
+
+
+async def batch_loop(url: str, bodies: list[bytes], per_request: int, concurrency: int, total_images: int) -> float:
+    """Images/s of ``/predict/batch`` with ``per_request`` images per multipart request."""
+    import httpx
+
+    n_req = max(1, total_images // per_request)
+    counter = iter(range(n_req))
+
+    async def user(client):
+        for k in counter:
+            files = [("files", (f"{j}.png", bodies[(k * per_request + j) % len(bodies)], "image/png"))
+                     for j in range(per_request)]
+            r = await client.post(url, files=files)
+            if r.status_code != 200 or r.text.count("\n") != per_request or '"error"' in r.text:
+                raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user(client) for _ in range(concurrency)))
+        return n_req * per_request / (time.perf_counter() - t0)
+
+
+def wait_up(url: str, timeout_s: float = 300) -> None:
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default="fashion-mnist")
+    ap.add_argument("--base", default="resnet10t")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--requests", type=int, default=300, help="requests per run")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--apps", default="floor-uvicorn,floor-serve,per-stage,fused,fused-onnx")
+    args = ap.parse_args()
+    apps = [a for a in args.apps.split(",") if a]
+
+    import os
+    import socket
+
+    import ray
+    from ray import serve
+
+    from tinysaver.cascade import build_cascade
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.serve import ServeOptions, build_app, local_ray_env, start_serve
+    from tinysaver.zoo import load_zoo
+
+    zoo = load_zoo(args.zoo)
+    sel, _ = select(zoo, args.base, SelectorConfig())
+    bodies, data = encoded_images(zoo, args.split, min(args.requests, 1000))
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, uport = free_port(), free_port()
+    floor = None
+    if "floor-uvicorn" in apps:
+        Path("/tmp/floor_app.py").write_text(FLOOR_APP)
+        floor = subprocess.Popen([sys.executable, "-m", "uvicorn", "floor_app:app", "--port", str(uport),
+                                  "--log-level", "warning", "--app-dir", str(Path("/tmp"))],
+                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    local_ray_env()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_serve({"host": "127.0.0.1", "port": port})
+    common = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3)
+    urls = {}
+    if "floor-serve" in apps:
+        serve.run(floor_serve_app(), name="floor", route_prefix="/floor")
+        urls["floor-serve"] = f"http://127.0.0.1:{port}/floor/predict"
+    if "per-stage" in apps:
+        o = ServeOptions(layout="per-stage", num_cpus=0.25, ingress_num_cpus=0.2, **common)
+        serve.run(build_app(sel, zoo, o), name="perstage", route_prefix="/perstage")
+        urls["per-stage"] = f"http://127.0.0.1:{port}/perstage/predict"
+    if "fused" in apps:
+        serve.run(build_app(sel, zoo, ServeOptions(layout="fused", num_cpus=0.3, **common)), name="fused",
+                  route_prefix="/fused")
+        urls["fused"] = f"http://127.0.0.1:{port}/fused/predict"
+    if "fused-onnx" in apps:
+        o = ServeOptions(layout="fused", num_cpus=0.3, backend="onnxruntime", **common)
+        serve.run(build_app(sel, zoo, o), name="fusedonnx", route_prefix="/fusedonnx")
+        urls["fused-onnx"] = f"http://127.0.0.1:{port}/fusedonnx/predict"
+    if floor is not None:
+        wait_up(f"http://127.0.0.1:{uport}/docs")
+        urls = {"floor-uvicorn": f"http://127.0.0.1:{uport}/predict", **urls}
+    print(f"{args.zoo}: {' → '.join(sel.models)} (threshold {sel.thresholds[0]:.4f}); {args.requests} requests per "
+          f"run, max batch {args.max_batch_size}, wait {args.batch_wait_ms} ms, {args.repeats} alternating runs; "
+          f"medians; load before: {os.getloadavg()[0]:.2f}", flush=True)
+    for url in urls.values():  # warm-up
+        asyncio.run(closed_loop(url, bodies, 4, 32))
+    rows = []
+    for c in args.concurrency:
+        runs = {name: [] for name in urls}
+        for _ in range(args.repeats):
+            for name, url in urls.items():
+                runs[name].append(asyncio.run(closed_loop(url, bodies, c, args.requests)))
+        row = {"concurrency": c}
+        for name, rs in runs.items():
+            lat = np.concatenate([[r["client_ms"] for r in res] for _, res in rs])
+            row[name] = float(np.median([args.requests / t for t, _ in rs]))
+            row[name + ":p50"] = float(np.percentile(lat, 50))
+            if name.startswith(("fused", "per-stage")):
+                res = [r for _, results in rs for r in results]
+                st = np.array([r["exit_stage"] for r in res])
+                ms = np.array([r["client_ms"] for r in res])
+                row[name + ":early_p50"] = float(np.median(ms[st == 0])) if (st == 0).any() else float("nan")
+        rows.append(row)
+        print(f"  concurrency {c}: " + ", ".join(f"{n} {row[n]:.1f}" for n in urls) + " img/s", flush=True)
+    batch_rate = {}
+    for name in [n for n in ("fused", "fused-onnx") if n in urls]:
+        batch_rate[name] = batch_loop(urls[name].replace("/predict", "/predict/batch"), bodies, 16, 4,
+                                      args.requests * 2)
+        batch_rate[name] = asyncio.run(batch_rate[name])
+    print(f"load after the served runs: {os.getloadavg()[0]:.2f}", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    if floor is not None:
+        floor.terminate()
+        floor.wait(timeout=30)
+    import torch
+
+    ip = {}
+    for backend in ("eager", "onnxruntime"):
+        cas = build_cascade(sel, zoo, backend=backend)
+        imgs = data.images
+        cas.predict(imgs[:args.max_batch_size], batch_size=args.max_batch_size)
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            cas.predict(imgs, batch_size=args.max_batch_size)
+            ts.append(time.perf_counter() - t0)
+        ip[backend] = len(imgs) / float(np.median(ts))
+        t0 = time.perf_counter()
+        cas.predict(imgs[:64], batch_size=1)
+        ip[backend + ":bs1_ms"] = (time.perf_counter() - t0) / 64 * 1e3
+    print(f"\nin-process (torch threads {torch.get_num_threads()}) at batch {args.max_batch_size}: eager "
+          f"{ip['eager']:.1f} img/s, onnxruntime {ip['onnxruntime']:.1f} img/s; batch 1: eager "
+          f"{ip['eager:bs1_ms']:.2f} ms/img, onnxruntime {ip['onnxruntime:bs1_ms']:.2f} ms/img\n")
+    names = list(urls)
+    print("| concurrency | " + " | ".join(f"{n} img/s" for n in names) + " | fused / per-stage | fused / floor-serve |"
+          " fused / in-process |")
+    print("|---|" + "---|" * (len(names) + 3))
+    for r in rows:
+        ratio = lambda a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "–"  # noqa: E731
+        fip = f"{r['fused'] / ip['eager']:.2f}" if "fused" in r else "–"
+        print(f"| {r['concurrency']} | " + " | ".join(f"{r[n]:.1f}" for n in names) +
+              f" | {ratio('fused', 'per-stage')} | {ratio('fused', 'floor-serve')} | {fip} |")
+    print("\n| concurrency | " + " | ".join(f"{n} p50 ms" for n in names) + " | fused early-answer p50 ms |")
+    print("|---|" + "---|" * (len(names) + 1))
+    for r in rows:
+        print(f"| {r['concurrency']} | " + " | ".join(f"{r[n + ':p50']:.1f}" for n in names) +
+              f" | {r.get('fused:early_p50', float('nan')):.1f} |")
+    for name, rate in batch_rate.items():
+        ref = ip["onnxruntime" if name.endswith("onnx") else "eager"]
+        print(f"\n/predict/batch, 16 images per request, concurrency 4, {name}: {rate:.1f} img/s = {rate / ref:.2f} of "
+              f"the in-process cascade on the same backend ({ref:.1f} img/s)")
+    one = next((r for r in rows if r["concurrency"] == 1), None)
+    if one and "fused" in one and "floor-serve" in one:
+        budget = one["floor-serve:p50"] + ip["eager:bs1_ms"] + 3
+        print(f"\nconcurrency 1: fused early-answer p50 {one['fused:early_p50']:.1f} ms against floor-serve p50 "
+              f"{one['floor-serve:p50']:.1f} + in-process batch-1 {ip['eager:bs1_ms']:.1f} + 3 = {budget:.1f} ms: "
+              f"{'met' if one['fused:early_p50'] <= budget else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
