@@ -546,3 +546,34 @@ def test_shutdown_answers_the_requests_already_accepted(service, offline):
     codes = [code for code, _ in replies]
     assert all(code in (200, 404, 503) for code in codes), [r for r in replies if r[0] != 200]
     assert codes.count(200) >= 1
+
+
+def test_the_api_fuzzed_from_its_own_schema_never_gives_5xx_and_refuses_in_its_own_shape(service):
+    """schemathesis generates requests from the service's OpenAPI schema (valid and invalid bodies,
+    content types and headers), bounded in examples; no reply may be a 5xx, and every 4xx has the
+    service's {"error": ...} body."""
+    need_package("schemathesis")
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    base = str(service["client"].base_url).rstrip("/") + "/fused"
+    schema = schemathesis.openapi.from_url(base + "/openapi.json")
+    seen = []
+    for method, path, n in [("POST", "/predict", 60), ("POST", "/predict/batch", 30), ("GET", "/healthz", 5),
+                            ("GET", "/metrics", 5)]:
+        op = schema[path][method]
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            @settings(max_examples=n, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(op.as_strategy(generation_mode=mode))
+            def check(case):
+                r = case.call(base_url=base, timeout=60)
+                seen.append(r.status_code)
+                assert r.status_code < 500, (case.as_curl_command(), r.status_code, r.text[:300])
+                if 400 <= r.status_code < 500:
+                    body = r.json()
+                    assert set(body) == {"error"} and isinstance(body["error"], str) and "\n" not in body["error"], \
+                        (case.as_curl_command(), r.text[:300])
+
+            check()
+    assert len(seen) > 100 and any(400 <= s < 500 for s in seen)  # the fuzzer reached the refusals

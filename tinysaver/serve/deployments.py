@@ -41,6 +41,14 @@ LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 DEAD = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, RayServeException)
 
 api = FastAPI(title="tinysaver cascade")
+# The routes read their bodies themselves (to cap their size while reading), so FastAPI cannot infer
+# them: the schema says what they take, for clients and for fuzzers driven by the schema.
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_ONE_IMAGE = {"requestBody": {"required": True, "content": {
+    "image/png": _BINARY, "image/jpeg": _BINARY, "application/octet-stream": _BINARY,
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}}}}
+_IMAGES = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
 
 @api.exception_handler(HTTPException)
@@ -184,7 +192,7 @@ class Ingress:
         return JSONResponse({"error": e.reason}, status_code=e.status)
 
     # --- routes ---------------------------------------------------------------------------------
-    @api.post("/predict")
+    @api.post("/predict", openapi_extra=_ONE_IMAGE)
     async def predict(self, request: Request):
         try:
             check_token(request.headers, self.token)
@@ -193,7 +201,7 @@ class Ingress:
         except BadRequest as e:
             return self._error(e)
 
-    @api.post("/predict/batch")
+    @api.post("/predict/batch", openapi_extra=_IMAGES)
     async def predict_batch(self, request: Request):
         try:
             check_token(request.headers, self.token)
