@@ -206,3 +206,42 @@ def test_data_sample_writes_labelled_pngs_and_never_overwrites(tmp_path, capsys)
     before = {f: f.stat().st_mtime_ns for f in files}
     one_line(run_here(capsys, "data", "sample", "--out", str(tmp_path / "s"), "-n", "4"), "already exists")
     assert {f: f.stat().st_mtime_ns for f in files} == before
+
+
+def test_the_pixel_cap_skips_and_counts_in_infer_and_profile(tmp_path, capsys, image_folder):
+    from tinysaver.data import load_dataset
+
+    d = tmp_path / "capped"
+    d.mkdir()
+    (d / "small.png").write_bytes(png_bytes(np.zeros((20, 20), np.uint8)))
+    (d / "large.png").write_bytes(png_bytes(np.zeros((60, 50), np.uint8)))
+    out = run_here(capsys, "infer", "--base", "resnet10t", "--quiet", "--max-pixels", "1000", str(d))
+    assert out.returncode == 0 and f"{d / 'large.png'}: 50 × 60 pixels is over the cap of 1,000" in out.stderr
+    import json
+
+    assert json.loads(out.stderr.split("summary: ")[-1])["unreadable"] == 1
+    # profile decodes through load_dataset with the config's cap: over-cap images are skipped and counted
+    from PIL import Image
+
+    sizes = [Image.open(f).size for f in sorted(image_folder.rglob("img*.png"))]
+    over = sum(w * h > 900 for w, h in sizes)
+    assert 0 < over < len(sizes)
+    with pytest.warns(UserWarning, match=f"skipped {over + 1} unreadable"):  # and the fixture's broken file
+        ds = load_dataset(f"imagefolder:{image_folder}", progress=False, max_pixels=900)
+    assert sum("over the cap of 900 pixels" in why for _, why in ds.failures) == over
+    assert all(img.shape[-1] * img.shape[-2] <= 900 for img in ds.images)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["query", "--base", "resnet10t", "--criterion", "zero", "--tolerance", "5"], "--criterion zero allows no loss"),
+    (["query", "--base", "resnet10t", "--criterion", "bounded", "--tolerance", "150"], "at most 100"),
+])
+def test_tolerances_that_cannot_mean_anything_are_refused(argv, words, capsys):
+    out = run_here(capsys, *argv)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_label_free_output_says_agreement_with_the_base(capsys):
+    out = run_here(capsys, "query", "--base", "resnet10t", "--label-free")
+    assert out.returncode == 0, out.stderr
+    assert "agreement with the base on" in out.stdout and "accuracy on" not in out.stdout

@@ -256,3 +256,15 @@ def test_openvino_runs_announced_batch_sizes_on_fixed_shapes_unpinned(tmp_path, 
     cas.predict(images, batch_size=6)
     cas.predict(images[:3], batch_size=6)
     assert list(cas._runners[0].fn.static) == [6]  # a cascade announces its batch size; a short call compiles nothing
+
+
+def test_the_first_export_says_so_once_with_its_cache_path(tmp_path, capsys):
+    need_package("onnxruntime")
+    from tinysaver.runtimes import make_runner
+
+    m = tiny("test_resnet")
+    make_runner(m, "onnxruntime", cache_dir=tmp_path)
+    first = capsys.readouterr().err
+    assert f"exporting {m.key} for onnxruntime once (cached at {tmp_path}" in first
+    make_runner(m, "onnxruntime", cache_dir=tmp_path)
+    assert "exporting" not in capsys.readouterr().err  # the cache answers: nothing to say

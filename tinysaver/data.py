@@ -382,11 +382,12 @@ def fashion_mnist_set(split: str, root: str | os.PathLike | None = None, limit: 
 
 
 def load_dataset(uri: str, progress: bool = True, limit: int | None = None,
-                 rows: tuple[int, int] | None = None) -> DecodedSet:
+                 rows: tuple[int, int] | None = None, max_pixels: int | None = MAX_PIXELS) -> DecodedSet:
     """Load and decode a dataset named as described in the module docstring.
 
     ``limit`` keeps the first N samples; ``rows=(start, stop)`` then keeps that range of them (a
     shard), counted before unreadable images are skipped, so shards concatenate to the whole set.
+    Images of more than ``max_pixels`` pixels are skipped and counted like unreadable ones.
     """
     kind, _, rest = uri.partition(":")
     if kind == "fashion-mnist":
@@ -397,7 +398,7 @@ def load_dataset(uri: str, progress: bool = True, limit: int | None = None,
         sl = slice(*rows)
         src = RawSource(src.name, src.ids[sl], src.labels[sl], lambda i, a=rows[0], read=src.read: read(a + i),
                         src.class_names)
-    return decode_all(src, progress=progress)
+    return decode_all(src, progress=progress, max_pixels=max_pixels)
 
 
 def dataset_size(uri: str, limit: int | None = None) -> int:

@@ -72,7 +72,12 @@ def plot_pair(zoo, base: str, saver: str, out: str | Path, cfg: SelectorConfig |
                 fx.append(x)
                 fy.append(y)
         ax2.plot(fx, fy, "-", color="tab:red", label="Pareto front")
+        mine = [(x, y) for x, y, nme in pts if nme == saver]
+        if mine:  # the --saver of the left panel, where it stands among every other saver
+            ax2.scatter(*zip(*mine), s=80, color="tab:orange", zorder=3, label=f"{saver} (--saver)")
     ax2.axvline(1.0, color="tab:blue", lw=0.8, label="base alone")
+    ax2.set_title(f"every saver for {base}" + ("" if any(n == saver for *_, n in pts) else
+                                              f" ({saver} costs at least the base: not shown)"), fontsize=9)
     ax2.set_xlabel(f"relative cost ({cfg.cost})")
     ax2.set_ylabel("cascade accuracy (held out)")
     ax2.legend(fontsize=7)

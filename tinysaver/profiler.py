@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .data import DecodedSet, load_dataset
+from .limits import MAX_PIXELS
 from .measure import count_flops, device_info, latency_table, measure_latency
 from .models import LoadedModel, ModelSpec, count_parameters, create_model
 from .policy import confidence
@@ -48,6 +49,7 @@ class ProfileConfig:
     description: str = ""
     split_sizes: dict[str, int] | None = None  # samples per split, for --plan on data this machine lacks
     force: bool = False  # re-measure finished models (FLOPs, latency); finished prediction files are reused
+    max_pixels: int | None = MAX_PIXELS  # larger images are skipped and counted, read from the header
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -222,7 +224,8 @@ def _profile_locked(cfg: ProfileConfig, path: Path, progress: bool, log: Callabl
     if not todo:
         return
     for split, uri in cfg.splits.items():
-        data[split] = load_dataset(uri, progress=progress, limit=cfg.limit)  # decoded once, shared by all models
+        # decoded once, shared by all models
+        data[split] = load_dataset(uri, progress=progress, limit=cfg.limit, max_pixels=cfg.max_pixels)
         if data[split].failures:
             log(f"split {split}: skipped {len(data[split].failures)} unreadable image(s): "
                 + ", ".join(i for i, _ in data[split].failures[:5]))
@@ -292,8 +295,12 @@ AGREEMENT_CONF = 1e-4    # … and every confidence within this of eager's
 
 def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int] = (1, 32, 128),
                     root: Path | None = None, models: Sequence[str] | None = None, limit: int | None = None,
-                    min_run_time: float = LATENCY_SECONDS, log: Callable[[str], None] = print) -> Path:
+                    min_run_time: float = LATENCY_SECONDS, log: Callable[[str], None] = print,
+                    noisy_only: bool = False) -> Path:
     """Add per-backend latency rows to an existing zoo; predictions are read, never written.
+
+    ``noisy_only``: re-time only the rows stored as noisy (timed on a busy machine), keeping the
+    rest and the agreement checks as they are.
 
     For each measured model and backend: export (cached), check agreement with the zoo's stored
     eager predictions on every split (the first ``limit`` samples of each, when given), and measure
@@ -321,6 +328,9 @@ def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int
             entry = z.manifest["models"][key]
             stored = {split: z.predictions(key, split) for split in data}  # read once, compared per backend
             for b in backends:
+                if noisy_only:
+                    _retime_noisy(entry, key, b, model, min_run_time, log)
+                    continue
                 runner = make_runner(model, b)
                 agree = {split: agreement_with_predictions(model, runner, ds, stored[split])
                          for split, ds in data.items()}
@@ -332,9 +342,32 @@ def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int
                     "version": backend_version(b), "export_s": round(runner.export_s, 3), "exact": exact,
                     "agreement": agree, "latency": {**device_info("cpu"), "table": latency_table(lats)}}
                 log(f"{key} [{b}]: " + ", ".join(f"bs{lt.batch_size} {lt.ms_per_batch:.2f} ms" for lt in lats)
-                    + ("" if exact else "  (NOT exact against eager: see its agreement)"))
+                    + ("" if exact else "  (NOT exact against eager: see its agreement)") + _noisy_note(lats))
             atomic_write_yaml(z.path / MANIFEST, z.manifest)
     return z.path
+
+
+def _noisy_note(lats) -> str:
+    bad = [f"bs{lt.batch_size}" for lt in lats if lt.noisy]
+    return (f"  (NOISY: {', '.join(bad)} timed on a busy machine; rerun with --latency-only --noisy-only when it "
+            "is quiet)") if bad else ""
+
+
+def _retime_noisy(entry: dict, key: str, backend: str, model, min_run_time: float, log) -> None:
+    """Time again the batch sizes of ``backend`` stored as noisy; the other rows stay as they are."""
+    from .runtimes import make_runner
+
+    lat = ((entry.get("backends") or {}).get(backend) or {}).get("latency")
+    if lat is None and backend == "eager":
+        lat = entry.get("latency")
+    sizes = sorted(int(k[2:]) for k, row in ((lat or {}).get("table") or {}).items() if row.get("noisy"))
+    if not sizes:
+        return
+    lats = measure_latency(make_runner(model, backend), model.preprocess.input_size, sizes, min_run_time=min_run_time,
+                           device="cpu")
+    lat["table"] = {**lat["table"], **latency_table(lats)}
+    log(f"{key} [{backend}] re-timed: " + ", ".join(f"bs{lt.batch_size} {lt.ms_per_batch:.2f} ms" for lt in lats)
+        + _noisy_note(lats))
 
 
 def add_published(zoo: str, entries: dict[str, dict[str, Any]], root: Path | None = None,

@@ -53,11 +53,13 @@ def describe(sel: Selection) -> str:
     if sel.cost_base is not None:
         lines.append(f"cost: {_fmt_cost(sel.cost_base, sel.cost_metric)} → "
                      f"{_fmt_cost(sel.cost_cascade, sel.cost_metric)}  (saving {sel.saving_pct:.1f}%)")
+    # label-free selections measure agreement with the base, not accuracy: say which
+    what = "agreement with the base" if sel.target == "base-agreement" else "accuracy"
     if sel.acc_base_calib is not None:
-        lines.append(f"accuracy on {sel.calib_split} (calibration): {100 * sel.acc_base_calib:.2f}% → "
+        lines.append(f"{what} on {sel.calib_split} (calibration): {100 * sel.acc_base_calib:.2f}% → "
                      f"{100 * sel.acc_cascade_calib:.2f}%")
     if sel.test_split is not None and sel.acc_base_test is not None:
-        lines.append(f"accuracy on {sel.test_split} (held out):    {100 * sel.acc_base_test:.2f}% → "
+        lines.append(f"{what} on {sel.test_split} (held out):    {100 * sel.acc_base_test:.2f}% → "
                      f"{100 * sel.acc_cascade_test:.2f}%")
     if sel.guarantee:
         lines.append(f"guarantee: {sel.guarantee}")

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import os
 import re
+import sys
 import threading
 import time
 import warnings
@@ -131,6 +132,8 @@ def _onnx_file(model: LoadedModel, backend: str, cache_dir: Path | None) -> tupl
     path = (cache_dir or default_cache_dir(model)) / f"{model.key.replace('/', '__')}-{export_key(model, backend)}.onnx"
     if path.is_file():
         return path, 0.0, True
+    # the first export of a model takes seconds to a minute with nothing else to show for it
+    print(f"tinysaver: exporting {model.key} for {backend} once (cached at {path})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     export_onnx(model, path)
     return path, time.perf_counter() - t0, False

@@ -223,6 +223,12 @@ def model_cost(zoo: Zoo, model: str, cost: str) -> float:
         if not row:
             raise SelectionError(f"{model!r} has no latency at {parts[2]} on {backend}; measured: "
                                  f"{', '.join(lat.get('table') or {})}")
+        if row.get("noisy"):
+            import warnings
+
+            warnings.warn(f"{model!r}: its {parts[2]} latency on {backend} was timed on a busy machine ({row['noisy']}); "
+                          f"re-time it with 'tinysaver profile --latency-only --noisy-only --zoo {zoo.name} "
+                          f"--backends {backend}'", stacklevel=2)
         return float(row["ms_per_batch"]) / int(parts[2][2:])
     raise SelectionError(f"cost must be 'flops' or 'latency:DEVICE:bsN[:BACKEND]', got {cost!r}")
 
@@ -306,6 +312,11 @@ class SelectorConfig:
             raise SelectionError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if not np.isfinite(self.tolerance) or self.tolerance < 0:
             raise SelectionError(f"tolerance ε must be ≥ 0 accuracy points, got {self.tolerance}")
+        if self.tolerance > 100:
+            raise SelectionError(f"tolerance ε is in accuracy points, at most 100, got {self.tolerance}")
+        if self.criterion == "zero" and self.tolerance != 0:
+            raise SelectionError(f"--criterion zero allows no loss, so --tolerance {self.tolerance:g} would be "
+                                 "ignored: drop it, or use --criterion bounded or guaranteed")
         if not 0 < self.delta < 1:
             raise SelectionError(f"δ must be in (0, 1), got {self.delta}")
         if not 2 <= self.max_stages <= MAX_STAGES:

@@ -242,9 +242,14 @@ class Zoo:
             for split, e in (cal.get("ece") or {}).items():  # 15-bin top-label ECE in %, before and after T
                 row[f"ece_{split}"] = round(100 * e["before"], 2)
                 row[f"ece_T_{split}"] = round(100 * e["after"], 2)
+            noisy = [bs for bs, lat in ((m.get("latency") or {}).get("table") or {}).items() if lat.get("noisy")]
             for backend, b in (m.get("backends") or {}).items():  # one column per backend and batch size
                 for bs, lat in ((b.get("latency") or {}).get("table") or {}).items():
                     row[f"ms_{bs}_{backend}"] = lat["ms_per_batch"]
+                    if lat.get("noisy"):
+                        noisy.append(f"{bs}_{backend}")
+            if noisy:  # timed on a busy machine: shown, so nobody trusts them unawares
+                row["noisy"] = ",".join(noisy)
             rows.append(row)
         df = pd.DataFrame(rows)
         if "GFLOPs" in df and len(df):

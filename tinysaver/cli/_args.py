@@ -60,25 +60,27 @@ def positive_int(text: str) -> int:
     return v
 
 
-def positive_float(text: str) -> float:
+def _number(text: str, ok, what: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    if not ok(v):  # NaN fails every comparison, so it is refused here too
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return v
+
+
+def positive_float(text: str) -> float:
+    return _number(text, lambda v: 0 < v < float("inf"), "a finite number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, lambda v: 0 <= v < float("inf"), "a finite number ≥ 0")
 
 
 def finite_float(text: str) -> float:
     """Any finite number: NaN and infinity are refused here, before they reach arithmetic."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if v != v or v in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return v
+    return _number(text, lambda v: -float("inf") < v < float("inf"), "a finite number")
 
 
 def int_list(text: str) -> list[int]:

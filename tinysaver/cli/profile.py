@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
+from ..limits import MAX_PIXELS
 from ..zoo import BACKENDS
 from ._args import add_zoo, command, int_list, positive_float, positive_int, root_of
 
@@ -30,6 +31,9 @@ def register(sub) -> None:
     q.add_argument("--flops-counter", choices=["deepspeed", "torch"], default="deepspeed")
     q.add_argument("--device")
     q.add_argument("--limit", type=positive_int, help="first N samples per split")
+    q.add_argument("--max-pixels", type=positive_int,
+                   help=f"skip (and count) images with more pixels (width × height), read from the header "
+                        f"(default: the config's max_pixels, else {MAX_PIXELS:,})")
     q.add_argument("--force", action="store_true",
                    help="re-measure finished models (FLOPs, latency); prediction files are reused")
     q.add_argument("--quiet", action="store_true")
@@ -38,6 +42,8 @@ def register(sub) -> None:
                         "min_run_time; default: the config's latency_min_run_time, else 0.5)")
     q.add_argument("--latency-only", action="store_true",
                    help="add latency rows per --backends to an existing zoo (--zoo or --config); predictions untouched")
+    q.add_argument("--noisy-only", action="store_true",
+                   help="with --latency-only: re-time only the rows stored as noisy (timed on a busy machine)")
     q.add_argument("--backends", default=BACKENDS[0],
                    help=f"with --latency-only: comma-separated {', '.join(BACKENDS)}")
     q.add_argument("--backend", choices=["local", "ray"], default="local",
@@ -72,6 +78,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     root = root_of(args)
     batch_sizes = [b for part in args.batch_sizes for b in (part if isinstance(part, list) else [part])]
+    if args.noisy_only and not args.latency_only:
+        raise UsageError("--noisy-only re-times stored rows: give it with --latency-only")
     if args.latency_only:
         zoo = args.zoo or (ProfileConfig.from_yaml(args.config).zoo if args.config else None)
         if not zoo:
@@ -79,12 +87,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
         path = profile_latency(zoo, [b for b in args.backends.split(",") if b], batch_sizes, root,
                                models=args.model, limit=args.limit,
                                min_run_time=args.latency_seconds or LATENCY_SECONDS,
-                               log=(lambda s: None) if args.quiet else print)
+                               log=(lambda s: None) if args.quiet else print, noisy_only=args.noisy_only)
         print(f"latency rows added to {path}")
         return 0
     if args.config:
         cfg = ProfileConfig.from_yaml(args.config, zoo=args.zoo, limit=args.limit, device=args.device,
-                                      force=args.force or None, latency_min_run_time=args.latency_seconds)
+                                      force=args.force or None, latency_min_run_time=args.latency_seconds,
+                                      max_pixels=args.max_pixels)
     else:
         if not (args.zoo and args.model and args.split):
             raise UsageError("give --config FILE, or --zoo, at least one --model and one --split")
@@ -96,7 +105,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                             batch_sizes=batch_sizes, eval_batch_size=args.eval_batch_size, topk=args.topk,
                             save_logits=args.save_logits, flops_counter=args.flops_counter,
                             device=args.device or "cpu", limit=args.limit, force=args.force,
-                            latency_min_run_time=args.latency_seconds or LATENCY_SECONDS)
+                            latency_min_run_time=args.latency_seconds or LATENCY_SECONDS,
+                            max_pixels=args.max_pixels or MAX_PIXELS)
     if args.plan:
         from ..plan import format_plan, plan_profile
 

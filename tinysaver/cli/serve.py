@@ -13,7 +13,7 @@ import sys
 import time
 
 from ..errors import MissingExtraError, ServeError, UsageError
-from ._args import add_cascade_args, command, int_list, positive_float, positive_int
+from ._args import add_cascade_args, command, int_list, non_negative_float, positive_float, positive_int
 
 
 def register(sub) -> None:
@@ -47,7 +47,7 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
                    help="seconds to wait for every replica to be scheduled and ready before giving up")
     q.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
     q.add_argument("--max-batch-size", type=positive_int, default=d.max_batch_size, help="per stage, @serve.batch")
-    q.add_argument("--batch-wait-ms", type=_non_negative, default=1e3 * d.batch_wait_timeout_s,
+    q.add_argument("--batch-wait-ms", type=non_negative_float, default=1e3 * d.batch_wait_timeout_s,
                    help="how long a stage waits to fill a batch")
     q.add_argument("--replicas", type=int_list, default=[d.replicas], help="one for all stages, or one per stage")
     q.add_argument("--num-cpus", default=d.num_cpus,
@@ -57,7 +57,7 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--resources", type=_resources, default=None,
                    help='custom Ray resources each replica needs, as JSON: {"node2": 1} for every stage, or '
                         '[{}, {"node2": 1}] one per stage (pins the base to the nodes that have node2)')
-    q.add_argument("--audit", type=_non_negative, default=d.audit,
+    q.add_argument("--audit", type=non_negative_float, default=d.audit,
                    help="fraction of early answers also sent to the base, after answering, to bound the loss live")
     q.add_argument("--audit-tolerance", type=positive_float, default=d.audit_tolerance,
                    help="accuracy points: certified while the live bound on the loss against the base is below it, "
@@ -89,16 +89,6 @@ def _resources(text: str):
                                          and 0 < a < float("inf") for k, a in d.items()) for d in items)
     if not ok:
         raise argparse.ArgumentTypeError(f"expected a {{name: amount > 0}} object or a list of them, got {text!r}")
-    return v
-
-
-def _non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text!r}")
     return v
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..zoo import DEFAULT_ZOO
 from ._args import add_zoo, command, group, root_of
@@ -50,7 +51,11 @@ def cmd_zoo_show(args: argparse.Namespace) -> int:
         print(f"zoo {z.name}: {z.manifest.get('description', '')}".rstrip(": "))
         for s, v in z.splits.items():
             print(f"  split {s}: {v.get('samples')} samples from {v.get('source')} (fingerprint {v.get('fingerprint')})")
-    print(format_table(z.table(), args.format))
+    table = z.table()
+    print(format_table(table, args.format))
+    if "noisy" in table and table["noisy"].notna().any():
+        print("tinysaver: warning: latency in the 'noisy' column was timed on a busy machine; re-time it with "
+              f"'tinysaver profile --latency-only --noisy-only --zoo {z.name} --backends …'", file=sys.stderr)
     return 0
 
 
