@@ -15,6 +15,7 @@ _PUBLIC = {
     "Selection": "policy", "Stage": "policy", "SelectorConfig": "selector", "select": "selector",
     "select_all": "selector",
     "Zoo": "zoo", "list_zoos": "zoo", "load_zoo": "zoo",
+    "TinysaverError": "errors",
 }
 __all__ = list(_PUBLIC)
 
