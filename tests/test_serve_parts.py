@@ -248,3 +248,30 @@ def test_options_choose_the_layout_and_plans_are_checked():
     p = Plan("z", ("a", "b"), ("a", "b"), (0.5,), (1.0, 1.0), None, o, base_from=1)
     with pytest.raises(Exception):  # frozen: a deployment's plan cannot change under it
         p.base_from = 0
+
+
+def test_the_builder_types_serve_run_arguments_and_refuses_bad_ones():
+    from tinysaver.serve.builders import _typed, app
+
+    got = _typed({"resources": '{"node2": 1}', "replicas": "2", "num_cpus": "0.5", "backend": "onnxruntime,eager",
+                  "layout": "fused", "max_pixels": "1000", "accept_preprocess_change": "true"})
+    assert got == {"resources": {"node2": 1}, "replicas": 2, "num_cpus": 0.5, "backend": ["onnxruntime", "eager"],
+                   "layout": "fused", "max_pixels": 1000, "accept_preprocess_change": True}
+    with pytest.raises(ServeError, match="num_cpus='lots': not a valid value"):
+        _typed({"num_cpus": "lots"})
+    with pytest.raises(ServeError, match=r"unknown argument\(s\) \['colour'\]"):
+        app({"zoo": "fashion-mnist", "base": "resnet10t", "colour": "red"})
+
+
+def test_a_replica_no_node_can_hold_is_named_with_what_it_lacks():
+    from tinysaver.serve.builders import replica_needs, unschedulable
+
+    o = ServeOptions(layout="per-stage", num_cpus=0.25, num_gpus=[0, 1], resources=[{}, {"node2": 1}])
+    plan = Plan("z", ("s", "b"), ("s", "b"), (0.5,), (1.0, 1.0), None, o, base_from=1)
+    needs = replica_needs(plan)
+    assert needs["stage1-b"] == {"CPU": 0.25, "GPU": 1.0, "node2": 1.0} and needs["stage0-s"] == {"CPU": 0.25}
+    one_node = [{"Alive": True, "Resources": {"CPU": 2.0, "node2": 1.0}}]
+    assert unschedulable(needs, one_node) == "a replica of stage1-b needs GPU=1, but the largest node has GPU=0"
+    assert unschedulable(needs, [*one_node, {"Alive": True, "Resources": {"CPU": 4, "GPU": 1, "node2": 2}}]) is None
+    fused = Plan("z", ("s", "b"), ("s", "b"), (0.5,), (1.0, 1.0), None, ServeOptions(resources={"nowhere": 1}), 1)
+    assert "needs nowhere=1" in unschedulable(replica_needs(fused), one_node)

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(e: BaseException) -> str:
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return " ".join(msg.split()) if "\n" not in msg.strip() else msg.strip()
+    return " ".join(msg.split())
 
 
 def _os_error(e: OSError) -> str:

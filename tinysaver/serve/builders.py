@@ -139,7 +139,11 @@ def _typed(args: dict) -> dict:
             continue
         kind = str(kinds[k])
         try:
-            if kind.startswith("bool"):
+            if kind.startswith("dict"):
+                import json
+
+                out[k] = json.loads(v)
+            elif kind.startswith("bool"):
                 out[k] = v.lower() in ("1", "true", "yes")
             elif "str" in kind and "float" not in kind and "int" not in kind:
                 out[k] = v.split(",") if "," in v else v
@@ -149,7 +153,7 @@ def _typed(args: dict) -> dict:
                 out[k] = None if v.lower() == "none" else int(v)
             else:
                 out[k] = None if v.lower() == "none" else float(v)
-        except ValueError:
+        except ValueError:  # json's errors are ValueErrors too
             raise ServeError(f"{k}={v!r}: not a valid value for {k}") from None
     return out
 
