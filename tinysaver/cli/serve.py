@@ -108,7 +108,8 @@ def serve_options(args: argparse.Namespace):
     from ..serve import ServeOptions
 
     backends = args.backend.split(",")
-    return ServeOptions(layout=args.layout, max_pixels=args.max_pixels, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3,
+    return ServeOptions(layout=args.layout, max_pixels=args.max_pixels, max_batch_size=args.max_batch_size,
+                        batch_wait_timeout_s=args.batch_wait_ms / 1e3,
                         replicas=args.replicas[0] if len(args.replicas) == 1 else args.replicas,
                         num_cpus=_floats(args.num_cpus, "--num-cpus"), num_gpus=_floats(args.num_gpus, "--num-gpus"),
                         resources=args.resources,
@@ -168,8 +169,9 @@ def check_port(host: str, port: int) -> None:
 
 def _wait_running(name: str, timeout_s: float, stop: list, needs: dict | None) -> None:
     """Until the application runs; a deployment that fails, or is still not running at the
-    deadline, is a ServeError. A replica no node can hold (a missing GPU or custom resource) is
-    named at once; otherwise the message is what Serve reports. Returns on Ctrl-C or SIGTERM."""
+    deadline, is a ServeError. At the deadline, a replica no node can hold (a missing GPU or
+    custom resource) is named; otherwise the message is what Serve reports. Returns on Ctrl-C or
+    SIGTERM."""
     import ray
     from ray import serve
 
