@@ -47,6 +47,8 @@ def test_noisy_rows_are_shown_warned_about_and_re_timed_alone(tiny_zoo_cfg, tmp_
     from tinysaver.selector import model_cost
     from tinysaver.zoo import MANIFEST, atomic_write_yaml, load_zoo
 
+    # the machine this runs on may be busy itself: the stored rows start clean, then one is marked
+    monkeypatch.setattr(measure.LoadMeter, "stop", lambda self: 0.0)
     profile(tiny_zoo_cfg, tmp_path, progress=False)
     profile_latency("tiny", ["eager"], [1, 2], tmp_path, models=["test_resnet"], min_run_time=0.01, log=lambda s: None)
     z = load_zoo("tiny", tmp_path)
@@ -60,7 +62,6 @@ def test_noisy_rows_are_shown_warned_about_and_re_timed_alone(tiny_zoo_cfg, tmp_
         model_cost(z, "test_resnet", "latency:cpu:bs1:eager")
     out = run_here(capsys, "--root", str(tmp_path), "zoo", "show", "tiny")
     assert out.returncode == 0 and "warning: latency in the 'noisy' column" in out.stderr
-    monkeypatch.setattr(measure.LoadMeter, "stop", lambda self: 0.0)  # a quiet machine now
     profile_latency("tiny", ["eager"], [1, 2], tmp_path, models=["test_resnet"], min_run_time=0.01,
                     log=lambda s: None, noisy_only=True)
     table = load_zoo("tiny", tmp_path).manifest["models"]["test_resnet"]["backends"]["eager"]["latency"]["table"]
