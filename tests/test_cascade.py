@@ -160,9 +160,14 @@ def test_compare_with_base_reports_both_paths(mixed_images):
     ref = offline_reference(stages, [t], mixed_images)
     rows = compare_with_base(Cascade(stages, [t]), mixed_images, labels, batch_sizes=(1, 4), repeats=1)
     assert [r["batch"] for r in rows] == [1, 4]
+    base_alone = offline_reference(stages[1:], [], mixed_images)[0]
     for r in rows:
         assert r["cascade_img_s"] > 0 and r["cascade_norefill_img_s"] > 0 and r["base_img_s"] > 0
         assert r["exit_ratio"] == pytest.approx((ref[2] == 0).mean())
         assert r["cascade_acc"] == pytest.approx((ref[0] == labels).mean())
+        assert r["base_acc"] == pytest.approx((base_alone == labels).mean())  # the base really ran alone
+        # the derived columns are the measured ones combined, not figures of their own
+        assert r["speedup"] == pytest.approx(r["cascade_img_s"] / r["base_img_s"])
+        assert r["of_ideal"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
     with pytest.raises(CascadeError, match="saver → base"):
         compare_with_base(Cascade(stages[:1], []), mixed_images, labels)

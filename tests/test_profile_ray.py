@@ -14,6 +14,8 @@ from tinysaver.models import ModelSpec
 from tinysaver.profiler import ProfileConfig, profile
 from tinysaver.zoo import load_zoo
 
+pytestmark = [pytest.mark.ray]  # starts Ray: select with -m 'not ray' for a quick run
+
 SHARDS = 4
 
 

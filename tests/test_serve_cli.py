@@ -9,6 +9,8 @@ import pytest
 from tests.helpers import REPO, free_port, need, need_package, png, post_answered
 from tinysaver.data import FASHION_MNIST_DIR
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts Ray: select with -m 'not ray' for a quick run
+
 
 def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
     need_package("ray")
