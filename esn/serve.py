@@ -81,14 +81,10 @@ class ExitPartRunner:
                  accept_preprocess_change: bool = False, device: str = "cpu", sha256: str | None = None):
         from tinysaver.serve.stages import ItemStage
 
-        from .train import load_esn
-
-        esn, _ = load_esn(checkpoint)
-        if not 0 <= part <= esn.num_exits + 1:
-            raise UsageError(f"part must be in 0..{esn.num_exits + 1} (saver, exits, base head), got {part}")
-        temps = [1.0] * (esn.num_exits + 2)
-        temps[part] = float(temperature)
-        parts = _load_parts(zoo_dir, checkpoint, temps, device, accept_preprocess_change, sha256)
+        parts = _load_parts(zoo_dir, checkpoint, None, device, accept_preprocess_change, sha256)
+        if not 0 <= part < len(parts):
+            raise UsageError(f"part must be in 0..{len(parts) - 1} (saver, exits, base head), got {part}")
+        parts[part].temperature = float(temperature)  # this replica's part only: one checkpoint load
         self.part, self.device, self.run = part, device, ItemStage(parts[part], device)
 
     def __call__(self, items: list) -> list[tuple[int, float, dict | None]]:

@@ -259,6 +259,12 @@ def test_the_builder_types_serve_run_arguments_and_refuses_bad_ones():
                    "layout": "fused", "max_pixels": 1000, "accept_preprocess_change": True}
     with pytest.raises(ServeError, match="num_cpus='lots': not a valid value"):
         _typed({"num_cpus": "lots"})
+    from tinysaver.selector import SelectorConfig
+
+    sel = _typed({"tolerance": "1.5", "max_stages": "3", "label_free": "true", "cost": "latency:cpu:bs1"}, SelectorConfig)
+    assert sel == {"tolerance": 1.5, "max_stages": 3, "label_free": True, "cost": "latency:cpu:bs1"}
+    with pytest.raises(ServeError, match="tolerance='abc': not a valid value"):  # not a bare ValueError
+        _typed({"tolerance": "abc"}, SelectorConfig)
     with pytest.raises(ServeError, match=r"unknown argument\(s\) \['colour'\]"):
         app({"zoo": "fashion-mnist", "base": "resnet10t", "colour": "red"})
 

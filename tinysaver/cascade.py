@@ -23,7 +23,6 @@ from .models import LoadedModel
 from .policy import Selection, answers, apply, exit_ratios
 
 
-
 @dataclass
 class CascadeResult:
     """Per-sample answers in input order. ``stage`` indexes ``stage_names``.

@@ -126,11 +126,12 @@ def build_app(selection: Selection | dict | str | Path, zoo=None, options: Serve
 
 # --- serve run tinysaver.serve:app key=value ... ------------------------------------------------------
 
-def _typed(args: dict) -> dict:
-    """``serve run``'s string arguments as the types the options take ("1,2" → a list, say)."""
+def _typed(args: dict, options: type = ServeOptions) -> dict:
+    """``serve run``'s string arguments as the types the fields of the dataclass ``options`` take
+    ("1,2" → a list, say); a value that does not parse is a ServeError naming it."""
     from dataclasses import fields
 
-    kinds = {f.name: f.type for f in fields(ServeOptions)}
+    kinds = {f.name: f.type for f in fields(options)}
     out = {}
     for k, v in args.items():
         k = k.replace("-", "_")
@@ -178,15 +179,7 @@ def app(args: dict):
         raise ServeError(f"unknown argument(s) {unknown} for tinysaver.serve:app; see its docstring")
     args = {k.replace("-", "_"): v for k, v in args.items()}
     zoo = load_zoo(args.pop("zoo", DEFAULT_ZOO), args.pop("root", None))
-    sel_args = {k: args.pop(k) for k in list(args) if k in sel_keys}
-    for k in ("tolerance", "delta"):
-        if k in sel_args:
-            sel_args[k] = float(sel_args[k])
-    for k in ("max_stages", "seed"):
-        if k in sel_args:
-            sel_args[k] = int(sel_args[k])
-    if "label_free" in sel_args:
-        sel_args["label_free"] = str(sel_args["label_free"]).lower() in ("1", "true", "yes")
+    sel_args = _typed({k: args.pop(k) for k in list(args) if k in sel_keys}, SelectorConfig)
     saver = args.pop("saver", None)
     threshold = args.pop("threshold", None)
     selection = selection_for(zoo, args.pop("base", None), SelectorConfig(**sel_args),

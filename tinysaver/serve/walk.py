@@ -83,10 +83,11 @@ class FusedBatcher:
         self.stages, self.thresholds, self.base_from = list(stages), [float(t) for t in thresholds], base_from
         self.sizes: dict[int, int] = {}
 
-    def _run(self, images: list, thresholds, answer) -> None:
+    @staticmethod
+    def _run(stages: list, thresholds: list[float], images: list, answer) -> None:
+        """``stages`` on ``images`` as one batch (the batch @serve.batch formed)."""
         n = len(images)
-        self.sizes[n] = self.sizes.get(n, 0) + 1
-        engine.run(self.stages, thresholds, n, lambda idx: [images[i] for i in idx], answer, batch_size=n)
+        engine.run(stages, thresholds, n, lambda idx: [images[i] for i in idx], answer, batch_size=n)
 
     async def answer_batch(self, items: list[tuple[Any, asyncio.Future]]) -> list[None]:
         """Answer a batch of (image, future) items: each future gets (stage, class, confidence) as
@@ -101,8 +102,9 @@ class FusedBatcher:
             for j, p, c in zip(idx.tolist(), pred.tolist(), conf.tolist()):
                 loop.call_soon_threadsafe(settle, items[j][1], (i, int(p), float(c)))
 
+        self.sizes[len(items)] = self.sizes.get(len(items), 0) + 1
         try:
-            await asyncio.to_thread(self._run, [img for img, _ in items], self.thresholds, answer)
+            await asyncio.to_thread(self._run, self.stages, self.thresholds, [img for img, _ in items], answer)
         except Exception as e:  # every waiting request learns of it (this is the loop's own thread)
             for _, fut in items:
                 if not fut.done():
@@ -121,12 +123,7 @@ class FusedBatcher:
 
         alone = self.base_from == len(self.stages) - 1
         stages = self.stages[-1:] if alone else self.stages
-
-        def run() -> None:
-            engine.run(stages, [float("inf")] * (len(stages) - 1), len(images), lambda idx: [images[i] for i in idx],
-                       answer, batch_size=len(images))
-
-        await asyncio.to_thread(run)
+        await asyncio.to_thread(self._run, stages, [float("inf")] * (len(stages) - 1), images, answer)
         return out
 
 
