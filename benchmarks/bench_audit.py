@@ -63,7 +63,7 @@ def main() -> int:
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo("fashion-mnist")
-    sel, _ = select(zoo, "resnet10t", SelectorConfig())
+    sel = select(zoo, "resnet10t", SelectorConfig()).best
     saver, base = sel.models
     sp, bp = zoo.predictions(saver, "test"), zoo.predictions(base, "test")
     s_pred, s_conf, b_pred = sp.pred, sp.conf, bp.pred

@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--cost", default="flops", help="the selector's cost: flops or latency:cpu:bsN")
     args = ap.parse_args()
     zoo = load_zoo(args.zoo)
-    sel, _ = select(zoo, args.base, SelectorConfig(criterion="zero", max_stages=2, cost=args.cost))
+    sel = select(zoo, args.base, SelectorConfig(criterion="zero", max_stages=2, cost=args.cost)).best
     if not sel.found:
         print(sel.message)
         return 1

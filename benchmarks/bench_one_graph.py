@@ -84,7 +84,7 @@ def main() -> int:
 
     t_saver, t_base = map(int, args.threads.split(","))
     zoo = load_zoo(args.zoo)
-    sel, _ = select(zoo, args.base, SelectorConfig())
+    sel = select(zoo, args.base, SelectorConfig()).best
     if len(sel.models) != 2:
         raise SystemExit(f"{args.base} has no single saver in {args.zoo}")
     saver, base = (zoo.load_model(k) for k in sel.models)

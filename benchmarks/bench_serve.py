@@ -121,7 +121,7 @@ def main() -> int:
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
-    sel, _ = select(zoo, args.base, SelectorConfig())
+    sel = select(zoo, args.base, SelectorConfig()).best
     if not sel.found:
         raise SystemExit(f"{args.base} has no saver in {args.zoo}")
     bodies, data = encoded_images(zoo, args.split, min(args.requests, 1000))

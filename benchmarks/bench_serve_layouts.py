@@ -129,7 +129,7 @@ def main() -> int:
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
-    sel, _ = select(zoo, args.base, SelectorConfig())
+    sel = select(zoo, args.base, SelectorConfig()).best
     bodies, data = encoded_images(zoo, args.split, min(args.requests, 1000))
 
     def free_port() -> int:

@@ -187,14 +187,13 @@ def cmd_compare(args) -> int:
                                alpha=args.alpha, gate_lambda=args.gate_lambda, lf_tolerance=args.lf_tolerance,
                                wallclock_images=args.wallclock_images, train_limit=args.train_limit)
     zoo = load_zoo(args.zoo, Path(args.root) if args.root else None)
-    rows = compare(zoo, args.saver, args.base, families, settings)
+    rows, fronts = compare(zoo, args.saver, args.base, families, settings)
     print(format_rows(rows))
     if args.png:
-        plot_rows(rows, Path(args.png), f"{zoo.name}: {args.base} ← {args.saver}")
+        plot_rows(rows, fronts, Path(args.png), f"{zoo.name}: {args.base} ← {args.saver}")
         print(f"plot written to {args.png}")
     if args.json:
-        clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-        atomic_write_bytes(Path(args.json), json.dumps(clean, indent=1).encode())
+        atomic_write_bytes(Path(args.json), json.dumps(rows, indent=1).encode())
     return 0
 
 

@@ -13,21 +13,17 @@ The saver cascade and the base alone are rows of the same table.
 """
 from __future__ import annotations
 
-import copy
 import time
 
 import numpy as np
 import torch
 
-from .exits import dynamic_predict, exit_flops, fit_temperatures, offline_outputs
-from .gates import Gates, train_gates
-from .label_free import soft_targets, tolerance_thresholds
-from .policy import ExitPolicy, choose_policy
-from .sdn import SDN
-from .ztw import ZTW
 from tinysaver.errors import UsageError
 
-from .settings import FAMILIES, CompareSettings  # noqa: F401 (re-exported)
+from .exits import dynamic_predict, exit_flops, fit_temperatures, offline_outputs
+from .methods import Context, ExitMethod, registered, trainer
+from .policy import ExitPolicy, choose_policy
+from .settings import CompareSettings
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 WALLCLOCK_REPEATS = 3  # best of: a neighbour can only slow a run down
@@ -53,75 +49,21 @@ class SaverOnly(torch.nn.Module):
 
 def parse_families(text: str) -> list[str]:
     fams = [f.strip() for f in text.split(",") if f.strip()]
-    bad = sorted(set(fams) - set(FAMILIES))
+    bad = sorted(set(fams) - set(registered()))
     if bad or not fams:
-        raise UsageError(f"unknown method(s) {bad or text!r}; choose from {', '.join(FAMILIES)}")
+        raise UsageError(f"unknown method(s) {bad or text!r}; choose from {', '.join(registered())}")
     return list(dict.fromkeys(fams))
 
 
 # --- training ---------------------------------------------------------------------------------------
 
-def _target(cache: dict, labels: np.ndarray, label_free: bool) -> torch.Tensor:
-    return soft_targets(cache["base_logits"]) if label_free else torch.as_tensor(labels)
-
-
-def train_methods(pair, train, cache: dict, families, s: CompareSettings, log=print) -> dict:
-    """Trained exit methods by row name, in table order."""
-    from .fit import fit_exits
-    from .train import TrainSettings, train_esn
-
-    dims = tuple(pair.base_staged.stage_channels(pair.base.preprocess.input_size))
-    k = pair.base.num_classes
-    target = _target(cache, train.labels, s.label_free)
-    fit = dict(epochs=s.epochs, lr=s.lr, seed=s.seed)
-    out: dict = {"saver cascade": SaverOnly()}
-
-    def esn(label_free: bool):
-        settings = TrainSettings.from_yaml(None, **{"epochs": s.epochs, "seed": s.seed, **s.esn,
-                                                    "label_free": label_free})
-        return train_esn(pair, train, settings, log=lambda m: None, progress=False, cache=cache)
-
-    if "esn" in families:
-        log("training the ESN")
-        out["saver + ESN"] = esn(s.label_free)
-    sdn = None
-    if "sdn" in families or "gates" in families:
-        log("training SDN exits")
-        torch.manual_seed(s.seed)  # every method starts from the same seed, whatever ran before it
-        sdn = SDN(dims, k)
-        fit_exits(lambda b: sdn(b["stage_feats"]), sdn.parameters(), cache, target, **fit)
-        if "sdn" in families:
-            out["SDN"] = sdn.eval()
-    if "ztw" in families:
-        for name, cascade, ensemble in (("ZTW", True, True), ("ZTW (ensembling only)", False, True)):
-            log(f"training {name}")
-            torch.manual_seed(s.seed)
-            m = ZTW(dims, k, cascade=cascade, ensemble=ensemble)
-            fit_exits(lambda b: m(b["stage_feats"], ensembled=False), m.classifier_params(), cache, target, **fit)
-            fit_exits(lambda b: m(b["stage_feats"], ensembled=True), m.ensemble_params(), cache, target,
-                      **{**fit, "lr": s.ensemble_lr})
-            out[name] = m.eval()
-            if cascade:  # the same trained classifiers without the ensemble
-                conn = copy.deepcopy(m)
-                conn.ensemble = False
-                out["ZTW (connections only)"] = conn
-    if "gates" in families:
-        log("training gates on the frozen SDN exits")
-        torch.manual_seed(s.seed)
-        g = Gates(copy.deepcopy(sdn))
-        flops = exit_flops(pair, g.exits)
-        with torch.inference_mode():
-            ex = g.exits.offline(cache)
-        train_gates(g, ex, cache["base_logits"], target, flops["per_exit"] / flops["base_total"],
-                    lam=s.gate_lambda, seed=s.seed)
-        out[f"gates (λ={s.gate_lambda:g})"] = g
-    if "label-free" in families:
-        log("training label-free SDN exits and a label-free ESN")
-        torch.manual_seed(s.seed)
-        lf = SDN(dims, k)
-        fit_exits(lambda b: lf(b["stage_feats"]), lf.parameters(), cache, soft_targets(cache["base_logits"]), **fit)
-        out["label-free SDN"] = lf.eval()
-        out["label-free saver + ESN"] = esn(True)
+def train_methods(pair, train, cache: dict, families, s: CompareSettings, log=print) -> dict[str, ExitMethod]:
+    """Trained exit methods by row name, in table order (the order the families are registered in)."""
+    ctx = Context(pair, train, cache, s, log)
+    out: dict[str, ExitMethod] = {"saver cascade": ExitMethod(SaverOnly())}
+    for family in registered():
+        if family in families:
+            out.update(trainer(family)(ctx))
     return out
 
 
@@ -168,12 +110,14 @@ def pareto(calib: dict, test: dict, per_exit, base_total) -> list[tuple[float, f
     return front
 
 
-def method_row(name, method, pair, feats: dict, labels: dict, test_images, s: CompareSettings, log=print) -> dict:
-    """Every column of the comparison for one method (thresholds from calib, numbers from test)."""
+def method_row(name, em: ExitMethod, pair, feats: dict, labels: dict, test_images, s: CompareSettings,
+               log=print) -> tuple[dict, list]:
+    """Every column of the comparison for one method (thresholds from calib, numbers from test), and
+    its calib-Pareto front: (calib cost, calib acc, test cost, test acc) per policy."""
     from tinysaver.calibration import cascade_conformal, coverage_and_size, ece
 
-    # seed 001's label-free exits are always temperature-calibrated; the others when asked
-    calibrated = s.calibrate or name.startswith("label-free")
+    method = em.module
+    calibrated = s.calibrate or em.calibrated
     temps = fit_temperatures(method, feats["calib"], labels["calib"]) if calibrated else None
     cal = offline_outputs(method, feats["calib"], labels["calib"], temps)
     tst = offline_outputs(method, feats["test"], labels["test"], temps)
@@ -192,12 +136,8 @@ def method_row(name, method, pair, feats: dict, labels: dict, test_images, s: Co
     acc5, cost5, _, _ = evaluate(tst, half.thresholds, per_exit, base_total)
     row.update({"zero_loss_acc": 100 * acc0, "zero_loss_flops_pct": 100 * cost0,
                 "half_pt_acc": 100 * acc5, "half_pt_flops_pct": 100 * cost5})
-    own = None
-    if name.startswith("gates"):
-        own = [0.5] * cal["confs"].shape[0]  # the seed's rule: leave when the gate says so
-    elif name.startswith("label-free"):
-        own = tolerance_thresholds(cal["preds"], cal["confs"], cal["base_pred"], s.lf_tolerance)
-    if own is not None:
+    if em.own_rule is not None:
+        own = em.own_rule(cal, s)
         a, c, _, _ = evaluate(tst, own, per_exit, base_total)
         row["own_rule"] = f"{100 * a:.2f} @ {100 * c:.0f}%"
     # uncertainty of the answers under the zero-loss policy
@@ -221,9 +161,8 @@ def method_row(name, method, pair, feats: dict, labels: dict, test_images, s: Co
         ref_ans, ref_where = policy.apply(tst["preds"][:, :len(imgs)], tst["confs"][:, :len(imgs)],
                                           tst["base_pred"][:len(imgs)])
         row["dynamic_match"] = float(((ans == ref_ans) & (where == ref_where)).mean())
-    row["_front"] = front
     log(f"{name}: zero loss {row['zero_loss_acc']:.2f}% at {row['zero_loss_flops_pct']:.1f}% FLOPs")
-    return row
+    return row, front
 
 
 def base_row(pair, feats: dict, labels: dict, test_images, s: CompareSettings) -> dict:
@@ -255,8 +194,10 @@ def base_row(pair, feats: dict, labels: dict, test_images, s: CompareSettings) -
     return row
 
 
-def compare(zoo, saver: str, base: str, families, s: CompareSettings | None = None, log=print):
-    """Train every method of ``families`` on the pair and evaluate them: a list of row dicts."""
+def compare(zoo, saver: str, base: str, families, s: CompareSettings | None = None,
+            log=print) -> tuple[list[dict], dict[str, list]]:
+    """Train every method of ``families`` on the pair and evaluate them: the table's rows (dicts,
+    JSON-ready) and each method's calib-Pareto front by method name (for :func:`plot_rows`)."""
     from .train import Pair, esn_splits, frozen_features
 
     s = s or CompareSettings()
@@ -268,10 +209,11 @@ def compare(zoo, saver: str, base: str, families, s: CompareSettings | None = No
              "test": frozen_features(pair, test.images)}
     labels = {"calib": np.asarray(calib.labels), "test": np.asarray(test.labels)}
     methods = train_methods(pair, train, feats["train"], families, s, log)
-    rows = [base_row(pair, feats, labels, test.images, s)]
+    rows, fronts = [base_row(pair, feats, labels, test.images, s)], {}
     for name, m in methods.items():
-        rows.append(method_row(name, m, pair, feats, labels, test.images, s, log))
-    return rows
+        row, fronts[name] = method_row(name, m, pair, feats, labels, test.images, s, log)
+        rows.append(row)
+    return rows, fronts
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -291,7 +233,7 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_rows(rows: list[dict], path, title: str = "") -> None:
+def plot_rows(rows: list[dict], fronts: dict[str, list], path, title: str = "") -> None:
     """Accuracy against FLOPs (test), one curve per method from its calib-Pareto policies."""
     import matplotlib
 
@@ -303,15 +245,15 @@ def plot_rows(rows: list[dict], path, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        if r["method"] == "base alone":
-            ax.axhline(r["zero_loss_acc"], color="k", ls=":", lw=1, label="base alone")
+        if r["method"] not in fronts:  # the base alone
+            ax.axhline(r["zero_loss_acc"], color="k", ls=":", lw=1, label=r["method"])
             continue
-        f = r["_front"]
+        f = fronts[r["method"]]
         ax.plot([100 * p[2] for p in f], [100 * p[3] for p in f], marker=".", ms=3, lw=1.2, label=r["method"])
     ax.set_xlabel("FLOPs per image, % of the base (test)")
     ax.set_ylabel("test accuracy, %")
     ax.set_xlim(0, 105)
-    lo = min(100 * p[3] for r in rows if "_front" in r for p in r["_front"] if p[2] <= 1.05)
+    lo = min(100 * p[3] for f in fronts.values() for p in f if p[2] <= 1.05)
     ax.set_ylim(max(lo, rows[0]["zero_loss_acc"] - 15), None)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

@@ -72,28 +72,30 @@ def budget_table(calib: dict, test: dict, costs: ExitCosts, budgets=(0.25, 0.5, 
         ans, frac = saver_cascade(d, thresholds[0], costs)
         return float((ans == d["labels"]).mean()), frac
 
-    candidates = {"saver cascade": [], "saver + ESN": []}
+    # each setting: whether it runs the ESN's exits, and its candidate policies
+    cascade, with_esn = [], []
+    candidates = {"saver cascade": (False, cascade), "saver + ESN": (True, with_esn)}
     for t in grid:
-        candidates["saver cascade"].append([t])
+        cascade.append([t])
         for t_esn in grid[::2]:
-            candidates["saver + ESN"].append([t] + [t_esn] * (n_exits - 1))
+            with_esn.append([t] + [t_esn] * (n_exits - 1))
     for tol in (0.0, 0.5, 1.0, 2.0, 4.0):  # the selector-style policies too
-        candidates["saver + ESN"].append(choose_policy(calib["preds"], calib["confs"], calib["base_pred"],
+        with_esn.append(choose_policy(calib["preds"], calib["confs"], calib["base_pred"],
                                                        calib["labels"], "bounded", tol).thresholds)
     rows = []
     base_acc = float((test["base_pred"] == test["labels"]).mean())
     for b in budgets:
         row = {"budget": f"{int(100 * b)}%", "base alone": f"{100 * base_acc:.2f}" if b >= 1.0 else "—"}
-        for name, cands in candidates.items():
+        for name, (use_esn, cands) in candidates.items():
             best = None
             for th in cands:
-                acc_c, cost_c = evaluate(calib, th, name != "saver cascade")
+                acc_c, cost_c = evaluate(calib, th, use_esn)
                 if cost_c <= b + 1e-9 and (best is None or acc_c > best[0]):
                     best = (acc_c, th)
             if best is None:
                 row[name] = "—"
             else:
-                acc_t, cost_t = evaluate(test, best[1], name != "saver cascade")
+                acc_t, cost_t = evaluate(test, best[1], use_esn)
                 row[name] = f"{100 * acc_t:.2f} @ {100 * cost_t:.0f}%"
         rows.append(row)
     return rows

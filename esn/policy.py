@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tinysaver.criteria import get_criterion
 from tinysaver.policy import answers, apply, exits
 from tinysaver.selector import SaverOrder, best_exit
 
@@ -49,7 +50,7 @@ def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, l
         else:
             ok = preds[i][idx] == labels[idx]
             so = SaverOrder.build(confs[i][idx], ok)
-            if criterion == "guaranteed":
+            if get_criterion(criterion).guarantee:
                 tol, d = tolerance / n_exits * n / len(idx), delta / n_exits
             else:
                 tol, d = max(tolerance - lost, 0.0) * n / len(idx), delta

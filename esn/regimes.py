@@ -96,6 +96,7 @@ def compare_regimes(zoo, base_key: str, regimes=REGIMES, s: RegimeSettings | Non
                     log=print) -> list[dict]:
     """Per regime: base-head and per-exit test accuracy, and the shared policy search's budget table."""
     from .compare import CompareSettings, method_row
+    from .methods import ExitMethod
     from .train import Pair, esn_splits, frozen_features
 
     s = s or RegimeSettings()
@@ -107,7 +108,7 @@ def compare_regimes(zoo, base_key: str, regimes=REGIMES, s: RegimeSettings | Non
         pair = Pair(zoo.name, None, base_key, None, base, staged(base.module))
         feats = {n: frozen_features(pair, d.images) for n, d in (("calib", calib), ("test", test))}
         labels = {"calib": np.asarray(calib.labels), "test": np.asarray(test.labels)}
-        row = method_row(f"SDN, {regime}", sdn, pair, feats, labels, None,
+        row, _ = method_row(f"SDN, {regime}", ExitMethod(sdn), pair, feats, labels, None,
                          CompareSettings(wallclock_images=0), log=lambda m: None)
         row["base_head_acc"] = 100 * float((feats["test"]["base_logits"].argmax(-1).numpy() == labels["test"]).mean())
         with torch.inference_mode():

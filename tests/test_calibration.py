@@ -121,7 +121,7 @@ def test_calibrated_zoo_selector_and_cascade(tiny_zoo_cfg, tmp_path):
     raw = z.predictions("test_resnet", "a")
     assert np.array_equal(cal.pred, raw.pred) and not np.allclose(cal.conf, raw.conf)
     cfg = SelectorConfig(criterion="bounded", tolerance=100.0, calibrate="temperature", calib_split="a", test_split="b")
-    sel, _ = select(z, "test_resnet", cfg, savers=["test_efficientnet"])
+    sel = select(z, "test_resnet", cfg, savers=["test_efficientnet"]).best
     assert sel.temperatures == [t[m] for m in sel.models]
     again = type(sel).from_dict(sel.to_dict())
     assert again.temperatures == sel.temperatures

@@ -55,7 +55,7 @@ def test_exact_chain_search_matches_brute_force(slack):
 
 
 def test_fashion_resnet10t_chain_is_the_optimum_the_issue_found():
-    sel, _ = select(load_zoo("fashion-mnist"), "resnet10t", SelectorConfig(max_stages=3))
+    sel = select(load_zoo("fashion-mnist"), "resnet10t", SelectorConfig(max_stages=3)).best
     assert [s.model for s in sel.stages] == ["mobilenetv3_small_050", "mobilenetv3_small_075", "resnet10t"]
     assert sel.acc_cascade_calib >= sel.acc_base_calib
     assert sel.cost_cascade / 1e9 <= 0.03216  # the old search returned 0.03353; a direct search found 0.03216
@@ -67,7 +67,7 @@ def test_guaranteed_chain_is_certified_as_a_whole():
     zoo = load_zoo("fashion-mnist")
     cfg = SelectorConfig(criterion="guaranteed", tolerance=1.0, max_stages=3, guarantee_method="clopper-pearson")
     for base in ("regnety_002", "mobilenetv3_small_100"):
-        sel, _ = select(zoo, base, cfg)
+        sel = select(zoo, base, cfg).best
         assert "split over" in sel.guarantee
         models = sel.models
         preds = {m: zoo.predictions(m, "calib") for m in models}
@@ -97,7 +97,7 @@ def test_guaranteed_chains_cover_their_loss_by_simulation():
     for _ in range(draws):
         idx = rng.choice(N, n, replace=False)
         calib = SplitData("calib", y[idx], {m: p[idx] for m, p in pred.items()}, {m: c[idx] for m, c in conf.items()})
-        sel, _ = _select_on("syn", "b", ["s1", "s2"], costs, calib, None, cfg, top=1)
+        sel = _select_on("syn", "b", ["s1", "s2"], costs, calib, None, cfg, top=1).best
         where = apply([conf[m] for m in sel.models], sel.thresholds)
         ans = np.stack([pred[m] for m in sel.models])[where, np.arange(N)]
         fails += 100 * ((pred["b"] == y).mean() - (ans == y).mean()) > eps

@@ -15,25 +15,54 @@ from esn.train import TrainSettings, frozen_features, train_esn
 from esn.ztw import ZTW
 
 
+ALL = ["esn", "sdn", "ztw", "gates", "label-free"]
+
+
 @pytest.fixture(scope="module")
-def methods(pair, data):
+def trained(pair, data):
     cache = frozen_features(pair, data.images)
     s = CompareSettings(epochs=2, esn={"batch_size": 16, "dim": 16})
-    return cache, train_methods(pair, data, cache, ["esn", "sdn", "ztw", "gates", "label-free"], s, log=lambda m: None)
+    return cache, train_methods(pair, data, cache, ALL, s, log=lambda m: None)
 
 
-def test_every_method_is_trained_and_named(pair, data, methods):
-    cache, ms = methods
-    again = train_methods(pair, data, cache, ["esn", "sdn", "ztw", "gates", "label-free"],
+@pytest.fixture(scope="module")
+def methods(trained):
+    cache, ms = trained
+    return cache, {name: em.module for name, em in ms.items()}
+
+
+def test_every_method_is_trained_seeded_and_carries_its_own_rules(pair, data, trained):
+    cache, ms = trained
+    again = train_methods(pair, data, cache, list(reversed(ALL)),
                           CompareSettings(epochs=2, esn={"batch_size": 16, "dim": 16}), log=lambda m: None)
-    for name, m in ms.items():  # seeded: whatever ran before, the same weights
-        for (k, v), w in zip(m.state_dict().items(), again[name].state_dict().values()):
+    # the table's order is the registry's, whatever order the families were asked in
+    assert list(again) == list(ms)
+    for name, em in ms.items():  # seeded: whatever ran before, the same weights
+        for (k, v), w in zip(em.module.state_dict().items(), again[name].module.state_dict().values()):
             assert torch.equal(v, w), (name, k)
-    assert list(ms) == ["saver cascade", "saver + ESN", "SDN", "ZTW", "ZTW (connections only)", "ZTW (ensembling only)",
-                        "gates (λ=1)", "label-free SDN", "label-free saver + ESN"]
-    assert ms["ZTW"].cascade and ms["ZTW"].ensemble
-    assert ms["ZTW (connections only)"].cascade and not ms["ZTW (connections only)"].ensemble
-    assert not ms["ZTW (ensembling only)"].cascade and ms["ZTW (ensembling only)"].ensemble
+    assert isinstance(ms["saver cascade"].module, SaverOnly)
+    assert isinstance(ms["SDN"].module, SDN) and isinstance(ms["label-free SDN"].module, SDN)
+    gates = next(em for em in ms.values() if isinstance(em.module, Gates))
+    # the gates sit on a frozen copy of the SDN's exits: the same weights, not the same tensors
+    for (k, v), w in zip(gates.module.exits.state_dict().items(), ms["SDN"].module.state_dict().values()):
+        assert torch.equal(v, w) and v.data_ptr() != w.data_ptr(), k
+    ztw, conn, ens = (ms[n].module for n in ("ZTW", "ZTW (connections only)", "ZTW (ensembling only)"))
+    assert ztw.cascade and ztw.ensemble and conn.cascade and not conn.ensemble
+    assert not ens.cascade and ens.ensemble
+    for (k, v), w in zip(ztw.heads.state_dict().items(), conn.heads.state_dict().values()):
+        assert torch.equal(v, w), k  # connections only: ZTW's classifiers without its ensemble
+    # what the comparison treats differently is carried by the row, not read off its name
+    assert sorted(n for n, em in ms.items() if em.calibrated) == ["label-free SDN", "label-free saver + ESN"]
+    out = offline_outputs(ms["label-free SDN"].module, cache, data.labels)
+    s = CompareSettings(lf_tolerance=2.0)
+    assert ms["label-free SDN"].own_rule(out, s) == tolerance_thresholds(out["preds"], out["confs"],
+                                                                          out["base_pred"], 2.0)
+    assert gates.own_rule(offline_outputs(gates.module, cache, data.labels), s) == [0.5] * gates.module.num_exits
+    assert [n for n, em in ms.items() if em.own_rule] == [gates_name(ms), "label-free SDN", "label-free saver + ESN"]
+
+
+def gates_name(ms) -> str:
+    return next(n for n, em in ms.items() if isinstance(em.module, Gates))
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
@@ -120,11 +149,11 @@ def test_label_free_training_reads_no_label(pair, data):
     a = train_methods(pair, data, cache, ["label-free"], s, log=lambda m: None)
     b = train_methods(pair, shuffled, cache, ["label-free"], s, log=lambda m: None)
     for name in ("label-free SDN", "label-free saver + ESN"):
-        for (k, v), w in zip(a[name].state_dict().items(), b[name].state_dict().values()):
+        for (k, v), w in zip(a[name].module.state_dict().items(), b[name].module.state_dict().values()):
             assert torch.equal(v, w), (name, k)
     # the supervised SDN does read them: the same check fails there
-    a = train_methods(pair, data, cache, ["sdn"], s, log=lambda m: None)["SDN"]
-    b = train_methods(pair, shuffled, cache, ["sdn"], s, log=lambda m: None)["SDN"]
+    a = train_methods(pair, data, cache, ["sdn"], s, log=lambda m: None)["SDN"].module
+    b = train_methods(pair, shuffled, cache, ["sdn"], s, log=lambda m: None)["SDN"].module
     assert not torch.equal(a.heads[0].weight, b.heads[0].weight)
     # an ESN trained label-free on data without any label at all
     unlabelled = copy.copy(data)

@@ -76,7 +76,7 @@ def test_selection_builds_the_cascade_it_describes():
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo("imagenet-lite")
-    sel, _ = select(zoo, LITE[2], SelectorConfig(max_stages=2))
+    sel = select(zoo, LITE[2], SelectorConfig(max_stages=2)).best
     cas = build_cascade(sel, zoo)
     assert cas.stage_names == [s.model for s in sel.stages]
     assert cas.thresholds == [s.threshold for s in sel.savers]

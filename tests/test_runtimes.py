@@ -198,7 +198,7 @@ def test_latency_only_profile_adds_backend_rows_and_costs(tiny_zoo_cfg, tmp_path
             assert set(row["agreement"]) == {"a", "b"} and row["agreement"]["a"]["top1_agreement"] == 1.0
     assert {"ms_bs1_onnxruntime", "ms_bs3_eager"} <= set(zoo.table().columns)
     keys = sorted(zoo.models, key=lambda k: zoo.models[k]["backends"]["onnxruntime"]["latency"]["table"]["bs1"]["ms_per_batch"])
-    sel, _ = select(zoo, keys[-1], SelectorConfig(cost="latency:cpu:bs1:onnxruntime", criterion="bounded", tolerance=100))
+    sel = select(zoo, keys[-1], SelectorConfig(cost="latency:cpu:bs1:onnxruntime", criterion="bounded", tolerance=100)).best
     assert sel.cost_metric == "latency:cpu:bs1:onnxruntime"
     assert sel.cost_base == zoo.models[keys[-1]]["backends"]["onnxruntime"]["latency"]["table"]["bs1"]["ms_per_batch"]
     with pytest.raises(ValueError, match="no latency on backend 'openvino'.*--backends openvino"):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import run_here, write_zoo
+from tinysaver.report import describe, render
 from tinysaver.selector import SelectionError, SelectorConfig, select, select_all
 from tinysaver.zoo import ZooError, load_zoo
 
@@ -18,34 +19,43 @@ def zoo(tmp_path):
 
 
 def test_query_picks_cheapest_feasible_saver_and_reports_both_splits(zoo):
-    sel, table = select(zoo, "m3", SelectorConfig(max_stages=2))
+    result = select(zoo, "m3", SelectorConfig(max_stages=2), top=3)
+    sel, table = result.best, result.table()
     assert sel.found and sel.calib_split == "calib" and sel.test_split == "test"
     assert sel.acc_cascade_calib >= sel.acc_base_calib  # zero loss on calibration
     assert sel.cost_cascade < sel.cost_base and 0 < sel.saving_pct < 100
     # brute force over savers: nobody else has a lower cost under the same rule
     for s in ("m0", "m1", "m2"):
-        other, _ = select(zoo, "m3", SelectorConfig(max_stages=2), savers=[s])
+        other = select(zoo, "m3", SelectorConfig(max_stages=2), savers=[s]).best
         assert other.cost_cascade >= sel.cost_cascade - 1e-9
-    assert list(table["saver"])[0] == sel.savers[0].model
+    assert list(table["saver"])[0] == sel.savers[0].model and result.candidates[0] is sel
+    # the candidates: at most top, cheapest first, every one cheaper than the base, and each one
+    # what the selector reports for that policy when asked for it alone
+    costs = [c.cost_cascade for c in result.candidates]
+    assert 1 < len(costs) <= 3 and costs == sorted(costs) and max(costs) < sel.cost_base
+    assert list(table["saving_%"]) == [round(c.saving_pct, 2) for c in result.candidates]
+    text = render(result)
+    assert text.startswith(describe(sel)) and "next best candidates" in text
+    assert all(c.savers[0].model in text for c in result.candidates[1:])
     assert sum(sel.exit_ratio_test) == pytest.approx(1.0)
 
 
 def test_tolerance_never_costs_more_and_latency_cost(zoo):
-    z, _ = select(zoo, "m3", SelectorConfig(max_stages=2))
-    b, _ = select(zoo, "m3", SelectorConfig(criterion="bounded", tolerance=2.0, max_stages=2))
+    z = select(zoo, "m3", SelectorConfig(max_stages=2)).best
+    b = select(zoo, "m3", SelectorConfig(criterion="bounded", tolerance=2.0, max_stages=2)).best
     assert b.cost_cascade <= z.cost_cascade and b.acc_cascade_calib >= b.acc_base_calib - 0.02 - 1e-9
-    lat, _ = select(zoo, "m3", SelectorConfig(cost="latency:cpu:bs1", max_stages=2))
+    lat = select(zoo, "m3", SelectorConfig(cost="latency:cpu:bs1", max_stages=2)).best
     assert lat.cost_metric == "latency:cpu:bs1" and lat.cost_base == 4.0
 
 
 def test_label_free_uses_agreement_with_base(zoo):
-    sel, _ = select(zoo, "m3", SelectorConfig(label_free=True, criterion="bounded", tolerance=5, max_stages=2))
+    sel = select(zoo, "m3", SelectorConfig(label_free=True, criterion="bounded", tolerance=5, max_stages=2)).best
     assert sel.target == "base-agreement" and sel.acc_base_calib == 1.0
 
 
 def test_chain_only_reported_when_it_beats_two_stages(zoo):
-    two, _ = select(zoo, "m3", SelectorConfig(max_stages=2))
-    three, _ = select(zoo, "m3", SelectorConfig(max_stages=3))
+    two = select(zoo, "m3", SelectorConfig(max_stages=2)).best
+    three = select(zoo, "m3", SelectorConfig(max_stages=3)).best
     assert len(two.stages) == 2 and len(three.stages) == 3  # this zoo has a chain that beats every pair
     assert three.cost_cascade < two.cost_cascade and three.acc_cascade_calib >= three.acc_base_calib
     assert all(r > 0 for r in three.exit_ratio_calib[:2])  # every saver answers something
@@ -56,9 +66,11 @@ def test_chain_only_reported_when_it_beats_two_stages(zoo):
 
 
 def test_no_cheaper_model_means_run_base_alone(zoo):
-    sel, table = select(zoo, "m0")
+    result = select(zoo, "m0")
+    sel = result.best
     assert not sel.found and sel.message.startswith("no saver: run the base alone")
-    assert sel.cost_cascade == sel.cost_base and table.empty
+    assert sel.cost_cascade == sel.cost_base and result.candidates == [] and result.table().empty
+    assert render(result) == describe(sel)
 
 
 def test_bad_input(zoo, tmp_path):

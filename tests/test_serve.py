@@ -35,7 +35,7 @@ def service():
     port = free_port()
     start_serve({"host": "127.0.0.1", "port": port})
     zoo = load_zoo("fashion-mnist")
-    sel, _ = select(zoo, BASE, SelectorConfig())
+    sel = select(zoo, BASE, SelectorConfig()).best
     # small CPU shares: this app and the audit app (3 deployments each) share 2 cores
     opts = dict(layout="per-stage", num_cpus=0.25, ingress_num_cpus=0.2, max_body_bytes=64 * 1024)
     serve.run(build_app(sel, zoo, ServeOptions(**opts)), name="casc", route_prefix="/")
@@ -247,7 +247,7 @@ def fashion_zoo_saver():
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo("fashion-mnist")
-    return zoo, select(zoo, BASE, SelectorConfig())[0].models[0]
+    return zoo, select(zoo, BASE, SelectorConfig()).best.models[0]
 
 
 def test_exit_parts_chained_in_process_equal_dynamic_inference(tmp_path):

@@ -56,7 +56,7 @@ def plot_pair(zoo, base: str, saver: str, out: str | Path, cfg: SelectorConfig |
     for m in zoo.measured():
         if m == base or costs[m] >= costs[base]:
             continue
-        sel, _ = select(zoo, base, cfg, savers=[m], top=1)
+        sel = select(zoo, base, cfg, savers=[m], top=1).best
         pts.append((sel.cost_cascade / costs[base], sel.acc_cascade_test if sel.acc_cascade_test is not None
                     else sel.acc_cascade_calib, m))
     if pts:

@@ -19,10 +19,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .criteria import criterion_names, get_criterion
 from .errors import SelectionError  # noqa: F401 (re-exported)
 
 SCHEMA_VERSION = 1
-CRITERIA = ("zero", "bounded", "subset", "guaranteed")
+CRITERIA = criterion_names()  # registered in tinysaver.criteria
 TARGETS = ("labels", "base-agreement")
 # a calibration sample this close to a threshold could flip sides under float noise (other kernels,
 # other batch sizes); selections report how many there are
@@ -175,8 +176,7 @@ class Selection:
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, Stage) else _stage_from(s) for s in self.stages]
         validate_stages(self.stages, self.base)
-        if self.criterion not in CRITERIA:
-            raise SelectionError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        get_criterion(self.criterion)  # raises, naming the registered ones
         if self.target not in TARGETS:
             raise SelectionError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.schema_version != SCHEMA_VERSION:

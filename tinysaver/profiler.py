@@ -23,6 +23,7 @@ from .measure import count_flops, device_info, latency_table, measure_latency
 from .models import LoadedModel, ModelSpec, count_parameters, create_model
 from .policy import confidence
 from .transforms import prepare_batch
+from .backends import DEFAULT_BACKEND
 from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, zoo_lock, zoo_path)
 from .errors import UsageError
 
@@ -358,7 +359,7 @@ def _retime_noisy(entry: dict, key: str, backend: str, model, min_run_time: floa
     from .runtimes import make_runner
 
     lat = ((entry.get("backends") or {}).get(backend) or {}).get("latency")
-    if lat is None and backend == "eager":
+    if lat is None and backend == DEFAULT_BACKEND:  # its latency is also the entry's own
         lat = entry.get("latency")
     sizes = sorted(int(k[2:]) for k, row in ((lat or {}).get("table") or {}).items() if row.get("noisy"))
     if not sizes:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .criteria import get_criterion
 from .policy import Selection
 
 
@@ -36,7 +37,7 @@ def _fmt_cost(x: float, metric: str) -> str:
 def describe(sel: Selection) -> str:
     """Human-readable answer to 'which saver, at what confidence?'."""
     lines = [f"base: {sel.base}  (zoo {sel.zoo}, criterion {sel.criterion}"
-             + (f", ε={sel.tolerance} pts" if sel.criterion in ("bounded", "guaranteed") else "")
+             + (f", ε={sel.tolerance} pts" if get_criterion(sel.criterion).takes_tolerance else "")
              + (f", δ={sel.delta}" if sel.delta is not None else "")
              + f", target {sel.target})"]
     if not sel.found:
@@ -64,6 +65,15 @@ def describe(sel: Selection) -> str:
     if sel.guarantee:
         lines.append(f"guarantee: {sel.guarantee}")
     return "\n".join(lines)
+
+
+def render(result) -> str:
+    """A :class:`~tinysaver.selector.SelectionResult` as ``tinysaver query`` prints it: the best
+    policy (:func:`describe`), then the next best candidates as a table."""
+    text = describe(result.best)
+    if len(result.candidates) > 1:
+        text += "\n\nnext best candidates (calibration split):\n" + format_table(result.table().iloc[1:])
+    return text
 
 
 def markdown(df) -> str:

@@ -42,7 +42,9 @@ import pandas as pd
 
 from .policy import (CRITERIA, Selection, SelectionError, Stage, answers, apply, exit_ratios, midpoint_thresholds,
                      near_threshold, per_sample_cost, stage_costs)
-from .risk import METHODS, fixed_sequence, passes_clopper_pearson, passes_wsr
+from .criteria import GUARANTEE_GRID, PUBLIC_GRID, criterion_names, get_criterion  # noqa: F401 (PUBLIC_GRID re-exported)
+from .risk import METHODS
+from .backends import DEFAULT_BACKEND
 from .zoo import Zoo, ZooError
 
 CALIBRATIONS = (None, "temperature")  # how confidences may be recalibrated before thresholds are chosen
@@ -53,11 +55,6 @@ def check_calibration(calibrate: str | None) -> None:
     if calibrate not in CALIBRATIONS:
         raise SelectionError(f"calibrate must be one of {', '.join(map(str, CALIBRATIONS))}, got {calibrate!r}")
 
-# the paper's public code scans these thresholds (np.arange keeps its float steps exactly)
-PUBLIC_GRID = np.arange(1, 0, -0.001)
-# guaranteed: a data-independent grid, fine near 1 where confident savers pile up; descending
-GUARANTEE_GRID = np.unique(np.concatenate([np.round(np.arange(1, 1000) / 1000, 3),
-                                           1 - 10.0 ** -np.arange(3.02, 7.001, 0.02)]))[::-1]
 # guaranteed chains: paths (1 − t1) = r · (1 − t2), t2 walking down GUARANTEE_GRID
 CHAIN_PATHS = (1.0, 0.5, 0.25)
 MAX_STAGES = 3
@@ -114,50 +111,15 @@ def criterion_passes(criterion: str, outcomes, count: int, n: int, tolerance: fl
     over the ``n`` calibration samples, and a callable giving the (len(rows), n) per-sample losses
     (used by the ``wsr`` test only). ``delta`` is the level of this one sequence. Sequential rules
     (subset, guaranteed) pull candidates in chunks and stop at their first failure.
-    Returns a (count,) mask; the caller takes the cheapest passing candidate.
+    Returns a (count,) mask; the caller takes the cheapest passing candidate. The rules themselves
+    are registered in :mod:`tinysaver.criteria`.
     """
-    ok = np.zeros(count, dtype=bool)
-    ok[0] = True
-    if criterion in ("zero", "bounded"):
-        harm, repair, _ = outcomes(np.arange(count))
-        gain = np.asarray(repair, dtype=np.int64) - np.asarray(harm, dtype=np.int64)
-        ok |= (gain >= 0) if criterion == "zero" else (100 * gain >= -tolerance * n - 1e-9)
-        return ok
-    if criterion not in CRITERIA:
-        raise SelectionError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    if criterion == "guaranteed" and method not in METHODS:
-        raise SelectionError(f"guarantee method must be one of {', '.join(METHODS)}, got {method!r}")
-    chunk = 64
-    for start in range(1, count, chunk):
-        rows = np.arange(start, min(start + chunk, count))
-        harm, repair, losses = outcomes(rows)
-        if criterion == "subset":  # the first dip is itself the answer
-            passed = np.asarray(repair) >= np.asarray(harm)
-            fail = np.flatnonzero(~passed)
-            ok[rows[: fail[0] + 1 if len(fail) else len(rows)]] = True
-        elif method == "clopper-pearson":
-            passed = passes_clopper_pearson(harm, repair, n, tolerance / 100.0, delta)
-            ok[rows] = fixed_sequence(passed)
-        else:
-            passed = passes_wsr(losses(), tolerance / 100.0, delta)
-            ok[rows] = fixed_sequence(passed)
-        if not passed.all():
-            break
-    return ok
+    return get_criterion(criterion).passes(outcomes, count, n, tolerance, delta, method)
 
 
 def pair_candidates(so: SaverOrder, criterion: str) -> tuple[np.ndarray, np.ndarray]:
     """The candidate exit counts ``k`` (increasing, starting at 0) and their thresholds for one saver."""
-    if criterion in ("zero", "bounded"):
-        ks = np.flatnonzero(so.valid)
-        return ks, so.thresholds(ks)
-    if criterion == "subset":
-        ks = np.concatenate([[0], so.exits_at(PUBLIC_GRID, strict=True)])
-        return ks, so.thresholds(ks)
-    if criterion == "guaranteed":
-        ks = np.concatenate([[0], so.exits_at(GUARANTEE_GRID)])
-        return ks, np.concatenate([[np.inf], GUARANTEE_GRID])
-    raise SelectionError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    return get_criterion(criterion).candidates(so)
 
 
 def best_exit(so: SaverOrder, base_correct: np.ndarray, criterion: str, tolerance: float = 0.0,
@@ -201,19 +163,19 @@ class SplitData:
 
 def model_cost(zoo: Zoo, model: str, cost: str) -> float:
     """Cost per image of ``model``: FLOPs, or latency in ms/image from ``latency:DEVICE:bsN``."""
-    e = zoo.model(model)
+    e = zoo.entry(model)
     if cost == "flops":
-        if not e.get("flops"):
+        if not e.flops:
             raise SelectionError(f"{model!r} has no FLOPs in zoo {zoo.name!r}")
-        return float(e["flops"])
+        return float(e.flops)
     if cost.startswith("latency:"):
         parts = cost.split(":")
         if len(parts) not in (3, 4) or not parts[2].startswith("bs") or not parts[2][2:].isdigit():
             raise SelectionError(f"latency cost must look like latency:cpu:bs1 or latency:cpu:bs1:onnxruntime, got {cost!r}")
         backend = parts[3] if len(parts) == 4 else "eager"
-        lat = ((e.get("backends") or {}).get(backend) or {}).get("latency")
-        if lat is None and backend == "eager":
-            lat = e.get("latency") or {}
+        lat = (e.backends.get(backend) or {}).get("latency")
+        if lat is None and backend == DEFAULT_BACKEND:  # its latency is also the entry's own
+            lat = e.latency or {}
         if lat is None:
             raise SelectionError(f"{model!r} has no latency on backend {backend!r} in zoo {zoo.name!r}; measure it with "
                                  f"'tinysaver profile --latency-only --zoo {zoo.name} --backends {backend}'")
@@ -308,23 +270,24 @@ class SelectorConfig:
     calibrate: str | None = None  # "temperature": thresholds on temperature-scaled confidences
 
     def __post_init__(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise SelectionError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        crit = get_criterion(self.criterion)
         if not np.isfinite(self.tolerance) or self.tolerance < 0:
             raise SelectionError(f"tolerance ε must be ≥ 0 accuracy points, got {self.tolerance}")
         if self.tolerance > 100:
             raise SelectionError(f"tolerance ε is in accuracy points, at most 100, got {self.tolerance}")
-        if self.criterion == "zero" and self.tolerance != 0:
-            raise SelectionError(f"--criterion zero allows no loss, so --tolerance {self.tolerance:g} would be "
-                                 "ignored: drop it, or use --criterion bounded or guaranteed")
+        if not crit.takes_tolerance and self.tolerance != 0:
+            takes = " or ".join(n for n in criterion_names() if get_criterion(n).takes_tolerance)
+            raise SelectionError(f"--criterion {self.criterion} takes no tolerance, so --tolerance {self.tolerance:g} "
+                                 f"would be ignored: drop it, or use --criterion {takes}")
         if not 0 < self.delta < 1:
             raise SelectionError(f"δ must be in (0, 1), got {self.delta}")
         if not 2 <= self.max_stages <= MAX_STAGES:
             raise SelectionError(f"max_stages must be 2 (saver + base) or {MAX_STAGES} (two savers + base); "
                                  f"longer chains are not searched, got {self.max_stages}")
-        if self.max_stages > 2 and self.criterion == "subset":
-            raise SelectionError("subset is the paper's two-stage rule and has no chain form; "
-                                 "use --max-stages 2, or zero/bounded/guaranteed for chains")
+        if self.max_stages > 2 and crit.chains is None:
+            chains = "/".join(n for n in criterion_names() if get_criterion(n).chains)
+            raise SelectionError(f"{self.criterion} is a two-stage rule and has no chain form; "
+                                 f"use --max-stages 2, or {chains} for chains")
         check_calibration(self.calibrate)
         if self.guarantee_method not in METHODS:
             raise SelectionError(f"guarantee method must be one of {', '.join(METHODS)}, got {self.guarantee_method!r}")
@@ -369,8 +332,7 @@ def selection_for(zoo: Zoo, base: str | None, cfg: SelectorConfig | None = None,
         for m in (savers[0], base):
             zoo.model(m)
         return Selection.manual(zoo.name, [(savers[0], threshold)], base)
-    sel, _ = select(zoo, base, cfg, savers=savers)
-    return sel
+    return select(zoo, base, cfg, savers=savers).best
 
 
 @dataclass
@@ -460,15 +422,15 @@ def _chain_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: d
     n = len(target)
     out = []
     for s1, s2 in itertools.combinations(sorted(pool, key=lambda m: costs[m]), 2):
-        if cfg.criterion in ("zero", "bounded"):
-            slack = cfg.tolerance * n / 100 + 1e-9 if cfg.criterion == "bounded" else 0
+        if get_criterion(cfg.criterion).chains == "exact":
+            slack = cfg.tolerance * n / 100 + 1e-9 if get_criterion(cfg.criterion).takes_tolerance else 0
             found = _chain_exact(calib.conf[s1], calib.conf[s2], ok[s1], ok[s2], ok[base].astype(np.int64),
                                  costs[s1], costs[s2], costs[base], slack, beat * n)
             if found is None:
                 continue
             _, t1, t2 = found
             stages = [Stage(s1, t1), Stage(s2, t2), Stage(base, None)]
-        else:  # guaranteed: fixed paths of threshold pairs, each a test sequence
+        else:  # "paths": fixed paths of threshold pairs, each a test sequence
             stages = _chain_guaranteed(s1, s2, base, calib, ok, cfg, delta_seq, costs)
             if stages is None:
                 continue
@@ -498,7 +460,7 @@ def _chain_guaranteed(s1, s2, base, calib: SplitData, ok, cfg: SelectorConfig, d
             seen.update(zip(rows.tolist(), where))
             return (loss == 1).sum(1), (loss == -1).sum(1), lambda: loss
 
-        passing = criterion_passes("guaranteed", outcomes, len(t2), n, cfg.tolerance, delta_seq, cfg.guarantee_method)
+        passing = criterion_passes(cfg.criterion, outcomes, len(t2), n, cfg.tolerance, delta_seq, cfg.guarantee_method)
         for j in np.flatnonzero(passing)[1:]:
             c = float(per_sample_cost(seen[int(j)], cum).mean())
             if best is None or c < best[0]:
@@ -512,9 +474,28 @@ def _candidate(stages: list[Stage], sd: SplitData, target: np.ndarray, costs: di
     return Candidate(stages, cost, int((ans == target).sum()))
 
 
+@dataclass
+class SelectionResult:
+    """What :func:`select` found for one base.
+
+    ``candidates``: up to ``top`` policies that cost less than the base alone, cheapest first, each
+    a full :class:`Selection` with its calibration and held-out results; empty when no saver
+    qualifies. ``best`` is the first of them, or the base alone (with the reason in its
+    ``message``). :func:`tinysaver.report.render` prints it."""
+
+    best: Selection
+    candidates: list[Selection] = field(default_factory=list)
+
+    def table(self) -> pd.DataFrame:
+        """One summary row per candidate (the columns of :func:`tinysaver.report.summary_row`)."""
+        from .report import summary_row
+
+        return pd.DataFrame([summary_row(c) for c in self.candidates])
+
+
 def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Sequence[str] | None = None,
-           top: int = 5) -> tuple[Selection, pd.DataFrame]:
-    """Best cascade for ``base`` and a table of the next best candidates (calibration split).
+           top: int = 5) -> SelectionResult:
+    """Best cascade for ``base`` and the next best candidates (calibration split).
 
     ``savers`` limits the candidates (default: every cheaper measured model of the zoo).
     """
@@ -546,7 +527,7 @@ def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Seque
 
 def _select_on(zoo_name: str, base: str, pool: Sequence[str], costs: dict[str, float], calib: SplitData,
                test: SplitData | None, cfg: SelectorConfig, top: int = 5,
-               orders: dict[str, SaverOrder] | None = None) -> tuple[Selection, pd.DataFrame]:
+               orders: dict[str, SaverOrder] | None = None) -> SelectionResult:
     delta_seq = cfg.delta / max(_sequences(len(pool), cfg), 1)
     cands = _pair_candidates(base, pool, calib, costs, cfg, orders, delta_seq)
     if cfg.max_stages > 2 and len(pool) >= 2:
@@ -557,11 +538,9 @@ def _select_on(zoo_name: str, base: str, pool: Sequence[str], costs: dict[str, f
         why = "no cheaper model in the zoo" if not pool else f"no saver meets the {cfg.criterion} criterion"
         sel = _report([Stage(base, None)], zoo_name, base, calib, test, costs, cfg, len(pool),
                       message=f"no saver: run the base alone ({why})")
-        return sel, pd.DataFrame()
+        return SelectionResult(sel)
     rows = [_report(c.stages, zoo_name, base, calib, test, costs, cfg, len(pool)) for c in useful[:top]]
-    from .report import summary_row
-
-    return rows[0], pd.DataFrame([summary_row(r) for r in rows])
+    return SelectionResult(rows[0], rows)
 
 
 def _report(stages: list[Stage], zoo_name: str, base: str, calib: SplitData, test: SplitData | None,
@@ -572,12 +551,13 @@ def _report(stages: list[Stage], zoo_name: str, base: str, calib: SplitData, tes
     target = _targets(calib, base, cfg.label_free)
     ans, where = calib.outcome(stages, target)
     guarantee = ""
-    if cfg.criterion == "guaranteed":
+    certifies = get_criterion(cfg.criterion).guarantee
+    if certifies:
         guarantee = (f"P(expected loss > {cfg.tolerance} pts) ≤ {cfg.delta}: {cfg.guarantee_method} tests in fixed "
                      f"sequence, δ split over {_sequences(pool_size, cfg)} sequences; "
                      "assumes exchangeable samples")
     sel = Selection(zoo=zoo_name, base=base, stages=stages, criterion=cfg.criterion, tolerance=cfg.tolerance,
-                    delta=cfg.delta if cfg.criterion == "guaranteed" else None, cost_metric=cfg.cost,
+                    delta=cfg.delta if certifies else None, cost_metric=cfg.cost,
                     target=cfg.target, calib_split=calib.name, test_split=test.name if test else None,
                     cost_base=costs[base], cost_cascade=float(per_sample_cost(where, cum).mean()),
                     exit_ratio_calib=exit_ratios(where, len(stages)),
@@ -623,10 +603,9 @@ def select_all_arrays(zoo_name: str, models: Sequence[str], costs: dict[str, flo
     sels = []
     for base in sorted(models, key=lambda m: costs[m]):
         pool = [m for m in models if costs[m] < costs[base] and num_classes[m] == num_classes[base]]
-        sel, _ = _select_on(zoo_name, base, pool, costs, calib, test, cfg, top=1, orders=orders)
-        sels.append(sel)
+        sels.append(_select_on(zoo_name, base, pool, costs, calib, test, cfg, top=1, orders=orders).best)
     return sels, pd.DataFrame([summary_row(s) for s in sels])
 
 
-__all__ = ["SelectorConfig", "Selection", "Stage", "select", "select_all", "selection_for", "SaverOrder", "best_exit",
+__all__ = ["SelectorConfig", "Selection", "SelectionResult", "Stage", "select", "select_all", "selection_for", "SaverOrder", "best_exit",
            "criterion_passes", "CRITERIA", "SelectionError", "ZooError", "SplitData", "model_cost"]

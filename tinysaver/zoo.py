@@ -23,13 +23,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .backends import backend_names
 from .errors import ZooError  # noqa: F401 (re-exported)
 
 MANIFEST = "zoo.yaml"
 DEFAULT_ZOO = "fashion-mnist"  # the zoo bundled with the project, and every command's --zoo default
-# the runtimes a model can run on and a zoo records latency for (tinysaver.runtimes runs them); named
-# here so the command line can offer them without importing torch
-BACKENDS = ("eager", "compile", "onnxruntime", "openvino")
+# the runtimes a model can run on and a zoo records latency for: the modules of tinysaver/backends,
+# listed without importing them, so the command line can offer them without importing torch
+BACKENDS = backend_names()
 
 
 
@@ -124,6 +125,12 @@ class Zoo:
             raise ZooError(f"model {key!r} is not in zoo {self.name!r}. "
                            f"{'Did you mean: ' + ', '.join(close) if close else 'Models: ' + ', '.join(self.models)}")
         return self.models[key]
+
+    def entry(self, key: str):
+        """The typed, checked :class:`~tinysaver.manifest.ModelEntry` of ``key``."""
+        from .manifest import ModelEntry
+
+        return ModelEntry.from_dict(key, self.model(key), self.path / MANIFEST)
 
     def model_spec(self, key: str):
         """The :class:`~tinysaver.models.ModelSpec` the entry was profiled with. A relative checkpoint
@@ -324,6 +331,10 @@ def load_zoo(name: str, root: Path | str | None = None) -> Zoo:
         if not isinstance(manifest.get(key, {}) or {}, dict):
             raise ZooError(f"{f}: '{key}' must be a mapping, got a {type(manifest[key]).__name__}")
         manifest[key] = manifest.get(key) or {}
+    from .manifest import ModelEntry
+
+    for key, entry in manifest["models"].items():  # every entry checked now, not when first used
+        ModelEntry.from_dict(key, entry, f)
     return Zoo(manifest.get("name", path.name), path, manifest)
 
 

@@ -17,16 +17,14 @@ def register(sub) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from ..report import describe, format_table
+    from ..report import render
     from ..selector import SelectorConfig, select
     from ..zoo import load_zoo
 
     zoo = load_zoo(args.zoo, args.root)
-    sel, table = select(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver, top=args.top)
-    print(describe(sel))
-    if len(table) > 1:
-        print("\nnext best candidates (calibration split):")
-        print(format_table(table.iloc[1:]))
+    result = select(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver, top=args.top)
+    print(render(result))
+    sel = result.best
     zoo_arg = f"--zoo {shlex.quote(args.zoo)}"
     if args.save:
         sel.save(args.save)

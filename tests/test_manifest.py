@@ -1,0 +1,91 @@
+"""The typed zoo manifest entry: every entry is checked when a zoo loads, and a bad one is named."""
+import pytest
+import yaml
+
+from tests.helpers import run_here, write_zoo
+from tinysaver.errors import ZooError
+from tinysaver.manifest import ModelEntry
+from tinysaver.selector import SelectorConfig, select
+from tinysaver.zoo import list_zoos, load_zoo
+
+
+def edit(root, model, **fields):
+    f = root / "syn" / "zoo.yaml"
+    m = yaml.safe_load(f.read_text())
+    for k, v in fields.items():
+        if v is ...:
+            m["models"][model].pop(k)
+        else:
+            m["models"][model][k] = v
+    f.write_text(yaml.safe_dump(m))
+    return f
+
+
+@pytest.fixture
+def root(tmp_path):
+    write_zoo(tmp_path)
+    return tmp_path
+
+
+def test_every_bundled_zoo_loads_and_types_its_entries():
+    for name in list_zoos():
+        zoo = load_zoo(name)
+        for key in zoo.models:
+            e = zoo.entry(key)
+            assert isinstance(e, ModelEntry) and e.key == key and e.status in ("measured", "published")
+            assert e.flops is None or e.flops > 0
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("flops", -5, "field 'flops' must be a number > 0, got -5"),
+    ("flops", "lots", "field 'flops' must be a number > 0, got the text 'lots'"),
+    ("flops", "1.7e6", "YAML reads 1.5e6 as text"),
+    ("flops", float("nan"), "field 'flops' must be a number > 0"),
+    ("params", 12.5, "field 'params' must be an integer > 0"),
+    ("num_classes", "ten", "field 'num_classes' must be an integer ≥ 2"),
+    ("accuracy", {"calib": 1.5}, "field 'accuracy.calib' must be a number ≥ 0 and ≤ 1"),
+    ("status", "measurd", "field 'status' must be 'measured' or 'published'"),
+    ("flop", 5, "unknown field(s) 'flop'"),
+    ("key", "m2", "field 'key' must be the entry's own name 'm1'"),
+    ("latency", {"table": {"bs1": {"ms_per_batch": 0}}}, "field 'latency.table.bs1.ms_per_batch' must be a number > 0"),
+    ("latency", {"table": {"batch1": {"ms_per_batch": 1}}}, "field 'latency.table' must be keyed by batch size"),
+    ("backends", {"tensorrt": {}}, "field 'backends' must be keyed by backend (eager,"),
+    ("calibration", {"temperature": -1.0}, "field 'calibration.temperature' must be a number > 0"),
+    ("preprocess", {"input_size": [3, 224]}, "field 'preprocess.input_size' must be [channels, height, width]"),
+])
+def test_a_bad_field_is_refused_on_load_naming_file_model_and_field(root, field, value, says):
+    f = edit(root, "m1", **{field: value})
+    with pytest.raises(ZooError) as e:
+        load_zoo("syn", root)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: model 'm1': ") and says in msg, msg
+
+
+def test_negative_flops_no_longer_reports_a_false_saving(root, capsys):
+    """The issue's case: flops −5 on a saver reported 'saving 70.1 %'; now one line names it, exit 2."""
+    good = select(load_zoo("syn", root), "m3", SelectorConfig()).best
+    assert good.found and good.saving_pct > 0
+    edit(root, good.savers[0].model, flops=-5)
+    r = run_here(capsys, "query", "--root", str(root), "--zoo", "syn", "--base", "m3")
+    assert r.returncode == 2 and "saving" not in r.stdout
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "field 'flops' must be a number > 0, got -5" in err[0] and "zoo.yaml" in err[0]
+
+
+def test_optional_fields_may_be_absent_and_the_typed_entry_is_what_the_selector_reads(root):
+    edit(root, "m0", latency=..., macs=...)
+    zoo = load_zoo("syn", root)
+    e = zoo.entry("m0")
+    assert e.latency is None and e.macs is None and e.flops == zoo.models["m0"]["flops"]
+    # the selector's FLOPs cost is the typed entry's
+    from tinysaver.selector import model_cost
+
+    assert model_cost(zoo, "m0", "flops") == float(e.flops)
+
+
+def test_zoo_list_shows_a_broken_zoo_as_an_error_row(root):
+    from tinysaver.zoo import zoo_summaries
+
+    edit(root, "m2", flops="lots")
+    (row,) = zoo_summaries(root)
+    assert row["zoo"] == "syn" and row["splits"].startswith("error: ") and "'m2'" in row["splits"]

@@ -1,0 +1,145 @@
+"""Backends, selection criteria and exit methods are each registered once; nothing dispatches on names."""
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import tinysaver.backends as backends
+import tinysaver.criteria as criteria
+from tests.helpers import write_zoo
+from tinysaver.errors import BackendError, SelectionError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_backend_names_are_the_package_modules_and_each_registers_itself():
+    files = sorted(p.stem for p in (ROOT / "tinysaver" / "backends").glob("*.py") if not p.stem.startswith("_"))
+    assert sorted(backends.backend_names()) == files and backends.backend_names()[0] == "eager"
+    from tinysaver.zoo import BACKENDS
+
+    assert BACKENDS == backends.backend_names()
+    for name in files:
+        b = backends.get_backend(name)
+        assert b.name == name and callable(b.build)
+    assert backends.get_backend("openvino").exports_onnx and not backends.get_backend("eager").exports_onnx
+    with pytest.raises(BackendError, match="unknown backend 'tensorrt'; choose from eager"):
+        backends.get_backend("tensorrt")
+
+
+def test_a_registered_backend_runs_in_a_cascade_without_touching_other_files():
+    from tinysaver.backends import Runner, register_backend
+    from tinysaver.cascade import Cascade
+    from tinysaver.models import ModelSpec, create_model
+    from tinysaver.runtimes import make_runner
+
+    calls = []
+
+    @register_backend("doubled", spins=False)
+    def build(model, cache_dir=None, threads=None, spin=False):
+        def run(x):
+            calls.append(len(x))
+            return 2 * model.module(x)
+        return Runner(model.key, "doubled", run, threads=1)
+
+    try:
+        torch.manual_seed(0)
+        m = create_model(ModelSpec("test_resnet", num_classes=4, input_size=32))
+        r = make_runner(m, "doubled")
+        x = torch.rand(3, 3, 32, 32)
+        torch.testing.assert_close(r(x), 2 * m.module(x))
+        with pytest.raises(BackendError, match="spin applies to the onnxruntime backend only"):
+            make_runner(m, "doubled", spin=True)
+        imgs = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+        s = create_model(ModelSpec("test_efficientnet", num_classes=4, input_size=32))
+        c = Cascade([s, m], [0.5], backend="doubled")
+        calls.clear()
+        out = c.predict(imgs, batch_size=5)
+        # the saver ran all five on the new backend, the base the ones it passed on
+        assert calls[0] == 5 and sum(calls[1:]) == int((out.stage == 1).sum())
+    finally:
+        backends._REGISTRY.pop("doubled")
+
+
+def test_no_module_dispatches_on_a_backend_criterion_or_method_name():
+    """The if-chains are gone: no comparison of a backend, criterion or family variable with a name."""
+    from esn.methods import registered
+
+    names = {*backends.backend_names(), *criteria.criterion_names(), *registered(), "saver cascade", "saver + ESN"}
+    offenders = []
+    for f in [*(ROOT / "tinysaver").rglob("*.py"), *(ROOT / "esn").rglob("*.py")]:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Compare) and isinstance(node.left, (ast.Name, ast.Attribute)):
+                var = node.left.id if isinstance(node.left, ast.Name) else node.left.attr
+                if var not in ("backend", "criterion", "name", "family"):
+                    continue
+                for c in node.comparators:
+                    if isinstance(c, ast.Constant) and c.value in names:
+                        offenders.append(f"{f.relative_to(ROOT)}:{node.lineno} {var} vs {c.value!r}")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "startswith"
+                    and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in names):
+                offenders.append(f"{f.relative_to(ROOT)}:{node.lineno} startswith({node.args[0].value!r})")
+    assert offenders == []
+
+
+def test_a_registered_criterion_is_offered_validated_and_used_by_the_selector(tmp_path):
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.zoo import load_zoo
+
+    # "half-zero": at least as accurate as the base on the exits, with at most half the samples exiting
+    def half_candidates(order):
+        ks, ts = criteria.get_criterion("zero").candidates(order)
+        keep = ks <= order.n // 2
+        return ks[keep], ts[keep]
+
+    criteria.register_criterion(criteria.Criterion("half-zero", half_candidates, criteria.get_criterion("zero").passes,
+                                                   None, False, False))
+    try:
+        with pytest.raises(SelectionError, match="registered twice"):
+            criteria.register_criterion(criteria.get_criterion("zero"))
+        with pytest.raises(SelectionError, match="half-zero is a two-stage rule"):
+            SelectorConfig(criterion="half-zero", max_stages=3)
+        with pytest.raises(SelectionError, match="takes no tolerance"):
+            SelectorConfig(criterion="half-zero", tolerance=1)
+        write_zoo(tmp_path)
+        zoo = load_zoo("syn", tmp_path)
+        zero = select(zoo, "m3", SelectorConfig(criterion="zero")).best
+        half = select(zoo, "m3", SelectorConfig(criterion="half-zero")).best
+        assert half.found and half.criterion == "half-zero"
+        assert sum(half.exit_ratio_calib[:-1]) <= 0.5 + 1e-9 < sum(zero.exit_ratio_calib[:-1])
+        assert half.acc_cascade_calib >= half.acc_base_calib
+    finally:
+        criteria._REGISTRY.pop("half-zero")
+    with pytest.raises(SelectionError, match="criterion must be one of zero, bounded, subset, guaranteed"):
+        SelectorConfig(criterion="half-zero")
+
+
+def test_a_registered_exit_method_is_trained_and_compared(pair, data):
+    from esn import methods
+    from esn.compare import CompareSettings, method_row, parse_families, train_methods
+    from esn.sdn import SDN
+
+    @methods.register_method("sdn-once")
+    def _one(ctx):
+        return {"SDN, own rule": methods.ExitMethod(ctx.sdn(), own_rule=lambda cal, s: [0.9] * cal["confs"].shape[0])}
+
+    try:
+        assert parse_families("sdn-once") == ["sdn-once"]
+        from esn.train import frozen_features
+
+        cache = frozen_features(pair, data.images)
+        s = CompareSettings(epochs=1, wallclock_images=0)
+        out = train_methods(pair, data, cache, ["sdn-once"], s, log=lambda m: None)
+        assert list(out) == ["saver cascade", "SDN, own rule"] and isinstance(out["SDN, own rule"].module, SDN)
+        feats = {"calib": cache, "test": cache}
+        labels = {"calib": np.asarray(data.labels), "test": np.asarray(data.labels)}
+        row, front = method_row("SDN, own rule", out["SDN, own rule"], pair, feats, labels, None, s, log=lambda m: None)
+        assert "own_rule" in row and front and all(len(p) == 4 for p in front)
+        plain, _ = method_row("SDN", methods.ExitMethod(out["SDN, own rule"].module), pair, feats, labels, None, s,
+                              log=lambda m: None)
+        assert "own_rule" not in plain
+    finally:
+        methods._METHODS.pop("sdn-once")
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_families("sdn-once")

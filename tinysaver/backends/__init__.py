@@ -1,0 +1,106 @@
+"""The inference backends a :class:`Runner` can run on, one module per backend in this package.
+
+A backend is registered once, by the module that builds it (``@register_backend(name)``, as timm's
+``@register_model``). Its name is its module's name, so the list of names is read from this
+folder without importing any runtime: the command line's help stays free of torch. Adding a
+backend is adding one file here.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import BackendError
+
+DEFAULT_BACKEND = "eager"
+
+
+@dataclass
+class Runner:
+    """One model on one backend: a float (N, C, H, W) batch → (N, classes) logits, for any N.
+
+    ``export_s`` is the time spent exporting (0 when the cache held it); ``threads`` is the
+    intra-op thread count the runtime reports it uses, and ``spin`` whether its idle threads spin
+    (ONNX Runtime only)."""
+
+    key: str
+    backend: str
+    fn: Callable = field(repr=False)
+    export_path: Path | None = None
+    export_s: float = 0.0
+    cached: bool = False
+    threads: int | None = None
+    spin: bool = False
+
+    def __call__(self, x):
+        return self.fn(x)
+
+    def expect_batch(self, n: int) -> None:
+        """Most batches to come have ``n`` samples: a backend that runs faster on a fixed shape
+        (OpenVINO) compiles for it now. Other batch sizes still run. A no-op elsewhere."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise BackendError(f"a batch size is an integer ≥ 1, got {n!r}")
+        expect = getattr(self.fn, "expect_batch", None)
+        if expect is not None:
+            expect(int(n))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered backend. ``build(model, cache_dir, threads, spin) -> Runner``.
+
+    ``needs``: (importable module, pip extra) when the runtime is optional. ``exports_onnx``: it runs
+    an exported ONNX file, so an export failure can fall back to eager. ``spins``: it takes the
+    ``spin`` option. ``tcmalloc_safe``: it survives a preloaded tcmalloc."""
+
+    name: str
+    build: Callable
+    needs: tuple[str, str] | None = None
+    exports_onnx: bool = False
+    spins: bool = False
+    tcmalloc_safe: bool = True
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend's name, the default first, without importing any of them."""
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return (DEFAULT_BACKEND, *(n for n in found if n != DEFAULT_BACKEND))
+
+
+def register_backend(name: str, *, needs: tuple[str, str] | None = None, exports_onnx: bool = False,
+                     spins: bool = False, tcmalloc_safe: bool = True):
+    """Decorator: register ``build`` as the backend ``name`` (the module's own name)."""
+    def wrap(build):
+        _REGISTRY[name] = Backend(name, build, needs, exports_onnx, spins, tcmalloc_safe)
+        return build
+    return wrap
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name`` (its runtime is not imported until it builds a runner)."""
+    if name not in _REGISTRY and name not in backend_names():
+        raise BackendError(f"unknown backend {name!r}; choose from {', '.join(backend_names())}")
+    if name not in _REGISTRY:  # listed, not yet imported
+        importlib.import_module(f"{__name__}.{name}")
+    return _REGISTRY[name]
+
+
+def check_backend(name: str) -> Backend:
+    """Raise a one-line error when ``name`` is unknown or its runtime is not installed."""
+    b = get_backend(name)
+    if b.needs and importlib.util.find_spec(b.needs[0]) is None:
+        raise BackendError(f"backend {name!r} needs {b.needs[0]}: pip install 'tinysaver[{b.needs[1]}]'")
+    return b
+
+
+__all__ = ["Runner", "Backend", "DEFAULT_BACKEND", "backend_names", "register_backend", "get_backend",
+           "check_backend"]
