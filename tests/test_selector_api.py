@@ -134,3 +134,29 @@ def test_cli_query_select_plot(zoo, tmp_path, capsys):
     assert out.returncode == 2 and "≥ 0" in out.stderr
     out = run_here(capsys, "--root", root, "query", "--zoo", "nope", "--base", "m3")
     assert out.returncode == 2 and "known zoos: syn" in out.stderr
+
+
+@pytest.mark.parametrize("label_free", [False, True])
+def test_zero_and_bounded_report_their_clopper_pearson_bound_and_warn_on_small_calibration(zoo, label_free):
+    from tinysaver.risk import loss_upper_bound
+    from tinysaver.selector import load_split_data
+
+    cfg = SelectorConfig(criterion="bounded", tolerance=1.0, label_free=label_free)
+    sel = select(zoo, "m3", cfg).best
+    calib = load_split_data(zoo, "calib", sel.models)
+    target = calib.pred["m3"] if label_free else calib.labels
+    ans, _ = calib.outcome(sel.stages, target)
+    base_ok, ok = calib.pred["m3"] == target, ans == target
+    want = 100 * loss_upper_bound(int((base_ok & ~ok).sum()), int((ok & ~base_ok).sum()), len(target), 0.1)
+    assert sel.calib_samples == len(target) < 1000 and sel.cp_bound_points == pytest.approx(float(want))
+    text = describe(sel)
+    what = "agreement with the base" if label_free else "accuracy against the base"
+    assert f"Clopper–Pearson (δ = 0.1, {len(target)} calibration samples): at most {sel.cp_bound_points:.2f} points of " \
+           f"{what}" in text
+    assert f"warning: {len(target)} calibration samples say little" in text and "--criterion guaranteed" in text
+    # guaranteed carries its own statement instead; a large calibration split does not warn
+    g = select(zoo, "m3", SelectorConfig(criterion="guaranteed", tolerance=5.0)).best
+    assert g.cp_bound_points is None and "Clopper–Pearson (δ" not in describe(g)
+    import dataclasses
+
+    assert "say little" not in describe(dataclasses.replace(sel, calib_samples=5000))

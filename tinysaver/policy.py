@@ -169,6 +169,10 @@ class Selection:
     acc_base_test: float | None = None
     acc_cascade_test: float | None = None
     near_threshold_calib: list[int] = field(default_factory=list)
+    calib_samples: int | None = None
+    # zero/bounded: the one-sided Clopper–Pearson bound (points, δ = 0.1) on the loss against the
+    # base that the chosen policy carries on calib_samples, read as if it had been fixed in advance
+    cp_bound_points: float | None = None
     guarantee: str = ""
     message: str = ""
     schema_version: int = SCHEMA_VERSION

@@ -64,6 +64,16 @@ def describe(sel: Selection) -> str:
                      f"{100 * sel.acc_cascade_test:.2f}%")
     if sel.guarantee:
         lines.append(f"guarantee: {sel.guarantee}")
+    if sel.cp_bound_points is not None and sel.found:
+        from .selector import CP_REPORT_DELTA, SMALL_CALIBRATION
+
+        lost = "agreement with the base" if sel.target == "base-agreement" else "accuracy against the base"
+        lines.append(f"Clopper–Pearson (δ = {CP_REPORT_DELTA:g}, {sel.calib_samples} calibration samples): at most "
+                     f"{max(sel.cp_bound_points, 0.0):.2f} points of {lost} lost on new images, were the policy "
+                     "fixed before those samples; it was chosen on them, so this is optimistic")
+        if sel.calib_samples < SMALL_CALIBRATION:
+            lines.append(f"warning: {sel.calib_samples} calibration samples say little beyond themselves; for a "
+                         "statement about new images use --criterion guaranteed")
     return "\n".join(lines)
 
 

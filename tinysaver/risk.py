@@ -34,10 +34,16 @@ def clopper_pearson(k: np.ndarray, n: int, alpha: float, upper: bool) -> np.ndar
     return np.where(k <= 0, 0.0, beta.ppf(alpha, np.maximum(k, 1e-12), n - k + 1))
 
 
+def loss_upper_bound(harm: np.ndarray, repair: np.ndarray, n: int, delta: float) -> np.ndarray:
+    """Upper (1 − δ) bound on L = P(harm) − P(repair), a fraction: Clopper–Pearson on each count at δ/2.
+
+    Valid for a policy fixed before the ``n`` samples were seen."""
+    return clopper_pearson(harm, n, delta / 2, upper=True) - clopper_pearson(repair, n, delta / 2, upper=False)
+
+
 def passes_clopper_pearson(harm: np.ndarray, repair: np.ndarray, n: int, epsilon: float, delta: float) -> np.ndarray:
     """Per policy: True when the upper bound on L = P(harm) − P(repair) is ≤ ``epsilon`` (fraction)."""
-    ucb = clopper_pearson(harm, n, delta / 2, upper=True) - clopper_pearson(repair, n, delta / 2, upper=False)
-    return ucb <= epsilon
+    return loss_upper_bound(harm, repair, n, delta) <= epsilon
 
 
 def passes_wsr(losses: np.ndarray, epsilon: float, delta: float, seed: int = 0) -> np.ndarray:

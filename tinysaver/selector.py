@@ -43,7 +43,7 @@ import pandas as pd
 from .policy import (CRITERIA, Selection, SelectionError, Stage, answers, apply, exit_ratios, midpoint_thresholds,
                      near_threshold, per_sample_cost, stage_costs)
 from .criteria import GUARANTEE_GRID, PUBLIC_GRID, criterion_names, get_criterion  # noqa: F401 (PUBLIC_GRID re-exported)
-from .risk import METHODS
+from .risk import METHODS, loss_upper_bound
 from .backends import DEFAULT_BACKEND
 from .zoo import Zoo, ZooError
 
@@ -57,6 +57,8 @@ def check_calibration(calibrate: str | None) -> None:
 
 # guaranteed chains: paths (1 − t1) = r · (1 − t2), t2 walking down GUARANTEE_GRID
 CHAIN_PATHS = (1.0, 0.5, 0.25)
+CP_REPORT_DELTA = 0.1     # zero/bounded report the Clopper–Pearson bound their policy carries at this δ
+SMALL_CALIBRATION = 1000  # below this many calibration samples, zero/bounded warn and point to guaranteed
 MAX_STAGES = 3
 
 
@@ -565,7 +567,11 @@ def _report(stages: list[Stage], zoo_name: str, base: str, calib: SplitData, tes
                     acc_cascade_calib=float((ans == target).mean()),
                     near_threshold_calib=near_threshold([calib.conf[s.model] for s in stages[:-1]],
                                                         [s.threshold for s in stages[:-1]]),
-                    guarantee=guarantee, message=message)
+                    calib_samples=len(target), guarantee=guarantee, message=message)
+    if not certifies:
+        base_ok, ok = calib.pred[base] == target, ans == target
+        harm, repair = int((base_ok & ~ok).sum()), int((ok & ~base_ok).sum())
+        sel.cp_bound_points = float(100 * loss_upper_bound(harm, repair, len(target), CP_REPORT_DELTA))
     if test is not None:
         t_target = _targets(test, base, cfg.label_free)
         t_ans, t_where = test.outcome(stages, t_target)
