@@ -86,6 +86,7 @@ class ModelEntry:
     calibration: dict | None = None
     backends: dict = field(default_factory=dict)
     published: dict | None = None
+    profiled_on: str | None = None  # "ray" when profile --backend ray measured it
 
     @classmethod
     def from_dict(cls, key: str, d: Any, file: Path | str = "zoo.yaml") -> "ModelEntry":
@@ -120,6 +121,9 @@ class ModelEntry:
             c.latency(f"backends.{name}.latency", c.mapping(f"backends.{name}", b).get("latency"))
         for name in ("source", "preprocess", "published"):
             c.mapping(name, d.get(name))
+        for name in ("flops_counter", "profiled_on"):
+            if d.get(name) is not None and not isinstance(d[name], str):
+                c.fail(name, "a name", d[name])
         pre = d.get("preprocess") or {}
         size = pre.get("input_size")
         if size is not None and not (isinstance(size, list) and len(size) == 3

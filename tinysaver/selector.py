@@ -348,14 +348,16 @@ def _targets(sd: SplitData, base: str, label_free: bool) -> np.ndarray:
     return sd.pred[base] if label_free else sd.labels
 
 
-def _sequences(pool_size: int, cfg: SelectorConfig) -> int:
-    """How many test sequences share δ (guaranteed): one per saver, one per chain and path."""
-    chains = pool_size * (pool_size - 1) // 2 if cfg.max_stages > 2 else 0
-    return pool_size + chains * len(CHAIN_PATHS)
+def _chain_sequences(pool_size: int) -> int:
+    """Guaranteed chains: one test sequence per pair of savers and threshold path."""
+    return pool_size * (pool_size - 1) // 2 * len(CHAIN_PATHS)
 
 
 def _pair_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: dict[str, float],
-                     cfg: SelectorConfig, orders: dict[str, SaverOrder] | None, delta_seq: float) -> list[Candidate]:
+                     cfg: SelectorConfig, orders: dict[str, SaverOrder] | None, delta_seq: float,
+                     exhausted: list[str] | None = None) -> list[Candidate]:
+    """The cheapest passing policy of each saver. Savers whose whole test sequence passed (every
+    threshold of the grid certified) are appended to ``exhausted``: their δ is free to pass on."""
     target = _targets(calib, base, cfg.label_free)
     base_correct = calib.pred[base] == target
     n = len(target)
@@ -363,6 +365,8 @@ def _pair_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: di
     for s in pool:
         so = orders[s] if orders and not cfg.label_free else SaverOrder.build(calib.conf[s], calib.pred[s] == target)
         k, t = best_exit(so, base_correct, cfg.criterion, cfg.tolerance, delta_seq, cfg.guarantee_method)
+        if exhausted is not None and k == pair_candidates(so, cfg.criterion)[0][-1]:
+            exhausted.append(s)  # the sequence's last candidate passed (equal k: the same policy)
         if k == 0:
             continue
         correct = int(so.cum_correct[k] + base_correct[so.order][k:].sum())
@@ -530,23 +534,31 @@ def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Seque
 def _select_on(zoo_name: str, base: str, pool: Sequence[str], costs: dict[str, float], calib: SplitData,
                test: SplitData | None, cfg: SelectorConfig, top: int = 5,
                orders: dict[str, SaverOrder] | None = None) -> SelectionResult:
-    delta_seq = cfg.delta / max(_sequences(len(pool), cfg), 1)
-    cands = _pair_candidates(base, pool, calib, costs, cfg, orders, delta_seq)
-    if cfg.max_stages > 2 and len(pool) >= 2:
+    # guaranteed: the pairs are tested first, exactly as with max_stages=2 (δ split evenly over the
+    # savers, Bonferroni); a saver whose whole sequence passed passes its share on to the chains
+    # (graphical testing: δ flows only from hypotheses already rejected), so chains never cost a pair
+    delta_pair = cfg.delta / max(len(pool), 1)
+    exhausted: list[str] = []
+    cands = _pair_candidates(base, pool, calib, costs, cfg, orders, delta_pair, exhausted)
+    chain_delta = delta_pair * len(exhausted) if get_criterion(cfg.criterion).guarantee else cfg.delta
+    if cfg.max_stages > 2 and len(pool) >= 2 and chain_delta > 0:
         best2 = min((c.cost for c in cands), default=costs[base])
-        cands += _chain_candidates(base, pool, calib, costs, cfg, best2 * (1 - 1e-12), delta_seq)
+        cands += _chain_candidates(base, pool, calib, costs, cfg, best2 * (1 - 1e-12),
+                                   chain_delta / _chain_sequences(len(pool)))
     useful = sorted((c for c in cands if c.cost < costs[base]), key=lambda c: (c.cost, -c.correct))
     if not useful:
         why = "no cheaper model in the zoo" if not pool else f"no saver meets the {cfg.criterion} criterion"
         sel = _report([Stage(base, None)], zoo_name, base, calib, test, costs, cfg, len(pool),
                       message=f"no saver: run the base alone ({why})")
         return SelectionResult(sel)
-    rows = [_report(c.stages, zoo_name, base, calib, test, costs, cfg, len(pool)) for c in useful[:top]]
+    rows = [_report(c.stages, zoo_name, base, calib, test, costs, cfg, len(pool), chain_delta=chain_delta)
+            for c in useful[:top]]
     return SelectionResult(rows[0], rows)
 
 
 def _report(stages: list[Stage], zoo_name: str, base: str, calib: SplitData, test: SplitData | None,
-            costs: dict[str, float], cfg: SelectorConfig, pool_size: int, message: str = "") -> Selection:
+            costs: dict[str, float], cfg: SelectorConfig, pool_size: int, message: str = "",
+            chain_delta: float = 0.0) -> Selection:
     """The Selection of a policy: its calibration and held-out results, all through policy.apply."""
     stages = [Stage(s.model, s.threshold, calib.temperature.get(s.model, 1.0)) for s in stages]
     cum = stage_costs([costs[s.model] for s in stages])
@@ -556,8 +568,12 @@ def _report(stages: list[Stage], zoo_name: str, base: str, calib: SplitData, tes
     certifies = get_criterion(cfg.criterion).guarantee
     if certifies:
         guarantee = (f"P(expected loss > {cfg.tolerance} pts) ≤ {cfg.delta}: {cfg.guarantee_method} tests in fixed "
-                     f"sequence, δ split over {_sequences(pool_size, cfg)} sequences; "
-                     "assumes exchangeable samples")
+                     f"sequence, δ split over {pool_size} saver sequences")
+        if cfg.max_stages > 2:
+            guarantee += (f", then {chain_delta:.3g} of it, passed on by saver sequences that passed to their end, "
+                          f"over {_chain_sequences(pool_size)} chain sequences" if chain_delta > 0 else
+                          "; no saver sequence passed to its end, so no δ was left for chains")
+        guarantee += "; assumes exchangeable samples"
     sel = Selection(zoo=zoo_name, base=base, stages=stages, criterion=cfg.criterion, tolerance=cfg.tolerance,
                     delta=cfg.delta if certifies else None, cost_metric=cfg.cost,
                     target=cfg.target, calib_split=calib.name, test_split=test.name if test else None,
