@@ -86,7 +86,7 @@ def test_ray_profile_equals_local(ray_local, cfg, local_zoo, tmp_path):
     from tinysaver.profile_ray import profile_on_ray
 
     counts = profile_on_ray(cfg, tmp_path, shards=SHARDS, progress=False, log=lambda s: None)
-    assert counts == {"units": 2 * SHARDS, "run": 2 * SHARDS, "reused": 0, "skipped": 0, "retries": 0, "merged": 2}
+    assert counts == {"units": 2 * SHARDS, "run": 2 * SHARDS, "reused": 0, "skipped": 0, "retries": 0, "workers_lost": 0, "merged": 2}
     assert_same_zoo(load_zoo("rayzoo", tmp_path), local_zoo)
     assert not (tmp_path / "rayzoo.staging").exists()  # merged shards are cleaned up
     # a second run finds the models done and computes nothing

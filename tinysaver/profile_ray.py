@@ -10,8 +10,10 @@ asks Ray for ``num_cpus``/``num_gpus``, so one config runs on a laptop or on a G
 
 Faults:
 
-- a killed actor process is restarted by Ray (``max_restarts``) and its in-flight unit re-run
-  (``max_task_retries``); a restarted actor reports it, and the run counts it as a retry;
+- a worker lost with its process or its whole node fails its unit, and the driver gives the unit
+  to another worker (the shard is decoded again if it was lost with the node). A replacement
+  worker starts where the cluster has room; otherwise the pool shrinks with the cluster. Each
+  rerun is counted (``retries``), and each lost worker (``workers_lost``);
 - every finished unit is written atomically to ``<zoo>.staging/`` next to the zoo, so a rerun
   after the *driver* died computes only the units that are not there;
 - when every unit of a model is in, the driver concatenates its shards into the zoo's usual
@@ -114,7 +116,6 @@ def _ray_classes():
 
         def __init__(self, device: str):
             self.device, self.model = device, None
-            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
         def _load(self, spec: dict):
             from .models import ModelSpec, create_model
@@ -135,11 +136,11 @@ def _ray_classes():
         def describe(self, spec: dict, flops_counter: str, zoo_dir: str) -> dict:
             return describe_model(self._load(spec), flops_counter, Path(zoo_dir))
 
-        def run(self, spec: dict, data, out: str, batch_size: int, topk: int, save_logits: bool) -> tuple[int, bool]:
+        def run(self, spec: dict, data, out: str, batch_size: int, topk: int, save_logits: bool) -> int:
             res = predict(self._load(spec), data, batch_size, topk, save_logits, progress=False)
             atomic_write_npz(Path(out), ids=np.array(data.ids, dtype=str), labels=data.labels,
                              failed=np.array([i for i, _ in data.failures], dtype=str), **res)
-            return os.getpid(), self.restarted
+            return os.getpid()
 
     return ModelWorker
 
@@ -153,10 +154,12 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
     Joins the cluster at ``address`` (or ``RAY_ADDRESS``) when given, uses a Ray instance this
     process already started, or else starts a local one. ``on_unit(unit, worker_pid)`` is called
     as each unit finishes. Returns counts: ``units`` (all), ``run`` (computed now), ``reused``
-    (found staged), ``skipped`` (units of models already in the zoo), ``retries`` (actor restarts),
-    ``merged`` (models written to the zoo).
+    (found staged), ``skipped`` (units of models already in the zoo), ``retries`` (units run again
+    after their worker was lost), ``workers_lost`` (with their process or node), ``merged`` (models
+    written to the zoo).
     """
     import ray
+    from ray.exceptions import RayError
     from tqdm.auto import tqdm
 
     sizes = check_config(cfg, shards, gpus_per_task, cpus_per_task)  # before Ray starts anything
@@ -175,7 +178,7 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
     device = "cuda" if gpus_per_task > 0 else cfg.device
     staging = staging_dir(path)
     bounds = {s: shard_bounds(n, shards, cfg.eval_batch_size) for s, n in sizes.items()}
-    counts = {"units": 0, "run": 0, "reused": 0, "skipped": 0, "retries": 0, "merged": 0}
+    counts = {"units": 0, "run": 0, "reused": 0, "skipped": 0, "retries": 0, "workers_lost": 0, "merged": 0}
     with zoo_lock(path):
         manifest = _load_manifest(path, cfg)
         todo, pending = [], {}
@@ -219,16 +222,43 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
         slots = res.get("GPU", 0) / gpus_per_task if gpus_per_task > 0 else res.get("CPU", 1) / cpus_per_task
         remaining = {spec.key: len(pending[spec.key]) for spec, _ in todo}
         n_workers = max(1, min(int(slots), sum(remaining.values()) or 1))
-        opts = dict(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_restarts=max_retries,
-                    max_task_retries=max_retries)
-        workers = [ModelWorker.options(**opts).remote(device) for _ in range(n_workers)]
+        # The driver, not Ray, reruns the unit of a lost worker: a restarted actor may never be
+        # scheduled again once its node is gone, and a task waiting for it would wait for ever.
+        opts = dict(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_restarts=0, max_task_retries=0)
+        workers = {w: ModelWorker.options(**opts).remote(device) for w in range(n_workers)}
         by_key = {spec.key: (spec, files) for spec, files in todo}
         holds: dict[int, str | None] = {w: None for w in range(n_workers)}
-        described, inflight, restarts = {}, {}, set()
+        described, inflight = {}, {}
+        rerun, next_id = [0], [n_workers]
+
+        def room() -> bool:
+            free = ray.available_resources()
+            need = ("GPU", gpus_per_task) if gpus_per_task > 0 else ("CPU", cpus_per_task)
+            return free.get(need[0], 0) >= need[1] - 1e-9
+
+        def lose(w: int, u: Unit) -> None:
+            """Worker ``w`` failed unit ``u``: requeue the unit, retire the worker, replace it if there is room."""
+            rerun[0] += 1
+            counts["workers_lost"] += 1
+            pending[u.model].insert(0, u)
+            decoded.pop((u.split, u.shard), None)  # it may have been lost with the worker's node
+            for key in [k for k, (_, dw) in described.items() if dw == w]:
+                described.pop(key)  # described again on a live worker
+            ray.kill(workers.pop(w))
+            holds.pop(w)
+            if counts["workers_lost"] <= max_retries * n_workers and room():
+                new, next_id[0] = next_id[0], next_id[0] + 1
+                workers[new], holds[new] = ModelWorker.options(**opts).remote(device), None
+            if not workers:
+                raise ZooError("every Ray worker was lost and the cluster has no room for another; "
+                               "rerun the same command to resume (finished units are kept)")
+            busy = {bw for _, bw in inflight.values()}
+            for idle in [x for x in workers if x not in busy]:
+                submit(idle)
 
         def describe(key: str, w: int) -> None:
             if key not in described:  # FLOPs once per model, on the first worker that loads it
-                described[key] = workers[w].describe.remote(by_key[key][0].to_dict(), cfg.flops_counter, str(path))
+                described[key] = (workers[w].describe.remote(by_key[key][0].to_dict(), cfg.flops_counter, str(path)), w)
 
         def next_unit(w: int) -> Unit | None:
             held = {k for k in holds.values() if k}
@@ -251,28 +281,37 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
 
         def merge(key: str) -> None:
             spec, files = by_key[key]
-            _merge(path, manifest, cfg, key, files, ray.get(described[key]), log)
+            while True:
+                try:
+                    entry = ray.get(described[key][0])
+                    break
+                except RayError:  # its worker was lost since: describe it again on a live one
+                    described.pop(key)
+                    describe(key, next(iter(workers)))
+            _merge(path, manifest, cfg, key, files, entry, log)
             counts["merged"] += 1
-            bar.set_postfix(models=f"{counts['merged']}/{len(todo)}", retries=len(restarts))
+            bar.set_postfix(models=f"{counts['merged']}/{len(todo)}", retries=rerun[0])
 
         try:
             for key, n in remaining.items():
                 if n == 0:  # every unit was staged by an earlier run: only the FLOPs are left
                     describe(key, 0)
                     merge(key)
-            for w in range(n_workers):
+            for w in list(workers):
                 submit(w)
             while inflight:
                 [ref], _ = ray.wait(list(inflight), num_returns=1)
                 u, w = inflight.pop(ref)
-                pid, restarted = ray.get(ref)
+                try:
+                    pid = ray.get(ref)
+                except RayError:  # the worker, its node, or the shard it read is gone
+                    lose(w, u)
+                    continue
                 counts["run"] += 1
                 remaining[u.model] -= 1
                 release(u)
-                if restarted:
-                    restarts.add(pid)
                 bar.update(1)
-                bar.set_postfix(models=f"{counts['merged']}/{len(todo)}", retries=len(restarts))
+                bar.set_postfix(models=f"{counts['merged']}/{len(todo)}", retries=rerun[0])
                 if on_unit:
                     on_unit(u, pid)
                 submit(w)  # before the merge, so the worker does not wait for the driver's writes
@@ -280,9 +319,9 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
                     merge(u.model)
         finally:
             bar.close()
-            for a in workers:
+            for a in workers.values():
                 ray.kill(a)
-        counts["retries"] = len(restarts)
+        counts["retries"] = rerun[0]
         if staging.is_dir() and not any(staging.rglob("*.npz")):
             shutil.rmtree(staging, ignore_errors=True)
     return counts
