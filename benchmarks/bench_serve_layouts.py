@@ -15,7 +15,9 @@ noisy neighbour slows them alike:
 - ``fused``: the cascade in one deployment (eager), the default layout;
 - ``fused-onnx``: the same on ONNX Runtime (``--backend onnxruntime``).
 
-Also, in this process and after the service is gone: ``Cascade.predict`` at the service's batch
+For the fused apps it also breaks each request's time into its parts (the replica's own timings
+from ``/metrics``, the client's latency and CPU time), so the gap to in-process is measured, not
+guessed. Also, in this process and after the service is gone: ``Cascade.predict`` at the service's batch
 size (the in-process reference), its batch-1 time per image, and ``/predict/batch`` with 16 images
 per request against the in-process cascade on the same backend.
 """
@@ -88,6 +90,16 @@ async def batch_loop(url: str, bodies: list[bytes], per_request: int, concurrenc
         t0 = time.perf_counter()
         await asyncio.gather(*(user(client) for _ in range(concurrency)))
         return n_req * per_request / (time.perf_counter() - t0)
+
+
+def timing_totals(predict_url: str) -> dict[str, float]:
+    """The replica's summed server-side milliseconds per part (``timing_ms`` of /metrics × requests).
+    One replica per app here, so one /metrics call sees every request."""
+    import httpx
+
+    t = httpx.get(predict_url.replace("/predict", "/metrics"), timeout=30).json()["timing_ms"]
+    n = t["requests"]
+    return {"requests": n, **{k: (v or 0.0) * n for k, v in t.items() if k != "requests"}}
 
 
 def wait_up(url: str, timeout_s: float = 300) -> None:
@@ -172,12 +184,25 @@ def main() -> int:
           f"medians; load before: {os.getloadavg()[0]:.2f}", flush=True)
     for url in urls.values():  # warm-up
         asyncio.run(closed_loop(url, bodies, 4, 32))
-    rows = []
+    rows, gaps = [], []
     for c in args.concurrency:
         runs = {name: [] for name in urls}
+        parts = {name: [] for name in urls if name.startswith("fused")}
         for _ in range(args.repeats):
             for name, url in urls.items():
+                before = timing_totals(url) if name in parts else None
+                cpu0 = time.process_time()
                 runs[name].append(asyncio.run(closed_loop(url, bodies, c, args.requests)))
+                cpu = (time.process_time() - cpu0) / args.requests * 1e3
+                if before is not None:
+                    after = timing_totals(url)
+                    n = after["requests"] - before["requests"]
+                    part = {k: (after[k] - before[k]) / n for k in after if k != "requests"}
+                    part["client"] = float(np.mean([r["client_ms"] for r in runs[name][-1][1]]))
+                    part["client_cpu"] = cpu
+                    parts[name].append(part)
+        for name, ps in parts.items():
+            gaps.append({"concurrency": c, "app": name, **{k: float(np.median([p[k] for p in ps])) for k in ps[0]}})
         row = {"concurrency": c}
         for name, rs in runs.items():
             lat = np.concatenate([[r["client_ms"] for r in res] for _, res in rs])
@@ -234,6 +259,18 @@ def main() -> int:
     for r in rows:
         print(f"| {r['concurrency']} | " + " | ".join(f"{r[n + ':p50']:.1f}" for n in names) +
               f" | {r.get('fused:early_p50', float('nan')):.1f} |")
+    if gaps:
+        print("\nWhere a /predict request's time goes (mean ms per request, medians of the runs). The server's parts "
+              "come from the replica's /metrics; 'proxy + transport' is the client's mean latency less the server's "
+              "read + decode + answer: Serve's proxy, the HTTP hops and the request's serialisation to the replica. "
+              "'client CPU' is the benchmark client's own CPU time per request, on the same cores.")
+        print("| concurrency | app | client latency | proxy + transport | read body | decode | batch wait | engine |"
+              " client CPU |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for g in gaps:
+            server = g["read"] + g["decode"] + g["answer"]
+            print(f"| {g['concurrency']} | {g['app']} | {g['client']:.1f} | {g['client'] - server:.1f} | {g['read']:.2f} "
+                  f"| {g['decode']:.2f} | {g['queue']:.1f} | {g['engine']:.1f} | {g['client_cpu']:.2f} |")
     for name, rate in batch_rate.items():
         ref = ip["onnxruntime" if name.endswith("onnx") else "eager"]
         print(f"\n/predict/batch, 16 images per request, concurrency 4, {name}: {rate:.1f} img/s = {rate / ref:.2f} of "

@@ -1,9 +1,10 @@
 """Exit thresholds for saver + ESN exits, and dynamic inference that really skips compute.
 
 Exits in running order: 0 = the saver, n = ESN exit after base stage n (1..N), and the base's own
-head last. Thresholds are chosen on a calibration split no ESN training saw, one exit at a time
-with the selector's exact sweep: among the samples still open, exit n takes the largest set that
-meets the criterion against the base on those samples.
+head last. Thresholds are chosen on a calibration split no ESN training saw. For zero/bounded, one
+exit at a time with the selector's exact sweep: among the samples still open, exit n takes the
+largest set that meets the criterion against the base on those samples. For guaranteed, by
+Learn-then-Test along one shared-threshold path (:func:`choose_policy`).
 """
 from __future__ import annotations
 
@@ -33,9 +34,22 @@ class ExitPolicy:
 
 def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, labels: np.ndarray,
                   criterion: str = "zero", tolerance: float = 0.0, delta: float = 0.1,
-                  saver_threshold: float | None = None) -> ExitPolicy:
-    """Greedy exact sweep exit by exit. ``tolerance`` (points of the whole split) is spent first come,
-    first served; with ``guaranteed``, δ and ε are split evenly over the exits (union bound)."""
+                  saver_threshold: float | None = None, method: str = "wsr") -> ExitPolicy:
+    """Exit thresholds from calibration outputs: (exits, B) ``preds``/``confs`` in running order.
+
+    ``zero``/``bounded``: the selector's exact sweep, exit by exit, on the samples still open; the
+    tolerance (points of the whole split) is spent first come, first served.
+
+    ``guaranteed``: Learn-then-Test along one path fixed before the data are seen, as the
+    risk-controlled early-exit literature does (Jazbec et al., "Fast yet Safe", NeurIPS 2024): every
+    exit shares one threshold λ, walked down the selector's guarantee grid. Each λ's loss against
+    the base over the whole cascade is tested in fixed sequence at the full δ (``method``: wsr or
+    clopper-pearson), stopping at the first failure, and the lowest passing λ is kept. Then
+    P(expected loss on new samples > ε) ≤ δ, assuming exchangeable samples. ``saver_threshold``
+    fixes exit 0; the path then runs over the other exits.
+    """
+    if get_criterion(criterion).guarantee:
+        return _guaranteed_path(preds, confs, base_pred, labels, tolerance, delta, saver_threshold, method)
     n_exits, n = preds.shape
     open_ = np.ones(n, bool)
     base_ok = base_pred == labels
@@ -50,16 +64,38 @@ def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, l
         else:
             ok = preds[i][idx] == labels[idx]
             so = SaverOrder.build(confs[i][idx], ok)
-            if get_criterion(criterion).guarantee:
-                tol, d = tolerance / n_exits * n / len(idx), delta / n_exits
-            else:
-                tol, d = max(tolerance - lost, 0.0) * n / len(idx), delta
-            _, t = best_exit(so, base_ok[idx], criterion, tol, d)
+            tol = max(tolerance - lost, 0.0) * n / len(idx)
+            _, t = best_exit(so, base_ok[idx], criterion, tol, delta)
         take = open_ & exits(confs[i], t)
         lost += 100.0 * ((base_ok[take].sum() - (preds[i][take] == labels[take]).sum()) / n)
         thresholds.append(t)
         open_ &= ~take
     return ExitPolicy(thresholds)
+
+
+def _guaranteed_path(preds, confs, base_pred, labels, tolerance, delta, saver_threshold, method) -> ExitPolicy:
+    from tinysaver.criteria import GUARANTEE_GRID
+    from tinysaver.selector import criterion_passes
+
+    n_exits, n = preds.shape
+    lam = np.concatenate([[np.inf], GUARANTEE_GRID])  # candidate 0: nothing exits (always passes)
+    base_ok = (base_pred == labels).astype(np.int8)
+    ok = np.concatenate([preds == labels[None], base_ok[None].astype(bool)]).astype(np.int8)
+    cols = np.arange(n)[None, :]
+
+    def path(j: int) -> list[float]:
+        t = [float(lam[j])] * n_exits
+        if saver_threshold is not None and n_exits:
+            t[0] = float(saver_threshold)
+        return t
+
+    def outcomes(rows):
+        where = np.stack([apply(confs, path(j)) for j in rows])
+        loss = base_ok[None, :] - ok[where, cols]  # +1 harm, −1 repair
+        return (loss == 1).sum(1), (loss == -1).sum(1), lambda: loss
+
+    passing = criterion_passes("guaranteed", outcomes, len(lam), n, tolerance, delta, method)
+    return ExitPolicy(path(int(np.flatnonzero(passing)[-1])))
 
 
 def calibrated_policy(zoo, pair, method, criterion: str = "zero", tolerance: float = 0.0, delta: float = 0.1,

@@ -1,12 +1,13 @@
-"""Two Ray nodes on one machine: profile --backend ray spreads over both and survives losing one.
+"""Two Ray nodes on one machine: profiling and serving survive losing the second one.
 
-One cluster for the module (``ray.cluster_utils.Cluster``): a head and a second node with its own
-CPU and a ``node2`` resource. The node is removed while units run, as a node loss would.
+One cluster for the module (``ray.cluster_utils.Cluster``): a head, and per test a second node
+with its own CPU and a ``node2`` resource. The node is killed, workers and all, while work runs.
 """
 import numpy as np
 import pytest
 
-from tests.helpers import need_package, png_bytes
+from tests.helpers import free_port, need, need_package, png, png_bytes
+from tinysaver.data import FASHION_MNIST_DIR
 from tinysaver.models import ModelSpec
 from tinysaver.profiler import ProfileConfig, profile
 from tinysaver.zoo import load_zoo
@@ -24,12 +25,16 @@ def cluster():
 
     set_local_ray_env()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    node2 = c.add_node(num_cpus=1, resources={"node2": 1})
-    c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
-    yield c, node2
+    yield c
     ray.shutdown()
     c.shutdown()
+
+
+def second_node(c, cpus: float = 1):
+    node = c.add_node(num_cpus=cpus, resources={"node2": 1})
+    c.wait_for_nodes()
+    return node
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,7 @@ def kill_node(c, node) -> list[int]:
     import psutil
 
     raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-    workers = [p.pid for p in raylet.children(recursive=True)]
+    workers = {p.pid: " ".join(p.cmdline()) for p in raylet.children(recursive=True)}
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     c.remove_node(node, allow_graceful=False)
@@ -68,7 +73,8 @@ def test_profile_spreads_over_two_nodes_and_survives_losing_one(cluster, cfg, tm
 
     from tinysaver.profile_ray import profile_on_ray
 
-    c, node2 = cluster
+    c = cluster
+    node2 = second_node(c)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     seen, removed = [], []
 
@@ -93,3 +99,52 @@ def test_profile_spreads_over_two_nodes_and_survives_losing_one(cluster, cfg, tm
         assert list(pa.ids) == list(pb.ids) and np.array_equal(pa.pred, pb.pred)
         assert np.allclose(pa.conf, pb.conf, atol=1e-5)
         assert a.models[m]["flops"] == b.models[m]["flops"]
+
+
+def test_serve_with_the_base_pinned_to_the_second_node_answers_or_says_retry_when_it_is_lost(cluster):
+    """Per-stage layout, the base's replica pinned to node2 by its custom resource. Under load the
+    node is killed: every request gets an answer or the documented 503 'retry', none hangs, early
+    answers go on, and the service counts what it could not answer."""
+    need_package("httpx")
+    need(FASHION_MNIST_DIR.is_dir(), "Fashion-MNIST (apt-get install -y dataset-fashion-mnist)")
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from ray import serve
+
+    from tinysaver.data import load_dataset
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.serve import ServeOptions, build_app
+
+    c = cluster
+    node2 = second_node(c, cpus=0)  # no CPU: only what asks for node2 (the base) is placed there
+    zoo = load_zoo("fashion-mnist")
+    sel = select(zoo, "resnet10t", SelectorConfig()).best
+    bodies = [png(img) for img in load_dataset("fashion-mnist:test", progress=False, limit=80).images]
+    port = free_port()
+    # one proxy, on the head: the nodes share this machine's ports, so a proxy per node would clash
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    o = ServeOptions(layout="per-stage", num_cpus=[0.2, 0.0], ingress_num_cpus=0.1, resources=[{}, {"node2": 0.5}],
+                     request_timeout_s=2.0)
+    serve.run(build_app(sel, zoo, o), name="pinned", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)  # a hang fails the test
+    try:
+        post = lambda b: client.post("/predict", content=b, headers={"content-type": "image/png"})  # noqa: E731
+        with ThreadPoolExecutor(6) as pool:
+            before = list(pool.map(post, bodies[:40]))
+            assert all(r.status_code == 200 for r in before), [r.text for r in before if r.status_code != 200][:2]
+            assert {r.json()["exit_stage"] for r in before} == {0, 1}  # both stages answer, the base on node2
+            killed = kill_node(c, node2)
+            assert any(f"ServeReplica:pinned:stage1-{sel.base}" in cmd for cmd in killed.values()), killed
+            after = list(pool.map(post, bodies[40:]))
+        codes = [r.status_code for r in after]
+        assert set(codes) <= {200, 503}, [r.text for r in after if r.status_code not in (200, 503)][:2]
+        lost = [r for r in after if r.status_code == 503]
+        assert lost and all("retry" in r.json()["error"] for r in lost)
+        # the saver is on the head: its answers never needed node2
+        assert any(r.status_code == 200 and r.json()["exit_stage"] == 0 for r in after)
+        m = client.get("/metrics").json()
+        assert m["unavailable"] >= len(lost) and m["requests"] == len(before) + codes.count(200)
+    finally:
+        client.close()
+        serve.shutdown()

@@ -150,3 +150,39 @@ def test_esn_cli_train_and_eval(tiny_zoo_cfg, tmp_path, capsys):
     assert "saver + ESN" in out and "| 25% |" in out and "100.0% identical" in out
     assert main(["--root", str(root), "esn", "eval", "--zoo", "tiny", "--checkpoint", str(ck),
                  "--base", "test_efficientnet"]) == 2
+
+
+def test_guaranteed_exit_policy_covers_its_loss_by_simulation():
+    """The ESN's guaranteed thresholds (Learn-then-Test on one shared-threshold path): over seeded
+    calibration draws from a known population, the true loss against the base exceeds ε in at most
+    δ of the draws, and the policy does exit samples early."""
+    from esn.policy import ExitPolicy, choose_policy
+
+    rng = np.random.default_rng(7)
+    N, n, n_exits, eps, delta, draws = 20000, 500, 3, 3.0, 0.2, 100
+    labels = np.zeros(N, dtype=np.int64)
+    base_pred = np.where(rng.random(N) < 0.88, 0, 1)
+    confs = rng.random((n_exits, N)) ** np.array([[1.0], [0.7], [0.5]])  # later exits more confident
+    # exit i is right with a probability that grows with its confidence and with i
+    acc = 0.35 + 0.6 * confs * np.array([[0.8], [0.9], [1.0]])
+    preds = np.where(rng.random((n_exits, N)) < acc, 0, 1)
+
+    def true_loss(pol: ExitPolicy) -> float:
+        ans, _ = pol.apply(preds, confs, base_pred)
+        return 100 * ((base_pred == labels).mean() - (ans == labels).mean())
+
+    fails = exited = 0
+    for _ in range(draws):
+        idx = rng.choice(N, n, replace=False)
+        pol = choose_policy(preds[:, idx], confs[:, idx], base_pred[idx], labels[idx], "guaranteed", eps, delta)
+        assert len(set(pol.thresholds)) == 1  # one shared threshold: the path fixed in advance
+        fails += true_loss(pol) > eps
+        exited += np.isfinite(pol.thresholds[0])
+    # the guarantee is a probability over draws: allow two binomial standard deviations of 100 draws
+    # (0.08). Thresholds picked by the empirical loss alone (bounded, ε = 3) fail in 0.8 of them.
+    assert fails / draws <= delta + 2 * np.sqrt(delta * (1 - delta) / draws)
+    assert exited >= draws // 2
+    # a tighter ε never exits more
+    loose = choose_policy(preds[:, :n], confs[:, :n], base_pred[:n], labels[:n], "guaranteed", 5.0, delta)
+    tight = choose_policy(preds[:, :n], confs[:, :n], base_pred[:n], labels[:n], "guaranteed", 0.5, delta)
+    assert tight.thresholds[0] >= loose.thresholds[0]

@@ -80,6 +80,8 @@ def test_answers_equal_the_offline_cascade(service, offline):
     assert m["requests"] >= N and set(m["exit_ratio"]) == set(ref.stage_names)
     sizes = m["batch_sizes"][ref.stage_names[0]]
     assert sum(int(k) * v for k, v in sizes.items()) >= N and max(map(int, sizes)) > 1  # batched for real
+    tm = m["timing_ms"]  # where the server's time per request went (per-stage: no engine in the ingress)
+    assert tm["requests"] >= N and all(tm[k] > 0 for k in ("read", "decode", "answer")) and "engine" not in tm
     # early answers do not wait for the base
     early = [g["latency_ms"] for g in got if g["exit_stage"] == 0]
     late = [g["latency_ms"] for g in got if g["exit_stage"] == 1]
@@ -106,6 +108,9 @@ def test_the_fused_layout_answers_as_cascade_predict_in_one_deployment(service, 
     assert m["layout"] == "fused" and m["requests"] == N
     sizes = m["batch_sizes"]["fused"]
     assert sum(int(k) * v for k, v in sizes.items()) >= N and max(map(int, sizes)) > 1  # batched for real
+    tm = m["timing_ms"]  # where the server's time per request went
+    assert tm["requests"] == N and all(tm[k] > 0 for k in ("read", "decode", "answer", "queue", "engine"))
+    assert tm["queue"] + tm["engine"] <= tm["answer"] * 1.05 + 0.5  # the answer is the batch wait plus the engine
     # every early answer is audited against the base, which the same replica runs afterwards
     for _ in range(600):
         a = c.get("/fused/healthz").json()["audit"]

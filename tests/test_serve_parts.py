@@ -166,6 +166,26 @@ def test_fused_early_answers_do_not_wait_for_the_base_pass_of_their_batch():
             assert t < base_end - 0.5, (i, base_end - t)
     assert batcher.sizes == {6: 1}
     assert run(batcher.base_batch([1, 2, 3])) == [1, 2, 3]  # the base alone, for the audit
+    assert batcher.timed == 0  # items without an arrival time are not timed
+
+
+def test_fused_batcher_times_the_wait_for_a_batch_and_the_engine():
+    log = []
+    batcher = FusedBatcher([Slow(0.99, 0.05, log), Slow(1.0, 0.2, log)], [0.9], base_from=1)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        arrived = time.perf_counter()
+        items = [(i, loop.create_future(), arrived) for i in range(4)]
+        await asyncio.sleep(0.1)  # as if @serve.batch had waited for more requests
+        await batcher.answer_batch(items)
+        await asyncio.gather(*(f for _, f, _ in items))
+
+    run(go())
+    assert batcher.timed == 4
+    assert batcher.timing["queue"] >= 4 * 0.1 - 1e-3
+    # two answered after the saver (≥ 0.05 s), two after the base too (≥ 0.25 s)
+    assert batcher.timing["engine"] >= 2 * 0.05 + 2 * 0.25 - 1e-3
 
 
 def test_a_failing_fused_batch_fails_every_waiting_request():

@@ -25,10 +25,12 @@ Latency is not measured here (a shared cluster's timings mislead): run
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -159,7 +161,7 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
     written to the zoo).
     """
     import ray
-    from ray.exceptions import RayError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError, RayTaskError
     from tqdm.auto import tqdm
 
     sizes = check_config(cfg, shards, gpus_per_task, cpus_per_task)  # before Ray starts anything
@@ -225,16 +227,24 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
         # The driver, not Ray, reruns the unit of a lost worker: a restarted actor may never be
         # scheduled again once its node is gone, and a task waiting for it would wait for ever.
         opts = dict(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_restarts=0, max_task_retries=0)
+        WORKER_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
         workers = {w: ModelWorker.options(**opts).remote(device) for w in range(n_workers)}
         by_key = {spec.key: (spec, files) for spec, files in todo}
         holds: dict[int, str | None] = {w: None for w in range(n_workers)}
         described, inflight = {}, {}
-        rerun, next_id = [0], [n_workers]
+        rerun, next_id, tries = [0], [n_workers], {}
 
-        def room() -> bool:
-            free = ray.available_resources()
+        def room(wait_s: float) -> bool:
+            """Whether the cluster can hold one more worker; a dead worker's share is freed a moment
+            after its death is noticed, so this waits up to ``wait_s`` for it."""
             need = ("GPU", gpus_per_task) if gpus_per_task > 0 else ("CPU", cpus_per_task)
-            return free.get(need[0], 0) >= need[1] - 1e-9
+            deadline = time.monotonic() + wait_s
+            while True:
+                if ray.available_resources().get(need[0], 0) >= need[1] - 1e-9:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.2)
 
         def lose(w: int, u: Unit) -> None:
             """Worker ``w`` failed unit ``u``: requeue the unit, retire the worker, replace it if there is room."""
@@ -244,9 +254,10 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
             decoded.pop((u.split, u.shard), None)  # it may have been lost with the worker's node
             for key in [k for k, (_, dw) in described.items() if dw == w]:
                 described.pop(key)  # described again on a live worker
-            ray.kill(workers.pop(w))
+            with contextlib.suppress(RayError):  # it may be gone already, with its node
+                ray.kill(workers.pop(w))
             holds.pop(w)
-            if counts["workers_lost"] <= max_retries * n_workers and room():
+            if counts["workers_lost"] <= max_retries * n_workers and room(wait_s=5.0):
                 new, next_id[0] = next_id[0], next_id[0] + 1
                 workers[new], holds[new] = ModelWorker.options(**opts).remote(device), None
             if not workers:
@@ -304,8 +315,20 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
                 u, w = inflight.pop(ref)
                 try:
                     pid = ray.get(ref)
-                except RayError:  # the worker, its node, or the shard it read is gone
+                except WORKER_GONE:  # the worker died, alone or with its node
                     lose(w, u)
+                    continue
+                except RayError as e:  # the worker is alive, but the shard it read was lost with another
+                    if isinstance(e, RayTaskError):
+                        raise  # the unit itself failed (a model error): rerunning would fail again
+                    tries[u] = tries.get(u, 0) + 1
+                    if tries[u] > max_retries:
+                        raise ZooError(f"{u.model}: shard {u.shard} of {u.split} was lost {tries[u]} times "
+                                       f"({type(e).__name__}); rerun the same command to resume") from None
+                    pending[u.model].insert(0, u)
+                    decoded.pop((u.split, u.shard), None)
+                    rerun[0] += 1
+                    submit(w)
                     continue
                 counts["run"] += 1
                 remaining[u.model] -= 1

@@ -539,8 +539,9 @@ def _select_on(zoo_name: str, base: str, pool: Sequence[str], costs: dict[str, f
     # (graphical testing: δ flows only from hypotheses already rejected), so chains never cost a pair
     delta_pair = cfg.delta / max(len(pool), 1)
     exhausted: list[str] = []
-    cands = _pair_candidates(base, pool, calib, costs, cfg, orders, delta_pair, exhausted)
-    chain_delta = delta_pair * len(exhausted) if get_criterion(cfg.criterion).guarantee else cfg.delta
+    certifies = get_criterion(cfg.criterion).guarantee
+    cands = _pair_candidates(base, pool, calib, costs, cfg, orders, delta_pair, exhausted if certifies else None)
+    chain_delta = delta_pair * len(exhausted) if certifies else cfg.delta
     if cfg.max_stages > 2 and len(pool) >= 2 and chain_delta > 0:
         best2 = min((c.cost for c in cands), default=costs[base])
         cands += _chain_candidates(base, pool, calib, costs, cfg, best2 * (1 - 1e-12),

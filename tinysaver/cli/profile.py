@@ -53,7 +53,7 @@ def register(sub) -> None:
     q.add_argument("--shards", type=positive_int, default=4, help="with --backend ray: shards per split")
     q.add_argument("--gpus-per-task", type=float, default=0.0, help="with --backend ray: GPUs per model actor")
     q.add_argument("--cpus-per-task", type=float, default=1.0, help="with --backend ray: CPUs per model actor")
-    q.add_argument("--max-retries", type=int, default=3, help="with --backend ray: restarts of a killed actor")
+    q.add_argument("--max-retries", type=int, default=3, help="with --backend ray: replacements per lost worker (its unit always runs again)")
     q.add_argument("--plan", action="store_true",
                    help="print the expected wall time and GPU-hours of the config, run nothing")
     q.add_argument("--gpus", type=positive_int, default=1, help="with --plan: GPUs to plan for")

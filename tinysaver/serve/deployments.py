@@ -34,6 +34,7 @@ from .options import GRACEFUL_SHUTDOWN_S, Plan
 from .stages import ItemStage, load_stages, stage_device
 from .walk import FusedBatcher, StageWalk
 
+STATS_TIMEOUT_S = 2.0  # how long /metrics waits for one stage's counters
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 # a dead replica, or a deployment Serve is replacing or deleting (no replica, back-pressure, a
 # cancelled call): a retry may find a new replica, else the client is told to retry. Seen under
@@ -118,6 +119,8 @@ class Ingress:
         self.requests = 0
         self.exits = Counter()
         self.latency = Counter()
+        self.timing: Counter = Counter()  # seconds summed over answered /predict requests
+        self.timed = 0
         self.audit = AuditMonitor(o.audit, o.delta, o.audit_tolerance)
         self._tasks: set = set()
         self._starting, self._status_at = ([] if self.fused else list(plan.names)), -math.inf
@@ -144,7 +147,7 @@ class Ingress:
 
     async def _fused_answer(self, img) -> tuple:
         fut = asyncio.get_running_loop().create_future()
-        self._keep(self._fused((img, fut)))
+        self._keep(self._fused((img, fut, time.perf_counter())))
         try:
             return (*await asyncio.wait_for(asyncio.shield(fut), self.o.request_timeout_s), None)
         except asyncio.TimeoutError:
@@ -195,9 +198,19 @@ class Ingress:
     @api.post("/predict", openapi_extra=_ONE_IMAGE)
     async def predict(self, request: Request):
         try:
+            t0 = time.perf_counter()
             check_token(request.headers, self.token)
             [(_, data)] = await read_files(request, False, self.o.max_body_bytes)
-            return await self._answer(await self._image(data))
+            t1 = time.perf_counter()
+            img = await self._image(data)
+            t2 = time.perf_counter()
+            out = await self._answer(img)
+            # where a request's server-side time goes, for the benchmarks' breakdown of the gap
+            self.timing["read"] += t1 - t0
+            self.timing["decode"] += t2 - t1
+            self.timing["answer"] += time.perf_counter() - t2
+            self.timed += 1
+            return out
         except BadRequest as e:
             return self._error(e)
 
@@ -257,6 +270,15 @@ class Ingress:
             return JSONResponse({**body, "waiting_for": starting}, status_code=503)
         return body
 
+    def _timing(self) -> dict:
+        """Mean milliseconds per answered /predict request: reading the body, decoding, and the
+        answer; in the fused layout the answer splits into the wait for a batch and the engine."""
+        per = lambda total, n: round(1e3 * total / n, 3) if n else None  # noqa: E731
+        out = {k: per(self.timing[k], self.timed) for k in ("read", "decode", "answer")}
+        if self.fused:
+            out.update({k: per(v, self.batcher.timed) for k, v in self.batcher.timing.items()})
+        return {**out, "requests": self.timed}
+
     @api.get("/metrics")
     async def metrics_json(self, request: Request):
         try:
@@ -268,9 +290,13 @@ class Ingress:
         else:
             batches = {}
             for name, h in zip(self.names, self.stages):
+                # a stage with no replica (its node lost, a new one not placed yet) would hold the
+                # call until one comes: /metrics answers without it
+                call = h.stats.remote()
                 try:
-                    batches[name] = (await h.stats.remote())["batch_sizes"]
-                except DEAD:
+                    batches[name] = (await asyncio.wait_for(asyncio.ensure_future(call), STATS_TIMEOUT_S))["batch_sizes"]
+                except (asyncio.TimeoutError, *DEAD):
+                    call.cancel()
                     batches[name] = None
         n = max(self.requests, 1)
         walk = self.walk
@@ -281,6 +307,7 @@ class Ingress:
                 "batch_sizes": batches,
                 "latency_ms_histogram": {str(k): v for k, v in sorted(self.latency.items(), key=lambda kv: (
                     kv[0] == "inf", kv[0] if kv[0] != "inf" else 0))},
+                "timing_ms": self._timing(),
                 "retried_calls": walk.retried if walk else 0, "unavailable": walk.unavailable if walk else 0,
                 "status": self._status(), "audit": self.audit.view(), "pid": os.getpid()}
 

@@ -82,6 +82,10 @@ class FusedBatcher:
     def __init__(self, stages: Sequence, thresholds: Sequence[float], base_from: int):
         self.stages, self.thresholds, self.base_from = list(stages), [float(t) for t in thresholds], base_from
         self.sizes: dict[int, int] = {}
+        # seconds summed over answered requests: "queue" from the request's arrival (an item's
+        # third field, time.perf_counter()) to its batch's start, "engine" from there to its answer
+        self.timing: dict[str, float] = {"queue": 0.0, "engine": 0.0}
+        self.timed = 0
 
     @staticmethod
     def _run(stages: list, thresholds: list[float], images: list, answer) -> None:
@@ -89,24 +93,31 @@ class FusedBatcher:
         n = len(images)
         engine.run(stages, thresholds, n, lambda idx: [images[i] for i in idx], answer, batch_size=n)
 
-    async def answer_batch(self, items: list[tuple[Any, asyncio.Future]]) -> list[None]:
-        """Answer a batch of (image, future) items: each future gets (stage, class, confidence) as
-        soon as its stage has run, from the thread the engine runs in."""
+    async def answer_batch(self, items: list[tuple]) -> list[None]:
+        """Answer a batch of (image, future[, arrival time]) items: each future gets (stage, class,
+        confidence) as soon as its stage has run, from the thread the engine runs in."""
         loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        arrived = [item[2] if len(item) > 2 else None for item in items]
 
-        def settle(fut: asyncio.Future, value) -> None:
+        def settle(j: int, value) -> None:
+            fut = items[j][1]
             if not fut.done():
                 fut.set_result(value)
+            if arrived[j] is not None:
+                self.timing["queue"] += start - arrived[j]
+                self.timing["engine"] += time.perf_counter() - start
+                self.timed += 1
 
         def answer(i: int, idx: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> None:
             for j, p, c in zip(idx.tolist(), pred.tolist(), conf.tolist()):
-                loop.call_soon_threadsafe(settle, items[j][1], (i, int(p), float(c)))
+                loop.call_soon_threadsafe(settle, j, (i, int(p), float(c)))
 
         self.sizes[len(items)] = self.sizes.get(len(items), 0) + 1
         try:
-            await asyncio.to_thread(self._run, self.stages, self.thresholds, [img for img, _ in items], answer)
+            await asyncio.to_thread(self._run, self.stages, self.thresholds, [item[0] for item in items], answer)
         except Exception as e:  # every waiting request learns of it (this is the loop's own thread)
-            for _, fut in items:
+            for _, fut, *_ in items:
                 if not fut.done():
                     fut.set_exception(e)
         return [None] * len(items)

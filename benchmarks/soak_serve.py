@@ -1,0 +1,155 @@
+"""A sustained load on the fused service: memory, tail latency, errors and the audit over time.
+
+    python benchmarks/soak_serve.py --minutes 10 --concurrency 16
+
+One local Ray instance serves the default cascade (fused layout, eager, audit 5 %). A closed-loop
+httpx client on 127.0.0.1 only keeps ``--concurrency`` requests in flight for ``--minutes``, or
+until ``--max-requests`` have been sent, whichever comes first. Each minute it prints the p50 and
+p99 of the client's latency, the errors, the audit's state from ``/healthz``, and the resident
+memory (RSS) of every Serve process (proxy, controller, replicas). At the end it checks the goals:
+no errors, every Serve process's RSS within +10 % of its size after the first minute, and the
+last minute's p99 ≤ 1.5× the first minute's.
+
+RSS is compared with the end of the first minute, not with start-up: the first requests fill the
+allocators' pools and torch's caches once, which is a warm-up, not a leak. Both figures are printed.
+"""
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serve import encoded_images  # noqa: E402
+
+SERVE_PROCESS_NAMES = ("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")
+
+
+def serve_rss() -> dict[str, float]:
+    """RSS in MiB of every Serve process on this machine, by process title and pid."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(p.info["cmdline"] or [])
+        if title.startswith(SERVE_PROCESS_NAMES):
+            try:
+                out[f"{title.split()[0]}[{p.info['pid']}]"] = p.memory_info().rss / 2**20
+            except psutil.NoSuchProcess:
+                pass
+    return out
+
+
+async def soak(url: str, health: str, bodies: list[bytes], concurrency: int, seconds: float, max_requests: int):
+    import httpx
+
+    minutes: list[dict] = []
+    current = {"lat": [], "errors": 0}
+    sent = [0]
+    stop_at = time.monotonic() + seconds
+
+    async def user(client):
+        while time.monotonic() < stop_at and sent[0] < max_requests:
+            i = sent[0]
+            sent[0] += 1
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url, content=bodies[i % len(bodies)],
+                                      headers={"content-type": "application/octet-stream"})
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                current["lat"].append((time.perf_counter() - t0) * 1e3)
+            else:
+                current["errors"] += 1
+
+    async def clock(client):
+        start = time.monotonic()
+        while time.monotonic() < stop_at and sent[0] < max_requests:
+            await asyncio.sleep(min(60.0, max(stop_at - time.monotonic(), 0.0)))
+            done, current["lat"], errors, current["errors"] = current["lat"], [], current["errors"], 0
+            h = (await client.get(health)).json()
+            lat = np.array(done) if done else np.array([np.nan])
+            row = {"minute": len(minutes) + 1, "t_s": time.monotonic() - start, "answered": len(done),
+                   "errors": errors, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                   "audit": h.get("status"), "rss": serve_rss(), "load": os.getloadavg()[0]}
+            minutes.append(row)
+            print(f"minute {row['minute']:2d}: {row['answered']} answered, {errors} errors, p50 {row['p50']:.1f} ms, "
+                  f"p99 {row['p99']:.1f} ms, audit {row['audit']}, Serve RSS {sum(row['rss'].values()):.0f} MiB "
+                  f"over {len(row['rss'])} processes, load {row['load']:.2f}", flush=True)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        await asyncio.gather(clock(client), *(user(client) for _ in range(concurrency)))
+    return minutes, sent[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default="fashion-mnist")
+    ap.add_argument("--base", default="resnet10t")
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--max-requests", type=int, default=500_000, help="a bound on the total, whatever the time")
+    ap.add_argument("--audit", type=float, default=0.05)
+    args = ap.parse_args()
+
+    import socket
+
+    import ray
+    from ray import serve
+
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.serve import ServeOptions, build_app, local_ray_env, start_serve
+    from tinysaver.zoo import load_zoo
+
+    zoo = load_zoo(args.zoo)
+    sel = select(zoo, args.base, SelectorConfig()).best
+    bodies, _ = encoded_images(zoo, "test", 2000)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    local_ray_env()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_serve({"host": "127.0.0.1", "port": port})
+    serve.run(build_app(sel, zoo, ServeOptions(layout="fused", num_cpus=0.5, audit=args.audit)), name="soak",
+              route_prefix="/")
+    url, health = f"http://127.0.0.1:{port}/predict", f"http://127.0.0.1:{port}/healthz"
+    start_rss = serve_rss()
+    print(f"{' → '.join(sel.models)}, fused, audit {args.audit}; concurrency {args.concurrency} for {args.minutes} min "
+          f"(at most {args.max_requests} requests) on 127.0.0.1; load before {os.getloadavg()[0]:.2f}; Serve RSS at "
+          f"start {sum(start_rss.values()):.0f} MiB over {len(start_rss)} processes", flush=True)
+    minutes, sent = asyncio.run(soak(url, health, bodies, args.concurrency, args.minutes * 60, args.max_requests))
+    serve.shutdown()
+    ray.shutdown()
+
+    first, last = minutes[0], minutes[-1]
+    errors = sum(m["errors"] for m in minutes)
+    print(f"\n{sent} requests sent, {sum(m['answered'] for m in minutes)} answered, {errors} errors\n")
+    print("| process | RSS at start MiB | after minute 1 | at the end | growth since minute 1 |")
+    print("|---|---|---|---|---|")
+    growth = {}
+    for name in sorted(last["rss"]):
+        a, b = first["rss"].get(name), last["rss"][name]
+        growth[name] = (b / a - 1) if a else float("nan")
+        print(f"| {name} | {start_rss.get(name, float('nan')):.0f} | {a if a else float('nan'):.0f} | {b:.0f} | "
+              f"{100 * growth[name]:+.1f} % |")
+    print("\n| minute | answered | errors | p50 ms | p99 ms | audit | load |")
+    print("|---|---|---|---|---|---|---|")
+    for m in minutes:
+        print(f"| {m['minute']} | {m['answered']} | {m['errors']} | {m['p50']:.1f} | {m['p99']:.1f} | {m['audit']} | "
+              f"{m['load']:.2f} |")
+    worst = max(growth.values(), default=float("nan"))
+    ratio = last["p99"] / first["p99"]
+    print(f"\ngoals: errors {errors} (goal 0): {'met' if errors == 0 else 'NOT met'}; largest RSS growth since minute 1 "
+          f"{100 * worst:+.1f} % (goal ≤ +10 %): {'met' if worst <= 0.10 else 'NOT met'}; p99 last / first minute "
+          f"{ratio:.2f} (goal ≤ 1.5): {'met' if ratio <= 1.5 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
