@@ -3,6 +3,7 @@
     python benchmarks/bench_serve.py --zoo fashion-mnist --base resnet10t --requests 400
     python benchmarks/bench_serve.py --zoo imagenet-lite --base tf_efficientnet_lite2.pypi_in1k --split val --requests 96
     python benchmarks/bench_serve.py --esn esn.pt   # adds the saver with ESN exits (tinysaver esn train)
+    python benchmarks/bench_serve.py --layout per-stage --backend onnxruntime   # either layout, any runtime
 
 Load generator: an asyncio client on httpx, one coroutine per simulated user, each sending its
 next request as soon as its last one is answered (closed loop), at concurrency 1, 8 and 32. We
@@ -17,7 +18,7 @@ in-process reference runs ``Cascade.predict`` and the base alone on the same dec
 stages' batch size; the goal is served speedup ≥ 0.9 × in-process speedup at concurrency 32.
 
 With ``--esn``, a third application serves the checkpoint's saver with its ESN exits inside the base
-(thresholds chosen on calib at zero loss, as ``tinysaver serve --esn`` does), in the same alternation;
+(thresholds chosen on calib at zero loss, as ``tinysaver esn serve`` does), in the same alternation;
 its in-process reference is the ESN's dynamic inference at the same batch size.
 """
 from __future__ import annotations
@@ -109,6 +110,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--layout", choices=["fused", "per-stage"], default="fused", help="the served apps' layout")
+    ap.add_argument("--backend", default="eager", help="the served stages' runtime (eager, onnxruntime, openvino)")
     ap.add_argument("--esn", help="an ESN checkpoint for --base: also serve its saver with the ESN exits")
     args = ap.parse_args()
 
@@ -143,7 +146,7 @@ def main() -> int:
     # logical CPU shares only decide what Serve schedules: 3 apps with 9 stages must fit 2 CPUs
     cpus = (0.1, 0.1) if esn else (0.5, 0.25)
     opts = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3, num_cpus=cpus[0],
-                ingress_num_cpus=cpus[1])
+                ingress_num_cpus=cpus[1], layout=args.layout, backend=args.backend)
     serve.run(build_app(sel, zoo, ServeOptions(**opts)), name="cascade", route_prefix="/cascade")
     serve.run(build_app(Selection.manual(zoo.name, [], args.base), zoo, ServeOptions(**opts)), name="base",
               route_prefix="/base")

@@ -36,8 +36,11 @@ def serve_rss() -> dict[str, float]:
     for p in psutil.process_iter(["pid", "cmdline"]):
         title = " ".join(p.info["cmdline"] or [])
         if title.startswith(SERVE_PROCESS_NAMES):
+            # a Ray worker's title names the method it runs now (ServeController.listen_for_change):
+            # keep the actor's part only, so a process keeps one name over the run
+            name = title.split()[0].split(".")[0]
             try:
-                out[f"{title.split()[0]}[{p.info['pid']}]"] = p.memory_info().rss / 2**20
+                out[f"{name}[{p.info['pid']}]"] = p.memory_info().rss / 2**20
             except psutil.NoSuchProcess:
                 pass
     return out

@@ -1,0 +1,88 @@
+"""Guaranteed pairs and chains over many seeded calibration/holdout splits: exits kept, and violations.
+
+    python benchmarks/bench_guarantee_splits.py --zoo imagenet-lite --splits 500
+    python benchmarks/bench_guarantee_splits.py --zoo fashion-mnist --base resnet10t --splits 200
+
+For each seed the zoo's samples are cut into two seeded halves (the selector's own split: the
+first split of the zoo, or calib + test pooled for a zoo that has both). The selector certifies on
+the first half at ε and δ, with ``--max-stages 2`` and ``3``, for each test (WSR, Clopper–Pearson).
+On the second half it records the policy's exit ratio and its loss against the base; a split
+*violates* when that held-out loss exceeds ε. The guarantee asks the violation rate to stay ≤ δ
+(up to the holdout's own sampling noise), and the issue asks three stages never to exit fewer
+than two on the same split. Figures depend on no timing, so a busy machine does not move them.
+"""
+import argparse
+import time
+
+import numpy as np
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default="imagenet-lite")
+    ap.add_argument("--base", help="default: the zoo's most expensive measured model")
+    ap.add_argument("--splits", type=int, default=500)
+    ap.add_argument("--tolerance", type=float, default=1.0)
+    ap.add_argument("--delta", type=float, default=0.1)
+    ap.add_argument("--methods", default="wsr,clopper-pearson")
+    args = ap.parse_args()
+
+    from tinysaver.selector import SelectionError, SelectorConfig, SplitData, _select_on, available_costs
+    from tinysaver.zoo import load_zoo
+
+    zoo = load_zoo(args.zoo)
+    base = args.base or max(zoo.measured(), key=lambda m: zoo.models[m]["flops"])
+    costs = available_costs(zoo, zoo.measured(), "flops")
+    pool = [m for m in costs if m != base and costs[m] < costs[base]]
+    models = [base, *pool]
+    splits = [s for s in ("calib", "test") if s in zoo.splits] or list(zoo.splits)[:1]
+    preds = {m: [zoo.predictions(m, s) for s in splits] for m in models}
+    labels = np.concatenate([p.labels for p in preds[base]])
+    pred = {m: np.concatenate([p.pred for p in ps]) for m, ps in preds.items()}
+    conf = {m: np.concatenate([p.conf for p in ps]) for m, ps in preds.items()}
+    n = len(labels)
+    print(f"{args.zoo}: base {base}, savers {', '.join(pool)}; {n} samples ({'+'.join(splits)}) cut in seeded halves, "
+          f"{args.splits} splits; ε = {args.tolerance} pts, δ = {args.delta}", flush=True)
+
+    def part(idx, name):
+        return SplitData(name, labels[idx], {m: v[idx] for m, v in pred.items()}, {m: v[idx] for m, v in conf.items()})
+
+    rows = {}
+    t0 = time.perf_counter()
+    for seed in range(args.splits):
+        perm = np.random.default_rng(seed).permutation(n)
+        calib, hold = part(np.sort(perm[: n // 2]), "calib"), part(np.sort(perm[n // 2:]), "holdout")
+        for method in args.methods.split(","):
+            got = {}
+            for stages in (2, 3):
+                cfg = SelectorConfig(criterion="guaranteed", tolerance=args.tolerance, delta=args.delta,
+                                     max_stages=stages, guarantee_method=method)
+                try:
+                    sel = _select_on(zoo.name, base, pool, costs, calib, hold, cfg, top=1).best
+                except SelectionError as e:
+                    raise SystemExit(str(e))
+                ratio = float(sum(sel.exit_ratio_test[:-1])) if sel.found else 0.0
+                certified = float(sum(sel.exit_ratio_calib[:-1])) if sel.found else 0.0
+                loss = 100 * (sel.acc_base_test - sel.acc_cascade_test)
+                got[stages] = (ratio, loss, len(sel.stages), certified)
+                rows.setdefault((method, stages), []).append(got[stages])
+            # the issue's rule: three stages never certify fewer exits than two (calibration half)
+            rows.setdefault((method, "never fewer"), []).append(got[3][3] >= got[2][3] - 1e-12)
+        if (seed + 1) % 50 == 0:
+            print(f"  {seed + 1} splits, {time.perf_counter() - t0:.0f} s", flush=True)
+
+    print(f"\n| test | stages | mean held-out exit ratio | violation rate (held-out loss > {args.tolerance} pts) | "
+          "chains chosen | mean certified exit ratio | 3 stages certify ≥ 2 stages |")
+    print("|---|---|---|---|---|---|---|")
+    for method in args.methods.split(","):
+        for stages in (2, 3):
+            r = np.array(rows[(method, stages)], dtype=float)
+            never = np.mean(rows[(method, "never fewer")]) if stages == 3 else float("nan")
+            print(f"| {method} | {stages} | {r[:, 0].mean():.3f} | {np.mean(r[:, 1] > args.tolerance):.3f} | "
+                  f"{np.mean(r[:, 2] == 3):.3f} | {r[:, 3].mean():.3f} | "
+                  f"{'' if stages == 2 else f'{never:.3f} of splits'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
