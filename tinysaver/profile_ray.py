@@ -292,11 +292,13 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
 
         def merge(key: str) -> None:
             spec, files = by_key[key]
-            while True:
+            for attempt in range(max_retries + 2):
                 try:
                     entry = ray.get(described[key][0])
                     break
-                except RayError:  # its worker was lost since: describe it again on a live one
+                except RayError as e:  # its worker was lost since: describe it again on a live one
+                    if isinstance(e, RayTaskError) or attempt > max_retries or not workers:
+                        raise
                     described.pop(key)
                     describe(key, next(iter(workers)))
             _merge(path, manifest, cfg, key, files, entry, log)
