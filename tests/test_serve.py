@@ -348,14 +348,16 @@ def esn_service(service, offline, tmp_path_factory):
     policy = ExitPolicy(esn_policy_for(ref["confs"]))
     where_off = policy.apply(ref["preds"], ref["confs"], ref["base_pred"])[1]
     answer, where = dynamic_predict(pair, esn, policy, imgs, batch_size=16)
-    opts = ServeOptions(layout="per-stage", num_cpus=0.02, ingress_num_cpus=0.02, audit=1.0)
+    # fused: one replica holds every part (the per-stage walk is the cascade's, tested above, and
+    # the parts chained in process are tested without Ray); seven replicas cost the suite 30 s
+    opts = ServeOptions(layout="fused", num_cpus=0.05, audit=1.0)
     service["serve"].run(build_esn_app(ckpt, zoo, policy, opts), name="esn", route_prefix="/esn")
     top2 = torch.topk(feats["base_logits"].float(), 2).values
     return {"ckpt": ckpt, "policy": policy, "answer": answer, "where": where, "where_offline": where_off, "ref": ref,
             "names": part_names(saver, BASE, esn.num_exits), "base_gap": (top2[:, 0] - top2[:, 1]).numpy()}
 
 
-def test_esn_exits_are_served_one_deployment_per_base_stage(service, offline, esn_service):
+def test_esn_exits_are_served_and_answer_as_dynamic_inference(service, offline, esn_service):
     """Answers and answering parts equal the ESN's dynamic inference; audits run the rest of the base."""
     from tinysaver.policy import MARGIN
 
@@ -379,7 +381,7 @@ def test_esn_exits_are_served_one_deployment_per_base_stage(service, offline, es
         assert got[i]["stage_name"] == names[e["where"][i]]
     m = c.get("/esn/metrics").json()
     assert m["stages"] == names and m["requests"] == N
-    assert max(map(int, m["batch_sizes"][names[2]])) > 1  # a middle part batches for real
+    assert m["layout"] == "fused" and max(map(int, m["batch_sizes"]["fused"])) > 1  # batched for real
     # audits: every early answer, checked against the base's answer from the parts it skipped
     for _ in range(600):
         h = c.get("/esn/healthz").json()["audit"]
