@@ -174,7 +174,7 @@ def model_cost(zoo: Zoo, model: str, cost: str) -> float:
         parts = cost.split(":")
         if len(parts) not in (3, 4) or not parts[2].startswith("bs") or not parts[2][2:].isdigit():
             raise SelectionError(f"latency cost must look like latency:cpu:bs1 or latency:cpu:bs1:onnxruntime, got {cost!r}")
-        backend = parts[3] if len(parts) == 4 else "eager"
+        backend = parts[3] if len(parts) == 4 else DEFAULT_BACKEND
         lat = (e.backends.get(backend) or {}).get("latency")
         if lat is None and backend == DEFAULT_BACKEND:  # its latency is also the entry's own
             lat = e.latency or {}
