@@ -72,7 +72,7 @@ class Context:
 
     def sdn(self, label_free: bool = False):
         """SDN exits on the frozen base, trained once per target and shared."""
-        key = ("sdn", label_free if label_free else self.settings.label_free)
+        key = ("sdn", label_free or self.settings.label_free)
         if key not in self.shared:
             import torch
 

@@ -134,6 +134,9 @@ OFFLINE_CHECKPOINTS: dict[str, OfflineCheckpoint] = {
 }
 
 
+def model_device(module: nn.Module) -> torch.device:
+    """The device of a module's parameters (the CPU for a module without any)."""
+    return next(module.parameters(), torch.empty(0)).device
 
 
 def _timm():

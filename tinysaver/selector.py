@@ -427,9 +427,10 @@ def _chain_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: d
     ok = {m: calib.pred[m] == target for m in (*pool, base)}
     n = len(target)
     out = []
+    crit = get_criterion(cfg.criterion)
     for s1, s2 in itertools.combinations(sorted(pool, key=lambda m: costs[m]), 2):
-        if get_criterion(cfg.criterion).chains == "exact":
-            slack = cfg.tolerance * n / 100 + 1e-9 if get_criterion(cfg.criterion).takes_tolerance else 0
+        if crit.chains == "exact":
+            slack = cfg.tolerance * n / 100 + 1e-9 if crit.takes_tolerance else 0
             found = _chain_exact(calib.conf[s1], calib.conf[s2], ok[s1], ok[s2], ok[base].astype(np.int64),
                                  costs[s1], costs[s2], costs[base], slack, beat * n)
             if found is None:

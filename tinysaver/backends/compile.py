@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from ..models import model_device
 from . import Runner, register_backend
 
 
@@ -15,7 +16,7 @@ def build(model, cache_dir=None, threads=None, spin=False) -> Runner:
     # torch.compile works on first call; compile now, so that the time is reported as export time
     # and no request pays it. Batch 1 is specialised apart from the dynamic batch axis, and batch
     # shrinking reaches it often, so both shapes are compiled.
-    device = next(module.parameters(), torch.empty(0)).device
+    device = model_device(module)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for n in (2, 1):
