@@ -36,12 +36,12 @@ def service():
     start_serve({"host": "127.0.0.1", "port": port})
     zoo = load_zoo("fashion-mnist")
     sel = select(zoo, BASE, SelectorConfig()).best
-    # small CPU shares: this app and the audit app (3 deployments each) share 2 cores
+    # small CPU shares: the per-stage app (3 deployments) and the fused one share 2 cores. The fused
+    # app audits every early answer (the per-stage audit walk is tested without Ray, in test_serve_parts)
     opts = dict(layout="per-stage", num_cpus=0.25, ingress_num_cpus=0.2, max_body_bytes=64 * 1024)
     serve.run(build_app(sel, zoo, ServeOptions(**opts)), name="casc", route_prefix="/")
-    audit = ServeOptions(**opts, audit=1.0, audit_tolerance=2.0, delta=0.1)
-    serve.run(build_app(sel, zoo, audit), name="audited", route_prefix="/audited")
-    fused = ServeOptions(num_cpus=0.3, max_body_bytes=64 * 1024, audit=1.0)  # fused: the default
+    fused = ServeOptions(num_cpus=0.3, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.0,
+                         delta=0.1)  # fused: the default
     serve.run(build_app(sel, zoo, fused), name="fused", route_prefix="/fused")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     yield {"client": client, "sel": sel, "zoo": zoo, "serve": serve}
@@ -173,11 +173,11 @@ def test_the_audit_says_drift_after_the_traffic_shifts_and_never_before(service,
 
     def send(batch):
         with ThreadPoolExecutor(4) as pool:
-            return list(pool.map(lambda im: post_answered(c, png(im), "/audited/predict"), batch))
+            return list(pool.map(lambda im: post_answered(c, png(im), "/fused/predict"), batch))
 
     def settled_health():  # the audits run after the answers: wait until each is done or dropped
         for _ in range(600):
-            h = c.get("/audited/healthz").json()
+            h = c.get("/fused/healthz").json()
             if h["audit"]["pending"] == 0:
                 assert h["audit"]["dropped"] <= 10, h  # an overloaded machine may drop a few, not the bound
                 return h
@@ -193,7 +193,7 @@ def test_the_audit_says_drift_after_the_traffic_shifts_and_never_before(service,
     assert all(r.status_code == 200 for r in send(shifted))
     h = settled_health()
     assert h["status"] == "drift" and h["audit"]["loss_points"]["lower"] > 2.0, h
-    m = c.get("/audited/metrics").json()
+    m = c.get("/fused/metrics").json()
     assert m["status"] == "drift" and m["audit"]["alarm"] and m["audit"]["disagreements"] > 0
     assert c.get("/metrics").json()["audit"]["state"] == "off"  # the other app audits nothing
 

@@ -125,6 +125,27 @@ def test_the_walk_retries_a_dead_replica_then_answers_503_at_the_deadline():
     assert slow.unavailable == 1
 
 
+def test_the_audit_walk_asks_only_the_base_chain_from_where_the_answer_left():
+    """Per-stage audits: a saver cascade skips the other savers and asks the base alone; an ESN
+    (base in parts) goes on from the answering part with its carry."""
+    calls = []
+
+    def call(i, item):
+        calls.append((i, item[1]))
+
+        async def answer():
+            return (100 + i, 0.1, f"carry{i}")
+        return answer()
+
+    savers = StageWalk(call, ["s1", "s2", "b"], [0.9, 0.9], base_from=2, retries=0)
+    assert run(savers.base_answer("img", 0, "carry0", 5.0)) == 102 and calls == [(2, "carry0")]
+    calls.clear()
+    parts = StageWalk(call, ["saver", "p1", "p2"], [0.9, 0.9], base_from=1, retries=0)
+    assert run(parts.base_answer("img", 1, "carry1", 5.0)) == 102 and calls == [(2, "carry1")]
+    calls.clear()
+    assert run(parts.base_answer("img", 0, "carry0", 5.0)) == 102 and calls == [(1, "carry0"), (2, "carry1")]
+
+
 class Slow:
     """A stage that answers by a fixed confidence and takes ``seconds``."""
 
