@@ -12,18 +12,55 @@ from tinysaver.data import FASHION_MNIST_DIR
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts Ray: select with -m 'not ray' for a quick run
 
 
-def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """``tinysaver serve`` and ``serve run`` with the builder, started side by side (each its own
+    local Ray) so that their start-ups overlap; each test stops its own. Yields
+    {"tinysaver": (proc, port), "serve-run": proc or a reason it was not started}; a process's
+    output goes to a file (``proc.log``), which no idle pipe can fill and block."""
+    import os
+    import shutil
+    import socket
+
     need_package("ray")
     need_package("httpx")
     need(FASHION_MNIST_DIR.is_dir(), "Fashion-MNIST (apt-get install -y dataset-fashion-mnist)")
+    logs = tmp_path_factory.mktemp("serve-cli")
+
+    def start(name, cmd, **kw):
+        with (logs / f"{name}.log").open("w") as out:  # the child keeps its own copy of the file
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True, **kw)
+        proc.log = logs / f"{name}.log"
+        return proc
+
+    port = free_port()
+    procs = {"tinysaver": (start("tinysaver", [sys.executable, "-m", "tinysaver", "serve", "--zoo", "fashion-mnist",
+                                               "--base", "resnet10t", "--port", str(port), "--num-cpus", "0.5",
+                                               "--audit", "0.1"]), port)}
+    with socket.socket() as s:  # serve run listens on Serve's default port
+        taken = s.connect_ex(("127.0.0.1", 8000)) == 0
+    serve_cli = shutil.which("serve")
+    if taken:
+        procs["serve-run"] = "port 8000 is taken on this machine"
+    elif serve_cli is None:
+        procs["serve-run"] = "Ray Serve's 'serve' command is not on PATH"
+    else:
+        env = {**os.environ, "RAY_worker_niceness": "0"}
+        procs["serve-run"] = start("serve-run", [serve_cli, "run", "tinysaver.serve:app", "zoo=fashion-mnist",
+                                                 "base=resnet10t", "num_cpus=0.5", "token=s3cret"], env=env)
+    yield procs
+    for p in (procs["tinysaver"][0], procs["serve-run"]):
+        if isinstance(p, subprocess.Popen) and p.poll() is None:
+            p.kill()
+            p.wait(timeout=60)
+
+
+def test_serve_command_answers_and_stops_on_ctrl_c(services):
     import httpx
 
     from tinysaver.data import load_dataset
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tinysaver", "serve", "--zoo", "fashion-mnist", "--base", "resnet10t",
-                             "--port", str(port), "--num-cpus", "0.5", "--audit", "0.1"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, port = services["tinysaver"]
     try:
         url = f"http://127.0.0.1:{port}"
         # quiet, the service is up in about 30 s; with a matmul loop beside the tests, the stage
@@ -39,7 +76,7 @@ def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
                     assert h.json()["status"] == "starting" and h.json()["waiting_for"], h.text
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert proc.poll() is None, proc.log.read_text()[-3000:]
             if time.monotonic() > up_by:
                 pytest.fail("the service did not come up in 8 minutes")
             time.sleep(0.5)
@@ -56,9 +93,48 @@ def test_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail("tinysaver serve did not stop on Ctrl-C")
-    out = proc.stdout.read()
+    out = proc.log.read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "graceful_shutdown failed" not in out  # a clean stop says nothing alarming
+
+
+def test_serve_run_with_the_application_builder(services):
+    """What the README shows for Ray-native deployment: serve run tinysaver.serve:app key=value."""
+    import httpx
+
+    from tinysaver.data import load_dataset
+
+    proc = services["serve-run"]
+    if isinstance(proc, str):
+        if "taken" in proc:
+            pytest.skip(proc)
+        pytest.fail(proc)
+    try:
+        up_by = time.monotonic() + 480
+        while True:
+            try:
+                if httpx.get("http://127.0.0.1:8000/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.log.read_text()[-3000:]
+            if time.monotonic() > up_by:
+                pytest.fail("serve run did not come up in 8 minutes")
+            time.sleep(0.5)
+        img = png(load_dataset("fashion-mnist:test", progress=False, limit=1).images[0])
+        with httpx.Client(base_url="http://127.0.0.1:8000", timeout=60) as c:
+            assert c.post("/predict", content=img, headers={"content-type": "image/png"}).status_code == 401
+            r = c.post("/predict", content=img, headers={"content-type": "image/png",
+                                                          "authorization": "Bearer s3cret"})
+            assert r.status_code == 200 and r.json()["stage_name"] in ("mobilenetv3_small_075", "resnet10t"), r.text
+            h = c.get("/healthz").json()  # open without the token
+            assert h["layout"] == "fused" and h["stages"][-1] == "resnet10t"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def test_a_taken_port_is_refused_in_one_line_before_ray_starts(capsys):
@@ -113,52 +189,3 @@ def test_an_unschedulable_replica_stops_the_command_and_sigterm_works_during_sta
     out = "".join(lines) + rest
     assert proc.returncode == 0 and "stopped before the service was up" in out, out[-3000:]
     assert "Traceback" not in out and "Aborted" not in out
-
-
-def test_serve_run_with_the_application_builder(tmp_path):
-    """What the README shows for Ray-native deployment: serve run tinysaver.serve:app key=value."""
-    import os
-    import shutil
-    import socket
-
-    need_package("ray")
-    need_package("httpx")
-    need(FASHION_MNIST_DIR.is_dir(), "Fashion-MNIST (apt-get install -y dataset-fashion-mnist)")
-    import httpx
-
-    from tinysaver.data import load_dataset
-
-    with socket.socket() as s:  # serve run listens on Serve's default port
-        if s.connect_ex(("127.0.0.1", 8000)) == 0:
-            pytest.skip("port 8000 is taken on this machine")
-    serve_cli = shutil.which("serve") or pytest.fail("Ray Serve's 'serve' command is not on PATH")
-    env = {**os.environ, "RAY_worker_niceness": "0"}
-    proc = subprocess.Popen([serve_cli, "run", "tinysaver.serve:app", "zoo=fashion-mnist", "base=resnet10t",
-                             "num_cpus=0.5", "token=s3cret"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        up_by = time.monotonic() + 480
-        while True:
-            try:
-                if httpx.get("http://127.0.0.1:8000/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            if time.monotonic() > up_by:
-                pytest.fail("serve run did not come up in 8 minutes")
-            time.sleep(0.5)
-        img = png(load_dataset("fashion-mnist:test", progress=False, limit=1).images[0])
-        with httpx.Client(base_url="http://127.0.0.1:8000", timeout=60) as c:
-            assert c.post("/predict", content=img, headers={"content-type": "image/png"}).status_code == 401
-            r = c.post("/predict", content=img, headers={"content-type": "image/png",
-                                                          "authorization": "Bearer s3cret"})
-            assert r.status_code == 200 and r.json()["stage_name"] in ("mobilenetv3_small_075", "resnet10t"), r.text
-            h = c.get("/healthz").json()  # open without the token
-            assert h["layout"] == "fused" and h["stages"][-1] == "resnet10t"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
