@@ -40,7 +40,7 @@ def service():
     # app audits every early answer (the per-stage audit walk is tested without Ray, in test_serve_parts)
     opts = dict(layout="per-stage", num_cpus=0.25, ingress_num_cpus=0.2, max_body_bytes=64 * 1024)
     serve.run(build_app(sel, zoo, ServeOptions(**opts)), name="casc", route_prefix="/")
-    fused = ServeOptions(num_cpus=0.3, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.0,
+    fused = ServeOptions(num_cpus=0.3, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.5,
                          delta=0.1)  # fused: the default
     serve.run(build_app(sel, zoo, fused), name="fused", route_prefix="/fused")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
@@ -162,14 +162,15 @@ def test_bad_input_gets_a_clear_status_and_hurts_no_one(service, offline):
 
 
 def test_the_audit_says_drift_after_the_traffic_shifts_and_never_before(service, offline):
-    """Clean traffic is never called drift (300 clean requests, all audited, certify 2 points);
-    images shifted by 8 pixels, where the saver confidently disagrees with the base on about a
-    third, are."""
+    """Clean traffic is never called drift (280 requests with the fused test's, all audited, certify
+    2.5 points: the sequence's upper end is 2.01 points after 280 requests without a disagreement);
+    150 images shifted by 8 pixels, where the saver confidently disagrees with the base on about a
+    third (42 here), are."""
     from tinysaver.data import load_dataset
 
     c = service["client"]
-    clean = load_dataset("fashion-mnist:test", progress=False, limit=300).images
-    shifted = torch.roll(clean, 8, dims=3)
+    clean = load_dataset("fashion-mnist:test", progress=False, limit=280).images
+    shifted = torch.roll(clean[:150], 8, dims=3)
 
     def send(batch):
         with ThreadPoolExecutor(4) as pool:
@@ -184,15 +185,17 @@ def test_the_audit_says_drift_after_the_traffic_shifts_and_never_before(service,
             time.sleep(0.1)
         raise AssertionError("audits did not finish")
 
-    for part in range(0, 300, 75):
-        assert all(r.status_code == 200 for r in send(clean[part:part + 75]))
+    before = c.get("/fused/metrics").json()["requests"]  # this app's requests so far (all clean)
+    clean = clean[:max(280 - before, 50)]
+    for part in range(0, len(clean), 50):
+        assert all(r.status_code == 200 for r in send(clean[part:part + 50]))
         h = settled_health()
         assert h["status"] in ("uncertain", "certified"), h  # never drift before the shift
     a = h["audit"]
-    assert a["state"] == "certified" and a["loss_points"]["lower"] == 0.0 < a["loss_points"]["upper"] <= 2.0, a
+    assert a["state"] == "certified" and a["loss_points"]["lower"] == 0.0 < a["loss_points"]["upper"] <= 2.5, a
     assert all(r.status_code == 200 for r in send(shifted))
     h = settled_health()
-    assert h["status"] == "drift" and h["audit"]["loss_points"]["lower"] > 2.0, h
+    assert h["status"] == "drift" and h["audit"]["loss_points"]["lower"] > 2.5, h
     m = c.get("/fused/metrics").json()
     assert m["status"] == "drift" and m["audit"]["alarm"] and m["audit"]["disagreements"] > 0
     assert c.get("/metrics").json()["audit"]["state"] == "off"  # the other app audits nothing
