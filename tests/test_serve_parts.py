@@ -10,7 +10,7 @@ import torch
 from tests.helpers import png_bytes
 from tinysaver.errors import ServeError
 from tinysaver.serve import AuditMonitor, BadRequest, Plan, ServeOptions
-from tinysaver.serve.http import check_token, decode, read_files
+from tinysaver.serve.http import check_token, decode, ndjson_as_ready, read_files
 from tinysaver.serve.walk import FusedBatcher, StageWalk
 
 
@@ -95,6 +95,30 @@ def test_a_token_is_required_when_set():
 
 class Dead(Exception):
     pass
+
+
+def test_a_streamed_batch_writes_each_answer_when_it_is_ready():
+    """/predict/batch's lines come in the order the answers finish (here: 2, 0, 3, 1), each one
+    written before the next answer is ready, not in the order the images were sent."""
+    import json
+
+    async def main():
+        events = [asyncio.Event() for _ in range(4)]
+
+        async def answer(i):
+            await events[i].wait()
+            return {"index": i}
+
+        stream = ndjson_as_ready(answer(i) for i in range(4))
+        got = []
+        for i in (2, 0, 3, 1):  # only answer i can finish: a stream in index order would wait here
+            events[i].set()
+            got.append(json.loads(await asyncio.wait_for(stream.__anext__(), 5))["index"])
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        return got
+
+    assert run(main()) == [2, 0, 3, 1]
 
 
 def test_the_walk_retries_a_dead_replica_then_answers_503_at_the_deadline():

@@ -12,7 +12,6 @@ Every refusal has the body ``{"error": reason}``.
 """
 # No ``from __future__ import annotations``: FastAPI reads the route signatures at definition time.
 import asyncio
-import json
 import math
 import os
 import random
@@ -29,7 +28,7 @@ from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException
 
 from .audit import AuditMonitor
-from .http import BadRequest, check_token, decode, read_files
+from .http import BadRequest, check_token, decode, ndjson_as_ready, read_files
 from .options import GRACEFUL_SHUTDOWN_S, Plan
 from .stages import ItemStage, load_stages, stage_device
 from .walk import FusedBatcher, StageWalk
@@ -228,11 +227,8 @@ class Ingress:
             except BadRequest as e:
                 return {"index": index, "file": name, "error": e.reason, "status": e.status}
 
-        async def lines():
-            for ready in asyncio.as_completed([one(i, n, d) for i, (n, d) in enumerate(files)]):
-                yield json.dumps(await ready) + "\n"
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return StreamingResponse(ndjson_as_ready(one(i, n, d) for i, (n, d) in enumerate(files)),
+                                 media_type="application/x-ndjson")
 
     def _deployments_starting(self) -> list[str]:
         """Stage deployments Serve does not report HEALTHY yet (the ingress is up, and so

@@ -6,6 +6,10 @@ imports Ray, so the parsing is tested on its own.
 """
 from __future__ import annotations
 
+import asyncio
+import json
+from typing import AsyncIterator, Awaitable, Iterable
+
 from ..errors import ImageError, PixelCapError, TinysaverError
 
 RAW_TYPES = ("application/octet-stream", "image/")
@@ -88,4 +92,13 @@ def check_token(headers, token: str | None) -> None:
         raise BadRequest(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
 
 
-__all__ = ["BadRequest", "RAW_TYPES", "check_token", "content_type", "decode", "read_body", "read_files"]
+
+async def ndjson_as_ready(answers: Iterable[Awaitable[dict]]) -> AsyncIterator[str]:
+    """One JSON line per answer, in the order the answers finish, not the order they were asked:
+    a streamed batch hands out each early exit without waiting for the base's answers."""
+    for ready in asyncio.as_completed(list(answers)):
+        yield json.dumps(await ready) + "\n"
+
+
+__all__ = ["BadRequest", "RAW_TYPES", "check_token", "content_type", "decode", "ndjson_as_ready", "read_body",
+           "read_files"]
