@@ -38,7 +38,10 @@ def service():
     sel = select(zoo, BASE, SelectorConfig()).best
     # small CPU shares: the per-stage app (3 deployments) and the fused one share 2 cores. The fused
     # app audits every early answer (the per-stage audit walk is tested without Ray, in test_serve_parts)
-    opts = dict(layout="per-stage", num_cpus=0.25, ingress_num_cpus=0.2, max_body_bytes=64 * 1024)
+    # a request left waiting on a stage being deleted gets its 503 at the deadline: 10 s, not the
+    # default 25, keeps the shutdown test from waiting out the default (clients retry 503s)
+    opts = dict(layout="per-stage", num_cpus=0.25, ingress_num_cpus=0.2, max_body_bytes=64 * 1024,
+                request_timeout_s=10.0)
     serve.run(build_app(sel, zoo, ServeOptions(**opts)), name="casc", route_prefix="/")
     fused = ServeOptions(num_cpus=0.3, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.5,
                          delta=0.1)  # fused: the default
