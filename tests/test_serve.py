@@ -46,6 +46,8 @@ def service():
     fused = ServeOptions(num_cpus=0.3, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.5,
                          delta=0.1)  # fused: the default
     serve.run(build_app(sel, zoo, fused), name="fused", route_prefix="/fused")
+    adapt = ServeOptions(num_cpus=0.2, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.5, adapt=True)
+    serve.run(build_app(sel, zoo, adapt), name="adapt", route_prefix="/adapt")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     yield {"client": client, "sel": sel, "zoo": zoo, "serve": serve}
     client.close()
@@ -212,6 +214,32 @@ def test_the_audit_says_drift_after_the_traffic_shifts_and_never_before(service,
     m = c.get("/fused/metrics").json()
     assert m["status"] == "drift" and m["audit"]["alarm"] and m["audit"]["disagreements"] > 0
     assert c.get("/metrics").json()["audit"]["state"] == "off"  # the other app audits nothing
+
+
+def test_adapt_raises_the_threshold_when_the_traffic_shifts(service, offline):
+    """--adapt on shifted traffic: the drift raises the saver's threshold, /healthz and /metrics
+    report the one in use, and later requests are answered at it."""
+    from tinysaver.data import load_dataset
+
+    c, t0 = service["client"], service["sel"].thresholds[0]
+    shifted = torch.roll(load_dataset("fashion-mnist:test", progress=False, limit=150).images, 8, dims=3)
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda im: post_answered(c, png(im), "/adapt/predict"), shifted))
+    assert all(r.status_code == 200 for r in replies)
+    for _ in range(600):  # the audits run after the answers
+        h = c.get("/adapt/healthz").json()
+        if h["audit"]["pending"] == 0:
+            break
+        time.sleep(0.1)
+    sw = h["audit"]["adapt"]["switches"]
+    assert sw and sw[0]["why"] == "drift" and sw[0]["from"] == pytest.approx(t0), h["audit"]
+    now = h["thresholds"][0]  # None: ∞, the base alone
+    assert now is None or now > t0, h
+    assert c.get("/adapt/metrics").json()["thresholds"] == h["thresholds"]
+    raised = np.inf if sw[0]["to"] is None else sw[0]["to"]
+    later = [r.json() for r in replies[sw[0]["request"] + 16:]]  # sent well after the raise (4 at a time)
+    assert all(g["confidence"] >= raised for g in later if g["exit_stage"] == 0), (raised, later)
+    assert c.get("/fused/healthz").json()["thresholds"] == [t0]  # the other apps keep theirs
 
 
 def esn_policy_for(confs: np.ndarray):

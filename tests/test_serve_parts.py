@@ -214,6 +214,23 @@ def test_fused_early_answers_do_not_wait_for_the_base_pass_of_their_batch():
     assert batcher.timed == 0  # items without an arrival time are not timed
 
 
+def test_a_fused_batcher_for_adapt_gives_the_savers_answer_with_every_request():
+    """--adapt needs the saver's class and confidence for requests the base answered, too."""
+    log = []
+    batcher = FusedBatcher([Slow(0.99, 0.0, log), Slow(1.0, 0.0, log)], [0.9], base_from=1, first=True)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        items = [(i, loop.create_future()) for i in range(4)]
+        await batcher.answer_batch(items)
+        return [await f for _, f in items]
+
+    got = run(go())
+    assert [g[:2] for g in got] == [(0, 0), (1, 1), (0, 2), (1, 3)]
+    saver = [(p, round(c, 6)) for _, _, _, (p, c) in got]
+    assert saver == [(0, 0.99), (1, 0.0), (2, 0.99), (3, 0.0)]  # the saver's, on either stage
+
+
 def test_fused_batcher_times_the_wait_for_a_batch_and_the_engine():
     log = []
     batcher = FusedBatcher([Slow(0.99, 0.05, log), Slow(1.0, 0.2, log)], [0.9], base_from=1)
@@ -298,6 +315,79 @@ def test_checking_after_every_request_keeps_false_drift_below_delta():
     assert alarms / streams <= delta + 3 * (delta * (1 - delta) / streams) ** 0.5, alarms
 
 
+# --adapt, simulated: saver confidences c ~ U(0, 1); the saver disagrees with the base with
+# probability 0.3 (1 − c) on clean traffic (0.6 points lost at the calibrated 0.8), and 0.5 below
+# c = 0.97 after a shift (8.6 points at 0.8; 1.1 at 0.95, within the 2-point tolerance)
+def _clean(c):
+    return 0.3 * (1 - c)
+
+
+def _shifted(c):
+    return np.where(c < 0.97, 0.5, 0.02)
+
+
+def _true_loss(t, p) -> float:
+    """Points lost against the base at threshold t, for c ~ U(0, 1)."""
+    cs = np.linspace(0, 1, 200_001)
+    return 100 * float(np.mean((cs >= t) * p(cs)))
+
+
+def _replay(adapter, regimes, fraction, rng):
+    """(early, lost) per request, each answered at the threshold in use when it arrived."""
+    out = []
+    for n, p in regimes:
+        c = rng.random(n)
+        dis = rng.random(n) < p(c)
+        for ci, di in zip(c.tolist(), dis.tolist()):
+            early = ci >= adapter.threshold
+            audit = early and rng.random() < fraction
+            rec = adapter.request(early, audit, int(di), ci, None if early else 0)  # the base says 0
+            if audit:
+                adapter.audited(rec, di)
+            out.append((early, early and di))
+    return np.array(out)
+
+
+def test_adapt_raises_the_threshold_on_drift_and_lowers_it_only_on_fresh_audits():
+    from tinysaver.serve.adapt import ThresholdAdapter
+
+    fraction, tol, t0 = 0.2, 2.0, 0.8
+    fixed = _true_loss(t0, _shifted)
+    certified = []
+    lowered_after = 0
+    for seed in range(8):
+        ad = ThresholdAdapter(t0, fraction, 0.1, tol, seed=seed)
+        out = _replay(ad, [(5000, _clean), (10000, _shifted), (20000, _clean)], fraction,
+                      np.random.default_rng(seed))
+        sw = ad.switches
+        assert all(s["request"] > 5000 for s in sw), sw  # nothing moves on clean traffic
+        assert sw and sw[0]["why"] == "drift" and sw[0]["to"] > t0, sw  # the shift raises it
+        post = out[5000:15000]
+        assert 100 * post[:, 1].mean() < fixed / 2 and post[:, 0].mean() > 0.02  # less lost, exits kept
+        for s in sw:
+            if s["why"].startswith("certified"):  # certified on fresh audits: truly within the tolerance
+                regime = _shifted if s["request"] <= 15000 else _clean
+                certified.append(_true_loss(s["to"], regime) <= tol)
+        lowered_after += ad.threshold is not None and ad.threshold <= 0.9
+    assert certified and all(certified)
+    assert lowered_after >= 3, lowered_after  # back near the calibrated threshold once clean traffic returns
+
+
+def test_an_audit_from_an_ended_epoch_is_ignored():
+    from tinysaver.serve.adapt import ThresholdAdapter
+
+    ad = ThresholdAdapter(0.8, 1.0, 0.1, 1.0)
+    pending = ad.request(True, True, 1, 0.85, None)
+    ad.audited(ad.request(True, True, 1, 0.95, None), True)  # a confident disagreement: drift at once
+    # the epoch's one audit lost points at 0.95 and above, none at 0.98: the lowest grid point that fits
+    assert ad.switches == [{"request": 2, "from": 0.8, "to": 0.98, "why": "drift"}]
+    assert ad.threshold == 0.98 and ad.state == "uncertain" and ad.monitor.n == 0
+    ad.audited(pending, True)  # the old epoch's audit returns: the new monitor never saw its request
+    assert ad.monitor.n == 0 and ad.monitor.hits == 0
+    view = ad.view()
+    assert view["adapt"]["threshold"] == ad.threshold and view["adapt"]["switch_count"] == 1
+
+
 def test_options_choose_the_layout_and_plans_are_checked():
     assert ServeOptions().resolved_layout() == "fused"
     assert ServeOptions(num_gpus=[0, 1]).resolved_layout() == "per-stage"  # per-stage resources given
@@ -313,6 +403,14 @@ def test_options_choose_the_layout_and_plans_are_checked():
     p = Plan("z", ("a", "b"), ("a", "b"), (0.5,), (1.0, 1.0), None, o, base_from=1)
     with pytest.raises(Exception):  # frozen: a deployment's plan cannot change under it
         p.base_from = 0
+    with pytest.raises(ServeError, match="--adapt retunes from audits: give --audit"):
+        ServeOptions(adapt=True)
+    adapt = ServeOptions(adapt=True, audit=0.05)
+    assert Plan("z", ("a", "b"), ("a", "b"), (0.5,), (1.0, 1.0), None, adapt, base_from=1).options.adapt
+    with pytest.raises(ServeError, match="one saver before its base; this policy has 3 stages"):
+        Plan("z", ("a", "b", "c"), ("a", "b", "c"), (0.5, 0.5), (1.0,) * 3, None, adapt, base_from=2)
+    with pytest.raises(ServeError, match=r"2 stages \(ESN exits\)"):
+        Plan("z", ("a", "b"), ("a", "b"), (0.5,), (1.0, 1.0), None, adapt, base_from=1, factory="esn.serve:stages")
 
 
 def test_the_builder_types_serve_run_arguments_and_refuses_bad_ones():

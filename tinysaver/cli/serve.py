@@ -62,6 +62,9 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--audit-tolerance", type=positive_float, default=d.audit_tolerance,
                    help="accuracy points: certified while the live bound on the loss against the base is below it, "
                         "drift once the loss is shown to exceed it")
+    q.add_argument("--adapt", action="store_true",
+                   help="retune the saver's threshold within the bound: raise it on drift, lower it only once "
+                        "fresh audits certify a lower one (needs --audit; a saver and its base)")
     q.add_argument("--max-body-mb", type=positive_float, default=d.max_body_bytes / 2**20)
     q.add_argument("--max-pixels", type=positive_int, default=d.max_pixels,
                    help="images with more pixels (width × height) get 413 before they are decoded")
@@ -114,7 +117,7 @@ def serve_options(args: argparse.Namespace):
                         num_cpus=_floats(args.num_cpus, "--num-cpus"), num_gpus=_floats(args.num_gpus, "--num-gpus"),
                         resources=args.resources,
                         backend=backends[0] if len(backends) == 1 else backends, audit=args.audit,
-                        delta=args.delta, audit_tolerance=args.audit_tolerance,
+                        delta=args.delta, audit_tolerance=args.audit_tolerance, adapt=args.adapt,
                         max_body_bytes=max(1, int(args.max_body_mb * 2**20)),
                         accept_preprocess_change=args.accept_preprocess_change)
 
@@ -206,6 +209,7 @@ class AuditWatch:
 
     def __init__(self, url: str, every_s: float = 2.0):
         self.url, self.every_s, self.next, self.state = url, every_s, 0.0, None
+        self.switches = 0
 
     def poll(self) -> None:
         import json
@@ -219,6 +223,13 @@ class AuditWatch:
                 audit = json.loads(r.read())["audit"]
         except Exception:  # noqa: BLE001 - a busy or restarting service: look again later
             return
+        adapt = audit.get("adapt") or {}
+        new = adapt.get("switch_count", 0) - self.switches
+        for sw in adapt.get("switches", [])[-new:] if new > 0 else []:
+            shown = ["∞ (the base alone)" if t is None else f"{t:g}" for t in (sw["from"], sw["to"])]
+            print(f"tinysaver: adapt: threshold {shown[0]} → {shown[1]} after {sw['request']} requests "
+                  f"({sw['why']})", file=sys.stderr, flush=True)
+        self.switches += max(new, 0)
         state = audit.get("state")
         if state in (None, "off") or state == self.state:
             return

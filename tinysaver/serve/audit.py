@@ -72,13 +72,14 @@ class AuditMonitor:
     audit returns otherwise, so a slow base never makes the set narrower than the evidence.
     """
 
-    def __init__(self, fraction: float, delta: float, tolerance_points: float):
+    def __init__(self, fraction: float, delta: float, tolerance_points: float, quiet: bool = False):
         self.fraction, self.delta, self.tolerance = float(fraction), float(delta), float(tolerance_points)
         self.n = self.hits = 0          # settled requests, and audited early answers that disagreed
         self.requests = self.early = 0  # answered requests, of which early
         self.audited_n = self.dropped_n = self.pending = 0
         self.state = "off" if self.fraction <= 0 else "uncertain"
         self.changes: list[tuple[int, str, str]] = []  # (request, from, to), in order
+        self.quiet = quiet  # no log lines (the adapter's shadow monitors)
 
     def request(self, early: bool, audit: bool = False) -> list:
         """Record an answered request; ``audit``: its base answer is on its way (``audited``)."""
@@ -97,7 +98,7 @@ class AuditMonitor:
         self.audited_n += 1
         self._settle(int(bool(disagreed)))
 
-    def dropped(self) -> None:
+    def dropped(self, record: list | None = None) -> None:
         # no verdict: counted as not audited. The sequence stays valid while drops do not depend on
         # whether the saver and base disagree (an overloaded base drops whatever it is given);
         # they are reported, and a service that drops many should be read with care
@@ -117,11 +118,12 @@ class AuditMonitor:
         state = ("certified" if target > self.hits / self.n else "drift") if outside else "uncertain"
         if state != self.state:
             self.changes.append((self.requests, self.state, state))
-            lo, hi = self.bounds()
-            level = logging.WARNING if state == "drift" else logging.INFO
-            log.log(level, "tinysaver: audit %s → %s after %d requests: the loss against the base is in [%.2f, %.2f] "
-                    "points (δ=%g), tolerance %.2f", self.state, state, self.requests, lo, hi, self.delta,
-                    self.tolerance)
+            if not self.quiet:
+                lo, hi = self.bounds()
+                log.log(logging.WARNING if state == "drift" else logging.INFO,
+                        "tinysaver: audit %s → %s after %d requests: the loss against the base is in [%.2f, %.2f] "
+                        "points (δ=%g), tolerance %.2f", self.state, state, self.requests, lo, hi, self.delta,
+                        self.tolerance)
             self.state = state
 
     def bounds(self) -> tuple[float, float]:

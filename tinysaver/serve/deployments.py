@@ -27,6 +27,7 @@ from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException
 
+from .adapt import ThresholdAdapter
 from .audit import AuditMonitor
 from .http import BadRequest, check_token, decode, ndjson_as_ready, read_files
 from .options import GRACEFUL_SHUTDOWN_S, Plan
@@ -104,7 +105,8 @@ class Ingress:
             gpus = max(o.per_stage("num_gpus", len(plan.names)))
             self.device = stage_device(gpus)
             built = load_stages(plan, self.device)
-            self.batcher = FusedBatcher([built[i] for i in range(len(plan.names))], plan.thresholds, plan.base_from)
+            self.batcher = FusedBatcher([built[i] for i in range(len(plan.names))], plan.thresholds, plan.base_from,
+                                        first=o.adapt)
             self._fused.set_max_batch_size(o.max_batch_size)
             self._fused.set_batch_wait_timeout_s(o.batch_wait_timeout_s)
             self._base.set_max_batch_size(o.max_batch_size)
@@ -120,7 +122,10 @@ class Ingress:
         self.latency = Counter()
         self.timing: Counter = Counter()  # seconds summed over answered /predict requests
         self.timed = 0
-        self.audit = AuditMonitor(o.audit, o.delta, o.audit_tolerance)
+        # --adapt: the monitor of the threshold in use, which it retunes (a saver → base pair)
+        self.adapting = o.adapt
+        self.audit = (ThresholdAdapter(plan.thresholds[0], o.audit, o.delta, o.audit_tolerance, seed=o.seed)
+                      if o.adapt else AuditMonitor(o.audit, o.delta, o.audit_tolerance))
         self._tasks: set = set()
         self._starting, self._status_at = ([] if self.fused else list(plan.names)), -math.inf
         self.m_requests = metrics.Counter("tinysaver_requests", description="answered images")
@@ -145,10 +150,12 @@ class Ingress:
         task.add_done_callback(self._tasks.discard)
 
     async def _fused_answer(self, img) -> tuple:
+        """(stage, class, confidence, carry: None, the saver's (class, confidence) or None)."""
         fut = asyncio.get_running_loop().create_future()
         self._keep(self._fused((img, fut, time.perf_counter())))
         try:
-            return (*await asyncio.wait_for(asyncio.shield(fut), self.o.request_timeout_s), None)
+            i, pred, conf, *first = await asyncio.wait_for(asyncio.shield(fut), self.o.request_timeout_s)
+            return i, pred, conf, None, (first[0] if first else None)
         except asyncio.TimeoutError:
             raise BadRequest(503, "the service is overloaded; retry the request") from None
 
@@ -156,13 +163,19 @@ class Ingress:
     async def _answer(self, img) -> dict:
         t0 = time.perf_counter()
         if self.fused:
-            i, pred, conf, carry = await self._fused_answer(img)
+            i, pred, conf, carry, first = await self._fused_answer(img)
         else:
-            i, pred, conf, carry = await self.walk.answer(img, self.o.request_timeout_s)
+            seen = [] if self.adapting else None
+            i, pred, conf, carry = await self.walk.answer(img, self.o.request_timeout_s, seen)
+            first = seen[0] if seen else None
         ms = (time.perf_counter() - t0) * 1e3
         early = i < len(self.names) - 1
         audit = early and self.o.audit > 0 and self.rng.random() < self.o.audit
-        record = self.audit.request(early, audit)
+        if self.adapting:
+            record = self.audit.request(early, audit, *first, None if early else int(pred))
+            self._set_threshold(self.audit.threshold)
+        else:
+            record = self.audit.request(early, audit)
         if audit:
             self._keep(self._audit(img, pred, record, i, carry))  # after the answer: the client never waits
         self.requests += 1
@@ -182,9 +195,15 @@ class Ingress:
             else:
                 base_pred = await self.walk.base_answer(img, answered, carry, self.o.request_timeout_s)
         except (BadRequest, asyncio.TimeoutError):
-            self.audit.dropped()
+            self.audit.dropped(record)
             return
         self.audit.audited(record, base_pred != pred)
+        if self.adapting:
+            self._set_threshold(self.audit.threshold)
+
+    def _set_threshold(self, t: float) -> None:
+        """The saver's threshold in use (--adapt changes it); the next batch or walk reads it."""
+        (self.batcher if self.fused else self.walk).thresholds[0] = float(t)
 
     async def _image(self, data: bytes):
         return await asyncio.to_thread(decode, data, self.o.max_pixels)
@@ -249,7 +268,9 @@ class Ingress:
         return "ok" if self.audit.state == "off" else self.audit.state
 
     def _thresholds(self) -> list:
-        return [t if math.isfinite(t) else None for t in self.plan.thresholds]  # JSON has no inf
+        """The thresholds in use: the plan's, or where --adapt has moved them."""
+        live = (self.batcher if self.fused else self.walk).thresholds
+        return [t if math.isfinite(t) else None for t in live]  # JSON has no inf
 
     @api.get("/healthz")
     async def healthz(self):

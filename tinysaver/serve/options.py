@@ -40,6 +40,7 @@ class ServeOptions:
     audit: float = 0.0                # fraction of early answers also sent to the base
     delta: float = 0.1
     audit_tolerance: float = 1.0      # accuracy points
+    adapt: bool = False               # retune the saver's threshold within the bound (serve.adapt)
     max_body_bytes: int = 10 * 2**20
     max_pixels: int | None = MAX_PIXELS  # width × height; larger images get 413 before decoding
     retries: int = 5
@@ -58,6 +59,8 @@ class ServeOptions:
             raise ServeError(f"--audit is a fraction of the early answers in [0, 1], got {self.audit}")
         if not 0 < self.delta < 1:
             raise ServeError(f"δ must be in (0, 1), got {self.delta}")
+        if self.adapt and not self.audit > 0:
+            raise ServeError("--adapt retunes from audits: give --audit a fraction > 0 as well")
         if not 0 < self.audit_tolerance <= 100:
             raise ServeError(f"--audit-tolerance is in accuracy points, in (0, 100], got {self.audit_tolerance}")
         if self.max_body_bytes < 1 or self.retries < 0:
@@ -115,6 +118,9 @@ class Plan:
             raise ServeError(f"{n} stages need {n - 1} thresholds and {n} temperatures")
         if not 0 <= self.base_from < n:
             raise ServeError(f"base_from must index a stage, got {self.base_from} of {n}")
+        if self.options.adapt and (n != 2 or self.factory != MODEL_STAGES):
+            raise ServeError(f"--adapt retunes one saver before its base; this policy has {n} stages"
+                             f"{' (ESN exits)' if self.factory != MODEL_STAGES else ''}")
 
     @property
     def layout(self) -> str:

@@ -57,12 +57,15 @@ class StageWalk:
         self.unavailable += 1
         raise BadRequest(503, f"stage {self.names[i]} is restarting or overloaded; retry the request")
 
-    async def answer(self, img, timeout_s: float) -> tuple[int, int, float, Any]:
-        """(answering stage, class, confidence, its carry) of one image."""
+    async def answer(self, img, timeout_s: float, seen: list | None = None) -> tuple[int, int, float, Any]:
+        """(answering stage, class, confidence, its carry) of one image; ``seen`` gets each stage's
+        (class, confidence) as it runs."""
         last = len(self.names) - 1
         carry, deadline = None, time.monotonic() + timeout_s
         for i in range(last + 1):
             pred, conf, carry = await self.stage(i, img, carry, deadline)
+            if seen is not None:
+                seen.append((pred, conf))
             if i == last or exits(np.array([conf], dtype=np.float32), self.thresholds[i])[0]:
                 return i, pred, conf, carry
         raise AssertionError("the last stage always answers")
@@ -76,11 +79,28 @@ class StageWalk:
         return base_pred
 
 
-class FusedBatcher:
-    """Every stage in this process (``stages``: engine stages in running order)."""
+class _Recorded:
+    """An engine stage that keeps its last batch's (classes, confidences): the saver's, for
+    requests a later stage answers (``--adapt`` needs them)."""
 
-    def __init__(self, stages: Sequence, thresholds: Sequence[float], base_from: int):
+    def __init__(self, stage):
+        self.stage, self.name = stage, getattr(stage, "name", "stage")
+        self.needs_images = getattr(stage, "needs_images", True)
+        self.pred = self.conf = None
+
+    def __call__(self, images, carry):
+        pred, conf, out = self.stage(images, carry)
+        self.pred, self.conf = np.asarray(pred).tolist(), np.asarray(conf, dtype=np.float64).tolist()
+        return pred, conf, out
+
+
+class FusedBatcher:
+    """Every stage in this process (``stages``: engine stages in running order). ``first``: each
+    answer also carries the first stage's (class, confidence) for its request, as a fourth field."""
+
+    def __init__(self, stages: Sequence, thresholds: Sequence[float], base_from: int, first: bool = False):
         self.stages, self.thresholds, self.base_from = list(stages), [float(t) for t in thresholds], base_from
+        self.first = first
         self.sizes: dict[int, int] = {}
         # seconds summed over answered requests: "queue" from the request's arrival (an item's
         # third field, time.perf_counter()) to its batch's start, "engine" from there to its answer
@@ -109,13 +129,18 @@ class FusedBatcher:
                 self.timing["engine"] += time.perf_counter() - start
                 self.timed += 1
 
+        stages = list(self.stages)
+        if self.first:
+            stages[0] = rec = _Recorded(stages[0])  # one batch: its rows are the items, in order
+
         def answer(i: int, idx: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> None:
             for j, p, c in zip(idx.tolist(), pred.tolist(), conf.tolist()):
-                loop.call_soon_threadsafe(settle, j, (i, int(p), float(c)))
+                value = (i, int(p), float(c), (int(rec.pred[j]), rec.conf[j])) if self.first else (i, int(p), float(c))
+                loop.call_soon_threadsafe(settle, j, value)
 
         self.sizes[len(items)] = self.sizes.get(len(items), 0) + 1
         try:
-            await asyncio.to_thread(self._run, self.stages, self.thresholds, [item[0] for item in items], answer)
+            await asyncio.to_thread(self._run, stages, list(self.thresholds), [item[0] for item in items], answer)
         except Exception as e:  # every waiting request learns of it (this is the loop's own thread)
             for _, fut, *_ in items:
                 if not fut.done():
