@@ -14,7 +14,11 @@ of σ = 64 grey levels, seeded, clipped to 0–255). Reported:
 - P(any drift) over the clean streams, checked after every request, for each audit fraction
   (the goal: ≤ δ), and how many streams end certified;
 - for streams that turn to shifted traffic at request ``--shift-at``: drift before the shift
-  (must be none), and the delay in requests to the first drift (median and 90th percentile).
+  (must be none), and the delay in requests to the first drift (median and 90th percentile);
+- ``--adapt`` against the fixed threshold on the same shifted streams (``--adapt-streams`` of
+  them): the loss against the base on the post-shift requests, the exit ratio kept there, and the
+  threshold each stream ends at. ``ThresholdAdapter`` sees what the service gives it: the saver's
+  class and confidence for every request, the base's class where the base answered or an audit ran.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=1.0, help="accuracy points (the service's default)")
     ap.add_argument("--shift-at", type=int, default=5000)
     ap.add_argument("--shifts", default="roll8,invert,noise", help="comma-separated: roll8, invert, noise")
+    ap.add_argument("--adapt-streams", type=int, default=50, help="streams for the --adapt comparison (0: none)")
     args = ap.parse_args()
 
     import logging
@@ -60,6 +65,7 @@ def main() -> int:
     from tinysaver.cascade import build_cascade
     from tinysaver.data import load_dataset
     from tinysaver.selector import SelectorConfig, select
+    from tinysaver.serve.adapt import ThresholdAdapter
     from tinysaver.serve.audit import AuditMonitor
     from tinysaver.zoo import load_zoo
 
@@ -75,10 +81,11 @@ def main() -> int:
                "noise": lambda x: (x.float() + 64 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
                .round().clamp(0, 255).to(torch.uint8)}
     cascade = build_cascade(sel, zoo)
-    shifts = {}
+    shifts, raw = {}, {"clean": (s_conf.astype(np.float64), s_pred, b_pred)}
     for name in args.shifts.split(","):
         res = cascade.predict(shifted[name](images), all_stages=True, batch_size=256)
         shifts[name] = (res.stage == 0, res.stage_pred[0] != res.stage_pred[1])
+        raw[name] = (res.stage_conf[0].astype(np.float64), res.stage_pred[0], res.stage_pred[1])
     print(f"{saver} → {base} at {sel.thresholds[0]:.4f}; δ {args.delta}, tolerance {args.tolerance} points; clean "
           f"test: exit {clean_exit.mean():.1%}, loss against the base {(clean_exit & clean_dis).mean() * 100:.2f} points")
     for name, (ex, dis) in shifts.items():
@@ -114,6 +121,40 @@ def main() -> int:
                     delays.append(hit - args.shift_at)
             med, p90 = (f"{np.median(delays):.0f}", f"{np.percentile(delays, 90):.0f}") if delays else ("–", "–")
             print(f"| {a} | {name} | {early_alarm} | {med} | {p90} | {missed} |", flush=True)
+    if args.adapt_streams:
+        t0 = sel.thresholds[0]
+        print(f"\n| audit | shift | streams | post-shift loss against the base, fixed → adapt (points) | "
+              f"post-shift exit ratio, fixed → adapt | threshold at the end, median (from {t0:.4f}) | "
+              "streams that moved before the shift |")
+        print("|---|---|---|---|---|---|---|")
+        for a in args.audits:
+            for name in shifts:
+                fixed_loss, adapt_loss, fixed_exit, adapt_exit, ends, moved = [], [], [], [], [], 0
+                for seed in range(args.adapt_streams):
+                    rng = np.random.default_rng([seed, 2])
+                    ad = ThresholdAdapter(t0, a, args.delta, args.tolerance, seed=seed)
+                    out = []
+                    for part, n in (("clean", args.shift_at), (name, args.requests - args.shift_at)):
+                        conf, sp_, bp_ = raw[part]
+                        for i in rng.integers(0, len(conf), n).tolist():
+                            early = conf[i] >= ad.threshold
+                            audit = early and rng.random() < a
+                            rec = ad.request(early, audit, int(sp_[i]), conf[i], None if early else int(bp_[i]))
+                            if audit:
+                                ad.audited(rec, sp_[i] != bp_[i])
+                            out.append((early, early and sp_[i] != bp_[i], conf[i] >= t0 and sp_[i] != bp_[i],
+                                        conf[i] >= t0))
+                    post = np.array(out[args.shift_at:], dtype=float)
+                    adapt_exit.append(post[:, 0].mean())
+                    adapt_loss.append(100 * post[:, 1].mean())
+                    fixed_loss.append(100 * post[:, 2].mean())
+                    fixed_exit.append(post[:, 3].mean())
+                    ends.append(ad.threshold)
+                    moved += any(sw["request"] <= args.shift_at for sw in ad.switches)
+                end = np.median(ends)
+                print(f"| {a} | {name} | {args.adapt_streams} | {np.mean(fixed_loss):.2f} → {np.mean(adapt_loss):.2f} | "
+                      f"{np.mean(fixed_exit):.3f} → {np.mean(adapt_exit):.3f} | "
+                      f"{'∞ (base alone)' if not np.isfinite(end) else f'{end:.4g}'} | {moved} |", flush=True)
     return 0
 
 
