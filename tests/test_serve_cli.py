@@ -36,7 +36,7 @@ def services(tmp_path_factory):
     port = free_port()
     procs = {"tinysaver": (start("tinysaver", [sys.executable, "-m", "tinysaver", "serve", "--zoo", "fashion-mnist",
                                                "--base", "resnet10t", "--port", str(port), "--num-cpus", "0.5",
-                                               "--audit", "0.1"]), port)}
+                                               "--audit", "1.0", "--adapt"]), port)}
     with socket.socket() as s:  # serve run listens on Serve's default port
         taken = s.connect_ex(("127.0.0.1", 8000)) == 0
     serve_cli = shutil.which("serve")
@@ -86,6 +86,23 @@ def test_serve_command_answers_and_stops_on_ctrl_c(services):
         assert r.status_code == 200 and set(r.json()) >= {"class", "name", "confidence", "exit_stage", "stage_name",
                                                           "latency_ms"}
         assert httpx.get(f"{url}/metrics", timeout=10).json()["requests"] == 1
+        # shifted traffic, end to end: the audit calls drift, --adapt raises the threshold (which
+        # starts a fresh audit), and the terminal of `tinysaver serve` says so
+        import torch
+        from concurrent.futures import ThreadPoolExecutor
+
+        shifted = torch.roll(load_dataset("fashion-mnist:test", progress=False, limit=60).images, 8, dims=3)
+        with httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+            assert all(r.status_code == 200 for r in pool.map(lambda im: post_answered(client, png(im)), shifted))
+        for _ in range(120):
+            out = proc.log.read_text()
+            if "tinysaver: adapt: threshold" in out:
+                break
+            time.sleep(0.5)
+        h = httpx.get(f"{url}/healthz", timeout=10).json()
+        first = h["audit"]["adapt"]["switches"][0]
+        assert first["why"] == "drift" and (first["to"] is None or first["to"] > first["from"]), h
+        assert f"tinysaver: adapt: threshold {first['from']:g} → " in out and "requests (drift)" in out, out[-3000:]
     finally:
         proc.send_signal(signal.SIGINT)
         try:

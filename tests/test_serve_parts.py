@@ -444,3 +444,30 @@ def test_a_replica_no_node_can_hold_is_named_with_what_it_lacks():
     assert unschedulable(needs, [*one_node, {"Alive": True, "Resources": {"CPU": 4, "GPU": 1, "node2": 2}}]) is None
     fused = Plan("z", ("s", "b"), ("s", "b"), (0.5,), (1.0, 1.0), None, ServeOptions(resources={"nowhere": 1}), 1)
     assert "needs nowhere=1" in unschedulable(replica_needs(fused), one_node)
+
+
+def test_the_terminal_watch_prints_each_state_change_and_threshold_change_once(monkeypatch, capsys):
+    import io
+    import json
+    import urllib.request
+
+    from tinysaver.cli.serve import AuditWatch
+
+    base = {"requests": 10, "tolerance_points": 1.0, "loss_points": {"lower": 0.0, "upper": 3.0},
+            "more_requests": 900}
+    sw = {"request": 40, "from": 0.9, "to": 0.98, "why": "drift"}
+    bodies = [{"state": "uncertain"}, {"state": "uncertain"}, {"state": "drift"},
+              {"state": "uncertain", "adapt": {"switch_count": 1, "switches": [sw]}},
+              {"state": "uncertain", "adapt": {"switch_count": 2, "switches": [sw, {**sw, "from": 0.98, "to": None}]}}]
+    replies = iter(json.dumps({"audit": {**base, **b}}).encode() for b in bodies)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(next(replies)))
+    watch = AuditWatch("http://127.0.0.1:1/healthz", every_s=0.0)
+    for _ in bodies:
+        watch.poll()
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["tinysaver: audit drift after 10 requests: loss against the base in [0.00, 3.00] points, "
+                   "tolerance 1.00",
+                   "tinysaver: adapt: threshold 0.9 → 0.98 after 40 requests (drift)",  # and a fresh audit:
+                   "tinysaver: audit uncertain after 10 requests: loss against the base in [0.00, 3.00] points, "
+                   "tolerance 1.00; about 900 more requests would certify it",
+                   "tinysaver: adapt: threshold 0.98 → ∞ (the base alone) after 40 requests (drift)"], err
