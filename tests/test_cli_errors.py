@@ -103,6 +103,7 @@ def test_ctrl_c_in_profile_is_one_line_and_exit_130(monkeypatch, capsys, tmp_pat
 @pytest.mark.parametrize("argv, words", [
     (["infer", "--base", "resnet10t", "--device", "gpu", "x.png"], "unknown device 'gpu'"),
     (["serve", "--base", "resnet10t", "--max-body-mb", "nan"], "must be a finite number > 0"),
+    (["serve", "--base", "resnet10t", "--adapt"], "--adapt retunes from audits: give --audit a fraction > 0"),
     (["query", "--base", "resnet10t", "--tolerance", "nan"], "must be a finite number"),
     (["infer", "--base", "resnet10t", "--threshold", "inf", "--saver", "x", "y.png"], "must be a finite number"),
 ])
