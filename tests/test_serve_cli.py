@@ -55,6 +55,28 @@ def services(tmp_path_factory):
             p.wait(timeout=60)
 
 
+def wait_until_up(proc, url: str, what: str) -> None:
+    """Until /healthz says 200. Quiet, a service is up in about 30 s; with a matmul loop beside the
+    tests, the stage replicas of this 2-core VM took 2.5 minutes to load their models."""
+    import httpx
+
+    up_by = time.monotonic() + 480
+    while True:
+        try:
+            h = httpx.get(f"{url}/healthz", timeout=2)
+            if h.status_code == 200:
+                return
+            if h.status_code == 503 and "application/json" in h.headers.get("content-type", ""):
+                # the ingress is up before its stages: it must not call itself healthy yet
+                assert h.json()["status"] == "starting" and h.json()["waiting_for"], h.text
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.log.read_text()[-3000:]
+        if time.monotonic() > up_by:
+            pytest.fail(f"{what} did not come up in 8 minutes")
+        time.sleep(0.5)
+
+
 def test_serve_command_answers_and_stops_on_ctrl_c(services):
     import httpx
 
@@ -63,23 +85,7 @@ def test_serve_command_answers_and_stops_on_ctrl_c(services):
     proc, port = services["tinysaver"]
     try:
         url = f"http://127.0.0.1:{port}"
-        # quiet, the service is up in about 30 s; with a matmul loop beside the tests, the stage
-        # replicas of this 2-core VM took 2.5 minutes to load their models
-        up_by = time.monotonic() + 480
-        while True:
-            try:
-                h = httpx.get(f"{url}/healthz", timeout=2)
-                if h.status_code == 200:
-                    break
-                if h.status_code == 503 and "application/json" in h.headers.get("content-type", ""):
-                    # the ingress is up before its stages: it must not call itself healthy yet
-                    assert h.json()["status"] == "starting" and h.json()["waiting_for"], h.text
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.log.read_text()[-3000:]
-            if time.monotonic() > up_by:
-                pytest.fail("the service did not come up in 8 minutes")
-            time.sleep(0.5)
+        wait_until_up(proc, url, "tinysaver serve")
         img = load_dataset("fashion-mnist:test", progress=False, limit=1).images[0]
         with httpx.Client(base_url=url, timeout=60) as client:
             r = post_answered(client, png(img))
@@ -127,17 +133,7 @@ def test_serve_run_with_the_application_builder(services):
             pytest.skip(proc)
         pytest.fail(proc)
     try:
-        up_by = time.monotonic() + 480
-        while True:
-            try:
-                if httpx.get("http://127.0.0.1:8000/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.log.read_text()[-3000:]
-            if time.monotonic() > up_by:
-                pytest.fail("serve run did not come up in 8 minutes")
-            time.sleep(0.5)
+        wait_until_up(proc, "http://127.0.0.1:8000", "serve run")
         img = png(load_dataset("fashion-mnist:test", progress=False, limit=1).images[0])
         with httpx.Client(base_url="http://127.0.0.1:8000", timeout=60) as c:
             assert c.post("/predict", content=img, headers={"content-type": "image/png"}).status_code == 401
