@@ -6,9 +6,13 @@ Trains an ESN on the pair (``train``, features cached, ``esn/configs/default.yam
 ``--epochs``), then pools its exits' outputs on ``calib`` and ``test`` and cuts them into seeded
 halves. On each split the guaranteed policy (Learn-then-Test on one shared threshold for every exit,
 ``esn.policy.choose_policy``) is chosen on one half at ε and δ, for each test, and checked on the
-other: a split *violates* when the held-out loss against the base exceeds ε. The guarantee asks
-the violation rate to stay ≤ δ (up to the holdout's own sampling noise). Reported beside it: the
-share of the held-out images answered before the base's head. Figures depend on no timing.
+other: a split *violates* when the held-out loss against the base exceeds ε. That rate carries the
+holdout's own sampling noise (a policy whose true loss is just under ε shows more than ε on a
+held-out half often), so a second rate scores each policy on the whole pooled population, of which
+the calibration half is a random draw: its loss there is the policy's true loss on that finite
+population, the quantity the guarantee bounds, as in ``benchmarks/guarantee_table.py``. The
+guarantee asks that rate to stay ≤ δ. Reported beside them: the share of the held-out images
+answered before the base's head. Figures depend on no timing.
 """
 import argparse
 import time
@@ -61,16 +65,20 @@ def main() -> int:
         for method in rows:
             pol = choose_policy(preds[:, cal], confs[:, cal], base_pred[cal], labels[cal], "guaranteed",
                                 args.tolerance, args.delta, method=method)
-            ans, where = pol.apply(preds[:, hold], confs[:, hold], base_pred[hold])
-            loss = 100 * ((base_pred[hold] == labels[hold]).mean() - (ans == labels[hold]).mean())
-            rows[method].append((loss, (where < n_exits).mean(), pol.thresholds[0]))
-    print(f"\n| test | splits | violation rate (held-out loss > {args.tolerance} pts) | mean held-out loss (pts) | "
-          "mean share answered before the base head | median shared threshold |")
-    print("|---|---|---|---|---|---|")
+            ans, where = pol.apply(preds, confs, base_pred)
+            ok, base_ok = ans == labels, base_pred == labels
+            loss = 100 * (base_ok[hold].mean() - ok[hold].mean())
+            population = 100 * (base_ok.mean() - ok.mean())
+            rows[method].append((loss, (where[hold] < n_exits).mean(), pol.thresholds[0], population))
+    print(f"\n| test | splits | violation rate, population loss > {args.tolerance} pts | held-out loss > "
+          f"{args.tolerance} pts | mean held-out loss (pts) | mean share answered before the base head | "
+          "median shared threshold |")
+    print("|---|---|---|---|---|---|---|")
     for method, r in rows.items():
         r = np.array(r, dtype=float)
-        print(f"| {method} | {args.splits} | {np.mean(r[:, 0] > args.tolerance):.3f} | {r[:, 0].mean():.3f} | "
-              f"{r[:, 1].mean():.3f} | {np.median(r[:, 2]):.4g} |")
+        print(f"| {method} | {args.splits} | {np.mean(r[:, 3] > args.tolerance):.3f} | "
+              f"{np.mean(r[:, 0] > args.tolerance):.3f} | {r[:, 0].mean():.3f} | {r[:, 1].mean():.3f} | "
+              f"{np.median(r[:, 2]):.4g} |")
     return 0
 
 
