@@ -58,7 +58,7 @@ class ThresholdAdapter:
         self.rng = random.Random(seed)
         self.requests = 0
         self.switches: list[dict] = []  # each change: request, from, to, why
-        self._epoch(None)
+        self._epoch()
 
     # --- epochs -----------------------------------------------------------------------------
     def candidates_below(self, t: float) -> list[float]:
@@ -67,7 +67,7 @@ class ThresholdAdapter:
         return sorted({c for c in (*self.grid, self.calibrated) if c < t and (c >= self.calibrated or c in under)},
                       reverse=True)
 
-    def _epoch(self, why: str | None) -> None:
+    def _epoch(self) -> None:
         self.epoch = len(self.switches)
         self.monitor = AuditMonitor(self.fraction, self.delta, self.tolerance)
         below = self.candidates_below(self.threshold)
@@ -80,7 +80,7 @@ class ThresholdAdapter:
         log.warning("tinysaver: adapt: threshold %s → %s after %d requests (%s)", _json(self.threshold), _json(to),
                     self.requests, why)
         self.threshold = to
-        self._epoch(why)
+        self._epoch()
 
     # --- feeding -----------------------------------------------------------------------------
     def request(self, early: bool, audit: bool, saver_pred: int, saver_conf: float, base_pred: int | None) -> list:
