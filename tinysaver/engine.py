@@ -141,7 +141,8 @@ class _Queue:
         return (idxs[0] if len(idxs) == 1 else np.concatenate(idxs)), carry_cat(carries)
 
 
-def _numpy(x) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
+    """A stage's output (a tensor on any device, or an array) as a NumPy array."""
     return x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)
 
 
@@ -172,7 +173,7 @@ def run(stages: Sequence[Stage], thresholds: Sequence[float], n: int, take: Call
         """Stage i on samples idx: answer those it answers; return the rest, for stage i + 1."""
         st = stages[i]
         pred, conf, out = st(take(idx) if getattr(st, "needs_images", True) else None, carry)
-        pred, conf = _numpy(pred), _numpy(conf)
+        pred, conf = to_numpy(pred), to_numpy(conf)
         done = np.ones(len(idx), bool) if i == S - 1 else exits(conf, thresholds[i])
         on_answer(i, idx[done], pred[done], conf[done])
         if done.all():
@@ -290,4 +291,4 @@ class ModelStage:
         return pred.cpu(), conf.cpu(), None
 
 
-__all__ = ["Stage", "ModelStage", "run", "per_stage", "carry_take", "carry_cat", "carry_rows", "carry_stack"]
+__all__ = ["Stage", "ModelStage", "run", "per_stage", "carry_take", "carry_cat", "carry_rows", "carry_stack", "to_numpy"]

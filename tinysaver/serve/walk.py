@@ -90,7 +90,7 @@ class _Recorded:
 
     def __call__(self, images, carry):
         pred, conf, out = self.stage(images, carry)
-        self.pred, self.conf = np.asarray(pred).tolist(), np.asarray(conf, dtype=np.float64).tolist()
+        self.pred, self.conf = engine.to_numpy(pred).tolist(), engine.to_numpy(conf).astype(np.float64).tolist()
         return pred, conf, out
 
 
