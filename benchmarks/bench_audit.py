@@ -66,6 +66,7 @@ def main() -> int:
     from tinysaver.data import load_dataset
     from tinysaver.selector import SelectorConfig, select
     from tinysaver.serve.adapt import ThresholdAdapter
+    from tinysaver.serve.adapt import replay as replay_adapter
     from tinysaver.serve.audit import AuditMonitor
     from tinysaver.zoo import load_zoo
 
@@ -137,11 +138,7 @@ def main() -> int:
                     for part, n in (("clean", args.shift_at), (name, args.requests - args.shift_at)):
                         conf, sp_, bp_ = raw[part]
                         for i in rng.integers(0, len(conf), n).tolist():
-                            early = conf[i] >= ad.threshold
-                            audit = early and rng.random() < a
-                            rec = ad.request(early, audit, int(sp_[i]), conf[i], None if early else int(bp_[i]))
-                            if audit:
-                                ad.audited(rec, sp_[i] != bp_[i])
+                            early = replay_adapter(ad, int(sp_[i]), conf[i], int(bp_[i]), rng.random)
                             out.append((early, early and sp_[i] != bp_[i], conf[i] >= t0 and sp_[i] != bp_[i],
                                         conf[i] >= t0))
                     post = np.array(out[args.shift_at:], dtype=float)

@@ -334,18 +334,16 @@ def _true_loss(t, p) -> float:
     return 100 * float(np.mean((cs >= t) * p(cs)))
 
 
-def _replay(adapter, regimes, fraction, rng):
+def _replay(adapter, regimes, rng):
     """(early, lost) per request, each answered at the threshold in use when it arrived."""
+    from tinysaver.serve.adapt import replay
+
     out = []
     for n, p in regimes:
         c = rng.random(n)
         dis = rng.random(n) < p(c)
         for ci, di in zip(c.tolist(), dis.tolist()):
-            early = ci >= adapter.threshold
-            audit = early and rng.random() < fraction
-            rec = adapter.request(early, audit, int(di), ci, None if early else 0)  # the base says 0
-            if audit:
-                adapter.audited(rec, di)
+            early = replay(adapter, int(di), ci, 0, rng.random)  # the base says 0
             out.append((early, early and di))
     return np.array(out)
 
@@ -359,8 +357,7 @@ def test_adapt_raises_the_threshold_on_drift_and_lowers_it_only_on_fresh_audits(
     lowered_after = 0
     for seed in range(8):
         ad = ThresholdAdapter(t0, fraction, 0.1, tol, seed=seed)
-        out = _replay(ad, [(5000, _clean), (10000, _shifted), (20000, _clean)], fraction,
-                      np.random.default_rng(seed))
+        out = _replay(ad, [(5000, _clean), (10000, _shifted), (20000, _clean)], np.random.default_rng(seed))
         sw = ad.switches
         assert all(s["request"] > 5000 for s in sw), sw  # nothing moves on clean traffic
         assert sw and sw[0]["why"] == "drift" and sw[0]["to"] > t0, sw  # the shift raises it

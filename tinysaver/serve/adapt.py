@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from typing import Callable
 
 from ..errors import ServeError
 from .audit import AuditMonitor
@@ -154,8 +155,22 @@ class ThresholdAdapter:
             "candidates": {str(c): m.state for c, m in self.shadows.items()}}}
 
 
+def replay(adapter: ThresholdAdapter, saver_pred: int, saver_conf: float, base_pred: int,
+           coin: Callable[[], float]) -> bool:
+    """One request replayed offline, as the service answers it: it exits when the saver's confidence
+    reaches the threshold in use, and an early answer is audited when ``coin()`` (uniform in
+    [0, 1), drawn for early answers only, as the service draws it) falls under the audit fraction;
+    the audit returns at once. Returns whether it exited."""
+    early = saver_conf >= adapter.threshold
+    audit = early and coin() < adapter.fraction
+    record = adapter.request(early, audit, saver_pred, saver_conf, None if early else base_pred)
+    if audit:
+        adapter.audited(record, saver_pred != base_pred)
+    return early
+
+
 def _json(t: float) -> float | None:
     return float(t) if math.isfinite(t) else None  # JSON has no inf
 
 
-__all__ = ["ADAPT_GRID", "ThresholdAdapter"]
+__all__ = ["ADAPT_GRID", "ThresholdAdapter", "replay"]

@@ -123,7 +123,6 @@ class Ingress:
         self.timing: Counter = Counter()  # seconds summed over answered /predict requests
         self.timed = 0
         # --adapt: the monitor of the threshold in use, which it retunes (a saver → base pair)
-        self.adapting = o.adapt
         self.audit = (ThresholdAdapter(plan.thresholds[0], o.audit, o.delta, o.audit_tolerance, seed=o.seed)
                       if o.adapt else AuditMonitor(o.audit, o.delta, o.audit_tolerance))
         self._tasks: set = set()
@@ -165,13 +164,13 @@ class Ingress:
         if self.fused:
             i, pred, conf, carry, first = await self._fused_answer(img)
         else:
-            seen = [] if self.adapting else None
+            seen = [] if self.o.adapt else None
             i, pred, conf, carry = await self.walk.answer(img, self.o.request_timeout_s, seen)
             first = seen[0] if seen else None
         ms = (time.perf_counter() - t0) * 1e3
         early = i < len(self.names) - 1
         audit = early and self.o.audit > 0 and self.rng.random() < self.o.audit
-        if self.adapting:
+        if self.o.adapt:
             record = self.audit.request(early, audit, *first, None if early else int(pred))
             self._set_threshold(self.audit.threshold)
         else:
@@ -198,7 +197,7 @@ class Ingress:
             self.audit.dropped(record)
             return
         self.audit.audited(record, base_pred != pred)
-        if self.adapting:
+        if self.o.adapt:
             self._set_threshold(self.audit.threshold)
 
     def _set_threshold(self, t: float) -> None:
