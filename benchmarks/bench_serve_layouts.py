@@ -102,6 +102,42 @@ def timing_totals(predict_url: str) -> dict[str, float]:
     return {"requests": n, **{k: (v or 0.0) * n for k, v in t.items() if k != "requests"}}
 
 
+APPS = {"floor-serve": "floor", "per-stage": "perstage", "fused": "fused", "fused-onnx": "fusedonnx"}  # Serve app names
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """{pid: (command line, user + system CPU seconds)} of every process on the machine."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (" ".join(p.info["cmdline"] or []), t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_parts(before: dict, after: dict, app: str | None, client_pid: int) -> dict[str, float]:
+    """CPU seconds between two ``cpu_seconds`` snapshots, by part: this client, Serve's proxy, the
+    replicas of Serve application ``app``, the uvicorn floor, and everything else."""
+    parts = {"client": 0.0, "proxy": 0.0, "replicas": 0.0, "uvicorn": 0.0, "rest": 0.0}
+    for pid, (cmd, t) in after.items():
+        used = t - before.get(pid, (cmd, 0.0))[1]
+        if pid == client_pid:
+            parts["client"] += used
+        elif "ProxyActor" in cmd:
+            parts["proxy"] += used
+        elif app and f"ServeReplica:{app}:" in cmd:
+            parts["replicas"] += used
+        elif "floor_app:app" in cmd:
+            parts["uvicorn"] += used
+        else:
+            parts["rest"] += used
+    return parts
+
+
 def wait_up(url: str, timeout_s: float = 300) -> None:
     import httpx
 
@@ -184,22 +220,25 @@ def main() -> int:
           f"medians; load before: {os.getloadavg()[0]:.2f}", flush=True)
     for url in urls.values():  # warm-up
         asyncio.run(closed_loop(url, bodies, 4, 32))
-    rows, gaps = [], []
+    rows, gaps, cpu_rows = [], [], []
     for c in args.concurrency:
         runs = {name: [] for name in urls}
+        cpu = {name: [] for name in urls}
         parts = {name: [] for name in urls if name.startswith("fused")}
         for _ in range(args.repeats):
             for name, url in urls.items():
                 before = timing_totals(url) if name in parts else None
-                cpu0 = time.process_time()
+                procs0, cpu0 = cpu_seconds(), time.process_time()
                 runs[name].append(asyncio.run(closed_loop(url, bodies, c, args.requests)))
-                cpu = (time.process_time() - cpu0) / args.requests * 1e3
+                client_cpu = (time.process_time() - cpu0) / args.requests * 1e3
+                used = cpu_parts(procs0, cpu_seconds(), APPS.get(name), os.getpid())
+                cpu[name].append({k: v / args.requests * 1e3 for k, v in used.items()})
                 if before is not None:
                     after = timing_totals(url)
                     n = after["requests"] - before["requests"]
                     part = {k: (after[k] - before[k]) / n for k in after if k != "requests"}
                     part["client"] = float(np.mean([r["client_ms"] for r in runs[name][-1][1]]))
-                    part["client_cpu"] = cpu
+                    part["client_cpu"] = client_cpu
                     parts[name].append(part)
         for name, ps in parts.items():
             gaps.append({"concurrency": c, "app": name, **{k: float(np.median([p[k] for p in ps])) for k in ps[0]}})
@@ -213,8 +252,15 @@ def main() -> int:
                 st = np.array([r["exit_stage"] for r in res])
                 ms = np.array([r["client_ms"] for r in res])
                 row[name + ":early_p50"] = float(np.median(ms[st == 0])) if (st == 0).any() else float("nan")
+        for name, cs in cpu.items():
+            cpu_rows.append({"concurrency": c, "app": name, **{k: float(np.median([x[k] for x in cs])) for k in cs[0]}})
         rows.append(row)
         print(f"  concurrency {c}: " + ", ".join(f"{n} {row[n]:.1f}" for n in urls) + " img/s", flush=True)
+    batch_sizes = {}
+    for name in [n for n in ("per-stage", "fused", "fused-onnx") if n in urls]:
+        import httpx
+
+        batch_sizes[name] = httpx.get(urls[name].replace("/predict", "/metrics"), timeout=30).json()["batch_sizes"]
     batch_rate = {}
     for name in [n for n in ("fused", "fused-onnx") if n in urls]:
         batch_rate[name] = batch_loop(urls[name].replace("/predict", "/predict/batch"), bodies, 16, 4,
@@ -271,6 +317,23 @@ def main() -> int:
             server = g["read"] + g["decode"] + g["answer"]
             print(f"| {g['concurrency']} | {g['app']} | {g['client']:.1f} | {g['client'] - server:.1f} | {g['read']:.2f} "
                   f"| {g['decode']:.2f} | {g['queue']:.1f} | {g['engine']:.1f} | {g['client_cpu']:.2f} |")
+    if cpu_rows:
+        print("\nCPU time per /predict request, by process (ms, medians of the runs; the whole machine has 2 cores, so "
+              "2,000 ms of CPU per second at most). 'replicas': the app's own Serve replicas; 'rest': Ray's other "
+              "processes (controller, raylet, GCS, idle apps) and anything else on the machine.")
+        print("| concurrency | app | client | proxy | replicas | uvicorn | rest | total |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in cpu_rows:
+            keys = ("client", "proxy", "replicas", "uvicorn", "rest")
+            print(f"| {r['concurrency']} | {r['app']} | " + " | ".join(f"{r[k]:.2f}" for k in keys) +
+                  f" | {sum(r[k] for k in keys):.2f} |")
+    for name, sizes in batch_sizes.items():
+        for stage, hist in sizes.items():
+            if hist:
+                n = sum(hist.values())
+                mean = sum(int(k) * v for k, v in hist.items()) / n
+                print(f"\nbatches of {name} ({stage}), over the whole run: {n}, mean size {mean:.1f}, "
+                      f"of size 1: {hist.get('1', 0) / n:.0%}")
     for name, rate in batch_rate.items():
         ref = ip["onnxruntime" if name.endswith("onnx") else "eager"]
         print(f"\n/predict/batch, 16 images per request, concurrency 4, {name}: {rate:.1f} img/s = {rate / ref:.2f} of "

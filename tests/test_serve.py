@@ -94,7 +94,7 @@ def test_answers_equal_the_offline_cascade(service, offline):
 
 
 def test_the_fused_layout_answers_as_cascade_predict_in_one_deployment(service, offline):
-    """One deployment holds both stages and runs the engine on each @serve.batch batch."""
+    """One deployment holds both stages and runs the engine on each batch."""
     from tinysaver.policy import MARGIN
 
     imgs, ref = offline

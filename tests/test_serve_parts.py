@@ -1,5 +1,5 @@
 """The service's parts without Ray: body parsing, decoding, tokens, the request walk with dying
-replicas, the fused batcher's early answers, the audit monitor, options and plans."""
+replicas, the batcher, the fused batcher's early answers, the audit monitor, options and plans."""
 import asyncio
 import time
 
@@ -10,6 +10,7 @@ import torch
 from tests.helpers import png_bytes
 from tinysaver.errors import ServeError
 from tinysaver.serve import AuditMonitor, BadRequest, Plan, ServeOptions
+from tinysaver.serve.batching import Batcher
 from tinysaver.serve.http import check_token, decode, ndjson_as_ready, read_files
 from tinysaver.serve.walk import FusedBatcher, StageWalk
 
@@ -241,7 +242,7 @@ def test_fused_batcher_times_the_wait_for_a_batch_and_the_engine():
         loop = asyncio.get_running_loop()
         arrived = time.perf_counter()
         items = [(i, loop.create_future(), arrived) for i in range(4)]
-        await asyncio.sleep(0.1)  # as if @serve.batch had waited for more requests
+        await asyncio.sleep(0.1)  # as if the Batcher had waited for more requests
         await batcher.answer_batch(items)
         await asyncio.gather(*(f for _, f, _ in items))
 
@@ -470,3 +471,82 @@ def test_the_terminal_watch_prints_each_state_change_and_threshold_change_once(m
                    "tinysaver: audit uncertain after 10 requests: loss against the base in [0.00, 3.00] points, "
                    "tolerance 1.00; about 900 more requests would certify it",
                    "tinysaver: adapt: threshold 0.98 → ∞ (the base alone) after 40 requests (drift)"], err
+
+
+class Gate:
+    """A batch function the test holds: it records each batch and waits for ``release``."""
+
+    def __init__(self):
+        self.batches, self.started, self.release = [], asyncio.Event(), asyncio.Event()
+
+    async def __call__(self, items: list) -> list:
+        self.batches.append(list(items))
+        self.started.set()
+        await self.release.wait()
+        return [x * 10 for x in items]
+
+
+def test_the_batcher_cuts_the_next_batch_only_when_the_running_one_is_done():
+    """What arrives while a batch runs goes into the next batch, up to max_batch_size (Ray
+    2.60's @serve.batch cut those into batches of one or two)."""
+    async def go():
+        gate = Gate()
+        b = Batcher(gate, max_batch_size=16, wait_s=0.0)
+        first = asyncio.ensure_future(b(0))
+        await gate.started.wait()  # the first batch is running
+        rest = [asyncio.ensure_future(b(i)) for i in range(1, 21)]
+        for _ in range(20):
+            await asyncio.sleep(0)  # let every caller queue its item
+        gate.release.set()
+        return await asyncio.gather(first, *rest), gate.batches, b.sizes
+
+    results, batches, sizes = run(go())
+    assert results == [10 * i for i in range(21)]
+    assert batches == [[0], list(range(1, 17)), list(range(17, 21))]
+    assert sizes == {1: 1, 16: 1, 4: 1}
+
+
+def test_a_full_batch_does_not_wait_and_a_failed_batch_fails_only_its_requests():
+    calls = []
+
+    async def flaky(items):
+        calls.append(list(items))
+        if len(calls) == 1:
+            raise RuntimeError("model failed")
+        return [-x for x in items]
+
+    async def go():
+        b = Batcher(flaky, max_batch_size=3, wait_s=60.0)  # a full batch never waits for wait_s
+        first = await asyncio.wait_for(asyncio.gather(*(b(i) for i in range(3)), return_exceptions=True), 30)
+        second = await asyncio.wait_for(asyncio.gather(*(b(i) for i in range(3, 6))), 30)
+        return first, second
+
+    first, second = run(go())
+    assert all(isinstance(e, RuntimeError) for e in first)
+    assert second == [-3, -4, -5] and calls == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_the_batcher_skips_a_request_whose_caller_gave_up_and_checks_the_result_count():
+    async def go():
+        gate = Gate()
+        b = Batcher(gate, max_batch_size=8, wait_s=0.0)
+        first = asyncio.ensure_future(b(1))
+        await gate.started.wait()
+        gone, kept = asyncio.ensure_future(b(2)), asyncio.ensure_future(b(3))
+        await asyncio.sleep(0)
+        gone.cancel()  # e.g. its request's deadline passed while it waited
+        gate.release.set()
+        out = await asyncio.gather(first, kept)
+
+        async def short(items):
+            return items[:-1]
+
+        bad = Batcher(short, max_batch_size=2, wait_s=0.0)
+        with pytest.raises(RuntimeError, match="a batch of 2 got 1 results"):
+            await asyncio.gather(bad(1), bad(2))
+        return out, gate.batches
+
+    out, batches = run(go())
+    assert out == [10, 30] and batches == [[1], [3]]
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Batcher(lambda x: x, 0, 0.0)

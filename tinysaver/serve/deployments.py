@@ -1,9 +1,9 @@
 """The Serve deployments, at module level, each bound by keyword to one frozen :class:`Plan`.
 
 - ``Ingress`` (FastAPI routes, the audit, metrics). In the ``fused`` layout its replicas hold every
-  stage and answer each ``@serve.batch`` batch on the shared engine (one hop from Serve's proxy).
+  stage and answer each batch (``batching.Batcher``) on the shared engine (one hop from Serve's proxy).
   In ``per-stage`` it walks the ``StageServer`` deployments it is given, one request at a time.
-- ``StageServer``: one stage of a ``per-stage`` plan, batching its requests with ``@serve.batch``.
+- ``StageServer``: one stage of a ``per-stage`` plan, batching its requests the same way.
 
 Routes: ``POST /predict`` (one image, raw bytes or multipart), ``POST /predict/batch`` (multipart,
 answers streamed as JSON lines as they are ready), ``GET /healthz`` (503 ``starting`` until every
@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from .adapt import ThresholdAdapter
 from .audit import AuditMonitor
+from .batching import Batcher
 from .http import BadRequest, check_token, decode, ndjson_as_ready, read_files
 from .options import GRACEFUL_SHUTDOWN_S, Plan
 from .stages import ItemStage, load_stages, stage_device
@@ -71,22 +72,21 @@ class StageServer:
         num_gpus = plan.options.per_stage("num_gpus", len(plan.names))[index]
         self.device = stage_device(num_gpus)
         self.run = ItemStage(load_stages(plan, self.device, [index])[index], self.device)
-        self.classify.set_max_batch_size(plan.options.max_batch_size)
-        self.classify.set_batch_wait_timeout_s(plan.options.batch_wait_timeout_s)
-        self.sizes: Counter = Counter()
+        self.batches = Batcher(self._classify, plan.options.max_batch_size, plan.options.batch_wait_timeout_s)
         self.hist = metrics.Histogram("tinysaver_stage_batch_size", description="requests per stage batch",
                                       boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("stage",))
         self.hist.set_default_tags({"stage": plan.names[index]})
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def classify(self, items: list) -> list:
-        out = await asyncio.to_thread(self.run, items)
-        self.sizes[len(items)] += 1
+    async def classify(self, item: tuple) -> tuple:
+        """One request's (image, carry) → (class, confidence, carry), run in a batch."""
+        return await self.batches(item)
+
+    async def _classify(self, items: list) -> list:
         self.hist.observe(len(items))
-        return out
+        return await asyncio.to_thread(self.run, items)
 
     def stats(self) -> dict:
-        return {"batch_sizes": {int(k): v for k, v in sorted(self.sizes.items())}, "pid": os.getpid(),
+        return {"batch_sizes": {int(k): v for k, v in sorted(self.batches.sizes.items())}, "pid": os.getpid(),
                 "device": self.device}
 
 
@@ -107,10 +107,8 @@ class Ingress:
             built = load_stages(plan, self.device)
             self.batcher = FusedBatcher([built[i] for i in range(len(plan.names))], plan.thresholds, plan.base_from,
                                         first=o.adapt)
-            self._fused.set_max_batch_size(o.max_batch_size)
-            self._fused.set_batch_wait_timeout_s(o.batch_wait_timeout_s)
-            self._base.set_max_batch_size(o.max_batch_size)
-            self._base.set_batch_wait_timeout_s(o.batch_wait_timeout_s)
+            self._fused = Batcher(self.batcher.answer_batch, o.max_batch_size, o.batch_wait_timeout_s)
+            self._base = Batcher(self.batcher.base_batch, o.max_batch_size, o.batch_wait_timeout_s)
             self.stages, self.walk = [], None
         else:
             self.stages = stages
@@ -134,15 +132,7 @@ class Ingress:
         self.m_bound = metrics.Gauge("tinysaver_audit_loss_upper_points",
                                      description="anytime-valid upper bound on the accuracy given up (points)")
 
-    # --- fused: the engine on each batch ------------------------------------------------------
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _fused(self, items: list) -> list:
-        return await self.batcher.answer_batch(items)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _base(self, images: list) -> list:
-        return await self.batcher.base_batch(images)
-
+    # --- fused: the engine on each batch (self._fused, self._base: Batchers) ----------------------
     def _keep(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)  # a task nobody holds may be collected before it runs

@@ -109,7 +109,7 @@ class FusedBatcher:
 
     @staticmethod
     def _run(stages: list, thresholds: list[float], images: list, answer) -> None:
-        """``stages`` on ``images`` as one batch (the batch @serve.batch formed)."""
+        """``stages`` on ``images`` as one batch (the batch the replica's Batcher formed)."""
         n = len(images)
         engine.run(stages, thresholds, n, lambda idx: [images[i] for i in idx], answer, batch_size=n)
 
