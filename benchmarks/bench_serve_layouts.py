@@ -138,6 +138,16 @@ def cpu_parts(before: dict, after: dict, app: str | None, client_pid: int) -> di
     return parts
 
 
+BATCHED = ("per-stage", "fused", "fused-onnx")
+
+
+def batch_sizes(predict_url: str) -> dict:
+    """{stage or "fused": {batch size (str): batches}} from the app's /metrics."""
+    import httpx
+
+    return httpx.get(predict_url.replace("/predict", "/metrics"), timeout=30).json()["batch_sizes"]
+
+
 def wait_up(url: str, timeout_s: float = 300) -> None:
     import httpx
 
@@ -220,7 +230,7 @@ def main() -> int:
           f"medians; load before: {os.getloadavg()[0]:.2f}", flush=True)
     for url in urls.values():  # warm-up
         asyncio.run(closed_loop(url, bodies, 4, 32))
-    rows, gaps, cpu_rows = [], [], []
+    rows, gaps, cpu_rows, batches = [], [], [], {}
     for c in args.concurrency:
         runs = {name: [] for name in urls}
         cpu = {name: [] for name in urls}
@@ -228,11 +238,17 @@ def main() -> int:
         for _ in range(args.repeats):
             for name, url in urls.items():
                 before = timing_totals(url) if name in parts else None
+                sizes0 = batch_sizes(url) if name in BATCHED else None
                 procs0, cpu0 = cpu_seconds(), time.process_time()
                 runs[name].append(asyncio.run(closed_loop(url, bodies, c, args.requests)))
                 client_cpu = (time.process_time() - cpu0) / args.requests * 1e3
                 used = cpu_parts(procs0, cpu_seconds(), APPS.get(name), os.getpid())
                 cpu[name].append({k: v / args.requests * 1e3 for k, v in used.items()})
+                if sizes0 is not None:
+                    for stage, hist in batch_sizes(url).items():
+                        got = batches.setdefault((c, name, stage), {})
+                        for k, v in (hist or {}).items():
+                            got[k] = got.get(k, 0) + v - (sizes0.get(stage) or {}).get(k, 0)
                 if before is not None:
                     after = timing_totals(url)
                     n = after["requests"] - before["requests"]
@@ -256,11 +272,6 @@ def main() -> int:
             cpu_rows.append({"concurrency": c, "app": name, **{k: float(np.median([x[k] for x in cs])) for k in cs[0]}})
         rows.append(row)
         print(f"  concurrency {c}: " + ", ".join(f"{n} {row[n]:.1f}" for n in urls) + " img/s", flush=True)
-    batch_sizes = {}
-    for name in [n for n in ("per-stage", "fused", "fused-onnx") if n in urls]:
-        import httpx
-
-        batch_sizes[name] = httpx.get(urls[name].replace("/predict", "/metrics"), timeout=30).json()["batch_sizes"]
     batch_rate = {}
     for name in [n for n in ("fused", "fused-onnx") if n in urls]:
         batch_rate[name] = batch_loop(urls[name].replace("/predict", "/predict/batch"), bodies, 16, 4,
@@ -327,13 +338,15 @@ def main() -> int:
             keys = ("client", "proxy", "replicas", "uvicorn", "rest")
             print(f"| {r['concurrency']} | {r['app']} | " + " | ".join(f"{r[k]:.2f}" for k in keys) +
                   f" | {sum(r[k] for k in keys):.2f} |")
-    for name, sizes in batch_sizes.items():
-        for stage, hist in sizes.items():
-            if hist:
-                n = sum(hist.values())
+    if batches:
+        print("\nBatches the replicas ran during the /predict runs (all runs of each concurrency):")
+        print("| concurrency | app | stage | batches | mean size | of size 1 |")
+        print("|---|---|---|---|---|---|")
+        for (c, name, stage), hist in batches.items():
+            n = sum(hist.values())
+            if n:
                 mean = sum(int(k) * v for k, v in hist.items()) / n
-                print(f"\nbatches of {name} ({stage}), over the whole run: {n}, mean size {mean:.1f}, "
-                      f"of size 1: {hist.get('1', 0) / n:.0%}")
+                print(f"| {c} | {name} | {stage} | {n} | {mean:.1f} | {hist.get('1', 0) / n:.0%} |")
     for name, rate in batch_rate.items():
         ref = ip["onnxruntime" if name.endswith("onnx") else "eager"]
         print(f"\n/predict/batch, 16 images per request, concurrency 4, {name}: {rate:.1f} img/s = {rate / ref:.2f} of "

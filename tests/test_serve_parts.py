@@ -1,6 +1,7 @@
 """The service's parts without Ray: body parsing, decoding, tokens, the request walk with dying
 replicas, the batcher, the fused batcher's early answers, the audit monitor, options and plans."""
 import asyncio
+import json
 import time
 
 import numpy as np
@@ -101,8 +102,6 @@ class Dead(Exception):
 def test_a_streamed_batch_writes_each_answer_when_it_is_ready():
     """/predict/batch's lines come in the order the answers finish (here: 2, 0, 3, 1), each one
     written before the next answer is ready, not in the order the images were sent."""
-    import json
-
     async def main():
         events = [asyncio.Event() for _ in range(4)]
 
@@ -120,6 +119,26 @@ def test_a_streamed_batch_writes_each_answer_when_it_is_ready():
         return got
 
     assert run(main()) == [2, 0, 3, 1]
+
+
+def test_answers_that_finish_together_stream_as_one_chunk_in_the_order_asked():
+    async def main():
+        gate = asyncio.Event()
+
+        async def answer(i):
+            if i in (1, 3):
+                await gate.wait()
+            return {"index": i}
+
+        stream = ndjson_as_ready(answer(i) for i in range(4))
+        chunks = [await asyncio.wait_for(stream.__anext__(), 5)]
+        gate.set()
+        chunks.append(await asyncio.wait_for(stream.__anext__(), 5))
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        return [[json.loads(line)["index"] for line in c.splitlines()] for c in chunks]
+
+    assert run(main()) == [[0, 2], [1, 3]]
 
 
 def test_the_walk_retries_a_dead_replica_then_answers_503_at_the_deadline():
@@ -550,3 +569,24 @@ def test_the_batcher_skips_a_request_whose_caller_gave_up_and_checks_the_result_
     assert out == [10, 30] and batches == [[1], [3]]
     with pytest.raises(ValueError, match="max_batch_size"):
         Batcher(lambda x: x, 0, 0.0)
+
+
+def test_a_lone_request_does_not_wait_for_company_that_is_not_coming():
+    """With ``expected``, a batch stops waiting once no other request is on its way."""
+    async def go():
+        coming = [0]
+        gate = Gate()
+        gate.release.set()
+        b = Batcher(gate, max_batch_size=8, wait_s=60.0, expected=lambda: coming[0])
+        alone = await asyncio.wait_for(b(1), 30)  # nothing on its way: no 60 s wait
+        coming[0] = 1  # one more is being decoded
+        first = asyncio.ensure_future(b(2))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not gate.batches[1:], "the batch went before the expected request came"
+        coming[0] = 0
+        second = asyncio.ensure_future(b(3))
+        return alone, await asyncio.wait_for(asyncio.gather(first, second), 30), gate.batches
+
+    alone, pair, batches = run(go())
+    assert alone == 10 and pair == [20, 30] and batches == [[1], [2, 3]]

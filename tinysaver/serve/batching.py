@@ -8,8 +8,9 @@ image than at batch 16 (RESULTS, "Batches cut before the engine is free").
 
 ``Batcher`` cuts a batch only when the previous one is done: everything that arrived meanwhile,
 up to ``max_batch_size``. An idle replica waits at most ``wait_s`` from a batch's oldest request
-for it to fill, so a lone request is answered after ``wait_s``, and under load the wait is the
-running batch's time, not a timeout.
+for it to fill, and not at all when ``expected()`` says no other request is on its way (still
+being read or decoded), so a lone request does not wait for company that is not coming. Under
+load the wait is the running batch's time, not a timeout.
 """
 from __future__ import annotations
 
@@ -20,21 +21,25 @@ from typing import Any, Awaitable, Callable
 
 
 class Batcher:
-    """``await batcher(item)`` → ``run``'s result for that item. ``run(items)`` (async) gets a list
-    of 1 … ``max_batch_size`` items and returns one result per item, in order; one call at a time.
-    ``wait_s``: seconds a batch may wait for more items after its oldest arrived. ``sizes``:
-    {batch size: batches run}."""
+    """``await batcher(item)`` → ``run``'s result for that item (``submit`` gives the future without
+    waiting). ``run(items)`` (async) gets a list of 1 … ``max_batch_size`` items and returns one
+    result per item, in order; one call at a time. ``wait_s``: seconds a batch may wait for more
+    items after its oldest arrived; ``expected()``: how many more are on their way (None: unknown,
+    wait the full ``wait_s``). ``sizes``: {batch size: batches run}."""
 
-    def __init__(self, run: Callable[[list], Awaitable[list]], max_batch_size: int, wait_s: float):
+    def __init__(self, run: Callable[[list], Awaitable[list]], max_batch_size: int, wait_s: float,
+                 expected: Callable[[], int] | None = None):
         if max_batch_size < 1 or wait_s < 0:
             raise ValueError(f"max_batch_size must be ≥ 1 and wait_s ≥ 0, got {max_batch_size} and {wait_s}")
         self.run, self.max_batch_size, self.wait_s = run, int(max_batch_size), float(wait_s)
+        self.expected = expected
         self.sizes: dict[int, int] = {}
         self._queue: deque = deque()  # (item, future, arrival time.monotonic())
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
 
-    async def __call__(self, item: Any) -> Any:
+    def submit(self, item: Any) -> asyncio.Future:
+        """Queue ``item`` (from the event loop's thread); the future gets its result."""
         loop = asyncio.get_running_loop()
         if self._wake is None:
             self._wake = asyncio.Event()
@@ -43,7 +48,10 @@ class Batcher:
         self._wake.set()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = loop.create_task(self._serve())
-        return await fut
+        return fut
+
+    async def __call__(self, item: Any) -> Any:
+        return await self.submit(item)
 
     async def _next_batch(self) -> list:
         """The next batch, once it is full or its oldest item has waited ``wait_s``."""
@@ -52,6 +60,8 @@ class Batcher:
             await self._wake.wait()
         deadline = self._queue[0][2] + self.wait_s
         while len(self._queue) < self.max_batch_size:
+            if self.expected is not None and self.expected() <= 0:
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 break

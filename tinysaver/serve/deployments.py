@@ -107,7 +107,9 @@ class Ingress:
             built = load_stages(plan, self.device)
             self.batcher = FusedBatcher([built[i] for i in range(len(plan.names))], plan.thresholds, plan.base_from,
                                         first=o.adapt)
-            self._fused = Batcher(self.batcher.answer_batch, o.max_batch_size, o.batch_wait_timeout_s)
+            # a batch waits for company only while requests are being read or decoded (self.incoming)
+            self._fused = Batcher(self.batcher.answer_batch, o.max_batch_size, o.batch_wait_timeout_s,
+                                  expected=lambda: self.incoming)
             self._base = Batcher(self.batcher.base_batch, o.max_batch_size, o.batch_wait_timeout_s)
             self.stages, self.walk = [], None
         else:
@@ -115,6 +117,7 @@ class Ingress:
             self.walk = StageWalk(lambda i, item: self.stages[i].classify.remote(item), plan.names, plan.thresholds,
                                   plan.base_from, o.retries, DEAD)
         self.rng = random.Random(o.seed)
+        self.incoming = 0  # images read or decoded now, not yet handed to a stage
         self.requests = 0
         self.exits = Counter()
         self.latency = Counter()
@@ -141,7 +144,7 @@ class Ingress:
     async def _fused_answer(self, img) -> tuple:
         """(stage, class, confidence, carry: None, the saver's (class, confidence) or None)."""
         fut = asyncio.get_running_loop().create_future()
-        self._keep(self._fused((img, fut, time.perf_counter())))
+        self._fused.submit((img, fut, time.perf_counter()))
         try:
             i, pred, conf, *first = await asyncio.wait_for(asyncio.shield(fut), self.o.request_timeout_s)
             return i, pred, conf, None, (first[0] if first else None)
@@ -207,9 +210,13 @@ class Ingress:
         try:
             t0 = time.perf_counter()
             check_token(request.headers, self.token)
-            [(_, data)] = await read_files(request, False, self.o.max_body_bytes)
-            t1 = time.perf_counter()
-            img = await self._image(data)
+            self.incoming += 1
+            try:
+                [(_, data)] = await read_files(request, False, self.o.max_body_bytes)
+                t1 = time.perf_counter()
+                img = await self._image(data)
+            finally:
+                self.incoming -= 1
             t2 = time.perf_counter()
             out = await self._answer(img)
             # where a request's server-side time goes, for the benchmarks' breakdown of the gap
@@ -231,10 +238,15 @@ class Ingress:
 
         async def one(index: int, name: str, data: bytes) -> dict:
             try:
-                return {"index": index, "file": name, **(await self._answer(await self._image(data)))}
+                try:
+                    img = await self._image(data)
+                finally:
+                    self.incoming -= 1
+                return {"index": index, "file": name, **(await self._answer(img))}
             except BadRequest as e:
                 return {"index": index, "file": name, "error": e.reason, "status": e.status}
 
+        self.incoming += len(files)
         return StreamingResponse(ndjson_as_ready(one(i, n, d) for i, (n, d) in enumerate(files)),
                                  media_type="application/x-ndjson")
 

@@ -95,9 +95,19 @@ def check_token(headers, token: str | None) -> None:
 
 async def ndjson_as_ready(answers: Iterable[Awaitable[dict]]) -> AsyncIterator[str]:
     """One JSON line per answer, in the order the answers finish, not the order they were asked:
-    a streamed batch hands out each early exit without waiting for the base's answers."""
-    for ready in asyncio.as_completed(list(answers)):
-        yield json.dumps(await ready) + "\n"
+    a streamed batch hands out each early exit without waiting for the base's answers. Answers
+    that finish together (one batch's early exits) go out as one chunk, in the order asked: each
+    chunk is a message from the replica to Serve's proxy, which costs far more than a line."""
+    tasks = [asyncio.ensure_future(a) for a in answers]
+    order = {t: i for i, t in enumerate(tasks)}
+    waiting = set(tasks)
+    try:
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            yield "".join(json.dumps(t.result()) + "\n" for t in sorted(done, key=order.__getitem__))
+    finally:  # the client left mid-stream: its answers are not needed
+        for t in waiting:
+            t.cancel()
 
 
 __all__ = ["BadRequest", "RAW_TYPES", "check_token", "content_type", "decode", "ndjson_as_ready", "read_body",
