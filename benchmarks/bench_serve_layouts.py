@@ -13,7 +13,9 @@ noisy neighbour slows them alike:
 - ``floor-serve``: the same handler as a one-deployment Serve app: what Serve's proxy adds;
 - ``per-stage``: the cascade with a deployment per stage (eager);
 - ``fused``: the cascade in one deployment (eager), the default layout;
-- ``fused-onnx``: the same on ONNX Runtime (``--backend onnxruntime``).
+- ``fused-onnx``: the same on ONNX Runtime (``--backend onnxruntime``);
+- ``floor-serve-grpc`` and ``fused-grpc``: the bare Serve app and the fused app again, driven
+  through Serve's gRPC proxy (``tinysaver.serve.grpc_api``) instead of HTTP.
 
 For the fused apps it also breaks each request's time into its parts (the replica's own timings
 from ``/metrics``, the client's latency and CPU time), so the gap to in-process is measured, not
@@ -67,8 +69,48 @@ class Floor:
         return {"class": 0, "confidence": 1.0, "exit_stage": 0, "shape": list(img.shape)}
 
 
+    async def Predict(self, data: bytes):  # noqa: N802 - the same over Serve's gRPC proxy (tinysaver.serve.grpc_api)
+        from tinysaver.serve.grpc_api import reply
+        from tinysaver.serve.http import decode
+
+        img = decode(bytes(data), 40_000_000)
+        return reply({"class": 0, "confidence": 1.0, "exit_stage": 0, "shape": list(img.shape)})
+
+
 def floor_serve_app():
     return Floor.bind()
+
+
+async def grpc_loop(target: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[float, list[dict]]:
+    """``closed_loop`` over gRPC: ``target`` is "host:port/application"."""
+    import json
+
+    import grpc
+
+    from tinysaver.serve.grpc_api import METHOD
+
+    address, _, app = target.partition("/")
+    results: list[dict] = []
+    counter = iter(range(total))
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(METHOD)
+
+        async def user():
+            for i in counter:
+                t0 = time.perf_counter()
+                answer = json.loads(await call(bodies[i % len(bodies)], metadata=(("application", app),), timeout=120))
+                results.append({**answer, "client_ms": (time.perf_counter() - t0) * 1e3})
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+        return time.perf_counter() - t0, results
+
+
+def drive(url: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[float, list[dict]]:
+    """One closed-loop run against an HTTP ``/predict`` URL, or a "grpc://host:port/app" target."""
+    if url.startswith("grpc://"):
+        return asyncio.run(grpc_loop(url[len("grpc://"):], bodies, concurrency, total))
+    return asyncio.run(closed_loop(url, bodies, concurrency, total))
 
 
 async def batch_loop(url: str, bodies: list[bytes], per_request: int, concurrency: int, total_images: int) -> float:
@@ -102,7 +144,9 @@ def timing_totals(predict_url: str) -> dict[str, float]:
     return {"requests": n, **{k: (v or 0.0) * n for k, v in t.items() if k != "requests"}}
 
 
-APPS = {"floor-serve": "floor", "per-stage": "perstage", "fused": "fused", "fused-onnx": "fusedonnx"}  # Serve app names
+# Serve application names; a "-grpc" app is the same application driven through Serve's gRPC proxy
+APPS = {"floor-serve": "floor", "per-stage": "perstage", "fused": "fused", "fused-onnx": "fusedonnx",
+        "floor-serve-grpc": "floor", "fused-grpc": "fused"}
 
 
 def cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -138,7 +182,7 @@ def cpu_parts(before: dict, after: dict, app: str | None, client_pid: int) -> di
     return parts
 
 
-BATCHED = ("per-stage", "fused", "fused-onnx")
+BATCHED = ("per-stage", "fused", "fused-onnx", "fused-grpc")
 
 
 def batch_sizes(predict_url: str) -> dict:
@@ -171,7 +215,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
-    ap.add_argument("--apps", default="floor-uvicorn,floor-serve,per-stage,fused,fused-onnx")
+    ap.add_argument("--apps", default="floor-uvicorn,floor-serve,floor-serve-grpc,per-stage,fused,fused-grpc,fused-onnx")
     args = ap.parse_args()
     apps = [a for a in args.apps.split(",") if a]
 
@@ -195,7 +239,7 @@ def main() -> int:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    port, uport = free_port(), free_port()
+    port, uport, gport = free_port(), free_port(), free_port()
     floor = None
     if "floor-uvicorn" in apps:
         Path("/tmp/floor_app.py").write_text(FLOOR_APP)
@@ -204,7 +248,7 @@ def main() -> int:
                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     local_ray_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    start_serve({"host": "127.0.0.1", "port": port})
+    start_serve({"host": "127.0.0.1", "port": port}, grpc_port=gport)
     common = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3)
     urls = {}
     if "floor-serve" in apps:
@@ -222,6 +266,9 @@ def main() -> int:
         o = ServeOptions(layout="fused", num_cpus=0.3, backend="onnxruntime", **common)
         serve.run(build_app(sel, zoo, o), name="fusedonnx", route_prefix="/fusedonnx")
         urls["fused-onnx"] = f"http://127.0.0.1:{port}/fusedonnx/predict"
+    for name in [a for a in apps if a.endswith("-grpc")]:  # after their HTTP twins (dicts keep order)
+        if name[:-len("-grpc")] in urls:
+            urls[name] = f"grpc://127.0.0.1:{gport}/{APPS[name]}"
     if floor is not None:
         wait_up(f"http://127.0.0.1:{uport}/docs")
         urls = {"floor-uvicorn": f"http://127.0.0.1:{uport}/predict", **urls}
@@ -229,23 +276,24 @@ def main() -> int:
           f"run, max batch {args.max_batch_size}, wait {args.batch_wait_ms} ms, {args.repeats} alternating runs; "
           f"medians; load before: {os.getloadavg()[0]:.2f}", flush=True)
     for url in urls.values():  # warm-up
-        asyncio.run(closed_loop(url, bodies, 4, 32))
+        drive(url, bodies, 4, 32)
     rows, gaps, cpu_rows, batches = [], [], [], {}
     for c in args.concurrency:
         runs = {name: [] for name in urls}
         cpu = {name: [] for name in urls}
-        parts = {name: [] for name in urls if name.startswith("fused")}
+        parts = {name: [] for name in urls if name.startswith("fused") and not name.endswith("-grpc")}
         for _ in range(args.repeats):
             for name, url in urls.items():
                 before = timing_totals(url) if name in parts else None
-                sizes0 = batch_sizes(url) if name in BATCHED else None
+                http = urls[name.removesuffix("-grpc")]  # a gRPC run's app answers /metrics over HTTP
+                sizes0 = batch_sizes(http) if name in BATCHED else None
                 procs0, cpu0 = cpu_seconds(), time.process_time()
-                runs[name].append(asyncio.run(closed_loop(url, bodies, c, args.requests)))
+                runs[name].append(drive(url, bodies, c, args.requests))
                 client_cpu = (time.process_time() - cpu0) / args.requests * 1e3
                 used = cpu_parts(procs0, cpu_seconds(), APPS.get(name), os.getpid())
                 cpu[name].append({k: v / args.requests * 1e3 for k, v in used.items()})
                 if sizes0 is not None:
-                    for stage, hist in batch_sizes(url).items():
+                    for stage, hist in batch_sizes(http).items():
                         got = batches.setdefault((c, name, stage), {})
                         for k, v in (hist or {}).items():
                             got[k] = got.get(k, 0) + v - (sizes0.get(stage) or {}).get(k, 0)
@@ -299,23 +347,35 @@ def main() -> int:
         t0 = time.perf_counter()
         cas.predict(imgs[:64], batch_size=1)
         ip[backend + ":bs1_ms"] = (time.perf_counter() - t0) / 64 * 1e3
+    # a replica with under 2 CPUs runs torch on 1 thread (Ray sets OMP_NUM_THREADS): the same here
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cas = build_cascade(sel, zoo, backend="eager")
+    t0 = time.perf_counter()
+    cas.predict(data.images, batch_size=args.max_batch_size)
+    ip["eager:1t"] = len(data.images) / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
     print(f"\nin-process (torch threads {torch.get_num_threads()}) at batch {args.max_batch_size}: eager "
           f"{ip['eager']:.1f} img/s, onnxruntime {ip['onnxruntime']:.1f} img/s; batch 1: eager "
           f"{ip['eager:bs1_ms']:.2f} ms/img, onnxruntime {ip['onnxruntime:bs1_ms']:.2f} ms/img\n")
     names = list(urls)
-    print("| concurrency | " + " | ".join(f"{n} img/s" for n in names) + " | fused / per-stage | fused / floor-serve |"
-          " fused / in-process |")
-    print("|---|" + "---|" * (len(names) + 3))
+    ratios = [("fused", "per-stage"), ("fused", "floor-serve"), ("fused-grpc", "floor-serve-grpc"),
+              ("fused-grpc", "floor-serve")]
+    print("| concurrency | " + " | ".join(f"{n} img/s" for n in names) + " | " +
+          " | ".join(f"{a} / {b}" for a, b in ratios) + " | fused / in-process |")
+    print("|---|" + "---|" * (len(names) + len(ratios) + 1))
     for r in rows:
         ratio = lambda a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "–"  # noqa: E731
         fip = f"{r['fused'] / ip['eager']:.2f}" if "fused" in r else "–"
-        print(f"| {r['concurrency']} | " + " | ".join(f"{r[n]:.1f}" for n in names) +
-              f" | {ratio('fused', 'per-stage')} | {ratio('fused', 'floor-serve')} | {fip} |")
-    print("\n| concurrency | " + " | ".join(f"{n} p50 ms" for n in names) + " | fused early-answer p50 ms |")
-    print("|---|" + "---|" * (len(names) + 1))
+        print(f"| {r['concurrency']} | " + " | ".join(f"{r[n]:.1f}" for n in names) + " | " +
+              " | ".join(ratio(a, b) for a, b in ratios) + f" | {fip} |")
+    early = [n for n in ("fused", "fused-grpc") if n in names]
+    print("\n| concurrency | " + " | ".join(f"{n} p50 ms" for n in names) + " | " +
+          " | ".join(f"{n} early-answer p50 ms" for n in early) + " |")
+    print("|---|" + "---|" * (len(names) + len(early)))
     for r in rows:
-        print(f"| {r['concurrency']} | " + " | ".join(f"{r[n + ':p50']:.1f}" for n in names) +
-              f" | {r.get('fused:early_p50', float('nan')):.1f} |")
+        print(f"| {r['concurrency']} | " + " | ".join(f"{r[n + ':p50']:.1f}" for n in names) + " | " +
+              " | ".join(f"{r.get(n + ':early_p50', float('nan')):.1f}" for n in early) + " |")
     if gaps:
         print("\nWhere a /predict request's time goes (mean ms per request, medians of the runs). The server's parts "
               "come from the replica's /metrics; 'proxy + transport' is the client's mean latency less the server's "
@@ -349,14 +409,17 @@ def main() -> int:
                 print(f"| {c} | {name} | {stage} | {n} | {mean:.1f} | {hist.get('1', 0) / n:.0%} |")
     for name, rate in batch_rate.items():
         ref = ip["onnxruntime" if name.endswith("onnx") else "eager"]
+        same = "" if name.endswith("onnx") else (f"; {rate / ip['eager:1t']:.2f} of it on torch's 1 thread, as in the "
+                                                  f"replica ({ip['eager:1t']:.1f} img/s)")
         print(f"\n/predict/batch, 16 images per request, concurrency 4, {name}: {rate:.1f} img/s = {rate / ref:.2f} of "
-              f"the in-process cascade on the same backend ({ref:.1f} img/s)")
+              f"the in-process cascade on the same backend ({ref:.1f} img/s){same}")
     one = next((r for r in rows if r["concurrency"] == 1), None)
-    if one and "fused" in one and "floor-serve" in one:
-        budget = one["floor-serve:p50"] + ip["eager:bs1_ms"] + 3
-        print(f"\nconcurrency 1: fused early-answer p50 {one['fused:early_p50']:.1f} ms against floor-serve p50 "
-              f"{one['floor-serve:p50']:.1f} + in-process batch-1 {ip['eager:bs1_ms']:.1f} + 3 = {budget:.1f} ms: "
-              f"{'met' if one['fused:early_p50'] <= budget else 'NOT met'}")
+    for app, floor_app in (("fused", "floor-serve"), ("fused-grpc", "floor-serve-grpc")):
+        if one and app in one and floor_app in one:
+            budget = one[floor_app + ":p50"] + ip["eager:bs1_ms"] + 3
+            print(f"\nconcurrency 1: {app} early-answer p50 {one[app + ':early_p50']:.1f} ms against {floor_app} p50 "
+                  f"{one[floor_app + ':p50']:.1f} + in-process batch-1 {ip['eager:bs1_ms']:.1f} + 3 = {budget:.1f} ms: "
+                  f"{'met' if one[app + ':early_p50'] <= budget else 'NOT met'}")
     return 0
 
 

@@ -32,8 +32,8 @@ def service():
 
     local_ray_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    start_serve({"host": "127.0.0.1", "port": port})
+    port, grpc_port = free_port(), free_port()
+    start_serve({"host": "127.0.0.1", "port": port}, grpc_port=grpc_port)
     zoo = load_zoo("fashion-mnist")
     sel = select(zoo, BASE, SelectorConfig()).best
     # small CPU shares: the per-stage app (3 deployments) and the fused one share 2 cores. The fused
@@ -49,7 +49,7 @@ def service():
     adapt = ServeOptions(num_cpus=0.2, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.5, adapt=True)
     serve.run(build_app(sel, zoo, adapt), name="adapt", route_prefix="/adapt")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    yield {"client": client, "sel": sel, "zoo": zoo, "serve": serve}
+    yield {"client": client, "sel": sel, "zoo": zoo, "serve": serve, "grpc": f"127.0.0.1:{grpc_port}"}
     client.close()
     serve.shutdown()
     ray.shutdown()
@@ -240,6 +240,31 @@ def test_adapt_raises_the_threshold_when_the_traffic_shifts(service, offline):
     later = [r.json() for r in replies[sw[0]["request"] + 16:]]  # sent well after the raise (4 at a time)
     assert all(g["confidence"] >= raised for g in later if g["exit_stage"] == 0), (raised, later)
     assert c.get("/fused/healthz").json()["thresholds"] == [t0]  # the other apps keep theirs
+
+
+def test_grpc_answers_as_http_and_refuses_with_a_status_code(service, offline):
+    """/tinysaver.Cascade/Predict through Serve's gRPC proxy: the image's bytes in, /predict's JSON
+    out, in both layouts; a refusal is a gRPC status with the HTTP route's reason."""
+    import grpc
+
+    from tinysaver.policy import MARGIN
+    from tinysaver.serve.grpc_api import predict
+
+    imgs, ref = offline
+    t = service["sel"].thresholds[0]
+    stable = np.flatnonzero(np.abs(ref.stage_conf[0].astype(np.float64) - t) >= MARGIN)[:24]
+    for app in ("fused", "casc"):
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i: predict(service["grpc"], png(imgs[i]), application=app), stable))
+        for i, g in zip(stable, got):
+            assert g["exit_stage"] == ref.stage[i] and g["class"] == ref.pred[i], (app, i, g)
+            assert g["stage_name"] == ref.stage_names[ref.stage[i]]
+    for body, code, reason in ((b"not an image", grpc.StatusCode.INVALID_ARGUMENT, "not a usable image"),
+                               (b"", grpc.StatusCode.INVALID_ARGUMENT, "empty body"),
+                               (b"x" * (65 * 1024), grpc.StatusCode.RESOURCE_EXHAUSTED, "over 65536 bytes")):
+        with pytest.raises(grpc.RpcError) as e:
+            predict(service["grpc"], body, application="fused")
+        assert e.value.code() == code and reason in e.value.details(), (e.value.code(), e.value.details())
 
 
 def esn_policy_for(confs: np.ndarray):

@@ -33,10 +33,11 @@ def services(tmp_path_factory):
         proc.log = logs / f"{name}.log"
         return proc
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     procs = {"tinysaver": (start("tinysaver", [sys.executable, "-m", "tinysaver", "serve", "--zoo", "fashion-mnist",
                                                "--base", "resnet10t", "--port", str(port), "--num-cpus", "0.5",
-                                               "--audit", "1.0", "--adapt"]), port)}
+                                               "--audit", "1.0", "--adapt", "--grpc-port", str(grpc_port)]),
+                           port, grpc_port)}
     with socket.socket() as s:  # serve run listens on Serve's default port
         taken = s.connect_ex(("127.0.0.1", 8000)) == 0
     serve_cli = shutil.which("serve")
@@ -82,7 +83,7 @@ def test_serve_command_answers_and_stops_on_ctrl_c(services):
 
     from tinysaver.data import load_dataset
 
-    proc, port = services["tinysaver"]
+    proc, port, grpc_port = services["tinysaver"]
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_up(proc, url, "tinysaver serve")
@@ -92,6 +93,11 @@ def test_serve_command_answers_and_stops_on_ctrl_c(services):
         assert r.status_code == 200 and set(r.json()) >= {"class", "name", "confidence", "exit_stage", "stage_name",
                                                           "latency_ms"}
         assert httpx.get(f"{url}/metrics", timeout=10).json()["requests"] == 1
+        from tinysaver.serve.grpc_api import METHOD, predict
+
+        g = predict(f"127.0.0.1:{grpc_port}", png(img))  # the same image over gRPC: the same answer
+        assert (g["class"], g["exit_stage"]) == (r.json()["class"], r.json()["exit_stage"])
+        assert f"gRPC {METHOD} at 127.0.0.1:{grpc_port}" in proc.log.read_text()
         # shifted traffic, end to end: the audit calls drift, --adapt raises the threshold (which
         # starts a fresh audit), and the terminal of `tinysaver serve` says so
         import torch
@@ -156,13 +162,19 @@ def test_a_taken_port_is_refused_in_one_line_before_ray_starts(capsys):
     from tests.helpers import run_here
 
     need_package("ray")
+    free = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         out = run_here(capsys, "serve", "--base", "resnet10t", "--port", str(port))
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert f"cannot listen on 127.0.0.1:{port}: address already in use; choose another --port" in out.stderr
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert f"cannot listen on 127.0.0.1:{port}: address already in use; choose another --port" in out.stderr
+        out = run_here(capsys, "serve", "--base", "resnet10t", "--port", str(free), "--grpc-port", str(port))
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert f"cannot listen on 127.0.0.1:{port}: address already in use; choose another --grpc-port" in out.stderr
+    out = run_here(capsys, "serve", "--base", "resnet10t", "--port", str(free), "--grpc-port", str(free))
+    assert out.returncode == 2 and f"--grpc-port {free} is also --port" in out.stderr
     import ray
 
     assert not ray.is_initialized()  # refused before Ray started

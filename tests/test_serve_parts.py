@@ -590,3 +590,26 @@ def test_a_lone_request_does_not_wait_for_company_that_is_not_coming():
 
     alone, pair, batches = run(go())
     assert alone == 10 and pair == [20, 30] and batches == [[1], [2, 3]]
+
+
+def test_the_grpc_method_is_registered_under_its_name_and_replies_with_bytes():
+    """What Serve's gRPC proxy gets from ``add_servicer``, and what its replica serializes."""
+    grpc = pytest.importorskip("grpc")
+    from tinysaver.serve import grpc_api
+
+    class Server:
+        def add_generic_rpc_handlers(self, handlers):
+            self.handlers = handlers
+
+    class Servicer:
+        def Predict(self, data, context):  # noqa: N802
+            return grpc_api.reply({"class": 3})
+
+    server = Server()
+    grpc_api.add_servicer(Servicer(), server)
+    [handler] = server.handlers
+    details = type("Details", (), {"method": grpc_api.METHOD, "invocation_metadata": ()})()
+    method = handler.service(details)
+    assert method is not None and method.request_deserializer is None  # the replica gets the raw bytes
+    assert json.loads(method.unary_unary(b"png", None).SerializeToString()) == {"class": 3}
+    assert all(hasattr(grpc.StatusCode, name) for name in grpc_api.STATUS.values())

@@ -209,8 +209,9 @@ def local_ray_env() -> None:
     set_local_ray_env(PROXY_ENV)
 
 
-def start_serve(http_options: dict, wait_s: float = PROXY_START_S) -> None:
-    """``serve.start(http_options=...)``, waiting up to ``wait_s`` seconds for the HTTP proxies.
+def start_serve(http_options: dict, wait_s: float = PROXY_START_S, grpc_port: int | None = None) -> None:
+    """``serve.start(http_options=...)``, waiting up to ``wait_s`` seconds for the HTTP proxies;
+    with ``grpc_port``, Serve's gRPC proxy also listens there with the service's method (``grpc_api``).
 
     ``serve.start`` waits a fixed 60 s for its proxies and then raises, although the controller it
     started goes on and the proxy comes up later. On a starved machine we therefore connect to that
@@ -218,15 +219,20 @@ def start_serve(http_options: dict, wait_s: float = PROXY_START_S) -> None:
     """
     from ray import serve
 
+    from .grpc_api import SERVICER
+
+    kw = {"http_options": http_options}
+    if grpc_port:
+        kw["grpc_options"] = {"port": int(grpc_port), "grpc_servicer_functions": [SERVICER]}
     t0 = time.monotonic()
     try:
-        serve.start(http_options=http_options)
+        serve.start(**kw)
         return
     except TimeoutError as e:
         if "proxies not available" not in str(e):
             raise
         log.warning("Serve's HTTP proxy is slow to start (%s); waiting up to %.0f s in all", e, wait_s)
-    serve.start(http_options=http_options)  # the controller is running now: this connects to it
+    serve.start(**kw)  # the controller is running now: this connects to it
     while True:
         proxies = serve.status().proxies
         if proxies and all(st == "HEALTHY" for st in proxies.values()):  # ProxyStatus is a str enum

@@ -27,6 +27,7 @@ from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException
 
+from . import grpc_api
 from .adapt import ThresholdAdapter
 from .audit import AuditMonitor
 from .batching import Batcher
@@ -227,6 +228,26 @@ class Ingress:
             return out
         except BadRequest as e:
             return self._error(e)
+
+    async def Predict(self, data: bytes, grpc_context):  # noqa: N802 - the gRPC method's name (grpc_api)
+        """``/tinysaver.Cascade/Predict`` through Serve's gRPC proxy: the image's bytes → the JSON
+        answer of /predict; a refusal sets the call's status code and details instead."""
+        import grpc
+
+        try:
+            check_token(dict(grpc_context.invocation_metadata()), self.token)
+            if len(data) > self.o.max_body_bytes:
+                raise BadRequest(413, f"request body over {self.o.max_body_bytes} bytes")
+            self.incoming += 1
+            try:
+                img = await self._image(bytes(data))
+            finally:
+                self.incoming -= 1
+            return grpc_api.reply(await self._answer(img))
+        except BadRequest as e:
+            grpc_context.set_code(getattr(grpc.StatusCode, grpc_api.STATUS.get(e.status, "UNKNOWN")))
+            grpc_context.set_details(e.reason)
+            return grpc_api.Reply(b"")
 
     @api.post("/predict/batch", openapi_extra=_IMAGES)
     async def predict_batch(self, request: Request):
