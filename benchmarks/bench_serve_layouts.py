@@ -215,6 +215,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--ray-cpus", type=int, default=2, help="logical CPUs of the local Ray instance (a whole number)")
+    ap.add_argument("--fused-cpus", type=float, default=0.3,
+                    help="num_cpus of a fused replica; Ray gives it that many torch threads when ≥ 1")
     ap.add_argument("--apps", default="floor-uvicorn,floor-serve,floor-serve-grpc,per-stage,fused,fused-grpc,fused-onnx")
     args = ap.parse_args()
     apps = [a for a in args.apps.split(",") if a]
@@ -247,7 +250,7 @@ def main() -> int:
                                   "--log-level", "warning", "--app-dir", str(Path("/tmp"))],
                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     local_ray_env()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     start_serve({"host": "127.0.0.1", "port": port}, grpc_port=gport)
     common = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3)
     urls = {}
@@ -259,11 +262,11 @@ def main() -> int:
         serve.run(build_app(sel, zoo, o), name="perstage", route_prefix="/perstage")
         urls["per-stage"] = f"http://127.0.0.1:{port}/perstage/predict"
     if "fused" in apps:
-        serve.run(build_app(sel, zoo, ServeOptions(layout="fused", num_cpus=0.3, **common)), name="fused",
+        serve.run(build_app(sel, zoo, ServeOptions(layout="fused", num_cpus=args.fused_cpus, **common)), name="fused",
                   route_prefix="/fused")
         urls["fused"] = f"http://127.0.0.1:{port}/fused/predict"
     if "fused-onnx" in apps:
-        o = ServeOptions(layout="fused", num_cpus=0.3, backend="onnxruntime", **common)
+        o = ServeOptions(layout="fused", num_cpus=args.fused_cpus, backend="onnxruntime", **common)
         serve.run(build_app(sel, zoo, o), name="fusedonnx", route_prefix="/fusedonnx")
         urls["fused-onnx"] = f"http://127.0.0.1:{port}/fusedonnx/predict"
     for name in [a for a in apps if a.endswith("-grpc")]:  # after their HTTP twins (dicts keep order)
@@ -369,6 +372,11 @@ def main() -> int:
         fip = f"{r['fused'] / ip['eager']:.2f}" if "fused" in r else "–"
         print(f"| {r['concurrency']} | " + " | ".join(f"{r[n]:.1f}" for n in names) + " | " +
               " | ".join(ratio(a, b) for a, b in ratios) + f" | {fip} |")
+    for r in rows:
+        for n in [n for n in ("fused", "fused-grpc") if n in r]:
+            print(f"concurrency {r['concurrency']}: {n} {r[n]:.1f} img/s = {r[n] / ip['eager']:.2f} of the in-process "
+                  f"eager cascade at batch {args.max_batch_size} on {threads} threads, {r[n] / ip['eager:1t']:.2f} of it "
+                  f"on 1 thread ({ip['eager:1t']:.1f} img/s)")
     early = [n for n in ("fused", "fused-grpc") if n in names]
     print("\n| concurrency | " + " | ".join(f"{n} p50 ms" for n in names) + " | " +
           " | ".join(f"{n} early-answer p50 ms" for n in early) + " |")
@@ -409,8 +417,8 @@ def main() -> int:
                 print(f"| {c} | {name} | {stage} | {n} | {mean:.1f} | {hist.get('1', 0) / n:.0%} |")
     for name, rate in batch_rate.items():
         ref = ip["onnxruntime" if name.endswith("onnx") else "eager"]
-        same = "" if name.endswith("onnx") else (f"; {rate / ip['eager:1t']:.2f} of it on torch's 1 thread, as in the "
-                                                  f"replica ({ip['eager:1t']:.1f} img/s)")
+        same = "" if name.endswith("onnx") else (f"; {rate / ip['eager:1t']:.2f} of it on 1 torch thread, as in a "
+                                                  f"replica of under 2 CPUs ({ip['eager:1t']:.1f} img/s)")
         print(f"\n/predict/batch, 16 images per request, concurrency 4, {name}: {rate:.1f} img/s = {rate / ref:.2f} of "
               f"the in-process cascade on the same backend ({ref:.1f} img/s){same}")
     one = next((r for r in rows if r["concurrency"] == 1), None)

@@ -465,6 +465,11 @@ def test_esn_exits_are_served_and_answer_as_dynamic_inference(service, offline, 
     # an audit dropped at the deadline (an overloaded machine) may have been a disagreement
     assert h["dropped"] <= 10 and expected > 0, h
     assert -fragile - h["dropped"] <= h["disagreements"] - expected <= fragile, (h, expected)
+    from tinysaver.serve.grpc_api import predict  # ESN parts over gRPC too (after the counts above)
+
+    for i in np.flatnonzero(stable)[:6]:
+        g = predict(service["grpc"], png(imgs[i]), application="esn")
+        assert (g["exit_stage"], g["class"]) == (e["where"][i], e["answer"][i]), i
 
 
 def test_esn_serving_refuses_bad_policies_and_checkpoints(service, esn_service, tmp_path, capsys):
