@@ -151,6 +151,21 @@ def test_a_streamed_batch_answers_each_image_as_the_cascade_does(service, offlin
         if stable[i]:
             assert (x["exit_stage"], x["class"]) == (ref.stage[i], ref.pred[i]), x
     assert {x["exit_stage"] for x in lines} == {0, 1}
+    # the fused batcher waits for images still being decoded: a stream with a bad image, and one
+    # whose client leaves after its first line, must leave none counted as on their way
+    c = service["client"]
+    bad = files[:8] + [("files", ("bad.png", b"not an image", "image/png"))]
+    with c.stream("POST", "/fused/predict/batch", files=bad) as r:
+        got = [json.loads(line) for line in r.iter_lines() if line]
+    assert len(got) == 9 and sum("error" in x for x in got) == 1
+    with c.stream("POST", "/fused/predict/batch", files=files[:16]) as r:
+        next(r.iter_lines())
+    for _ in range(100):
+        if c.get("/fused/metrics").json()["incoming"] == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("images of finished streams are still counted as on their way")
 
 
 def test_bad_input_gets_a_clear_status_and_hurts_no_one(service, offline):

@@ -567,7 +567,7 @@ def test_the_batcher_skips_a_request_whose_caller_gave_up_and_checks_the_result_
 
     out, batches = run(go())
     assert out == [10, 30] and batches == [[1], [3]]
-    with pytest.raises(ValueError, match="max_batch_size"):
+    with pytest.raises(ServeError, match="max_batch_size"):
         Batcher(lambda x: x, 0, 0.0)
 
 

@@ -19,6 +19,8 @@ import time
 from collections import deque
 from typing import Any, Awaitable, Callable
 
+from ..errors import ServeError
+
 
 class Batcher:
     """``await batcher(item)`` → ``run``'s result for that item (``submit`` gives the future without
@@ -30,7 +32,7 @@ class Batcher:
     def __init__(self, run: Callable[[list], Awaitable[list]], max_batch_size: int, wait_s: float,
                  expected: Callable[[], int] | None = None):
         if max_batch_size < 1 or wait_s < 0:
-            raise ValueError(f"max_batch_size must be ≥ 1 and wait_s ≥ 0, got {max_batch_size} and {wait_s}")
+            raise ServeError(f"max_batch_size must be ≥ 1 and wait_s ≥ 0, got {max_batch_size} and {wait_s}")
         self.run, self.max_batch_size, self.wait_s = run, int(max_batch_size), float(wait_s)
         self.expected = expected
         self.sizes: dict[int, int] = {}

@@ -257,19 +257,31 @@ class Ingress:
         except BadRequest as e:
             return self._error(e)
 
+        undecoded = [len(files)]  # this request's share of self.incoming
+
         async def one(index: int, name: str, data: bytes) -> dict:
             try:
                 try:
                     img = await self._image(data)
                 finally:
+                    undecoded[0] -= 1
                     self.incoming -= 1
                 return {"index": index, "file": name, **(await self._answer(img))}
             except BadRequest as e:
                 return {"index": index, "file": name, "error": e.reason, "status": e.status}
 
-        self.incoming += len(files)
-        return StreamingResponse(ndjson_as_ready(one(i, n, d) for i, (n, d) in enumerate(files)),
-                                 media_type="application/x-ndjson")
+        async def stream():
+            # counted once the stream starts, and whatever was not decoded is let go however it
+            # ends (a client that leaves cancels answers that never started, and their finally)
+            self.incoming += len(files)
+            try:
+                async for chunk in ndjson_as_ready(one(i, n, d) for i, (n, d) in enumerate(files)):
+                    yield chunk
+            finally:
+                self.incoming -= undecoded[0]
+                undecoded[0] = 0
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     def _deployments_starting(self) -> list[str]:
         """Stage deployments Serve does not report HEALTHY yet (the ingress is up, and so
@@ -348,6 +360,7 @@ class Ingress:
                     kv[0] == "inf", kv[0] if kv[0] != "inf" else 0))},
                 "timing_ms": self._timing(),
                 "retried_calls": walk.retried if walk else 0, "unavailable": walk.unavailable if walk else 0,
+                "incoming": self.incoming,
                 "status": self._status(), "audit": self.audit.view(), "pid": os.getpid()}
 
 
