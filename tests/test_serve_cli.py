@@ -97,7 +97,12 @@ def test_serve_command_answers_and_stops_on_ctrl_c(services):
 
         g = predict(f"127.0.0.1:{grpc_port}", png(img))  # the same image over gRPC: the same answer
         assert (g["class"], g["exit_stage"]) == (r.json()["class"], r.json()["exit_stage"])
-        assert f"gRPC {METHOD} at 127.0.0.1:{grpc_port}" in proc.log.read_text()
+        for _ in range(120):  # /healthz can say 200 a moment before the command sees the app running
+            if f"gRPC {METHOD} at 127.0.0.1:{grpc_port}" in proc.log.read_text():
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(proc.log.read_text()[-3000:])
         # shifted traffic, end to end: the audit calls drift, --adapt raises the threshold (which
         # starts a fresh audit), and the terminal of `tinysaver serve` says so
         import torch
