@@ -14,8 +14,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts Ray: select with -m '
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    """``tinysaver serve`` and ``serve run`` with the builder, started side by side (each its own
-    local Ray) so that their start-ups overlap; each test stops its own. Yields
+    """``tinysaver serve`` (in Ray Serve's high-throughput mode, with gRPC) and ``serve run`` with
+    the builder (Serve's default mode), started side by side (each its own local Ray) so that their
+    start-ups overlap; each test stops its own. Yields
     {"tinysaver": (proc, port), "serve-run": proc or a reason it was not started}; a process's
     output goes to a file (``proc.log``), which no idle pipe can fill and block."""
     import os
@@ -36,7 +37,8 @@ def services(tmp_path_factory):
     port, grpc_port = free_port(), free_port()
     procs = {"tinysaver": (start("tinysaver", [sys.executable, "-m", "tinysaver", "serve", "--zoo", "fashion-mnist",
                                                "--base", "resnet10t", "--port", str(port), "--num-cpus", "0.5",
-                                               "--audit", "1.0", "--adapt", "--grpc-port", str(grpc_port)]),
+                                               "--audit", "1.0", "--adapt", "--grpc-port", str(grpc_port),
+                                               "--high-throughput"]),
                            port, grpc_port)}
     with socket.socket() as s:  # serve run listens on Serve's default port
         taken = s.connect_ex(("127.0.0.1", 8000)) == 0
@@ -185,6 +187,9 @@ def test_a_taken_port_is_refused_in_one_line_before_ray_starts(capsys):
     assert not ray.is_initialized()  # refused before Ray started
     out = run_here(capsys, "serve", "--base", "resnet10t", "--port", "99999")
     assert out.returncode == 2 and "a TCP port is 1-65535, got 99999" in out.stderr
+    out = run_here(capsys, "serve", "--base", "resnet10t", "--high-throughput", "--address", "127.0.0.1:1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "nodes were started with RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in out.stderr
 
 
 def _serve(*extra, port):

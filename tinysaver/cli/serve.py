@@ -46,6 +46,10 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--token", default=None,
                    help="require 'Authorization: Bearer TOKEN' on /predict* and /metrics (default: "
                         "$TINYSAVER_TOKEN, else none); /healthz stays open")
+    q.add_argument("--high-throughput", action="store_true",
+                   help="run the local Ray instance in Ray Serve's high-throughput mode (HAProxy in front of the "
+                        "replicas, gRPC between deployments); a cluster joined with --address must have been "
+                        "started in it")
     q.add_argument("--startup-timeout", type=positive_float, default=STARTUP_TIMEOUT_S,
                    help="seconds to wait for every replica to be scheduled and ready before giving up")
     q.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
@@ -111,7 +115,18 @@ def _floats(text: str | None, what: str) -> float | list[float] | None:
 
 
 def serve_options(args: argparse.Namespace):
+    """The ServeOptions the command line asks for. ``--high-throughput`` is applied here too, as
+    both serve commands call this first, before anything imports Ray Serve (which reads the mode
+    once, at import)."""
     from ..serve import ServeOptions
+    from ..serve.builders import HIGH_THROUGHPUT_ENV
+
+    if args.high_throughput:
+        if args.address or os.environ.get("RAY_ADDRESS"):
+            raise UsageError("--high-throughput sets up the local Ray instance; a cluster you join is in it only if "
+                             "its nodes were started with " +
+                             " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT_ENV.items()))
+        os.environ.update(HIGH_THROUGHPUT_ENV)
 
     backends = args.backend.split(",")
     return ServeOptions(layout=args.layout, max_pixels=args.max_pixels, max_batch_size=args.max_batch_size,

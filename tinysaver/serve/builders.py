@@ -198,6 +198,10 @@ def app(args: dict):
 # gives it more.
 PROXY_START_S = 300
 PROXY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(PROXY_START_S), "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+# Ray Serve's high-throughput mode (Ray ≥ 2.55): HAProxy in front, ingress replicas that take HTTP
+# themselves, gRPC between deployments. Every process of the instance must see these, so they are
+# set before Ray starts, or by whoever starts a cluster's nodes.
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def local_ray_env() -> None:
@@ -242,5 +246,5 @@ def start_serve(http_options: dict, wait_s: float = PROXY_START_S, grpc_port: in
         time.sleep(1.0)
 
 
-__all__ = ["app", "application", "build_app", "local_ray_env", "plan_for", "replica_needs", "stage_options",
+__all__ = ["HIGH_THROUGHPUT_ENV", "app", "application", "build_app", "local_ray_env", "plan_for", "replica_needs", "stage_options",
            "start_serve", "unschedulable"]
