@@ -3,8 +3,9 @@
 Why not ``@serve.batch``: in the Ray installed here (2.60, since the concurrent batches of
 ray-project/ray#53096) its loop cuts a batch off the queue *before* it waits for a free slot
 (``max_concurrent_batches``). Under load it keeps cutting batches of one or two requests, which
-then queue behind the running one, and the models run at batch 1, where they cost 2–4× more per
-image than at batch 16 (RESULTS, "Batches cut before the engine is free").
+then queue behind the running one, and the models run at batch 1, where they cost several times
+more per image (the per-batch latencies of ``tinysaver zoo show fashion-mnist``). RESULTS, "The
+fused service with its own batcher", has the service before and after.
 
 ``Batcher`` cuts a batch only when the previous one is done: everything that arrived meanwhile,
 up to ``max_batch_size``. An idle replica waits at most ``wait_s`` from a batch's oldest request

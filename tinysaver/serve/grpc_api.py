@@ -1,8 +1,9 @@
 """The service over gRPC, through Serve's gRPC proxy (``tinysaver serve --grpc-port``).
 
 Measured on this 2-core VM, a bare Serve app answers 2.4× as many requests per second over gRPC as
-over HTTP at concurrency 32 (RESULTS, "Serve's gRPC ingress"): Serve's HTTP proxy and the ASGI
-app in the replica cost more CPU per request than the gRPC path does.
+over HTTP at concurrency 32 (RESULTS, "The fused service with its own batcher, over HTTP and
+gRPC"): Serve's HTTP proxy and the ASGI app in the replica cost more CPU per request than the gRPC
+path does.
 
 One unary method, ``/tinysaver.Cascade/Predict``. No ``.proto`` is needed: the request message is
 the encoded image itself (PNG, JPEG…) and the reply is the JSON answer of ``POST /predict``, as
