@@ -276,7 +276,8 @@ def test_grpc_answers_as_http_and_refuses_with_a_status_code(service, offline):
             assert g["stage_name"] == ref.stage_names[ref.stage[i]]
     for body, code, reason in ((b"not an image", grpc.StatusCode.INVALID_ARGUMENT, "not a usable image"),
                                (b"", grpc.StatusCode.INVALID_ARGUMENT, "empty body"),
-                               (b"x" * (65 * 1024), grpc.StatusCode.RESOURCE_EXHAUSTED, "over 65536 bytes")):
+                               (b"x" * (65 * 1024), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "the body of 66,560 bytes is over the limit of 65,536 bytes")):
         with pytest.raises(grpc.RpcError) as e:
             predict(service["grpc"], body, application="fused")
         assert e.value.code() == code and reason in e.value.details(), (e.value.code(), e.value.details())

@@ -279,7 +279,7 @@ def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) ->
             signal.signal(sig, request_stop)
 
     check_port(args.host, args.port)
-    grpc_port = getattr(args, "grpc_port", None)
+    grpc_port = args.grpc_port
     if grpc_port:
         if grpc_port == args.port:
             raise ServeError(f"--grpc-port {grpc_port} is also --port: give the gRPC proxy a port of its own")

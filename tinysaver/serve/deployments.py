@@ -12,12 +12,14 @@ Every refusal has the body ``{"error": reason}``.
 """
 # No ``from __future__ import annotations``: FastAPI reads the route signatures at definition time.
 import asyncio
+import contextlib
 import math
 import os
 import random
 import time
 from collections import Counter
 
+import grpc
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,7 +33,7 @@ from . import grpc_api
 from .adapt import ThresholdAdapter
 from .audit import AuditMonitor
 from .batching import Batcher
-from .http import BadRequest, check_token, decode, ndjson_as_ready, read_files
+from .http import BadRequest, check_size, check_token, decode, ndjson_as_ready, read_files
 from .options import GRACEFUL_SHUTDOWN_S, Plan
 from .stages import ItemStage, load_stages, stage_device
 from .walk import FusedBatcher, StageWalk
@@ -201,6 +203,15 @@ class Ingress:
     async def _image(self, data: bytes):
         return await asyncio.to_thread(decode, data, self.o.max_pixels)
 
+    @contextlib.contextmanager
+    def _on_its_way(self):
+        """A request being read or decoded, which the fused batch waits for (``self.incoming``)."""
+        self.incoming += 1
+        try:
+            yield
+        finally:
+            self.incoming -= 1
+
     @staticmethod
     def _error(e: BadRequest) -> JSONResponse:
         return JSONResponse({"error": e.reason}, status_code=e.status)
@@ -211,13 +222,10 @@ class Ingress:
         try:
             t0 = time.perf_counter()
             check_token(request.headers, self.token)
-            self.incoming += 1
-            try:
+            with self._on_its_way():
                 [(_, data)] = await read_files(request, False, self.o.max_body_bytes)
                 t1 = time.perf_counter()
                 img = await self._image(data)
-            finally:
-                self.incoming -= 1
             t2 = time.perf_counter()
             out = await self._answer(img)
             # where a request's server-side time goes, for the benchmarks' breakdown of the gap
@@ -232,17 +240,11 @@ class Ingress:
     async def Predict(self, data: bytes, grpc_context):  # noqa: N802 - the gRPC method's name (grpc_api)
         """``/tinysaver.Cascade/Predict`` through Serve's gRPC proxy: the image's bytes → the JSON
         answer of /predict; a refusal sets the call's status code and details instead."""
-        import grpc
-
         try:
             check_token(dict(grpc_context.invocation_metadata()), self.token)
-            if len(data) > self.o.max_body_bytes:
-                raise BadRequest(413, f"request body over {self.o.max_body_bytes} bytes")
-            self.incoming += 1
-            try:
+            check_size(len(data), self.o.max_body_bytes)
+            with self._on_its_way():
                 img = await self._image(bytes(data))
-            finally:
-                self.incoming -= 1
             return grpc_api.reply(await self._answer(img))
         except BadRequest as e:
             grpc_context.set_code(getattr(grpc.StatusCode, grpc_api.STATUS.get(e.status, "UNKNOWN")))

@@ -27,11 +27,17 @@ def content_type(headers) -> str:
     return headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def check_size(n: int, max_bytes: int) -> None:
+    """413 for a body of ``n`` bytes over ``max_bytes`` (--max-body-mb)."""
+    if n > max_bytes:
+        raise BadRequest(413, f"the body of {n:,} bytes is over the limit of {max_bytes:,} bytes (--max-body-mb)")
+
+
 async def read_body(request, max_bytes: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to exceed ``max_bytes``."""
     n = request.headers.get("content-length")
-    if n is not None and n.isdigit() and int(n) > max_bytes:
-        raise BadRequest(413, f"the body of {int(n):,} bytes is over the limit of {max_bytes:,} bytes (--max-body-mb)")
+    if n is not None and n.isdigit():
+        check_size(int(n), max_bytes)
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -110,5 +116,5 @@ async def ndjson_as_ready(answers: Iterable[Awaitable[dict]]) -> AsyncIterator[s
             t.cancel()
 
 
-__all__ = ["BadRequest", "RAW_TYPES", "check_token", "content_type", "decode", "ndjson_as_ready", "read_body",
+__all__ = ["BadRequest", "RAW_TYPES", "check_size", "check_token", "content_type", "decode", "ndjson_as_ready", "read_body",
            "read_files"]
