@@ -218,6 +218,8 @@ def main() -> int:
     ap.add_argument("--ray-cpus", type=int, default=2, help="logical CPUs of the local Ray instance (a whole number)")
     ap.add_argument("--fused-cpus", type=float, default=0.3,
                     help="num_cpus of a fused replica; Ray gives it that many torch threads when ≥ 1")
+    ap.add_argument("--batch-concurrency", type=int, nargs="+", default=[4, 16],
+                    help="concurrent /predict/batch requests (16 images each)")
     ap.add_argument("--apps", default="floor-uvicorn,floor-serve,floor-serve-grpc,per-stage,fused,fused-grpc,fused-onnx")
     args = ap.parse_args()
     apps = [a for a in args.apps.split(",") if a]
@@ -323,11 +325,14 @@ def main() -> int:
             cpu_rows.append({"concurrency": c, "app": name, **{k: float(np.median([x[k] for x in cs])) for k in cs[0]}})
         rows.append(row)
         print(f"  concurrency {c}: " + ", ".join(f"{n} {row[n]:.1f}" for n in urls) + " img/s", flush=True)
-    batch_rate = {}
-    for name in [n for n in ("fused", "fused-onnx") if n in urls]:
-        batch_rate[name] = batch_loop(urls[name].replace("/predict", "/predict/batch"), bodies, 16, 4,
-                                      args.requests * 2)
-        batch_rate[name] = asyncio.run(batch_rate[name])
+    batch_runs: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.repeats):
+        for c in args.batch_concurrency:
+            for name in [n for n in ("fused", "fused-onnx") if n in urls]:
+                rate = asyncio.run(batch_loop(urls[name].replace("/predict", "/predict/batch"), bodies, 16, c,
+                                              args.requests * 2))
+                batch_runs.setdefault((name, c), []).append(rate)
+    batch_rate = {k: float(np.median(v)) for k, v in batch_runs.items()}
     print(f"load after the served runs: {os.getloadavg()[0]:.2f}", flush=True)
     serve.shutdown()
     ray.shutdown()
@@ -357,10 +362,15 @@ def main() -> int:
     t0 = time.perf_counter()
     cas.predict(data.images, batch_size=args.max_batch_size)
     ip["eager:1t"] = len(data.images) / (time.perf_counter() - t0)
+    # the fused replica runs the saver and the later stages in two threads of 1: so can Cascade.predict
+    t0 = time.perf_counter()
+    cas.predict(data.images, batch_size=args.max_batch_size, pipeline=True)
+    ip["eager:pipeline"] = len(data.images) / (time.perf_counter() - t0)
     torch.set_num_threads(threads)
     print(f"\nin-process (torch threads {torch.get_num_threads()}) at batch {args.max_batch_size}: eager "
           f"{ip['eager']:.1f} img/s, onnxruntime {ip['onnxruntime']:.1f} img/s; batch 1: eager "
-          f"{ip['eager:bs1_ms']:.2f} ms/img, onnxruntime {ip['onnxruntime:bs1_ms']:.2f} ms/img\n")
+          f"{ip['eager:bs1_ms']:.2f} ms/img, onnxruntime {ip['onnxruntime:bs1_ms']:.2f} ms/img; eager with "
+          f"pipeline=True and 1 thread per stage {ip['eager:pipeline']:.1f} img/s, on 1 thread {ip['eager:1t']:.1f} img/s\n")
     names = list(urls)
     ratios = [("fused", "per-stage"), ("fused", "floor-serve"), ("fused-grpc", "floor-serve-grpc"),
               ("fused-grpc", "floor-serve")]
@@ -390,12 +400,13 @@ def main() -> int:
               "read + decode + answer: Serve's proxy, the HTTP hops and the request's serialisation to the replica. "
               "'client CPU' is the benchmark client's own CPU time per request, on the same cores.")
         print("| concurrency | app | client latency | proxy + transport | read body | decode | batch wait | engine |"
-              " client CPU |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              " engine CPU | client CPU |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for g in gaps:
             server = g["read"] + g["decode"] + g["answer"]
             print(f"| {g['concurrency']} | {g['app']} | {g['client']:.1f} | {g['client'] - server:.1f} | {g['read']:.2f} "
-                  f"| {g['decode']:.2f} | {g['queue']:.1f} | {g['engine']:.1f} | {g['client_cpu']:.2f} |")
+                  f"| {g['decode']:.2f} | {g['queue']:.1f} | {g['engine']:.1f} | {g.get('engine_cpu', 0.0):.2f} "
+                  f"| {g['client_cpu']:.2f} |")
     if cpu_rows:
         print("\nCPU time per /predict request, by process (ms, medians of the runs; the whole machine has 2 cores, so "
               "2,000 ms of CPU per second at most). 'replicas': the app's own Serve replicas; 'rest': Ray's other "
@@ -415,12 +426,13 @@ def main() -> int:
             if n:
                 mean = sum(int(k) * v for k, v in hist.items()) / n
                 print(f"| {c} | {name} | {stage} | {n} | {mean:.1f} | {hist.get('1', 0) / n:.0%} |")
-    for name, rate in batch_rate.items():
+    for (name, c), rate in batch_rate.items():
         ref = ip["onnxruntime" if name.endswith("onnx") else "eager"]
         same = "" if name.endswith("onnx") else (f"; {rate / ip['eager:1t']:.2f} of it on 1 torch thread, as in a "
                                                   f"replica of under 2 CPUs ({ip['eager:1t']:.1f} img/s)")
-        print(f"\n/predict/batch, 16 images per request, concurrency 4, {name}: {rate:.1f} img/s = {rate / ref:.2f} of "
-              f"the in-process cascade on the same backend ({ref:.1f} img/s){same}")
+        print(f"\n/predict/batch, 16 images per request, concurrency {c}, {name}: {rate:.1f} img/s (median of "
+              f"{len(batch_runs[name, c])}) = {rate / ref:.2f} of the in-process cascade on the same backend "
+              f"({ref:.1f} img/s){same}")
     one = next((r for r in rows if r["concurrency"] == 1), None)
     for app, floor_app in (("fused", "floor-serve"), ("fused-grpc", "floor-serve-grpc")):
         if one and app in one and floor_app in one:

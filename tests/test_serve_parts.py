@@ -12,7 +12,7 @@ from tests.helpers import png_bytes
 from tinysaver.errors import ServeError
 from tinysaver.serve import AuditMonitor, BadRequest, Plan, ServeOptions
 from tinysaver.serve.batching import Batcher
-from tinysaver.serve.http import check_token, decode, ndjson_as_ready, read_files
+from tinysaver.serve.http import check_token, decode, decode_all, ndjson_as_ready, read_files
 from tinysaver.serve.walk import FusedBatcher, StageWalk
 
 
@@ -288,6 +288,127 @@ def test_a_failing_fused_batch_fails_every_waiting_request():
         return [f.exception() for _, f in items]
 
     assert all(isinstance(e, RuntimeError) for e in run(go()))
+
+
+def test_the_fused_first_stage_takes_the_next_batch_while_the_base_runs():
+    """The later stages run in a thread of their own: the saver's second batch starts before the
+    base has finished the first batch's survivors (two cores for two passes)."""
+    log = []
+    saver, base = Slow(0.99, 0.05, log), Slow(1.0, 1.0, log)
+    batcher = FusedBatcher([saver, base], [0.9], base_from=1)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        first = [(i, loop.create_future()) for i in range(4)]
+        second = [(i, loop.create_future()) for i in range(4, 8)]
+        await batcher.answer_batch(first)  # returns after the saver's pass
+        await batcher.answer_batch(second)
+        return await asyncio.wait_for(asyncio.gather(*(f for _, f in first + second)), 30)
+
+    got = run(go())
+    assert [g[1] for g in got] == list(range(8)) and [g[0] for g in got] == [0, 1] * 4
+    starts = [t for kind, name, t in log if kind == "start" and name == saver.name]
+    base_end = next(t for kind, name, t in log if kind == "end" and name == base.name)
+    assert starts[1] < base_end - 0.5, "the saver waited for the base"
+
+
+def test_the_fused_base_refills_its_batch_from_the_next_requests_survivors():
+    """While more requests are coming, a short batch of survivors waits for the next batch's, as
+    ``Cascade.predict`` refills: two batches of 4 with 2 survivors each give the base one batch of 4."""
+    log = []
+    coming = [True]
+    batcher = FusedBatcher([Slow(0.99, 0.0, log), Slow(1.0, 0.0, log)], [0.9], base_from=1, batch_size=4,
+                           hold_s=30.0, more=lambda: coming[0])
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        first = [(i, loop.create_future()) for i in range(4)]
+        await batcher.answer_batch(first)
+        await asyncio.sleep(0.05)
+        held = batcher.held  # the odd two wait: the next batch is coming
+        coming[0] = False
+        second = [(i, loop.create_future()) for i in range(4, 8)]
+        await batcher.answer_batch(second)
+        out = await asyncio.wait_for(asyncio.gather(*(f for _, f in first + second)), 30)
+        return held, out
+
+    held, got = run(go())
+    assert held == 2 and [g[:2] for g in got] == [(i % 2, i) for i in range(8)]
+    assert batcher.stage_sizes == [{4: 2}, {4: 1}] and batcher.held == 0
+
+
+def test_held_survivors_wait_at_most_hold_s_even_if_more_keeps_saying_yes():
+    log = []
+    batcher = FusedBatcher([Slow(0.99, 0.0, log), Slow(1.0, 0.0, log)], [0.9], base_from=1, batch_size=16,
+                           hold_s=0.2, more=lambda: True)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        items = [(i, loop.create_future()) for i in range(4)]
+        t0 = time.monotonic()
+        await batcher.answer_batch(items)
+        out = await asyncio.wait_for(asyncio.gather(*(f for _, f in items)), 30)
+        return out, time.monotonic() - t0
+
+    got, took = run(go())
+    assert [g[0] for g in got] == [0, 1, 0, 1] and 0.15 <= took < 20
+    assert batcher.stage_sizes[1] == {2: 1}
+
+
+def test_a_failing_later_stage_fails_the_requests_it_held_and_the_replica_goes_on():
+    class FlakyBase:
+        name, calls = "flaky", 0
+
+        def __call__(self, images, carry):
+            FlakyBase.calls += 1
+            if FlakyBase.calls == 1:
+                raise RuntimeError("base failed")
+            ids = torch.as_tensor([int(im) for im in images])
+            return ids, torch.ones(len(ids)), None
+
+    batcher = FusedBatcher([Slow(0.99, 0.0, []), FlakyBase()], [0.9], base_from=1)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        out = []
+        for start in (0, 4):
+            items = [(i, loop.create_future()) for i in range(start, start + 4)]
+            await batcher.answer_batch(items)
+            out.append(await asyncio.wait_for(asyncio.gather(*(f for _, f in items), return_exceptions=True), 30))
+        return out
+
+    first, second = run(go())
+    assert [x[:2] for x in first[0::2]] == [(0, 0), (0, 2)]  # the saver's answers stand
+    assert all(isinstance(e, RuntimeError) for e in first[1::2])
+    assert [x[:2] for x in second] == [(0, 4), (1, 5), (0, 6), (1, 7)] and batcher.held == 0
+
+
+def test_streamed_lines_say_what_went_wrong_and_time_out_at_the_deadline():
+    """``line`` turns each outcome into its line: a result, a refusal, a failure, or no answer in time."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        ok, refused, failed, never = (loop.create_future() for _ in range(4))
+        ok.set_result(7)
+        refused.set_exception(BadRequest(400, "not a usable image"))
+        failed.set_exception(RuntimeError("boom"))
+
+        def line(k, outcome):
+            return {"k": k, "got": outcome if isinstance(outcome, int) else type(outcome).__name__}
+
+        chunks = [c async for c in ndjson_as_ready([ok, refused, failed, never], line, timeout_s=0.2)]
+        return [[json.loads(x) for x in c.splitlines()] for c in chunks], never.cancelled()
+
+    chunks, cancelled = run(main())
+    assert chunks == [[{"k": 0, "got": 7}, {"k": 1, "got": "BadRequest"}, {"k": 2, "got": "RuntimeError"}],
+                      [{"k": 3, "got": "TimeoutError"}]]
+    assert cancelled  # the engine skips an answer nobody waits for
+
+
+def test_a_batch_of_bodies_decodes_each_and_keeps_the_refusal_of_a_bad_one():
+    good = png_bytes(np.zeros((8, 8, 3), np.uint8))
+    out = decode_all([good, b"junk", b""], None)
+    assert tuple(out[0].shape) == (3, 8, 8)
+    assert [type(x).__name__ for x in out[1:]] == ["BadRequest", "BadRequest"] and out[2].status == 400
 
 
 def feed(m, rng, n, exit_p, disagree_p):

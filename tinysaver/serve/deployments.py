@@ -33,12 +33,13 @@ from . import grpc_api
 from .adapt import ThresholdAdapter
 from .audit import AuditMonitor
 from .batching import Batcher
-from .http import BadRequest, check_size, check_token, decode, ndjson_as_ready, read_files
+from .http import BadRequest, check_size, check_token, decode, decode_all, ndjson_as_ready, read_files
 from .options import GRACEFUL_SHUTDOWN_S, Plan
 from .stages import ItemStage, load_stages, stage_device
 from .walk import FusedBatcher, StageWalk
 
 STATS_TIMEOUT_S = 2.0  # how long /metrics waits for one stage's counters
+OVERLOADED = "the service is overloaded; retry the request"
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 # a dead replica, or a deployment Serve is replacing or deleting (no replica, back-pressure, a
 # cancelled call): a retry may find a new replica, else the client is told to retry. Seen under
@@ -108,8 +109,11 @@ class Ingress:
             gpus = max(o.per_stage("num_gpus", len(plan.names)))
             self.device = stage_device(gpus)
             built = load_stages(plan, self.device)
+            # the saver takes the next batch while the base runs; a short batch of survivors waits
+            # for the next batch's (at most the batch window) only while more requests are coming
             self.batcher = FusedBatcher([built[i] for i in range(len(plan.names))], plan.thresholds, plan.base_from,
-                                        first=o.adapt)
+                                        first=o.adapt, batch_size=o.max_batch_size, hold_s=o.batch_wait_timeout_s,
+                                        more=lambda: self._fused.queued > 0)
             # a batch waits for company only while requests are being read or decoded (self.incoming)
             self._fused = Batcher(self.batcher.answer_batch, o.max_batch_size, o.batch_wait_timeout_s,
                                   expected=lambda: self.incoming)
@@ -146,23 +150,36 @@ class Ingress:
 
     async def _fused_answer(self, img) -> tuple:
         """(stage, class, confidence, carry: None, the saver's (class, confidence) or None)."""
-        fut = asyncio.get_running_loop().create_future()
-        self._fused.submit((img, fut, time.perf_counter()))
+        fut = self._fused_submit(img, time.perf_counter())
         try:
-            i, pred, conf, *first = await asyncio.wait_for(asyncio.shield(fut), self.o.request_timeout_s)
-            return i, pred, conf, None, (first[0] if first else None)
+            return self._unpack(await asyncio.wait_for(asyncio.shield(fut), self.o.request_timeout_s))
         except asyncio.TimeoutError:
-            raise BadRequest(503, "the service is overloaded; retry the request") from None
+            raise BadRequest(503, OVERLOADED) from None
+
+    def _fused_submit(self, img, arrived: float) -> asyncio.Future:
+        """The future of ``img``'s answer from the fused engine: (stage, class, confidence[, the saver's])."""
+        fut = asyncio.get_running_loop().create_future()
+        self._fused.submit((img, fut, arrived))
+        return fut
+
+    @staticmethod
+    def _unpack(answer: tuple) -> tuple:
+        i, pred, conf, *first = answer
+        return i, pred, conf, None, (first[0] if first else None)
+
+    async def _walk_answer(self, img) -> tuple:
+        """The same five as ``_fused_answer``, from the per-stage deployments."""
+        seen = [] if self.o.adapt else None
+        i, pred, conf, carry = await self.walk.answer(img, self.o.request_timeout_s, seen)
+        return i, pred, conf, carry, (seen[0] if seen else None)
 
     # --- one request ---------------------------------------------------------------------------
     async def _answer(self, img) -> dict:
         t0 = time.perf_counter()
-        if self.fused:
-            i, pred, conf, carry, first = await self._fused_answer(img)
-        else:
-            seen = [] if self.o.adapt else None
-            i, pred, conf, carry = await self.walk.answer(img, self.o.request_timeout_s, seen)
-            first = seen[0] if seen else None
+        return self._record(img, t0, *await (self._fused_answer(img) if self.fused else self._walk_answer(img)))
+
+    def _record(self, img, t0: float, i: int, pred, conf, carry, first) -> dict:
+        """Count an answered image, audit it if drawn, and give its answer's JSON fields."""
         ms = (time.perf_counter() - t0) * 1e3
         early = i < len(self.names) - 1
         audit = early and self.o.audit > 0 and self.rng.random() < self.o.audit
@@ -259,29 +276,38 @@ class Ingress:
         except BadRequest as e:
             return self._error(e)
 
-        undecoded = [len(files)]  # this request's share of self.incoming
+        names = [n for n, _ in files]
+        t0 = [0.0]
+        imgs: list = []
 
-        async def one(index: int, name: str, data: bytes) -> dict:
-            try:
-                try:
-                    img = await self._image(data)
-                finally:
-                    undecoded[0] -= 1
-                    self.incoming -= 1
-                return {"index": index, "file": name, **(await self._answer(img))}
-            except BadRequest as e:
-                return {"index": index, "file": name, "error": e.reason, "status": e.status}
+        def line(k: int, outcome) -> dict:
+            head = {"index": k, "file": names[k]}
+            if isinstance(outcome, BadRequest):
+                return {**head, "error": outcome.reason, "status": outcome.status}
+            if isinstance(outcome, TimeoutError):
+                return {**head, "error": OVERLOADED, "status": 503}
+            if isinstance(outcome, BaseException):  # a stage failed on this image's batch
+                return {**head, "error": f"the cascade failed: {type(outcome).__name__}: {outcome}"[:300], "status": 500}
+            return {**head, **self._record(imgs[k], t0[0], *(self._unpack(outcome) if self.fused else outcome))}
 
         async def stream():
-            # counted once the stream starts, and whatever was not decoded is let go however it
-            # ends (a client that leaves cancels answers that never started, and their finally)
+            # counted from the stream's start until every image is decoded and handed on, with no
+            # await between (a client that leaves before then lets them go in the finally)
             self.incoming += len(files)
             try:
-                async for chunk in ndjson_as_ready(one(i, n, d) for i, (n, d) in enumerate(files)):
-                    yield chunk
+                imgs.extend(await asyncio.to_thread(decode_all, [d for _, d in files], self.o.max_pixels))
             finally:
-                self.incoming -= undecoded[0]
-                undecoded[0] = 0
+                self.incoming -= len(files)
+            loop, t0[0] = asyncio.get_running_loop(), time.perf_counter()
+            answers = []
+            for img in imgs:
+                if isinstance(img, BadRequest):
+                    answers.append(loop.create_future())
+                    answers[-1].set_exception(img)
+                else:  # fused: the engine's own futures, no task per image
+                    answers.append(self._fused_submit(img, t0[0]) if self.fused else self._walk_answer(img))
+            async for chunk in ndjson_as_ready(answers, line, self.o.request_timeout_s if self.fused else None):
+                yield chunk
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
@@ -338,8 +364,10 @@ class Ingress:
             check_token(request.headers, self.token)
         except BadRequest as e:
             return self._error(e)
-        if self.fused:
-            batches = {"fused": {int(k): v for k, v in sorted(self.batcher.sizes.items())}}
+        if self.fused:  # the batches of requests, then what each stage ran (its later stages refill)
+            batches = {"fused": {int(k): v for k, v in sorted(self.batcher.sizes.items())},
+                       **{f"fused:{name}": dict(sorted(sizes.items()))
+                          for name, sizes in zip(self.names, self.batcher.stage_sizes)}}
         else:
             batches = {}
             for name, h in zip(self.names, self.stages):

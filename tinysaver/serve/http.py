@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator, Awaitable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 from ..errors import ImageError, PixelCapError, TinysaverError
 
@@ -99,22 +99,58 @@ def check_token(headers, token: str | None) -> None:
 
 
 
-async def ndjson_as_ready(answers: Iterable[Awaitable[dict]]) -> AsyncIterator[str]:
+def decode_all(datas: Sequence[bytes], max_pixels: int | None) -> list:
+    """:func:`decode` of each body: its tensor, or the BadRequest it raised (one bad image in a
+    batch spoils only its own line)."""
+    out = []
+    for data in datas:
+        try:
+            out.append(decode(data, max_pixels))
+        except BadRequest as e:
+            out.append(e)
+    return out
+
+
+async def ndjson_as_ready(answers: Iterable[Awaitable], line: Callable[[int, Any], dict] | None = None,
+                          timeout_s: float | None = None) -> AsyncIterator[str]:
     """One JSON line per answer, in the order the answers finish, not the order they were asked:
     a streamed batch hands out each early exit without waiting for the base's answers. Answers
     that finish together (one batch's early exits) go out as one chunk, in the order asked: each
-    chunk is a message from the replica to Serve's proxy, which costs far more than a line."""
-    tasks = [asyncio.ensure_future(a) for a in answers]
-    order = {t: i for i, t in enumerate(tasks)}
-    waiting = set(tasks)
+    chunk is a message from the replica to Serve's proxy, which costs far more than a line.
+
+    Without ``line`` each answer is its line's dict. With it, ``line(k, outcome)`` makes answer k's
+    dict from its outcome: its result, the exception it raised, or ``TimeoutError`` for one still
+    unanswered ``timeout_s`` after the stream began (it is then cancelled). Futures are waited on
+    as they are; coroutines become tasks.
+    """
+    loop = asyncio.get_running_loop()
+    futs = [asyncio.ensure_future(a) for a in answers]
+    order = {f: k for k, f in enumerate(futs)}
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+
+    def render(f) -> str:
+        if line is None:
+            return json.dumps(f.result()) + "\n"
+        if not f.done() or f.cancelled():
+            outcome = TimeoutError()
+        else:
+            outcome = f.exception() or f.result()
+        return json.dumps(line(order[f], outcome)) + "\n"
+
+    waiting = set(futs)
     try:
         while waiting:
-            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            yield "".join(json.dumps(t.result()) + "\n" for t in sorted(done, key=order.__getitem__))
+            left = None if deadline is None else max(deadline - loop.time(), 0.0)
+            done, waiting = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if not done:  # past the deadline: the rest are answered as timed out
+                done, waiting = waiting, set()
+                for f in done:
+                    f.cancel()
+            yield "".join(render(f) for f in sorted(done, key=order.__getitem__))
     finally:  # the client left mid-stream: its answers are not needed
-        for t in waiting:
-            t.cancel()
+        for f in waiting:
+            f.cancel()
 
 
-__all__ = ["BadRequest", "RAW_TYPES", "check_size", "check_token", "content_type", "decode", "ndjson_as_ready", "read_body",
+__all__ = ["BadRequest", "RAW_TYPES", "check_size", "check_token", "content_type", "decode", "decode_all", "ndjson_as_ready", "read_body",
            "read_files"]
