@@ -13,6 +13,7 @@ noisy neighbour slows them alike:
 - ``floor-serve``: the same handler as a one-deployment Serve app: what Serve's proxy adds;
 - ``per-stage``: the cascade with a deployment per stage (eager);
 - ``fused``: the cascade in one deployment (eager), the default layout;
+- ``fused-2r``: the same with two replicas (``--replicas 2``): two processes, each with its own GIL;
 - ``fused-onnx``: the same on ONNX Runtime (``--backend onnxruntime``);
 - ``floor-serve-grpc`` and ``fused-grpc``: the bare Serve app and the fused app again, driven
   through Serve's gRPC proxy (``tinysaver.serve.grpc_api``) instead of HTTP.
@@ -146,6 +147,7 @@ def timing_totals(predict_url: str) -> dict[str, float]:
 
 # Serve application names; a "-grpc" app is the same application driven through Serve's gRPC proxy
 APPS = {"floor-serve": "floor", "per-stage": "perstage", "fused": "fused", "fused-onnx": "fusedonnx",
+        "fused-2r": "fused2r",
         "floor-serve-grpc": "floor", "fused-grpc": "fused"}
 
 
@@ -220,7 +222,8 @@ def main() -> int:
                     help="num_cpus of a fused replica; Ray gives it that many torch threads when ≥ 1")
     ap.add_argument("--batch-concurrency", type=int, nargs="+", default=[4, 16],
                     help="concurrent /predict/batch requests (16 images each)")
-    ap.add_argument("--apps", default="floor-uvicorn,floor-serve,floor-serve-grpc,per-stage,fused,fused-grpc,fused-onnx")
+    ap.add_argument("--apps", default="floor-uvicorn,floor-serve,floor-serve-grpc,per-stage,fused,fused-2r,fused-grpc,"
+                                      "fused-onnx")
     args = ap.parse_args()
     apps = [a for a in args.apps.split(",") if a]
 
@@ -267,6 +270,12 @@ def main() -> int:
         serve.run(build_app(sel, zoo, ServeOptions(layout="fused", num_cpus=args.fused_cpus, **common)), name="fused",
                   route_prefix="/fused")
         urls["fused"] = f"http://127.0.0.1:{port}/fused/predict"
+    if "fused-2r" in apps:  # two replicas: two processes, each with its own GIL and torch thread
+        # 0.2 each, so that every app fits 2 logical CPUs (a replica under 1 CPU runs torch on 1 thread)
+        cpus = 0.2 if args.fused_cpus < 1 else args.fused_cpus
+        o = ServeOptions(layout="fused", num_cpus=cpus, replicas=2, **common)
+        serve.run(build_app(sel, zoo, o), name="fused2r", route_prefix="/fused2r")
+        urls["fused-2r"] = f"http://127.0.0.1:{port}/fused2r/predict"
     if "fused-onnx" in apps:
         o = ServeOptions(layout="fused", num_cpus=args.fused_cpus, backend="onnxruntime", **common)
         serve.run(build_app(sel, zoo, o), name="fusedonnx", route_prefix="/fusedonnx")
@@ -286,7 +295,8 @@ def main() -> int:
     for c in args.concurrency:
         runs = {name: [] for name in urls}
         cpu = {name: [] for name in urls}
-        parts = {name: [] for name in urls if name.startswith("fused") and not name.endswith("-grpc")}
+        # one /metrics call sees one replica: the breakdown is of the one-replica apps
+        parts = {name: [] for name in urls if name in ("fused", "fused-onnx")}
         for _ in range(args.repeats):
             for name, url in urls.items():
                 before = timing_totals(url) if name in parts else None
@@ -328,7 +338,7 @@ def main() -> int:
     batch_runs: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.repeats):
         for c in args.batch_concurrency:
-            for name in [n for n in ("fused", "fused-onnx") if n in urls]:
+            for name in [n for n in ("fused", "fused-2r", "fused-onnx") if n in urls]:
                 rate = asyncio.run(batch_loop(urls[name].replace("/predict", "/predict/batch"), bodies, 16, c,
                                               args.requests * 2))
                 batch_runs.setdefault((name, c), []).append(rate)
@@ -362,18 +372,13 @@ def main() -> int:
     t0 = time.perf_counter()
     cas.predict(data.images, batch_size=args.max_batch_size)
     ip["eager:1t"] = len(data.images) / (time.perf_counter() - t0)
-    # the fused replica runs the saver and the later stages in two threads of 1: so can Cascade.predict
-    t0 = time.perf_counter()
-    cas.predict(data.images, batch_size=args.max_batch_size, pipeline=True)
-    ip["eager:pipeline"] = len(data.images) / (time.perf_counter() - t0)
     torch.set_num_threads(threads)
     print(f"\nin-process (torch threads {torch.get_num_threads()}) at batch {args.max_batch_size}: eager "
           f"{ip['eager']:.1f} img/s, onnxruntime {ip['onnxruntime']:.1f} img/s; batch 1: eager "
-          f"{ip['eager:bs1_ms']:.2f} ms/img, onnxruntime {ip['onnxruntime:bs1_ms']:.2f} ms/img; eager with "
-          f"pipeline=True and 1 thread per stage {ip['eager:pipeline']:.1f} img/s, on 1 thread {ip['eager:1t']:.1f} img/s\n")
+          f"{ip['eager:bs1_ms']:.2f} ms/img, onnxruntime {ip['onnxruntime:bs1_ms']:.2f} ms/img\n")
     names = list(urls)
-    ratios = [("fused", "per-stage"), ("fused", "floor-serve"), ("fused-grpc", "floor-serve-grpc"),
-              ("fused-grpc", "floor-serve")]
+    ratios = [("fused", "per-stage"), ("fused", "floor-serve"), ("fused-2r", "per-stage"), ("fused-2r", "floor-serve"),
+              ("fused-grpc", "floor-serve-grpc"), ("fused-grpc", "floor-serve")]
     print("| concurrency | " + " | ".join(f"{n} img/s" for n in names) + " | " +
           " | ".join(f"{a} / {b}" for a, b in ratios) + " | fused / in-process |")
     print("|---|" + "---|" * (len(names) + len(ratios) + 1))
@@ -383,11 +388,11 @@ def main() -> int:
         print(f"| {r['concurrency']} | " + " | ".join(f"{r[n]:.1f}" for n in names) + " | " +
               " | ".join(ratio(a, b) for a, b in ratios) + f" | {fip} |")
     for r in rows:
-        for n in [n for n in ("fused", "fused-grpc") if n in r]:
+        for n in [n for n in ("fused", "fused-2r", "fused-grpc") if n in r]:
             print(f"concurrency {r['concurrency']}: {n} {r[n]:.1f} img/s = {r[n] / ip['eager']:.2f} of the in-process "
                   f"eager cascade at batch {args.max_batch_size} on {threads} threads, {r[n] / ip['eager:1t']:.2f} of it "
                   f"on 1 thread ({ip['eager:1t']:.1f} img/s)")
-    early = [n for n in ("fused", "fused-grpc") if n in names]
+    early = [n for n in ("fused", "fused-2r", "fused-grpc") if n in names]
     print("\n| concurrency | " + " | ".join(f"{n} p50 ms" for n in names) + " | " +
           " | ".join(f"{n} early-answer p50 ms" for n in early) + " |")
     print("|---|" + "---|" * (len(names) + len(early)))
@@ -434,7 +439,7 @@ def main() -> int:
               f"{len(batch_runs[name, c])}) = {rate / ref:.2f} of the in-process cascade on the same backend "
               f"({ref:.1f} img/s){same}")
     one = next((r for r in rows if r["concurrency"] == 1), None)
-    for app, floor_app in (("fused", "floor-serve"), ("fused-grpc", "floor-serve-grpc")):
+    for app, floor_app in (("fused", "floor-serve"), ("fused-2r", "floor-serve"), ("fused-grpc", "floor-serve-grpc")):
         if one and app in one and floor_app in one:
             budget = one[floor_app + ":p50"] + ip["eager:bs1_ms"] + 3
             print(f"\nconcurrency 1: {app} early-answer p50 {one[app + ':early_p50']:.1f} ms against {floor_app} p50 "

@@ -11,8 +11,9 @@ A **stage** is a callable ``stage(images, carry) -> (pred, conf, carry)`` on one
 
 ``run`` sends every sample to stage 0, and the samples a stage does not answer
 (``tinysaver.policy.exits``) to the next; only those are batched there, so later stages really do
-less work. ``Cascade`` (saver → base), ESN dynamic inference (saver → base parts with exits) and
-every Serve replica run their stages through ``run``; nothing else walks the stages.
+less work. ``Cascade`` (saver → base) and ESN dynamic inference (saver → base parts with exits)
+run their stages through ``run``; a fused Serve replica drains each request batch through a
+:class:`Flow` (the queues ``run`` drains); nothing else walks the stages.
 """
 from __future__ import annotations
 
@@ -147,14 +148,12 @@ def to_numpy(x) -> np.ndarray:
 
 
 class Flow:
-    """Samples on their way through ``stages``: one queue per stage, kept between calls.
+    """Samples on their way through ``stages``: one queue per stage.
 
     ``put(idx)`` queues new samples for stage 0; ``drain(i, …)`` runs stage i on what waits for it,
-    in batches, and queues its survivors for stage i + 1. ``run`` drains a fixed set of samples; a
-    Serve replica keeps one Flow for its life, so the survivors of one request batch can wait for
-    those of the next and the base runs fuller batches (``held``: how many wait past stage 0).
-    ``thresholds`` is read at each batch (a replica may retune it). ``on_run(i, idx, pred, conf)``,
-    if given, sees every sample a stage ran on, answered or not.
+    in batches, and queues its survivors for stage i + 1.
+    ``run`` drains its chunks this way; a fused Serve replica drains one request batch.
+    ``on_run(i, idx, pred, conf)``, if given, sees every sample a stage ran on, answered or not.
     """
 
     def __init__(self, stages: Sequence[Stage], thresholds: Sequence[float], take: Callable[[np.ndarray], Any],
@@ -167,14 +166,6 @@ class Flow:
         self.stages, self.thresholds, self.take = stages, thresholds, take
         self.on_answer, self.on_run = on_answer, on_run
         self.waiting = [_Queue() for _ in stages]
-        # a replica drains the first stage and the later ones in two threads: queue i + 1 is put
-        # to by stage i's thread and popped by its own
-        self._lock = threading.Lock()
-
-    @property
-    def held(self) -> int:
-        """Samples waiting for a stage after the first."""
-        return sum(q.count for q in self.waiting[1:])
 
     def step(self, i: int, idx: np.ndarray, carry) -> tuple[np.ndarray, Any]:
         """Stage i on samples idx: answer those it answers; return the rest, for stage i + 1."""
@@ -191,24 +182,15 @@ class Flow:
         return idx[keep], (None if out is None else carry_take(out, keep))
 
     def put(self, idx: np.ndarray) -> None:
-        with self._lock:
-            self.waiting[0].put(idx, None)
+        self.waiting[0].put(idx, None)
 
     def drain(self, i: int, batch_size: int, full_only: bool = False) -> None:
         """Stage i on its waiting samples, ``batch_size`` at a time (only full batches if ``full_only``)."""
         while self.waiting[i].count >= (batch_size if full_only else 1):
-            with self._lock:
-                idx, carry = self.waiting[i].pop(batch_size)
+            idx, carry = self.waiting[i].pop(batch_size)
             left, out = self.step(i, idx, carry)
             if i + 1 < len(self.stages):
-                with self._lock:
-                    self.waiting[i + 1].put(left, out)
-
-    def clear(self, from_stage: int = 0) -> None:
-        """Forget the samples waiting for stage ``from_stage`` and later (a stage failed on them)."""
-        with self._lock:
-            for i in range(from_stage, len(self.stages)):
-                self.waiting[i] = _Queue()
+                self.waiting[i + 1].put(left, out)
 
 
 def run(stages: Sequence[Stage], thresholds: Sequence[float], n: int, take: Callable[[np.ndarray], Any],

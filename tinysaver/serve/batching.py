@@ -28,8 +28,7 @@ class Batcher:
     waiting). ``run(items)`` (async) gets a list of 1 … ``max_batch_size`` items and returns one
     result per item, in order; one call at a time. ``wait_s``: seconds a batch may wait for more
     items after its oldest arrived; ``expected()``: how many more are on their way (None: unknown,
-    wait the full ``wait_s``). ``sizes``: {batch size: batches run}; ``queued``: items waiting
-    for a batch."""
+    wait the full ``wait_s``). ``sizes``: {batch size: batches run}."""
 
     def __init__(self, run: Callable[[list], Awaitable[list]], max_batch_size: int, wait_s: float,
                  expected: Callable[[], int] | None = None):
@@ -56,10 +55,6 @@ class Batcher:
 
     async def __call__(self, item: Any) -> Any:
         return await self.submit(item)
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
 
     async def _next_batch(self) -> list:
         """The next batch, once it is full or its oldest item has waited ``wait_s``."""

@@ -109,11 +109,8 @@ class Ingress:
             gpus = max(o.per_stage("num_gpus", len(plan.names)))
             self.device = stage_device(gpus)
             built = load_stages(plan, self.device)
-            # the saver takes the next batch while the base runs; a short batch of survivors waits
-            # for the next batch's (at most the batch window) only while more requests are coming
             self.batcher = FusedBatcher([built[i] for i in range(len(plan.names))], plan.thresholds, plan.base_from,
-                                        first=o.adapt, batch_size=o.max_batch_size, hold_s=o.batch_wait_timeout_s,
-                                        more=lambda: self._fused.queued > 0)
+                                        first=o.adapt)
             # a batch waits for company only while requests are being read or decoded (self.incoming)
             self._fused = Batcher(self.batcher.answer_batch, o.max_batch_size, o.batch_wait_timeout_s,
                                   expected=lambda: self.incoming)
@@ -301,9 +298,9 @@ class Ingress:
             loop, t0[0] = asyncio.get_running_loop(), time.perf_counter()
             answers = []
             for img in imgs:
-                if isinstance(img, BadRequest):
+                if isinstance(img, BadRequest):  # its refusal as its answer, ready now
                     answers.append(loop.create_future())
-                    answers[-1].set_exception(img)
+                    answers[-1].set_result(img)
                 else:  # fused: the engine's own futures, no task per image
                     answers.append(self._fused_submit(img, t0[0]) if self.fused else self._walk_answer(img))
             async for chunk in ndjson_as_ready(answers, line, self.o.request_timeout_s if self.fused else None):
@@ -364,7 +361,7 @@ class Ingress:
             check_token(request.headers, self.token)
         except BadRequest as e:
             return self._error(e)
-        if self.fused:  # the batches of requests, then what each stage ran (its later stages refill)
+        if self.fused:  # the batches of requests, then what each stage ran on (the base: their survivors)
             batches = {"fused": {int(k): v for k, v in sorted(self.batcher.sizes.items())},
                        **{f"fused:{name}": dict(sorted(sizes.items()))
                           for name, sizes in zip(self.names, self.batcher.stage_sizes)}}
