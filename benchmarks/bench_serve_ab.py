@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -98,7 +99,9 @@ def main() -> int:
         os.chdir(work)  # not a checkout: neither version's code comes first on the workers' path
         local_ray_env()
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-        port = 8100 + os.getpid() % 800
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         start_serve({"host": "127.0.0.1", "port": port})
         address = ray.get_runtime_context().gcs_address
         for name, tree in trees.items():
@@ -145,9 +148,10 @@ def main() -> int:
             ratios = [a / b for a, b in zip(res["after", k], res["before", k])]
             print(f"| {k} | {np.median(res['before', k]):.1f} | {np.median(res['after', k]):.1f} | "
                   + " ".join(f"{r:.2f}" for r in ratios) + f" | {np.median(ratios):.2f} |")
-        serve.shutdown()
-        ray.shutdown()
     finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
         os.chdir(ROOT)
         for tree in made:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
