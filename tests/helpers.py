@@ -149,3 +149,27 @@ def write_idx(path, arr, gz):
     header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
     data = header + arr.astype(np.uint8).tobytes()
     (gzip.open if gz else open)(path, "wb").write(data)
+
+
+class FailingStage:
+    """An engine stage that always raises (a model that broke in the replica)."""
+
+    needs_images = True
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, images, carry=None):
+        raise RuntimeError(f"{self.name} is broken")
+
+
+def stages_with_a_broken_base(plan, device="cpu", only=None) -> dict:
+    """A Plan factory (``tests.helpers:stages_with_a_broken_base``): the plan's models, but the
+    last stage raises on every batch."""
+    from tinysaver.serve.stages import model_stages
+
+    out = model_stages(plan, device, [i for i in (only if only is not None else range(len(plan.keys)))
+                                      if i != len(plan.keys) - 1])
+    if only is None or len(plan.keys) - 1 in only:
+        out[len(plan.keys) - 1] = FailingStage(plan.names[-1])
+    return out

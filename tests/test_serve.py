@@ -191,6 +191,39 @@ def test_bad_input_gets_a_clear_status_and_hurts_no_one(service, offline):
     assert c.get("/healthz").json()["status"] == "ok"
 
 
+def test_a_broken_base_gets_its_images_a_500_line_and_the_stream_goes_on(service, offline):
+    """A stage that fails in the replica: the images it should have answered get a line with the
+    failure and status 500, the saver's answers are still sent, and the replica answers the next
+    request."""
+    from dataclasses import replace
+
+    from tinysaver.policy import MARGIN
+    from tinysaver.serve import ServeOptions
+    from tinysaver.serve.builders import application, plan_for
+
+    imgs, ref = offline
+    plan = replace(plan_for(service["sel"], service["zoo"], ServeOptions(num_cpus=0.05)),
+                   factory="tests.helpers:stages_with_a_broken_base")
+    service["serve"].run(application(plan), name="broken", route_prefix="/broken")
+    try:
+        c = service["client"]
+        stable = np.abs(ref.stage_conf[0][:24].astype(np.float64) - service["sel"].thresholds[0]) >= MARGIN
+        for _ in range(2):  # the replica goes on after a failed batch
+            files = [("files", (f"{i}.png", png(imgs[i]), "image/png")) for i in range(24)]
+            lines = [json.loads(x) for x in c.post("/broken/predict/batch", files=files).text.splitlines()]
+            assert sorted(x["index"] for x in lines) == list(range(24))
+            for x in lines:
+                i = x["index"]
+                if stable[i] and ref.stage[i] == 0:
+                    assert (x["exit_stage"], x["class"]) == (0, ref.pred[i]), x
+                elif stable[i]:
+                    assert x["status"] == 500 and "is broken" in x["error"] and "\n" not in x["error"], x
+            assert {"status" in x for x in lines} == {True, False}
+        assert c.get("/broken/healthz").status_code == 200
+    finally:
+        service["serve"].delete("broken")
+
+
 def test_the_audit_says_drift_after_the_traffic_shifts_and_never_before(service, offline):
     """Clean traffic is never called drift (280 requests with the fused test's, all audited, certify
     2.5 points: the sequence's upper end is 2.01 points after 280 requests without a disagreement);
