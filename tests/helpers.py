@@ -168,8 +168,9 @@ def stages_with_a_broken_base(plan, device="cpu", only=None) -> dict:
     last stage raises on every batch."""
     from tinysaver.serve.stages import model_stages
 
-    out = model_stages(plan, device, [i for i in (only if only is not None else range(len(plan.keys)))
-                                      if i != len(plan.keys) - 1])
-    if only is None or len(plan.keys) - 1 in only:
-        out[len(plan.keys) - 1] = FailingStage(plan.names[-1])
+    last = len(plan.keys) - 1
+    wanted = list(range(last + 1)) if only is None else list(only)
+    out = model_stages(plan, device, [i for i in wanted if i != last])
+    if last in wanted:
+        out[last] = FailingStage(plan.names[last])
     return out

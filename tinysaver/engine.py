@@ -11,9 +11,8 @@ A **stage** is a callable ``stage(images, carry) -> (pred, conf, carry)`` on one
 
 ``run`` sends every sample to stage 0, and the samples a stage does not answer
 (``tinysaver.policy.exits``) to the next; only those are batched there, so later stages really do
-less work. ``Cascade`` (saver → base) and ESN dynamic inference (saver → base parts with exits)
-run their stages through ``run``; a fused Serve replica drains each request batch through a
-:class:`Flow` (the queues ``run`` drains); nothing else walks the stages.
+less work. ``Cascade`` (saver → base), ESN dynamic inference (saver → base parts with exits) and
+every Serve replica run their stages through ``run``; nothing else walks the stages.
 """
 from __future__ import annotations
 
@@ -147,55 +146,10 @@ def to_numpy(x) -> np.ndarray:
     return x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)
 
 
-class Flow:
-    """Samples on their way through ``stages``: one queue per stage.
-
-    ``put(idx)`` queues new samples for stage 0; ``drain(i, …)`` runs stage i on what waits for it,
-    in batches, and queues its survivors for stage i + 1.
-    ``run`` drains its chunks this way; a fused Serve replica drains one request batch.
-    ``on_run(i, idx, pred, conf)``, if given, sees every sample a stage ran on, answered or not.
-    """
-
-    def __init__(self, stages: Sequence[Stage], thresholds: Sequence[float], take: Callable[[np.ndarray], Any],
-                 on_answer: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None],
-                 on_run: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None):
-        if len(stages) == 0:
-            raise UsageError("a cascade needs at least one stage")
-        if len(thresholds) != len(stages) - 1:
-            raise UsageError(f"{len(stages)} stages need {len(stages) - 1} thresholds, got {len(thresholds)}")
-        self.stages, self.thresholds, self.take = stages, thresholds, take
-        self.on_answer, self.on_run = on_answer, on_run
-        self.waiting = [_Queue() for _ in stages]
-
-    def step(self, i: int, idx: np.ndarray, carry) -> tuple[np.ndarray, Any]:
-        """Stage i on samples idx: answer those it answers; return the rest, for stage i + 1."""
-        st, last = self.stages[i], i == len(self.stages) - 1
-        pred, conf, out = st(self.take(idx) if getattr(st, "needs_images", True) else None, carry)
-        pred, conf = to_numpy(pred), to_numpy(conf)
-        if self.on_run is not None:
-            self.on_run(i, idx, pred, conf)
-        done = np.ones(len(idx), bool) if last else exits(conf, self.thresholds[i])
-        self.on_answer(i, idx[done], pred[done], conf[done])
-        if done.all():
-            return idx[:0], None
-        keep = ~done
-        return idx[keep], (None if out is None else carry_take(out, keep))
-
-    def put(self, idx: np.ndarray) -> None:
-        self.waiting[0].put(idx, None)
-
-    def drain(self, i: int, batch_size: int, full_only: bool = False) -> None:
-        """Stage i on its waiting samples, ``batch_size`` at a time (only full batches if ``full_only``)."""
-        while self.waiting[i].count >= (batch_size if full_only else 1):
-            idx, carry = self.waiting[i].pop(batch_size)
-            left, out = self.step(i, idx, carry)
-            if i + 1 < len(self.stages):
-                self.waiting[i + 1].put(left, out)
-
-
 def run(stages: Sequence[Stage], thresholds: Sequence[float], n: int, take: Callable[[np.ndarray], Any],
         on_answer: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None], batch_size: int = 64,
-        refill: bool = True, pipeline: bool = False) -> None:
+        refill: bool = True, pipeline: bool = False,
+        on_run: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> None:
     """Run ``n`` samples through ``stages``; stage i answers those whose confidence passes
     ``thresholds[i]`` (one per stage but the last, which answers the rest).
 
@@ -206,23 +160,51 @@ def run(stages: Sequence[Stage], thresholds: Sequence[float], n: int, take: Call
     gathered, so it runs full batches; only its last batch may be short. Without, each chunk's
     survivors go on at once. ``pipeline`` runs each later stage in its own thread, fed by a queue:
     the batches, and so the answers, are those of the sequential path. A failure in any stage is
-    raised here once every thread has stopped.
+    raised here once every thread has stopped. ``on_run(i, idx, pred, conf)``, if given, sees every
+    sample a stage ran on, answered or not (a replica counts its batches with it).
     """
-    flow = Flow(stages, thresholds, take, on_answer)
     S = len(stages)
+    if S == 0:
+        raise UsageError("a cascade needs at least one stage")
+    if len(thresholds) != S - 1:
+        raise UsageError(f"{S} stages need {S - 1} thresholds, got {len(thresholds)}")
     if batch_size < 1:
         raise UsageError(f"batch_size must be ≥ 1, got {batch_size}")
+
+    def step(i: int, idx: np.ndarray, carry) -> tuple[np.ndarray, Any]:
+        """Stage i on samples idx: answer those it answers; return the rest, for stage i + 1."""
+        st = stages[i]
+        pred, conf, out = st(take(idx) if getattr(st, "needs_images", True) else None, carry)
+        pred, conf = to_numpy(pred), to_numpy(conf)
+        if on_run is not None:
+            on_run(i, idx, pred, conf)
+        done = np.ones(len(idx), bool) if i == S - 1 else exits(conf, thresholds[i])
+        on_answer(i, idx[done], pred[done], conf[done])
+        if done.all():
+            return idx[:0], None
+        keep = ~done
+        return idx[keep], (None if out is None else carry_take(out, keep))
+
     chunks = [np.arange(s, min(s + batch_size, n), dtype=np.int64) for s in range(0, n, batch_size)]
     if pipeline and S > 1:
-        _pipelined(flow.step, S, chunks, batch_size, refill)
+        _pipelined(step, S, chunks, batch_size, refill)
         return
+    waiting = [_Queue() for _ in range(S)]
+
+    def drain(i: int, full_only: bool) -> None:
+        while waiting[i].count >= (batch_size if full_only else 1):
+            idx, carry = waiting[i].pop(batch_size)
+            left, out = step(i, idx, carry)
+            if i + 1 < S:
+                waiting[i + 1].put(left, out)
+
     for idx in chunks:
-        flow.put(idx)
-        flow.drain(0, batch_size)
+        waiting[0].put(idx, None)
+        drain(0, full_only=False)
         for i in range(1, S):
-            flow.drain(i, batch_size, full_only=refill)
+            drain(i, full_only=refill)
     for i in range(1, S):  # the short tail batches, earlier stages first so their survivors join later queues
-        flow.drain(i, batch_size)
+        drain(i, full_only=False)
 
 
 def _pipelined(step, num_stages: int, chunks: list[np.ndarray], batch_size: int, refill: bool) -> None:
@@ -313,4 +295,4 @@ class ModelStage:
         return pred.cpu(), conf.cpu(), None
 
 
-__all__ = ["Stage", "ModelStage", "Flow", "run", "per_stage", "carry_take", "carry_cat", "carry_rows", "carry_stack", "to_numpy"]
+__all__ = ["Stage", "ModelStage", "run", "per_stage", "carry_take", "carry_cat", "carry_rows", "carry_stack", "to_numpy"]

@@ -273,36 +273,34 @@ class Ingress:
         except BadRequest as e:
             return self._error(e)
 
-        names = [n for n, _ in files]
-        t0 = [0.0]
-        imgs: list = []
-
-        def line(k: int, outcome) -> dict:
-            head = {"index": k, "file": names[k]}
-            if isinstance(outcome, BadRequest):
-                return {**head, "error": outcome.reason, "status": outcome.status}
-            if isinstance(outcome, TimeoutError):
-                return {**head, "error": OVERLOADED, "status": 503}
-            if isinstance(outcome, BaseException):  # a stage failed on this image's batch
-                return {**head, "error": f"the cascade failed: {type(outcome).__name__}: {outcome}"[:300], "status": 500}
-            return {**head, **self._record(imgs[k], t0[0], *(self._unpack(outcome) if self.fused else outcome))}
-
         async def stream():
             # counted from the stream's start until every image is decoded and handed on, with no
             # await between (a client that leaves before then lets them go in the finally)
             self.incoming += len(files)
             try:
-                imgs.extend(await asyncio.to_thread(decode_all, [d for _, d in files], self.o.max_pixels))
+                imgs = await asyncio.to_thread(decode_all, [d for _, d in files], self.o.max_pixels)
             finally:
                 self.incoming -= len(files)
-            loop, t0[0] = asyncio.get_running_loop(), time.perf_counter()
+            loop, t0 = asyncio.get_running_loop(), time.perf_counter()
+
+            def line(k: int, outcome) -> dict:
+                head = {"index": k, "file": files[k][0]}
+                if isinstance(outcome, BadRequest):
+                    return {**head, "error": outcome.reason, "status": outcome.status}
+                if isinstance(outcome, TimeoutError):
+                    return {**head, "error": OVERLOADED, "status": 503}
+                if isinstance(outcome, BaseException):  # a stage failed on this image's batch
+                    return {**head, "error": f"the cascade failed: {type(outcome).__name__}: {outcome}"[:300],
+                            "status": 500}
+                return {**head, **self._record(imgs[k], t0, *(self._unpack(outcome) if self.fused else outcome))}
+
             answers = []
             for img in imgs:
                 if isinstance(img, BadRequest):  # its refusal as its answer, ready now
                     answers.append(loop.create_future())
                     answers[-1].set_result(img)
                 else:  # fused: the engine's own futures, no task per image
-                    answers.append(self._fused_submit(img, t0[0]) if self.fused else self._walk_answer(img))
+                    answers.append(self._fused_submit(img, t0) if self.fused else self._walk_answer(img))
             async for chunk in ndjson_as_ready(answers, line, self.o.request_timeout_s if self.fused else None):
                 yield chunk
 

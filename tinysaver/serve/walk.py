@@ -4,8 +4,8 @@ these classes their stages, and tests give them stand-ins.
 - ``StageWalk`` (per-stage layout): asks stage deployments in turn, one request at a time, retrying
   a stage whose replica died while Serve replaces it, until the request's deadline.
 - ``FusedBatcher`` (fused layout): runs every stage of the replica on a batch of requests through
-  a :class:`tinysaver.engine.Flow`, and answers each request the moment its stage has answered
-  it, so a request the saver answers does not wait for the base pass of its batch's survivors.
+  :func:`tinysaver.engine.run`, and answers each request the moment its stage has answered it, so
+  a request the saver answers does not wait for the base pass of its batch's survivors.
 """
 from __future__ import annotations
 
@@ -80,9 +80,8 @@ class StageWalk:
 
 
 class FusedBatcher:
-    """Every stage in this process (``stages``: engine stages in running order), run on each batch
-    of requests as one :class:`tinysaver.engine.Flow`. ``first``: each answer also carries the first
-    stage's (class, confidence) for its request, as a fourth field."""
+    """Every stage in this process (``stages``: engine stages in running order). ``first``: each
+    answer also carries the first stage's (class, confidence) for its request, as a fourth field."""
 
     def __init__(self, stages: Sequence, thresholds: Sequence[float], base_from: int, first: bool = False):
         self.stages, self.thresholds, self.base_from = list(stages), [float(t) for t in thresholds], base_from
@@ -128,11 +127,7 @@ class FusedBatcher:
 
         def work() -> float:
             cpu = time.thread_time()
-            flow = engine.Flow(self.stages, list(self.thresholds), lambda idx: [images[j] for j in idx.tolist()],
-                               answered, ran)
-            flow.put(np.arange(len(items), dtype=np.int64))
-            for i in range(len(self.stages)):  # the batch as one batch at every stage
-                flow.drain(i, len(items))
+            self._run(self.stages, list(self.thresholds), images, answered, ran)
             return time.thread_time() - cpu
 
         self.sizes[len(items)] = self.sizes.get(len(items), 0) + 1
@@ -145,10 +140,10 @@ class FusedBatcher:
         return [None] * len(items)
 
     @staticmethod
-    def _run(stages: list, thresholds: list[float], images: list, answer) -> None:
-        """``stages`` on ``images`` as one batch, on a one-off engine run (the audit's base pass)."""
+    def _run(stages: list, thresholds: list[float], images: list, answer, ran=None) -> None:
+        """``stages`` on ``images`` as one batch (the batch the replica's Batcher formed, or the audit's)."""
         n = len(images)
-        engine.run(stages, thresholds, n, lambda idx: [images[i] for i in idx], answer, batch_size=n)
+        engine.run(stages, thresholds, n, lambda idx: [images[i] for i in idx], answer, batch_size=n, on_run=ran)
 
     async def base_batch(self, images: list) -> list[int]:
         """The base's own class for each image, no exit taken. A base that is one stage on images
