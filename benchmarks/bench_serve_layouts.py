@@ -27,6 +27,7 @@ per request against the in-process cascade on the same backend.
 # No ``from __future__ import annotations``: FastAPI reads the floor route's signature at definition time.
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -69,6 +70,25 @@ class Floor:
         img = decode(data, 40_000_000)
         return {"class": 0, "confidence": 1.0, "exit_stage": 0, "shape": list(img.shape)}
 
+    @floor_api.post("/predict/batch")
+    async def predict_batch(self, request: Request):
+        """The floor of ``/predict/batch``: read the multipart body and decode every image as the
+        service does, then stream a constant line per image, all in one chunk (the service's best
+        case, where every answer is ready at once)."""
+        import json
+
+        from fastapi.responses import StreamingResponse
+
+        from tinysaver.serve.http import decode_all, read_files
+
+        files = await read_files(request, True, 64 * 2**20)
+        imgs = await asyncio.to_thread(decode_all, [d for _, d in files], 40_000_000)
+
+        async def stream():
+            yield "".join(json.dumps({"index": k, "file": files[k][0], "class": 0, "confidence": 1.0,
+                                      "exit_stage": 0, "shape": list(img.shape)}) + "\n" for k, img in enumerate(imgs))
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     async def Predict(self, data: bytes):  # noqa: N802 - the same over Serve's gRPC proxy (tinysaver.serve.grpc_api)
         from tinysaver.serve.grpc_api import reply
@@ -147,7 +167,7 @@ def timing_totals(predict_url: str) -> dict[str, float]:
 
 # Serve application names; a "-grpc" app is the same application driven through Serve's gRPC proxy
 APPS = {"floor-serve": "floor", "per-stage": "perstage", "fused": "fused", "fused-onnx": "fusedonnx",
-        "fused-2r": "fused2r",
+        "fused-2r": "fused2r", "floor-serve-2r": "floor2r",
         "floor-serve-grpc": "floor", "fused-grpc": "fused"}
 
 
@@ -194,6 +214,18 @@ def batch_sizes(predict_url: str) -> dict:
     return httpx.get(predict_url.replace("/predict", "/metrics"), timeout=30).json()["batch_sizes"]
 
 
+def cpu_bound(floor_cpu_ms: float, ip: dict) -> str:
+    """The most images/s any app behind the same proxy and client can serve, from CPU alone: the
+    machine's cores give ``cores × 1,000`` ms of CPU per second, and each image costs at least what
+    the floor app spent on it (client, proxy, replica, Ray; ``floor_cpu_ms``) plus the in-process
+    cascade's own CPU per image on its cheaper thread count."""
+    cores = os.cpu_count() or 2
+    cascade = min(ip["eager:cpu_ms"], ip["eager:1t:cpu_ms"])
+    bound = cores * 1e3 / (floor_cpu_ms + cascade)
+    return (f"bound from CPU ({cores} cores): the floor's {floor_cpu_ms:.2f} + the cascade's {cascade:.2f} ms CPU "
+            f"per image → at most {bound:.1f} img/s = {bound / ip['eager']:.2f} of the in-process cascade")
+
+
 def wait_up(url: str, timeout_s: float = 300) -> None:
     import httpx
 
@@ -222,12 +254,11 @@ def main() -> int:
                     help="num_cpus of a fused replica; Ray gives it that many torch threads when ≥ 1")
     ap.add_argument("--batch-concurrency", type=int, nargs="+", default=[4, 16],
                     help="concurrent /predict/batch requests (16 images each)")
-    ap.add_argument("--apps", default="floor-uvicorn,floor-serve,floor-serve-grpc,per-stage,fused,fused-2r,fused-grpc,"
-                                      "fused-onnx")
+    ap.add_argument("--apps", default="floor-uvicorn,floor-serve,floor-serve-2r,floor-serve-grpc,per-stage,fused,"
+                                      "fused-2r,fused-grpc,fused-onnx")
     args = ap.parse_args()
     apps = [a for a in args.apps.split(",") if a]
 
-    import os
     import socket
 
     import ray
@@ -258,7 +289,10 @@ def main() -> int:
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     start_serve({"host": "127.0.0.1", "port": port}, grpc_port=gport)
     common = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3)
-    urls = {}
+    urls, batch_only = {}, {}  # batch_only: apps run on /predict/batch alone
+    if "floor-serve-2r" in apps:  # the floor of a two-replica app's /predict/batch
+        serve.run(Floor.options(num_replicas=2).bind(), name="floor2r", route_prefix="/floor2r")
+        batch_only["floor-serve-2r"] = f"http://127.0.0.1:{port}/floor2r/predict"
     if "floor-serve" in apps:
         serve.run(floor_serve_app(), name="floor", route_prefix="/floor")
         urls["floor-serve"] = f"http://127.0.0.1:{port}/floor/predict"
@@ -336,12 +370,18 @@ def main() -> int:
         rows.append(row)
         print(f"  concurrency {c}: " + ", ".join(f"{n} {row[n]:.1f}" for n in urls) + " img/s", flush=True)
     batch_runs: dict[tuple[str, int], list[float]] = {}
+    batch_cpu: dict[tuple[str, int], list[dict]] = {}
+    n_batch = args.requests * 2 // 16 * 16  # images per /predict/batch run
+    batch_urls = {**{n: u for n, u in urls.items() if n in ("floor-serve", "fused", "fused-2r", "fused-onnx")},
+                  **batch_only}
     for _ in range(args.repeats):
         for c in args.batch_concurrency:
-            for name in [n for n in ("fused", "fused-2r", "fused-onnx") if n in urls]:
-                rate = asyncio.run(batch_loop(urls[name].replace("/predict", "/predict/batch"), bodies, 16, c,
-                                              args.requests * 2))
+            for name, url in batch_urls.items():
+                procs0 = cpu_seconds()
+                rate = asyncio.run(batch_loop(url.replace("/predict", "/predict/batch"), bodies, 16, c, n_batch))
+                used = cpu_parts(procs0, cpu_seconds(), APPS.get(name), os.getpid())
                 batch_runs.setdefault((name, c), []).append(rate)
+                batch_cpu.setdefault((name, c), []).append({k: v / n_batch * 1e3 for k, v in used.items()})
     batch_rate = {k: float(np.median(v)) for k, v in batch_runs.items()}
     print(f"load after the served runs: {os.getloadavg()[0]:.2f}", flush=True)
     serve.shutdown()
@@ -356,12 +396,14 @@ def main() -> int:
         cas = build_cascade(sel, zoo, backend=backend)
         imgs = data.images
         cas.predict(imgs[:args.max_batch_size], batch_size=args.max_batch_size)
-        ts = []
+        ts, cs = [], []
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             cas.predict(imgs, batch_size=args.max_batch_size)
             ts.append(time.perf_counter() - t0)
+            cs.append(time.process_time() - c0)
         ip[backend] = len(imgs) / float(np.median(ts))
+        ip[backend + ":cpu_ms"] = float(np.median(cs)) / len(imgs) * 1e3  # CPU time per image, all threads
         t0 = time.perf_counter()
         cas.predict(imgs[:64], batch_size=1)
         ip[backend + ":bs1_ms"] = (time.perf_counter() - t0) / 64 * 1e3
@@ -369,9 +411,10 @@ def main() -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cas = build_cascade(sel, zoo, backend="eager")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cas.predict(data.images, batch_size=args.max_batch_size)
     ip["eager:1t"] = len(data.images) / (time.perf_counter() - t0)
+    ip["eager:1t:cpu_ms"] = (time.process_time() - c0) / len(data.images) * 1e3
     torch.set_num_threads(threads)
     print(f"\nin-process (torch threads {torch.get_num_threads()}) at batch {args.max_batch_size}: eager "
           f"{ip['eager']:.1f} img/s, onnxruntime {ip['onnxruntime']:.1f} img/s; batch 1: eager "
@@ -422,6 +465,10 @@ def main() -> int:
             keys = ("client", "proxy", "replicas", "uvicorn", "rest")
             print(f"| {r['concurrency']} | {r['app']} | " + " | ".join(f"{r[k]:.2f}" for k in keys) +
                   f" | {sum(r[k] for k in keys):.2f} |")
+    for r in cpu_rows:
+        if r["app"] == "floor-serve":
+            print(f"concurrency {r['concurrency']}, /predict: " + cpu_bound(sum(r[k] for k in r if k not in
+                                                                               ("concurrency", "app")), ip))
     if batches:
         print("\nBatches the replicas ran during the /predict runs (all runs of each concurrency):")
         print("| concurrency | app | stage | batches | mean size | of size 1 |")
@@ -431,13 +478,31 @@ def main() -> int:
             if n:
                 mean = sum(int(k) * v for k, v in hist.items()) / n
                 print(f"| {c} | {name} | {stage} | {n} | {mean:.1f} | {hist.get('1', 0) / n:.0%} |")
-    for (name, c), rate in batch_rate.items():
-        ref = ip["onnxruntime" if name.endswith("onnx") else "eager"]
-        same = "" if name.endswith("onnx") else (f"; {rate / ip['eager:1t']:.2f} of it on 1 torch thread, as in a "
-                                                  f"replica of under 2 CPUs ({ip['eager:1t']:.1f} img/s)")
-        print(f"\n/predict/batch, 16 images per request, concurrency {c}, {name}: {rate:.1f} img/s (median of "
-              f"{len(batch_runs[name, c])}) = {rate / ref:.2f} of the in-process cascade on the same backend "
-              f"({ref:.1f} img/s){same}")
+    if batch_rate:
+        print(f"\n/predict/batch, 16 images per request ({n_batch} images per run, medians of {args.repeats}); the "
+              f"floor apps read and decode the images as the service does and stream a constant line each. In-process "
+              f"eager cascade: {ip['eager']:.1f} img/s ({ip['eager:cpu_ms']:.2f} ms CPU per image), on 1 torch thread "
+              f"{ip['eager:1t']:.1f} img/s ({ip['eager:1t:cpu_ms']:.2f} ms CPU per image); onnxruntime "
+              f"{ip['onnxruntime']:.1f} img/s ({ip['onnxruntime:cpu_ms']:.2f} ms). CPU ms per image by process:")
+        print("| concurrency | app | img/s | / in-process (same backend) | / in-process on 1 thread | client | proxy | "
+              "replicas | rest | total CPU |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for (name, c), rate in batch_rate.items():
+            ref = ip["onnxruntime" if name.endswith("onnx") else "eager"]
+            one_t = "–" if name.endswith("onnx") else f"{rate / ip['eager:1t']:.2f}"
+            u = {k: float(np.median([x[k] for x in batch_cpu[name, c]])) for k in batch_cpu[name, c][0]}
+            keys = ("client", "proxy", "replicas", "rest")
+            print(f"| {c} | {name} | {rate:.1f} | {rate / ref:.2f} | {one_t} | " +
+                  " | ".join(f"{u[k]:.2f}" for k in keys) + f" | {sum(u.values()):.2f} |")
+        for c in args.batch_concurrency:
+            for name, floor_app in (("fused", "floor-serve"), ("fused-2r", "floor-serve-2r")):
+                if (name, c) in batch_rate and (floor_app, c) in batch_rate:
+                    print(f"concurrency {c}: {name} {batch_rate[name, c]:.1f} img/s = "
+                          f"{batch_rate[name, c] / batch_rate[floor_app, c]:.2f} of {floor_app}; {floor_app} itself "
+                          f"= {batch_rate[floor_app, c] / ip['eager']:.2f} of the in-process cascade")
+            if ("floor-serve", c) in batch_cpu:
+                floor_cpu = float(np.median([sum(x.values()) for x in batch_cpu["floor-serve", c]]))
+                print(f"concurrency {c}, /predict/batch: " + cpu_bound(floor_cpu, ip))
     one = next((r for r in rows if r["concurrency"] == 1), None)
     for app, floor_app in (("fused", "floor-serve"), ("fused-2r", "floor-serve"), ("fused-grpc", "floor-serve-grpc")):
         if one and app in one and floor_app in one:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.helpers import png_bytes
+from tinysaver import engine
 from tinysaver.errors import ServeError
 from tinysaver.serve import AuditMonitor, BadRequest, Plan, ServeOptions
 from tinysaver.serve.batching import Batcher
@@ -579,6 +580,50 @@ def test_the_batcher_cuts_the_next_batch_only_when_the_running_one_is_done():
     assert results == [10 * i for i in range(21)]
     assert batches == [[0], list(range(1, 17)), list(range(17, 21))]
     assert sizes == {1: 1, 16: 1, 4: 1}
+
+
+def test_a_batcher_with_a_larger_cut_stops_waiting_at_a_full_batch_and_takes_what_waits():
+    """``max_cut``: a batch still goes as soon as ``max_batch_size`` have come, but takes every
+    item waiting then, up to ``max_cut`` (the fused engine splits them into model batches)."""
+    async def go():
+        gate, coming = Gate(), [100]  # more said to be on their way: only a full batch stops the wait
+        b = Batcher(gate, max_batch_size=4, wait_s=60.0, expected=lambda: coming[0], max_cut=10)
+        first = [asyncio.ensure_future(b(i)) for i in range(4)]  # full: does not wait the 60 s
+        await asyncio.wait_for(gate.started.wait(), 30)
+        rest = [asyncio.ensure_future(b(i)) for i in range(4, 17)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        coming[0] = 0  # so that the short tail goes too
+        gate.release.set()
+        return await asyncio.wait_for(asyncio.gather(*first, *rest), 30), gate.batches
+
+    results, batches = run(go())
+    assert results == [10 * i for i in range(17)]
+    assert batches == [[0, 1, 2, 3], list(range(4, 14)), list(range(14, 17))]
+    with pytest.raises(ServeError, match="max_cut"):
+        Batcher(lambda x: x, 4, 0.0, max_cut=3)
+
+
+def test_a_fused_batch_larger_than_a_model_batch_runs_in_chunks_with_the_base_refilled():
+    """40 requests at a model batch of 8: the saver runs 8 at a time, the base runs full batches
+    of 8 survivors (not 4 per chunk), and every answer equals the engine's over all 40 at once."""
+    log = []
+    saver, base = Slow(0.99, 0.0, log), Slow(1.0, 0.0, log)
+    batcher = FusedBatcher([saver, base], [0.9], base_from=1, batch_size=8)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        items = [(i, loop.create_future()) for i in range(40)]
+        await batcher.answer_batch(items)
+        return [await f for _, f in items]
+
+    got = run(go())
+    assert batcher.sizes == {40: 1}
+    assert batcher.stage_sizes == [{8: 5}, {8: 2, 4: 1}]  # 20 odd survivors: 8, 8 and the tail of 4
+    want = {}
+    engine.run([saver, base], [0.9], 40, lambda idx: list(idx), lambda i, idx, p, c: want.update(
+        {int(j): (i, int(pj), float(cj)) for j, pj, cj in zip(idx, p, c)}), batch_size=40)
+    assert got == [want[i] for i in range(40)]
 
 
 def test_a_full_batch_does_not_wait_and_a_failed_batch_fails_only_its_requests():

@@ -8,7 +8,8 @@ more per image (the per-batch latencies of ``tinysaver zoo show fashion-mnist``)
 fused service with its own batcher", has the service before and after.
 
 ``Batcher`` cuts a batch only when the previous one is done: everything that arrived meanwhile,
-up to ``max_batch_size``. An idle replica waits at most ``wait_s`` from a batch's oldest request
+up to ``max_batch_size`` (or ``max_cut``, for a ``run`` that splits its items into model batches
+itself, as the fused replica's engine does). An idle replica waits at most ``wait_s`` from a batch's oldest request
 for it to fill, and not at all when ``expected()`` says no other request is on its way (still
 being read or decoded), so a lone request does not wait for company that is not coming. Under
 load the wait is the running batch's time, not a timeout.
@@ -28,13 +29,18 @@ class Batcher:
     waiting). ``run(items)`` (async) gets a list of 1 … ``max_batch_size`` items and returns one
     result per item, in order; one call at a time. ``wait_s``: seconds a batch may wait for more
     items after its oldest arrived; ``expected()``: how many more are on their way (None: unknown,
-    wait the full ``wait_s``). ``sizes``: {batch size: batches run}."""
+    wait the full ``wait_s``). ``max_cut`` (default ``max_batch_size``): the most items one call of
+    ``run`` gets; a batch stops waiting once ``max_batch_size`` have arrived, and then takes every
+    waiting item up to ``max_cut``. ``sizes``: {batch size: batches run}."""
 
     def __init__(self, run: Callable[[list], Awaitable[list]], max_batch_size: int, wait_s: float,
-                 expected: Callable[[], int] | None = None):
-        if max_batch_size < 1 or wait_s < 0:
-            raise ServeError(f"max_batch_size must be ≥ 1 and wait_s ≥ 0, got {max_batch_size} and {wait_s}")
+                 expected: Callable[[], int] | None = None, max_cut: int | None = None):
+        max_cut = max_batch_size if max_cut is None else max_cut
+        if max_batch_size < 1 or wait_s < 0 or max_cut < max_batch_size:
+            raise ServeError(f"max_batch_size must be ≥ 1, wait_s ≥ 0 and max_cut ≥ max_batch_size, got "
+                             f"{max_batch_size}, {wait_s} and {max_cut}")
         self.run, self.max_batch_size, self.wait_s = run, int(max_batch_size), float(wait_s)
+        self.max_cut = int(max_cut)
         self.expected = expected
         self.sizes: dict[int, int] = {}
         self._queue: deque = deque()  # (item, future, arrival time.monotonic())
@@ -73,7 +79,7 @@ class Batcher:
                 await asyncio.wait_for(self._wake.wait(), left)
             except asyncio.TimeoutError:
                 break
-        batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch_size))]
+        batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_cut))]
         # a request whose caller gave up (client gone, deadline) is not run
         return [b for b in batch if not b[1].done()]
 

@@ -38,6 +38,7 @@ from .options import GRACEFUL_SHUTDOWN_S, Plan
 from .stages import ItemStage, load_stages, stage_device
 from .walk import FusedBatcher, StageWalk
 
+FUSED_CUT = 4  # the most model batches (--max-batch-size each) a fused replica's engine call takes
 STATS_TIMEOUT_S = 2.0  # how long /metrics waits for one stage's counters
 OVERLOADED = "the service is overloaded; retry the request"
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -110,10 +111,12 @@ class Ingress:
             self.device = stage_device(gpus)
             built = load_stages(plan, self.device)
             self.batcher = FusedBatcher([built[i] for i in range(len(plan.names))], plan.thresholds, plan.base_from,
-                                        first=o.adapt)
-            # a batch waits for company only while requests are being read or decoded (self.incoming)
+                                        first=o.adapt, batch_size=o.max_batch_size)
+            # a batch waits for company only while requests are being read or decoded (self.incoming);
+            # under load it takes up to FUSED_CUT model batches, so that the base runs on full
+            # batches of their survivors rather than on each model batch's few
             self._fused = Batcher(self.batcher.answer_batch, o.max_batch_size, o.batch_wait_timeout_s,
-                                  expected=lambda: self.incoming)
+                                  expected=lambda: self.incoming, max_cut=FUSED_CUT * o.max_batch_size)
             self._base = Batcher(self.batcher.base_batch, o.max_batch_size, o.batch_wait_timeout_s)
             self.stages, self.walk = [], None
         else:

@@ -81,11 +81,15 @@ class StageWalk:
 
 class FusedBatcher:
     """Every stage in this process (``stages``: engine stages in running order). ``first``: each
-    answer also carries the first stage's (class, confidence) for its request, as a fourth field."""
+    answer also carries the first stage's (class, confidence) for its request, as a fourth field.
+    ``batch_size``: the largest batch a model runs. A batch of more requests than that runs as
+    ``Cascade.predict`` runs its input: in chunks of ``batch_size``, each later stage on full
+    batches of the survivors (refill), so a base is not run on each chunk's few survivors."""
 
-    def __init__(self, stages: Sequence, thresholds: Sequence[float], base_from: int, first: bool = False):
+    def __init__(self, stages: Sequence, thresholds: Sequence[float], base_from: int, first: bool = False,
+                 batch_size: int | None = None):
         self.stages, self.thresholds, self.base_from = list(stages), [float(t) for t in thresholds], base_from
-        self.first = first
+        self.first, self.batch_size = first, batch_size
         self.sizes: dict[int, int] = {}  # {requests in a batch: batches}
         self.stage_sizes: list[dict[int, int]] = [{} for _ in self.stages]  # each stage's {batch size: batches}
         # seconds summed over answered requests: "queue" from the request's arrival (an item's
@@ -127,7 +131,7 @@ class FusedBatcher:
 
         def work() -> float:
             cpu = time.thread_time()
-            self._run(self.stages, list(self.thresholds), images, answered, ran)
+            self._run(self.stages, list(self.thresholds), images, answered, ran, self.batch_size)
             return time.thread_time() - cpu
 
         self.sizes[len(items)] = self.sizes.get(len(items), 0) + 1
@@ -140,10 +144,13 @@ class FusedBatcher:
         return [None] * len(items)
 
     @staticmethod
-    def _run(stages: list, thresholds: list[float], images: list, answer, ran=None) -> None:
-        """``stages`` on ``images`` as one batch (the batch the replica's Batcher formed, or the audit's)."""
+    def _run(stages: list, thresholds: list[float], images: list, answer, ran=None,
+             batch_size: int | None = None) -> None:
+        """``stages`` on ``images`` (the batch the replica's Batcher formed, or the audit's), in model
+        batches of at most ``batch_size`` (None: all at once)."""
         n = len(images)
-        engine.run(stages, thresholds, n, lambda idx: [images[i] for i in idx], answer, batch_size=n, on_run=ran)
+        engine.run(stages, thresholds, n, lambda idx: [images[i] for i in idx], answer,
+                   batch_size=n if batch_size is None else min(n, batch_size), on_run=ran)
 
     async def base_batch(self, images: list) -> list[int]:
         """The base's own class for each image, no exit taken. A base that is one stage on images
