@@ -20,9 +20,12 @@ noisy neighbour slows them alike:
 
 For the fused apps it also breaks each request's time into its parts (the replica's own timings
 from ``/metrics``, the client's latency and CPU time), so the gap to in-process is measured, not
-guessed. Also, in this process and after the service is gone: ``Cascade.predict`` at the service's batch
-size (the in-process reference), its batch-1 time per image, and ``/predict/batch`` with 16 images
-per request against the in-process cascade on the same backend.
+guessed. The in-process reference (``Cascade.predict`` at the service's batch size, on 2 torch
+threads and on 1, and its batch-1 time per image) runs in this process once per round, between the
+served runs, while the service idles, and once more after the service is gone. ``/predict/batch``,
+16 images per request, runs against the same and against its own floor (``floor-serve`` and
+``floor-serve-2r``: read and decode the images as the service does, stream a constant line each),
+with the CPU each process spent per image and the bound those give (``cpu_bound``).
 """
 # No ``from __future__ import annotations``: FastAPI reads the floor route's signature at definition time.
 import argparse
@@ -214,6 +217,33 @@ def batch_sizes(predict_url: str) -> dict:
     return httpx.get(predict_url.replace("/predict", "/metrics"), timeout=30).json()["batch_sizes"]
 
 
+def in_process(cascades: dict, imgs: list, batch_size: int) -> dict[str, float]:
+    """The in-process reference, once: ``Cascade.predict`` of ``imgs`` at ``batch_size`` on each
+    backend (img/s and CPU ms per image, all threads), eager on 1 torch thread as in a replica of
+    under 2 CPUs (Ray sets OMP_NUM_THREADS), and eager and onnxruntime at batch 1 (ms per image)."""
+    import torch
+
+    ip = {}
+    for backend, cas in cascades.items():
+        t0, c0 = time.perf_counter(), time.process_time()
+        cas.predict(imgs, batch_size=batch_size)
+        ip[backend] = len(imgs) / (time.perf_counter() - t0)
+        ip[backend + ":cpu_ms"] = (time.process_time() - c0) / len(imgs) * 1e3
+        t0 = time.perf_counter()
+        cas.predict(imgs[:64], batch_size=1)
+        ip[backend + ":bs1_ms"] = (time.perf_counter() - t0) / 64 * 1e3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        cascades["eager"].predict(imgs, batch_size=batch_size)
+        ip["eager:1t"] = len(imgs) / (time.perf_counter() - t0)
+        ip["eager:1t:cpu_ms"] = (time.process_time() - c0) / len(imgs) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+    return ip
+
+
 def cpu_bound(floor_cpu_ms: float, ip: dict) -> str:
     """The most images/s any app behind the same proxy and client can serve, from CPU alone: the
     machine's cores give ``cores × 1,000`` ms of CPU per second, and each image costs at least what
@@ -285,6 +315,13 @@ def main() -> int:
         floor = subprocess.Popen([sys.executable, "-m", "uvicorn", "floor_app:app", "--port", str(uport),
                                   "--log-level", "warning", "--app-dir", str(Path("/tmp"))],
                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    import torch
+
+    # the in-process reference runs in this process between the served runs, so that both see the
+    # machine of the same minutes (its speed drifts by up to 1.5× here)
+    cascades = {b: build_cascade(sel, zoo, backend=b) for b in ("eager", "onnxruntime")}
+    ip_runs = []
+    in_process(cascades, data.images[:64], args.max_batch_size)  # warm-up
     local_ray_env()
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     start_serve({"host": "127.0.0.1", "port": port}, grpc_port=gport)
@@ -353,6 +390,7 @@ def main() -> int:
                     part["client"] = float(np.mean([r["client_ms"] for r in runs[name][-1][1]]))
                     part["client_cpu"] = client_cpu
                     parts[name].append(part)
+            ip_runs.append(in_process(cascades, data.images, args.max_batch_size))
         for name, ps in parts.items():
             gaps.append({"concurrency": c, "app": name, **{k: float(np.median([p[k] for p in ps])) for k in ps[0]}})
         row = {"concurrency": c}
@@ -382,6 +420,7 @@ def main() -> int:
                 used = cpu_parts(procs0, cpu_seconds(), APPS.get(name), os.getpid())
                 batch_runs.setdefault((name, c), []).append(rate)
                 batch_cpu.setdefault((name, c), []).append({k: v / n_batch * 1e3 for k, v in used.items()})
+        ip_runs.append(in_process(cascades, data.images, args.max_batch_size))
     batch_rate = {k: float(np.median(v)) for k, v in batch_runs.items()}
     print(f"load after the served runs: {os.getloadavg()[0]:.2f}", flush=True)
     serve.shutdown()
@@ -389,34 +428,14 @@ def main() -> int:
     if floor is not None:
         floor.terminate()
         floor.wait(timeout=30)
-    import torch
-
-    ip = {}
-    for backend in ("eager", "onnxruntime"):
-        cas = build_cascade(sel, zoo, backend=backend)
-        imgs = data.images
-        cas.predict(imgs[:args.max_batch_size], batch_size=args.max_batch_size)
-        ts, cs = [], []
-        for _ in range(3):
-            t0, c0 = time.perf_counter(), time.process_time()
-            cas.predict(imgs, batch_size=args.max_batch_size)
-            ts.append(time.perf_counter() - t0)
-            cs.append(time.process_time() - c0)
-        ip[backend] = len(imgs) / float(np.median(ts))
-        ip[backend + ":cpu_ms"] = float(np.median(cs)) / len(imgs) * 1e3  # CPU time per image, all threads
-        t0 = time.perf_counter()
-        cas.predict(imgs[:64], batch_size=1)
-        ip[backend + ":bs1_ms"] = (time.perf_counter() - t0) / 64 * 1e3
-    # a replica with under 2 CPUs runs torch on 1 thread (Ray sets OMP_NUM_THREADS): the same here
+    after = in_process(cascades, data.images, args.max_batch_size)
+    ip = {k: float(np.median([r[k] for r in ip_runs])) for k in ip_runs[0]}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cas = build_cascade(sel, zoo, backend="eager")
-    t0, c0 = time.perf_counter(), time.process_time()
-    cas.predict(data.images, batch_size=args.max_batch_size)
-    ip["eager:1t"] = len(data.images) / (time.perf_counter() - t0)
-    ip["eager:1t:cpu_ms"] = (time.process_time() - c0) / len(data.images) * 1e3
-    torch.set_num_threads(threads)
-    print(f"\nin-process (torch threads {torch.get_num_threads()}) at batch {args.max_batch_size}: eager "
+    print(f"\nin-process, after the service was gone (for reference; the ratios below use the runs interleaved "
+          f"with the served ones): eager {after['eager']:.1f} img/s, on 1 thread {after['eager:1t']:.1f}, "
+          f"onnxruntime {after['onnxruntime']:.1f}")
+    print(f"in-process (torch threads {threads}) at batch {args.max_batch_size}, medians of the {len(ip_runs)} runs "
+          f"interleaved with the served ones (the service idle meanwhile): eager "
           f"{ip['eager']:.1f} img/s, onnxruntime {ip['onnxruntime']:.1f} img/s; batch 1: eager "
           f"{ip['eager:bs1_ms']:.2f} ms/img, onnxruntime {ip['onnxruntime:bs1_ms']:.2f} ms/img\n")
     names = list(urls)
