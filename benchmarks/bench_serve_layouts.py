@@ -223,7 +223,7 @@ def in_process(cascades: dict, imgs: list, batch_size: int) -> dict[str, float]:
     under 2 CPUs (Ray sets OMP_NUM_THREADS), and eager and onnxruntime at batch 1 (ms per image)."""
     import torch
 
-    ip = {}
+    ip, others0, wall0 = {}, cpu_seconds(), time.perf_counter()
     for backend, cas in cascades.items():
         t0, c0 = time.perf_counter(), time.process_time()
         cas.predict(imgs, batch_size=batch_size)
@@ -241,6 +241,9 @@ def in_process(cascades: dict, imgs: list, batch_size: int) -> dict[str, float]:
         ip["eager:1t:cpu_ms"] = (time.process_time() - c0) / len(imgs) * 1e3
     finally:
         torch.set_num_threads(threads)
+    # what the rest of the machine (an idle service, between rounds) took meanwhile: CPU ms per s
+    used = cpu_parts(others0, cpu_seconds(), None, os.getpid())
+    ip["others_cpu_ms_per_s"] = (sum(used.values()) - used["client"]) / (time.perf_counter() - wall0) * 1e3
     return ip
 
 
@@ -433,7 +436,8 @@ def main() -> int:
     threads = torch.get_num_threads()
     print(f"\nin-process, after the service was gone (for reference; the ratios below use the runs interleaved "
           f"with the served ones): eager {after['eager']:.1f} img/s, on 1 thread {after['eager:1t']:.1f}, "
-          f"onnxruntime {after['onnxruntime']:.1f}")
+          f"onnxruntime {after['onnxruntime']:.1f}; other processes took {after['others_cpu_ms_per_s']:.0f} ms CPU "
+          f"per s meanwhile, against {ip['others_cpu_ms_per_s']:.0f} during the interleaved runs")
     print(f"in-process (torch threads {threads}) at batch {args.max_batch_size}, medians of the {len(ip_runs)} runs "
           f"interleaved with the served ones (the service idle meanwhile): eager "
           f"{ip['eager']:.1f} img/s, onnxruntime {ip['onnxruntime']:.1f} img/s; batch 1: eager "
