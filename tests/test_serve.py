@@ -151,9 +151,21 @@ def test_a_streamed_batch_answers_each_image_as_the_cascade_does(service, offlin
         if stable[i]:
             assert (x["exit_stage"], x["class"]) == (ref.stage[i], ref.pred[i]), x
     assert {x["exit_stage"] for x in lines} == {0, 1}
+    # fused: the 40 images reach the engine in one call, which runs no model on more than
+    # --max-batch-size (16) of them and answers each as the cascade does
+    c = service["client"]
+    with c.stream("POST", "/fused/predict/batch", files=files) as r:
+        fused_lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert sorted(x["index"] for x in fused_lines) == list(range(40))
+    for x in fused_lines:
+        if stable[x["index"]]:
+            assert (x["exit_stage"], x["class"]) == (ref.stage[x["index"]], ref.pred[x["index"]]), x
+    sizes = c.get("/fused/metrics").json()["batch_sizes"]
+    assert max(map(int, sizes["fused"])) > 16, sizes
+    for name in service["sel"].models:
+        assert 0 < max(map(int, sizes[f"fused:{name}"])) <= 16, sizes
     # the fused batcher waits for images still being decoded: a stream with a bad image, and one
     # whose client leaves after its first line, must leave none counted as on their way
-    c = service["client"]
     bad = files[:8] + [("files", ("bad.png", b"not an image", "image/png"))]
     with c.stream("POST", "/fused/predict/batch", files=bad) as r:
         got = [json.loads(line) for line in r.iter_lines() if line]

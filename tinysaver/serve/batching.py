@@ -9,10 +9,10 @@ fused service with its own batcher", has the service before and after.
 
 ``Batcher`` cuts a batch only when the previous one is done: everything that arrived meanwhile,
 up to ``max_batch_size`` (or ``max_cut``, for a ``run`` that splits its items into model batches
-itself, as the fused replica's engine does). An idle replica waits at most ``wait_s`` from a batch's oldest request
-for it to fill, and not at all when ``expected()`` says no other request is on its way (still
-being read or decoded), so a lone request does not wait for company that is not coming. Under
-load the wait is the running batch's time, not a timeout.
+itself, as the fused replica's engine does). An idle replica waits at most ``wait_s`` from a
+batch's oldest request for it to fill, and not at all when ``expected()`` says no other request
+is on its way (still being read or decoded), so a lone request does not wait for company that is
+not coming. Under load the wait is the running batch's time, not a timeout.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from ..errors import ServeError
 
 class Batcher:
     """``await batcher(item)`` → ``run``'s result for that item (``submit`` gives the future without
-    waiting). ``run(items)`` (async) gets a list of 1 … ``max_batch_size`` items and returns one
+    waiting). ``run(items)`` (async) gets a list of 1 … ``max_cut`` items and returns one
     result per item, in order; one call at a time. ``wait_s``: seconds a batch may wait for more
     items after its oldest arrived; ``expected()``: how many more are on their way (None: unknown,
     wait the full ``wait_s``). ``max_cut`` (default ``max_batch_size``): the most items one call of
