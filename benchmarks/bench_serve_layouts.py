@@ -188,10 +188,18 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
+CPU_PARTS = ("client", "proxy", "replicas", "uvicorn", "rest")
+
+
+def cpu_total(parts: dict) -> float:
+    """The CPU of every part of a ``cpu_parts`` result (other keys, such as a row's labels, ignored)."""
+    return sum(parts[k] for k in CPU_PARTS)
+
+
 def cpu_parts(before: dict, after: dict, app: str | None, client_pid: int) -> dict[str, float]:
     """CPU seconds between two ``cpu_seconds`` snapshots, by part: this client, Serve's proxy, the
     replicas of Serve application ``app``, the uvicorn floor, and everything else."""
-    parts = {"client": 0.0, "proxy": 0.0, "replicas": 0.0, "uvicorn": 0.0, "rest": 0.0}
+    parts = dict.fromkeys(CPU_PARTS, 0.0)
     for pid, (cmd, t) in after.items():
         used = t - before.get(pid, (cmd, 0.0))[1]
         if pid == client_pid:
@@ -243,7 +251,7 @@ def in_process(cascades: dict, imgs: list, batch_size: int) -> dict[str, float]:
         torch.set_num_threads(threads)
     # what the rest of the machine (an idle service, between rounds) took meanwhile: CPU ms per s
     used = cpu_parts(others0, cpu_seconds(), None, os.getpid())
-    ip["others_cpu_ms_per_s"] = (sum(used.values()) - used["client"]) / (time.perf_counter() - wall0) * 1e3
+    ip["others_cpu_ms_per_s"] = (cpu_total(used) - used["client"]) / (time.perf_counter() - wall0) * 1e3
     return ip
 
 
@@ -485,13 +493,11 @@ def main() -> int:
         print("| concurrency | app | client | proxy | replicas | uvicorn | rest | total |")
         print("|---|---|---|---|---|---|---|---|")
         for r in cpu_rows:
-            keys = ("client", "proxy", "replicas", "uvicorn", "rest")
-            print(f"| {r['concurrency']} | {r['app']} | " + " | ".join(f"{r[k]:.2f}" for k in keys) +
-                  f" | {sum(r[k] for k in keys):.2f} |")
+            print(f"| {r['concurrency']} | {r['app']} | " + " | ".join(f"{r[k]:.2f}" for k in CPU_PARTS) +
+                  f" | {cpu_total(r):.2f} |")
     for r in cpu_rows:
         if r["app"] == "floor-serve":
-            print(f"concurrency {r['concurrency']}, /predict: " + cpu_bound(sum(r[k] for k in r if k not in
-                                                                               ("concurrency", "app")), ip))
+            print(f"concurrency {r['concurrency']}, /predict: " + cpu_bound(cpu_total(r), ip))
     if batches:
         print("\nBatches the replicas ran during the /predict runs (all runs of each concurrency):")
         print("| concurrency | app | stage | batches | mean size | of size 1 |")
@@ -516,7 +522,7 @@ def main() -> int:
             u = {k: float(np.median([x[k] for x in batch_cpu[name, c]])) for k in batch_cpu[name, c][0]}
             keys = ("client", "proxy", "replicas", "rest")
             print(f"| {c} | {name} | {rate:.1f} | {rate / ref:.2f} | {one_t} | " +
-                  " | ".join(f"{u[k]:.2f}" for k in keys) + f" | {sum(u.values()):.2f} |")
+                  " | ".join(f"{u[k]:.2f}" for k in keys) + f" | {cpu_total(u):.2f} |")
         for c in args.batch_concurrency:
             for name, floor_app in (("fused", "floor-serve"), ("fused-2r", "floor-serve-2r")):
                 if (name, c) in batch_rate and (floor_app, c) in batch_rate:
@@ -524,7 +530,7 @@ def main() -> int:
                           f"{batch_rate[name, c] / batch_rate[floor_app, c]:.2f} of {floor_app}; {floor_app} itself "
                           f"= {batch_rate[floor_app, c] / ip['eager']:.2f} of the in-process cascade")
             if ("floor-serve", c) in batch_cpu:
-                floor_cpu = float(np.median([sum(x.values()) for x in batch_cpu["floor-serve", c]]))
+                floor_cpu = float(np.median([cpu_total(x) for x in batch_cpu["floor-serve", c]]))
                 print(f"concurrency {c}, /predict/batch: " + cpu_bound(floor_cpu, ip))
     one = next((r for r in rows if r["concurrency"] == 1), None)
     for app, floor_app in (("fused", "floor-serve"), ("fused-2r", "floor-serve"), ("fused-grpc", "floor-serve-grpc")):

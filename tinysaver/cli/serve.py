@@ -53,7 +53,8 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--startup-timeout", type=positive_float, default=STARTUP_TIMEOUT_S,
                    help="seconds to wait for every replica to be scheduled and ready before giving up")
     q.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
-    q.add_argument("--max-batch-size", type=positive_int, default=d.max_batch_size, help="most requests per batch, per replica")
+    q.add_argument("--max-batch-size", type=positive_int, default=d.max_batch_size, help="most images a model runs at once, per replica (under load a fused replica takes up to 4 such "
+                                "batches per engine call, to run its base on full batches)")
     q.add_argument("--batch-wait-ms", type=non_negative_float, default=1e3 * d.batch_wait_timeout_s,
                    help="how long a stage waits to fill a batch")
     q.add_argument("--replicas", type=int_list, default=[d.replicas], help="one for all stages, or one per stage")
