@@ -237,18 +237,23 @@ def test_fused_early_answers_do_not_wait_for_the_base_pass_of_their_batch():
     assert batcher.timed == 0  # items without an arrival time are not timed
 
 
+def answer_all(batcher: FusedBatcher, n: int) -> list:
+    """Requests 0 … n-1 answered by ``batcher`` as one batch: their answers, in order."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        items = [(i, loop.create_future()) for i in range(n)]
+        await batcher.answer_batch(items)
+        return [await f for _, f in items]
+
+    return run(go())
+
+
 def test_a_fused_batcher_for_adapt_gives_the_savers_answer_with_every_request():
     """--adapt needs the saver's class and confidence for requests the base answered, too."""
     log = []
     batcher = FusedBatcher([Slow(0.99, 0.0, log), Slow(1.0, 0.0, log)], [0.9], base_from=1, first=True)
 
-    async def go():
-        loop = asyncio.get_running_loop()
-        items = [(i, loop.create_future()) for i in range(4)]
-        await batcher.answer_batch(items)
-        return [await f for _, f in items]
-
-    got = run(go())
+    got = answer_all(batcher, 4)
     assert [g[:2] for g in got] == [(0, 0), (1, 1), (0, 2), (1, 3)]
     saver = [(p, round(c, 6)) for _, _, _, (p, c) in got]
     assert saver == [(0, 0.99), (1, 0.0), (2, 0.99), (3, 0.0)]  # the saver's, on either stage
@@ -611,13 +616,7 @@ def test_a_fused_batch_larger_than_a_model_batch_runs_in_chunks_with_the_base_re
     saver, base = Slow(0.99, 0.0, log), Slow(1.0, 0.0, log)
     batcher = FusedBatcher([saver, base], [0.9], base_from=1, batch_size=8)
 
-    async def go():
-        loop = asyncio.get_running_loop()
-        items = [(i, loop.create_future()) for i in range(40)]
-        await batcher.answer_batch(items)
-        return [await f for _, f in items]
-
-    got = run(go())
+    got = answer_all(batcher, 40)
     assert batcher.sizes == {40: 1}
     assert batcher.stage_sizes == [{8: 5}, {8: 2, 4: 1}]  # 20 odd survivors: 8, 8 and the tail of 4
     want = {}
