@@ -215,9 +215,10 @@ def test_the_pixel_cap_skips_and_counts_in_infer_and_profile(tmp_path, capsys, i
     d = tmp_path / "capped"
     d.mkdir()
     (d / "small.png").write_bytes(png_bytes(np.zeros((20, 20), np.uint8)))
-    (d / "large.png").write_bytes(png_bytes(np.zeros((60, 50), np.uint8)))
-    out = run_here(capsys, "infer", "--base", "resnet10t", "--quiet", "--max-pixels", "1000", str(d))
-    assert out.returncode == 0 and f"{d / 'large.png'}: 50 × 60 pixels is over the cap of 1,000" in out.stderr
+    (d / "large.png").write_bytes(png_bytes(np.zeros((90, 80), np.uint8)))
+    # 5,000: the small image's resize to the saver's 64 × 64 input (4,096 pixels) fits
+    out = run_here(capsys, "infer", "--base", "resnet10t", "--quiet", "--max-pixels", "5000", str(d))
+    assert out.returncode == 0 and f"{d / 'large.png'}: 80 × 90 pixels is over the cap of 5,000" in out.stderr
     import json
 
     assert json.loads(out.stderr.split("summary: ")[-1])["unreadable"] == 1

@@ -102,33 +102,66 @@ def fingerprint(ids: Sequence[str], labels: np.ndarray) -> str:
 
 
 
-def check_max_pixels(max_pixels: int | None) -> int | None:
-    """``max_pixels`` validated: a whole number ≥ 1, or None for no cap."""
-    if max_pixels is None:
-        return None
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
-        raise DatasetError(f"the pixel cap must be a whole number of pixels ≥ 1, got {max_pixels!r}")
-    return int(max_pixels)
+@dataclass(frozen=True)
+class InputBudget:
+    """How many pixels one image may cost, checked from its header before any pixel is decoded.
+
+    ``max_pixels`` caps width × height as decoded and, with the same number, the image that each of
+    ``preprocess`` (the run's models) makes of it when resizing to its input, before the crop: a long
+    thin image is small on disk and as decoded, but 100000 × 1 pixels becomes 256 × 25,600,000 for a
+    224-pixel model. None: no cap (PIL's own bomb limit is off either way; this budget replaces it).
+    """
+
+    max_pixels: int | None = MAX_PIXELS
+    preprocess: tuple = ()  # tinysaver.models.Preprocess of each model the images are for
+
+    def __post_init__(self) -> None:
+        m = self.max_pixels
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
+            raise DatasetError(f"the pixel cap must be a whole number of pixels ≥ 1, got {m!r}")
+
+    @classmethod
+    def of(cls, budget: "InputBudget | int | None") -> "InputBudget":
+        """A budget as given, or the one of a bare pixel cap (an int, or None for none)."""
+        return budget if isinstance(budget, InputBudget) else cls(budget)
+
+    def check(self, width: int, height: int) -> None:
+        """PixelCapError (one sentence) when an image of ``width`` × ``height`` is over the budget."""
+        cap = self.max_pixels
+        if cap is None:
+            return
+        if width * height > cap:
+            raise PixelCapError(f"{width} × {height} pixels is over the cap of {cap:,} pixels (--max-pixels)")
+        for pre in self.preprocess:
+            size = pre.resized_size(height, width)
+            if size is not None and size[0] * size[1] > cap:
+                raise PixelCapError(
+                    f"{width} × {height} pixels would be resized to {size[1]:,} × {size[0]:,} for a model's "
+                    f"{pre.input_size[2]} × {pre.input_size[1]} input, over the cap of {cap:,} pixels (--max-pixels)")
 
 
-def decode_image(data: bytes, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
+def decode_image(data: bytes, max_pixels: InputBudget | int | None = MAX_PIXELS) -> torch.Tensor:
     """Decode image bytes to a uint8 (C, H, W) tensor with C=1 (greyscale) or C=3 (RGB).
 
     The EXIF orientation is applied. RGBA, palette and CMYK images become RGB; 16-bit greyscale
     is scaled (not clipped) to 8 bits, and float greyscale in [0, 1] is scaled to [0, 255].
-    The size is read from the header first: an image of more than ``max_pixels`` pixels (width ×
-    height; None: no cap) is refused before any pixel is decoded. Anything that is not a usable
-    image raises ``ImageError`` with one plain sentence, whatever the decoder raised.
+    The size is read from the header first and checked against ``max_pixels``, an
+    :class:`InputBudget` or a bare pixel cap (width × height; None: no cap): an image over it raises
+    ``PixelCapError`` before any pixel is decoded. Anything that is not a usable image raises
+    ``ImageError`` with one plain sentence, whatever the decoder raised.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    budget = InputBudget.of(max_pixels)
+    # PIL's fixed bomb limit (a warning naming the file at 89 MP, a refusal at 179 MP) would overrule
+    # --max-pixels both ways; the budget reads the same header, so it is the one rule
+    Image.MAX_IMAGE_PIXELS = None
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise PixelCapError(f"{w} × {h} pixels is over the cap of {max_pixels:,} pixels (--max-pixels)")
+            budget.check(w, h)
             if w * h == 0:
                 raise ImageError(f"the image has no pixels ({w} × {h})")
             im.load()
@@ -149,8 +182,6 @@ def decode_image(data: bytes, max_pixels: int | None = MAX_PIXELS) -> torch.Tens
     except UnidentifiedImageError:
         raise ImageError("not an image, or in a format tinysaver cannot read (JPEG, PNG, BMP, WebP, GIF, TIFF)") \
             from None
-    except Image.DecompressionBombError:
-        raise ImageError("too many pixels: PIL refuses it as a decompression bomb") from None
     except MemoryError:
         raise ImageError("too large to decode in the memory available") from None
     except Exception as e:  # PIL reports bad data as OSError, SyntaxError, ValueError, struct.error, ...
@@ -178,7 +209,7 @@ def unreadable_reason(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:160]
 
 
-def decoded_blocks(source: RawSource, block: int, max_pixels: int | None = MAX_PIXELS):
+def decoded_blocks(source: RawSource, block: int, max_pixels: InputBudget | int | None = MAX_PIXELS):
     """Decode ``source`` ``block`` samples at a time, skipping unreadable ones.
 
     Yields ``(index, images, failures)`` per block: the source positions and uint8 images that
@@ -196,7 +227,8 @@ def decoded_blocks(source: RawSource, block: int, max_pixels: int | None = MAX_P
         yield index, images, failures
 
 
-def decode_all(source: RawSource, progress: bool = True, max_pixels: int | None = MAX_PIXELS) -> DecodedSet:
+def decode_all(source: RawSource, progress: bool = True,
+               max_pixels: InputBudget | int | None = MAX_PIXELS) -> DecodedSet:
     """Decode every sample once; unreadable ones are skipped, counted and reported."""
     from tqdm.auto import tqdm
 
@@ -243,9 +275,9 @@ def imagenet_source(path: str | os.PathLike) -> RawSource:
     """ImageNet-style folder or tar: the label is the wnid prefix of each file name."""
     p = Path(path)
     index = _imagenet_index()
-    if p.is_file() and tarfile.is_tarfile(p):
-        tf = tarfile.open(p)
-        members = sorted((m for m in tf.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES),
+    if p.is_file() and p.suffix.lower() == ".tar" or p.is_file() and tarfile.is_tarfile(p):
+        tf = _open_tar(p)
+        members = sorted((m for m in _tar_members(p, tf) if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES),
                          key=lambda m: m.name)
         ids = [m.name for m in members]
 
@@ -382,12 +414,14 @@ def fashion_mnist_set(split: str, root: str | os.PathLike | None = None, limit: 
 
 
 def load_dataset(uri: str, progress: bool = True, limit: int | None = None,
-                 rows: tuple[int, int] | None = None, max_pixels: int | None = MAX_PIXELS) -> DecodedSet:
+                 rows: tuple[int, int] | None = None,
+                 max_pixels: InputBudget | int | None = MAX_PIXELS) -> DecodedSet:
     """Load and decode a dataset named as described in the module docstring.
 
     ``limit`` keeps the first N samples; ``rows=(start, stop)`` then keeps that range of them (a
     shard), counted before unreadable images are skipped, so shards concatenate to the whole set.
-    Images of more than ``max_pixels`` pixels are skipped and counted like unreadable ones.
+    Images over ``max_pixels`` (an :class:`InputBudget` or a pixel cap) are skipped and counted like
+    unreadable ones.
     """
     kind, _, rest = uri.partition(":")
     if kind == "fashion-mnist":

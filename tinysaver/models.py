@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import math
 import os
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -34,8 +35,8 @@ class Preprocess:
     """Eval-time preprocessing of one model.
 
     ``input_size`` is (channels, height, width) in pixels. An image is resized so that its
-    shorter side is ``round(height / crop_pct)``, centre-cropped to (height, width), scaled to
-    [0, 1] and normalised with ``mean``/``std`` (one value per channel).
+    shorter side is ``floor(min(height, width) / crop_pct)``, centre-cropped to (height, width),
+    scaled to [0, 1] and normalised with ``mean``/``std`` (one value per channel).
     """
 
     input_size: tuple[int, int, int] = (3, 224, 224)
@@ -51,6 +52,17 @@ class Preprocess:
             raise UsageError(f"input_size must be (C, H, W), got {self.input_size}")
         if len(self.mean) != self.input_size[0] or len(self.std) != self.input_size[0]:
             raise UsageError("mean and std need one value per input channel")
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """(height, width) in pixels of an image of ``height`` × ``width`` after the resize, before the
+        crop (torchvision's rule for one size: the shorter side becomes it, the longer scales and is
+        truncated); None when the image already has the input size and is not resized."""
+        _, h, w = self.input_size
+        if (height, width) == (h, w):
+            return None
+        short = math.floor(min(h, w) / self.crop_pct)
+        long = int(short * max(height, width) / min(height, width))
+        return (long, short) if width <= height else (short, long)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -286,6 +298,40 @@ def _timm_preprocess(module: nn.Module, spec: ModelSpec) -> Preprocess:
     return pre
 
 
+def _timm_module(spec: ModelSpec, kind: str, pretrained: bool) -> nn.Module:
+    timm = _timm()
+    arch = OFFLINE_CHECKPOINTS[spec.name].architecture if kind == "offline" else spec.name
+    kwargs: dict[str, Any] = {}
+    if spec.num_classes is not None:
+        kwargs["num_classes"] = spec.num_classes
+    if spec.in_chans is not None:
+        kwargs["in_chans"] = spec.in_chans
+    kwargs.update(spec.kwargs or {})
+    if spec.input_size is not None and "img_size" not in kwargs:
+        kwargs["img_size"] = spec.input_size  # only models with a fixed grid accept it
+    try:
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except TypeError:
+        kwargs.pop("img_size", None)
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+
+
+def _torchvision_preprocess(spec: ModelSpec, weights=None) -> Preprocess:
+    """torchvision's eval transform of ``weights`` (the spec's DEFAULT weights when pretrained; the
+    enum's transforms, not the weights' data), else a plain 224 bilinear one."""
+    import torchvision
+
+    if weights is None and spec.pretrained:
+        weights = torchvision.models.get_model_weights(spec.name.removeprefix(TORCHVISION_PREFIX)).DEFAULT
+    size = spec.input_size or 224
+    if weights is None:
+        return Preprocess((3, size, size), 0.875, "bilinear")
+    t = weights.transforms()
+    crop = int(t.crop_size[0])
+    return Preprocess((3, crop, crop), crop / int(t.resize_size[0]), str(t.interpolation.value),
+                      tuple(t.mean), tuple(t.std))
+
+
 def _torchvision_build(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
     import torchvision
 
@@ -297,16 +343,23 @@ def _torchvision_build(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
     module = torchvision.models.get_model(arch, weights=weights, **kwargs)
-    size = spec.input_size or 224
-    pre = Preprocess((3, size, size), 0.875, "bilinear")
-    if weights is not None:
-        t = weights.transforms()
-        crop = int(t.crop_size[0])
-        pre = Preprocess((3, crop, crop), crop / int(t.resize_size[0]), str(t.interpolation.value),
-                         tuple(t.mean), tuple(t.std))
+    pre = _torchvision_preprocess(spec, weights)
     if spec.in_chans not in (None, 3):
         raise ModelNotFoundError("torchvision models are built with 3 input channels; use a timm model for in_chans")
     return module, pre
+
+
+def model_preprocess(spec: ModelSpec | str) -> Preprocess:
+    """The preprocessing ``create_model(spec)`` would give, without reading or downloading weights
+    (a timm model is built on the meta device), so that images can be checked against every model
+    of a run before any is loaded."""
+    if isinstance(spec, str):
+        spec = ModelSpec(spec)
+    kind = resolve_kind(spec.name)
+    if kind == "torchvision":
+        return _torchvision_preprocess(spec)
+    with torch.device("meta"):
+        return _timm_preprocess(_timm_module(spec, kind, pretrained=False), spec)
 
 
 def create_model(spec: ModelSpec | str, device: str | torch.device = "cpu") -> LoadedModel:
@@ -330,21 +383,7 @@ def _build(spec: ModelSpec, kind: str, device: str | torch.device) -> LoadedMode
     if kind == "torchvision":
         module, pre = _torchvision_build(spec)
     else:
-        timm = _timm()
-        arch = OFFLINE_CHECKPOINTS[spec.name].architecture if kind == "offline" else spec.name
-        kwargs: dict[str, Any] = {}
-        if spec.num_classes is not None:
-            kwargs["num_classes"] = spec.num_classes
-        if spec.in_chans is not None:
-            kwargs["in_chans"] = spec.in_chans
-        kwargs.update(spec.kwargs or {})
-        if spec.input_size is not None and "img_size" not in kwargs:
-            kwargs["img_size"] = spec.input_size  # only models with a fixed grid accept it
-        try:
-            module = timm.create_model(arch, pretrained=spec.pretrained and kind == "timm", **kwargs)
-        except TypeError:
-            kwargs.pop("img_size", None)
-            module = timm.create_model(arch, pretrained=spec.pretrained and kind == "timm", **kwargs)
+        module = _timm_module(spec, kind, pretrained=spec.pretrained and kind == "timm")
         if kind == "offline":
             path = offline_checkpoint_path(spec.name)
             sd = pair_state_dict_in_order(read_state_dict(path), module, str(path))

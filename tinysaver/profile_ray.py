@@ -128,12 +128,12 @@ def _ray_classes():
                 self.model = create_model(spec, device=self.device)
             return self.model
 
-        def decode(self, uri: str, limit: int | None, rows: tuple[int, int]):
+        def decode(self, uri: str, limit: int | None, rows: tuple[int, int], budget):
             # decoded by the first worker that needs the shard (no extra process to start), then
             # shared with the others through the object store
             from .data import load_dataset
 
-            return load_dataset(uri, progress=False, limit=limit, rows=rows)
+            return load_dataset(uri, progress=False, limit=limit, rows=rows, max_pixels=budget)
 
         def describe(self, spec: dict, flops_counter: str, zoo_dir: str) -> dict:
             return describe_model(self._load(spec), flops_counter, Path(zoo_dir))
@@ -165,6 +165,7 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
     from tqdm.auto import tqdm
 
     sizes = check_config(cfg, shards, gpus_per_task, cpus_per_task)  # before Ray starts anything
+    budget = cfg.budget()
     path = zoo_path(cfg.zoo, root) if root is None else Path(root) / cfg.zoo
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
@@ -208,7 +209,7 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
         def shard_ref(u: Unit, worker):
             key = (u.split, u.shard)
             if key not in decoded:
-                decoded[key] = worker.decode.remote(cfg.splits[u.split], cfg.limit, (u.start, u.stop))
+                decoded[key] = worker.decode.remote(cfg.splits[u.split], cfg.limit, (u.start, u.stop), budget)
             return decoded[key]
 
         def release(u: Unit) -> None:

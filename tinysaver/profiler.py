@@ -17,10 +17,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .data import DecodedSet, load_dataset
+from .data import DecodedSet, InputBudget, load_dataset
 from .limits import MAX_PIXELS
 from .measure import count_flops, device_info, latency_table, measure_latency
-from .models import LoadedModel, ModelSpec, count_parameters, create_model
+from .models import LoadedModel, ModelSpec, count_parameters, create_model, model_preprocess
 from .policy import confidence
 from .transforms import prepare_batch
 from .backends import DEFAULT_BACKEND
@@ -65,6 +65,11 @@ class ProfileConfig:
             raise UsageError("batch sizes must be ≥ 1")
         if self.topk < 1:
             raise UsageError("topk must be ≥ 1")
+
+    def budget(self) -> InputBudget:
+        """What every split is decoded under: the pixel cap, for the image and for each model's resize of it
+        (every model of the config, so a resumed run skips the same images)."""
+        return InputBudget(self.max_pixels, tuple(model_preprocess(m) for m in self.models))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "ProfileConfig":
@@ -224,9 +229,10 @@ def _profile_locked(cfg: ProfileConfig, path: Path, progress: bool, log: Callabl
             log(f"{m.key}: already profiled, skipping")
     if not todo:
         return
+    budget = cfg.budget()
     for split, uri in cfg.splits.items():
         # decoded once, shared by all models
-        data[split] = load_dataset(uri, progress=progress, limit=cfg.limit, max_pixels=cfg.max_pixels)
+        data[split] = load_dataset(uri, progress=progress, limit=cfg.limit, max_pixels=budget)
         if data[split].failures:
             log(f"split {split}: skipped {len(data[split].failures)} unreadable image(s): "
                 + ", ".join(i for i, _ in data[split].failures[:5]))

@@ -6,7 +6,6 @@ side to ``floor(size / crop_pct)``, centre-crop, scale to [0, 1] and normalise.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -39,12 +38,11 @@ def _channels(img: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def _resize_crop(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    _, h, w = pre.input_size
-    interp = _INTERP.get(pre.interpolation, InterpolationMode.BICUBIC)
-    if img.shape[-2:] != (h, w):
-        scale = math.floor(min(h, w) / pre.crop_pct)
-        img = F.resize(img, [scale], interpolation=interp, antialias=True)
-        img = F.center_crop(img, [h, w])
+    size = pre.resized_size(*img.shape[-2:])
+    if size is not None:
+        img = F.resize(img, list(size), interpolation=_INTERP.get(pre.interpolation, InterpolationMode.BICUBIC),
+                       antialias=True)
+        img = F.center_crop(img, list(pre.input_size[1:]))
     return img
 
 

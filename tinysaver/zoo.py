@@ -150,6 +150,14 @@ class Zoo:
         src["label"] = key
         return ModelSpec.from_dict(src)
 
+    def preprocess(self, key: str):
+        """The :class:`~tinysaver.models.Preprocess` ``key``'s predictions were made with; None for
+        an entry that records none (published facts only)."""
+        from .models import Preprocess
+
+        recorded = self.model(key).get("preprocess")
+        return Preprocess.from_dict(recorded) if recorded else None
+
     def load_model(self, key: str, device: str = "cpu", accept_preprocess_change: bool = False):
         """Rebuild ``key`` as it was profiled, in eval mode on ``device``.
 
@@ -159,12 +167,11 @@ class Zoo:
         """
         import warnings
 
-        from .models import Preprocess, create_model
+        from .models import create_model
 
         model = create_model(self.model_spec(key), device=device)
-        recorded = self.models[key].get("preprocess")
-        if recorded:
-            old = Preprocess.from_dict(recorded)
+        old = self.preprocess(key)
+        if old is not None:
             if old != model.preprocess:
                 now = model.preprocess.to_dict()
                 changed = {k: (v, now[k]) for k, v in old.to_dict().items() if now[k] != v}

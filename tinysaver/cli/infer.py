@@ -29,7 +29,8 @@ def register(sub) -> None:
                         "(default: torch's thread count)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
-                   help="skip (and count) images with more pixels (width × height), read from the header")
+                   help="skip (and count) images with more pixels (width × height), or that a stage's resize would make "
+                        "larger than that, read from the header")
     q.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     q.add_argument("--quiet", action="store_true")
 
@@ -38,7 +39,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..cascade import build_cascade
-    from ..data import decoded_blocks, paths_source
+    from ..data import InputBudget, decoded_blocks, paths_source
     from ..models import check_device
     from ..report import describe
     from ..runtimes import malloc_advice
@@ -66,6 +67,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                            cascade.backends)
     if advice and not args.quiet:
         print(f"tinysaver: note: {advice}", file=sys.stderr)
+    # an image is refused from its header when it, or any stage's resize of it, is over --max-pixels
+    budget = InputBudget(args.max_pixels, tuple(m.preprocess for m in cascade.stages))
     names = cascade.stage_names
     counts = [0] * len(names)
     failed = 0
@@ -78,7 +81,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                file=sys.stderr)
     # a few batches, and at least 256 images, per block: memory stays bounded, refill can gather
     # survivors across batches, and a pipeline is not drained and restarted every few small batches
-    for index, imgs, failures in decoded_blocks(src, max(args.batch_size * 8, 256), args.max_pixels):
+    for index, imgs, failures in decoded_blocks(src, max(args.batch_size * 8, 256), budget):
         for path, why in failures:  # one bad file never stops the run
             print(f"tinysaver: cannot read {path}: {why}", file=sys.stderr)
         failed += len(failures)

@@ -46,7 +46,8 @@ def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeO
     names = zoo_class_names(zoo)
     return Plan(str(zoo.path), tuple(selection.models), tuple(selection.models),
                 tuple(float(t) for t in selection.thresholds), tuple(float(t) for t in selection.temperatures),
-                tuple(names) if names else None, o, base_from=n - 1)
+                tuple(names) if names else None, o, base_from=n - 1,
+                preprocess=tuple(p for p in map(zoo.preprocess, selection.models) if p is not None))
 
 
 def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:

@@ -30,6 +30,7 @@ from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException
 
 from . import grpc_api
+from ..data import InputBudget
 from .adapt import ThresholdAdapter
 from .audit import AuditMonitor
 from .batching import Batcher
@@ -105,6 +106,7 @@ class Ingress:
         o = plan.options
         self.plan, self.o, self.names, self.token = plan, o, list(plan.names), token
         self.class_names = list(plan.class_names) if plan.class_names else None
+        self.budget = InputBudget(o.max_pixels, plan.preprocess)
         self.fused = not stages
         if self.fused:
             gpus = max(o.per_stage("num_gpus", len(plan.names)))
@@ -218,7 +220,7 @@ class Ingress:
         (self.batcher if self.fused else self.walk).thresholds[0] = float(t)
 
     async def _image(self, data: bytes):
-        return await asyncio.to_thread(decode, data, self.o.max_pixels)
+        return await asyncio.to_thread(decode, data, self.budget)
 
     @contextlib.contextmanager
     def _on_its_way(self):
@@ -281,7 +283,7 @@ class Ingress:
             # await between (a client that leaves before then lets them go in the finally)
             self.incoming += len(files)
             try:
-                imgs = await asyncio.to_thread(decode_all, [d for _, d in files], self.o.max_pixels)
+                imgs = await asyncio.to_thread(decode_all, [d for _, d in files], self.budget)
             finally:
                 self.incoming -= len(files)
             loop, t0 = asyncio.get_running_loop(), time.perf_counter()

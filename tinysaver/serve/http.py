@@ -74,14 +74,15 @@ async def read_files(request, many: bool, max_bytes: int) -> list[tuple[str, byt
     return [("body", body)]
 
 
-def decode(data: bytes, max_pixels: int | None):
-    """A uint8 (C, H, W) tensor, or BadRequest: 400 for what is not a usable image, 413 over the cap."""
+def decode(data: bytes, budget):
+    """A uint8 (C, H, W) tensor, or BadRequest: 400 for what is not a usable image, 413 over the
+    ``budget`` (a :class:`tinysaver.data.InputBudget`, or a bare pixel cap)."""
     from ..data import decode_image  # torch: only where images are decoded
 
     if not data:
         raise BadRequest(400, "empty body: send the image's bytes")
     try:
-        return decode_image(data, max_pixels)
+        return decode_image(data, budget)
     except ImageError as e:  # one plain sentence, the same as infer prints
         raise BadRequest(413 if isinstance(e, PixelCapError) else 400, f"not a usable image: {e}") from None
 
@@ -99,13 +100,13 @@ def check_token(headers, token: str | None) -> None:
 
 
 
-def decode_all(datas: Sequence[bytes], max_pixels: int | None) -> list:
+def decode_all(datas: Sequence[bytes], budget) -> list:
     """:func:`decode` of each body: its tensor, or the BadRequest it raised (one bad image in a
     batch spoils only its own line)."""
     out = []
     for data in datas:
         try:
-            out.append(decode(data, max_pixels))
+            out.append(decode(data, budget))
         except BadRequest as e:
             out.append(e)
     return out

@@ -111,6 +111,9 @@ class Plan:
     base_from: int
     factory: str = MODEL_STAGES
     extra: dict = field(default_factory=dict)
+    # the recorded preprocessing of each model the stages run: an image whose resize for any of them
+    # is over --max-pixels is refused from its header (see tinysaver.data.InputBudget)
+    preprocess: tuple = ()
 
     def __post_init__(self) -> None:
         n = len(self.names)
