@@ -14,11 +14,11 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import yaml
 
 from .model import ESNConfig, ExitSequenceNetwork, esn_loss
 from .staged import StagedModel, pooled, saver_outputs, staged
 from tinysaver.errors import MissingFileError, UsageError
+from tinysaver.yamlfile import read_mapping
 
 
 @dataclass
@@ -50,8 +50,7 @@ class TrainSettings:
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, **overrides: Any) -> "TrainSettings":
-        d = yaml.safe_load(Path(path).read_text()) if path else {}
-        d = d or {}
+        d = read_mapping(path, "an ESN settings file") if path else {}
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise UsageError(f"{path}: unknown ESN settings {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")

@@ -43,8 +43,44 @@ def test_profile_refuses_other_samples_in_same_split(tiny_zoo_cfg, tmp_path, ima
     from tinysaver.models import ModelSpec
 
     tiny_zoo_cfg.models = [ModelSpec("test_resnet", num_classes=3, input_size=32)]
-    with pytest.raises(ZooError, match="fingerprint"):
+    # one image fewer: found by listing, before anything is decoded or run
+    with pytest.raises(ZooError, match=r"split '\w+' of zoo tiny was profiled on \d+ samples of imagefolder:.*, this "
+                                       r"run asks for \d+; profile into a new zoo \(--zoo NAME\), or pass --restart"):
         profile(tiny_zoo_cfg, root, progress=False, log=lambda s: None)
+
+
+def test_a_resume_onto_other_inputs_stops_and_restart_starts_afresh(tiny_zoo_cfg, tmp_path):
+    """A resumed profile compares each split's dataset and size, and each finished model's settings,
+    with what the zoo holds: a difference is one line naming it; a matching resume runs nothing."""
+    import dataclasses
+
+    root = tmp_path / "zoos"
+    tiny_zoo_cfg.models = tiny_zoo_cfg.models[:1]
+    profile(tiny_zoo_cfg, root, progress=False, log=lambda s: None)
+    said = []
+    profile(tiny_zoo_cfg, root, progress=False, log=said.append)  # the same inputs: nothing recomputed
+    assert said == [f"{tiny_zoo_cfg.models[0].key}: already profiled, skipping"]
+    first = dict(tiny_zoo_cfg.splits)
+    split, uri = next(iter(first.items()))
+    moved = dataclasses.replace(tiny_zoo_cfg, splits={**first, split: uri + "/"})
+    with pytest.raises(ZooError, match=f"split '{split}' of zoo tiny was profiled on {uri}, not {uri}/"):
+        profile(moved, root, progress=False, log=lambda s: None)
+    fewer = dataclasses.replace(tiny_zoo_cfg, limit=2)
+    with pytest.raises(ZooError, match=r"asks for 2 \(--limit 2\)"):
+        profile(fewer, root, progress=False, log=lambda s: None)
+    spec = tiny_zoo_cfg.models[0]
+    other = dataclasses.replace(tiny_zoo_cfg, models=[dataclasses.replace(spec, input_size=48)])
+    with pytest.raises(ZooError, match=f"model '{spec.key}' of zoo tiny was profiled with input_size=32, this run "
+                                       "gives input_size=48"):
+        profile(other, root, progress=False, log=lambda s: None)
+    # --restart: the zoo is profiled again on the new inputs, and its manifest says so
+    said.clear()
+    profile(dataclasses.replace(fewer, restart=True), root, progress=False, log=said.append)
+    from tinysaver.zoo import load_zoo
+
+    zoo = load_zoo("tiny", root)
+    assert all(s["samples"] + s["skipped_unreadable"] == 2 for s in zoo.splits.values())
+    assert not any("already profiled" in line for line in said)
 
 
 def test_resume_after_kill_recomputes_nothing(tiny_zoo_cfg, tmp_path, capsys):

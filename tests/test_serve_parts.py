@@ -519,12 +519,13 @@ def test_a_replica_no_node_can_hold_is_named_with_what_it_lacks():
     o = ServeOptions(layout="per-stage", num_cpus=0.25, num_gpus=[0, 1], resources=[{}, {"node2": 1}])
     plan = Plan("z", ("s", "b"), ("s", "b"), (0.5,), (1.0, 1.0), None, o, base_from=1)
     needs = replica_needs(plan)
-    assert needs["stage1-b"] == {"CPU": 0.25, "GPU": 1.0, "node2": 1.0} and needs["stage0-s"] == {"CPU": 0.25}
+    assert needs["the base stage (b)"] == {"CPU": 0.25, "GPU": 1.0, "node2": 1.0}
+    assert needs["the saver stage (s)"] == {"CPU": 0.25}
     one_node = [{"Alive": True, "Resources": {"CPU": 2.0, "node2": 1.0}}]
-    assert unschedulable(needs, one_node) == "a replica of stage1-b needs GPU=1, but the largest node has GPU=0"
+    assert unschedulable(needs, one_node) == "the base stage (b) needs GPU=1; the largest node of this cluster has GPU=0"
     assert unschedulable(needs, [*one_node, {"Alive": True, "Resources": {"CPU": 4, "GPU": 1, "node2": 2}}]) is None
     fused = Plan("z", ("s", "b"), ("s", "b"), (0.5,), (1.0, 1.0), None, ServeOptions(resources={"nowhere": 1}), 1)
-    assert "needs nowhere=1" in unschedulable(replica_needs(fused), one_node)
+    assert unschedulable(replica_needs(fused), one_node).startswith("the fused replica (every stage) needs nowhere=1")
 
 
 def test_the_terminal_watch_prints_each_state_change_and_threshold_change_once(monkeypatch, capsys):
@@ -532,7 +533,7 @@ def test_the_terminal_watch_prints_each_state_change_and_threshold_change_once(m
     import json
     import urllib.request
 
-    from tinysaver.cli.serve import AuditWatch
+    from tinysaver.serve.lifecycle import AuditWatch
 
     base = {"requests": 10, "tolerance_points": 1.0, "loss_points": {"lower": 0.0, "upper": 3.0},
             "more_requests": 900}

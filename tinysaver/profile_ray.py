@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import UsageError
-from .profiler import ProfileConfig, _existing_preds, _load_manifest, _model_done, _register_split, describe_model, \
+from .profiler import ProfileConfig, check_resume, restart, _existing_preds, _load_manifest, _model_done, _register_split, describe_model, \
     predict, top1
 from .zoo import MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, zoo_lock, zoo_path
 
@@ -184,6 +184,9 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
     counts = {"units": 0, "run": 0, "reused": 0, "skipped": 0, "retries": 0, "workers_lost": 0, "merged": 0}
     with zoo_lock(path):
         manifest = _load_manifest(path, cfg)
+        if cfg.restart:
+            manifest = restart(path, manifest)
+        check_resume(path, manifest, cfg)
         todo, pending = [], {}
         for spec in cfg.models:
             units = [Unit(spec.key, s, k, a, b) for s, bs in bounds.items() for k, (a, b) in enumerate(bs)]

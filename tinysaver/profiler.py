@@ -26,6 +26,7 @@ from .transforms import prepare_batch
 from .backends import DEFAULT_BACKEND
 from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, zoo_lock, zoo_path)
 from .errors import UsageError
+from .yamlfile import read_mapping
 
 
 # least time torch.utils.benchmark measures each model, backend and batch size (``--latency-seconds``)
@@ -50,6 +51,7 @@ class ProfileConfig:
     description: str = ""
     split_sizes: dict[str, int] | None = None  # samples per split, for --plan on data this machine lacks
     force: bool = False  # re-measure finished models (FLOPs, latency); finished prediction files are reused
+    restart: bool = False  # forget the zoo's profiled splits and models first (its other files stay)
     max_pixels: int | None = MAX_PIXELS  # larger images are skipped and counted, read from the header
 
     def __post_init__(self) -> None:
@@ -73,12 +75,7 @@ class ProfileConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "ProfileConfig":
-        import yaml
-
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
-        if not isinstance(d, dict):
-            raise UsageError(f"{path}: a profile config is a mapping (zoo, splits, models, ...)")
+        d = read_mapping(path, "a profile config (zoo, splits, models, ...)")
         d.update({k: v for k, v in overrides.items() if v is not None})
         here = Path(path).resolve().parent
         models = []
@@ -145,6 +142,51 @@ def _load_manifest(path: Path, cfg: ProfileConfig) -> dict[str, Any]:
     m.setdefault("splits", {})
     m.setdefault("models", {})
     return m
+
+
+# what a model's predictions depend on besides the images (a checkpoint's path is where it lies, not what it is)
+SETTINGS = ("name", "pretrained", "num_classes", "in_chans", "input_size", "kwargs", "preprocess")
+
+
+def check_resume(path: Path, manifest: dict[str, Any], cfg: ProfileConfig) -> None:
+    """Stop, with one line naming the difference, when ``cfg`` asks for other inputs than the zoo at
+    ``path`` was profiled on: a split's dataset or sample count (``--limit``), or the settings of a
+    model already in it. A run that only resumes what matches recomputes nothing. Found only by
+    listing the dataset (no image is decoded) and reading the manifest."""
+    from .data import dataset_size
+
+    fix = f"profile into a new zoo (--zoo NAME), or pass --restart to profile {path.name} again from scratch"
+    for split, uri in cfg.splits.items():
+        known = manifest["splits"].get(split)
+        if not known:
+            continue
+        if known.get("source") != uri:
+            raise ZooError(f"split {split!r} of zoo {path.name} was profiled on {known.get('source')}, not {uri}; {fix}")
+        had = known.get("samples", 0) + known.get("skipped_unreadable", 0)
+        want = dataset_size(uri, cfg.limit)
+        if had != want:
+            raise ZooError(f"split {split!r} of zoo {path.name} was profiled on {had:,} samples of {uri}, this run "
+                           f"asks for {want:,}" + (f" (--limit {cfg.limit})" if cfg.limit else "") + f"; {fix}")
+    for spec in cfg.models:
+        entry = manifest["models"].get(spec.key)
+        if not entry or entry.get("status") != "measured":
+            continue
+        was, now = entry.get("source") or {}, spec.to_dict()
+        diff = [k for k in SETTINGS if was.get(k) != now.get(k)]
+        if diff:
+            raise ZooError(f"model {spec.key!r} of zoo {path.name} was profiled with {diff[0]}={was.get(diff[0])!r}, "
+                           f"this run gives {diff[0]}={now.get(diff[0])!r}; name it differently (label: …), or {fix}")
+
+
+def restart(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Forget what profiling wrote into the zoo at ``path`` (its splits, predictions and model
+    entries), keeping anything else there (trained checkpoints, say); returns the emptied manifest."""
+    for folder in ("splits", "preds"):
+        shutil.rmtree(path / folder, ignore_errors=True)
+    manifest = {**manifest, "splits": {}, "models": {}}
+    if (path / MANIFEST).is_file():
+        atomic_write_yaml(path / MANIFEST, manifest)
+    return manifest
 
 
 def _register_split(path: Path, manifest: dict[str, Any], split: str, uri: str, data: DecodedSet) -> None:
@@ -222,6 +264,9 @@ def _has_models(path: Path) -> bool:
 
 def _profile_locked(cfg: ProfileConfig, path: Path, progress: bool, log: Callable[[str], None]) -> None:
     manifest = _load_manifest(path, cfg)
+    if cfg.restart:
+        manifest = restart(path, manifest)
+    check_resume(path, manifest, cfg)
     data: dict[str, DecodedSet] = {}
     todo = [m for m in cfg.models if cfg.force or not _model_done(path, manifest, m.key, cfg.splits)]
     for m in cfg.models:

@@ -29,6 +29,7 @@ from .models import ModelSpec, create_model
 from .transforms import prepare_batch
 from .zoo import atomic_write_bytes, atomic_write_yaml
 from .errors import UsageError
+from .yamlfile import read_mapping
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device")
     p.add_argument("--recompress", action="store_true", help="re-check fp16 for fp32 checkpoints, no training")
     args = p.parse_args(argv)
-    d = yaml.safe_load(Path(args.config).read_text())
+    d = read_mapping(args.config, "a training config")
     if args.device:
         d["device"] = args.device
     torch.set_num_threads(max(torch.get_num_threads(), 1))

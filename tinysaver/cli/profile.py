@@ -36,6 +36,9 @@ def register(sub) -> None:
                         f"(default: the config's max_pixels, else {MAX_PIXELS:,})")
     q.add_argument("--force", action="store_true",
                    help="re-measure finished models (FLOPs, latency); prediction files are reused")
+    q.add_argument("--restart", action="store_true",
+                   help="forget the zoo's profiled splits and models and profile it again from scratch (a resumed "
+                        "run on other data or model settings stops and says so)")
     q.add_argument("--quiet", action="store_true")
     q.add_argument("--latency-seconds", type=positive_float,
                    help="least measuring time per model, backend and batch size (torch.utils.benchmark's "
@@ -92,7 +95,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return 0
     if args.config:
         cfg = ProfileConfig.from_yaml(args.config, zoo=args.zoo, limit=args.limit, device=args.device,
-                                      force=args.force or None, latency_min_run_time=args.latency_seconds,
+                                      force=args.force or None, restart=args.restart or None, latency_min_run_time=args.latency_seconds,
                                       max_pixels=args.max_pixels)
     else:
         if not (args.zoo and args.model and args.split):
@@ -104,7 +107,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         cfg = ProfileConfig(zoo=args.zoo, splits=_parse_splits(args.split), models=specs,
                             batch_sizes=batch_sizes, eval_batch_size=args.eval_batch_size, topk=args.topk,
                             save_logits=args.save_logits, flops_counter=args.flops_counter,
-                            device=args.device or "cpu", limit=args.limit, force=args.force,
+                            device=args.device or "cpu", limit=args.limit, force=args.force, restart=args.restart,
                             latency_min_run_time=args.latency_seconds or LATENCY_SECONDS,
                             max_pixels=args.max_pixels or MAX_PIXELS)
     if args.plan:

@@ -8,17 +8,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import signal
 import sys
-import time
 
-from ..errors import MissingExtraError, ServeError, UsageError
+from ..errors import MissingExtraError, UsageError
 from ._args import add_cascade_args, command, int_list, non_negative_float, positive_float, positive_int
 
 
 def register(sub) -> None:
     q = command(sub, "serve", cmd_serve,
-                "serve the cascade over HTTP on Ray Serve (POST /predict, /predict/batch; GET /healthz, /metrics)")
+                "serve the cascade over HTTP on Ray Serve (POST /predict, /predict/batch; GET /healthz, /livez, /readyz, /metrics)")
     add_cascade_args(q)
     add_serve_args(q)
     q.add_argument("--esn", help=argparse.SUPPRESS)  # moved to 'tinysaver esn serve'; kept to say so
@@ -52,6 +50,9 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
                         "started in it")
     q.add_argument("--startup-timeout", type=positive_float, default=STARTUP_TIMEOUT_S,
                    help="seconds to wait for every replica to be scheduled and ready before giving up")
+    q.add_argument("--drain-timeout", type=positive_float, default=DRAIN_TIMEOUT_S,
+                   help="on SIGTERM or Ctrl-C: seconds within which the command exits, refusing new requests "
+                        "with 503 and answering those already admitted")
     q.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
     q.add_argument("--max-batch-size", type=positive_int, default=d.max_batch_size, help="most images a model runs at once, per replica (under load a fused replica takes up to 4 such "
                                 "batches per engine call, to run its base on full batches)")
@@ -79,6 +80,7 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
 
 
 STARTUP_TIMEOUT_S = 120.0
+DRAIN_TIMEOUT_S = 15.0
 
 
 def _port(text: str) -> int:
@@ -171,157 +173,10 @@ def token_of(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get("TINYSAVER_TOKEN") or None
 
 
-def check_port(host: str, port: int, option: str = "--port") -> None:
-    """Refuse a port that is taken before Ray starts (Ray's own failure comes 35 s later, as a trace)."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ServeError(f"--host {host}: not an address of this machine ({e.strerror})") from None
-    family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-        except OSError as e:
-            raise ServeError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}; "
-                             f"choose another {option}") from None
-
-
-def _wait_running(name: str, timeout_s: float, stop: list, needs: dict | None) -> None:
-    """Until the application runs; a deployment that fails, or is still not running at the
-    deadline, is a ServeError. At the deadline, a replica no node can hold (a missing GPU or
-    custom resource) is named; otherwise the message is what Serve reports. Returns on Ctrl-C or
-    SIGTERM."""
-    import ray
-    from ray import serve
-
-    from ..serve import unschedulable
-
-    deadline = time.monotonic() + timeout_s
-    while not stop:
-        app = serve.status().applications.get(name)
-        state = str(getattr(app, "status", ""))
-        if state.endswith("RUNNING"):
-            return
-        if needs and time.monotonic() > deadline:
-            why = unschedulable(needs, ray.nodes())
-            if why:
-                raise ServeError(f"the service was not running after {timeout_s:.0f} s: {why}")
-        if state.endswith("DEPLOY_FAILED") or time.monotonic() > deadline:
-            why = [f"{d}: {st.message}" for d, st in (app.deployments if app else {}).items()
-                   if str(st.status) != "HEALTHY" and st.message] or [getattr(app, "message", "") or state]
-            first = " ".join(why[0].split())[:400]
-            verb = "failed to start" if state.endswith("DEPLOY_FAILED") else f"was not running after {timeout_s:.0f} s"
-            raise ServeError(f"the service {verb}: {first}")
-        time.sleep(0.5)
-
-
-def _local(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-class AuditWatch:
-    """Prints the audit's state changes on this terminal (they also go to the service's log),
-    reading the open /healthz at most every 2 s."""
-
-    def __init__(self, url: str, every_s: float = 2.0):
-        self.url, self.every_s, self.next, self.state = url, every_s, 0.0, None
-        self.switches = 0
-
-    def poll(self) -> None:
-        import json
-        import urllib.request
-
-        if time.monotonic() < self.next:
-            return
-        self.next = time.monotonic() + self.every_s
-        try:
-            with urllib.request.urlopen(self.url, timeout=2) as r:
-                audit = json.loads(r.read())["audit"]
-        except Exception:  # noqa: BLE001 - a busy or restarting service: look again later
-            return
-        adapt = audit.get("adapt") or {}
-        new = adapt.get("switch_count", 0) - self.switches
-        for sw in adapt.get("switches", [])[-new:] if new > 0 else []:
-            shown = ["∞ (the base alone)" if t is None else f"{t:g}" for t in (sw["from"], sw["to"])]
-            print(f"tinysaver: adapt: threshold {shown[0]} → {shown[1]} after {sw['request']} requests "
-                  f"({sw['why']})", file=sys.stderr, flush=True)
-        self.switches += max(new, 0)
-        state = audit.get("state")
-        if state in (None, "off") or state == self.state:
-            return
-        if self.state is not None or state != "uncertain":
-            b = audit.get("loss_points") or {}
-            more = f"; about {audit['more_requests']:,} more requests would certify it" \
-                if state == "uncertain" and audit.get("more_requests") else ""
-            print(f"tinysaver: audit {state} after {audit['requests']} requests: loss against the base in "
-                  f"[{b.get('lower', 0):.2f}, {b.get('upper', 100):.2f}] points, tolerance "
-                  f"{audit['tolerance_points']:.2f}{more}", file=sys.stderr, flush=True)
-        self.state = state
-
-
 def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) -> int:
-    """Start Ray (or join ``--address``) and Serve, run ``app`` until Ctrl-C or SIGTERM, then stop.
-    ``needs``: what each deployment's replica asks Ray for (to explain one that never starts)."""
-    import ray
-    from ray import serve
+    """Run ``app`` as the command line asks (see :func:`tinysaver.serve.lifecycle.run_service`)."""
+    from ..serve.lifecycle import run_service
 
-    from ..serve import grpc_api, local_ray_env, start_serve
-
-    stop = []
-
-    def request_stop(signum, frame):  # Ctrl-C or SIGTERM (a container stopping), even when inherited ignored
-        stop.append(signum)
-
-    def catch_signals() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, request_stop)
-
-    check_port(args.host, args.port)
-    grpc_port = args.grpc_port
-    if grpc_port:
-        if grpc_port == args.port:
-            raise ServeError(f"--grpc-port {grpc_port} is also --port: give the gRPC proxy a port of its own")
-        check_port(args.host, grpc_port, "--grpc-port")
-    catch_signals()
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        local_ray_env()  # settings for the local instance ray.init is about to start
-    try:
-        ray.init(address=address, log_to_driver=False)
-        catch_signals()  # ray.init installs a SIGTERM handler that dumps a C++ stack and aborts
-        start_serve({"host": args.host, "port": args.port}, grpc_port=grpc_port)
-        if hasattr(serve, "run_many"):  # deploy, then wait here, where a deadline and Ctrl-C apply
-            serve.run_many([serve.RunTarget(app, name="tinysaver", route_prefix="/")],
-                           wait_for_applications_running=False)
-            _wait_running("tinysaver", args.startup_timeout, stop, needs)
-        else:
-            serve.run(app, name="tinysaver", route_prefix="/")
-        if stop:  # Ctrl-C or SIGTERM during start-up: nothing was answered, nothing to drain
-            print("tinysaver: stopped before the service was up", file=sys.stderr)
-            return 0
-        grpc_line = f", and gRPC {grpc_api.METHOD} at {args.host}:{grpc_port}" if grpc_port else ""
-        print(f"tinysaver: serving {' → '.join(models)} at http://{args.host}:{args.port} "
-              f"(POST /predict, POST /predict/batch, GET /healthz, GET /metrics){grpc_line}; Ctrl-C stops",
-              file=sys.stderr)
-        watch = AuditWatch(f"http://{_local(args.host)}:{args.port}/healthz")
-        while not stop:
-            time.sleep(0.2)
-            watch.poll()
-        print("tinysaver: stopping; replicas answer what they accepted first", file=sys.stderr)
-        # Deleting the application drains its replicas. Serve's own shutdown would also kill its
-        # controller mid-task, which Ray reports as "graceful_shutdown failed" on every clean stop;
-        # a local instance goes with ray.shutdown instead, and a shared cluster keeps its Serve.
-        serve.delete("tinysaver")
-        address = None
-    finally:
-        if ray.is_initialized():
-            if address:  # failed or stopped on a shared cluster: our application goes, quickly
-                try:
-                    serve.delete("tinysaver", _blocking=False)
-                except Exception:  # noqa: BLE001 - the error being reported matters more
-                    pass
-            ray.shutdown()  # a local instance goes with it, replicas still starting included
-    return 0
+    return run_service(app, models, host=args.host, port=args.port, grpc_port=args.grpc_port,
+                       address=args.address or os.environ.get("RAY_ADDRESS"), startup_timeout_s=args.startup_timeout,
+                       drain_timeout_s=args.drain_timeout, needs=needs)

@@ -67,18 +67,23 @@ def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:
 
 
 def replica_needs(plan: Plan) -> dict[str, dict[str, float]]:
-    """What one replica of each deployment asks Ray for ({"CPU": …, "GPU": …, custom: …}), so a
-    replica that never starts can be explained by what no node has."""
+    """What one replica of each deployment asks Ray for ({"CPU": …, "GPU": …, custom: …}), keyed by
+    what a user calls it (``the base stage (resnet10t)``), so a replica that never starts can be
+    explained by what no node has."""
     o = plan.options
 
     def need(cpus, gpus, res):
         return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {}), **{k: float(v) for k, v in (res or {}).items()}}
 
     if plan.layout == "fused":
-        return {"Ingress": need(1.0 if o.num_cpus is None else o.num_cpus, o.per_stage("num_gpus", 1)[0], o.resources)}
-    out = {opt["name"]: need(opt["ray_actor_options"]["num_cpus"], opt["ray_actor_options"]["num_gpus"],
-                             opt["ray_actor_options"].get("resources")) for opt in stage_options(o, plan.names)}
-    return {"Ingress": need(o.ingress_num_cpus, 0, None), **out}
+        return {"the fused replica (every stage)": need(1.0 if o.num_cpus is None else o.num_cpus,
+                                                        o.per_stage("num_gpus", 1)[0], o.resources)}
+    last = len(plan.names) - 1
+    out = {f"the {'base' if i == last else 'saver' if i == 0 else f'stage {i}'} stage ({name})":
+           need(opt["ray_actor_options"]["num_cpus"], opt["ray_actor_options"]["num_gpus"],
+                opt["ray_actor_options"].get("resources"))
+           for i, (name, opt) in enumerate(zip(plan.names, stage_options(o, plan.names)))}
+    return {"the ingress": need(o.ingress_num_cpus, 0, None), **out}
 
 
 def unschedulable(needs: dict[str, dict[str, float]], nodes: list[dict]) -> str | None:
@@ -90,8 +95,7 @@ def unschedulable(needs: dict[str, dict[str, float]], nodes: list[dict]) -> str 
             continue
         short = [k for k, v in need.items() if not any(t.get(k, 0.0) >= v for t in totals)] or list(need)
         have = ", ".join(f"{k}={max((t.get(k, 0.0) for t in totals), default=0.0):g}" for k in short)
-        return (f"a replica of {name} needs {', '.join(f'{k}={need[k]:g}' for k in short)}, but the largest node "
-                f"has {have}")
+        return f"{name} needs {', '.join(f'{k}={need[k]:g}' for k in short)}; the largest node of this cluster has {have}"
     return None
 
 

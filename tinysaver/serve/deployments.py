@@ -29,7 +29,7 @@ from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException
 
-from . import grpc_api
+from . import drain, grpc_api
 from ..data import InputBudget
 from .adapt import ThresholdAdapter
 from .audit import AuditMonitor
@@ -137,6 +137,11 @@ class Ingress:
                       if o.adapt else AuditMonitor(o.audit, o.delta, o.audit_tolerance))
         self._tasks: set = set()
         self._starting, self._status_at = ([] if self.fused else list(plan.names)), -math.inf
+        # a stop: new requests get 503 once the command that runs the service asks (serve.drain),
+        # and the requests already admitted are counted until answered, so that it knows when to go
+        ctx = serve.get_replica_context()
+        self.app_name, self.replica = ctx.app_name, ctx.replica_id.unique_id
+        self.draining, self.held, self._watch = False, 0, None
         self.m_requests = metrics.Counter("tinysaver_requests", description="answered images")
         self.m_exits = metrics.Counter("tinysaver_exits", description="answers per stage", tag_keys=("stage",))
         self.m_latency = metrics.Histogram("tinysaver_latency_ms", description="server-side latency",
@@ -233,7 +238,48 @@ class Ingress:
 
     @staticmethod
     def _error(e: BadRequest) -> JSONResponse:
-        return JSONResponse({"error": e.reason}, status_code=e.status)
+        retry = {"Retry-After": str(drain.RETRY_AFTER_S)} if e.status == 503 else None
+        return JSONResponse({"error": e.reason}, status_code=e.status, headers=retry)
+
+    # --- a stop: admit nothing new, answer what was admitted ------------------------------------
+    def _admit(self) -> None:
+        """Count a request as held until :meth:`_release`, or refuse it (503) while draining."""
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._watch_drain())
+        if self.draining:
+            raise BadRequest(503, drain.DRAINING)
+        self.held += 1
+
+    def _release(self) -> None:
+        self.held -= 1
+
+    @contextlib.contextmanager
+    def _admitted(self):
+        self._admit()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _watch_drain(self) -> None:
+        while True:
+            try:
+                if not self.draining:
+                    self.draining = await asyncio.to_thread(drain.draining, self.app_name)
+                if self.draining:
+                    await asyncio.to_thread(drain.report_held, self.app_name, self.replica, self.held)
+            except Exception:  # noqa: BLE001 - the store out of reach for a moment: look again
+                pass
+            await asyncio.sleep(drain.POLL_S)
+
+    async def _is_draining(self) -> bool:
+        """The flag itself, not the watch's last look: health routes answer a probe at once."""
+        if not self.draining:
+            try:
+                self.draining = await asyncio.to_thread(drain.draining, self.app_name)
+            except Exception:  # noqa: BLE001 - no answer from the store is no reason to stop
+                pass
+        return self.draining
 
     # --- routes ---------------------------------------------------------------------------------
     @api.post("/predict", openapi_extra=_ONE_IMAGE)
@@ -241,12 +287,13 @@ class Ingress:
         try:
             t0 = time.perf_counter()
             check_token(request.headers, self.token)
-            with self._on_its_way():
-                [(_, data)] = await read_files(request, False, self.o.max_body_bytes)
-                t1 = time.perf_counter()
-                img = await self._image(data)
-            t2 = time.perf_counter()
-            out = await self._answer(img)
+            with self._admitted():
+                with self._on_its_way():
+                    [(_, data)] = await read_files(request, False, self.o.max_body_bytes)
+                    t1 = time.perf_counter()
+                    img = await self._image(data)
+                t2 = time.perf_counter()
+                out = await self._answer(img)
             # where a request's server-side time goes, for the benchmarks' breakdown of the gap
             self.timing["read"] += t1 - t0
             self.timing["decode"] += t2 - t1
@@ -262,9 +309,10 @@ class Ingress:
         try:
             check_token(dict(grpc_context.invocation_metadata()), self.token)
             check_size(len(data), self.o.max_body_bytes)
-            with self._on_its_way():
-                img = await self._image(bytes(data))
-            return grpc_api.reply(await self._answer(img))
+            with self._admitted():
+                with self._on_its_way():
+                    img = await self._image(bytes(data))
+                return grpc_api.reply(await self._answer(img))
         except BadRequest as e:
             grpc_context.set_code(getattr(grpc.StatusCode, grpc_api.STATUS.get(e.status, "UNKNOWN")))
             grpc_context.set_details(e.reason)
@@ -274,11 +322,23 @@ class Ingress:
     async def predict_batch(self, request: Request):
         try:
             check_token(request.headers, self.token)
+            self._admit()  # held until the stream's last line (or the client leaves)
+        except BadRequest as e:
+            return self._error(e)
+        try:
             files = await read_files(request, True, self.o.max_body_bytes)
         except BadRequest as e:
+            self._release()
             return self._error(e)
 
         async def stream():
+            try:
+                async for chunk in lines():
+                    yield chunk
+            finally:
+                self._release()
+
+        async def lines():
             # counted from the stream's start until every image is decoded and handed on, with no
             # await between (a client that leaves before then lets them go in the finally)
             self.incoming += len(files)
@@ -334,20 +394,43 @@ class Ingress:
         live = (self.batcher if self.fused else self.walk).thresholds
         return [t if math.isfinite(t) else None for t in live]  # JSON has no inf
 
+    async def _starting_now(self) -> list[str]:
+        try:
+            return await asyncio.to_thread(self._deployments_starting)
+        except Exception as e:  # no answer from Serve's controller is no proof of health
+            return [f"unknown ({type(e).__name__}: {str(e)[:200]})"]
+
     @api.get("/healthz")
     async def healthz(self):
-        try:
-            starting = await asyncio.to_thread(self._deployments_starting)
-        except Exception as e:  # no answer from Serve's controller is no proof of health
-            starting = [f"unknown ({type(e).__name__}: {str(e)[:200]})"]
+        """Readiness with the audit: 503 while the stages start or the service drains."""
+        starting = await self._starting_now()
         audit = self.audit.view()
         if audit["loss_points"]:
             self.m_bound.set(audit["loss_points"]["upper"])
-        body = {"status": "starting" if starting else self._status(), "layout": self.plan.layout,
+        status = "draining" if await self._is_draining() else "starting" if starting else self._status()
+        body = {"status": status, "layout": self.plan.layout,
                 "stages": self.names, "thresholds": self._thresholds(), "audit": audit}
         if starting:
-            return JSONResponse({**body, "waiting_for": starting}, status_code=503)
+            body["waiting_for"] = starting
+        if status in ("draining", "starting"):
+            return JSONResponse(body, status_code=503, headers={"Retry-After": str(drain.RETRY_AFTER_S)})
         return body
+
+    @api.get("/livez")
+    async def livez(self):
+        """Liveness: this replica's event loop answers (a stopping service is still alive)."""
+        return {"status": "live"}
+
+    @api.get("/readyz")
+    async def readyz(self):
+        """Readiness: 200 when every stage is up and the service admits requests; a load balancer
+        stops sending on the 503 that a drain gives at once."""
+        if await self._is_draining():
+            return self._error(BadRequest(503, "draining: " + drain.DRAINING))
+        starting = await self._starting_now()
+        if starting:
+            return self._error(BadRequest(503, f"starting: waiting for {', '.join(starting)}"))
+        return {"status": "ready"}
 
     def _timing(self) -> dict:
         """Mean milliseconds per answered /predict request: reading the body, decoding, and the

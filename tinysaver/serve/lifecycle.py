@@ -1,0 +1,286 @@
+"""The life of a service on Ray: start a local Ray of its own (or join a cluster), deploy, wait
+until it runs, and on SIGTERM or Ctrl-C drain and stop within a bounded time.
+
+A local Ray runs in a session of its own. systemd, Docker and Kubernetes signal the whole process
+group of a service; had Ray's GCS, raylet and replicas been in it, they would die at once while
+the command still needed them to drain (the stop then waited 60 s for a GCS that was gone). So
+only this process hears the signal, refuses new requests with 503 (:mod:`tinysaver.serve.drain`),
+answers what it admitted, and then stops its Ray by the process it started.
+
+Ray is an optional extra (``.[serve]``), so it is imported inside the functions that use it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import ServeError
+from . import grpc_api
+from .builders import local_ray_env, start_serve, unschedulable
+
+APP = "tinysaver"
+HEAD_START_S = 120.0  # a local Ray's head comes up in about 5 s here; a starved machine takes longer
+STOP_RESERVE_S = 3.0  # of --drain-timeout, kept for stopping Ray once the replicas are drained
+
+
+def check_port(host: str, port: int, option: str = "--port") -> None:
+    """Refuse a port that is taken before Ray starts (Ray's own failure comes 35 s later, as a trace)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ServeError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise ServeError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}; "
+                             f"choose another {option}") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalHead:
+    """A one-node Ray started with ``ray start --head --block`` in a session of its own, stopped by
+    the pid of that process (which stops the node's processes), then its process group killed."""
+
+    def __init__(self, timeout_s: float = HEAD_START_S):
+        self.port = _free_port()
+        # a temp dir of its own: ``ray start`` records its address in the default one, where every
+        # later ray.init() on the machine would find it and join this service's Ray
+        self.dir = Path(tempfile.mkdtemp(prefix="tinysaver-ray-"))
+        self.log = self.dir / "head.log"
+        env = dict(os.environ)
+        env.setdefault("RAY_AUTH_MODE", "disabled")  # as the driver's ray.init expects, unless set for both
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
+                 "start", "--head", "--block", f"--port={self.port}", "--disable-usage-stats",
+                 f"--temp-dir={self.dir}"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + timeout_s
+        while "Ray runtime started" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = " ".join(self.log.read_text(errors="replace").split()[-40:])
+                self.stop(5.0)
+                raise ServeError(f"the local Ray did not start: {tail[-400:]}")
+            time.sleep(0.1)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout_s: float) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(max(timeout_s, 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever of the node outlived its ``ray start`` (the session's group is its pid)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child: the kernel sends SIGTERM when the command dies, even by SIGKILL, so that a
+    local Ray never outlives the service that started it."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: the stop path still stops it
+        pass
+
+
+def wait_running(name: str, timeout_s: float, stop: list, needs: dict | None, local: bool) -> None:
+    """Until the application runs; a deployment that fails, or is still not running at the
+    deadline, is a ServeError. A replica no node can hold (a missing GPU or custom resource) is
+    named at once on a local Ray, which no autoscaler grows, and at the deadline on a cluster.
+    Returns on Ctrl-C or SIGTERM."""
+    import ray
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while not stop:
+        app = serve.status().applications.get(name)
+        state = str(getattr(app, "status", ""))
+        if state.endswith("RUNNING"):
+            return
+        if needs and (local or time.monotonic() > deadline):
+            why = unschedulable(needs, ray.nodes())
+            if why:
+                raise ServeError(f"the service cannot start: {why}" if local
+                                 else f"the service was not running after {timeout_s:.0f} s: {why}")
+        if state.endswith("DEPLOY_FAILED") or time.monotonic() > deadline:
+            why = [f"{d}: {st.message}" for d, st in (app.deployments if app else {}).items()
+                   if str(st.status) != "HEALTHY" and st.message] or [getattr(app, "message", "") or state]
+            first = " ".join(why[0].split())[:400]
+            verb = "failed to start" if state.endswith("DEPLOY_FAILED") else f"was not running after {timeout_s:.0f} s"
+            raise ServeError(f"the service {verb}: {first}")
+        time.sleep(0.5)
+
+
+def _local(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+class AuditWatch:
+    """Prints the audit's state changes on this terminal (they also go to the service's log),
+    reading the open /healthz at most every 2 s."""
+
+    def __init__(self, url: str, every_s: float = 2.0):
+        self.url, self.every_s, self.next, self.state = url, every_s, 0.0, None
+        self.switches = 0
+
+    def poll(self) -> None:
+        import json
+        import urllib.error
+        import urllib.request
+
+        if time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + self.every_s
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as r:
+                audit = json.loads(r.read())["audit"]
+        except urllib.error.HTTPError as e:  # 503 while starting or draining: the body still has the audit
+            try:
+                audit = json.loads(e.read())["audit"]
+            except Exception:  # noqa: BLE001
+                return
+        except Exception:  # noqa: BLE001 - a busy or restarting service: look again later
+            return
+        adapt = audit.get("adapt") or {}
+        new = adapt.get("switch_count", 0) - self.switches
+        for sw in adapt.get("switches", [])[-new:] if new > 0 else []:
+            shown = ["∞ (the base alone)" if t is None else f"{t:g}" for t in (sw["from"], sw["to"])]
+            print(f"tinysaver: adapt: threshold {shown[0]} → {shown[1]} after {sw['request']} requests "
+                  f"({sw['why']})", file=sys.stderr, flush=True)
+        self.switches += max(new, 0)
+        state = audit.get("state")
+        if state in (None, "off") or state == self.state:
+            return
+        if self.state is not None or state != "uncertain":
+            b = audit.get("loss_points") or {}
+            more = f"; about {audit['more_requests']:,} more requests would certify it" \
+                if state == "uncertain" and audit.get("more_requests") else ""
+            print(f"tinysaver: audit {state} after {audit['requests']} requests: loss against the base in "
+                  f"[{b.get('lower', 0):.2f}, {b.get('upper', 100):.2f}] points, tolerance "
+                  f"{audit['tolerance_points']:.2f}{more}", file=sys.stderr, flush=True)
+        self.state = state
+
+
+def drain(app: str, timeout_s: float, log=print) -> int:
+    """Ask ``app``'s ingress replicas to refuse new requests (503), then wait until they have
+    answered every request they admitted, at most ``timeout_s`` seconds. Returns how many requests
+    were still held at the deadline (0: all answered)."""
+    from . import drain as flag
+
+    flag.start_drain(app)
+    deadline = time.monotonic() + timeout_s
+    time.sleep(min(2.5 * flag.POLL_S, max(timeout_s, 0)))  # every replica has looked at the flag
+    while True:
+        try:
+            left = flag.held(app)
+        except Exception:  # noqa: BLE001 - the store gone: nothing more can be answered anyway
+            return 0
+        if left == 0 or time.monotonic() >= deadline:
+            if left:
+                log(f"tinysaver: {left} request(s) still unanswered after the drain time (--drain-timeout)")
+            return left
+        time.sleep(flag.POLL_S / 2)
+
+
+def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None,
+                address: str | None = None, startup_timeout_s: float = 120.0, drain_timeout_s: float = 15.0,
+                needs: dict | None = None) -> int:
+    """Start Ray (or join ``address``) and Serve, run ``app`` until Ctrl-C or SIGTERM, then drain
+    and stop within ``drain_timeout_s``. ``needs``: what each deployment's replica asks Ray for (to
+    name one that can never start)."""
+    import ray
+    from ray import serve
+
+    stop: list = []
+
+    def request_stop(signum, frame):  # Ctrl-C or SIGTERM (a container stopping), even when inherited ignored
+        stop.append(signum)
+
+    def catch_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, request_stop)
+
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    check_port(host, port)
+    if grpc_port:
+        if grpc_port == port:
+            raise ServeError(f"--grpc-port {grpc_port} is also --port: give the gRPC proxy a port of its own")
+        check_port(host, grpc_port, "--grpc-port")
+    catch_signals()
+    head = None
+    if not address:
+        local_ray_env()  # settings for the local instance about to start
+        head = LocalHead()
+    try:
+        ray.init(address=head.address if head else address, log_to_driver=False)
+        catch_signals()  # ray.init installs a SIGTERM handler that dumps a C++ stack and aborts
+        if stop:
+            say("tinysaver: stopped before the service was up")
+            return 0
+        from . import drain as flag
+
+        flag.clear(APP)  # a cluster that outlived an earlier service keeps its flag
+        if head and needs:  # nothing can add a node to a local Ray: a replica that fits none never will
+            why = unschedulable(needs, ray.nodes())
+            if why:
+                raise ServeError(f"the service cannot start: {why}")
+        start_serve({"host": host, "port": port}, grpc_port=grpc_port)
+        if hasattr(serve, "run_many"):  # deploy, then wait here, where a deadline and Ctrl-C apply
+            serve.run_many([serve.RunTarget(app, name=APP, route_prefix="/")], wait_for_applications_running=False)
+            wait_running(APP, startup_timeout_s, stop, needs, local=head is not None)
+        else:
+            serve.run(app, name=APP, route_prefix="/")
+        if stop:  # Ctrl-C or SIGTERM during start-up: nothing was answered, nothing to drain
+            say("tinysaver: stopped before the service was up")
+            return 0
+        grpc_line = f", and gRPC {grpc_api.METHOD} at {host}:{grpc_port}" if grpc_port else ""
+        say(f"tinysaver: serving {' → '.join(models)} at http://{host}:{port} (POST /predict, POST /predict/batch, "
+            f"GET /healthz, /livez, /readyz, /metrics){grpc_line}; Ctrl-C stops")
+        watch = AuditWatch(f"http://{_local(host)}:{port}/healthz")
+        while not stop:
+            time.sleep(0.2)
+            watch.poll()
+        t0 = time.monotonic()
+        say(f"tinysaver: stopping: new requests get 503; answering those admitted (at most {drain_timeout_s:g} s)")
+        drain(APP, max(drain_timeout_s - STOP_RESERVE_S, 0.0), say)
+        if not head:  # a shared cluster keeps its Serve; our application goes
+            serve.delete(APP, _blocking=False)
+        say(f"tinysaver: drained in {time.monotonic() - t0:.1f} s; stopping Ray")
+        return 0
+    finally:
+        if ray.is_initialized():
+            if not head:
+                try:
+                    serve.delete(APP, _blocking=False)
+                except Exception:  # noqa: BLE001 - the error being reported matters more
+                    pass
+            ray.shutdown()
+        if head:
+            head.stop(STOP_RESERVE_S)
+
+
+__all__ = ["APP", "AuditWatch", "LocalHead", "check_port", "drain", "run_service", "wait_running"]
