@@ -119,6 +119,14 @@ def _pair(args, granularity="stage"):
     return zoo, Pair.from_zoo(zoo, args.saver, args.base, granularity)
 
 
+def check_criterion(args) -> None:
+    """The criterion and tolerance checked as ``tinysaver query`` checks them, before any work."""
+    from tinysaver.selector import SelectorConfig
+
+    if getattr(args, "criterion", None) is not None:
+        SelectorConfig(criterion=args.criterion, tolerance=args.tolerance)
+
+
 def cmd_train(args) -> int:
     from .train import TrainSettings, esn_splits, save_esn, train_esn
 
@@ -133,6 +141,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    check_criterion(args)
     from tinysaver.zoo import load_zoo
 
     from .train import Pair, load_esn
@@ -147,6 +156,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_grid(args) -> int:
+    check_criterion(args)
     from .evaluate import evaluate_checkpoint
     from .train import TrainSettings, esn_splits, frozen_features, train_esn
 
@@ -214,6 +224,7 @@ def cmd_regimes(args) -> int:
 
 def cmd_serve(args) -> int:
     """The saver + ESN exits + base application, with the thresholds given or chosen on calib."""
+    check_criterion(args)
     from tinysaver.cli.serve import need_serve, run_app, serve_options, token_of
     from tinysaver.zoo import load_zoo
 

@@ -4,6 +4,7 @@ import io
 import os
 import socket
 import struct
+import zlib
 import subprocess
 from pathlib import Path
 
@@ -174,3 +175,15 @@ def stages_with_a_broken_base(plan, device="cpu", only=None) -> dict:
     if last in wanted:
         out[last] = FailingStage(plan.names[last])
     return out
+
+def zero_png(width: int, height: int) -> bytes:
+    """A greyscale PNG of zeros, written row by row: a 20000² file without a 400 MB array."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z, row, parts = zlib.compressobj(9), b"\0" * (width + 1), []
+    for _ in range(height):
+        parts.append(z.compress(row))
+    parts.append(z.flush())
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))

@@ -2,13 +2,14 @@
 for bugs and for Ctrl-C, and image inputs that never hang or fail silently."""
 import ast
 import os
+import subprocess
 import tarfile
 from importlib.metadata import entry_points
 
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, png_bytes, run_here
+from tests.helpers import REPO, need_package, png_bytes, run_here
 from tinysaver import errors
 from tinysaver.cli import main as cli_main
 from tinysaver.cli.main import BUG_REPORT, ENTRY_POINT_GROUP, EXIT_BUG, EXIT_INTERRUPTED, builtin_commands
@@ -247,3 +248,110 @@ def test_label_free_output_says_agreement_with_the_base(capsys):
     out = run_here(capsys, "query", "--base", "resnet10t", "--label-free")
     assert out.returncode == 0, out.stderr
     assert "agreement with the base on" in out.stdout and "accuracy on" not in out.stdout
+
+
+# --- the new-user hostile list (issue: no request can take the machine down, no input silently misread) ---
+
+def test_a_truncated_imagenet_tar_is_one_line_in_data_sample_and_profile(tmp_path, capsys):
+    tar = tmp_path / "trunc.tar"
+    import tarfile
+
+    with tarfile.open(tar, "w") as tf:  # a real archive cut short in its second member's data
+        for i in range(3):
+            f = tmp_path / f"n01440764_{i}.png"
+            f.write_bytes(png_bytes(np.full((40, 40), i, np.uint8)))
+            tf.add(f, arcname=f.name)
+    tar.write_bytes(tar.read_bytes()[:1200])
+    for out in (run_here(capsys, "data", "sample", f"imagenet:{tar}", "--out", str(tmp_path / "d"), "-n", "3"),
+                run_here(capsys, "profile", "--zoo", "t", "--model", "test_resnet", "--num-classes", "3",
+                         "--split", f"val=imagenet:{tar}", "--batch-sizes", "1")):
+        one_line(out, f"{tar}: ", "truncated")
+        assert "bug" not in out.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_settings_files_that_are_not_yaml_mappings_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("zoo: x\nsplits: [a\n")
+    text = tmp_path / "text.png"
+    text.write_text("abc")
+    binary = tmp_path / "real.png"
+    binary.write_bytes(png_bytes(np.full((8, 8), 200, np.uint8)))
+    one_line(run_here(capsys, "profile", "--config", str(bad)), f"{bad}: not valid YAML at line 3, column 1")
+    one_line(run_here(capsys, "profile", "--config", str(text)), f"{text}: holds a str, not the mapping")
+    one_line(run_here(capsys, "profile", "--config", str(binary)), f"{binary}: not a text file")
+    one_line(run_here(capsys, "esn", "train", "--base", "resnet10t", "--saver", "mobilenetv3_small_075",
+                      "--config", str(text), "--out", str(tmp_path / "e.pt")), "not the mapping of settings")
+
+
+def test_esn_eval_refuses_a_tolerance_its_criterion_ignores_as_query_does(capsys):
+    for cmd in (["query", "--base", "resnet10t"], ["esn", "eval", "--checkpoint", "none.pt"]):
+        one_line(run_here(capsys, *cmd, "--criterion", "zero", "--tolerance", "2"),
+                 "--criterion zero takes no tolerance, so --tolerance 2 would be ignored")
+
+
+def test_hints_name_the_zoo_in_use(tmp_path, capsys):
+    out = run_here(capsys, "query", "--zoo", "imagenet-lite", "--base", "tf_efficientnet_lite2.pypi_in1k")
+    assert out.returncode == 0 and "tinysaver data sample foolbox --out imgs" in out.stdout, out.stdout
+    out = run_here(capsys, "query", "--zoo", "fashion-mnist", "--base", "resnet10t")
+    assert "tinysaver data sample fashion-mnist:test --out imgs" in out.stdout, out.stdout
+    need_package("foolbox")
+    out = run_here(capsys, "data", "sample", "foolbox", "--out", str(tmp_path / "f"), "-n", "2")
+    assert out.returncode == 0 and "infer --zoo imagenet-lite --base tf_efficientnet_lite2.pypi_in1k" in out.stdout
+
+
+def test_save_to_a_folder_is_refused_and_leaves_nothing(tmp_path, capsys):
+    d = tmp_path / "sel"
+    d.mkdir()
+    one_line(run_here(capsys, "query", "--base", "resnet10t", "--save", str(d)),
+             f"{d} is a folder; give a file name")
+    assert list(d.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["sel"]
+
+
+def test_a_copied_zoo_folder_runs(tmp_path, capsys):
+    import shutil
+
+    from tinysaver.zoo import default_root
+
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(default_root() / "fashion-mnist", copy)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.png").write_bytes(png_bytes(np.full((28, 28), 90, np.uint8)))
+    out = run_here(capsys, "infer", "--zoo", str(copy), "--base", "resnet10t", "--quiet", str(tmp_path / "mine"))
+    assert out.returncode == 0 and "a.png" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_hub_model_says_in_one_line_that_it_needs_hub_weights(monkeypatch, capsys):
+    """The catalog zoo's models carry published facts and a timm name: without the Hub they fail at
+    once (HF_HUB_OFFLINE honoured), not after a minute of retries."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # an empty cache, whatever this machine holds
+    out = run_here(capsys, "esn", "train", "--zoo", "imagenet-catalog", "--base", "convnextv2_tiny.fcmae_ft_in1k",
+                   "--saver", "convnextv2_atto.fcmae_ft_in1k", "--out", "/nonexistent/e.pt")
+    one_line(out, "convnextv2_atto.fcmae_ft_in1k needs its pretrained weights from the Hugging Face Hub",
+             "HF_HUB_OFFLINE is set")
+
+
+def test_help_shows_defaults_and_lists_as_typed(capsys, tmp_path):
+    out = run_here(capsys, "serve", "--help")
+    assert "(default: 1)" in out.stdout and "[1]" not in out.stdout.replace("[-", "")
+    out = run_here(capsys, "profile", "--help")
+    assert "(default: 1 32)" in " ".join(out.stdout.split())
+    img = tmp_path / "x.png"
+    img.write_bytes(png_bytes(np.full((28, 28), 90, np.uint8)))
+    out = run_here(capsys, "infer", "--base", "resnet10t", "--backend", "onnxruntime,openvino,eager", str(img))
+    one_line(out, "one per stage (2 of them), got 3: onnxruntime,openvino,eager")
+    assert "['" not in out.stderr
+
+
+def test_serve_run_with_a_bad_argument_is_one_line_without_ray_s_traceback():
+    import shutil
+
+    need_package("ray")
+    cli = shutil.which("serve")
+    if cli is None:
+        pytest.skip("Ray Serve's 'serve' command is not on PATH")
+    out = subprocess.run([cli, "run", "tinysaver.serve:app", "zoo=fashion-mnist", "colour=red"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "Error: tinysaver.serve:app: unknown argument(s) ['colour']" in out.stderr

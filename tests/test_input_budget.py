@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import zero_png
 from tinysaver.data import InputBudget, decode_image
 from tinysaver.errors import PixelCapError
 from tinysaver.limits import MAX_PIXELS
@@ -26,19 +25,6 @@ from tinysaver.transforms import prepare_batch
 IMAGENET_224 = Preprocess()  # 224 × 224, crop 0.875: the shorter side is resized to 256
 FASHION_32 = Preprocess((1, 32, 32), 1.0, "bilinear", (0.286,), (0.353,))
 HOSTILE = [(100000, 1), (1, 100000), (65535, 2), (12000, 12000), (20000, 20000)]
-
-
-def zero_png(width: int, height: int) -> bytes:
-    """A greyscale PNG of zeros, written row by row: a 20000² file without a 400 MB array."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    z, row, parts = zlib.compressobj(9), b"\0" * (width + 1), []
-    for _ in range(height):
-        parts.append(z.compress(row))
-    parts.append(z.flush())
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
 
 
 def test_resized_size_is_what_the_transform_makes():
@@ -148,7 +134,8 @@ def run_probe(tmp_path, files: list[bytes], ceiling_mb: int = 2048) -> dict:
     done = subprocess.run([sys.executable, str(script), str(ceiling_mb * 2**20), str(warm), *paths],
                           capture_output=True, text=True, timeout=300)
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert lines and "killed_at" not in lines[-1], f"the probe passed its {ceiling_mb} MB ceiling: {done.stdout}"
+    assert lines, done.stderr[-2000:]
+    assert "killed_at" not in lines[-1], f"the probe passed its {ceiling_mb} MB ceiling: {done.stdout}"
     assert done.returncode == 0, done.stderr[-2000:]
     return lines[-1]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import free_port, need, need_package, png, post_answered, post_image
+from tests.helpers import free_port, need, need_package, png, post_answered, post_image, zero_png
 from tinysaver.data import FASHION_MNIST_DIR
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts Ray: select with -m 'not ray' for a quick run
@@ -197,6 +197,20 @@ def test_bad_input_gets_a_clear_status_and_hurts_no_one(service, offline):
         assert all(f.result().status_code == 200 for f in goods)
     r = c.post("/predict/batch", content=good, headers={"content-type": "image/png"})
     assert r.status_code == 415
+    # two files to /predict: refused, not the first answered and the second dropped
+    two = [("file", ("a.png", good, "image/png")), ("file", ("b.png", good, "image/png"))]
+    r = c.post("/predict", files=two)
+    assert r.status_code == 400 and "/predict takes one image, the form holds 2 files" in r.json()["error"], r.text
+    # 178 bytes that a model's resize would make 25.6 M pixels wide: 413 from the header, in both routes
+    line = zero_png(100000, 1)
+    assert len(line) < 400
+    r = post_image(c, line)
+    assert r.status_code == 413 and "would be resized to" in r.json()["error"], r.text
+    r = post_image(c, zero_png(20000, 20000))  # PIL's own limit no longer speaks: the budget's 413
+    assert r.status_code == 413 and "over the cap of 40,000,000 pixels" in r.json()["error"], r.text
+    lines = [json.loads(x) for x in c.post("/predict/batch", files=[("files", ("line.png", line, "image/png")),
+                                                                     ("files", ("ok.png", good, "image/png"))]).text.splitlines()]
+    assert {x["file"]: x.get("status", 200) for x in lines} == {"line.png": 413, "ok.png": 200}, lines
     files = [("files", ("ok.png", good, "image/png")), ("files", ("bad.png", b"junk", "image/png"))]
     lines = [json.loads(x) for x in c.post("/predict/batch", files=files).text.splitlines()]
     assert {x["file"]: ("error" in x) for x in lines} == {"ok.png": False, "bad.png": True}
@@ -663,6 +677,38 @@ def test_request_deadline_ends_before_a_stopping_replica_is_killed():
     for bad in (0, GRACEFUL_SHUTDOWN_S, 60):
         with pytest.raises(ValueError, match="request_timeout_s"):
             ServeOptions(request_timeout_s=bad)
+
+
+def test_a_draining_service_answers_503_with_retry_after_and_is_not_ready(service, offline):
+    """What the command does on SIGTERM, on the ``adapt`` app (no later test uses it): once the drain
+    flag is set, new requests get 503, Retry-After and the service's error body; /readyz and /healthz
+    say 503, /livez 200; the replicas report that they hold nothing."""
+    import time
+
+    from tinysaver.serve import drain
+
+    imgs, _ = offline
+    c = service["client"]
+    assert c.get("/adapt/readyz").status_code == 200 and c.get("/adapt/livez").json() == {"status": "live"}
+    assert post_image(c, png(imgs[0]), "/adapt/predict").status_code == 200  # starts the replica's watch
+    drain.start_drain("adapt")
+    try:
+        r = c.get("/adapt/readyz")  # at once: the health routes read the flag itself
+        assert r.status_code == 503 and r.headers["retry-after"] and "draining" in r.json()["error"], r.text
+        assert c.get("/adapt/healthz").json()["status"] == "draining"
+        assert c.get("/adapt/livez").status_code == 200
+        r = post_image(c, png(imgs[1]), "/adapt/predict")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "stopping" in r.json()["error"], r.text
+        r = c.post("/adapt/predict/batch", files=[("files", ("a.png", png(imgs[2]), "image/png"))])
+        assert r.status_code == 503 and "stopping" in r.json()["error"], r.text
+        for _ in range(100):  # the replica writes what it holds a few times a second
+            if drain.held("adapt") == 0 and c.get("/fused/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        assert drain.held("adapt") == 0
+        assert c.get("/fused/readyz").status_code == 200  # another application is not drained
+    finally:
+        drain.clear("adapt")
 
 
 def test_shutdown_answers_the_requests_already_accepted(service, offline):

@@ -39,7 +39,8 @@ def per_stage(value, n: int, what: str, scalar: tuple[type, ...] = (int, float, 
         return [value] * n
     out = list(value)
     if len(out) != n:
-        raise error(f"{what}: give one value for all {n} stages or one per stage, got {value!r}")
+        shown = ",".join(map(str, out)) if all(isinstance(v, (int, float, str)) for v in out) else repr(value)
+        raise error(f"{what}: give one value for all {n} stages or one per stage ({n} of them), got {len(out)}: {shown}")
     return out
 
 

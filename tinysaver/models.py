@@ -309,11 +309,54 @@ def _timm_module(spec: ModelSpec, kind: str, pretrained: bool) -> nn.Module:
     kwargs.update(spec.kwargs or {})
     if spec.input_size is not None and "img_size" not in kwargs:
         kwargs["img_size"] = spec.input_size  # only models with a fixed grid accept it
+    if pretrained:
+        check_hub_weights(arch)
     try:
-        return timm.create_model(arch, pretrained=pretrained, **kwargs)
-    except TypeError:
-        kwargs.pop("img_size", None)
-        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+        try:
+            return timm.create_model(arch, pretrained=pretrained, **kwargs)
+        except TypeError:
+            kwargs.pop("img_size", None)
+            return timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as e:  # the hub's words can run to a page; one line of them
+        if not pretrained:
+            raise
+        raise CheckpointError(f"{arch}: its pretrained weights could not be loaded from the Hugging Face Hub "
+                              f"({' '.join(str(e).split())[:200]})") from None
+
+
+HUB_PROBE_S = 3.0  # how long to try reaching the Hub before saying it cannot be reached
+
+
+def check_hub_weights(name: str) -> None:
+    """Fail at once, in one line, when timm model ``name``'s pretrained weights are neither in the
+    local Hugging Face cache nor downloadable: with ``HF_HUB_OFFLINE`` set, or when the Hub does not
+    answer within :data:`HUB_PROBE_S` (huggingface_hub would retry for about a minute first)."""
+    import socket
+    from urllib.parse import urlparse
+
+    cfg = _timm().models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return  # weights from a plain URL: timm's own download says what fails
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id = repo.split("@")[0]
+        if any(isinstance(try_to_load_from_cache(repo_id, f), str)
+               for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
+            return
+    except ImportError:
+        return
+    fix = "give a local checkpoint (a zoo entry's checkpoint, or --checkpoint), or use a machine that reaches the Hub"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise CheckpointError(f"{name} needs its pretrained weights from the Hugging Face Hub ({repo}), which are not "
+                              f"in the local cache, and HF_HUB_OFFLINE is set; {fix}")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_S).close()
+    except OSError as e:
+        raise CheckpointError(f"{name} needs its pretrained weights from the Hugging Face Hub ({repo}), which are not "
+                              f"in the local cache, and {host} cannot be reached ({e.strerror or e}); {fix}") from None
 
 
 def _torchvision_preprocess(spec: ModelSpec, weights=None) -> Preprocess:

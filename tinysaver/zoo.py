@@ -46,13 +46,25 @@ def default_root() -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` whole or not at all: a temporary file beside it, renamed over it.
+    A folder at ``path``, or a place that cannot be written, is a UsageError naming it, and leaves
+    no temporary file behind."""
+    from .errors import UsageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file name (e.g. {path / 'selection.json'})")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {(e.strerror or str(e)).lower()}") from None
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -144,9 +156,18 @@ class Zoo:
                            f"({entry.get('status')} entries carry published facts only)")
         ck = src.get("checkpoint")
         if ck and not os.path.isabs(ck):
-            cand = self.path.parent.parent / ck
-            if cand.is_file() or not Path(ck).is_file():
-                src["checkpoint"] = str(cand)
+            # recorded relative to the checkout that held the zoo; a copied zoo folder has moved away
+            # from it, so the checkout of this package (where the bundled checkpoints lie) and the
+            # working directory are looked in too
+            places = [self.path.parent.parent, Path(__file__).resolve().parent.parent, Path.cwd()]
+            found = [p / ck for p in places if (p / ck).is_file()]
+            if not found:
+                from .errors import CheckpointError
+
+                raise CheckpointError(f"zoo {self.name!r}: checkpoint {ck} of {key!r} is in none of "
+                                      + ", ".join(str(p) for p in dict.fromkeys(places))
+                                      + " (it is recorded relative to the checkout that held the zoo)")
+            src["checkpoint"] = str(found[0])
         src["label"] = key
         return ModelSpec.from_dict(src)
 

@@ -19,6 +19,16 @@ class HelpFormatter(argparse.HelpFormatter):
             text += " (default: %(default)s)"
         return text.strip()
 
+    def _expand_help(self, action):
+        # a list default as the user would type it ("1,32" or "0 1 2"), not as Python prints it
+        if isinstance(action.default, (list, tuple)):
+            sep = " " if action.nargs in ("+", "*") else ","
+            action = argparse.Action(action.option_strings, action.dest, nargs=action.nargs,
+                                     default=sep.join(map(str, action.default)), type=action.type,
+                                     choices=action.choices, required=action.required, help=action.help,
+                                     metavar=action.metavar)
+        return super()._expand_help(action)
+
 
 def fill_help(parser: argparse.ArgumentParser) -> None:
     """argparse prints nothing for an option without help, default included: give each one a line."""

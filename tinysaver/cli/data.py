@@ -24,6 +24,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ..data import sample_images
 
     written = sample_images(args.dataset, Path(args.out), args.n, args.seed)
-    print(f"{len(written)} images written to {args.out}; classify them with:\n"
-          f"  tinysaver infer --zoo {DEFAULT_ZOO} --base resnet10t {args.out}")
+    kind = args.dataset.partition(":")[0]
+    if kind in ZOO_FOR:
+        zoo, base = ZOO_FOR[kind]
+        print(f"{len(written)} images written to {args.out}; classify them with:\n"
+              f"  tinysaver infer --zoo {zoo} --base {base} {args.out}")
+    else:  # an image folder's classes are its own: only a zoo profiled on them knows them
+        print(f"{len(written)} images written to {args.out}; classify them with a zoo profiled on {args.dataset}:\n"
+              f"  tinysaver infer --zoo ZOO --base BASE {args.out}")
     return 0
+
+
+# the bundled zoo whose models know a dataset's classes, and its most accurate model
+ZOO_FOR = {"fashion-mnist": (DEFAULT_ZOO, "resnet10t"),
+           "imagenet": ("imagenet-lite", "tf_efficientnet_lite2.pypi_in1k"),
+           "foolbox": ("imagenet-lite", "tf_efficientnet_lite2.pypi_in1k")}

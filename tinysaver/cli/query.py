@@ -27,11 +27,21 @@ def cmd_query(args: argparse.Namespace) -> int:
     sel = result.best
     zoo_arg = f"--zoo {shlex.quote(args.zoo)}"
     if args.save:
-        sel.save(args.save)
+        sel.save(args.save)  # a folder or an unwritable place is refused before anything is written
         print(f"\nselection saved to {args.save}; run it with:\n"
               f"  tinysaver infer {zoo_arg} --selection {shlex.quote(args.save)} IMAGES...")
     else:
         print(f"\nnext: save it with --save sel.json, then run it with:\n"
               f"  tinysaver infer {zoo_arg} --selection sel.json IMAGES...\n"
-              f"(no images at hand? tinysaver data sample fashion-mnist --out imgs -n 20)")
+              f"(no images at hand? tinysaver data sample {sample_source(zoo)} --out imgs -n 20)")
     return 0
+
+
+def sample_source(zoo) -> str:
+    """A dataset ``tinysaver data sample`` can draw from whose classes the zoo's models know: the
+    20 ImageNet images foolbox ships for an ImageNet zoo, else the zoo's first split."""
+    if zoo.manifest.get("splits") and any(v.get("class_names") == "imagenet" for v in zoo.splits.values()):
+        return "foolbox"
+    if not zoo.splits:
+        return "fashion-mnist"
+    return shlex.quote(zoo.splits.get("test", next(iter(zoo.splits.values())))["source"])

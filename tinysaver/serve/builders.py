@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import ServeError
+from ..errors import ServeError, TinysaverError
 from ..policy import Selection
 from .options import Plan, ServeOptions
 
@@ -171,7 +171,20 @@ def app(args: dict):
     ``tinysaver query --save``) or ``base`` with the selector's options (``criterion``,
     ``tolerance``, …, ``saver``, ``threshold``); plus any :class:`ServeOptions` field (``layout``,
     ``backend``, ``replicas``, ``audit``, …) and ``token``. Values are strings, as on the command line.
+    Bad arguments raise a :class:`~tinysaver.errors.TinysaverError`; under Ray's ``serve`` command
+    they are its usage error, which it prints as one line, without a traceback.
     """
+    try:
+        return _app(args)
+    except TinysaverError as e:
+        import click
+
+        if click.get_current_context(silent=True) is None:
+            raise
+        raise click.UsageError(f"tinysaver.serve:app: {e}") from None
+
+
+def _app(args: dict):
     from ..selector import SelectorConfig, selection_for
     from ..zoo import DEFAULT_ZOO, load_zoo
 

@@ -49,7 +49,7 @@ async def read_body(request, max_bytes: int) -> bytes:
 
 async def read_files(request, many: bool, max_bytes: int) -> list[tuple[str, bytes]]:
     """(file name, bytes) of each image in the request: the raw body, or the files of a multipart
-    form (only the first unless ``many``)."""
+    form (exactly one unless ``many``)."""
     ctype = content_type(request.headers)
     body = await read_body(request, max_bytes)
     if ctype.startswith("multipart/form-data"):
@@ -65,7 +65,10 @@ async def read_files(request, many: bool, max_bytes: int) -> list[tuple[str, byt
                 from None
         if not files:
             raise BadRequest(400, "the multipart body holds no file")
-        return files if many else files[:1]
+        if not many and len(files) > 1:  # answering the first alone would drop the others silently
+            raise BadRequest(400, f"/predict takes one image, the form holds {len(files)} files; send several to "
+                                  "/predict/batch")
+        return files
     if many:
         raise BadRequest(415, f"/predict/batch takes multipart/form-data, got {ctype or 'no content type'}")
     if not ctype.startswith(RAW_TYPES):
