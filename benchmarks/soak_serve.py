@@ -1,6 +1,6 @@
 """A sustained load on the fused service: memory, tail latency, errors and the audit over time.
 
-    python benchmarks/soak_serve.py --minutes 10 --concurrency 16
+    python benchmarks/soak_serve.py --minutes 10 --concurrency 16 --hostile 0.01
 
 One local Ray instance serves the default cascade (fused layout, eager, audit 5 %). A closed-loop
 httpx client on 127.0.0.1 only keeps ``--concurrency`` requests in flight for ``--minutes``, or
@@ -9,6 +9,10 @@ p99 of the client's latency, the errors, the audit's state from ``/healthz``, an
 memory (RSS) of every Serve process (proxy, controller, replicas). At the end it checks the goals:
 no errors, every Serve process's RSS within +10 % of its size after the first minute, and the
 last minute's p99 ≤ 1.5× the first minute's.
+
+With ``--hostile F``, a seeded fraction F of the requests are hostile images, small files with
+shapes that must be refused from their header (100000 × 1, 1 × 100000, 65535 × 2, 12000², 20000²
+PNGs): for them 413 is the right answer and anything else an error.
 
 RSS is compared with the end of the first minute, not with start-up: the first requests fill the
 allocators' pools and torch's caches once, which is a warm-up, not a leak. Both figures are printed.
@@ -46,42 +50,67 @@ def serve_rss() -> dict[str, float]:
     return out
 
 
-async def soak(url: str, health: str, bodies: list[bytes], concurrency: int, seconds: float, max_requests: int):
+HOSTILE_SHAPES = [(100000, 1), (1, 100000), (65535, 2), (12000, 12000), (20000, 20000)]
+
+
+def hostile_images() -> list[bytes]:
+    """PNGs of zeros in :data:`HOSTILE_SHAPES`: a few hundred bytes to a few hundred kB each."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for w, h in HOSTILE_SHAPES:
+        buf = io.BytesIO()
+        Image.new("L", (w, h)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+async def soak(url: str, health: str, bodies: list[bytes], concurrency: int, seconds: float, max_requests: int,
+               hostile: float = 0.0, seed: int = 0):
     import httpx
 
     minutes: list[dict] = []
-    current = {"lat": [], "errors": 0}
+    current = {"lat": [], "errors": 0, "hostile": 0}
     sent = [0]
     stop_at = time.monotonic() + seconds
+    bad = hostile_images() if hostile > 0 else []
+    draw = np.random.default_rng(seed)
 
     async def user(client):
         while time.monotonic() < stop_at and sent[0] < max_requests:
             i = sent[0]
             sent[0] += 1
+            is_bad = bool(bad) and draw.random() < hostile
+            body = bad[i % len(bad)] if is_bad else bodies[i % len(bodies)]
             t0 = time.perf_counter()
             try:
-                r = await client.post(url, content=bodies[i % len(bodies)],
-                                      headers={"content-type": "application/octet-stream"})
-                ok = r.status_code == 200
+                r = await client.post(url, content=body, headers={"content-type": "application/octet-stream"})
+                ok = r.status_code == (413 if is_bad else 200)
             except httpx.HTTPError:
                 ok = False
-            if ok:
-                current["lat"].append((time.perf_counter() - t0) * 1e3)
-            else:
+            if not ok:
                 current["errors"] += 1
+            elif is_bad:
+                current["hostile"] += 1
+            else:
+                current["lat"].append((time.perf_counter() - t0) * 1e3)
 
     async def clock(client):
         start = time.monotonic()
         while time.monotonic() < stop_at and sent[0] < max_requests:
             await asyncio.sleep(min(60.0, max(stop_at - time.monotonic(), 0.0)))
             done, current["lat"], errors, current["errors"] = current["lat"], [], current["errors"], 0
+            refused, current["hostile"] = current["hostile"], 0
             h = (await client.get(health)).json()
             lat = np.array(done) if done else np.array([np.nan])
             row = {"minute": len(minutes) + 1, "t_s": time.monotonic() - start, "answered": len(done),
-                   "errors": errors, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                   "hostile_refused": refused, "errors": errors, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
                    "audit": h.get("status"), "rss": serve_rss(), "load": os.getloadavg()[0]}
             minutes.append(row)
-            print(f"minute {row['minute']:2d}: {row['answered']} answered, {errors} errors, p50 {row['p50']:.1f} ms, "
+            print(f"minute {row['minute']:2d}: {row['answered']} answered, {refused} hostile refused (413), "
+                  f"{errors} errors, p50 {row['p50']:.1f} ms, "
                   f"p99 {row['p99']:.1f} ms, audit {row['audit']}, Serve RSS {sum(row['rss'].values()):.0f} MiB "
                   f"over {len(row['rss'])} processes, load {row['load']:.2f}", flush=True)
 
@@ -99,6 +128,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-requests", type=int, default=500_000, help="a bound on the total, whatever the time")
     ap.add_argument("--audit", type=float, default=0.05)
+    ap.add_argument("--hostile", type=float, default=0.0, help="fraction of requests that are hostile shapes (413)")
     args = ap.parse_args()
 
     import socket
@@ -123,16 +153,18 @@ def main() -> int:
               route_prefix="/")
     url, health = f"http://127.0.0.1:{port}/predict", f"http://127.0.0.1:{port}/healthz"
     start_rss = serve_rss()
-    print(f"{' → '.join(sel.models)}, fused, audit {args.audit}; concurrency {args.concurrency} for {args.minutes} min "
+    print(f"{' → '.join(sel.models)}, fused, audit {args.audit}, hostile {args.hostile}; concurrency {args.concurrency} for {args.minutes} min "
           f"(at most {args.max_requests} requests) on 127.0.0.1; load before {os.getloadavg()[0]:.2f}; Serve RSS at "
           f"start {sum(start_rss.values()):.0f} MiB over {len(start_rss)} processes", flush=True)
-    minutes, sent = asyncio.run(soak(url, health, bodies, args.concurrency, args.minutes * 60, args.max_requests))
+    minutes, sent = asyncio.run(soak(url, health, bodies, args.concurrency, args.minutes * 60, args.max_requests,
+                                     args.hostile))
     serve.shutdown()
     ray.shutdown()
 
     first, last = minutes[0], minutes[-1]
     errors = sum(m["errors"] for m in minutes)
-    print(f"\n{sent} requests sent, {sum(m['answered'] for m in minutes)} answered, {errors} errors\n")
+    print(f"\n{sent} requests sent, {sum(m['answered'] for m in minutes)} answered, "
+          f"{sum(m['hostile_refused'] for m in minutes)} hostile refused with 413, {errors} errors\n")
     print("| process | RSS at start MiB | after minute 1 | at the end | growth since minute 1 |")
     print("|---|---|---|---|---|")
     growth = {}

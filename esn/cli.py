@@ -62,7 +62,8 @@ def register(sub) -> None:
 
     add_serve_args(q)
 
-    from .settings import FAMILIES, REGIMES
+    from .methods import FAMILIES
+    from .settings import REGIMES
 
     xsub = group(sub, "exits", "compare the ESN with the related early-exit methods on one pair", "exits_command")
     q = command(xsub, "compare", cmd_compare,

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from tinysaver.errors import UsageError
 
-from .methods import FAMILIES  # noqa: F401 (registered in esn/methods.py)
 REGIMES = ("disjoint", "joint", "mixed")
 
 

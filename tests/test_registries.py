@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_backend_names_are_the_package_modules_and_each_registers_itself():
     files = sorted(p.stem for p in (ROOT / "tinysaver" / "backends").glob("*.py") if not p.stem.startswith("_"))
     assert sorted(backends.backend_names()) == files and backends.backend_names()[0] == "eager"
-    from tinysaver.zoo import BACKENDS
+    from tinysaver.backends import BACKENDS
 
     assert BACKENDS == backends.backend_names()
     for name in files:

@@ -24,6 +24,8 @@ from .errors import SelectionError
 from .risk import METHODS, fixed_sequence, passes_clopper_pearson, passes_wsr
 
 # the paper's public code scans these thresholds (np.arange keeps its float steps exactly)
+CP_REPORT_DELTA = 0.1     # zero/bounded report the Clopper–Pearson bound their policy carries at this δ
+SMALL_CALIBRATION = 1000  # below this many calibration samples, zero/bounded warn and point to guaranteed
 PUBLIC_GRID = np.arange(1, 0, -0.001)
 # guaranteed: a data-independent grid, fine near 1 where confident savers pile up; descending
 GUARANTEE_GRID = np.unique(np.concatenate([np.round(np.arange(1, 1000) / 1000, 3),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .backends import BACKENDS
 from .errors import ZooError
 
 STATUSES = ("measured", "published")  # profiled here, or facts copied from a published table
@@ -91,8 +92,6 @@ class ModelEntry:
     @classmethod
     def from_dict(cls, key: str, d: Any, file: Path | str = "zoo.yaml") -> "ModelEntry":
         """Check one manifest entry (as read from YAML) and type it; raises ZooError naming the field."""
-        from .zoo import BACKENDS
-
         c = _Check(file, key)
         if not isinstance(d, dict):
             raise ZooError(f"{c.where}: an entry is a mapping of fields, got {_kind(d)}")

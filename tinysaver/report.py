@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .criteria import get_criterion
+from .criteria import CP_REPORT_DELTA, SMALL_CALIBRATION, get_criterion
 from .policy import Selection
 
 
@@ -65,7 +65,6 @@ def describe(sel: Selection) -> str:
     if sel.guarantee:
         lines.append(f"guarantee: {sel.guarantee}")
     if sel.cp_bound_points is not None and sel.found:
-        from .selector import CP_REPORT_DELTA, SMALL_CALIBRATION
 
         lost = "agreement with the base" if sel.target == "base-agreement" else "accuracy against the base"
         lines.append(f"Clopper–Pearson (δ = {CP_REPORT_DELTA:g}, {sel.calib_samples} calibration samples): at most "

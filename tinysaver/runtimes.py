@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import Runner, check_backend, get_backend
+from .backends import BACKENDS, Runner, check_backend, get_backend
 from .backends._export import (backend_version, default_cache_dir, export_key, export_onnx,  # noqa: F401 (re-exported)
                                 weights_sha256)
 from .errors import BackendError
 from .models import LoadedModel, model_device  # noqa: F401 (re-exported)
 from .policy import confidence
-from .zoo import BACKENDS
 
 def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | None = None,
                 threads: int | None = None, spin: bool = False) -> Runner:

@@ -42,7 +42,8 @@ import pandas as pd
 
 from .policy import (CRITERIA, Selection, SelectionError, Stage, answers, apply, exit_ratios, midpoint_thresholds,
                      near_threshold, per_sample_cost, stage_costs)
-from .criteria import GUARANTEE_GRID, PUBLIC_GRID, criterion_names, get_criterion  # noqa: F401 (PUBLIC_GRID re-exported)
+from .criteria import (CP_REPORT_DELTA, GUARANTEE_GRID, PUBLIC_GRID, SMALL_CALIBRATION,  # noqa: F401 (re-exported)
+                       criterion_names, get_criterion)
 from .risk import METHODS, loss_upper_bound
 from .backends import DEFAULT_BACKEND
 from .zoo import Zoo, ZooError
@@ -57,8 +58,6 @@ def check_calibration(calibrate: str | None) -> None:
 
 # guaranteed chains: paths (1 − t1) = r · (1 − t2), t2 walking down GUARANTEE_GRID
 CHAIN_PATHS = (1.0, 0.5, 0.25)
-CP_REPORT_DELTA = 0.1     # zero/bounded report the Clopper–Pearson bound their policy carries at this δ
-SMALL_CALIBRATION = 1000  # below this many calibration samples, zero/bounded warn and point to guaranteed
 MAX_STAGES = 3
 
 

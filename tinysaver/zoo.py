@@ -23,14 +23,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .backends import backend_names
 from .errors import ZooError  # noqa: F401 (re-exported)
 
 MANIFEST = "zoo.yaml"
 DEFAULT_ZOO = "fashion-mnist"  # the zoo bundled with the project, and every command's --zoo default
 # the runtimes a model can run on and a zoo records latency for: the modules of tinysaver/backends,
 # listed without importing them, so the command line can offer them without importing torch
-BACKENDS = backend_names()
 
 
 

@@ -76,6 +76,9 @@ def backend_names() -> tuple[str, ...]:
     return (DEFAULT_BACKEND, *(n for n in found if n != DEFAULT_BACKEND))
 
 
+BACKENDS = backend_names()  # what the command line offers; a registered backend is a module in this package
+
+
 def register_backend(name: str, *, needs: tuple[str, str] | None = None, exports_onnx: bool = False,
                      spins: bool = False, tcmalloc_safe: bool = True):
     """Decorator: register ``build`` as the backend ``name`` (the module's own name)."""
@@ -102,5 +105,5 @@ def check_backend(name: str) -> Backend:
     return b
 
 
-__all__ = ["Runner", "Backend", "DEFAULT_BACKEND", "backend_names", "register_backend", "get_backend",
+__all__ = ["BACKENDS", "Runner", "Backend", "DEFAULT_BACKEND", "backend_names", "register_backend", "get_backend",
            "check_backend"]

@@ -6,7 +6,8 @@ import argparse
 from typing import Callable
 
 from ..policy import CRITERIA
-from ..zoo import BACKENDS, DEFAULT_ZOO
+from ..backends import BACKENDS
+from ..zoo import DEFAULT_ZOO
 
 
 class HelpFormatter(argparse.HelpFormatter):

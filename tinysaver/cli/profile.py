@@ -5,7 +5,7 @@ import argparse
 
 from ..errors import UsageError
 from ..limits import MAX_PIXELS
-from ..zoo import BACKENDS
+from ..backends import BACKENDS
 from ._args import add_zoo, command, int_list, positive_float, positive_int, root_of
 
 # What Ctrl-C prints: every finished model and shard is on disk, so the same command carries on.
