@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tinysaver.cli._args import (add_pair, add_selector_args, add_zoo, command, finite_float, float_list, group,
                                  positive_int)
+from tinysaver.backends import DEFAULT_BACKEND
 from tinysaver.errors import UsageError
 from tinysaver.policy import CRITERIA
 
@@ -55,7 +56,7 @@ def register(sub) -> None:
     q.add_argument("--saver", help="refuse the checkpoint unless it was trained for this saver")
     q.add_argument("--thresholds", type=float_list,
                    help="the saver's threshold and one per exit, comma-separated (inf disables an exit)")
-    q.add_argument("--backend", default="eager", help=argparse.SUPPRESS)  # ESN parts run on eager only
+    q.add_argument("--backend", default=DEFAULT_BACKEND, help=argparse.SUPPRESS)  # ESN parts run on it only
     q.add_argument("--accept-preprocess-change", action="store_true",
                    help="run a model whose current timm data config differs from the one the zoo recorded")
     from tinysaver.cli.serve import add_serve_args

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+from tinysaver.backends import DEFAULT_BACKEND
 from tinysaver.errors import UsageError
 from tinysaver.serve.options import Plan, ServeOptions
 
@@ -121,8 +122,9 @@ def esn_plan(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOpti
     check_policy(policy, esn.num_exits)
     o = options or ServeOptions()
     names = part_names(ck["saver"], ck["base"], esn.num_exits)
-    if any(b != "eager" for b in o.per_stage("backend", len(names))):
-        raise UsageError("ESN exits run on eager PyTorch (each part is cut out of the eager model); drop --backend")
+    if any(b != DEFAULT_BACKEND for b in o.per_stage("backend", len(names))):
+        raise UsageError(f"ESN exits run on {DEFAULT_BACKEND} PyTorch (each part is cut out of the torch module); "
+                         "drop --backend")
     temps = policy.temperatures or [1.0] * len(names)
     class_names = zoo_class_names(zoo)
     return Plan(str(zoo.path), tuple(names), (ck["saver"],) + (ck["base"],) * (len(names) - 1),

@@ -58,8 +58,31 @@ def test_a_registered_backend_runs_in_a_cascade_without_touching_other_files():
         out = c.predict(imgs, batch_size=5)
         # the saver ran all five on the new backend, the base the ones it passed on
         assert calls[0] == 5 and sum(calls[1:]) == int((out.stage == 1).sum())
+        # what a stage may ask of a backend follows its declared capabilities, not its name: this
+        # one keeps its own threads (torch_modules=False), so a thread count of its own is fine
+        # where a torch-module backend refuses one, and half precision is refused
+        n = torch.get_num_threads() + 1
+        Cascade([s, m], [0.5], backend="doubled", threads=n)
+        with pytest.raises(Exception, match="per-stage thread counts apply to"):
+            Cascade([s, m], [0.5], backend=backends.DEFAULT_BACKEND, threads=n)
+        with pytest.raises(Exception, match="half and channels_last apply to"):
+            Cascade([s, m], [0.5], backend="doubled", channels_last=True)
+        backends._REGISTRY["doubled"] = backends.Backend("doubled", build, torch_modules=True)
+        Cascade([s, m], [0.5], backend="doubled", channels_last=True)  # now it may
     finally:
         backends._REGISTRY.pop("doubled")
+
+
+def test_no_code_outside_the_backends_package_names_a_backend():
+    import re
+
+    names = "|".join(backends.backend_names())
+    pattern = re.compile(rf"""["']({names})["']""")
+    found = [f"{f.relative_to(ROOT)}:{i}: {line.strip()}"
+             for f in [*(ROOT / "tinysaver").rglob("*.py"), *(ROOT / "esn").rglob("*.py")]
+             if "backends" not in f.relative_to(ROOT).parts
+             for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []
 
 
 def test_no_module_dispatches_on_a_backend_criterion_or_method_name():

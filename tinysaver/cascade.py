@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import engine
+from .backends import DEFAULT_BACKEND, backends_that, check_backend, get_backend
 from .data import take_images
 from .errors import CascadeError  # noqa: F401 (re-exported)
 from .models import LoadedModel
@@ -67,10 +68,10 @@ class Cascade:
     device: str | torch.device = "cpu"
     half: bool = False
     channels_last: bool = False
-    backend: str | Sequence[str] = "eager"  # one for every stage, or one per stage (see tinysaver.runtimes)
-    backend_fallback: str | None = None     # "eager": a stage whose export fails runs eager instead
+    backend: str | Sequence[str] = DEFAULT_BACKEND  # one for every stage, or one per stage (see tinysaver.backends)
+    backend_fallback: str | None = None     # DEFAULT_BACKEND: a stage whose export fails runs on it instead
     cache_dir: str | Path | None = None     # where exports are cached (default: next to the checkpoint)
-    threads: int | Sequence[int] | None = None  # intra-op threads of the onnxruntime/openvino stages, one or per stage
+    threads: int | Sequence[int] | None = None  # intra-op threads of stages with their own pool, one or per stage
     spin: bool | Sequence[bool] = False  # onnxruntime stages: idle threads spin (the runtime's default), one or per stage
     temperatures: Sequence[float] | None = None  # one per stage: confidence = max softmax(logits / T); default 1
     _runners: list = field(default_factory=list, repr=False, init=False)
@@ -97,17 +98,23 @@ class Cascade:
         if self.half and torch.device(self.device).type != "cuda":
             raise CascadeError("half precision is only supported on GPU; keep fp32 on CPU")
         backends = engine.per_stage(self.backend, len(self.stages), "backend", (str,), CascadeError)
-        if (self.half or self.channels_last) and set(backends) - {"eager", "compile"}:
-            raise CascadeError("half and channels_last apply to the eager and compile backends only")
-        if set(backends) - {"eager"} and torch.device(self.device).type != "cpu":
-            raise CascadeError("the compile/onnxruntime/openvino backends run on CPU here; use --device cpu")
+        caps = [check_backend(b) for b in backends]
+        if (self.half or self.channels_last) and not all(c.torch_modules for c in caps):
+            raise CascadeError(f"half and channels_last apply to the {' and '.join(backends_that(torch_modules=True))} "
+                               "backends only")
+        device = torch.device(self.device).type
+        off = [c.name for c in caps if device not in c.devices]
+        if off:
+            raise CascadeError(f"the {'/'.join(dict.fromkeys(off))} backend runs on "
+                               f"{'/'.join(get_backend(off[0]).devices)} here, not {device}; use --device cpu")
         threads = self._stage_threads(backends)
         spins = engine.per_stage(self.spin, len(self.stages), "spin", (bool,), CascadeError)
         if not all(isinstance(v, bool) for v in spins):
             raise CascadeError(f"give spin as one bool for all stages or one per stage ({len(self.stages)}), "
                                f"got {self.spin!r}")
-        if any(v and b != "onnxruntime" for v, b in zip(spins, backends)):
-            raise CascadeError(f"spin applies to onnxruntime stages only; the stages run on {backends}")
+        if any(v and not c.spins for v, c in zip(spins, caps)):
+            raise CascadeError(f"spin applies to {', '.join(backends_that(spins=True))} stages only; the stages run on "
+                               f"{','.join(backends)}")
         from .runtimes import runner_with_fallback
 
         for m in self.stages:
@@ -125,17 +132,18 @@ class Cascade:
     def _stage_threads(self, backends: list[str]) -> list[int | None]:
         # Tiny models at batch 1 run faster on one thread (thread hand-off costs more than the
         # work) while their base may want all cores, so a runtime's thread count is per stage.
-        # Eager and compile share torch's one global pool, which a stage cannot set for itself.
+        # Backends that run torch modules share torch's one global pool, which a stage cannot set
+        # for itself.
         threads = engine.per_stage(self.threads, len(self.stages), "threads", (int, type(None)), CascadeError)
         for n, b in zip(threads, backends):
             if n is None:
                 continue
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise CascadeError(f"thread counts must be integers ≥ 1, got {n!r}")
-            if b in ("eager", "compile") and n != torch.get_num_threads():
+            if not get_backend(b).own_threads and n != torch.get_num_threads():
                 raise CascadeError(f"a {b} stage runs on torch's {torch.get_num_threads()} thread(s); per-stage thread "
-                                   "counts apply to onnxruntime and openvino stages (set torch's with "
-                                   "torch.set_num_threads)")
+                                   f"counts apply to {' and '.join(backends_that(torch_modules=False))} stages (set "
+                                   "torch's with torch.set_num_threads)")
         return threads
 
     @property
@@ -178,13 +186,14 @@ class Cascade:
         if pipeline and not shrink:
             raise CascadeError("pipeline needs the shrinking path; it cannot be combined with shrink=False "
                                "or all_stages=True")
-        if pipeline and len(self.stages) > 1 and torch.get_num_threads() > 1 and {"eager", "compile"} & set(self.backends):
-            warnings.warn(f"pipeline=True runs eager/compile stages in threads that share torch's "
+        if pipeline and len(self.stages) > 1 and torch.get_num_threads() > 1 and \
+                any(get_backend(b).torch_modules for b in self.backends):
+            warnings.warn(f"pipeline=True runs {'/'.join(backends_that(torch_modules=True))} stages in threads that share torch's "
                           f"{torch.get_num_threads()}-thread pool, which oversubscribes the cores: measured on 2 "
                           "cores at batch 1, the pipelined cascade ran half as fast as the sequential one. "
                           "Call torch.set_num_threads(1) (or set OMP_NUM_THREADS=1) first, or run the stages "
-                          "on onnxruntime/openvino with per-stage threads", stacklevel=2)
-        # Full batches will run, so OpenVINO compiles for their size (once). A call shorter than
+                          f"on {'/'.join(backends_that(torch_modules=False))} with per-stage threads", stacklevel=2)
+        # Full batches will run, so a fixed-shape backend compiles for their size (once). A call shorter than
         # one batch is not worth a compile: its odd size stays on the dynamic-batch model.
         if n >= batch_size:
             for r in self._runners:
@@ -226,9 +235,7 @@ def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: st
     zoo = zoo or load_zoo(selection.zoo)
     for m in selection.models:
         zoo.model(m)  # unknown names fail here, before anything loads
-    from .runtimes import check_backend
-
-    backend = kwargs.get("backend", "eager")
+    backend = kwargs.get("backend", DEFAULT_BACKEND)
     for b in [backend] if isinstance(backend, str) else backend:
         check_backend(b)  # so does a backend that is unknown or not installed
     stages = [zoo.load_model(m, device=device, accept_preprocess_change=accept_preprocess_change)

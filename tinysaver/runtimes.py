@@ -19,14 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import BACKENDS, Runner, check_backend, get_backend
+from .backends import (BACKENDS, DEFAULT_BACKEND, ExportError, Runner, backends_that, check_backend,  # noqa: F401
+                       get_backend)
 from .backends._export import (backend_version, default_cache_dir, export_key, export_onnx,  # noqa: F401 (re-exported)
                                 weights_sha256)
 from .errors import BackendError
 from .models import LoadedModel, model_device  # noqa: F401 (re-exported)
 from .policy import confidence
 
-def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | None = None,
+def make_runner(model: LoadedModel, backend: str = DEFAULT_BACKEND, cache_dir: Path | None = None,
                 threads: int | None = None, spin: bool = False) -> Runner:
     """A :class:`Runner` for ``model`` on ``backend`` (exporting once, then reusing the cached file).
 
@@ -36,22 +37,24 @@ def make_runner(model: LoadedModel, backend: str = "eager", cache_dir: Path | No
     """
     b = check_backend(backend)
     if spin and not b.spins:
-        raise BackendError(f"spin applies to the onnxruntime backend only, not {backend!r}")
+        raise BackendError(f"spin applies to the {' and '.join(backends_that(spins=True))} backend only, "
+                           f"not {backend!r}")
     return b.build(model, cache_dir, threads, spin)
 
 
 def runner_with_fallback(model: LoadedModel, backend: str, fallback: str | None = None,
                          cache_dir: Path | None = None, threads: int | None = None, spin: bool = False) -> Runner:
-    """:func:`make_runner`, falling back to ``fallback`` (only "eager") for this model when its export fails."""
-    if fallback not in (None, "eager"):
-        raise BackendError(f"the only fallback backend is eager, got {fallback!r}")
+    """:func:`make_runner`, falling back to ``fallback`` (only the default backend, which runs the torch
+    module itself) for this model when its export fails."""
+    if fallback not in (None, DEFAULT_BACKEND):
+        raise BackendError(f"the only fallback backend is {DEFAULT_BACKEND}, got {fallback!r}")
     try:
         return make_runner(model, backend, cache_dir, threads, spin)
-    except BackendError as e:
-        if fallback is None or not get_backend(backend).exports_onnx or "cannot export" not in str(e):
+    except ExportError as e:
+        if fallback is None:
             raise
-        warnings.warn(f"{e}; running {model.key} on eager as --backend-fallback asks")
-        return make_runner(model, "eager")
+        warnings.warn(f"{e}; running {model.key} on {fallback} as --backend-fallback asks")
+        return make_runner(model, fallback)
 
 
 def _classify(fn, model: LoadedModel, images, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,10 @@ import numpy as np
 
 from ..errors import BackendError
 
+
+class ExportError(BackendError):
+    """A model that a backend's export (to ONNX) cannot handle: the default backend can run it."""
+
 DEFAULT_BACKEND = "eager"
 
 
@@ -53,18 +57,30 @@ class Runner:
 
 @dataclass(frozen=True)
 class Backend:
-    """A registered backend. ``build(model, cache_dir, threads, spin) -> Runner``.
+    """A registered backend and what it can do. ``build(model, cache_dir, threads, spin) -> Runner``.
 
     ``needs``: (importable module, pip extra) when the runtime is optional. ``exports_onnx``: it runs
-    an exported ONNX file, so an export failure can fall back to eager. ``spins``: it takes the
-    ``spin`` option. ``tcmalloc_safe``: it survives a preloaded tcmalloc."""
+    an exported ONNX file, so an export failure can fall back to the default backend.
+    ``torch_modules``: it runs the model's torch module in this process, on torch's one thread pool
+    (so a stage cannot set its own thread count), in half precision or channels-last if asked.
+    ``devices``: the torch device types it runs on. ``spins``: it takes the ``spin`` option.
+    ``fixed_shapes``: it runs faster on a batch size announced with ``Runner.expect_batch``.
+    ``tcmalloc_safe``: it survives a preloaded tcmalloc."""
 
     name: str
     build: Callable
     needs: tuple[str, str] | None = None
     exports_onnx: bool = False
+    torch_modules: bool = False
+    devices: tuple[str, ...] = ("cpu",)
     spins: bool = False
+    fixed_shapes: bool = False
     tcmalloc_safe: bool = True
+
+    @property
+    def own_threads(self) -> bool:
+        """Each stage sets its runtime's intra-op thread count (not torch's shared pool)."""
+        return not self.torch_modules
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -79,13 +95,18 @@ def backend_names() -> tuple[str, ...]:
 BACKENDS = backend_names()  # what the command line offers; a registered backend is a module in this package
 
 
-def register_backend(name: str, *, needs: tuple[str, str] | None = None, exports_onnx: bool = False,
-                     spins: bool = False, tcmalloc_safe: bool = True):
-    """Decorator: register ``build`` as the backend ``name`` (the module's own name)."""
+def register_backend(name: str, **capabilities):
+    """Decorator: register ``build`` as the backend ``name`` (the module's own name), with the
+    :class:`Backend` fields that say what it can do."""
     def wrap(build):
-        _REGISTRY[name] = Backend(name, build, needs, exports_onnx, spins, tcmalloc_safe)
+        _REGISTRY[name] = Backend(name, build, **capabilities)
         return build
     return wrap
+
+
+def backends_that(**capabilities) -> list[str]:
+    """Names of the backends whose capabilities equal ``capabilities`` (for messages and choices)."""
+    return [n for n in BACKENDS if all(getattr(get_backend(n), k) == v for k, v in capabilities.items())]
 
 
 def get_backend(name: str) -> Backend:
@@ -105,5 +126,5 @@ def check_backend(name: str) -> Backend:
     return b
 
 
-__all__ = ["BACKENDS", "Runner", "Backend", "DEFAULT_BACKEND", "backend_names", "register_backend", "get_backend",
+__all__ = ["BACKENDS", "ExportError", "Runner", "Backend", "DEFAULT_BACKEND", "backends_that", "backend_names", "register_backend", "get_backend",
            "check_backend"]

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import BackendError
-from . import get_backend
+
+from . import DEFAULT_BACKEND, ExportError, get_backend
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -70,8 +70,8 @@ def export_onnx(model: LoadedModel, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         op = re.search(r"operator '([^']+)'", str(e))
         what = f"op {op.group(1)}" if op else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise BackendError(f"{model.key}: cannot export to ONNX ({what}); run this stage on eager with "
-                           "--backend-fallback eager") from None
+        raise ExportError(f"{model.key}: cannot export to ONNX ({what}); run this stage on {DEFAULT_BACKEND} with "
+                          f"--backend-fallback {DEFAULT_BACKEND}") from None
     os.replace(tmp, path)  # same folder: the rename is atomic
 
 

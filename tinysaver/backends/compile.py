@@ -9,7 +9,7 @@ from ..models import model_device
 from . import Runner, register_backend
 
 
-@register_backend("compile")
+@register_backend("compile", torch_modules=True)
 def build(model, cache_dir=None, threads=None, spin=False) -> Runner:
     module = model.module.eval()
     compiled = torch.compile(module, dynamic=True)

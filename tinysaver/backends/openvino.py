@@ -14,7 +14,7 @@ from . import Runner, register_backend
 from ._export import onnx_file
 
 
-@register_backend("openvino", needs=("openvino", "openvino"), exports_onnx=True, tcmalloc_safe=False)
+@register_backend("openvino", needs=("openvino", "openvino"), exports_onnx=True, fixed_shapes=True, tcmalloc_safe=False)
 def build(model, cache_dir=None, threads=None, spin=False) -> Runner:
     if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         # measured here: OpenVINO 2026.4 aborts with "double free or corruption" on its first

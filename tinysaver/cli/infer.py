@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from ..backends import DEFAULT_BACKEND
 from ..errors import UsageError
 from ..limits import MAX_PIXELS
 from ._args import add_cascade_args, command, int_list, positive_int
@@ -22,8 +23,8 @@ def register(sub) -> None:
     q.add_argument("--pipeline", action="store_true",
                    help="run each later stage in its own thread, so the saver works on the next batch while the "
                         "base works on survivors (more images/s; give each stage fewer --threads)")
-    q.add_argument("--backend-fallback", choices=["eager"],
-                   help="run a stage whose export fails on eager instead of stopping")
+    q.add_argument("--backend-fallback", choices=[DEFAULT_BACKEND],
+                   help=f"run a stage whose export fails on {DEFAULT_BACKEND} instead of stopping")
     q.add_argument("--threads", type=int_list,
                    help="intra-op threads of onnxruntime/openvino stages: one for all, or one per stage, e.g. 1,2 "
                         "(default: torch's thread count)")

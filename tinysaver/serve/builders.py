@@ -20,7 +20,7 @@ def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeO
     """The plan of a saver → … → base ``selection`` over ``zoo``, checked before anything is deployed:
     every model is in the zoo, every backend installed and able to run where it is asked to."""
     from ..cascade import zoo_class_names
-    from ..runtimes import check_backend
+    from ..backends import backends_that, check_backend
     from ..zoo import load_zoo
 
     selection = Selection.coerce(selection, "build_app")
@@ -31,9 +31,9 @@ def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeO
     n = len(selection.models)
     backends = o.per_stage("backend", n)
     for b, g in zip(backends, o.per_stage("num_gpus", n)):
-        check_backend(b)
-        if g > 0 and b != "eager":
-            raise ServeError(f"the {b} backend runs on CPU here: give its stage --num-gpus 0, or run it on eager")
+        if g > 0 and "cuda" not in check_backend(b).devices:
+            raise ServeError(f"the {b} backend runs on CPU here: give its stage --num-gpus 0, or run it on "
+                             f"{'/'.join(backends_that(devices=('cpu', 'cuda')))}")
     if o.resolved_layout() == "fused":
         for k in ("replicas", "num_cpus", "resources"):
             v = getattr(o, k)

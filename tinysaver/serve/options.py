@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ..backends import DEFAULT_BACKEND
 from ..engine import per_stage
 from ..errors import ServeError
 from ..limits import MAX_PIXELS
@@ -36,7 +37,7 @@ class ServeOptions:
     resources: dict | Sequence[dict] | None = None
     ingress_num_cpus: float = 0.25
     max_ongoing_requests: int = 256   # per ingress replica; more wait in Serve's proxy
-    backend: str | Sequence[str] = "eager"
+    backend: str | Sequence[str] = DEFAULT_BACKEND
     audit: float = 0.0                # fraction of early answers also sent to the base
     delta: float = 0.1
     audit_tolerance: float = 1.0      # accuracy points
