@@ -52,6 +52,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# ``ray start --block`` stops the whole node when one of its processes exits, and these listen on
+# fixed default ports: a second Ray on the machine (another service, a test's) would take them first
+OWN_PORTS = ("dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "ray-client-server-port")
+
+
 class LocalHead:
     """A one-node Ray started with ``ray start --head --block`` in a session of its own, stopped by
     the pid of that process (which stops the node's processes), then its process group killed."""
@@ -68,7 +74,7 @@ class LocalHead:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
                  "start", "--head", "--block", f"--port={self.port}", "--disable-usage-stats",
-                 f"--temp-dir={self.dir}"],
+                 f"--temp-dir={self.dir}", *(f"--{name}={_free_port()}" for name in OWN_PORTS)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                 preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
@@ -79,6 +85,13 @@ class LocalHead:
                 raise ServeError(f"the local Ray did not start: {tail[-400:]}")
             time.sleep(0.1)
         self.address = f"127.0.0.1:{self.port}"
+
+    def check(self) -> None:
+        """ServeError with the head's last words when its ``ray start`` has exited (it takes the node
+        with it, so nothing would answer again)."""
+        if self.proc.poll() is not None:
+            tail = " ".join(self.log.read_text(errors="replace").split()[-60:])
+            raise ServeError(f"the local Ray stopped (exit {self.proc.returncode}): {tail[-500:]}")
 
     def stop(self, timeout_s: float) -> None:
         if self.proc.poll() is None:
@@ -107,7 +120,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def wait_running(name: str, timeout_s: float, stop: list, needs: dict | None, local: bool) -> None:
+def wait_running(name: str, timeout_s: float, stop: list, needs: dict | None, head: LocalHead | None = None) -> None:
     """Until the application runs; a deployment that fails, or is still not running at the
     deadline, is a ServeError. A replica no node can hold (a missing GPU or custom resource) is
     named at once on a local Ray, which no autoscaler grows, and at the deadline on a cluster.
@@ -115,8 +128,11 @@ def wait_running(name: str, timeout_s: float, stop: list, needs: dict | None, lo
     import ray
     from ray import serve
 
+    local = head is not None
     deadline = time.monotonic() + timeout_s
     while not stop:
+        if head:
+            head.check()
         app = serve.status().applications.get(name)
         state = str(getattr(app, "status", ""))
         if state.endswith("RUNNING"):
@@ -251,7 +267,7 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
         start_serve({"host": host, "port": port}, grpc_port=grpc_port)
         if hasattr(serve, "run_many"):  # deploy, then wait here, where a deadline and Ctrl-C apply
             serve.run_many([serve.RunTarget(app, name=APP, route_prefix="/")], wait_for_applications_running=False)
-            wait_running(APP, startup_timeout_s, stop, needs, local=head is not None)
+            wait_running(APP, startup_timeout_s, stop, needs, head)
         else:
             serve.run(app, name=APP, route_prefix="/")
         if stop:  # Ctrl-C or SIGTERM during start-up: nothing was answered, nothing to drain
@@ -264,6 +280,8 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
         while not stop:
             time.sleep(0.2)
             watch.poll()
+            if head:
+                head.check()
         t0 = time.monotonic()
         say(f"tinysaver: stopping: new requests get 503; answering those admitted (at most {drain_timeout_s:g} s)")
         drain(APP, max(drain_timeout_s - STOP_RESERVE_S, 0.0), say)
