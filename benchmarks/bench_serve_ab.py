@@ -140,7 +140,7 @@ def main() -> int:
                                                      for n in ("before", "after")) +
                   f" img/s; load {os.getloadavg()[0]:.2f}", flush=True)
         for n in trees:
-            keys = sorted(httpx.get(url[n] + "/metrics", timeout=30).json()["batch_sizes"])
+            keys = sorted(httpx.get(url[n] + "/metrics.json", timeout=30).json()["batch_sizes"])
             print(f"{n}: /metrics batch_sizes keys {keys}")
         print("\n| route | before img/s, median | after img/s, median | after / before per round | median |")
         print("|---|---|---|---|---|")

@@ -163,7 +163,7 @@ def timing_totals(predict_url: str) -> dict[str, float]:
     One replica per app here, so one /metrics call sees every request."""
     import httpx
 
-    t = httpx.get(predict_url.replace("/predict", "/metrics"), timeout=30).json()["timing_ms"]
+    t = httpx.get(predict_url.replace("/predict", "/metrics.json"), timeout=30).json()["timing_ms"]
     n = t["requests"]
     return {"requests": n, **{k: (v or 0.0) * n for k, v in t.items() if k != "requests"}}
 
@@ -222,7 +222,7 @@ def batch_sizes(predict_url: str) -> dict:
     """{stage or "fused": {batch size (str): batches}} from the app's /metrics."""
     import httpx
 
-    return httpx.get(predict_url.replace("/predict", "/metrics"), timeout=30).json()["batch_sizes"]
+    return httpx.get(predict_url.replace("/predict", "/metrics.json"), timeout=30).json()["batch_sizes"]
 
 
 def in_process(cascades: dict, imgs: list, batch_size: int) -> dict[str, float]:

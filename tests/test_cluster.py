@@ -144,7 +144,7 @@ def test_serve_with_the_base_pinned_to_the_second_node_answers_or_says_retry_whe
         assert lost and all("retry" in r.json()["error"] for r in lost)
         # the saver is on the head: its answers never needed node2
         assert any(r.status_code == 200 and r.json()["exit_stage"] == 0 for r in after)
-        m = client.get("/metrics").json()
+        m = client.get("/metrics.json").json()
         assert m["unavailable"] >= len(lost) and m["requests"] == len(before) + codes.count(200)
     finally:
         # no serve.shutdown(): it would wait 30 s for the base's replica, which has no node to

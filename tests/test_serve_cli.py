@@ -139,7 +139,7 @@ def test_serve_command_answers_and_drains_on_sigterm_to_its_group(services):
             r = post_answered(client, png(img))
         assert r.status_code == 200 and set(r.json()) >= {"class", "name", "confidence", "exit_stage", "stage_name",
                                                           "latency_ms"}
-        assert httpx.get(f"{url}/metrics", timeout=10).json()["requests"] == 1
+        assert httpx.get(f"{url}/metrics.json", timeout=10).json()["requests"] == 1
         from tinysaver.serve.grpc_api import METHOD, predict
 
         g = predict(f"127.0.0.1:{grpc_port}", png(img))  # the same image over gRPC: the same answer

@@ -23,18 +23,18 @@ import grpc
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException
 
-from . import drain, grpc_api
+from . import drain, grpc_api, oip, prom
 from ..data import InputBudget
 from .adapt import ThresholdAdapter
 from .audit import AuditMonitor
 from .batching import Batcher
-from .http import BadRequest, check_size, check_token, decode, decode_all, ndjson_as_ready, read_files
+from .http import BadRequest, check_size, check_token, decode, decode_all, ndjson_as_ready, read_body, read_files
 from .options import GRACEFUL_SHUTDOWN_S, Plan
 from .stages import ItemStage, load_stages, stage_device
 from .walk import FusedBatcher, StageWalk
@@ -62,6 +62,13 @@ _IMAGES = {"requestBody": {"required": True, "content": {"multipart/form-data": 
 @api.exception_handler(HTTPException)
 async def _http_error(request, exc):  # unknown routes and methods: the service's own error shape
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+@api.middleware("http")
+async def _count(request, call_next):  # requests by route template and status, for /metrics
+    response = await call_next(request)
+    prom.HTTP_REQUESTS.labels(getattr(request.scope.get("route"), "path", "unmatched"), str(response.status_code)).inc()
+    return response
 
 
 @api.exception_handler(RequestValidationError)
@@ -107,6 +114,7 @@ class Ingress:
         self.plan, self.o, self.names, self.token = plan, o, list(plan.names), token
         self.class_names = list(plan.class_names) if plan.class_names else None
         self.budget = InputBudget(o.max_pixels, plan.preprocess)
+        self.oip_name = oip.model_name(plan.names[-1])  # the Open Inference Protocol's name for the cascade
         self.fused = not stages
         if self.fused:
             gpus = max(o.per_stage("num_gpus", len(plan.names)))
@@ -203,6 +211,7 @@ class Ingress:
         self.m_requests.inc()
         self.m_exits.inc(tags={"stage": self.names[i]})
         self.m_latency.observe(ms)
+        prom.LATENCY.observe(ms / 1e3)
         return {"class": int(pred), "name": self.class_names[int(pred)] if self.class_names else None,
                 "confidence": float(conf), "exit_stage": i, "stage_name": self.names[i],
                 "latency_ms": round(ms, 3)}
@@ -416,6 +425,87 @@ class Ingress:
             return JSONResponse(body, status_code=503, headers={"Retry-After": str(drain.RETRY_AFTER_S)})
         return body
 
+    # --- the Open Inference Protocol (KServe v2): the cascade as one model ----------------------
+    async def answer_all(self, imgs: list) -> list[dict]:
+        """/predict's answer for each decoded image, through the same batching and audit."""
+        t0 = time.perf_counter()
+        if self.fused:
+            futures = [self._fused_submit(img, t0) for img in imgs]
+            try:
+                outs = await asyncio.wait_for(asyncio.gather(*map(asyncio.shield, futures)), self.o.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise BadRequest(503, OVERLOADED) from None
+            return [self._record(img, t0, *self._unpack(o)) for img, o in zip(imgs, outs)]
+        outs = await asyncio.gather(*(self._walk_answer(img) for img in imgs))
+        return [self._record(img, t0, *o) for img, o in zip(imgs, outs)]
+
+    def _model(self, name: str) -> None:
+        if name != self.oip_name:
+            raise BadRequest(404, f"unknown model {name!r}; this service serves {self.oip_name!r}")
+
+    @api.get("/v2")
+    async def oip_server(self):
+        from .. import __version__
+
+        return {"name": "tinysaver", "version": __version__, "extensions": oip.EXTENSIONS}
+
+    @api.get("/v2/health/live")
+    async def oip_live(self):
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def oip_ready(self):
+        r = await self.readyz()
+        return r if isinstance(r, JSONResponse) else {"ready": True}
+
+    @api.get("/v2/models/{name}")
+    @api.get("/v2/models/{name}/versions/{version}")
+    async def oip_metadata(self, name: str, version: str = oip.VERSION):
+        try:
+            self._model(name)
+            self._version(version)
+        except BadRequest as e:
+            return self._error(e)
+        return oip.model_metadata(self.oip_name)
+
+    @api.get("/v2/models/{name}/ready")
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    async def oip_model_ready(self, name: str, version: str = oip.VERSION):
+        try:
+            self._model(name)
+            self._version(version)
+        except BadRequest as e:
+            return self._error(e)
+        r = await self.readyz()
+        return r if isinstance(r, JSONResponse) else {"name": self.oip_name, "ready": True}
+
+    @staticmethod
+    def _version(version: str) -> None:
+        if version != oip.VERSION:
+            raise BadRequest(404, f"unknown version {version!r}; the cascade has version {oip.VERSION}")
+
+    @api.post("/v2/models/{name}/infer")
+    @api.post("/v2/models/{name}/versions/{version}/infer")
+    async def oip_infer(self, name: str, request: Request, version: str = oip.VERSION):
+        try:
+            self._model(name)
+            self._version(version)
+            check_token(request.headers, self.token)
+            with self._admitted():
+                with self._on_its_way():
+                    req = oip.parse_infer(await read_body(request, self.o.max_body_bytes),
+                                          request.headers.get(oip.HEADER_LENGTH))
+                    imgs = await asyncio.to_thread(decode_all, req.images, self.budget)
+                bad = next(((i, x) for i, x in enumerate(imgs) if isinstance(x, BadRequest)), None)
+                if bad:
+                    raise BadRequest(bad[1].status, f"image {bad[0]}: {bad[1].reason}")
+                answers = await self.answer_all(imgs)
+        except BadRequest as e:
+            return self._error(e)
+        body, headers = oip.encode_response(self.oip_name, req, answers)
+        return Response(body, headers={k: v for k, v in headers.items() if k != "content-type"},
+                        media_type=headers["content-type"])
+
     @api.get("/livez")
     async def livez(self):
         """Liveness: this replica's event loop answers (a stopping service is still alive)."""
@@ -442,11 +532,27 @@ class Ingress:
         return {**out, "requests": self.timed}
 
     @api.get("/metrics")
+    async def metrics(self, request: Request):
+        """Prometheus text (``Accept: application/json`` gives ``/metrics.json``'s body)."""
+        try:
+            check_token(request.headers, self.token)
+        except BadRequest as e:
+            return self._error(e)
+        stats = await self._stats()
+        if "application/json" in request.headers.get("accept", ""):
+            return stats
+        return Response(prom.render(stats), media_type=prom.CONTENT_TYPE)
+
+    @api.get("/metrics.json")
     async def metrics_json(self, request: Request):
         try:
             check_token(request.headers, self.token)
         except BadRequest as e:
             return self._error(e)
+        return await self._stats()
+
+    async def _stats(self) -> dict:
+        """Counters, batch sizes, timing and the audit: the body of /metrics.json."""
         if self.fused:  # the batches of requests, then what each stage ran on (the base: their survivors)
             batches = {"fused": {int(k): v for k, v in sorted(self.batcher.sizes.items())},
                        **{f"fused:{name}": dict(sorted(sizes.items()))

@@ -1,0 +1,152 @@
+"""The Open Inference Protocol's parsing and encoding, and the Prometheus text, without Ray: requests
+built by clients we did not write (tritonclient, kserve) parse, and our responses parse in them."""
+import base64
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import need_package
+from tinysaver.serve import oip
+from tinysaver.serve.http import BadRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = [b"\x89PNG\r\n\x1a\nfirst", b"\xff\xd8\xffsecond\x00\x00", b"third"]
+ANSWERS = [{"class": 3, "name": "Dress", "confidence": 0.75, "stage_name": "saver"},
+           {"class": 1, "name": "Trouser", "confidence": 0.5, "stage_name": "base"},
+           {"class": 0, "name": None, "confidence": 0.25, "stage_name": "base"}]
+
+
+def triton_request(outputs=None):
+    need_package("tritonclient")
+    import tritonclient.http as th
+    from tritonclient.http._utils import _get_inference_request
+
+    tensor = th.InferInput("image", [len(IMAGES)], "BYTES")
+    tensor.set_data_from_numpy(np.array(IMAGES, dtype=np.object_))
+    body, n = _get_inference_request([tensor], "", outputs, 0, False, False, 0, None, None)
+    return body, None if n is None else str(n)
+
+
+def test_tritonclient_binary_requests_and_responses_round_trip():
+    import tritonclient.http as th
+
+    body, n = triton_request()
+    req = oip.parse_infer(body, n)
+    assert req.images == IMAGES and [o.name for o in req.outputs] == list(oip.OUTPUTS)
+    assert all(o.binary for o in req.outputs)  # no outputs named: tritonclient asks for binary ones
+    out, headers = oip.encode_response("m-cascade", req, ANSWERS)
+    res = th.InferResult.from_response_body(out, header_length=int(headers["Inference-Header-Content-Length"]))
+    assert res.as_numpy("class_index").tolist() == [3, 1, 0]
+    assert res.as_numpy("label").tolist() == [b"Dress", b"Trouser", b"0"]
+    np.testing.assert_allclose(res.as_numpy("confidence"), [0.75, 0.5, 0.25])
+    assert res.as_numpy("stage").tolist() == [b"saver", b"base", b"base"]
+    # the classification extension: "<score>:<index>:<label>", as Triton gives it
+    body, n = triton_request([th.InferRequestedOutput("label", binary_data=False, class_count=1)])
+    req = oip.parse_infer(body, n)
+    out, headers = oip.encode_response("m-cascade", req, ANSWERS)
+    assert "Inference-Header-Content-Length" not in headers
+    res = th.InferResult.from_response_body(out)
+    assert res.as_numpy("label").tolist() == [["0.750000:3:Dress"], ["0.500000:1:Trouser"], ["0.250000:0:0"]]
+
+
+def test_kserve_json_requests_with_base64_images_parse():
+    need_package("kserve")
+    from kserve import InferInput, InferRequest
+
+    tensor = InferInput(name="image", shape=[3], datatype="BYTES", data=[base64.b64encode(x).decode() for x in IMAGES])
+    rest, _ = InferRequest(model_name="m-cascade", infer_inputs=[tensor], request_id="r1").to_rest()
+    req = oip.parse_infer(json.dumps(rest).encode(), None)
+    assert req.images == IMAGES and req.id == "r1" and not any(o.binary for o in req.outputs)
+    out, headers = oip.encode_response("m-cascade", req, ANSWERS)
+    body = json.loads(out)
+    assert headers["content-type"] == "application/json" and body["id"] == "r1"
+    got = {o["name"]: o["data"] for o in body["outputs"]}
+    assert got == {"class_index": [3, 1, 0], "label": ["Dress", "Trouser", "0"], "confidence": [0.75, 0.5, 0.25],
+                   "stage": ["saver", "base", "base"]}
+
+
+@pytest.mark.parametrize("body,header,words", [
+    (b"{not json", None, "not JSON"),
+    (json.dumps({"inputs": []}).encode(), None, "non-empty 'inputs'"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]}).encode(), None,
+     "unknown input 'x'"),
+    (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]}).encode(), None,
+     "is BYTES"),
+    (json.dumps({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}]}).encode(), None,
+     "shape [2] (2 elements) but 1 images"),
+    (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]}).encode(),
+     None, "not base64"),
+    (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
+                 "outputs": [{"name": "label", "parameters": {"classification": 3}}]}).encode(), None, "top 1 only"),
+    (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
+                 "outputs": [{"name": "logits"}]}).encode(), None, "unknown output 'logits'"),
+    (b'{"inputs": []}', "999", "not a length within the body"),
+    (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                             "parameters": {"binary_data_size": 9}}]}).encode() + b"\x05\x00\x00\x00ab", "86",
+     "binary_data_size 9 is more than"),
+])
+def test_bad_infer_requests_are_one_400_line(body, header, words):
+    if header == "86":
+        header = str(body.index(b"\x05"))
+    with pytest.raises(BadRequest) as e:
+        oip.parse_infer(body, header)
+    assert e.value.status == 400 and words in e.value.reason and "\n" not in e.value.reason
+
+
+def sample_stats() -> dict:
+    return {"stages": ["mobilenetv3_small_075", "resnet10t"], "thresholds": [0.897, None],
+            "exits": {"mobilenetv3_small_075": 7, "resnet10t": 3},
+            "exit_ratio": {"mobilenetv3_small_075": 0.7, "resnet10t": 0.3},
+            "batch_sizes": {"fused": {1: 2, 8: 1}, "fused:mobilenetv3_small_075": {1: 2, 8: 1},
+                            "fused:resnet10t": {3: 1}},
+            "audit": {"state": "certified", "audited": 4, "loss_points": {"lower": 0.0, "upper": 1.25}}}
+
+
+def parsed_families(text: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_are_prometheus_text_in_base_units():
+    need_package("prometheus_client")
+    from tinysaver.serve import prom
+
+    prom.HTTP_REQUESTS.labels("/predict", "200").inc()
+    prom.LATENCY.observe(0.012)
+    fams = parsed_families(prom.render(sample_stats()).decode())
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+    assert samples[("tinysaver_http_requests_total", (("route", "/predict"), ("status", "200")))] >= 1
+    assert samples[("tinysaver_answers_total", (("stage", "resnet10t"),))] == 3
+    assert samples[("tinysaver_exit_ratio", (("stage", "mobilenetv3_small_075"),))] == 0.7
+    assert samples[("tinysaver_threshold", (("stage", "mobilenetv3_small_075"),))] == 0.897
+    assert ("tinysaver_threshold", (("stage", "resnet10t"),)) not in samples  # the base never exits early
+    assert samples[("tinysaver_audit_state", (("state", "certified"),))] == 1
+    assert samples[("tinysaver_audit_state", (("state", "drift"),))] == 0
+    assert samples[("tinysaver_audit_loss_upper_bound_ratio", ())] == 0.0125
+    assert samples[("tinysaver_batch_size_count", (("stage", "mobilenetv3_small_075"),))] == 3
+    assert samples[("tinysaver_batch_size_sum", (("stage", "requests"),))] == 10
+    assert samples[("tinysaver_batch_size_bucket", (("le", "4.0"), ("stage", "mobilenetv3_small_075")))] == 2
+    assert fams["tinysaver_request_duration_seconds"].type == "histogram"
+
+
+def dashboard_metric_names() -> set[str]:
+    board = json.loads((ROOT / "deploy" / "grafana" / "tinysaver.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    assert exprs, "the dashboard has no queries"
+    return {re.sub(r"_(bucket|sum|count|total)$", "", m) for e in exprs for m in re.findall(r"\btinysaver_\w+", e)}
+
+
+def test_every_dashboard_query_names_a_metric_the_service_exports():
+    need_package("prometheus_client")
+    from tinysaver.serve import prom
+
+    exported = {re.sub(r"_total$", "", n) for n in parsed_families(prom.render(sample_stats()).decode())}
+    names = dashboard_metric_names()
+    assert names and names <= exported, names - exported
+    # the panels the dashboard promises: throughput, p50/p99 latency, exit ratio, the audit
+    assert {"tinysaver_http_requests", "tinysaver_request_duration_seconds", "tinysaver_exit_ratio",
+            "tinysaver_audit_state", "tinysaver_audit_loss_upper_bound_ratio"} <= names

@@ -1,0 +1,208 @@
+"""The Open Inference Protocol (KServe v2) for the cascade: request parsing and response encoding.
+
+The cascade is one model of the protocol, named after its base (``resnet10t-cascade``). Its input
+``image`` is a ``BYTES`` tensor of N encoded images (PNG, JPEG, …): in JSON as base64 strings, as
+KServe's image examples send them, or through the binary-data extension that ``tritonclient``
+uses (a JSON header of ``Inference-Header-Content-Length`` bytes, then each element as a 4-byte
+little-endian length and its bytes). Its outputs, one row per image: ``class_index`` (INT64),
+``label`` (BYTES), ``confidence`` (FP32) and ``stage`` (BYTES, the stage that answered). An output
+asked for with ``"parameters": {"classification": 1}`` comes back as ``"<score>:<index>:<label>"``
+strings, as Triton's classification extension gives them; a cascade answers with its top-1 only,
+so k > 1 is refused. Nothing here imports Ray: the parsing is tested on its own.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .http import BadRequest
+
+INPUT = "image"
+OUTPUTS = {"class_index": "INT64", "label": "BYTES", "confidence": "FP32", "stage": "BYTES"}
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ["classification", "binary_tensor_data"]
+VERSION = "1"
+
+
+def model_name(base: str) -> str:
+    """The protocol's name of the cascade whose base is ``base``: ``<base>-cascade``."""
+    return f"{base.replace('/', '_')}-cascade"
+
+
+def model_metadata(name: str) -> dict:
+    return {"name": name, "versions": [VERSION], "platform": "tinysaver_cascade",
+            "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": k, "datatype": v, "shape": [-1]} for k, v in OUTPUTS.items()]}
+
+
+@dataclass
+class Requested:
+    name: str
+    binary: bool = False
+    classification: int = 0
+
+
+@dataclass
+class InferRequest:
+    """What an infer request asks: the encoded images, and the outputs in the order to give them."""
+
+    images: list[bytes]
+    outputs: list[Requested] = field(default_factory=list)
+    id: str | None = None
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(400, f"{what} must be a whole number ≥ 0, got {value!r}")
+    return value
+
+
+def _split_bytes(raw: bytes) -> list[bytes]:
+    """The elements of a BYTES tensor in the binary form: each a 4-byte little-endian length, then its bytes."""
+    out, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise BadRequest(400, "the binary BYTES data ends inside an element's 4-byte length")
+        (n,) = struct.unpack_from("<I", raw, at)
+        at += 4
+        if at + n > len(raw):
+            raise BadRequest(400, f"a BYTES element says {n} bytes but only {len(raw) - at} follow")
+        out.append(raw[at:at + n])
+        at += n
+    return out
+
+
+def _from_json(data: Any) -> list[bytes]:
+    flat = data if isinstance(data, list) else [data]
+    while flat and all(isinstance(x, list) for x in flat):
+        flat = [y for x in flat for y in x]
+    out = []
+    for i, x in enumerate(flat):
+        if not isinstance(x, str):
+            raise BadRequest(400, f"input '{INPUT}' element {i}: expected a base64 string, got {type(x).__name__}")
+        try:
+            out.append(base64.b64decode(x, validate=True))
+        except (binascii.Error, ValueError):
+            raise BadRequest(400, f"input '{INPUT}' element {i}: not base64 (send encoded image bytes as base64 "
+                                  "strings, or as binary data)") from None
+    return out
+
+
+def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
+    """The request of ``POST /v2/models/{name}/infer``: a JSON body, or a JSON header of
+    ``header_length`` bytes followed by binary tensor data. Anything else is a 400."""
+    if header_length is not None:
+        if not header_length.strip().isdigit() or int(header_length) > len(body):
+            raise BadRequest(400, f"Inference-Header-Content-Length {header_length!r} is not a length within the "
+                                  f"body of {len(body)} bytes")
+        n = int(header_length)
+        head, rest = body[:n], body[n:]
+    else:
+        head, rest = body, b""
+    try:
+        req = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"the request is not JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+        raise BadRequest(400, f"an infer request is a JSON object with a non-empty 'inputs' list (one input, "
+                              f"'{INPUT}')")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest(400, "'parameters' must be an object")
+    images: list[bytes] | None = None
+    for tensor in req["inputs"]:
+        if not isinstance(tensor, dict):
+            raise BadRequest(400, "each input is an object with name, shape, datatype and data")
+        if tensor.get("name") != INPUT:
+            raise BadRequest(400, f"unknown input {tensor.get('name')!r}; this model takes one input, '{INPUT}'")
+        if tensor.get("datatype") != "BYTES":
+            raise BadRequest(400, f"input '{INPUT}' is BYTES (encoded images), got {tensor.get('datatype')!r}")
+        shape = tensor.get("shape")
+        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise BadRequest(400, f"input '{INPUT}' needs a shape such as [N], got {shape!r}")
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            size = _int(size, "binary_data_size")
+            if size > len(rest):
+                raise BadRequest(400, f"binary_data_size {size} is more than the {len(rest)} bytes after the header")
+            images, rest = _split_bytes(rest[:size]), rest[size:]
+        elif "data" in tensor:
+            images = _from_json(tensor["data"])
+        else:
+            raise BadRequest(400, f"input '{INPUT}' has neither data nor binary_data_size")
+        want = 1
+        for d in shape:
+            want *= d
+        if want != len(images):
+            raise BadRequest(400, f"input '{INPUT}' has shape {shape} ({want} elements) but {len(images)} images")
+    if not images:
+        raise BadRequest(400, f"input '{INPUT}' holds no image")
+    binary_all = bool(params.get("binary_data_output", False))
+    outputs = []
+    for o in req.get("outputs") or []:
+        if not isinstance(o, dict) or o.get("name") not in OUTPUTS:
+            raise BadRequest(400, f"unknown output {o.get('name') if isinstance(o, dict) else o!r}; this model gives "
+                                  f"{', '.join(OUTPUTS)}")
+        p = o.get("parameters") or {}
+        k = _int(p.get("classification", 0), "classification")
+        if k > 1:
+            raise BadRequest(400, "classification asks for the top 1 only here: a cascade's early answer carries "
+                                  "no ranking past its first class")
+        outputs.append(Requested(o["name"], bool(p.get("binary_data", binary_all)), k))
+    if not outputs:
+        outputs = [Requested(n, binary_all) for n in OUTPUTS]
+    rid = req.get("id")
+    return InferRequest(images, outputs, None if rid is None else str(rid))
+
+
+def _values(name: str, answers: Sequence[dict]) -> list:
+    if name == "class_index":
+        return [int(a["class"]) for a in answers]
+    if name == "label":
+        return [a["name"] if a["name"] is not None else str(a["class"]) for a in answers]
+    if name == "confidence":
+        return [float(a["confidence"]) for a in answers]
+    return [a["stage_name"] for a in answers]
+
+
+def _binary(datatype: str, values: list) -> bytes:
+    if datatype == "BYTES":
+        parts = [v.encode() if isinstance(v, str) else v for v in values]
+        return b"".join(struct.pack("<I", len(p)) + p for p in parts)
+    return struct.pack(f"<{len(values)}{'q' if datatype == 'INT64' else 'f'}", *values)
+
+
+def encode_response(name: str, req: InferRequest, answers: Sequence[dict]) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers for ``answers`` (one ``/predict`` answer dict per image): JSON, or
+    a JSON header and binary data when an output asks for it."""
+    outputs, blobs = [], []
+    n = len(answers)
+    for r in req.outputs:
+        values, datatype, shape = _values(r.name, answers), OUTPUTS[r.name], [n]
+        if r.classification:
+            values = [f"{a['confidence']:f}:{int(a['class'])}:{lab}" for a, lab in zip(answers, _values("label", answers))]
+            datatype, shape = "BYTES", [n, 1]
+        out: dict[str, Any] = {"name": r.name, "datatype": datatype, "shape": shape}
+        if r.binary:
+            blob = _binary(datatype, values)
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            out["data"] = values
+        outputs.append(out)
+    head = {"model_name": name, "model_version": VERSION, "outputs": outputs}
+    if req.id is not None:
+        head["id"] = req.id
+    text = json.dumps(head).encode()
+    if not blobs:
+        return text, {"content-type": "application/json"}
+    return text + b"".join(blobs), {"content-type": "application/octet-stream",
+                                    "Inference-Header-Content-Length": str(len(text))}
+
+
+__all__ = ["EXTENSIONS", "HEADER_LENGTH", "INPUT", "InferRequest", "OUTPUTS", "encode_response", "model_metadata",
+           "model_name", "parse_infer"]
