@@ -1,4 +1,5 @@
 """The cascade as a Ray Serve service: real HTTP requests against one local Ray instance."""
+import base64
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -340,6 +341,65 @@ def test_grpc_answers_as_http_and_refuses_with_a_status_code(service, offline):
         with pytest.raises(grpc.RpcError) as e:
             predict(service["grpc"], body, application="fused")
         assert e.value.code() == code and reason in e.value.details(), (e.value.code(), e.value.details())
+
+
+def test_open_inference_protocol_clients_we_did_not_write_get_the_cascade_s_answers(service, offline):
+    """tritonclient (binary tensors) on the fused app and kserve's REST client (JSON, base64) on the
+    per-stage app: the cascade is one Open Inference Protocol model, and its answers are
+    Cascade.predict's; /metrics parses as Prometheus text with what they asked counted."""
+    need_package("tritonclient")
+    need_package("kserve")
+    import asyncio
+
+    import tritonclient.http as th
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tinysaver.policy import MARGIN
+
+    imgs, ref = offline
+    n, name = 24, f"{BASE}-cascade"
+    stable = np.abs(ref.stage_conf[0][:n].astype(np.float64) - service["sel"].thresholds[0]) >= MARGIN
+    url = str(service["client"].base_url).removeprefix("http://").rstrip("/")
+    triton = th.InferenceServerClient(url=f"{url}/fused", network_timeout=120.0)
+    assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready(name)
+    meta = triton.get_model_metadata(name)
+    assert meta["name"] == name and meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert {o["name"] for o in meta["outputs"]} == {"class_index", "label", "confidence", "stage"}
+    tensor = th.InferInput("image", [n], "BYTES")
+    tensor.set_data_from_numpy(np.array([png(imgs[i]) for i in range(n)], dtype=np.object_))
+    res = triton.infer(name, [tensor])  # no outputs named: all of them, as binary data
+    cls, stage = res.as_numpy("class_index"), res.as_numpy("stage")
+    labels = res.as_numpy("label")
+    for i in np.flatnonzero(stable):
+        assert cls[i] == ref.pred[i] and stage[i].decode() == ref.stage_names[ref.stage[i]], i
+        assert labels[i].decode() == ref.class_names[ref.pred[i]]
+    top = triton.infer(name, [tensor], outputs=[th.InferRequestedOutput("label", class_count=1)]).as_numpy("label")
+    score, index, label = top[0][0].decode().split(":")
+    assert int(index) == cls[0] and label == labels[0].decode() and abs(float(score) - res.as_numpy("confidence")[0]) < 1e-5
+    with pytest.raises(th.InferenceServerException, match="unknown model"):
+        triton.get_model_metadata("resnet50-cascade")
+
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    async def kserve_infer():
+        client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=120))
+        data = [base64.b64encode(png(imgs[i])).decode() for i in range(n)]
+        req = InferRequest(model_name=name, infer_inputs=[InferInput(name="image", shape=[n], datatype="BYTES",
+                                                                      data=data)])
+        try:
+            return await client.infer(str(service["client"].base_url).rstrip("/"), req, model_name=name)
+        finally:
+            await client.close()
+
+    out = {o.name: o.data for o in asyncio.run(kserve_infer()).outputs}
+    for i in np.flatnonzero(stable):
+        assert out["class_index"][i] == ref.pred[i] and out["stage"][i] == ref.stage_names[ref.stage[i]], i
+    text = service["client"].get("/fused/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    routes = {s.labels["route"] for s in fams["tinysaver_http_requests"].samples if s.labels.get("status") == "200"}
+    assert "/v2/models/{name}/infer" in routes
+    answered = sum(s.value for s in fams["tinysaver_answers"].samples)
+    assert answered >= 2 * n and fams["tinysaver_exit_ratio"].samples
 
 
 def esn_policy_for(confs: np.ndarray):
@@ -755,7 +815,8 @@ def test_the_api_fuzzed_from_its_own_schema_never_gives_5xx_and_refuses_in_its_o
     schema = schemathesis.openapi.from_url(base + "/openapi.json")
     seen = []
     for method, path, n in [("POST", "/predict", 60), ("POST", "/predict/batch", 30), ("GET", "/healthz", 5),
-                            ("GET", "/metrics", 5)]:
+                            ("GET", "/metrics", 5), ("POST", "/v2/models/{name}/infer", 30),
+                            ("GET", "/v2/models/{name}", 5), ("GET", "/v2/health/ready", 3)]:
         op = schema[path][method]
         # a route without parameters or body has no invalid input for the negative mode to make
         modes = ["POSITIVE", "NEGATIVE"] if method == "POST" else ["POSITIVE"]

@@ -58,6 +58,15 @@ _ONE_IMAGE = {"requestBody": {"required": True, "content": {
 _IMAGES = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
+# the protocol's infer request, in the part that this model reads (see tinysaver.serve.oip)
+_OIP_INFER = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"},
+        "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+            "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+            "datatype": {"type": "string"}, "data": {"type": "array", "items": {"type": "string"}}}}},
+        "outputs": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}}}}}}}}}}
+
 
 @api.exception_handler(HTTPException)
 async def _http_error(request, exc):  # unknown routes and methods: the service's own error shape
@@ -484,8 +493,8 @@ class Ingress:
         if version != oip.VERSION:
             raise BadRequest(404, f"unknown version {version!r}; the cascade has version {oip.VERSION}")
 
-    @api.post("/v2/models/{name}/infer")
-    @api.post("/v2/models/{name}/versions/{version}/infer")
+    @api.post("/v2/models/{name}/infer", openapi_extra=_OIP_INFER)
+    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_OIP_INFER)
     async def oip_infer(self, name: str, request: Request, version: str = oip.VERSION):
         try:
             self._model(name)
