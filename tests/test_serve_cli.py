@@ -49,9 +49,14 @@ def services(tmp_path_factory):
     elif serve_cli is None:
         procs["serve-run"] = "Ray Serve's 'serve' command is not on PATH"
     else:
-        env = {**os.environ, "RAY_worker_niceness": "0"}
-        procs["serve-run"] = start("serve-run", [serve_cli, "run", "tinysaver.serve:app", "zoo=fashion-mnist",
-                                                 "base=resnet10t", "num_cpus=0.5", "token=s3cret"], env=env)
+        # what a platform runs: the config `serve build` writes for the module-level app, run by `serve run`
+        # (the token from the environment, as the builder reads it)
+        built = logs / "serve.yaml"
+        done = subprocess.run([serve_cli, "build", "tinysaver.serve.default:app", "-o", str(built)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        env = {**os.environ, "RAY_worker_niceness": "0", "TINYSAVER_TOKEN": "s3cret"}
+        procs["serve-run"] = start("serve-run", [serve_cli, "run", str(built)], env=env)
     yield procs
     for p in (procs["tinysaver"][0], procs["serve-run"]):
         if isinstance(p, subprocess.Popen) and p.poll() is None:
@@ -171,10 +176,14 @@ def test_serve_command_answers_and_drains_on_sigterm_to_its_group(services):
         # Retry-After and an error body while draining; never Ray's 404 or anything else
         got = stream_while_stopping(proc, url, png(img))
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the test failed before its stop: stop it as a service manager would
             import os
 
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
     out = proc.log.read_text()
     assert proc.returncode == 0, out[-3000:]
     assert got["odd"] == [] and got["counts"].get(200, 0) > got["answered_before"] > 0, got
@@ -184,8 +193,8 @@ def test_serve_command_answers_and_drains_on_sigterm_to_its_group(services):
     print(f"stopped {got['exit_s']:.1f} s after SIGTERM; answers {got['counts']}")
 
 
-def test_serve_run_with_the_application_builder(services):
-    """What the README shows for Ray-native deployment: serve run tinysaver.serve:app key=value."""
+def test_serve_run_of_the_config_serve_build_wrote(services):
+    """What the README shows for Ray-native deployment: serve build, then serve run of its config."""
     import httpx
 
     from tinysaver.data import load_dataset

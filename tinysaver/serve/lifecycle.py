@@ -11,6 +11,7 @@ Ray is an optional extra (``.[serve]``), so it is imported inside the functions 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -100,12 +101,32 @@ class LocalHead:
                 self.proc.wait(max(timeout_s, 0.1))
             except subprocess.TimeoutExpired:
                 pass
-        try:  # whatever of the node outlived its ``ray start`` (the session's group is its pid)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        # whatever of the node outlived its ``ray start``: the session is its pid, and a process that
+        # made a group of its own in it (Serve's HAProxy in the high-throughput mode, restarted
+        # while the node stops) would hold its ports after the node is gone
+        for _ in range(3):
+            left = in_session(self.proc.pid)
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            if not left:
+                break
+            time.sleep(0.2)
         self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def in_session(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (zombies left out), read from /proc; [] off Linux."""
+    out = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z" and int(entry.name) != os.getpid():
+            out.append(int(entry.name))
+    return out
 
 
 def _die_with_parent() -> None:
@@ -270,12 +291,13 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
             wait_running(APP, startup_timeout_s, stop, needs, head)
         else:
             serve.run(app, name=APP, route_prefix="/")
-        if stop:  # Ctrl-C or SIGTERM during start-up: nothing was answered, nothing to drain
+        if stop:  # during start-up: a replica that is up may have admitted requests, so it drains too
             say("tinysaver: stopped before the service was up")
-            return 0
-        grpc_line = f", and gRPC {grpc_api.METHOD} at {host}:{grpc_port}" if grpc_port else ""
-        say(f"tinysaver: serving {' → '.join(models)} at http://{host}:{port} (POST /predict, POST /predict/batch, "
-            f"GET /healthz, /livez, /readyz, /metrics){grpc_line}; Ctrl-C stops")
+        else:
+            grpc_line = f", and gRPC {grpc_api.METHOD} at {host}:{grpc_port}" if grpc_port else ""
+            say(f"tinysaver: serving {' → '.join(models)} at http://{host}:{port} (POST /predict, POST /predict/batch, "
+                f"GET /healthz, /livez, /readyz, /metrics, and the Open Inference Protocol under /v2){grpc_line}; "
+                "Ctrl-C stops")
         watch = AuditWatch(f"http://{_local(host)}:{port}/healthz")
         while not stop:
             time.sleep(0.2)
