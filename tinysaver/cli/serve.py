@@ -124,6 +124,10 @@ def serve_options(args: argparse.Namespace):
     from ..serve import ServeOptions
     from ..serve.builders import HIGH_THROUGHPUT_ENV
 
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # the local Ray's ``ray start`` turns on Ray's token authentication, as ray.init would; this
+        # process presents the token only in the same mode, which Ray reads once, when imported
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     if args.high_throughput:
         if args.address or os.environ.get("RAY_ADDRESS"):
             raise UsageError("--high-throughput sets up the local Ray instance; a cluster you join is in it only if "

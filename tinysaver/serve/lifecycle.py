@@ -70,11 +70,11 @@ class LocalHead:
         self.dir = Path(tempfile.mkdtemp(prefix="tinysaver-ray-"))
         self.log = self.dir / "head.log"
         env = dict(os.environ)
-        env.setdefault("RAY_AUTH_MODE", "disabled")  # as the driver's ray.init expects, unless set for both
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
                  "start", "--head", "--block", f"--port={self.port}", "--disable-usage-stats",
+                 "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                  f"--temp-dir={self.dir}", *(f"--{name}={_free_port()}" for name in OWN_PORTS)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                 preexec_fn=_die_with_parent)
@@ -273,7 +273,10 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
         local_ray_env()  # settings for the local instance about to start
         head = LocalHead()
     try:
-        ray.init(address=head.address if head else address, log_to_driver=False)
+        if head:
+            ray.init(address=head.address, log_to_driver=False, _node_ip_address="127.0.0.1")
+        else:
+            ray.init(address=address, log_to_driver=False)
         catch_signals()  # ray.init installs a SIGTERM handler that dumps a C++ stack and aborts
         if stop:
             say("tinysaver: stopped before the service was up")
