@@ -55,8 +55,8 @@ def test_bodies_raw_multipart_and_every_refusal_in_one_sentence():
     assert run(read_files(FakeRequest(img, "image/png"), False, 10_000)) == [("body", img)]
     body, ctype = multipart([("a.png", img), ("b.png", img)])
     assert [n for n, _ in run(read_files(FakeRequest(body, ctype), True, 10_000))] == ["a.png", "b.png"]
-    assert len(run(read_files(FakeRequest(body, ctype), False, 10_000))) == 1
-    cases = [(FakeRequest(img, "image/png"), False, 10, 413, "over the limit of 10 bytes"),
+    cases = [(FakeRequest(body, ctype), False, 10_000, 400, "/predict takes one image, the form holds 2 files"),
+             (FakeRequest(img, "image/png"), False, 10, 413, "over the limit of 10 bytes"),
              (FakeRequest(img, "image/png", length=False), False, 10, 413, "over the limit"),
              (FakeRequest(img, "text/plain"), False, 10_000, 415, "application/octet-stream"),
              (FakeRequest(img, "image/png"), True, 10_000, 415, "multipart/form-data"),
