@@ -52,6 +52,25 @@ def encoded_images(zoo, split: str, n: int) -> tuple[list[bytes], object]:
     return [src.read(i) for i in range(len(src.ids))], data
 
 
+def start_local_service(apps: dict) -> str:
+    """A local Ray (2 CPUs) and Serve on a free port of 127.0.0.1 running ``apps`` ({name:
+    (application, route prefix)}); returns the base URL. ``ray.shutdown()`` ends it."""
+    import ray
+    from ray import serve
+
+    from tinysaver.serve import local_ray_env, start_serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    local_ray_env()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_serve({"host": "127.0.0.1", "port": port})
+    for name, (app, prefix) in apps.items():
+        serve.run(app, name=name, route_prefix=prefix)
+    return f"http://127.0.0.1:{port}"
+
+
 async def closed_loop(url: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[float, list[dict]]:
     import httpx
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import encoded_images  # noqa: E402
+from bench_serve import encoded_images, start_local_service  # noqa: E402
 
 SERVE_PROCESS_NAMES = ("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")
 
@@ -131,27 +131,19 @@ def main() -> int:
     ap.add_argument("--hostile", type=float, default=0.0, help="fraction of requests that are hostile shapes (413)")
     args = ap.parse_args()
 
-    import socket
-
     import ray
     from ray import serve
 
     from tinysaver.selector import SelectorConfig, select
-    from tinysaver.serve import ServeOptions, build_app, local_ray_env, start_serve
+    from tinysaver.serve import ServeOptions, build_app
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
     sel = select(zoo, args.base, SelectorConfig()).best
     bodies, _ = encoded_images(zoo, "test", 2000)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    local_ray_env()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    start_serve({"host": "127.0.0.1", "port": port})
-    serve.run(build_app(sel, zoo, ServeOptions(layout="fused", num_cpus=0.5, audit=args.audit)), name="soak",
-              route_prefix="/")
-    url, health = f"http://127.0.0.1:{port}/predict", f"http://127.0.0.1:{port}/healthz"
+    base = start_local_service({"soak": (build_app(sel, zoo, ServeOptions(layout="fused", num_cpus=0.5,
+                                                                          audit=args.audit)), "/")})
+    url, health = f"{base}/predict", f"{base}/healthz"
     start_rss = serve_rss()
     print(f"{' → '.join(sel.models)}, fused, audit {args.audit}, hostile {args.hostile}; concurrency {args.concurrency} for {args.minutes} min "
           f"(at most {args.max_requests} requests) on 127.0.0.1; load before {os.getloadavg()[0]:.2f}; Serve RSS at "

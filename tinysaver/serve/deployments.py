@@ -448,9 +448,13 @@ class Ingress:
         outs = await asyncio.gather(*(self._walk_answer(img) for img in imgs))
         return [self._record(img, t0, *o) for img, o in zip(imgs, outs)]
 
-    def _model(self, name: str) -> None:
+    def _unknown(self, name: str, version: str) -> JSONResponse | None:
+        """The protocol's 404 for a model or version this service does not serve; None for its own."""
         if name != self.oip_name:
-            raise BadRequest(404, f"unknown model {name!r}; this service serves {self.oip_name!r}")
+            return self._error(BadRequest(404, f"unknown model {name!r}; this service serves {self.oip_name!r}"))
+        if version != oip.VERSION:
+            return self._error(BadRequest(404, f"unknown version {version!r}; the cascade has version {oip.VERSION}"))
+        return None
 
     @api.get("/v2")
     async def oip_server(self):
@@ -470,35 +474,24 @@ class Ingress:
     @api.get("/v2/models/{name}")
     @api.get("/v2/models/{name}/versions/{version}")
     async def oip_metadata(self, name: str, version: str = oip.VERSION):
-        try:
-            self._model(name)
-            self._version(version)
-        except BadRequest as e:
-            return self._error(e)
-        return oip.model_metadata(self.oip_name)
+        return self._unknown(name, version) or oip.model_metadata(self.oip_name)
 
     @api.get("/v2/models/{name}/ready")
     @api.get("/v2/models/{name}/versions/{version}/ready")
     async def oip_model_ready(self, name: str, version: str = oip.VERSION):
-        try:
-            self._model(name)
-            self._version(version)
-        except BadRequest as e:
-            return self._error(e)
+        unknown = self._unknown(name, version)
+        if unknown:
+            return unknown
         r = await self.readyz()
         return r if isinstance(r, JSONResponse) else {"name": self.oip_name, "ready": True}
-
-    @staticmethod
-    def _version(version: str) -> None:
-        if version != oip.VERSION:
-            raise BadRequest(404, f"unknown version {version!r}; the cascade has version {oip.VERSION}")
 
     @api.post("/v2/models/{name}/infer", openapi_extra=_OIP_INFER)
     @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_OIP_INFER)
     async def oip_infer(self, name: str, request: Request, version: str = oip.VERSION):
+        unknown = self._unknown(name, version)
+        if unknown:
+            return unknown
         try:
-            self._model(name)
-            self._version(version)
             check_token(request.headers, self.token)
             with self._admitted():
                 with self._on_its_way():
