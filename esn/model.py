@@ -15,6 +15,7 @@ from torch import nn
 
 from .staged import pooled
 from tinysaver.errors import UsageError
+from tinysaver.policy import confidence
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def esn_loss(exit_logits: torch.Tensor, target: torch.Tensor, saver_logits: torc
     ``exit_logits`` is (N, B, K); ``target`` is (B,) class indices or (B, K) soft targets (mixup).
     The paper sums over samples; we average so the learning rate does not depend on batch size.
     """
-    w = 2.0 * (1.0 - saver_logits.detach().float().softmax(-1).max(-1).values)
+    w = 2.0 * (1.0 - confidence(saver_logits.detach())[0])
     total = exit_logits.new_zeros(())
     for logits in exit_logits:
         ce = nn.functional.cross_entropy(logits.float(), target, reduction="none")
