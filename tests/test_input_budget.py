@@ -179,3 +179,15 @@ def test_random_small_shapes_are_refused_or_processed_within_the_bound(tmp_path)
         assert r.startswith("refused: ") == over, (w, h, r)
     assert "processed" in got["results"] and any(r.startswith("refused") for r in got["results"])
     assert got["grew_mb"] < ACCEPTED_GROWTH_MB, got
+
+
+def test_a_model_s_preprocessing_is_known_before_its_weights_load():
+    """profile checks images against every model of its config first: the preprocessing read without
+    weights is the one the loaded model has."""
+    from tinysaver.models import ModelSpec, create_model, model_preprocess
+
+    specs = [ModelSpec("test_resnet", num_classes=3, input_size=32), ModelSpec("test_vit", num_classes=3),
+             ModelSpec("resnet10t", num_classes=10, in_chans=1, input_size=32,
+                       preprocess={"crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.286], "std": [0.353]})]
+    for spec in specs:
+        assert model_preprocess(spec) == create_model(spec).preprocess, spec

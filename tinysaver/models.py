@@ -401,8 +401,12 @@ def model_preprocess(spec: ModelSpec | str) -> Preprocess:
     kind = resolve_kind(spec.name)
     if kind == "torchvision":
         return _torchvision_preprocess(spec)
-    with torch.device("meta"):
-        return _timm_preprocess(_timm_module(spec, kind, pretrained=False), spec)
+    try:
+        with torch.device("meta"):
+            return _timm_preprocess(_timm_module(spec, kind, pretrained=False), spec)
+    except (RuntimeError, NotImplementedError):  # a model that computes at build time (.item() on meta)
+        with torch.random.fork_rng(devices=[]):
+            return _timm_preprocess(_timm_module(spec, kind, pretrained=False), spec)
 
 
 def create_model(spec: ModelSpec | str, device: str | torch.device = "cpu") -> LoadedModel:
