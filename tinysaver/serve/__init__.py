@@ -5,8 +5,11 @@
 One job per file: ``options`` (``ServeOptions`` and the frozen ``Plan``), ``http`` (bodies,
 multipart, decoding, the pixel cap, tokens), ``audit`` (the live loss bound), ``stages`` (what a
 replica runs), ``walk`` (how a request finds its answer in each layout), ``deployments`` (the Serve
-deployments, which import Ray) and ``builders`` (plans and applications). Only ``deployments``
-imports Ray or FastAPI, and only when an application is built.
+deployments, which import Ray), ``builders`` (plans and applications), ``oip`` (the Open
+Inference Protocol's requests and responses), ``prom`` (``/metrics`` as Prometheus text),
+``drain`` (the stop flag the replicas read), ``lifecycle`` (a local Ray of the service's own,
+start-up, drain and stop) and ``default`` (the default cascade as an application, for
+``serve build``). ``deployments``, ``drain`` and ``lifecycle`` import Ray, and only when used.
 """
 from .audit import AuditMonitor, confidence_sequence
 from .builders import (app, application, build_app, local_ray_env, plan_for, replica_needs, stage_options, start_serve,
