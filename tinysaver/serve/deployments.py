@@ -435,18 +435,24 @@ class Ingress:
         return body
 
     # --- the Open Inference Protocol (KServe v2): the cascade as one model ----------------------
-    async def answer_all(self, imgs: list) -> list[dict]:
-        """/predict's answer for each decoded image, through the same batching and audit."""
+    async def _answer_all(self, imgs: list) -> list[dict]:
+        """/predict's answer for each decoded image, through the same batching and audit; one
+        BadRequest for the request when any image cannot be answered (the protocol has no per-item
+        errors): 503 to retry, 500 when a stage failed."""
         t0 = time.perf_counter()
-        if self.fused:
-            futures = [self._fused_submit(img, t0) for img in imgs]
-            try:
+        try:
+            if self.fused:
+                futures = [self._fused_submit(img, t0) for img in imgs]
                 outs = await asyncio.wait_for(asyncio.gather(*map(asyncio.shield, futures)), self.o.request_timeout_s)
-            except asyncio.TimeoutError:
-                raise BadRequest(503, OVERLOADED) from None
-            return [self._record(img, t0, *self._unpack(o)) for img, o in zip(imgs, outs)]
-        outs = await asyncio.gather(*(self._walk_answer(img) for img in imgs))
-        return [self._record(img, t0, *o) for img, o in zip(imgs, outs)]
+                return [self._record(img, t0, *self._unpack(o)) for img, o in zip(imgs, outs)]
+            outs = await asyncio.gather(*(self._walk_answer(img) for img in imgs))
+            return [self._record(img, t0, *o) for img, o in zip(imgs, outs)]
+        except asyncio.TimeoutError:
+            raise BadRequest(503, OVERLOADED) from None
+        except BadRequest:
+            raise
+        except Exception as e:  # a stage failed on a batch that held one of these images
+            raise BadRequest(500, f"the cascade failed: {type(e).__name__}: {e}"[:300]) from None
 
     def _unknown(self, name: str, version: str) -> JSONResponse | None:
         """The protocol's 404 for a model or version this service does not serve; None for its own."""
@@ -501,7 +507,7 @@ class Ingress:
                 bad = next(((i, x) for i, x in enumerate(imgs) if isinstance(x, BadRequest)), None)
                 if bad:
                     raise BadRequest(bad[1].status, f"image {bad[0]}: {bad[1].reason}")
-                answers = await self.answer_all(imgs)
+                answers = await self._answer_all(imgs)
         except BadRequest as e:
             return self._error(e)
         body, headers = oip.encode_response(self.oip_name, req, answers)
