@@ -355,3 +355,10 @@ def test_serve_run_with_a_bad_argument_is_one_line_without_ray_s_traceback():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "Error: tinysaver.serve:app: unknown argument(s) ['colour']" in out.stderr
+
+
+def test_profile_names_where_units_run_executor_and_refuses_the_old_spelling(capsys):
+    out = run_here(capsys, "profile", "--config", "zoo_index/configs/fashion-mnist.yaml", "--backend", "ray")
+    one_line(out, "profile --backend ray is now --executor ray (local or ray); --backends names the model runtimes")
+    out = run_here(capsys, "profile", "--help")
+    assert "--executor {local,ray}" in out.stdout and "--backend " not in out.stdout.replace("--backends", "")

@@ -215,7 +215,7 @@ def test_cli_ray_backend_joins_a_running_cluster(ray_local, cfg, local_zoo, tmp_
     conf = tmp_path / "tiny.yaml"
     conf.write_text(yaml.safe_dump({"zoo": cfg.zoo, "splits": cfg.splits, "models": [m.to_dict() for m in cfg.models],
                                     "eval_batch_size": cfg.eval_batch_size, "topk": cfg.topk}))
-    out = subprocess.run([sys.executable, "-m", "tinysaver", "profile", "--config", str(conf), "--backend", "ray",
+    out = subprocess.run([sys.executable, "-m", "tinysaver", "profile", "--config", str(conf), "--executor", "ray",
                           "--address", ray_local.get_runtime_context().gcs_address, "--shards", "3",
                           "--root", str(tmp_path), "--quiet"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]

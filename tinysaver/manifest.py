@@ -87,7 +87,7 @@ class ModelEntry:
     calibration: dict | None = None
     backends: dict = field(default_factory=dict)
     published: dict | None = None
-    profiled_on: str | None = None  # "ray" when profile --backend ray measured it
+    profiled_on: str | None = None  # "ray" when profile --executor ray measured it
 
     @classmethod
     def from_dict(cls, key: str, d: Any, file: Path | str = "zoo.yaml") -> "ModelEntry":

@@ -31,6 +31,3 @@ def published_gmacs(arch: str, img_size: int = 224, folder: Path | None = None) 
         raise NotFoundError(f"{arch} at {img_size}px is not in {BENCHMARK_CSV}")
     return float(row["infer_gmacs"].iloc[0])
 
-
-def published_results(folder: Path | None = None) -> pd.DataFrame:
-    return pd.read_csv((folder or results_dir()) / RESULTS_CSV)

@@ -6,6 +6,8 @@ import argparse
 from ..errors import UsageError
 from ..limits import MAX_PIXELS
 from ..backends import BACKENDS
+
+EXECUTORS = ("local", "ray")  # where profiling units run
 from ._args import add_zoo, command, int_list, positive_float, positive_int, root_of
 
 # What Ctrl-C prints: every finished model and shard is on disk, so the same command carries on.
@@ -49,14 +51,18 @@ def register(sub) -> None:
                    help="with --latency-only: re-time only the rows stored as noisy (timed on a busy machine)")
     q.add_argument("--backends", default=BACKENDS[0],
                    help=f"with --latency-only: comma-separated {', '.join(BACKENDS)}")
-    q.add_argument("--backend", choices=["local", "ray"], default="local",
+    q.add_argument("--executor", choices=EXECUTORS, default=EXECUTORS[0],
                    help="where the units run: here, or on a Ray cluster (predictions and FLOPs; latency stays "
                         "local). Not a model runtime: see --backends")
-    q.add_argument("--address", help="with --backend ray: the cluster to join (default: $RAY_ADDRESS, else local)")
-    q.add_argument("--shards", type=positive_int, default=4, help="with --backend ray: shards per split")
-    q.add_argument("--gpus-per-task", type=float, default=0.0, help="with --backend ray: GPUs per model actor")
-    q.add_argument("--cpus-per-task", type=float, default=1.0, help="with --backend ray: CPUs per model actor")
-    q.add_argument("--max-retries", type=int, default=3, help="with --backend ray: replacements per lost worker (its unit always runs again)")
+    # the old name of --executor, refused with a hint; kept as an option so that argparse does not
+    # take it for an abbreviation of --backends, the model runtimes
+    q.add_argument("--backend", dest="old_executor", help=argparse.SUPPRESS)
+    q.add_argument("--address", help="with --executor ray: the cluster to join (default: $RAY_ADDRESS, else local)")
+    q.add_argument("--shards", type=positive_int, default=4, help="with --executor ray: shards per split")
+    q.add_argument("--gpus-per-task", type=float, default=0.0, help="with --executor ray: GPUs per model actor")
+    q.add_argument("--cpus-per-task", type=float, default=1.0, help="with --executor ray: CPUs per model actor")
+    q.add_argument("--max-retries", type=int, default=3,
+                   help="with --executor ray: replacements per lost worker (its unit always runs again)")
     q.add_argument("--plan", action="store_true",
                    help="print the expected wall time and GPU-hours of the config, run nothing")
     q.add_argument("--gpus", type=positive_int, default=1, help="with --plan: GPUs to plan for")
@@ -79,6 +85,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from ..profiler import LATENCY_SECONDS, ProfileConfig, profile, profile_latency
     from ..zoo import zoo_path
 
+    if args.old_executor is not None:
+        raise UsageError(f"profile --backend {args.old_executor} is now --executor {args.old_executor} (local or ray); "
+                         "--backends names the model runtimes of --latency-only")
     root = root_of(args)
     batch_sizes = [b for part in args.batch_sizes for b in (part if isinstance(part, list) else [part])]
     if args.noisy_only and not args.latency_only:
@@ -115,7 +124,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         print(format_plan(plan_profile(cfg, args.gpus, args.gpu_type, root=root)))
         return 0
-    if args.backend == "ray":
+    if args.executor == "ray":
         from ..profile_ray import profile_on_ray
 
         counts = profile_on_ray(cfg, root, address=args.address, shards=args.shards,

@@ -174,7 +174,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def token_of(args: argparse.Namespace) -> str | None:
-    return args.token or os.environ.get("TINYSAVER_TOKEN") or None
+    from ..serve.http import token_or_env
+
+    return token_or_env(args.token)
 
 
 def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) -> int:

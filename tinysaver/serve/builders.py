@@ -3,13 +3,13 @@ builder ``serve run tinysaver.serve:app key=value …`` calls."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import ServeError, TinysaverError
 from ..policy import Selection
+from .http import token_or_env
 from .options import Plan, ServeOptions
 
 log = logging.getLogger("tinysaver.serve")
@@ -204,7 +204,7 @@ def _app(args: dict):
                               savers=saver.split(",") if isinstance(saver, str) else saver,
                               threshold=None if threshold is None else float(threshold),
                               selection=args.pop("selection", None))
-    token = args.pop("token", None) or os.environ.get("TINYSAVER_TOKEN") or None
+    token = token_or_env(args.pop("token", None))
     return build_app(selection, zoo, ServeOptions(**_typed(args)), token=token)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 from ..errors import ImageError, PixelCapError, TinysaverError
@@ -88,6 +89,14 @@ def decode(data: bytes, budget):
         return decode_image(data, budget)
     except ImageError as e:  # one plain sentence, the same as infer prints
         raise BadRequest(413 if isinstance(e, PixelCapError) else 400, f"not a usable image: {e}") from None
+
+
+TOKEN_ENV = "TINYSAVER_TOKEN"
+
+
+def token_or_env(token: str | None) -> str | None:
+    """The token a service requires: the one given, else ``$TINYSAVER_TOKEN``, else None (open)."""
+    return token or os.environ.get(TOKEN_ENV) or None
 
 
 def check_token(headers, token: str | None) -> None:
