@@ -310,13 +310,11 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
         t0 = time.monotonic()
         say(f"tinysaver: stopping: new requests get 503; answering those admitted (at most {drain_timeout_s:g} s)")
         drain(APP, max(drain_timeout_s - STOP_RESERVE_S, 0.0), say)
-        if not head:  # a shared cluster keeps its Serve; our application goes
-            serve.delete(APP, _blocking=False)
         say(f"tinysaver: drained in {time.monotonic() - t0:.1f} s; stopping Ray")
         return 0
     finally:
         if ray.is_initialized():
-            if not head:
+            if not head:  # a shared cluster keeps its Serve; our application goes, stopped or failed
                 try:
                     serve.delete(APP, _blocking=False)
                 except Exception:  # noqa: BLE001 - the error being reported matters more
