@@ -160,3 +160,27 @@ def test_zero_and_bounded_report_their_clopper_pearson_bound_and_warn_on_small_c
     import dataclasses
 
     assert "say little" not in describe(dataclasses.replace(sel, calib_samples=5000))
+
+
+def test_a_criterion_that_certifies_nothing_says_which_tolerance_would(capsys):
+    from tests.helpers import run_here
+
+    out = run_here(capsys, "query", "--zoo", "fashion-mnist", "--base", "resnet10t", "--criterion", "guaranteed")
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("no saver"))
+    import re
+
+    m = re.search(r"at ε = 0 points; at ε = ([\d.]+) a saver would be selected \(--tolerance ([\d.]+)\)", line)
+    assert m and m.group(1) == m.group(2), line
+    out = run_here(capsys, "query", "--zoo", "fashion-mnist", "--base", "resnet10t", "--criterion", "guaranteed",
+                   "--tolerance", m.group(1))
+    assert out.returncode == 0 and "saver: " in out.stdout and "no saver" not in out.stdout, out.stdout[:500]
+
+
+def test_a_saving_is_never_printed_as_minus_zero(capsys):
+    """A label-free latency query whose best is the base alone printed "saving -0.0%"."""
+    from tests.helpers import run_here
+
+    out = run_here(capsys, "query", "--zoo", "fashion-mnist", "--base", "resnet10t", "--cost", "latency:cpu:bs1",
+                   "--label-free")
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cost:"))
+    assert "(saving 0.0%)" in line and "-0.0" not in out.stdout, line

@@ -21,7 +21,7 @@ def summary_row(sel: Selection) -> dict[str, Any]:
     else:
         r["ms_base"] = round(sel.cost_base, 4)
         r["ms_cascade"] = round(sel.cost_cascade, 4)
-    r["saving_%"] = round(sel.saving_pct, 2)
+    r["saving_%"] = round(sel.saving_pct, 2) + 0.0
     r[f"acc_base_{sel.calib_split}"] = round(100 * sel.acc_base_calib, 2)
     r[f"acc_cascade_{sel.calib_split}"] = round(100 * sel.acc_cascade_calib, 2)
     if sel.test_split is not None:
@@ -53,7 +53,7 @@ def describe(sel: Selection) -> str:
                          "threshold; float noise may move them")
     if sel.cost_base is not None:
         lines.append(f"cost: {_fmt_cost(sel.cost_base, sel.cost_metric)} → "
-                     f"{_fmt_cost(sel.cost_cascade, sel.cost_metric)}  (saving {sel.saving_pct:.1f}%)")
+                     f"{_fmt_cost(sel.cost_cascade, sel.cost_metric)}  (saving {round(sel.saving_pct, 1) + 0.0:.1f}%)")  # + 0.0: never "-0.0"
     # label-free selections measure agreement with the base, not accuracy: say which
     what = "agreement with the base" if sel.target == "base-agreement" else "accuracy"
     if sel.acc_base_calib is not None:

@@ -34,7 +34,7 @@ unsupervised early exits), so "accuracy" becomes agreement with the base.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -549,12 +549,30 @@ def _select_on(zoo_name: str, base: str, pool: Sequence[str], costs: dict[str, f
     useful = sorted((c for c in cands if c.cost < costs[base]), key=lambda c: (c.cost, -c.correct))
     if not useful:
         why = "no cheaper model in the zoo" if not pool else f"no saver meets the {cfg.criterion} criterion"
+        if pool and get_criterion(cfg.criterion).takes_tolerance:
+            why += _tolerance_hint(base, pool, calib, costs, cfg, orders, delta_pair)
         sel = _report([Stage(base, None)], zoo_name, base, calib, test, costs, cfg, len(pool),
                       message=f"no saver: run the base alone ({why})")
         return SelectionResult(sel)
     rows = [_report(c.stages, zoo_name, base, calib, test, costs, cfg, len(pool), chain_delta=chain_delta)
             for c in useful[:top]]
     return SelectionResult(rows[0], rows)
+
+
+# tolerances (accuracy points) tried, smallest first, to say which would let a saver through
+TOLERANCE_LADDER = (0.25, 0.5, 1.0, 2.0, 5.0)
+
+
+def _tolerance_hint(base, pool, calib, costs, cfg: SelectorConfig, orders, delta_pair: float) -> str:
+    """``at ε = 1 points a saver would be selected (--tolerance 1)``, for the smallest tolerance of
+    :data:`TOLERANCE_LADDER` above ``cfg``'s at which a pair passes on this calibration set; or
+    that none of them would."""
+    for eps in (t for t in TOLERANCE_LADDER if t > cfg.tolerance):
+        tried = replace(cfg, tolerance=eps)
+        found = _pair_candidates(base, pool, calib, costs, tried, orders, delta_pair, None)
+        if any(c.cost < costs[base] for c in found):
+            return f" at ε = {cfg.tolerance:g} points; at ε = {eps:g} a saver would be selected (--tolerance {eps:g})"
+    return f" at ε = {cfg.tolerance:g} points, nor at any up to {TOLERANCE_LADDER[-1]:g}"
 
 
 def _report(stages: list[Stage], zoo_name: str, base: str, calib: SplitData, test: SplitData | None,
