@@ -29,7 +29,7 @@ def register(sub) -> None:
     q.add_argument("--epochs", type=positive_int)
     q.add_argument("--num-layers", type=int)
     q.add_argument("--dim", type=positive_int)
-    q.add_argument("--train-limit", type=positive_int, help="use only the first N training images")
+    add_train_limit(q)
     q.add_argument("--out", required=True)
     q = command(esub, "eval", cmd_eval, "choose exit thresholds on calib, report test and budgets")
     q.add_argument("--checkpoint", required=True)
@@ -82,7 +82,7 @@ def register(sub) -> None:
     q.add_argument("--base", required=True)
     q.add_argument("--regimes", default=",".join(REGIMES))
     _regime_args(q)
-    q.add_argument("--train-limit", type=positive_int, help="use only the first N images of each split")
+    add_train_limit(q)
 
 
 def _settings_args(q) -> None:
@@ -100,7 +100,7 @@ def _settings_args(q) -> None:
                    help="T of the label-free T/2^n threshold rule (points)")
     q.add_argument("--wallclock-images", type=int, default=d["wallclock_images"].default,
                    help="test images timed at batch 1 and 128 (0: skip)")
-    q.add_argument("--train-limit", type=positive_int, help="use only the first N training images")
+    add_train_limit(q)
 
 
 def _regime_args(q) -> None:
@@ -119,6 +119,11 @@ def _pair(args, granularity="stage"):
 
     zoo = load_zoo(args.zoo, Path(args.root) if args.root else None)
     return zoo, Pair.from_zoo(zoo, args.saver, args.base, granularity)
+
+
+def add_train_limit(q) -> None:
+    q.add_argument("--train-limit", type=positive_int,
+                   help="use only the first N images of each split (train, and calib and test too: a quick run)")
 
 
 def check_criterion(args) -> None:
