@@ -127,3 +127,14 @@ def test_a_reader_that_leaves_early_is_no_error():
     p.stdout.close()  # like `| head` exiting before the output is written
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 0 and "BrokenPipe" not in err and "Traceback" not in err
+
+
+def test_zoo_show_fits_100_columns_unless_asked_for_all(capsys):
+    from tests.helpers import run_here
+
+    for zoo in ("fashion-mnist", "imagenet-lite", "imagenet-catalog"):
+        out = run_here(capsys, "zoo", "show", zoo)
+        assert out.returncode == 0 and max(map(len, out.stdout.splitlines())) <= 100, zoo
+        assert "more columns: --wide" in out.stdout and "top1_" in out.stdout
+    wide = run_here(capsys, "zoo", "show", "fashion-mnist", "--wide").stdout
+    assert max(map(len, wide.splitlines())) > 100 and "ece_T_test" in wide and "more columns" not in wide

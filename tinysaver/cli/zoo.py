@@ -8,6 +8,7 @@ from ..zoo import DEFAULT_ZOO
 from ._args import add_zoo, command, group, root_of
 
 FORMATS = ("table", "markdown", "csv")
+NARROW = 100  # characters a default `zoo show` table fits in
 
 
 def register(sub) -> None:
@@ -17,6 +18,9 @@ def register(sub) -> None:
     q = command(zsub, "show", cmd_zoo_show, "show one zoo's models")
     q.add_argument("name", nargs="?", default=DEFAULT_ZOO)
     q.add_argument("--format", choices=FORMATS, default=FORMATS[0])
+    q.add_argument("--wide", action="store_true",
+                   help=f"every column (a table shows the main ones within {NARROW} characters; csv and markdown "
+                        "always give all)")
     q = command(zsub, "calibrate", cmd_zoo_calibrate,
                 "fit a temperature per model; store calibrated confidences and ECE before/after")
     add_zoo(q)
@@ -48,11 +52,21 @@ def cmd_zoo_show(args: argparse.Namespace) -> int:
         print(f"zoo {z.name} ({z.path}) has no models yet: run 'tinysaver profile' into it")
         return 0
     if args.format == "table":
-        print(f"zoo {z.name}: {z.manifest.get('description', '')}".rstrip(": "))
+        import textwrap
+
+        head = f"zoo {z.name}: {z.manifest.get('description', '')}".rstrip(": ")
+        print(head if args.wide else textwrap.fill(head, NARROW, subsequent_indent="  "))
         for s, v in z.splits.items():
-            print(f"  split {s}: {v.get('samples')} samples from {v.get('source')} (fingerprint {v.get('fingerprint')})")
+            line = f"  split {s}: {v.get('samples')} samples from {v.get('source')} (fingerprint {v.get('fingerprint')})"
+            print(line if args.wide else textwrap.fill(line, NARROW, subsequent_indent="    "))
     table = z.table()
-    print(format_table(table, args.format))
+    if args.format == "table" and not args.wide:
+        shown, hidden = narrow(table, NARROW)
+        print(format_table(shown, args.format))
+        if hidden:
+            print(f"({hidden} more columns: --wide, or --format csv)")
+    else:
+        print(format_table(table, args.format))
     if "noisy" in table and table["noisy"].notna().any():
         print("tinysaver: warning: latency in the 'noisy' column was timed on a busy machine; re-time it with "
               f"'tinysaver profile --latency-only --noisy-only --zoo {z.name} --backends …'", file=sys.stderr)
@@ -65,3 +79,22 @@ def cmd_zoo_calibrate(args: argparse.Namespace) -> int:
     path = calibrate_zoo(args.zoo, args.model, args.fit_split, root=args.root)
     print(f"calibrated confidences written to {path}/calibration; see 'tinysaver zoo show {args.zoo}'")
     return 0
+
+
+def narrow(table, width: int):
+    """The table cut to its main columns (model, status, input size, cost, two top-1 columns with
+    test first, batch-1 latency), the least wanted dropped until its text fits in ``width``
+    characters; returns it and how many columns it leaves out."""
+    from ..report import format_table
+
+    top1 = sorted((c for c in table.columns if c.startswith("top1_")), key=lambda c: ("test" not in c, c))
+    # kept first to last: the model, its best top-1, its cost, then the rest while they fit
+    wanted = ["model", *top1[:1], "GFLOPs", "params_M", "status", "input_px", *top1[1:2], "ms_bs1"]
+    keep = [c for c in wanted if c in table.columns]
+    while len(keep) > 1 and max(map(len, format_table(table[_in_order(table, keep)], "table").splitlines())) > width:
+        keep.pop()
+    return table[_in_order(table, keep)], len(table.columns) - len(keep)
+
+
+def _in_order(table, names: list[str]) -> list[str]:
+    return [c for c in table.columns if c in names]
