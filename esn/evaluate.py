@@ -116,7 +116,7 @@ def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic
     _, calib, test = splits or esn_splits(zoo)
     out = {}
     for name, ds in (("calib", calib), ("test", test)):
-        f = features[name] if features else frozen_features(pair, ds.images)
+        f = features[name] if features else frozen_features(pair, ds.images, desc=f"esn eval: {name} features")
         p, c = offline_exit_outputs(esn, f)
         out[name] = {"preds": p, "confs": c, "base_pred": f["base_logits"].argmax(-1).numpy(), "labels": ds.labels}
     cal, tst = out["calib"], out["test"]

@@ -82,16 +82,20 @@ class Pair:
         return cls(zoo.name, saver, base, s, b, staged(b.module, granularity))
 
 
-def frozen_features(pair: Pair, images, batch_size: int = 256) -> dict[str, torch.Tensor]:
+def frozen_features(pair: Pair, images, batch_size: int = 256, desc: str | None = None) -> dict[str, torch.Tensor]:
     """Saver pre-logits (N, D), saver logits (N, K), pooled base stage features [(N, C_n)], base logits.
 
-    ``pair.saver`` may be None (exits inside the base only): then the saver entries are absent."""
+    ``pair.saver`` may be None (exits inside the base only): then the saver entries are absent.
+    ``desc``: show a progress bar over the batches on stderr, with this label (a minute's work on
+    10k images here)."""
+    from tqdm.auto import tqdm
+
     from tinysaver.transforms import prepare_batch
 
     out: dict[str, list] = {"saver_feat": [], "saver_logits": [], "base_logits": []}
     stage_feats: list[list[torch.Tensor]] = []
     with torch.inference_mode():
-        for s in range(0, len(images), batch_size):
+        for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False):
             chunk = images[s:s + batch_size]
             feats, bl = pair.base_staged.forward_all(prepare_batch(chunk, pair.base.preprocess))
             if pair.saver is not None:  # a pair without a saver feeds exits inside the base only

@@ -186,3 +186,17 @@ def test_guaranteed_exit_policy_covers_its_loss_by_simulation():
     loose = choose_policy(preds[:, :n], confs[:, :n], base_pred[:n], labels[:n], "guaranteed", 5.0, delta)
     tight = choose_policy(preds[:, :n], confs[:, :n], base_pred[:n], labels[:n], "guaranteed", 0.5, delta)
     assert tight.thresholds[0] >= loose.thresholds[0]
+
+
+def test_feature_extraction_shows_progress_when_labelled(pair, data, capsys):
+    """esn eval extracts calib and test features for a minute: its bar says so on stderr, and the
+    features are the same with or without it."""
+    from esn.train import frozen_features
+
+    capsys.readouterr()
+    quiet = frozen_features(pair, data.images, batch_size=8)
+    assert capsys.readouterr().err == ""
+    shown = frozen_features(pair, data.images, batch_size=8, desc="esn eval: test features")
+    err = capsys.readouterr().err
+    assert "esn eval: test features" in err and "/6 [" in err, err  # a bar over the 6 batches
+    torch.testing.assert_close(shown["base_logits"], quiet["base_logits"])
