@@ -275,7 +275,7 @@ def imagenet_source(path: str | os.PathLike) -> RawSource:
     """ImageNet-style folder or tar: the label is the wnid prefix of each file name."""
     p = Path(path)
     index = _imagenet_index()
-    if p.is_file() and p.suffix.lower() == ".tar" or p.is_file() and tarfile.is_tarfile(p):
+    if p.is_file() and (p.suffix.lower() == ".tar" or tarfile.is_tarfile(p)):
         tf = _open_tar(p)
         members = sorted((m for m in _tar_members(p, tf) if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES),
                          key=lambda m: m.name)

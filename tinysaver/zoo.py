@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .errors import ZooError  # noqa: F401 (re-exported)
+from .errors import CheckpointError, UsageError, ZooError  # noqa: F401 (ZooError re-exported)
 
 MANIFEST = "zoo.yaml"
 DEFAULT_ZOO = "fashion-mnist"  # the zoo bundled with the project, and every command's --zoo default
@@ -47,8 +47,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all: a temporary file beside it, renamed over it.
     A folder at ``path``, or a place that cannot be written, is a UsageError naming it, and leaves
     no temporary file behind."""
-    from .errors import UsageError
-
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path} is a folder; give a file name (e.g. {path / 'selection.json'})")
@@ -160,8 +158,6 @@ class Zoo:
             places = [self.path.parent.parent, Path(__file__).resolve().parent.parent, Path.cwd()]
             found = [p / ck for p in places if (p / ck).is_file()]
             if not found:
-                from .errors import CheckpointError
-
                 raise CheckpointError(f"zoo {self.name!r}: checkpoint {ck} of {key!r} is in none of "
                                       + ", ".join(str(p) for p in dict.fromkeys(places))
                                       + " (it is recorded relative to the checkout that held the zoo)")
