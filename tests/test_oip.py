@@ -84,6 +84,8 @@ def test_kserve_json_requests_with_base64_images_parse():
     (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
                  "outputs": [{"name": "logits"}]}).encode(), None, "unknown output 'logits'"),
     (b'{"inputs": []}', "999", "not a length within the body"),
+    (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}] * 2}).encode(),
+     None, "takes one input, 'image'; the request has 2"),
     (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                              "parameters": {"binary_data_size": 9}}]}).encode() + b"\x05\x00\x00\x00ab", "86",
      "binary_data_size 9 is more than"),

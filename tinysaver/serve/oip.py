@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -113,6 +114,8 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
     params = req.get("parameters") or {}
     if not isinstance(params, dict):
         raise BadRequest(400, "'parameters' must be an object")
+    if len(req["inputs"]) > 1:  # a second tensor would replace the first, silently
+        raise BadRequest(400, f"this model takes one input, '{INPUT}'; the request has {len(req['inputs'])}")
     images: list[bytes] | None = None
     for tensor in req["inputs"]:
         if not isinstance(tensor, dict):
@@ -134,9 +137,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
             images = _from_json(tensor["data"])
         else:
             raise BadRequest(400, f"input '{INPUT}' has neither data nor binary_data_size")
-        want = 1
-        for d in shape:
-            want *= d
+        want = math.prod(shape)
         if want != len(images):
             raise BadRequest(400, f"input '{INPUT}' has shape {shape} ({want} elements) but {len(images)} images")
     if not images:
