@@ -131,7 +131,7 @@ def esn_plan(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOpti
                 tuple(float(t) for t in policy.thresholds), tuple(float(t) for t in temps),
                 tuple(class_names) if class_names else None, o, base_from=1, factory=PART_STAGES,
                 extra={"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint)},
-                preprocess=tuple(p for p in map(zoo.preprocess, (ck["saver"], ck["base"])) if p is not None))
+                preprocess=zoo.preprocesses((ck["saver"], ck["base"])))
 
 
 def build_esn_app(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOptions | None = None,

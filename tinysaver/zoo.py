@@ -173,6 +173,11 @@ class Zoo:
         recorded = self.model(key).get("preprocess")
         return Preprocess.from_dict(recorded) if recorded else None
 
+    def preprocesses(self, keys) -> tuple:
+        """The recorded preprocessing of each of ``keys`` that records one, in order (what images
+        for those models are checked against: :class:`tinysaver.data.InputBudget`)."""
+        return tuple(p for p in map(self.preprocess, keys) if p is not None)
+
     def load_model(self, key: str, device: str = "cpu", accept_preprocess_change: bool = False):
         """Rebuild ``key`` as it was profiled, in eval mode on ``device``.
 

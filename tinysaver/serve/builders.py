@@ -47,7 +47,7 @@ def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeO
     return Plan(str(zoo.path), tuple(selection.models), tuple(selection.models),
                 tuple(float(t) for t in selection.thresholds), tuple(float(t) for t in selection.temperatures),
                 tuple(names) if names else None, o, base_from=n - 1,
-                preprocess=tuple(p for p in map(zoo.preprocess, selection.models) if p is not None))
+                preprocess=zoo.preprocesses(selection.models))
 
 
 def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:
