@@ -157,7 +157,7 @@ def main() -> int:
         from esn.train import Pair, load_esn
 
         model, ck = load_esn(args.esn, base=args.base)
-        pair = Pair.from_zoo(zoo, ck["saver"], ck["base"], ck["settings"]["granularity"])
+        pair = Pair.from_zoo(zoo, ck.saver, ck.base, ck.granularity)
         esn = (pair, model, calibrated_policy(zoo, pair, model))
     local_ray_env()  # as `tinysaver serve` starts its Ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -154,8 +154,8 @@ def cmd_eval(args) -> int:
     from .train import Pair, load_esn
 
     esn, ck = load_esn(args.checkpoint, saver=args.saver, base=args.base)
-    zoo = load_zoo(args.zoo or ck["zoo"], Path(args.root) if args.root else None)
-    pair = Pair.from_zoo(zoo, ck["saver"], ck["base"], ck["settings"]["granularity"])
+    zoo = load_zoo(args.zoo or ck.zoo, Path(args.root) if args.root else None)
+    pair = Pair.from_zoo(zoo, ck.saver, ck.base, ck.granularity)
     from .evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(zoo, pair, esn, args.criterion, args.tolerance)
@@ -249,9 +249,9 @@ def cmd_serve(args) -> int:
                              "--thresholds to choose thresholds and temperatures on calib")
         policy = ExitPolicy(list(args.thresholds))
     else:
-        pair = Pair.from_zoo(zoo, ck["saver"], ck["base"], ck["settings"]["granularity"])
+        pair = Pair.from_zoo(zoo, ck.saver, ck.base, ck.granularity)
         policy = calibrated_policy(zoo, pair, esn, args.criterion, args.tolerance, args.delta, args.calibrate)
-    names = part_names(ck["saver"], ck["base"], esn.num_exits)
+    names = part_names(ck.saver, ck.base, esn.num_exits)
     print("tinysaver: exits and thresholds: " + ", ".join(f"{n} ≥ {t:.4f}" for n, t in zip(names, policy.thresholds))
           + f", then {names[-1]}", file=sys.stderr)
     from tinysaver.serve import application, replica_needs

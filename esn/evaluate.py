@@ -15,6 +15,7 @@ from tinysaver.policy import answers, apply
 from .exits import exit_flops
 
 from .model import ExitSequenceNetwork
+from .pair import Pair
 from .policy import ExitPolicy, choose_policy
 from .staged import StagedModel
 
@@ -38,9 +39,7 @@ class ExitCosts:
 
 def exit_costs(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork) -> ExitCosts:
     """Counted once, by :func:`esn.exits.exit_flops`, for every exit method alike."""
-    from types import SimpleNamespace
-
-    f = exit_flops(SimpleNamespace(saver=saver, base=base, base_staged=base_staged), esn)
+    f = exit_flops(Pair.of(saver, base, base_staged), esn)
     return ExitCosts(f["saver"], f["base_total"], f["per_exit"], f["overhead"])
 
 

@@ -128,9 +128,7 @@ def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetw
                     images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Saver first; then base stage by stage on the still-open samples only, evaluating the ESN exit
     after each stage; the base head answers the rest. Returns (answer, exit index) in input order."""
-    from types import SimpleNamespace
-
     from .exits import dynamic_predict as run
+    from .pair import Pair
 
-    pair = SimpleNamespace(saver=saver, base=base, base_staged=base_staged)
-    return run(pair, esn, policy, images, batch_size)
+    return run(Pair.of(saver, base, base_staged), esn, policy, images, batch_size)

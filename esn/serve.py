@@ -18,11 +18,9 @@ are cut out of the eager model.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from types import SimpleNamespace
 
-from tinysaver.backends import DEFAULT_BACKEND
+from tinysaver.backends import get_backend
 from tinysaver.errors import UsageError
 from tinysaver.serve.options import Plan, ServeOptions
 
@@ -48,6 +46,7 @@ def _load_parts(zoo_dir, checkpoint, temperatures, device: str, accept_preproces
     from tinysaver.zoo import load_zoo
 
     from .exits import exit_stages
+    from .pair import Pair
     from .staged import staged
     from .train import load_esn
 
@@ -57,17 +56,17 @@ def _load_parts(zoo_dir, checkpoint, temperatures, device: str, accept_preproces
     esn, ck = load_esn(checkpoint)
     zoo = load_zoo(zoo_dir)
     s, b = (zoo.load_model(k, device=device, accept_preprocess_change=accept_preprocess_change)
-            for k in (ck["saver"], ck["base"]))
+            for k in (ck.saver, ck.base))
     for m in (s, b):
         m.module.eval().requires_grad_(False)
-    pair = SimpleNamespace(saver=s, base=b, base_staged=staged(b.module, ck["settings"]["granularity"]))
+    pair = Pair(ck.zoo, ck.saver, ck.base, s, b, staged(b.module, ck.granularity))
     return exit_stages(pair, esn.to(device).eval(), temperatures, device)
 
 
 def part_stages(plan: Plan, device: str = "cpu", only: list[int] | None = None) -> dict:
     """The factory of an ESN plan: {part index: engine stage} on this replica's ``device``."""
-    parts = _load_parts(plan.zoo_dir, plan.extra["checkpoint"], list(plan.temperatures), device,
-                        plan.options.accept_preprocess_change, plan.extra.get("sha256"))
+    parts = _load_parts(plan.stages.zoo_dir, plan.extra["checkpoint"], list(plan.stages.temperatures), device,
+                        plan.stages.accept_preprocess_change, plan.extra.get("sha256"))
     return {i: parts[i] for i in (range(len(parts)) if only is None else only)}
 
 
@@ -93,45 +92,46 @@ class ExitPartRunner:
 
 
 def check_policy(policy: ExitPolicy, num_exits: int) -> None:
-    """One threshold for the saver and each exit (a confidence in [0, 1], or inf to disable it), and
-    temperatures for those and the base head when given."""
+    """One threshold for the saver and each exit, and temperatures for those and the base head when
+    given (their values are checked by the plan, :class:`tinysaver.stageplan.StagePlan`)."""
     want = num_exits + 1
     if len(policy.thresholds) != want:
         raise UsageError(f"the saver and {num_exits} ESN exits need {want} thresholds, got {len(policy.thresholds)}")
-    for i, t in enumerate(policy.thresholds):
-        if not (math.isinf(t) and t > 0) and not 0.0 <= t <= 1.0:
-            raise UsageError(f"threshold {i} must be a confidence in [0, 1] or inf (never exit), got {t}")
-    if policy.temperatures is not None:
-        if len(policy.temperatures) != want + 1 or not all(t > 0 for t in policy.temperatures):
-            raise UsageError(f"give {want + 1} temperatures > 0 (saver, exits, base head), got {policy.temperatures}")
+    if policy.temperatures is not None and len(policy.temperatures) != want + 1:
+        raise UsageError(f"give {want + 1} temperatures > 0 (saver, exits, base head), got {policy.temperatures}")
 
 
 def esn_plan(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOptions | None = None) -> Plan:
     """The service plan of the saver, the ESN exits of ``checkpoint`` and their base, checked before
     anything is deployed: the checkpoint, its models in ``zoo``, the thresholds and the options."""
-    from tinysaver.cascade import zoo_class_names
+    from tinysaver.backends import backends_that
+    from tinysaver.stageplan import StagePlan, stage_values
 
     from .train import load_esn
 
     checkpoint = Path(checkpoint).resolve()  # replicas may run in another working directory
     esn, ck = load_esn(checkpoint)
-    if ck["zoo"] != zoo.name:
-        raise UsageError(f"{checkpoint} was trained on zoo {ck['zoo']!r}'s models; serve it with --zoo {ck['zoo']}")
-    for key in (ck["saver"], ck["base"]):
+    if ck.zoo != zoo.name:
+        raise UsageError(f"{checkpoint} was trained on zoo {ck.zoo!r}'s models; serve it with --zoo {ck.zoo}")
+    for key in (ck.saver, ck.base):
         zoo.model(key)
     check_policy(policy, esn.num_exits)
     o = options or ServeOptions()
-    names = part_names(ck["saver"], ck["base"], esn.num_exits)
-    if any(b != DEFAULT_BACKEND for b in o.per_stage("backend", len(names))):
-        raise UsageError(f"ESN exits run on {DEFAULT_BACKEND} PyTorch (each part is cut out of the torch module); "
-                         "drop --backend")
-    temps = policy.temperatures or [1.0] * len(names)
-    class_names = zoo_class_names(zoo)
-    return Plan(str(zoo.path), tuple(names), (ck["saver"],) + (ck["base"],) * (len(names) - 1),
-                tuple(float(t) for t in policy.thresholds), tuple(float(t) for t in temps),
-                tuple(class_names) if class_names else None, o, base_from=1, factory=PART_STAGES,
-                extra={"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint)},
-                preprocess=zoo.preprocesses((ck["saver"], ck["base"])))
+    names = part_names(ck.saver, ck.base, esn.num_exits)
+    n = len(names)
+    backends = stage_values(o.backend, n, "backend", (str,))
+    if not all(get_backend(b).torch_modules for b in backends):
+        raise UsageError(f"ESN exits run on {'/'.join(backends_that(torch_modules=True))} (each part is cut out of "
+                         "the torch module); drop --backend")
+    class_names = zoo.class_names
+    stages = StagePlan(str(zoo.path), (ck.saver,) + (ck.base,) * (n - 1), tuple(names),
+                       tuple(float(t) for t in policy.thresholds),
+                       tuple(float(t) for t in (policy.temperatures or [1.0] * n)), backends, (None,) * n, (False,) * n,
+                       batch_size=o.max_batch_size, class_names=tuple(class_names) if class_names else None,
+                       preprocess=zoo.preprocesses((ck.saver, ck.base)),
+                       accept_preprocess_change=o.accept_preprocess_change, base_from=1)
+    return Plan(stages, o, factory=PART_STAGES,
+                extra={"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint)})
 
 
 def build_esn_app(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOptions | None = None,

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .model import ESNConfig, ExitSequenceNetwork, esn_loss
-from .staged import StagedModel, pooled, saver_outputs, staged
+from .pair import Pair  # noqa: F401 (re-exported: the pair is what training takes)
+from .staged import pooled, saver_outputs
 from tinysaver.errors import MissingFileError, UsageError
 from tinysaver.yamlfile import read_mapping
 
@@ -56,30 +57,6 @@ class TrainSettings:
             raise UsageError(f"{path}: unknown ESN settings {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
         d.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**d)
-
-
-@dataclass
-class Pair:
-    """The frozen saver and base of an ESN, built from their zoo entries."""
-
-    zoo: str
-    saver_key: str
-    base_key: str
-    saver: Any  # LoadedModel
-    base: Any   # LoadedModel
-    base_staged: StagedModel = field(repr=False)
-
-    @classmethod
-    def from_zoo(cls, zoo, saver: str, base: str, granularity: str = "stage") -> "Pair":
-        if saver == base:
-            raise UsageError(f"a model cannot be its own saver: {saver!r} is the base; pick a cheaper model as --saver")
-        s = zoo.load_model(saver)
-        b = zoo.load_model(base)
-        if s.num_classes != b.num_classes:
-            raise UsageError(f"saver {saver!r} and base {base!r} predict different class spaces")
-        for m in (s, b):
-            m.module.eval().requires_grad_(False)
-        return cls(zoo.name, saver, base, s, b, staged(b.module, granularity))
 
 
 def frozen_features(pair: Pair, images, batch_size: int = 256, desc: str | None = None) -> dict[str, torch.Tensor]:
@@ -232,7 +209,28 @@ def save_esn(path: str | Path, esn: ExitSequenceNetwork, pair: Pair, settings: T
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def load_esn(path: str | Path, saver: str | None = None, base: str | None = None) -> tuple[ExitSequenceNetwork, dict]:
+@dataclass(frozen=True)
+class ESNCheckpoint:
+    """What an ESN checkpoint records besides its weights: the zoo and pair it was trained on, its
+    training settings (``TrainSettings`` as a dict) and the network's config; ``extra``: anything
+    training added (its history, say)."""
+
+    path: Path
+    zoo: str
+    saver: str
+    base: str
+    settings: dict
+    config: dict
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def granularity(self) -> str:
+        """Where the base was cut into stages ("stage" or "block")."""
+        return self.settings["granularity"]
+
+
+def load_esn(path: str | Path, saver: str | None = None,
+             base: str | None = None) -> tuple[ExitSequenceNetwork, ESNCheckpoint]:
     """Load an ESN checkpoint; refuse one made for a different saver or base."""
     if not Path(path).is_file():
         raise MissingFileError(f"{path}: no such ESN checkpoint; train one with 'tinysaver esn train'")
@@ -249,7 +247,9 @@ def load_esn(path: str | Path, saver: str | None = None, base: str | None = None
     cfg["stage_dims"] = tuple(cfg["stage_dims"])
     esn = ExitSequenceNetwork(ESNConfig(**cfg))
     esn.load_state_dict(ck["state_dict"])
-    return esn.eval(), ck
+    known = ("state_dict", "config", "saver", "base", "zoo", "settings")
+    return esn.eval(), ESNCheckpoint(Path(path), ck["zoo"], ck["saver"], ck["base"], dict(ck["settings"]),
+                                     dict(ck["config"]), {k: v for k, v in ck.items() if k not in known})
 
 
 def esn_splits(zoo, seed: int = 0, limit: int | None = None):

@@ -169,11 +169,11 @@ def stages_with_a_broken_base(plan, device="cpu", only=None) -> dict:
     last stage raises on every batch."""
     from tinysaver.serve.stages import model_stages
 
-    last = len(plan.keys) - 1
+    last = len(plan.stages.keys) - 1
     wanted = list(range(last + 1)) if only is None else list(only)
     out = model_stages(plan, device, [i for i in wanted if i != last])
     if last in wanted:
-        out[last] = FailingStage(plan.names[last])
+        out[last] = FailingStage(plan.stages.names[last])
     return out
 
 def zero_png(width: int, height: int) -> bytes:

@@ -125,6 +125,7 @@ def test_checkpoint_round_trip_and_refusal(pair, data, tmp_path):
     f = tmp_path / "esn.pt"
     save_esn(f, esn, pair, TrainSettings(epochs=1, dim=8))
     loaded, ck = load_esn(f, saver="saver", base="base")
+    assert (ck.saver, ck.base, ck.granularity, ck.path) == ("saver", "base", TrainSettings().granularity, f)
     for k, v in esn.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     with pytest.raises(ValueError, match="trained for base 'base'"):

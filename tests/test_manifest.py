@@ -44,7 +44,7 @@ def test_every_bundled_zoo_loads_and_types_its_entries():
     ("params", 12.5, "field 'params' must be an integer > 0"),
     ("num_classes", "ten", "field 'num_classes' must be an integer ≥ 2"),
     ("accuracy", {"calib": 1.5}, "field 'accuracy.calib' must be a number ≥ 0 and ≤ 1"),
-    ("status", "measurd", "field 'status' must be 'measured' or 'published'"),
+    ("status", "measurd", "field 'status' must be 'measured' or 'imported' or 'published'"),
     ("flop", 5, "unknown field(s) 'flop'"),
     ("key", "m2", "field 'key' must be the entry's own name 'm1'"),
     ("latency", {"table": {"bs1": {"ms_per_batch": 0}}}, "field 'latency.table.bs1.ms_per_batch' must be a number > 0"),

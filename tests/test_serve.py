@@ -617,7 +617,7 @@ def test_esn_serving_refuses_bad_policies_and_checkpoints(service, esn_service, 
     good = esn_service["policy"].thresholds
     with pytest.raises(ValueError, match="need 5 thresholds"):
         build_esn_app(ckpt, zoo, ExitPolicy(good[:-1]))
-    with pytest.raises(ValueError, match=r"in \[0, 1\] or inf"):
+    with pytest.raises(ValueError, match=r"in \[0, 1\] \(or inf: never exit\)"):
         build_esn_app(ckpt, zoo, ExitPolicy([1.5] + good[1:]))
     with pytest.raises(ValueError, match="eager"):
         build_esn_app(ckpt, zoo, ExitPolicy(good), ServeOptions(backend="onnxruntime"))

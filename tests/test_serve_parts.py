@@ -10,11 +10,18 @@ import torch
 
 from tests.helpers import png_bytes
 from tinysaver import engine
-from tinysaver.errors import ServeError
+from tinysaver.errors import CascadeError, ServeError
 from tinysaver.serve import AuditMonitor, BadRequest, Plan, ServeOptions
 from tinysaver.serve.batching import Batcher
 from tinysaver.serve.http import check_token, decode, decode_all, ndjson_as_ready, read_files
 from tinysaver.serve.walk import FusedBatcher, StageWalk
+from tinysaver.stageplan import StagePlan
+
+
+def stage_plan(names: tuple, thresholds: tuple) -> StagePlan:
+    """A plan of ``names`` (zoo models nobody loads) on the default backend."""
+    n = len(names)
+    return StagePlan("z", names, names, thresholds, (1.0,) * n, ("eager",) * n, (None,) * n, (False,) * n)
 
 
 class FakeRequest:
@@ -479,19 +486,24 @@ def test_options_choose_the_layout_and_plans_are_checked():
     with pytest.raises(ServeError, match="--max-body-mb must be > 0"):
         ServeOptions(max_body_bytes=0)
     o = ServeOptions()
-    with pytest.raises(ServeError, match="2 stages need 1 thresholds and 2 temperatures"):
-        Plan("z", ("a", "b"), ("a", "b"), (), (1.0, 1.0), None, o, base_from=1)
-    p = Plan("z", ("a", "b"), ("a", "b"), (0.5,), (1.0, 1.0), None, o, base_from=1)
+    with pytest.raises(CascadeError, match="1 saver\\(s\\) need as many thresholds, got 0"):
+        stage_plan(("a", "b"), ())
+    with pytest.raises(CascadeError, match="must lie in \\[0, 1\\]"):
+        stage_plan(("a", "b"), (1.5,))
+    with pytest.raises(CascadeError, match="a model cannot be its own saver"):
+        stage_plan(("a", "a"), (0.5,))
+    p = Plan(stage_plan(("a", "b"), (0.5,)), o)
     with pytest.raises(Exception):  # frozen: a deployment's plan cannot change under it
-        p.base_from = 0
+        p.stages.base_from = 0
+    assert p.stages.base_from == 1  # the last stage alone is the base unless told
     with pytest.raises(ServeError, match="--adapt retunes from audits: give --audit"):
         ServeOptions(adapt=True)
     adapt = ServeOptions(adapt=True, audit=0.05)
-    assert Plan("z", ("a", "b"), ("a", "b"), (0.5,), (1.0, 1.0), None, adapt, base_from=1).options.adapt
+    assert Plan(stage_plan(("a", "b"), (0.5,)), adapt).options.adapt
     with pytest.raises(ServeError, match="one saver before its base; this policy has 3 stages"):
-        Plan("z", ("a", "b", "c"), ("a", "b", "c"), (0.5, 0.5), (1.0,) * 3, None, adapt, base_from=2)
+        Plan(stage_plan(("a", "b", "c"), (0.5, 0.5)), adapt)
     with pytest.raises(ServeError, match=r"2 stages \(ESN exits\)"):
-        Plan("z", ("a", "b"), ("a", "b"), (0.5,), (1.0, 1.0), None, adapt, base_from=1, factory="esn.serve:stages")
+        Plan(stage_plan(("a", "b"), (0.5,)), adapt, factory="esn.serve:stages")
 
 
 def test_the_builder_types_serve_run_arguments_and_refuses_bad_ones():
@@ -517,14 +529,14 @@ def test_a_replica_no_node_can_hold_is_named_with_what_it_lacks():
     from tinysaver.serve.builders import replica_needs, unschedulable
 
     o = ServeOptions(layout="per-stage", num_cpus=0.25, num_gpus=[0, 1], resources=[{}, {"node2": 1}])
-    plan = Plan("z", ("s", "b"), ("s", "b"), (0.5,), (1.0, 1.0), None, o, base_from=1)
+    plan = Plan(stage_plan(("s", "b"), (0.5,)), o)
     needs = replica_needs(plan)
     assert needs["the base stage (b)"] == {"CPU": 0.25, "GPU": 1.0, "node2": 1.0}
     assert needs["the saver stage (s)"] == {"CPU": 0.25}
     one_node = [{"Alive": True, "Resources": {"CPU": 2.0, "node2": 1.0}}]
     assert unschedulable(needs, one_node) == "the base stage (b) needs GPU=1; the largest node of this cluster has GPU=0"
     assert unschedulable(needs, [*one_node, {"Alive": True, "Resources": {"CPU": 4, "GPU": 1, "node2": 2}}]) is None
-    fused = Plan("z", ("s", "b"), ("s", "b"), (0.5,), (1.0, 1.0), None, ServeOptions(resources={"nowhere": 1}), 1)
+    fused = Plan(stage_plan(("s", "b"), (0.5,)), ServeOptions(resources={"nowhere": 1}))
     assert unschedulable(replica_needs(fused), one_node).startswith("the fused replica (every stage) needs nowhere=1")
 
 
@@ -714,3 +726,48 @@ def test_the_grpc_method_is_registered_under_its_name_and_replies_with_bytes():
     assert method is not None and method.request_deserializer is None  # the replica gets the raw bytes
     assert json.loads(method.unary_unary(b"png", None).SerializeToString()) == {"class": 3}
     assert all(hasattr(grpc.StatusCode, name) for name in grpc_api.STATUS.values())
+
+
+def two_slow_stages(plan, device="cpu", only=None) -> dict:
+    """A Plan factory (``tests.test_serve_parts:two_slow_stages``): a saver sure of even ids only, and a base."""
+    return {0: Slow(0.95, 0.0, []), 1: Slow(1.0, 0.0, [])}
+
+
+class Handle:
+    """A stage deployment's handle: ``classify.remote(item)`` answers like ``Slow`` on one item."""
+
+    def __init__(self, stage):
+        self.stage, self.deployment_name = stage, stage.name
+        self.classify = self
+
+    def remote(self, item):
+        async def answer():
+            pred, conf, carry = self.stage([item[0]], None)
+            return int(pred[0]), float(conf[0]), carry
+        return answer()
+
+
+@pytest.mark.parametrize("layout", ["fused", "per-stage"])
+def test_each_layouts_answerer_owns_its_thresholds_and_adapt_moves_them_through_one_method(layout):
+    """The ingress asks one answerer whatever the layout: same answers, same five fields, and the
+    threshold ``--adapt`` sets is the one the next request meets."""
+    from tinysaver.serve.answerers import FusedAnswerer, WalkAnswerer
+
+    plan = Plan(stage_plan(("s", "b"), (0.9,)), ServeOptions(layout=layout, batch_wait_timeout_s=0.0),
+                factory="tests.test_serve_parts:two_slow_stages")
+
+    async def go():
+        if layout == "fused":
+            a = FusedAnswerer(plan, lambda: 0)
+        else:
+            a = WalkAnswerer(plan, [Handle(st) for st in two_slow_stages(plan).values()], (Dead,))
+        out = [await a.answer(2), await a.answer(3)]
+        a.set_threshold(0, 0.99)  # above the saver's 0.95: the base answers the even id too
+        out.append(await a.answer(2))
+        together = await a.answer_all([4, 5], time.perf_counter())
+        return a, out, together
+
+    a, out, together = run(go())
+    assert [o[:3] for o in out] == [(0, 2, pytest.approx(0.95)), (1, 3, 0.0), (1, 2, 1.0)]
+    assert all(len(o) == 5 for o in out + together) and a.thresholds == [0.99]
+    assert [o[0] for o in together] == [1, 1]

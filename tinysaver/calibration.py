@@ -170,27 +170,40 @@ def calibrate_zoo(zoo: str, models=None, fit_split: str = "calib", root=None, lo
                        f"{', '.join(z.splits)} (pass --fit-split; ECE on that split is then in-sample)")
     keys = list(models) if models else z.measured()
     for k in keys:
-        if z.model(k).get("status") != "measured":
+        if not z.has_predictions(k):
             raise ZooError(f"{k!r} in zoo {zoo!r} is {z.model(k).get('status')}: it has no predictions to calibrate")
     with zoo_lock(z.path):
-        data = {}
-        for split, meta in z.splits.items():
-            data[split] = load_dataset(meta["source"], progress=False)
-            if data[split].fingerprint != meta["fingerprint"]:
-                raise ZooError(f"split {split!r} on disk differs from the one zoo {z.name!r} was profiled on")
+        data: dict = {}
+
+        def split_data() -> dict:  # the images, only for a model whose logits the zoo does not keep
+            for split, meta in z.splits.items():
+                if split not in data:
+                    data[split] = load_dataset(meta["source"], progress=False)
+                    if data[split].fingerprint != meta["fingerprint"]:
+                        raise ZooError(f"split {split!r} on disk differs from the one zoo {z.name!r} was profiled on")
+            return data
+
+        labels_of = {split: z.split_arrays(split)[1] for split in z.splits}
         for key in keys:
-            model = z.load_model(key)
-            logits = {split: model_logits(model, ds) for split, ds in data.items()}
+            # imported logits are the model's output as given; a profiled model runs again in float32
+            # (a zoo keeps its logits, if at all, in float16)
+            kept = ({split: z.predictions(key, split).logits for split in z.splits}
+                    if z.model(key).get("status") == "imported" else {"": None})
+            if all(lg is not None for lg in kept.values()):
+                logits = {split: torch.from_numpy(np.asarray(lg, np.float32)) for split, lg in kept.items()}
+            else:
+                model = z.load_model(key)
+                logits = {split: model_logits(model, ds) for split, ds in split_data().items()}
             for split, lg in logits.items():
                 stored = z.predictions(key, split).pred
                 agree = float((lg.argmax(-1).numpy() == stored).mean())
                 if agree < min_agreement:
                     raise ZooError(f"{key!r} gives the stored class on only {100 * agree:.2f} % of split {split!r}: "
                                    "its checkpoint is not the one profiled; re-profile before calibrating")
-            t = fit_temperature(logits[fit_split], data[fit_split].labels)
+            t = fit_temperature(logits[fit_split], labels_of[fit_split])
             eces = {}
             for split, lg in logits.items():
-                labels = data[split].labels
+                labels = labels_of[split]
                 if (np.asarray(labels) < 0).any():
                     continue  # an unlabelled split has no ECE
                 eces[split] = {"before": ece(softmax_t(lg), labels), "after": ece(softmax_t(lg, t), labels)}

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from . import engine
-from .backends import DEFAULT_BACKEND, backends_that, check_backend, get_backend
+from .backends import DEFAULT_BACKEND, backends_that, get_backend
 from .data import take_images
 from .errors import CascadeError  # noqa: F401 (re-exported)
 from .models import LoadedModel
 from .policy import Selection, answers, apply, exit_ratios
+from .stageplan import StagePlan, check_class_spaces, resolve, stage_values
 
 
 @dataclass
@@ -60,7 +61,12 @@ class CascadeResult:
 
 @dataclass
 class Cascade:
-    """Stages in running order: savers first, the base last. ``thresholds[i]`` belongs to saver i."""
+    """Stages in running order: savers first, the base last. ``thresholds[i]`` belongs to saver i.
+
+    Build one from a :class:`~tinysaver.stageplan.StagePlan` with :meth:`from_plan` (as
+    :func:`build_cascade` does), or from models already loaded, whose options are then checked by
+    the same rules a plan obeys. ``plan`` holds what the cascade runs, resolved and checked.
+    """
 
     stages: list[LoadedModel]
     thresholds: list[float]
@@ -74,47 +80,30 @@ class Cascade:
     threads: int | Sequence[int] | None = None  # intra-op threads of stages with their own pool, one or per stage
     spin: bool | Sequence[bool] = False  # onnxruntime stages: idle threads spin (the runtime's default), one or per stage
     temperatures: Sequence[float] | None = None  # one per stage: confidence = max softmax(logits / T); default 1
+    plan: StagePlan | None = None  # given: the options above are read from it, already checked
     _runners: list = field(default_factory=list, repr=False, init=False)
     _stages: list = field(default_factory=list, repr=False, init=False)  # engine.ModelStage per model
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise CascadeError("a cascade needs at least the base model")
-        if len(self.thresholds) != len(self.stages) - 1:
-            raise CascadeError(f"{len(self.stages) - 1} saver(s) need as many thresholds, got {len(self.thresholds)}")
-        for t in self.thresholds:
-            if isinstance(t, bool) or not (isinstance(t, (int, float)) and 0.0 <= float(t) <= 1.0):
-                raise CascadeError(f"thresholds are max-softmax confidences and must lie in [0, 1], got {t}")
-        temps = [1.0] * len(self.stages) if self.temperatures is None else [float(t) for t in self.temperatures]
-        if len(temps) != len(self.stages) or not all(np.isfinite(t) and t > 0 for t in temps):
-            raise CascadeError(f"give one temperature > 0 per stage ({len(self.stages)}), got {self.temperatures}")
-        self.temperatures = temps
-        names = [m.key for m in self.stages]
-        if len(set(names)) != len(names):
-            raise CascadeError(f"a model cannot be its own saver: the stages are {names}")
-        ncls = {m.key: m.num_classes for m in self.stages}
-        if len(set(ncls.values())) != 1:
-            raise CascadeError(f"stages predict different class spaces: {ncls}")
-        if self.half and torch.device(self.device).type != "cuda":
-            raise CascadeError("half precision is only supported on GPU; keep fp32 on CPU")
-        backends = engine.per_stage(self.backend, len(self.stages), "backend", (str,), CascadeError)
-        caps = [check_backend(b) for b in backends]
-        if (self.half or self.channels_last) and not all(c.torch_modules for c in caps):
-            raise CascadeError(f"half and channels_last apply to the {' and '.join(backends_that(torch_modules=True))} "
-                               "backends only")
-        device = torch.device(self.device).type
-        off = [c.name for c in caps if device not in c.devices]
-        if off:
-            raise CascadeError(f"the {'/'.join(dict.fromkeys(off))} backend runs on "
-                               f"{'/'.join(get_backend(off[0]).devices)} here, not {device}; use --device cpu")
-        threads = self._stage_threads(backends)
-        spins = engine.per_stage(self.spin, len(self.stages), "spin", (bool,), CascadeError)
-        if not all(isinstance(v, bool) for v in spins):
-            raise CascadeError(f"give spin as one bool for all stages or one per stage ({len(self.stages)}), "
-                               f"got {self.spin!r}")
-        if any(v and not c.spins for v, c in zip(spins, caps)):
-            raise CascadeError(f"spin applies to {', '.join(backends_that(spins=True))} stages only; the stages run on "
-                               f"{','.join(backends)}")
+        keys = tuple(m.key for m in self.stages)
+        check_class_spaces({m.key: m.num_classes for m in self.stages})
+        if self.plan is None:
+            n = len(self.stages)
+            self.plan = StagePlan(
+                "", keys, keys, tuple(self.thresholds),
+                tuple(float(t) for t in (self.temperatures if self.temperatures is not None else [1.0] * n)),
+                stage_values(self.backend, n, "backend", (str,)), stage_values(self.threads, n, "threads", (int, type(None))),
+                stage_values(self.spin, n, "spin", (bool,)), str(torch.device(self.device)), self.half,
+                self.channels_last, self.backend_fallback,
+                class_names=tuple(self.class_names) if self.class_names else None)
+        elif self.plan.keys != keys:
+            raise CascadeError(f"the plan runs {list(self.plan.keys)}, the models given are {list(keys)}")
+        p = self.plan
+        self.thresholds, self.temperatures = list(p.thresholds), list(p.temperatures)
+        self.device, self.half, self.channels_last = p.device, p.half, p.channels_last
+        self.class_names = list(p.class_names) if p.class_names else None
         from .runtimes import runner_with_fallback
 
         for m in self.stages:
@@ -124,27 +113,22 @@ class Cascade:
             if self.channels_last:
                 m.module.to(memory_format=torch.channels_last)
         cache = Path(self.cache_dir) if self.cache_dir else None
-        self._runners = [runner_with_fallback(m, b, self.backend_fallback, cache, t, v)
-                         for m, b, t, v in zip(self.stages, backends, threads, spins)]
+        self._runners = [runner_with_fallback(m, b, p.backend_fallback, cache, t, v)
+                         for m, b, t, v in zip(self.stages, p.backends, p.threads, p.spins)]
         self._stages = [engine.ModelStage(m, r, temp, self.device, self.half, self.channels_last)
                         for m, r, temp in zip(self.stages, self._runners, self.temperatures)]
 
-    def _stage_threads(self, backends: list[str]) -> list[int | None]:
-        # Tiny models at batch 1 run faster on one thread (thread hand-off costs more than the
-        # work) while their base may want all cores, so a runtime's thread count is per stage.
-        # Backends that run torch modules share torch's one global pool, which a stage cannot set
-        # for itself.
-        threads = engine.per_stage(self.threads, len(self.stages), "threads", (int, type(None)), CascadeError)
-        for n, b in zip(threads, backends):
-            if n is None:
-                continue
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise CascadeError(f"thread counts must be integers ≥ 1, got {n!r}")
-            if not get_backend(b).own_threads and n != torch.get_num_threads():
-                raise CascadeError(f"a {b} stage runs on torch's {torch.get_num_threads()} thread(s); per-stage thread "
-                                   f"counts apply to {' and '.join(backends_that(torch_modules=False))} stages (set "
-                                   "torch's with torch.set_num_threads)")
-        return threads
+    @classmethod
+    def from_plan(cls, plan: StagePlan, cache_dir: str | Path | None = None) -> "Cascade":
+        """The cascade of ``plan``: each model rebuilt by the plan's zoo on the plan's device (the
+        zoo stops when timm's current preprocessing differs from the recorded one, unless the plan
+        accepts the change)."""
+        from .zoo import load_zoo
+
+        zoo = load_zoo(plan.zoo_dir)
+        stages = [zoo.load_model(k, device=plan.device, accept_preprocess_change=plan.accept_preprocess_change)
+                  for k in plan.keys]
+        return cls(stages, list(plan.thresholds), plan=plan, cache_dir=cache_dir)
 
     @property
     def backends(self) -> list[str]:
@@ -160,9 +144,10 @@ class Cascade:
         return pred, conf
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[torch.Tensor] | torch.Tensor, batch_size: int = 64, shrink: bool = True,
+    def predict(self, images: Sequence[torch.Tensor] | torch.Tensor, batch_size: int | None = None, shrink: bool = True,
                 all_stages: bool = False, refill: bool = True, pipeline: bool = False) -> CascadeResult:
-        """Classify decoded uint8 images, a list of (C, H, W) or one (N, C, H, W) tensor.
+        """Classify decoded uint8 images, a list of (C, H, W) or one (N, C, H, W) tensor, in model
+        batches of ``batch_size`` (default: the plan's).
 
         With ``shrink`` (the default) a stage only sees the samples no earlier saver answered.
         ``refill`` then holds those survivors until ``batch_size`` of them have gathered, so later
@@ -180,7 +165,8 @@ class Cascade:
         n = len(images)
         if n == 0:
             raise CascadeError("no images to classify: the input is empty")
-        if batch_size < 1:
+        batch_size = self.plan.batch_size if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise CascadeError(f"batch_size must be ≥ 1, got {batch_size}")
         shrink = shrink and not all_stages
         if pipeline and not shrink:
@@ -222,38 +208,15 @@ class Cascade:
 
 
 def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: str = "cpu",
-                  accept_preprocess_change: bool = False, **kwargs: Any) -> Cascade:
+                  accept_preprocess_change: bool = False, cache_dir: str | Path | None = None,
+                  **options: Any) -> Cascade:
     """A Cascade from a :class:`tinysaver.policy.Selection` (or its dict form, or a JSON file) and its zoo.
 
-    The selection is validated, and every model is looked up in the zoo, before any model loads.
-    Each model is rebuilt by the zoo, which stops when timm's current preprocessing differs from
-    the recorded one unless ``accept_preprocess_change``.
+    ``options`` are :func:`tinysaver.stageplan.resolve`'s (backend, threads, spin, half, ...): the
+    selection, every model and every option are checked there, once, before any model loads.
     """
-    from .zoo import load_zoo
-
-    selection = Selection.coerce(selection, "build_cascade")
-    zoo = zoo or load_zoo(selection.zoo)
-    for m in selection.models:
-        zoo.model(m)  # unknown names fail here, before anything loads
-    backend = kwargs.get("backend", DEFAULT_BACKEND)
-    for b in [backend] if isinstance(backend, str) else backend:
-        check_backend(b)  # so does a backend that is unknown or not installed
-    stages = [zoo.load_model(m, device=device, accept_preprocess_change=accept_preprocess_change)
-              for m in selection.models]
-    return Cascade(stages, selection.thresholds, class_names=zoo_class_names(zoo), device=device,
-                   temperatures=selection.temperatures, **kwargs)
-
-
-def zoo_class_names(zoo) -> list[str] | None:
-    for s in zoo.splits.values():
-        names = s.get("class_names")
-        if names == "imagenet":
-            from .data import _imagenet_names
-
-            return _imagenet_names()
-        if isinstance(names, list):
-            return names
-    return None
+    return Cascade.from_plan(resolve(selection, zoo, device=device, accept_preprocess_change=accept_preprocess_change,
+                                     **options), cache_dir)
 
 
 def measure_throughput(cascade: Cascade, images, batch_size: int, repeats: int = 2,
@@ -283,7 +246,7 @@ def compare_with_base(cascade: Cascade, images, labels, batch_sizes=(1, 32, 128)
     if len(cascade.stages) != 2:
         raise CascadeError("compare_with_base takes a saver → base cascade")
     same = dict(device=cascade.device, cache_dir=cascade.cache_dir)
-    threads = cascade._stage_threads(cascade.backends)
+    threads = list(cascade.plan.threads)
     saver_only = Cascade(cascade.stages[:1], [], backend=cascade.backends[:1], threads=threads[:1], **same)
     base_only = Cascade(cascade.stages[1:], [], backend=cascade.backends[1:], threads=threads[1:], **same)
     rows = []

@@ -257,7 +257,7 @@ def _imagenet_index() -> dict[str, int]:
     return {wnid: i for i, wnid in enumerate(info.label_names())}
 
 
-def _imagenet_names() -> list[str]:
+def imagenet_class_names() -> list[str]:
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
@@ -296,7 +296,7 @@ def imagenet_source(path: str | os.PathLike) -> RawSource:
     if not ids:
         raise DatasetError(f"imagenet:{path}: no image files found")
     labels = np.array([_wnid_label(i, index) for i in ids], dtype=np.int64)
-    return RawSource(f"imagenet:{p.name}", ids, labels, read, _imagenet_names())
+    return RawSource(f"imagenet:{p.name}", ids, labels, read, imagenet_class_names())
 
 
 def imagefolder_source(path: str | os.PathLike) -> RawSource:
@@ -335,7 +335,7 @@ def foolbox_source() -> RawSource:
     if len(files) != 20:
         raise DatasetError(f"expected 20 foolbox ImageNet images in {d}, found {len(files)}")
     labels = np.array([int(f.stem.split("_")[-1]) for f in files], dtype=np.int64)
-    return RawSource("foolbox", [f.name for f in files], labels, lambda i: files[i].read_bytes(), _imagenet_names())
+    return RawSource("foolbox", [f.name for f in files], labels, lambda i: files[i].read_bytes(), imagenet_class_names())
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -17,7 +17,9 @@ from typing import Any
 from .backends import BACKENDS
 from .errors import ZooError
 
-STATUSES = ("measured", "published")  # profiled here, or facts copied from a published table
+# profiled here, predictions made elsewhere (tinysaver zoo import), or facts copied from a published table
+STATUSES = ("measured", "imported", "published")
+PREDICTED = ("measured", "imported")  # the statuses whose entries hold per-sample predictions
 
 
 def _kind(v: Any) -> str:
@@ -88,6 +90,7 @@ class ModelEntry:
     backends: dict = field(default_factory=dict)
     published: dict | None = None
     profiled_on: str | None = None  # "ray" when profile --executor ray measured it
+    imported: dict | None = None  # imported entries: the record files, their format and where the costs came from
 
     @classmethod
     def from_dict(cls, key: str, d: Any, file: Path | str = "zoo.yaml") -> "ModelEntry":
@@ -118,7 +121,7 @@ class ModelEntry:
             if name not in BACKENDS:
                 c.fail("backends", f"keyed by backend ({', '.join(BACKENDS)})", name)
             c.latency(f"backends.{name}.latency", c.mapping(f"backends.{name}", b).get("latency"))
-        for name in ("source", "preprocess", "published"):
+        for name in ("source", "preprocess", "published", "imported"):
             c.mapping(name, d.get(name))
         for name in ("flops_counter", "profiled_on"):
             if d.get(name) is not None and not isinstance(d[name], str):
@@ -133,4 +136,4 @@ class ModelEntry:
                       "backends": d.get("backends") or {}})
 
 
-__all__ = ["ModelEntry", "STATUSES"]
+__all__ = ["ModelEntry", "PREDICTED", "STATUSES"]

@@ -33,6 +33,14 @@ MARGIN = 1e-5
 
 # --- the rule ------------------------------------------------------------------------------------------
 
+def confident(conf, threshold: float):
+    """The exit test: a stage answers where its confidence reaches its threshold (``conf ≥ t``),
+    compared in float64 so that a threshold strictly between two float32 confidences separates
+    them exactly. ``conf``: a number or an (N,) array; returns a bool or an (N,) mask."""
+    out = np.asarray(conf, dtype=np.float64) >= float(threshold)
+    return bool(out) if out.ndim == 0 else out
+
+
 def apply(confs: np.ndarray | Sequence[np.ndarray], thresholds: Sequence[float]) -> np.ndarray:
     """Index of the answering stage for each sample.
 
@@ -52,7 +60,7 @@ def apply(confs: np.ndarray | Sequence[np.ndarray], thresholds: Sequence[float])
     n = len(confs[0])
     stage = np.full(n, len(thresholds), dtype=np.int64)
     for i in range(len(thresholds) - 1, -1, -1):  # backwards, so the first confident stage wins
-        stage[np.asarray(confs[i], dtype=np.float64) >= float(thresholds[i])] = i
+        stage[confident(confs[i], thresholds[i])] = i
     return stage
 
 
@@ -312,6 +320,6 @@ def validate_stages(stages: Sequence[Stage], base: str | None = None) -> None:
             raise SelectionError(f"saver {s.model!r}: a threshold is a max-softmax confidence in [0, 1], got {t!r}")
 
 
-__all__ = ["apply", "answers", "exit_ratios", "stage_costs", "per_sample_cost", "near_threshold",
+__all__ = ["apply", "confident", "answers", "exit_ratios", "stage_costs", "per_sample_cost", "near_threshold",
            "midpoint_thresholds", "exits", "Stage", "Selection", "SelectionError", "validate_stages", "CRITERIA",
            "SCHEMA_VERSION", "MARGIN"]

@@ -40,7 +40,8 @@ import numpy as np
 from .errors import UsageError
 from .profiler import ProfileConfig, check_resume, restart, _existing_preds, _load_manifest, _model_done, _register_split, describe_model, \
     predict, top1
-from .zoo import MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, zoo_lock, zoo_path
+from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, stored_class_names, zoo_lock,
+                  zoo_path)
 
 MAX_RETRIES = 3
 
@@ -375,8 +376,7 @@ def _merge(path: Path, manifest: dict, cfg: ProfileConfig, key: str, files: dict
             from .data import load_dataset
 
             names = load_dataset(cfg.splits[split], progress=False, limit=cfg.limit, rows=(0, 1)).class_names
-        # the manifest stores ImageNet's 1000 names as the word "imagenet"; any 1000 names say the same
-        whole.class_names = names if names != "imagenet" else [""] * 1000
+        whole.class_names = stored_class_names(names)
         _register_split(path, manifest, split, cfg.splits[split], whole)
         res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("ids", "labels", "failed")}
         out = path / "preds" / model_dirname(key) / f"{split}.npz"

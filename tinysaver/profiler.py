@@ -24,7 +24,8 @@ from .models import LoadedModel, ModelSpec, count_parameters, create_model, mode
 from .policy import confidence
 from .transforms import prepare_batch
 from .backends import DEFAULT_BACKEND
-from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, zoo_lock, zoo_path)
+from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, class_names_to_store, model_dirname, zoo_lock,
+                  zoo_path)
 from .errors import UsageError
 from .yamlfile import read_mapping
 
@@ -200,8 +201,7 @@ def _register_split(path: Path, manifest: dict[str, Any], split: str, uri: str, 
         atomic_write_npz(path / "splits" / f"{split}.npz", ids=np.array(data.ids), labels=data.labels)
     manifest["splits"][split] = {
         "source": uri, "fingerprint": data.fingerprint, "samples": len(data),
-        "skipped_unreadable": len(data.failures), "class_names": "imagenet" if data.class_names and len(
-            data.class_names) == 1000 else data.class_names,
+        "skipped_unreadable": len(data.failures), "class_names": class_names_to_store(data.class_names),
     }
 
 

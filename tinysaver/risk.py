@@ -21,7 +21,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import UsageError
+
 METHODS = ("clopper-pearson", "wsr")
+
+
+def check_delta(delta: float, error: type[Exception] = UsageError) -> None:
+    """δ, the probability a guarantee may fail, lies in (0, 1): raise ``error`` naming it otherwise."""
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise error(f"δ must be in (0, 1), got {delta}")
 
 
 def clopper_pearson(k: np.ndarray, n: int, alpha: float, upper: bool) -> np.ndarray:
@@ -79,4 +87,4 @@ def fixed_sequence(passes: np.ndarray) -> np.ndarray:
     return out
 
 
-__all__ = ["METHODS", "clopper_pearson", "passes_clopper_pearson", "passes_wsr", "fixed_sequence"]
+__all__ = ["METHODS", "check_delta", "clopper_pearson", "passes_clopper_pearson", "passes_wsr", "fixed_sequence"]

@@ -44,7 +44,7 @@ from .policy import (CRITERIA, Selection, SelectionError, Stage, answers, apply,
                      near_threshold, per_sample_cost, stage_costs)
 from .criteria import (CP_REPORT_DELTA, GUARANTEE_GRID, PUBLIC_GRID, SMALL_CALIBRATION,  # noqa: F401 (re-exported)
                        criterion_names, get_criterion)
-from .risk import METHODS, loss_upper_bound
+from .risk import METHODS, check_delta, loss_upper_bound
 from .backends import DEFAULT_BACKEND
 from .zoo import Zoo, ZooError
 
@@ -280,8 +280,7 @@ class SelectorConfig:
             takes = " or ".join(n for n in criterion_names() if get_criterion(n).takes_tolerance)
             raise SelectionError(f"--criterion {self.criterion} takes no tolerance, so --tolerance {self.tolerance:g} "
                                  f"would be ignored: drop it, or use --criterion {takes}")
-        if not 0 < self.delta < 1:
-            raise SelectionError(f"δ must be in (0, 1), got {self.delta}")
+        check_delta(self.delta, SelectionError)
         if not 2 <= self.max_stages <= MAX_STAGES:
             raise SelectionError(f"max_stages must be 2 (saver + base) or {MAX_STAGES} (two savers + base); "
                                  f"longer chains are not searched, got {self.max_stages}")
@@ -507,7 +506,7 @@ def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Seque
     """
     cfg = cfg or SelectorConfig()
     entry = zoo.model(base)
-    if entry.get("status") != "measured":
+    if not zoo.has_predictions(base):
         raise SelectionError(f"{base!r} is {entry.get('status')} in zoo {zoo.name!r}: it has no predictions to select on")
     costs = available_costs(zoo, zoo.measured(), cfg.cost)
     costs[base] = model_cost(zoo, base, cfg.cost)  # the base must have one: this names what is missing
@@ -517,7 +516,7 @@ def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Seque
             if s == base:
                 raise SelectionError(f"a model cannot be its own saver: {s!r} is the base")
             se = zoo.model(s)
-            if se.get("status") != "measured":
+            if not zoo.has_predictions(s):
                 raise SelectionError(f"saver {s!r} has no predictions in zoo {zoo.name!r}")
             costs[s] = model_cost(zoo, s, cfg.cost)
             if se.get("num_classes") != ncls:

@@ -123,7 +123,15 @@ class Zoo:
         return self.manifest.get("splits", {})
 
     def measured(self) -> list[str]:
-        return [k for k, m in self.models.items() if m.get("status") == "measured"]
+        """The models with per-sample predictions: profiled here or imported."""
+        from .manifest import PREDICTED
+
+        return [k for k, m in self.models.items() if m.get("status") in PREDICTED]
+
+    def has_predictions(self, key: str) -> bool:
+        from .manifest import PREDICTED
+
+        return self.model(key).get("status") in PREDICTED
 
     def model(self, key: str) -> dict[str, Any]:
         if key not in self.models:
@@ -147,6 +155,9 @@ class Zoo:
 
         entry = self.model(key)
         src = {k: v for k, v in (entry.get("source") or {}).items() if k in ModelSpec.__dataclass_fields__}
+        if not src.get("name") and entry.get("status") == "imported":
+            raise ZooError(f"zoo {self.name!r}: {key!r} was imported as predictions only, so it has no weights to run; "
+                           f"re-import it with --weights {key}=TIMM_NAME")
         if not src.get("name"):
             raise ZooError(f"zoo {self.name!r}: entry {key!r} does not say how to build the model "
                            f"({entry.get('status')} entries carry published facts only)")
@@ -172,6 +183,15 @@ class Zoo:
 
         recorded = self.model(key).get("preprocess")
         return Preprocess.from_dict(recorded) if recorded else None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class index → name, from the first split that records names (None: no split does)."""
+        for split in self.splits.values():
+            names = stored_class_names(split.get("class_names"))
+            if names is not None:
+                return names
+        return None
 
     def preprocesses(self, keys) -> tuple:
         """The recorded preprocessing of each of ``keys`` that records one, in order (what images
@@ -215,9 +235,8 @@ class Zoo:
             raise ZooError(f"{f}: cannot read ({type(e).__name__}: {e}); re-run 'tinysaver profile' to rewrite it") from None
 
     def predictions(self, model: str, split: str) -> Predictions:
-        entry = self.model(model)
-        if entry.get("status") != "measured":
-            raise ZooError(f"{model!r} in zoo {self.name!r} is {entry.get('status')}: it has no predictions")
+        if not self.has_predictions(model):
+            raise ZooError(f"{model!r} in zoo {self.name!r} is {self.model(model).get('status')}: it has no predictions")
         ids, labels = self.split_arrays(split)
         f = self.path / "preds" / model_dirname(model) / f"{split}.npz"
         if not f.is_file():
@@ -289,6 +308,23 @@ class Zoo:
         if "GFLOPs" in df and len(df):
             df = df.sort_values("GFLOPs", kind="stable", na_position="last").reset_index(drop=True)
         return df
+
+
+IMAGENET_CLASSES = "imagenet"  # how a split stores ImageNet's 1000 class names: one word, not 1000 lines
+
+
+def class_names_to_store(names: list[str] | None) -> list[str] | str | None:
+    """A split's class names as the manifest keeps them (1000 names: ImageNet's, as one word)."""
+    return IMAGENET_CLASSES if names and len(names) == 1000 else names
+
+
+def stored_class_names(stored: list[str] | str | None) -> list[str] | None:
+    """The class names a manifest's split entry stands for: the inverse of :func:`class_names_to_store`."""
+    if stored == IMAGENET_CLASSES:
+        from .data import imagenet_class_names
+
+        return imagenet_class_names()
+    return list(stored) if isinstance(stored, list) else None
 
 
 def _input_px(m: dict) -> int | None:

@@ -99,6 +99,15 @@ def int_list(text: str) -> list[int]:
     return [positive_int(t) for t in text.split(",") if t.strip()]
 
 
+def backend_list(text: str) -> str | list[str]:
+    """One backend name for every stage, or one per stage separated by commas."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend {(unknown or [text])[0]!r}; choose from {', '.join(BACKENDS)}")
+    return names[0] if len(names) == 1 else names
+
+
 def float_list(text: str) -> list[float]:
     """'0.9,0.8,inf' → [0.9, 0.8, inf]."""
     try:
@@ -159,7 +168,7 @@ def add_cascade_args(q: argparse.ArgumentParser) -> None:
                    help="with --threshold: that saver; alone: restrict the selector to these savers")
     q.add_argument("--accept-preprocess-change", action="store_true",
                    help="run a model whose current timm data config differs from the one the zoo recorded")
-    q.add_argument("--backend", default=BACKENDS[0],
+    q.add_argument("--backend", type=backend_list, default=BACKENDS[0],
                    help=f"{', '.join(BACKENDS)}: one for all stages, or one per stage, comma-separated")
 
 

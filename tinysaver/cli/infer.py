@@ -10,6 +10,7 @@ import time
 from ..backends import DEFAULT_BACKEND
 from ..errors import UsageError
 from ..limits import MAX_PIXELS
+from ..stageplan import DEFAULT_BATCH_SIZE
 from ._args import add_cascade_args, command, int_list, positive_int
 
 
@@ -17,7 +18,7 @@ def register(sub) -> None:
     q = command(sub, "infer", cmd_infer, "classify images through saver → base")
     q.add_argument("paths", nargs="+", help="image files, folders or .tar files")
     add_cascade_args(q)
-    q.add_argument("--batch-size", type=positive_int, default=32)
+    q.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="images per model batch")
     q.add_argument("--no-refill", action="store_true",
                    help="send each batch's survivors on at once instead of gathering full batches for the base")
     q.add_argument("--pipeline", action="store_true",
@@ -39,12 +40,13 @@ def register(sub) -> None:
 def cmd_infer(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..cascade import build_cascade
+    from ..cascade import Cascade
     from ..data import InputBudget, decoded_blocks, paths_source
     from ..models import check_device
     from ..report import describe
     from ..runtimes import malloc_advice
     from ..selector import SelectorConfig, selection_for
+    from ..stageplan import resolve
     from ..zoo import load_zoo
 
     check_device(args.device)
@@ -59,17 +61,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
                          ".tif files, folders and .tar files)")
     if not args.quiet:
         print(describe(sel), file=sys.stderr)
-    backends = args.backend.split(",")
-    cascade = build_cascade(sel, zoo, device=args.device, accept_preprocess_change=args.accept_preprocess_change,
-                            backend=backends[0] if len(backends) == 1 else backends,
-                            backend_fallback=args.backend_fallback,
-                            threads=args.threads[0] if args.threads and len(args.threads) == 1 else args.threads)
+    plan = resolve(sel, zoo, backend=args.backend, device=args.device, batch_size=args.batch_size,
+                   backend_fallback=args.backend_fallback, accept_preprocess_change=args.accept_preprocess_change,
+                   threads=args.threads[0] if args.threads and len(args.threads) == 1 else args.threads)
+    cascade = Cascade.from_plan(plan)
     advice = malloc_advice(args.batch_size, [m.preprocess.input_size[-1] for m in cascade.stages], args.device,
                            cascade.backends)
     if advice and not args.quiet:
         print(f"tinysaver: note: {advice}", file=sys.stderr)
     # an image is refused from its header when it, or any stage's resize of it, is over --max-pixels
-    budget = InputBudget(args.max_pixels, tuple(m.preprocess for m in cascade.stages))
+    budget = InputBudget(args.max_pixels, plan.preprocess)
     names = cascade.stage_names
     counts = [0] * len(names)
     failed = 0
@@ -89,7 +90,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         bar.update(len(failures))
         if not imgs:
             continue
-        res = cascade.predict(imgs, batch_size=args.batch_size, refill=not args.no_refill,
+        res = cascade.predict(imgs, refill=not args.no_refill,
                               pipeline=args.pipeline)
         for path, row in zip((src.ids[i] for i in index), res.rows()):
             counts[row["exit_stage"]] += 1

@@ -26,6 +26,14 @@ def cmd_query(args: argparse.Namespace) -> int:
     print(render(result))
     sel = result.best
     zoo_arg = f"--zoo {shlex.quote(args.zoo)}"
+    unbuildable = [m for m in sel.models if not (zoo.model(m).get("source") or {}).get("name")]
+    if unbuildable:  # imported as predictions only: there is nothing to run
+        if args.save:
+            sel.save(args.save)
+            print(f"\nselection saved to {args.save}")
+        print(f"\n{', '.join(unbuildable)} {'was' if len(unbuildable) == 1 else 'were'} imported as predictions only, "
+              "so infer and serve cannot run this selection; re-import with --weights MODEL=TIMM_NAME to run it")
+        return 0
     if args.save:
         sel.save(args.save)  # a folder or an unwritable place is refused before anything is written
         print(f"\nselection saved to {args.save}; run it with:\n"

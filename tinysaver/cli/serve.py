@@ -135,13 +135,12 @@ def serve_options(args: argparse.Namespace):
                              " ".join(f"{k}={v}" for k, v in HIGH_THROUGHPUT_ENV.items()))
         os.environ.update(HIGH_THROUGHPUT_ENV)
 
-    backends = args.backend.split(",")
     return ServeOptions(layout=args.layout, max_pixels=args.max_pixels, max_batch_size=args.max_batch_size,
                         batch_wait_timeout_s=args.batch_wait_ms / 1e3,
                         replicas=args.replicas[0] if len(args.replicas) == 1 else args.replicas,
                         num_cpus=_floats(args.num_cpus, "--num-cpus"), num_gpus=_floats(args.num_gpus, "--num-gpus"),
                         resources=args.resources,
-                        backend=backends[0] if len(backends) == 1 else backends, audit=args.audit,
+                        backend=args.backend, audit=args.audit,
                         delta=args.delta, audit_tolerance=args.audit_tolerance, adapt=args.adapt,
                         max_body_bytes=max(1, int(args.max_body_mb * 2**20)),
                         accept_preprocess_change=args.accept_preprocess_change)

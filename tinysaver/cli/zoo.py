@@ -1,11 +1,12 @@
-"""``tinysaver zoo list | show | calibrate``: see the profiled zoos, and fit temperatures into one."""
+"""``tinysaver zoo list | show | calibrate | import``: see the zoos, fit temperatures into one, and
+build one from predictions made elsewhere."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from ..zoo import DEFAULT_ZOO
-from ._args import add_zoo, command, group, root_of
+from ._args import add_zoo, command, group, positive_int, root_of
 
 FORMATS = ("table", "markdown", "csv")
 NARROW = 100  # characters a default `zoo show` table fits in
@@ -26,6 +27,23 @@ def register(sub) -> None:
     add_zoo(q)
     q.add_argument("--model", action="append", help="only these models (repeat); default: every measured model")
     q.add_argument("--fit-split", default="calib", help="labelled split the temperatures are fitted on")
+    q = command(zsub, "import", cmd_zoo_import,
+                "build a zoo from predictions made elsewhere: {model}_{split}.npz (official TinySaver records: label, "
+                "preds, confs; or logits), .npy logits, or .csv (id,pred,conf[,label])")
+    q.add_argument("name", help="the new zoo's name (under --root)")
+    q.add_argument("files", nargs="+", help="record files, one per model and split, or folders holding them")
+    costs = q.add_mutually_exclusive_group(required=True)
+    costs.add_argument("--costs", help="CSV: model and gmacs (or macs, gflops, flops), optionally params_m")
+    costs.add_argument("--costs-from", metavar="ZOO",
+                       help="take each model's MACs/FLOPs/params from this zoo's entry of the same timm name "
+                            "(e.g. imagenet-catalog)")
+    q.add_argument("--num-classes", type=positive_int, help="default: the logits' width, else the largest class + 1")
+    q.add_argument("--class-names", help="a text file, one class name per line")
+    q.add_argument("--weights", action="append", default=[], metavar="MODEL=TIMM_NAME",
+                   help="the timm name (with its pretrained tag) whose hub weights made MODEL's predictions, so "
+                        "that infer and serve can run it (repeat)")
+    q.add_argument("--description", default="")
+    q.add_argument("--force", action="store_true", help="replace a zoo of that name")
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> int:
@@ -78,6 +96,44 @@ def cmd_zoo_calibrate(args: argparse.Namespace) -> int:
 
     path = calibrate_zoo(args.zoo, args.model, args.fit_split, root=args.root)
     print(f"calibrated confidences written to {path}/calibration; see 'tinysaver zoo show {args.zoo}'")
+    return 0
+
+
+def cmd_zoo_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..importer import import_zoo
+    from ..zoo import load_zoo
+
+    files = []
+    for f in map(Path, args.files):
+        if f.is_dir():  # a folder: every record file in it
+            found = sorted(p for p in f.iterdir() if p.suffix.lower() in (".npz", ".npy", ".csv"))
+            if not found:
+                raise UsageError(f"{f}: no .npz, .npy or .csv record files in it")
+            files += found
+        else:
+            files.append(f)
+    weights = {}
+    for w in args.weights:
+        model, sep, name = w.partition("=")
+        if not sep or not model or not name:
+            raise UsageError(f"--weights takes MODEL=TIMM_NAME, got {w!r}")
+        weights[model] = name
+    names = None
+    if args.class_names:
+        try:
+            names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise UsageError(f"--class-names {args.class_names}: {e.strerror or e}") from None
+    path = import_zoo(args.name, files, costs=args.costs, costs_from=args.costs_from, root=root_of(args),
+                      num_classes=args.num_classes, class_names=names, weights=weights, description=args.description,
+                      force=args.force)
+    zoo = load_zoo(str(path))
+    largest = max(zoo.models, key=lambda k: zoo.models[k]["flops"])
+    print(f"zoo {args.name!r} written to {path}: {len(zoo.models)} models, splits {', '.join(zoo.splits)}; "
+          f"try 'tinysaver query --zoo {args.name} --base {largest}'")
     return 0
 
 

@@ -34,6 +34,7 @@ import random
 from typing import Callable
 
 from ..errors import ServeError
+from ..policy import confident
 from .audit import AuditMonitor
 
 log = logging.getLogger("tinysaver.serve")
@@ -89,7 +90,7 @@ class ThresholdAdapter:
         rec = self.monitor.request(early, audit)
         shadow_recs = {}
         for c, m in self.shadows.items():
-            if saver_conf < c:
+            if not confident(saver_conf, c):
                 m.request(False)
             elif early:  # exited at the threshold in use: its audit is the monitor's own
                 shadow_recs[c] = m.request(True, audit)
@@ -133,7 +134,7 @@ class ThresholdAdapter:
         audits, is at most half the tolerance; ∞ (the base alone) if none."""
         n = max(self.monitor.n, 1)
         for t in (g for g in self.grid if g > self.threshold):
-            loss = 100 * sum(d for c, d in self.window if c >= t) / self.fraction / n
+            loss = 100 * sum(d for c, d in self.window if confident(c, t)) / self.fraction / n
             if loss <= self.tolerance / 2:
                 return t
         return math.inf
@@ -161,7 +162,7 @@ def replay(adapter: ThresholdAdapter, saver_pred: int, saver_conf: float, base_p
     reaches the threshold in use, and an early answer is audited when ``coin()`` (uniform in
     [0, 1), drawn for early answers only, as the service draws it) falls under the audit fraction;
     the audit returns at once. Returns whether it exited."""
-    early = saver_conf >= adapter.threshold
+    early = confident(saver_conf, adapter.threshold)
     audit = early and coin() < adapter.fraction
     record = adapter.request(early, audit, saver_pred, saver_conf, None if early else base_pred)
     if audit:

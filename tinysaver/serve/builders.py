@@ -18,20 +18,16 @@ log = logging.getLogger("tinysaver.serve")
 def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
              root: Path | None = None) -> Plan:
     """The plan of a saver → … → base ``selection`` over ``zoo``, checked before anything is deployed:
-    every model is in the zoo, every backend installed and able to run where it is asked to."""
-    from ..cascade import zoo_class_names
-    from ..backends import backends_that, check_backend
-    from ..zoo import load_zoo
+    the stages resolved once (:func:`tinysaver.stageplan.resolve`), and the options able to place them."""
+    from ..backends import backends_that, get_backend
+    from ..stageplan import resolve
 
-    selection = Selection.coerce(selection, "build_app")
     o = options or ServeOptions()
-    zoo = zoo or load_zoo(selection.zoo, root)
-    for m in selection.models:
-        zoo.model(m)
-    n = len(selection.models)
-    backends = o.per_stage("backend", n)
-    for b, g in zip(backends, o.per_stage("num_gpus", n)):
-        if g > 0 and "cuda" not in check_backend(b).devices:
+    stages = resolve(selection, zoo, backend=o.backend, accept_preprocess_change=o.accept_preprocess_change,
+                     batch_size=o.max_batch_size, root=root)
+    n = len(stages)
+    for b, g in zip(stages.backends, o.per_stage("num_gpus", n)):
+        if g > 0 and "cuda" not in get_backend(b).devices:
             raise ServeError(f"the {b} backend runs on CPU here: give its stage --num-gpus 0, or run it on "
                              f"{'/'.join(backends_that(devices=('cpu', 'cuda')))}")
     if o.resolved_layout() == "fused":
@@ -43,11 +39,7 @@ def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeO
         if len(set(o.per_stage("num_gpus", n))) > 1:
             raise ServeError("--layout fused puts every stage on one device: give --num-gpus one value, or use "
                              "--layout per-stage")
-    names = zoo_class_names(zoo)
-    return Plan(str(zoo.path), tuple(selection.models), tuple(selection.models),
-                tuple(float(t) for t in selection.thresholds), tuple(float(t) for t in selection.temperatures),
-                tuple(names) if names else None, o, base_from=n - 1,
-                preprocess=zoo.preprocesses(selection.models))
+    return Plan(stages, o)
 
 
 def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:
@@ -78,11 +70,11 @@ def replica_needs(plan: Plan) -> dict[str, dict[str, float]]:
     if plan.layout == "fused":
         return {"the fused replica (every stage)": need(1.0 if o.num_cpus is None else o.num_cpus,
                                                         o.per_stage("num_gpus", 1)[0], o.resources)}
-    last = len(plan.names) - 1
+    last = len(plan.stages.names) - 1
     out = {f"the {'base' if i == last else 'saver' if i == 0 else f'stage {i}'} stage ({name})":
            need(opt["ray_actor_options"]["num_cpus"], opt["ray_actor_options"]["num_gpus"],
                 opt["ray_actor_options"].get("resources"))
-           for i, (name, opt) in enumerate(zip(plan.names, stage_options(o, plan.names)))}
+           for i, (name, opt) in enumerate(zip(plan.stages.names, stage_options(o, plan.stages.names)))}
     return {"the ingress": need(o.ingress_num_cpus, 0, None), **out}
 
 
@@ -112,7 +104,7 @@ def application(plan: Plan, token: str | None = None):
         return Ingress.options(num_replicas=int(o.replicas), max_ongoing_requests=o.max_ongoing_requests,
                                ray_actor_options=actor).bind(plan=plan, token=token)
     stages = [StageServer.options(**opt).bind(plan=plan, index=i)
-              for i, opt in enumerate(stage_options(o, plan.names))]
+              for i, opt in enumerate(stage_options(o, plan.stages.names))]
     # the ingress only awaits, so it takes many requests at once
     return Ingress.options(max_ongoing_requests=o.max_ongoing_requests,
                            ray_actor_options={"num_cpus": o.ingress_num_cpus}).bind(plan=plan, stages=stages,

@@ -37,11 +37,8 @@ from .batching import Batcher
 from .http import BadRequest, check_size, check_token, decode, decode_all, ndjson_as_ready, read_body, read_files
 from .options import GRACEFUL_SHUTDOWN_S, Plan
 from .stages import ItemStage, load_stages, stage_device
-from .walk import FusedBatcher, StageWalk
+from .answerers import OVERLOADED, FusedAnswerer, WalkAnswerer
 
-FUSED_CUT = 4  # the most model batches (--max-batch-size each) a fused replica's engine call takes
-STATS_TIMEOUT_S = 2.0  # how long /metrics waits for one stage's counters
-OVERLOADED = "the service is overloaded; retry the request"
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 # a dead replica, or a deployment Serve is replacing or deleting (no replica, back-pressure, a
 # cancelled call): a retry may find a new replica, else the client is told to retry. Seen under
@@ -91,13 +88,13 @@ class StageServer:
     """Stage ``index`` of ``plan`` (per-stage layout): (image, carry) items → (class, confidence, carry)."""
 
     def __init__(self, plan: Plan, index: int):
-        num_gpus = plan.options.per_stage("num_gpus", len(plan.names))[index]
+        num_gpus = plan.options.per_stage("num_gpus", len(plan.stages.names))[index]
         self.device = stage_device(num_gpus)
         self.run = ItemStage(load_stages(plan, self.device, [index])[index], self.device)
         self.batches = Batcher(self._classify, plan.options.max_batch_size, plan.options.batch_wait_timeout_s)
         self.hist = metrics.Histogram("tinysaver_stage_batch_size", description="requests per stage batch",
                                       boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("stage",))
-        self.hist.set_default_tags({"stage": plan.names[index]})
+        self.hist.set_default_tags({"stage": plan.stages.names[index]})
 
     async def classify(self, item: tuple) -> tuple:
         """One request's (image, carry) → (class, confidence, carry), run in a batch."""
@@ -120,28 +117,13 @@ class Ingress:
 
     def __init__(self, plan: Plan, stages: list | None = None, token: str | None = None):
         o = plan.options
-        self.plan, self.o, self.names, self.token = plan, o, list(plan.names), token
-        self.class_names = list(plan.class_names) if plan.class_names else None
-        self.budget = InputBudget(o.max_pixels, plan.preprocess)
-        self.oip_name = oip.model_name(plan.names[-1])  # the Open Inference Protocol's name for the cascade
-        self.fused = not stages
-        if self.fused:
-            gpus = max(o.per_stage("num_gpus", len(plan.names)))
-            self.device = stage_device(gpus)
-            built = load_stages(plan, self.device)
-            self.batcher = FusedBatcher([built[i] for i in range(len(plan.names))], plan.thresholds, plan.base_from,
-                                        first=o.adapt, batch_size=o.max_batch_size)
-            # a batch waits for company only while requests are being read or decoded (self.incoming);
-            # under load it takes up to FUSED_CUT model batches, so that the base runs on full
-            # batches of their survivors rather than on each model batch's few
-            self._fused = Batcher(self.batcher.answer_batch, o.max_batch_size, o.batch_wait_timeout_s,
-                                  expected=lambda: self.incoming, max_cut=FUSED_CUT * o.max_batch_size)
-            self._base = Batcher(self.batcher.base_batch, o.max_batch_size, o.batch_wait_timeout_s)
-            self.stages, self.walk = [], None
-        else:
-            self.stages = stages
-            self.walk = StageWalk(lambda i, item: self.stages[i].classify.remote(item), plan.names, plan.thresholds,
-                                  plan.base_from, o.retries, DEAD)
+        self.plan, self.o, self.names, self.token = plan, o, list(plan.stages.names), token
+        self.class_names = list(plan.stages.class_names) if plan.stages.class_names else None
+        self.budget = InputBudget(o.max_pixels, plan.stages.preprocess)
+        self.oip_name = oip.model_name(plan.stages.names[-1])  # the Open Inference Protocol's name for the cascade
+        # one answerer per layout, holding the live thresholds (see tinysaver.serve.answerers)
+        self.answerer = (WalkAnswerer(plan, stages, DEAD) if stages else
+                         FusedAnswerer(plan, lambda: self.incoming))
         self.rng = random.Random(o.seed)
         self.incoming = 0  # images read or decoded now, not yet handed to a stage
         self.requests = 0
@@ -150,10 +132,9 @@ class Ingress:
         self.timing: Counter = Counter()  # seconds summed over answered /predict requests
         self.timed = 0
         # --adapt: the monitor of the threshold in use, which it retunes (a saver → base pair)
-        self.audit = (ThresholdAdapter(plan.thresholds[0], o.audit, o.delta, o.audit_tolerance, seed=o.seed)
+        self.audit = (ThresholdAdapter(plan.stages.thresholds[0], o.audit, o.delta, o.audit_tolerance, seed=o.seed)
                       if o.adapt else AuditMonitor(o.audit, o.delta, o.audit_tolerance))
         self._tasks: set = set()
-        self._starting, self._status_at = ([] if self.fused else list(plan.names)), -math.inf
         # a stop: new requests get 503 once the command that runs the service asks (serve.drain),
         # and the requests already admitted are counted until answered, so that it knows when to go
         ctx = serve.get_replica_context()
@@ -166,41 +147,15 @@ class Ingress:
         self.m_bound = metrics.Gauge("tinysaver_audit_loss_upper_points",
                                      description="anytime-valid upper bound on the accuracy given up (points)")
 
-    # --- fused: the engine on each batch (self._fused, self._base: Batchers) ----------------------
     def _keep(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)  # a task nobody holds may be collected before it runs
         task.add_done_callback(self._tasks.discard)
 
-    async def _fused_answer(self, img) -> tuple:
-        """(stage, class, confidence, carry: None, the saver's (class, confidence) or None)."""
-        fut = self._fused_submit(img, time.perf_counter())
-        try:
-            return self._unpack(await asyncio.wait_for(asyncio.shield(fut), self.o.request_timeout_s))
-        except asyncio.TimeoutError:
-            raise BadRequest(503, OVERLOADED) from None
-
-    def _fused_submit(self, img, arrived: float) -> asyncio.Future:
-        """The future of ``img``'s answer from the fused engine: (stage, class, confidence[, the saver's])."""
-        fut = asyncio.get_running_loop().create_future()
-        self._fused.submit((img, fut, arrived))
-        return fut
-
-    @staticmethod
-    def _unpack(answer: tuple) -> tuple:
-        i, pred, conf, *first = answer
-        return i, pred, conf, None, (first[0] if first else None)
-
-    async def _walk_answer(self, img) -> tuple:
-        """The same five as ``_fused_answer``, from the per-stage deployments."""
-        seen = [] if self.o.adapt else None
-        i, pred, conf, carry = await self.walk.answer(img, self.o.request_timeout_s, seen)
-        return i, pred, conf, carry, (seen[0] if seen else None)
-
     # --- one request ---------------------------------------------------------------------------
     async def _answer(self, img) -> dict:
         t0 = time.perf_counter()
-        return self._record(img, t0, *await (self._fused_answer(img) if self.fused else self._walk_answer(img)))
+        return self._record(img, t0, *await self.answerer.answer(img))
 
     def _record(self, img, t0: float, i: int, pred, conf, carry, first) -> dict:
         """Count an answered image, audit it if drawn, and give its answer's JSON fields."""
@@ -209,7 +164,7 @@ class Ingress:
         audit = early and self.o.audit > 0 and self.rng.random() < self.o.audit
         if self.o.adapt:
             record = self.audit.request(early, audit, *first, None if early else int(pred))
-            self._set_threshold(self.audit.threshold)
+            self.answerer.set_threshold(0, self.audit.threshold)
         else:
             record = self.audit.request(early, audit)
         if audit:
@@ -227,20 +182,13 @@ class Ingress:
 
     async def _audit(self, img, pred: int, record: list, answered: int, carry) -> None:
         try:
-            if self.fused:
-                base_pred = await asyncio.wait_for(self._base(img), self.o.request_timeout_s)
-            else:
-                base_pred = await self.walk.base_answer(img, answered, carry, self.o.request_timeout_s)
-        except (BadRequest, asyncio.TimeoutError):
+            base_pred = await self.answerer.base_answer(img, answered, carry)
+        except BadRequest:
             self.audit.dropped(record)
             return
         self.audit.audited(record, base_pred != pred)
         if self.o.adapt:
-            self._set_threshold(self.audit.threshold)
-
-    def _set_threshold(self, t: float) -> None:
-        """The saver's threshold in use (--adapt changes it); the next batch or walk reads it."""
-        (self.batcher if self.fused else self.walk).thresholds[0] = float(t)
+            self.answerer.set_threshold(0, self.audit.threshold)
 
     async def _image(self, data: bytes):
         return await asyncio.to_thread(decode, data, self.budget)
@@ -375,33 +323,19 @@ class Ingress:
                 if isinstance(outcome, BaseException):  # a stage failed on this image's batch
                     return {**head, "error": f"the cascade failed: {type(outcome).__name__}: {outcome}"[:300],
                             "status": 500}
-                return {**head, **self._record(imgs[k], t0, *(self._unpack(outcome) if self.fused else outcome))}
+                return {**head, **self._record(imgs[k], t0, *self.answerer.unpack(outcome))}
 
             answers = []
             for img in imgs:
                 if isinstance(img, BadRequest):  # its refusal as its answer, ready now
                     answers.append(loop.create_future())
                     answers[-1].set_result(img)
-                else:  # fused: the engine's own futures, no task per image
-                    answers.append(self._fused_submit(img, t0) if self.fused else self._walk_answer(img))
-            async for chunk in ndjson_as_ready(answers, line, self.o.request_timeout_s if self.fused else None):
+                else:
+                    answers.append(self.answerer.submit(img, t0))
+            async for chunk in ndjson_as_ready(answers, line, self.answerer.stream_timeout_s):
                 yield chunk
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
-
-    def _deployments_starting(self) -> list[str]:
-        """Stage deployments Serve does not report HEALTHY yet (the ingress is up, and so
-        answers, before its stages have loaded their models). A fused replica is its stages."""
-        if self.fused:
-            return []
-        now = time.monotonic()
-        if now - self._status_at > 1.0:  # one controller call per second at most
-            app = serve.get_replica_context().app_name
-            deployments = serve.status().applications[app].deployments
-            self._starting = [n for h, n in zip(self.stages, self.names)
-                              if deployments[h.deployment_name].status != "HEALTHY"]
-            self._status_at = now
-        return self._starting
 
     def _status(self) -> str:
         """``ok`` without an audit; else the audit's state: certified, uncertain or drift."""
@@ -409,12 +343,12 @@ class Ingress:
 
     def _thresholds(self) -> list:
         """The thresholds in use: the plan's, or where --adapt has moved them."""
-        live = (self.batcher if self.fused else self.walk).thresholds
+        live = self.answerer.thresholds
         return [t if math.isfinite(t) else None for t in live]  # JSON has no inf
 
     async def _starting_now(self) -> list[str]:
         try:
-            return await asyncio.to_thread(self._deployments_starting)
+            return await asyncio.to_thread(self.answerer.starting)
         except Exception as e:  # no answer from Serve's controller is no proof of health
             return [f"unknown ({type(e).__name__}: {str(e)[:200]})"]
 
@@ -441,14 +375,8 @@ class Ingress:
         errors): 503 to retry, 500 when a stage failed."""
         t0 = time.perf_counter()
         try:
-            if self.fused:
-                futures = [self._fused_submit(img, t0) for img in imgs]
-                outs = await asyncio.wait_for(asyncio.gather(*map(asyncio.shield, futures)), self.o.request_timeout_s)
-                return [self._record(img, t0, *self._unpack(o)) for img, o in zip(imgs, outs)]
-            outs = await asyncio.gather(*(self._walk_answer(img) for img in imgs))
+            outs = await self.answerer.answer_all(imgs, t0)
             return [self._record(img, t0, *o) for img, o in zip(imgs, outs)]
-        except asyncio.TimeoutError:
-            raise BadRequest(503, OVERLOADED) from None
         except BadRequest:
             raise
         except Exception as e:  # a stage failed on a batch that held one of these images
@@ -535,9 +463,7 @@ class Ingress:
         answer; in the fused layout the answer splits into the wait for a batch and the engine."""
         per = lambda total, n: round(1e3 * total / n, 3) if n else None  # noqa: E731
         out = {k: per(self.timing[k], self.timed) for k in ("read", "decode", "answer")}
-        if self.fused:
-            out.update({k: per(v, self.batcher.timed) for k, v in self.batcher.timing.items()})
-        return {**out, "requests": self.timed}
+        return {**out, **self.answerer.timing(), "requests": self.timed}
 
     @api.get("/metrics")
     async def metrics(self, request: Request):
@@ -561,23 +487,8 @@ class Ingress:
 
     async def _stats(self) -> dict:
         """Counters, batch sizes, timing and the audit: the body of /metrics.json."""
-        if self.fused:  # the batches of requests, then what each stage ran on (the base: their survivors)
-            batches = {"fused": {int(k): v for k, v in sorted(self.batcher.sizes.items())},
-                       **{f"fused:{name}": dict(sorted(sizes.items()))
-                          for name, sizes in zip(self.names, self.batcher.stage_sizes)}}
-        else:
-            batches = {}
-            for name, h in zip(self.names, self.stages):
-                # a stage with no replica (its node lost, a new one not placed yet) would hold the
-                # call until one comes: /metrics answers without it
-                call = h.stats.remote()
-                try:
-                    batches[name] = (await asyncio.wait_for(asyncio.ensure_future(call), STATS_TIMEOUT_S))["batch_sizes"]
-                except (asyncio.TimeoutError, *DEAD):
-                    call.cancel()
-                    batches[name] = None
+        batches = await self.answerer.batch_sizes()
         n = max(self.requests, 1)
-        walk = self.walk
         return {"requests": self.requests, "stages": self.names, "layout": self.plan.layout,
                 "thresholds": self._thresholds(),
                 "exits": {self.names[i]: self.exits[i] for i in range(len(self.names))},
@@ -586,7 +497,7 @@ class Ingress:
                 "latency_ms_histogram": {str(k): v for k, v in sorted(self.latency.items(), key=lambda kv: (
                     kv[0] == "inf", kv[0] if kv[0] != "inf" else 0))},
                 "timing_ms": self._timing(),
-                "retried_calls": walk.retried if walk else 0, "unavailable": walk.unavailable if walk else 0,
+                "retried_calls": self.answerer.retried, "unavailable": self.answerer.unavailable,
                 "incoming": self.incoming,
                 "status": self._status(), "audit": self.audit.view(), "pid": os.getpid()}
 

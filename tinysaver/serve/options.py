@@ -9,6 +9,8 @@ from ..backends import DEFAULT_BACKEND
 from ..engine import per_stage
 from ..errors import ServeError
 from ..limits import MAX_PIXELS
+from ..risk import check_delta
+from ..stageplan import StagePlan
 
 GRACEFUL_SHUTDOWN_S = 30.0  # how long a replica Serve stops may finish what it accepted
 LAYOUTS = ("fused", "per-stage")
@@ -58,8 +60,7 @@ class ServeOptions:
             raise ServeError("--max-batch-size must be ≥ 1 and --batch-wait-ms ≥ 0")
         if not 0 <= self.audit <= 1:
             raise ServeError(f"--audit is a fraction of the early answers in [0, 1], got {self.audit}")
-        if not 0 < self.delta < 1:
-            raise ServeError(f"δ must be in (0, 1), got {self.delta}")
+        check_delta(self.delta, ServeError)
         if self.adapt and not self.audit > 0:
             raise ServeError("--adapt retunes from audits: give --audit a fraction > 0 as well")
         if not 0 < self.audit_tolerance <= 100:
@@ -95,33 +96,19 @@ class ServeOptions:
 class Plan:
     """Everything a deployment needs, decided before anything is deployed; bound by keyword.
 
-    ``names``: the stages in answers and metrics, in running order; ``keys``: the zoo models they
-    load (the factory decides how); ``thresholds``: one per stage but the last; ``base_from``: where
-    the base's own chain starts (an audit runs it to get the base's answer); ``factory``: the
-    "module:function" that builds the stages in a replica (see :data:`MODEL_STAGES`), with
-    ``extra`` for it (an ESN checkpoint, say).
+    ``stages``: the resolved :class:`~tinysaver.stageplan.StagePlan` (models, thresholds,
+    temperatures, backends, class names, where the base's chain starts); ``options``: how to serve
+    them; ``factory``: the "module:function" that builds the stages in a replica (see
+    :data:`MODEL_STAGES`), with ``extra`` for it (an ESN checkpoint, say).
     """
 
-    zoo_dir: str
-    names: tuple[str, ...]
-    keys: tuple[str, ...]
-    thresholds: tuple[float, ...]
-    temperatures: tuple[float, ...]
-    class_names: tuple[str, ...] | None
+    stages: StagePlan
     options: ServeOptions
-    base_from: int
     factory: str = MODEL_STAGES
     extra: dict = field(default_factory=dict)
-    # the recorded preprocessing of each model the stages run: an image whose resize for any of them
-    # is over --max-pixels is refused from its header (see tinysaver.data.InputBudget)
-    preprocess: tuple = ()
 
     def __post_init__(self) -> None:
-        n = len(self.names)
-        if len(self.thresholds) != n - 1 or len(self.temperatures) != n:
-            raise ServeError(f"{n} stages need {n - 1} thresholds and {n} temperatures")
-        if not 0 <= self.base_from < n:
-            raise ServeError(f"base_from must index a stage, got {self.base_from} of {n}")
+        n = len(self.stages)
         if self.options.adapt and (n != 2 or self.factory != MODEL_STAGES):
             raise ServeError(f"--adapt retunes one saver before its base; this policy has {n} stages"
                              f"{' (ESN exits)' if self.factory != MODEL_STAGES else ''}")
@@ -129,10 +116,6 @@ class Plan:
     @property
     def layout(self) -> str:
         return self.options.resolved_layout()
-
-    @property
-    def backends(self) -> list[str]:
-        return self.options.per_stage("backend", len(self.names))
 
 
 __all__ = ["GRACEFUL_SHUTDOWN_S", "LAYOUTS", "MODEL_STAGES", "Plan", "ServeOptions"]

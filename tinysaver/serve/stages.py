@@ -29,13 +29,13 @@ def model_stages(plan, device: str = "cpu", only: list[int] | None = None) -> di
     from ..runtimes import make_runner
     from ..zoo import load_zoo
 
-    zoo = load_zoo(plan.zoo_dir)
+    zoo = load_zoo(plan.stages.zoo_dir)
     out = {}
-    for i in (range(len(plan.keys)) if only is None else only):
-        model = zoo.load_model(plan.keys[i], device=device,
-                               accept_preprocess_change=plan.options.accept_preprocess_change)
+    for i in (range(len(plan.stages.keys)) if only is None else only):
+        model = zoo.load_model(plan.stages.keys[i], device=device,
+                               accept_preprocess_change=plan.stages.accept_preprocess_change)
         model.module.eval()
-        out[i] = ModelStage(model, make_runner(model, plan.backends[i]), plan.temperatures[i], device)
+        out[i] = ModelStage(model, make_runner(model, plan.stages.backends[i]), plan.stages.temperatures[i], device)
     return out
 
 
