@@ -61,6 +61,7 @@ serve_layout() {  # LAYOUT EXTRA-ARGS...: start, wait for /healthz, 20 requests,
   local pid=$!
   for _ in $(seq 90); do
     curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break
+    kill -0 $pid 2>/dev/null || { tail -n 1 "$TMP/serve-$layout.out"; return 1; }  # it stopped: say why now
     sleep 1
   done
   local ok=0

@@ -1,0 +1,73 @@
+"""The documentation: the site builds with no warning, the README stays short and starts with the
+commands CI runs, and every headline figure names a command that exists, in both places it is shown."""
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def headline_rows(path) -> list[list[str]]:
+    text = path.read_text()
+    start = text.index("| question |")
+    rows = [r for r in text[start:].split("\n\n", 1)[0].splitlines()[2:]]
+    return [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+
+
+def test_the_site_builds_strictly(tmp_path):
+    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
+        if os.environ.get("CI"):
+            pytest.fail("mkdocs and mkdocstrings must be installed under CI: pip install -e '.[docs]'")
+        pytest.skip("the docs extra is not installed: pip install -e '.[docs]'")
+    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for page in ("index.html", "getting-started/index.html", "guides/import/index.html", "api/index.html"):
+        assert (tmp_path / "site" / page).is_file(), page
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    assert "tinysaver.stageplan.resolve" in api and "StagePlan" in api  # the reference was generated
+
+
+def test_the_readme_is_short_and_starts_with_the_two_commands_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    assert "tinysaver query" in blocks[0] and "pytest" in blocks[1]
+    ci = (REPO / ".ci" / "run").read_text()
+    # CI runs the second command (quieter): the same steps, package set and test run
+    assert blocks[1].replace(" -y ", " -y -qq ").replace("pip install ", "pip install -q ") \
+        .replace("apt-get update ", "apt-get update -qq ") in ci
+    for link in re.findall(r"\]\(([^)#]+)", readme):
+        assert (REPO / link).exists(), link
+
+
+def test_results_index_matches_the_site_and_each_command_exists():
+    from tinysaver.cli.main import build_parser
+
+    site = headline_rows(REPO / "docs" / "results" / "index.md")
+    index = headline_rows(REPO / "benchmarks" / "RESULTS.md")
+    assert len(site) >= 6 and [r[:3] for r in site] == [r[:3] for r in index]
+    for s, i in zip(site, index):
+        assert i[3] == s[3].replace("](", "](../docs/results/")
+        page = re.search(r"\]\(([^)#]+)", s[3]).group(1)
+        assert (REPO / "docs" / "results" / page).is_file(), page
+    parser = build_parser()
+    for *_, command, page in site:
+        cmd = shlex.split(command.strip("`"))
+        if cmd[0] == "tinysaver":
+            parser.parse_args(cmd[1:])  # a renamed option fails here
+            continue
+        assert cmd[:1] == ["python"], command
+        script = REPO / cmd[1]
+        assert script.is_file(), script
+        source = script.read_text()
+        for flag in (a for a in cmd[2:] if a.startswith("--")):
+            assert f'"{flag}"' in source, f"{script.name} has no {flag}"
+        page_text = (REPO / "docs" / "results" / re.search(r"\]\(([^)#]+)", page).group(1)).read_text()
+        assert cmd[1] in page_text  # the page holds that run
