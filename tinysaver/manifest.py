@@ -91,6 +91,7 @@ class ModelEntry:
     published: dict | None = None
     profiled_on: str | None = None  # "ray" when profile --executor ray measured it
     imported: dict | None = None  # imported entries: the record files, their format and where the costs came from
+    trained: dict | None = None  # a saver fine-tuned to defer (tinysaver saver train): from, for, settings, choice
 
     @classmethod
     def from_dict(cls, key: str, d: Any, file: Path | str = "zoo.yaml") -> "ModelEntry":
@@ -121,7 +122,7 @@ class ModelEntry:
             if name not in BACKENDS:
                 c.fail("backends", f"keyed by backend ({', '.join(BACKENDS)})", name)
             c.latency(f"backends.{name}.latency", c.mapping(f"backends.{name}", b).get("latency"))
-        for name in ("source", "preprocess", "published", "imported"):
+        for name in ("source", "preprocess", "published", "imported", "trained"):
             c.mapping(name, d.get(name))
         for name in ("flops_counter", "profiled_on"):
             if d.get(name) is not None and not isinstance(d[name], str):
