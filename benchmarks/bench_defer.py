@@ -17,6 +17,11 @@ train, early stopping there; calib and test never read). Each variant's threshol
 Also the saver's own test accuracy (the price) and the training time. ``--quick``: resnet10t, the
 base-aware loss at α = 1, 2 epochs on the first 10,000 train images, no splits; it ends with
 ``zero-loss exits on test: plain P % trained T %``.
+
+``--imagenet-sample TAR`` cuts the 1,000-image ImageNet sample (one image per class) into seeded
+train/calib/test folders of 500/250/250, profiles tf_efficientnet_lite0 and lite2 on them into a
+zoo under ``--workdir``, and fine-tunes lite0 for lite2 on the 500 train images: 500 images of 1,000
+classes, one each, is very little to learn deferral from, and 250 test images give coarse figures.
 """
 import argparse
 import time
@@ -73,6 +78,32 @@ def evaluate(name, out_c, out_t, labels_c, labels_t, base_c, base_t, cost_ratio,
     return row
 
 
+def imagenet_zoo(tar: str, workdir: str) -> str:
+    """The sample cut in seeded 500/250/250 folders and profiled (lite0, lite2) into a zoo; its folder."""
+    import tarfile
+    from pathlib import Path
+
+    from tinysaver.models import ModelSpec
+    from tinysaver.profiler import ProfileConfig, profile
+
+    work = Path(workdir)
+    with tarfile.open(tar) as t:
+        members = sorted((m for m in t.getmembers() if m.isfile()), key=lambda m: m.name)
+        perm = np.random.default_rng(0).permutation(len(members))
+        parts = {"train": perm[:500], "calib": perm[500:750], "test": perm[750:]}
+        for split, idx in parts.items():
+            d = work / "data" / split
+            if d.is_dir() and len(list(d.iterdir())) == len(idx):
+                continue
+            d.mkdir(parents=True, exist_ok=True)
+            for i in idx:
+                (d / Path(members[i].name).name).write_bytes(t.extractfile(members[i]).read())
+    cfg = ProfileConfig("imagenet-sample-split", {s: f"imagenet:{work / 'data' / s}" for s in parts},
+                        [ModelSpec("tf_efficientnet_lite0.pypi_in1k"), ModelSpec("tf_efficientnet_lite2.pypi_in1k")],
+                        batch_sizes=[], eval_batch_size=32)
+    return str(profile(cfg, work / "zoos", progress=False, log=print))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--zoo", default="fashion-mnist")
@@ -83,8 +114,15 @@ def main() -> int:
     ap.add_argument("--limit", type=int, help="the first N train images only")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--splits", type=int, default=0, help="seeded calib/test re-splits for the violation rate")
+    ap.add_argument("--saver", help="the saver to fine-tune (default: each base's best at zero loss)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--imagenet-sample", help="the shared ImageNet sample tar: cut it and profile lite0/lite2 first")
+    ap.add_argument("--workdir", default="/tmp/tinysaver-defer-imagenet")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.imagenet_sample:
+        args.zoo = imagenet_zoo(args.imagenet_sample, args.workdir)
+        args.bases, args.saver = args.bases or "tf_efficientnet_lite2.pypi_in1k", args.saver or "tf_efficientnet_lite0.pypi_in1k"
     if args.quick:
         args.bases, args.losses, args.alphas, args.epochs, args.limit, args.splits = \
             "resnet10t", "base-aware", "1", 2, 10000, 0
@@ -106,10 +144,10 @@ def main() -> int:
     quick_line = None
     for base in bases:
         sel = select(zoo, base, SelectorConfig()).best
-        if len(sel.models) < 2:
+        if len(sel.models) < 2 and not args.saver:
             print(f"\n{base}: no saver at zero loss; skipped")
             continue
-        saver = sel.models[0]
+        saver = args.saver or sel.models[0]
         cost_ratio = zoo.entry(saver).flops / zoo.entry(base).flops
         bp = {s: zoo.predictions(base, s).pred for s in data}
         plain = {s: (zoo.predictions(saver, s).conf, zoo.predictions(saver, s).pred) for s in data}
@@ -118,7 +156,8 @@ def main() -> int:
         print(f"\n{base} ← {saver} (FLOPs ratio {cost_ratio:.3f})", flush=True)
         for loss in args.losses.split(","):
             for alpha in (float(a) for a in args.alphas.split(",")):
-                s = DeferSettings(loss=loss, alphas=(alpha,), epochs=args.epochs, limit=args.limit, lr=args.lr)
+                s = DeferSettings(loss=loss, alphas=(alpha,), epochs=args.epochs, limit=args.limit, lr=args.lr,
+                                  batch_size=args.batch_size, holdout=0.2 if args.imagenet_sample else 0.1)
                 t0 = time.perf_counter()
                 r = train_saver(zoo, saver, base, s, progress=False, log=lambda *_: None)
                 secs = time.perf_counter() - t0

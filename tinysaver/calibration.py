@@ -171,7 +171,7 @@ def calibrate_zoo(zoo: str, models=None, fit_split: str = "calib", root=None, lo
     keys = list(models) if models else z.measured()
     for k in keys:
         if not z.has_predictions(k):
-            raise ZooError(f"{k!r} in zoo {zoo!r} is {z.model(k).get('status')}: it has no predictions to calibrate")
+            raise ZooError(f"{k!r} in zoo {zoo!r} is {z.entry(k).status}: it has no predictions to calibrate")
     with zoo_lock(z.path):
         data: dict = {}
 
@@ -188,7 +188,7 @@ def calibrate_zoo(zoo: str, models=None, fit_split: str = "calib", root=None, lo
             # imported logits are the model's output as given; a profiled model runs again in float32
             # (a zoo keeps its logits, if at all, in float16)
             kept = ({split: z.predictions(key, split).logits for split in z.splits}
-                    if z.model(key).get("status") == "imported" else {"": None})
+                    if z.entry(key).status == "imported" else {"": None})
             if all(lg is not None for lg in kept.values()):
                 logits = {split: torch.from_numpy(np.asarray(lg, np.float32)) for split, lg in kept.items()}
             else:

@@ -290,8 +290,7 @@ def add_to_zoo(zoo, saver: str, base: str, result: DeferResult, settings: DeferS
     # a retrained saver of the same name: its old predictions must not be taken as this one's
     shutil.rmtree(zoo.path / "preds" / model_dirname(key), ignore_errors=True)
     spec = dataclasses.replace(spec, checkpoint=str(ck), label=key, pretrained=False)
-    entry = zoo.model(saver)
-    sizes = sorted(int(b[2:]) for b in (((entry.get("latency") or {}).get("table")) or {}))
+    sizes = sorted(int(b[2:]) for b in ((zoo.entry(saver).latency or {}).get("table") or {}))
     cfg = ProfileConfig(zoo.name, {s: m["source"] for s, m in zoo.splits.items()}, [spec], batch_sizes=sizes,
                         force=True)
     profile(cfg, zoo.path.parent, progress=progress, log=log)

@@ -264,12 +264,11 @@ def costs_from_zoo(zoo_name: str, models: Sequence[str], root: Path | None = Non
             arch = m.split(".")[0]
             cands = [k for k in z.models if k.split(".")[0] == arch]
             key = cands[0] if len(cands) == 1 else None
-        e = z.models.get(key) if key else None
-        if e and (e.get("macs") or e.get("flops")):
-            macs, flops = e.get("macs"), e.get("flops")
-            out[m] = {"macs": int(macs if macs else flops / 2), "flops": int(flops if flops else 2 * macs),
-                      **({"params": int(e["params"])} if e.get("params") else {}),
-                      **({"flops_counter": e["flops_counter"]} if e.get("flops_counter") else {}),
+        e = z.entry(key) if key else None
+        if e and (e.macs or e.flops):
+            out[m] = {"macs": int(e.macs if e.macs else e.flops / 2), "flops": int(e.flops if e.flops else 2 * e.macs),
+                      **({"params": int(e.params)} if e.params else {}),
+                      **({"flops_counter": e.flops_counter} if e.flops_counter else {}),
                       "from": f"zoo {z.name}: {key}"}
     return out
 

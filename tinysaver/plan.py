@@ -68,10 +68,11 @@ def _catalog_facts(root: Path | None) -> dict[str, dict]:
             z = load_zoo(name, root)
         except Exception:  # a broken zoo never stops a plan
             continue
-        for key, e in z.models.items():
-            pub = e.get("published") or {}
-            size = pub.get("img_size") or ((e.get("preprocess") or {}).get("input_size") or [None, None, None])[-1]
-            macs = e.get("macs")
+        for key in z.models:
+            e = z.entry(key)
+            pub = e.published or {}
+            size = pub.get("img_size") or ((e.preprocess or {}).get("input_size") or [None, None, None])[-1]
+            macs = e.macs
             if macs:
                 facts.setdefault(key, {"gmacs": float(macs) / 1e9, "img_size": size})
     return facts

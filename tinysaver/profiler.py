@@ -369,8 +369,8 @@ def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int
     z = load_zoo(zoo, root)
     keys = list(models) if models else z.measured()
     for k in keys:
-        if z.model(k).get("status") != "measured":
-            raise ZooError(f"{k!r} in zoo {zoo!r} is {z.models[k].get('status')}: nothing to run")
+        if z.entry(k).status != "measured":
+            raise ZooError(f"{k!r} in zoo {zoo!r} is {z.entry(k).status}: nothing to run")
     with zoo_lock(z.path):
         data = {}
         for split, meta in z.splits.items():

@@ -505,27 +505,27 @@ def select(zoo: Zoo, base: str, cfg: SelectorConfig | None = None, savers: Seque
     ``savers`` limits the candidates (default: every cheaper measured model of the zoo).
     """
     cfg = cfg or SelectorConfig()
-    entry = zoo.model(base)
+    entry = zoo.entry(base)
     if not zoo.has_predictions(base):
-        raise SelectionError(f"{base!r} is {entry.get('status')} in zoo {zoo.name!r}: it has no predictions to select on")
+        raise SelectionError(f"{base!r} is {entry.status} in zoo {zoo.name!r}: it has no predictions to select on")
     costs = available_costs(zoo, zoo.measured(), cfg.cost)
     costs[base] = model_cost(zoo, base, cfg.cost)  # the base must have one: this names what is missing
-    ncls = entry.get("num_classes")
+    ncls = entry.num_classes
     if savers is not None:
         for s in savers:
             if s == base:
                 raise SelectionError(f"a model cannot be its own saver: {s!r} is the base")
-            se = zoo.model(s)
+            se = zoo.entry(s)
             if not zoo.has_predictions(s):
                 raise SelectionError(f"saver {s!r} has no predictions in zoo {zoo.name!r}")
             costs[s] = model_cost(zoo, s, cfg.cost)
-            if se.get("num_classes") != ncls:
-                raise SelectionError(f"saver {s!r} predicts {se.get('num_classes')} classes but base {base!r} "
+            if se.num_classes != ncls:
+                raise SelectionError(f"saver {s!r} predicts {se.num_classes} classes but base {base!r} "
                                      f"predicts {ncls}: their class spaces differ")
         pool = list(dict.fromkeys(savers))
     else:
         pool = [m for m in costs if m != base and costs[m] < costs[base]
-                and zoo.models[m].get("num_classes") == ncls]
+                and zoo.entry(m).num_classes == ncls]
     calib, test = calibration_and_test(zoo, [base, *pool], cfg.calib_split, cfg.test_split, cfg.seed, cfg.calibrate)
     return _select_on(zoo.name, base, pool, costs, calib, test, cfg, top)
 
@@ -629,7 +629,7 @@ def select_all(zoo: Zoo, cfg: SelectorConfig | None = None) -> tuple[list[Select
         model_cost(zoo, models[0], cfg.cost)  # raises, naming what is missing
     models = [m for m in models if m in costs]
     calib, test = calibration_and_test(zoo, models, cfg.calib_split, cfg.test_split, cfg.seed, cfg.calibrate)
-    return select_all_arrays(zoo.name, models, costs, {m: zoo.models[m].get("num_classes") for m in models},
+    return select_all_arrays(zoo.name, models, costs, {m: zoo.entry(m).num_classes for m in models},
                              calib, test, cfg)
 
 

@@ -131,9 +131,10 @@ class Zoo:
     def has_predictions(self, key: str) -> bool:
         from .manifest import PREDICTED
 
-        return self.model(key).get("status") in PREDICTED
+        return self.entry(key).status in PREDICTED
 
     def model(self, key: str) -> dict[str, Any]:
+        """The raw manifest mapping of ``key``, for code that writes the manifest; readers use :meth:`entry`."""
         if key not in self.models:
             import difflib
 
@@ -153,14 +154,14 @@ class Zoo:
         path resolves from the checkout that holds this zoo_index (``<checkout>/zoo_index/<zoo>``)."""
         from .models import ModelSpec
 
-        entry = self.model(key)
-        src = {k: v for k, v in (entry.get("source") or {}).items() if k in ModelSpec.__dataclass_fields__}
-        if not src.get("name") and entry.get("status") == "imported":
+        entry = self.entry(key)
+        src = {k: v for k, v in entry.source.items() if k in ModelSpec.__dataclass_fields__}
+        if not src.get("name") and entry.status == "imported":
             raise ZooError(f"zoo {self.name!r}: {key!r} was imported as predictions only, so it has no weights to run; "
                            f"re-import it with --weights {key}=TIMM_NAME")
         if not src.get("name"):
             raise ZooError(f"zoo {self.name!r}: entry {key!r} does not say how to build the model "
-                           f"({entry.get('status')} entries carry published facts only)")
+                           f"({entry.status} entries carry published facts only)")
         ck = src.get("checkpoint")
         if ck and not os.path.isabs(ck):
             # recorded relative to the checkout that held the zoo; a copied zoo folder has moved away
@@ -181,7 +182,7 @@ class Zoo:
         an entry that records none (published facts only)."""
         from .models import Preprocess
 
-        recorded = self.model(key).get("preprocess")
+        recorded = self.entry(key).preprocess
         return Preprocess.from_dict(recorded) if recorded else None
 
     @property
@@ -236,7 +237,7 @@ class Zoo:
 
     def predictions(self, model: str, split: str) -> Predictions:
         if not self.has_predictions(model):
-            raise ZooError(f"{model!r} in zoo {self.name!r} is {self.model(model).get('status')}: it has no predictions")
+            raise ZooError(f"{model!r} in zoo {self.name!r} is {self.entry(model).status}: it has no predictions")
         ids, labels = self.split_arrays(split)
         f = self.path / "preds" / model_dirname(model) / f"{split}.npz"
         if not f.is_file():
@@ -257,7 +258,7 @@ class Zoo:
 
     def calibrated_predictions(self, model: str, split: str) -> Predictions:
         """:meth:`predictions` with the temperature-scaled confidences of ``tinysaver zoo calibrate``."""
-        cal = self.model(model).get("calibration")
+        cal = self.entry(model).calibration
         if not cal:
             raise ZooError(f"{model!r} in zoo {self.name!r} has no calibrated confidences; run "
                            f"'tinysaver zoo calibrate --zoo {self.name}' first")
@@ -275,7 +276,7 @@ class Zoo:
 
     def temperature(self, model: str) -> float:
         """The fitted temperature of ``model`` (1.0 when it was never calibrated)."""
-        return float((self.model(model).get("calibration") or {}).get("temperature", 1.0))
+        return float((self.entry(model).calibration or {}).get("temperature", 1.0))
 
     def table(self) -> pd.DataFrame:
         """One row per model: status, input side (px), params, FLOPs/MACs, accuracy per split, latency per batch size."""

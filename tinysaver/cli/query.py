@@ -26,7 +26,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     print(render(result))
     sel = result.best
     zoo_arg = f"--zoo {shlex.quote(args.zoo)}"
-    unbuildable = [m for m in sel.models if not (zoo.model(m).get("source") or {}).get("name")]
+    unbuildable = [m for m in sel.models if not zoo.entry(m).source.get("name")]
     if unbuildable:  # imported as predictions only: there is nothing to run
         if args.save:
             sel.save(args.save)

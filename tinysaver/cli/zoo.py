@@ -131,7 +131,7 @@ def cmd_zoo_import(args: argparse.Namespace) -> int:
                       num_classes=args.num_classes, class_names=names, weights=weights, description=args.description,
                       force=args.force)
     zoo = load_zoo(str(path))
-    largest = max(zoo.models, key=lambda k: zoo.models[k]["flops"])
+    largest = max(zoo.models, key=lambda k: zoo.entry(k).flops)
     print(f"zoo {args.name!r} written to {path}: {len(zoo.models)} models, splits {', '.join(zoo.splits)}; "
           f"try 'tinysaver query --zoo {args.name} --base {largest}'")
     return 0
