@@ -44,6 +44,28 @@ def replay(monitor, early: np.ndarray, hit: np.ndarray) -> list[tuple[int, str, 
     return monitor.changes
 
 
+def plot_delays(curves: dict, horizon: int, path: str) -> None:
+    """One step curve per (audit fraction, shift): the share of streams called drift within r requests."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for (a, name), (delays, n) in curves.items():
+        xs = [0, *delays, horizon]
+        ys = [0, *(np.arange(1, len(delays) + 1) / n), len(delays) / n]
+        ax.step(xs, ys, where="post", label=f"{name}, {a:.0%} audited")
+    ax.set_xlabel("requests after the shift")
+    ax.set_ylabel("share of streams called drift")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=200)
@@ -54,6 +76,7 @@ def main() -> int:
     ap.add_argument("--shift-at", type=int, default=5000)
     ap.add_argument("--shifts", default="roll8,invert,noise", help="comma-separated: roll8, invert, noise")
     ap.add_argument("--adapt-streams", type=int, default=50, help="streams for the --adapt comparison (0: none)")
+    ap.add_argument("--png", help="also plot the share of shifted streams called drift against requests after the shift")
     args = ap.parse_args()
 
     import logging
@@ -105,6 +128,7 @@ def main() -> int:
     print(f"\n| audit | shift at request {args.shift_at:,} | drift before the shift | delay to drift, median | "
           "90th pct | never called |")
     print("|---|---|---|---|---|---|")
+    curves = {}
     for a in args.audits:
         for name, (shift_exit, shift_dis) in shifts.items():
             early_alarm, delays, missed = 0, [], 0
@@ -120,8 +144,11 @@ def main() -> int:
                     missed += 1
                 else:
                     delays.append(hit - args.shift_at)
+            curves[a, name] = (sorted(delays), args.streams)
             med, p90 = (f"{np.median(delays):.0f}", f"{np.percentile(delays, 90):.0f}") if delays else ("–", "–")
             print(f"| {a} | {name} | {early_alarm} | {med} | {p90} | {missed} |", flush=True)
+    if args.png:
+        plot_delays(curves, args.requests - args.shift_at, args.png)
     if args.adapt_streams:
         t0 = sel.thresholds[0]
         print(f"\n| audit | shift | streams | post-shift loss against the base, fixed → adapt (points) | "

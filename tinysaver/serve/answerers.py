@@ -35,11 +35,12 @@ class FusedAnswerer:
     rather than on each model batch's few."""
 
     layout = "fused"
-    retried = unavailable = 0
+    retried = unavailable = 0  # nothing is retried: every stage is in this process
 
     def __init__(self, plan: Plan, incoming):
         o = plan.options
-        self.timeout_s = o.request_timeout_s
+        # a stream of answers waits at most this long: the engine's own futures, no task per image
+        self.timeout_s = self.stream_timeout_s = o.request_timeout_s
         self.device = stage_device(max(o.per_stage("num_gpus", len(plan.stages))))
         built = load_stages(plan, self.device)
         self.engine = FusedBatcher([built[i] for i in range(len(plan.stages))], plan.stages.thresholds,
@@ -55,9 +56,6 @@ class FusedAnswerer:
 
     def set_threshold(self, i: int, t: float) -> None:
         self.engine.thresholds[i] = float(t)
-
-    # a stream of answers: the engine's own futures, no task per image, unpacked as each is ready
-    stream_timeout_s = property(lambda self: self.timeout_s)
 
     def submit(self, img, arrived: float) -> asyncio.Future:
         """The future of ``img``'s engine answer, (stage, class, confidence[, the first stage's]):
@@ -129,8 +127,13 @@ class WalkAnswerer:
     def set_threshold(self, i: int, t: float) -> None:
         self.walk.thresholds[i] = float(t)
 
-    retried = property(lambda self: self.walk.retried)
-    unavailable = property(lambda self: self.walk.unavailable)
+    @property
+    def retried(self) -> int:
+        return self.walk.retried
+
+    @property
+    def unavailable(self) -> int:
+        return self.walk.unavailable
 
     async def answer(self, img) -> Answer:
         seen = [] if self.first else None
