@@ -280,6 +280,30 @@ def wait_up(url: str, timeout_s: float = 300) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def plot_throughput(rows: list[dict], names: list[str], in_process: float, batch: int, path: str) -> None:
+    """Images per second against concurrency, one line per app, and the in-process cascade as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    cs = [r["concurrency"] for r in rows]
+    for n in names:
+        ax.plot(cs, [r[n] for r in rows], marker="o", label=n)
+    ax.axhline(in_process, color="grey", linestyle="--", label=f"in process, batch {batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(cs, [str(c) for c in cs])
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("images per second")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--zoo", default="fashion-mnist")
@@ -293,6 +317,7 @@ def main() -> int:
     ap.add_argument("--ray-cpus", type=int, default=2, help="logical CPUs of the local Ray instance (a whole number)")
     ap.add_argument("--fused-cpus", type=float, default=0.3,
                     help="num_cpus of a fused replica; Ray gives it that many torch threads when ≥ 1")
+    ap.add_argument("--png", help="also plot each app's img/s against concurrency, with the in-process cascade")
     ap.add_argument("--batch-concurrency", type=int, nargs="+", default=[4, 16],
                     help="concurrent /predict/batch requests (16 images each)")
     ap.add_argument("--apps", default="floor-uvicorn,floor-serve,floor-serve-2r,floor-serve-grpc,per-stage,fused,"
@@ -466,6 +491,8 @@ def main() -> int:
             print(f"concurrency {r['concurrency']}: {n} {r[n]:.1f} img/s = {r[n] / ip['eager']:.2f} of the in-process "
                   f"eager cascade at batch {args.max_batch_size} on {threads} threads, {r[n] / ip['eager:1t']:.2f} of it "
                   f"on 1 thread ({ip['eager:1t']:.1f} img/s)")
+    if args.png:
+        plot_throughput(rows, names, ip["eager"], args.max_batch_size, args.png)
     early = [n for n in ("fused", "fused-2r", "fused-grpc") if n in names]
     print("\n| concurrency | " + " | ".join(f"{n} p50 ms" for n in names) + " | " +
           " | ".join(f"{n} early-answer p50 ms" for n in early) + " |")
