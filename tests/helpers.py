@@ -187,3 +187,11 @@ def zero_png(width: int, height: int) -> bytes:
     parts.append(z.flush())
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+def stage_plan(names: tuple, thresholds: tuple) :
+    """A plan of ``names`` (zoo models nobody loads) on the default backend."""
+    from tinysaver.stageplan import StagePlan
+
+    n = len(names)
+    return StagePlan("z", names, names, thresholds, (1.0,) * n, ("eager",) * n, (None,) * n, (False,) * n)

@@ -1,0 +1,179 @@
+"""The service's HTTP parts without Ray: bodies, multipart, decoding refusals, tokens, streamed
+answers, gRPC."""
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from tests.helpers import png_bytes
+from tinysaver.serve import BadRequest
+from tinysaver.serve.http import check_token, decode, decode_all, ndjson_as_ready, read_files
+
+
+class FakeRequest:
+    """What the routes read of a starlette Request: headers, the body stream and the form."""
+
+    def __init__(self, body: bytes, ctype: str, length: bool = True):
+        self.headers = {"content-type": ctype, **({"content-length": str(len(body))} if length else {})}
+        self._raw = body
+
+    async def stream(self):
+        for i in range(0, len(self._raw), 7):
+            yield self._raw[i:i + 7]
+
+    async def form(self):
+        from starlette.requests import Request
+
+        scope = {"type": "http", "method": "POST", "headers": [(b"content-type", self.headers["content-type"].encode())]}
+
+        async def receive():
+            return {"type": "http.request", "body": self._body, "more_body": False}
+
+        return await Request(scope, receive).form()
+
+
+def multipart(files, boundary="XyZ"):
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"; filename="{n}"\r\n'
+             f"Content-Type: image/png\r\n\r\n".encode() + d + b"\r\n" for i, (n, d) in enumerate(files)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_bodies_raw_multipart_and_every_refusal_in_one_sentence():
+    pytest.importorskip("starlette")
+    img = png_bytes(np.zeros((8, 8), np.uint8))
+    assert asyncio.run(read_files(FakeRequest(img, "image/png"), False, 10_000)) == [("body", img)]
+    body, ctype = multipart([("a.png", img), ("b.png", img)])
+    assert [n for n, _ in asyncio.run(read_files(FakeRequest(body, ctype), True, 10_000))] == ["a.png", "b.png"]
+    cases = [(FakeRequest(body, ctype), False, 10_000, 400, "/predict takes one image, the form holds 2 files"),
+             (FakeRequest(img, "image/png"), False, 10, 413, "over the limit of 10 bytes"),
+             (FakeRequest(img, "image/png", length=False), False, 10, 413, "over the limit"),
+             (FakeRequest(img, "text/plain"), False, 10_000, 415, "application/octet-stream"),
+             (FakeRequest(img, "image/png"), True, 10_000, 415, "multipart/form-data"),
+             (FakeRequest(b"abc", "multipart/form-data"), False, 10_000, 400, "malformed multipart body (Missing boundary"),
+             (FakeRequest(b"--XyZ\r\nno headers here\r\n\r\nabc\r\n--XyZ--", "multipart/form-data; boundary=XyZ"), False,
+              10_000, 400, "malformed multipart body"),
+             (FakeRequest(b"--XyZ--\r\n", "multipart/form-data; boundary=XyZ"), False, 10_000, 400, "no file")]
+    for req, many, limit, status, words in cases:
+        with pytest.raises(BadRequest) as e:
+            asyncio.run(read_files(req, many, limit))
+        assert e.value.status == status and words in e.value.reason and "\n" not in e.value.reason, e.value.reason
+
+
+def test_decoding_refusals_name_the_problem_not_the_decoder():
+    from PIL import Image
+    import io
+
+    for data, status, words in [(b"", 400, "empty body"), (b"GIF89a broken", 400, "not a usable image"),
+                                (png_bytes(np.zeros((8, 8), np.uint8))[:30], 400, "not a usable image")]:
+        with pytest.raises(BadRequest) as e:
+            decode(data, 1000)
+        assert e.value.status == status and words in e.value.reason and "0x" not in e.value.reason
+    buf = io.BytesIO()
+    Image.new("L", (400, 300)).save(buf, format="PNG")
+    with pytest.raises(BadRequest) as e:
+        decode(buf.getvalue(), 100_000)
+    assert e.value.status == 413 and "400 × 300 pixels is over the cap" in e.value.reason
+    assert decode(buf.getvalue(), None).shape == (1, 300, 400)
+
+
+def test_a_token_is_required_when_set():
+    check_token({}, None)
+    check_token({"authorization": "Bearer s3cret"}, "s3cret")
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+        with pytest.raises(BadRequest) as e:
+            check_token(headers, "s3cret")
+        assert e.value.status == 401
+
+
+def test_a_streamed_batch_writes_each_answer_when_it_is_ready():
+    """/predict/batch's lines come in the order the answers finish (here: 2, 0, 3, 1), each one
+    written before the next answer is ready, not in the order the images were sent."""
+    async def main():
+        events = [asyncio.Event() for _ in range(4)]
+
+        async def answer(i):
+            await events[i].wait()
+            return {"index": i}
+
+        stream = ndjson_as_ready(answer(i) for i in range(4))
+        got = []
+        for i in (2, 0, 3, 1):  # only answer i can finish: a stream in index order would wait here
+            events[i].set()
+            got.append(json.loads(await asyncio.wait_for(stream.__anext__(), 5))["index"])
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        return got
+
+    assert asyncio.run(main()) == [2, 0, 3, 1]
+
+
+def test_answers_that_finish_together_stream_as_one_chunk_in_the_order_asked():
+    async def main():
+        gate = asyncio.Event()
+
+        async def answer(i):
+            if i in (1, 3):
+                await gate.wait()
+            return {"index": i}
+
+        stream = ndjson_as_ready(answer(i) for i in range(4))
+        chunks = [await asyncio.wait_for(stream.__anext__(), 5)]
+        gate.set()
+        chunks.append(await asyncio.wait_for(stream.__anext__(), 5))
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        return [[json.loads(line)["index"] for line in c.splitlines()] for c in chunks]
+
+    assert asyncio.run(main()) == [[0, 2], [1, 3]]
+
+
+def test_streamed_lines_say_what_went_wrong_and_time_out_at_the_deadline():
+    """``line`` turns each outcome into its line: a result, a refusal, a failure, or no answer in time."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        ok, refused, failed, never = (loop.create_future() for _ in range(4))
+        ok.set_result(7)
+        refused.set_exception(BadRequest(400, "not a usable image"))
+        failed.set_exception(RuntimeError("boom"))
+
+        def line(k, outcome):
+            return {"k": k, "got": outcome if isinstance(outcome, int) else type(outcome).__name__}
+
+        chunks = [c async for c in ndjson_as_ready([ok, refused, failed, never], line, timeout_s=0.2)]
+        return [[json.loads(x) for x in c.splitlines()] for c in chunks], never.cancelled()
+
+    chunks, cancelled = asyncio.run(main())
+    assert chunks == [[{"k": 0, "got": 7}, {"k": 1, "got": "BadRequest"}, {"k": 2, "got": "RuntimeError"}],
+                      [{"k": 3, "got": "TimeoutError"}]]
+    assert cancelled  # the engine skips an answer nobody waits for
+
+
+def test_a_batch_of_bodies_decodes_each_and_keeps_the_refusal_of_a_bad_one():
+    good = png_bytes(np.zeros((8, 8, 3), np.uint8))
+    out = decode_all([good, b"junk", b""], None)
+    assert tuple(out[0].shape) == (3, 8, 8)
+    assert [type(x).__name__ for x in out[1:]] == ["BadRequest", "BadRequest"] and out[2].status == 400
+
+
+def test_the_grpc_method_is_registered_under_its_name_and_replies_with_bytes():
+    """What Serve's gRPC proxy gets from ``add_servicer``, and what its replica serializes."""
+    grpc = pytest.importorskip("grpc")
+    from tinysaver.serve import grpc_api
+
+    class Server:
+        def add_generic_rpc_handlers(self, handlers):
+            self.handlers = handlers
+
+    class Servicer:
+        def Predict(self, data, context):  # noqa: N802
+            return grpc_api.reply({"class": 3})
+
+    server = Server()
+    grpc_api.add_servicer(Servicer(), server)
+    [handler] = server.handlers
+    details = type("Details", (), {"method": grpc_api.METHOD, "invocation_metadata": ()})()
+    method = handler.service(details)
+    assert method is not None and method.request_deserializer is None  # the replica gets the raw bytes
+    assert json.loads(method.unary_unary(b"png", None).SerializeToString()) == {"class": 3}
+    assert all(hasattr(grpc.StatusCode, name) for name in grpc_api.STATUS.values())
