@@ -38,7 +38,7 @@ def service():
     zoo = load_zoo("fashion-mnist")
     sel = select(zoo, BASE, SelectorConfig()).best
     # small CPU shares: the per-stage app (3 deployments) and the fused one share 2 cores. The fused
-    # app audits every early answer (the per-stage audit walk is tested without Ray, in test_serve_parts)
+    # app audits every early answer (the per-stage audit walk is tested without Ray, in test_serve_answering)
     # a request left waiting on a stage being deleted gets its 503 at the deadline: 10 s, not the
     # default 25, keeps the shutdown test from waiting out the default (clients retry 503s)
     opts = dict(layout="per-stage", num_cpus=0.25, ingress_num_cpus=0.2, max_body_bytes=64 * 1024,
@@ -132,7 +132,7 @@ def test_the_fused_layout_answers_as_cascade_predict_in_one_deployment(service, 
 
 def test_a_streamed_batch_answers_each_image_as_the_cascade_does(service, offline):
     """Each line is the offline cascade's answer for its image. That lines are written as they are
-    ready, not in index order, is tested without Ray (test_serve_parts): here the order depends on
+    ready, not in index order, is tested without Ray (test_serve_http): here the order depends on
     how the stages happened to batch."""
     from tinysaver.policy import MARGIN
 
