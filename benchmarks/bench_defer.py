@@ -31,7 +31,7 @@ import numpy as np
 
 def policy_on(conf_c, correct_c, base_correct_c, conf_t, criterion: str, tolerance: float = 0.0):
     """The threshold ``criterion`` picks on calib, as a saver → base pair."""
-    from tinysaver.selector import SaverOrder, best_exit
+    from tinysaver.sweep import SaverOrder, best_exit
 
     _, t = best_exit(SaverOrder.build(conf_c, correct_c), base_correct_c, criterion, tolerance, 0.1, "wsr")
     return t

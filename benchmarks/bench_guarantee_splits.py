@@ -35,7 +35,10 @@ def main() -> int:
     ap.add_argument("--methods", default="wsr,clopper-pearson,mapie-ltt")
     args = ap.parse_args()
 
-    from tinysaver.selector import SelectionError, SelectorConfig, SplitData, _select_on, available_costs
+    from tinysaver.policy import SelectionError
+    from tinysaver.selector import SelectorConfig, _select_on
+    from tinysaver.splits import SplitData
+    from tinysaver.costs import available_costs
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)

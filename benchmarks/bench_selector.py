@@ -13,7 +13,8 @@ import time
 import numpy as np
 
 from tinysaver.policy import exits
-from tinysaver.selector import SelectorConfig, SplitData, select_all_arrays
+from tinysaver.selector import SelectorConfig, select_all_arrays
+from tinysaver.splits import SplitData
 
 
 def synthetic_zoo(models: int = 44, samples: int = 50_000, classes: int = 1000, seed: int = 0):

@@ -24,7 +24,8 @@ import warnings
 import numpy as np
 
 from tinysaver.policy import exits
-from tinysaver.selector import GUARANTEE_GRID, SaverOrder, best_exit
+from tinysaver.criteria import GUARANTEE_GRID
+from tinysaver.sweep import SaverOrder, best_exit
 from tinysaver.zoo import load_zoo
 
 

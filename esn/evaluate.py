@@ -107,7 +107,7 @@ def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic
     ``splits`` (train, calib, test) and ``features`` ({'calib': ..., 'test': ...} from
     :func:`esn.train.frozen_features`) may be passed in to avoid recomputing them.
     """
-    from tinysaver.selector import SaverOrder, best_exit
+    from tinysaver.sweep import SaverOrder, best_exit
 
     from .policy import choose_policy, dynamic_predict, offline_exit_outputs
     from .train import esn_splits, frozen_features

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tinysaver.policy import exits
-from tinysaver.selector import SaverOrder, best_exit
+from tinysaver.sweep import SaverOrder, best_exit
 from tinysaver.errors import UsageError
 
 

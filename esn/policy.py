@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tinysaver.criteria import get_criterion
+from tinysaver.criteria import GUARANTEE_GRID, get_criterion
 from tinysaver.policy import answers, apply, exits
-from tinysaver.selector import SaverOrder, best_exit
+from tinysaver.splits import check_calibration
+from tinysaver.sweep import SaverOrder, best_exit, criterion_passes
 
 from .model import ExitSequenceNetwork
 from .staged import StagedModel
@@ -74,9 +75,6 @@ def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, l
 
 
 def _guaranteed_path(preds, confs, base_pred, labels, tolerance, delta, saver_threshold, method) -> ExitPolicy:
-    from tinysaver.criteria import GUARANTEE_GRID
-    from tinysaver.selector import criterion_passes
-
     n_exits, n = preds.shape
     lam = np.concatenate([[np.inf], GUARANTEE_GRID])  # candidate 0: nothing exits (always passes)
     base_ok = (base_pred == labels).astype(np.int8)
@@ -102,8 +100,6 @@ def calibrated_policy(zoo, pair, method, criterion: str = "zero", tolerance: flo
                       calibrate: str | None = None, split=None) -> ExitPolicy:
     """The exit policy to run ``method`` with: thresholds (and, with ``calibrate='temperature'``,
     temperatures) chosen on the zoo's calibration split (``split`` overrides it), as ``esn eval`` does."""
-    from tinysaver.selector import check_calibration
-
     from .exits import fit_temperatures, offline_outputs
     from .train import esn_splits, frozen_features
 

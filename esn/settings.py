@@ -28,7 +28,7 @@ class CompareSettings:
     esn: dict = field(default_factory=dict)  # TrainSettings overrides
 
     def __post_init__(self) -> None:
-        from tinysaver.selector import check_calibration
+        from tinysaver.splits import check_calibration
 
         check_calibration(self.calibrate)
         if not 0 < self.alpha < 1:

@@ -6,13 +6,9 @@ import pytest
 
 from tinysaver.policy import apply, per_sample_cost, stage_costs
 from tinysaver.risk import passes_clopper_pearson
-from tinysaver.selector import (
-    SelectorConfig,
-    SplitData,
-    _chain_exact,
-    _select_on,
-    select,
-)
+from tinysaver.selector import SelectorConfig, _select_on, select
+from tinysaver.splits import SplitData
+from tinysaver.chains import chain_exact
 from tinysaver.zoo import load_zoo
 
 
@@ -45,7 +41,7 @@ def test_exact_chain_search_matches_brute_force(slack):
         ok2 = np.where(rng.random(n) < 0.8, okb, ~okb)
         costs = [1.0, 3.0, 10.0]
         want = brute_force_chain(c1, c2, ok1, ok2, okb, costs, slack)
-        got = _chain_exact(c1, c2, ok1, ok2, okb.astype(np.int64), *costs, slack=slack, beat=np.inf)
+        got = chain_exact(c1, c2, ok1, ok2, okb.astype(np.int64), *costs, slack=slack, beat=np.inf)
         if np.isinf(want):
             assert got is None, trial
         else:

@@ -21,9 +21,10 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from tinysaver.ray_local import set_local_ray_env
+    from tinysaver.ray_local import ensure_ray_token, set_local_ray_env
 
     set_local_ray_env()
+    ensure_ray_token()  # Cluster starts its head with ``ray start``, which writes no token of its own
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     ray.init(address=c.address, log_to_driver=False)
     yield c

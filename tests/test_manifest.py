@@ -78,7 +78,7 @@ def test_optional_fields_may_be_absent_and_the_typed_entry_is_what_the_selector_
     e = zoo.entry("m0")
     assert e.latency is None and e.macs is None and e.flops == zoo.models["m0"]["flops"]
     # the selector's FLOPs cost is the typed entry's
-    from tinysaver.selector import model_cost
+    from tinysaver.costs import model_cost
 
     assert model_cost(zoo, "m0", "flops") == float(e.flops)
 

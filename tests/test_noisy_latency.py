@@ -44,7 +44,7 @@ def test_noisy_rows_are_shown_warned_about_and_re_timed_alone(tiny_zoo_cfg, tmp_
     from tests.helpers import run_here
     from tinysaver import measure
     from tinysaver.profiler import profile, profile_latency
-    from tinysaver.selector import model_cost
+    from tinysaver.costs import model_cost
     from tinysaver.zoo import MANIFEST, atomic_write_yaml, load_zoo
 
     # the machine this runs on may be busy itself: the stored rows start clean, then one is marked

@@ -8,7 +8,8 @@ import pytest
 
 from tests.helpers import run_here, write_zoo
 from tinysaver.report import describe, render
-from tinysaver.selector import SelectionError, SelectorConfig, select, select_all
+from tinysaver.policy import SelectionError
+from tinysaver.selector import SelectorConfig, select, select_all
 from tinysaver.zoo import ZooError, load_zoo
 
 
@@ -139,7 +140,7 @@ def test_cli_query_select_plot(zoo, tmp_path, capsys):
 @pytest.mark.parametrize("label_free", [False, True])
 def test_zero_and_bounded_report_their_clopper_pearson_bound_and_warn_on_small_calibration(zoo, label_free):
     from tinysaver.risk import loss_upper_bound
-    from tinysaver.selector import load_split_data
+    from tinysaver.splits import load_split_data
 
     cfg = SelectorConfig(criterion="bounded", tolerance=1.0, label_free=label_free)
     sel = select(zoo, "m3", cfg).best

@@ -4,7 +4,8 @@ import pytest
 
 from tinysaver.policy import apply
 from tinysaver.risk import clopper_pearson, passes_wsr
-from tinysaver.selector import GUARANTEE_GRID, SaverOrder, best_exit
+from tinysaver.criteria import GUARANTEE_GRID
+from tinysaver.sweep import SaverOrder, best_exit
 
 
 def brute_force(conf, s_correct, b_correct, criterion, tol=0.0):

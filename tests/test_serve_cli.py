@@ -291,3 +291,24 @@ def test_an_unschedulable_replica_stops_the_command_at_once_and_sigterm_works_du
     assert proc.returncode == 0, out[-3000:]
     assert "stopped before the service was up" in out or "tinysaver: drained in" in out, out[-3000:]
     assert "Traceback" not in out and "Aborted" not in out
+
+
+def test_a_machine_that_never_ran_ray_gets_a_token_before_ray_start(tmp_path, monkeypatch):
+    """Ray's token authentication is on by default, and ``ray start --head`` fails where no token
+    was ever written: the service writes one first, unless the user gave one or turned it off."""
+    need_package("ray")
+    from tinysaver.ray_local import ensure_ray_token
+
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ensure_ray_token()
+    assert not token.exists()
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    ensure_ray_token()
+    first = token.read_text()
+    assert len(first.strip()) >= 32
+    ensure_ray_token()  # an existing token is kept: nodes that joined with it stay valid
+    assert token.read_text() == first

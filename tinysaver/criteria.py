@@ -3,7 +3,7 @@
 A criterion supplies two things to the selector (:mod:`tinysaver.selector`):
 
 - ``candidates(order)``: the exit counts ``k`` (increasing, from 0) and thresholds a saver's
-  sorted confidences are tried at (``order`` is a :class:`~tinysaver.selector.SaverOrder`);
+  sorted confidences are tried at (``order`` is a :class:`~tinysaver.sweep.SaverOrder`);
 - ``passes(outcomes, count, n, tolerance, delta, method)``: a (count,) mask of the candidates that
   meet it, from their harm/repair counts over ``n`` calibration samples (tolerance in accuracy
   points; ``delta`` the level of this one test sequence). Candidate 0 ("nothing exits") passes.

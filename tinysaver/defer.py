@@ -145,7 +145,7 @@ def defer_key(saver: str, base: str) -> str:
 def holdout_exit_ratio(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, base_pred: np.ndarray,
                        label_free: bool) -> float:
     """The share of samples a saver with these outputs answers at zero loss against the base."""
-    from .selector import SaverOrder, best_exit
+    from .sweep import SaverOrder, best_exit
 
     if label_free:
         correct, base_correct = pred == base_pred, np.ones(len(pred), bool)

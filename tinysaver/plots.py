@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from .policy import answers, apply
-from .selector import SelectorConfig, SplitData, available_costs, calibration_and_test, select
+from .selector import SelectorConfig, select
+from .splits import SplitData, calibration_and_test
+from .costs import available_costs
 from .errors import MissingExtraError, UsageError
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import ServeError
+from ..ray_local import RAY_CLI, ensure_ray_token
 from . import grpc_api
 from .builders import local_ray_env, start_serve, unschedulable
 
@@ -69,11 +70,11 @@ class LocalHead:
         # later ray.init() on the machine would find it and join this service's Ray
         self.dir = Path(tempfile.mkdtemp(prefix="tinysaver-ray-"))
         self.log = self.dir / "head.log"
+        ensure_ray_token()
         env = dict(os.environ)
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
-                 "start", "--head", "--block", f"--port={self.port}", "--disable-usage-stats",
+                [sys.executable, "-c", RAY_CLI, "start", "--head", "--block", f"--port={self.port}", "--disable-usage-stats",
                  "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                  f"--temp-dir={self.dir}", *(f"--{name}={_free_port()}" for name in OWN_PORTS)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
