@@ -12,7 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from tinysaver.data import RawSource, decode_all, imagenet_source
+from tinysaver.decoding import RawSource, decode_all
+from tinysaver.sources import imagenet_source
 from tinysaver.models import create_model
 from tinysaver.transforms import prepare_batch
 

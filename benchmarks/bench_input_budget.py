@@ -3,7 +3,7 @@
     python benchmarks/bench_input_budget.py
 
 Each shape runs in a fresh subprocess (so each peak is its own), which decodes the PNG with the
-budget of an ImageNet 224-pixel model and a Fashion 32-pixel one (``tinysaver.data.InputBudget``,
+budget of an ImageNet 224-pixel model and a Fashion 32-pixel one (``tinysaver.budget.InputBudget``,
 the default 40-megapixel cap) and, when it is let through, prepares it for both models. Printed:
 what happened and the growth of the peak RSS over the same process after a warm-up image. The
 baseline is a 256 × 256 photo-sized image through the same path in the same run. Before the budget
@@ -20,7 +20,8 @@ SHAPES = [(256, 256), (100000, 1), (1, 100000), (65535, 2), (12000, 12000), (200
 PROBE = r"""
 import io, resource, sys
 from PIL import Image
-from tinysaver.data import InputBudget, decode_image
+from tinysaver.budget import InputBudget
+from tinysaver.decoding import decode_image
 from tinysaver.errors import PixelCapError
 from tinysaver.models import Preprocess
 from tinysaver.transforms import prepare_batch

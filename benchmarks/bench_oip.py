@@ -27,12 +27,9 @@ import json
 import os
 import statistics
 import struct
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import encoded_images, start_local_service  # noqa: E402
+from loadgen import encoded_images, start_local_service
 
 
 def binary_infer(images: list[bytes]) -> tuple[bytes, dict]:

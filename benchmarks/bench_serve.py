@@ -30,68 +30,7 @@ import time
 
 import numpy as np
 
-
-def encoded_images(zoo, split: str, n: int) -> tuple[list[bytes], object]:
-    """The split's first n images as the bytes a client would send, and the decoded set."""
-    import io
-
-    from PIL import Image
-
-    from tinysaver.data import load_dataset, raw_source
-
-    uri = zoo.splits[split]["source"]
-    data = load_dataset(uri, progress=False, limit=n)
-    if uri.startswith("fashion-mnist"):
-        out = []
-        for img in data.images:
-            buf = io.BytesIO()
-            Image.fromarray(img[0].numpy()).save(buf, format="PNG")
-            out.append(buf.getvalue())
-        return out, data
-    src = raw_source(uri, n)
-    return [src.read(i) for i in range(len(src.ids))], data
-
-
-def start_local_service(apps: dict) -> str:
-    """A local Ray (2 CPUs) and Serve on a free port of 127.0.0.1 running ``apps`` ({name:
-    (application, route prefix)}); returns the base URL. ``ray.shutdown()`` ends it."""
-    import ray
-    from ray import serve
-
-    from tinysaver.serve import local_ray_env, start_serve
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    local_ray_env()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    start_serve({"host": "127.0.0.1", "port": port})
-    for name, (app, prefix) in apps.items():
-        serve.run(app, name=name, route_prefix=prefix)
-    return f"http://127.0.0.1:{port}"
-
-
-async def closed_loop(url: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[float, list[dict]]:
-    import httpx
-
-    results: list[dict] = []
-    counter = iter(range(total))
-
-    async def user(client):
-        for i in counter:
-            t0 = time.perf_counter()
-            r = await client.post(url, content=bodies[i % len(bodies)],
-                                  headers={"content-type": "application/octet-stream"})
-            ms = (time.perf_counter() - t0) * 1e3
-            if r.status_code != 200:
-                raise RuntimeError(f"{r.status_code}: {r.text}")
-            results.append({**r.json(), "client_ms": ms})
-
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(user(client) for _ in range(concurrency)))
-        return time.perf_counter() - t0, results
+from loadgen import closed_loop, encoded_images
 
 
 def in_process(sel, zoo, images, batch_size: int, repeats: int = 3, esn=None) -> dict[str, float]:

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from loadgen import batch_loop, drive, encoded_images
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_serve import encoded_images  # noqa: E402
-from bench_serve_layouts import batch_loop, drive  # noqa: E402
 
 DEPLOY = '''
 import sys

@@ -5,7 +5,7 @@
         --split val --requests 96 --concurrency 1 32
 
 Applications, all on one local Ray instance and driven by the same closed-loop httpx client
-(``closed_loop`` of bench_serve.py, one coroutine per simulated user), their runs alternating so a
+(``closed_loop`` of loadgen.py, one coroutine per simulated user), their runs alternating so a
 noisy neighbour slows them alike:
 
 - ``floor-uvicorn``: a bare FastAPI app on uvicorn (its own process) that decodes the image the way
@@ -38,8 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import closed_loop, encoded_images  # noqa: E402
+from loadgen import batch_loop, drive, encoded_images, wait_up
 
 FLOOR_APP = '''
 from fastapi import FastAPI, Request
@@ -103,59 +102,6 @@ class Floor:
 
 def floor_serve_app():
     return Floor.bind()
-
-
-async def grpc_loop(target: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[float, list[dict]]:
-    """``closed_loop`` over gRPC: ``target`` is "host:port/application"."""
-    import json
-
-    import grpc
-
-    from tinysaver.serve.grpc_api import METHOD
-
-    address, _, app = target.partition("/")
-    results: list[dict] = []
-    counter = iter(range(total))
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(METHOD)
-
-        async def user():
-            for i in counter:
-                t0 = time.perf_counter()
-                answer = json.loads(await call(bodies[i % len(bodies)], metadata=(("application", app),), timeout=120))
-                results.append({**answer, "client_ms": (time.perf_counter() - t0) * 1e3})
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(user() for _ in range(concurrency)))
-        return time.perf_counter() - t0, results
-
-
-def drive(url: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[float, list[dict]]:
-    """One closed-loop run against an HTTP ``/predict`` URL, or a "grpc://host:port/app" target."""
-    if url.startswith("grpc://"):
-        return asyncio.run(grpc_loop(url[len("grpc://"):], bodies, concurrency, total))
-    return asyncio.run(closed_loop(url, bodies, concurrency, total))
-
-
-async def batch_loop(url: str, bodies: list[bytes], per_request: int, concurrency: int, total_images: int) -> float:
-    """Images/s of ``/predict/batch`` with ``per_request`` images per multipart request."""
-    import httpx
-
-    n_req = max(1, total_images // per_request)
-    counter = iter(range(n_req))
-
-    async def user(client):
-        for k in counter:
-            files = [("files", (f"{j}.png", bodies[(k * per_request + j) % len(bodies)], "image/png"))
-                     for j in range(per_request)]
-            r = await client.post(url, files=files)
-            if r.status_code != 200 or r.text.count("\n") != per_request or '"error"' in r.text:
-                raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
-
-    async with httpx.AsyncClient(timeout=300) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(user(client) for _ in range(concurrency)))
-        return n_req * per_request / (time.perf_counter() - t0)
 
 
 def timing_totals(predict_url: str) -> dict[str, float]:
@@ -265,19 +211,6 @@ def cpu_bound(floor_cpu_ms: float, ip: dict) -> str:
     bound = cores * 1e3 / (floor_cpu_ms + cascade)
     return (f"bound from CPU ({cores} cores): the floor's {floor_cpu_ms:.2f} + the cascade's {cascade:.2f} ms CPU "
             f"per image → at most {bound:.1f} img/s = {bound / ip['eager']:.2f} of the in-process cascade")
-
-
-def wait_up(url: str, timeout_s: float = 300) -> None:
-    import httpx
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        try:
-            httpx.get(url, timeout=2)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def plot_throughput(rows: list[dict], names: list[str], in_process: float, batch: int, path: str) -> None:

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import torch
 
-from tinysaver.data import load_dataset, take_images
+from tinysaver.data import load_dataset
+from tinysaver.decoding import take_images
 from tinysaver.runtimes import make_runner
 from tinysaver.transforms import prepare_batch
 from tinysaver.zoo import load_zoo

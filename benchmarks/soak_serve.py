@@ -20,14 +20,11 @@ allocators' pools and torch's caches once, which is a warm-up, not a leak. Both 
 import argparse
 import asyncio
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import encoded_images, start_local_service  # noqa: E402
+from loadgen import encoded_images, start_local_service
 
 SERVE_PROCESS_NAMES = ("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")
 

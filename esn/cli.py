@@ -7,19 +7,33 @@ library on use. Defaults are the selector's (``SelectorConfig``) and the setting
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from tinysaver.cli._args import (add_pair, add_selector_args, add_zoo, command, finite_float, float_list, group,
-                                 positive_int)
 from tinysaver.backends import DEFAULT_BACKEND
+from tinysaver.cli._args import (
+    add_pair,
+    add_selector_args,
+    add_zoo,
+    command,
+    finite_float,
+    float_list,
+    group,
+    positive_int,
+)
+from tinysaver.cli.serve import add_serve_args, need_serve, run_app, serve_options, token_of
 from tinysaver.errors import UsageError
 from tinysaver.policy import CRITERIA
+from tinysaver.selector import SelectorConfig
+from tinysaver.serve import application, replica_needs
+from tinysaver.zoo import atomic_write_bytes, load_zoo
+
+from .methods import FAMILIES
+from .settings import REGIMES, CompareSettings, RegimeSettings
 
 
 def register(sub) -> None:
-    from tinysaver.selector import SelectorConfig
-
     d = SelectorConfig()
     esub = group(sub, "esn", "train, evaluate and serve an Exit Sequence Network on a saver–base pair", "esn_command")
     q = command(esub, "train", cmd_train, "train an ESN on a saver–base pair")
@@ -59,12 +73,8 @@ def register(sub) -> None:
     q.add_argument("--backend", default=DEFAULT_BACKEND, help=argparse.SUPPRESS)  # ESN parts run on it only
     q.add_argument("--accept-preprocess-change", action="store_true",
                    help="run a model whose current timm data config differs from the one the zoo recorded")
-    from tinysaver.cli.serve import add_serve_args
 
     add_serve_args(q)
-
-    from .methods import FAMILIES
-    from .settings import REGIMES
 
     xsub = group(sub, "exits", "compare the ESN with the related early-exit methods on one pair", "exits_command")
     q = command(xsub, "compare", cmd_compare,
@@ -87,8 +97,6 @@ def register(sub) -> None:
 
 def _settings_args(q) -> None:
     """``exits compare``'s options, with ``CompareSettings``' defaults (read without importing torch)."""
-    from .settings import CompareSettings
-
     d = CompareSettings.__dataclass_fields__
     q.add_argument("--epochs", type=positive_int, default=d["epochs"].default)
     q.add_argument("--label-free", action="store_true", help="train every method on the base's outputs only")
@@ -104,8 +112,6 @@ def _settings_args(q) -> None:
 
 
 def _regime_args(q) -> None:
-    from .settings import RegimeSettings
-
     d = RegimeSettings.__dataclass_fields__
     q.add_argument("--joint-samples", type=positive_int, default=d["joint_samples"].default,
                    help="training samples of the joint regime (the zoo's own base budget by default)")
@@ -113,8 +119,6 @@ def _regime_args(q) -> None:
 
 
 def _pair(args, granularity="stage"):
-    from tinysaver.zoo import load_zoo
-
     from .train import Pair
 
     zoo = load_zoo(args.zoo, Path(args.root) if args.root else None)
@@ -128,8 +132,6 @@ def add_train_limit(q) -> None:
 
 def check_criterion(args) -> None:
     """The criterion and tolerance checked as ``tinysaver query`` checks them, before any work."""
-    from tinysaver.selector import SelectorConfig
-
     if getattr(args, "criterion", None) is not None:
         SelectorConfig(criterion=args.criterion, tolerance=args.tolerance)
 
@@ -149,7 +151,6 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     check_criterion(args)
-    from tinysaver.zoo import load_zoo
 
     from .train import Pair, load_esn
 
@@ -193,10 +194,6 @@ def cmd_grid(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import json
-
-    from tinysaver.zoo import atomic_write_bytes, load_zoo
-
     from .compare import CompareSettings, compare, format_rows, parse_families, plot_rows
 
     families = parse_families(args.methods)  # before anything loads
@@ -215,8 +212,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_regimes(args) -> int:
-    from tinysaver.zoo import load_zoo
-
     from .regimes import REGIMES, RegimeSettings, compare_regimes, format_regimes
 
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
@@ -232,8 +227,6 @@ def cmd_regimes(args) -> int:
 def cmd_serve(args) -> int:
     """The saver + ESN exits + base application, with the thresholds given or chosen on calib."""
     check_criterion(args)
-    from tinysaver.cli.serve import need_serve, run_app, serve_options, token_of
-    from tinysaver.zoo import load_zoo
 
     from .policy import ExitPolicy, calibrated_policy
     from .serve import esn_plan, part_names
@@ -254,7 +247,6 @@ def cmd_serve(args) -> int:
     names = part_names(ck.saver, ck.base, esn.num_exits)
     print("tinysaver: exits and thresholds: " + ", ".join(f"{n} ≥ {t:.4f}" for n, t in zip(names, policy.thresholds))
           + f", then {names[-1]}", file=sys.stderr)
-    from tinysaver.serve import application, replica_needs
 
     plan = esn_plan(args.checkpoint, zoo, policy, opts)  # validated before anything is deployed
     return run_app(application(plan, token_of(args)), names, args, replica_needs(plan))

@@ -13,17 +13,28 @@ The saver cascade and the base alone are rows of the same table.
 """
 from __future__ import annotations
 
+import io
 import time
 
 import numpy as np
 import torch
 
+from tinysaver.calibration import (
+    cascade_conformal,
+    conformal_quantile,
+    coverage_and_size,
+    ece,
+    fit_temperature,
+    prediction_sets,
+)
 from tinysaver.errors import UsageError
+from tinysaver.zoo import atomic_write_bytes
 
 from .exits import dynamic_predict, exit_flops, fit_temperatures, offline_outputs
 from .methods import Context, ExitMethod, registered, trainer
 from .policy import ExitPolicy, choose_policy
 from .settings import CompareSettings
+from .train import Pair, esn_splits, frozen_features
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 WALLCLOCK_REPEATS = 3  # best of: a neighbour can only slow a run down
@@ -114,8 +125,6 @@ def method_row(name, em: ExitMethod, pair, feats: dict, labels: dict, test_image
                log=print) -> tuple[dict, list]:
     """Every column of the comparison for one method (thresholds from calib, numbers from test), and
     its calib-Pareto front: (calib cost, calib acc, test cost, test acc) per policy."""
-    from tinysaver.calibration import cascade_conformal, coverage_and_size, ece
-
     method = em.module
     calibrated = s.calibrate or em.calibrated
     temps = fit_temperatures(method, feats["calib"], labels["calib"]) if calibrated else None
@@ -167,7 +176,6 @@ def method_row(name, em: ExitMethod, pair, feats: dict, labels: dict, test_image
 
 def base_row(pair, feats: dict, labels: dict, test_images, s: CompareSettings) -> dict:
     """The base alone: its test accuracy, ECE, conformal sets and eager wall-clock."""
-    from tinysaver.calibration import coverage_and_size, conformal_quantile, ece, fit_temperature, prediction_sets
     from tinysaver.transforms import prepare_batch
 
     t = fit_temperature(feats["calib"]["base_logits"], labels["calib"]) if s.calibrate else 1.0
@@ -198,8 +206,6 @@ def compare(zoo, saver: str, base: str, families, s: CompareSettings | None = No
             log=print) -> tuple[list[dict], dict[str, list]]:
     """Train every method of ``families`` on the pair and evaluate them: the table's rows (dicts,
     JSON-ready) and each method's calib-Pareto front by method name (for :func:`plot_rows`)."""
-    from .train import Pair, esn_splits, frozen_features
-
     s = s or CompareSettings()
     families = parse_families(families) if isinstance(families, str) else list(families)
     pair = Pair.from_zoo(zoo, saver, base)
@@ -239,9 +245,6 @@ def plot_rows(rows: list[dict], fronts: dict[str, list], path, title: str = "") 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from tinysaver.zoo import atomic_write_bytes
-    import io
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinysaver.policy import answers, apply
+from tinysaver.sweep import SaverOrder, best_exit
 
 from .exits import exit_flops
-
 from .model import ExitSequenceNetwork
 from .pair import Pair
-from .policy import ExitPolicy, choose_policy
+from .policy import ExitPolicy, choose_policy, dynamic_predict, offline_exit_outputs
 from .staged import StagedModel
+from .train import esn_splits, frozen_features
 
 
 @dataclass
@@ -107,11 +108,6 @@ def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic
     ``splits`` (train, calib, test) and ``features`` ({'calib': ..., 'test': ...} from
     :func:`esn.train.frozen_features`) may be passed in to avoid recomputing them.
     """
-    from tinysaver.sweep import SaverOrder, best_exit
-
-    from .policy import choose_policy, dynamic_predict, offline_exit_outputs
-    from .train import esn_splits, frozen_features
-
     _, calib, test = splits or esn_splits(zoo)
     out = {}
     for name, ds in (("calib", calib), ("test", test)):

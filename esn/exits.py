@@ -20,11 +20,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tinysaver.data import take_images
+from tinysaver import engine
+from tinysaver.calibration import fit_temperature
+from tinysaver.decoding import take_images
+from tinysaver.errors import UsageError
+from tinysaver.measure import count_flops, flop_counter
 from tinysaver.policy import confidence
 
 from .staged import saver_outputs
-from tinysaver.errors import UsageError
 
 
 def _confidence(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +55,6 @@ def all_logits(method, feats: dict) -> torch.Tensor:
 
 def fit_temperatures(method, feats: dict, labels) -> list[float]:
     """One temperature per running-order exit and the base head, fitted on ``feats`` (calib)."""
-    from tinysaver.calibration import fit_temperature
-
     logits = all_logits(method, feats)
     return [fit_temperature(lg, labels) for lg in logits] + [fit_temperature(feats["base_logits"], labels)]
 
@@ -86,8 +87,6 @@ def offline_outputs(method, feats: dict, labels, temperatures=None) -> dict:
 # --- costs ------------------------------------------------------------------------------------------------
 
 def _flops(fn, *args):
-    from tinysaver.measure import flop_counter
-
     c = flop_counter()
     with c, torch.inference_mode():
         out = fn(*args)
@@ -101,8 +100,6 @@ def exit_flops(pair, method) -> dict:
     and the method's own work at exits 1..n (the steps dynamic inference really runs).
     Returns ``per_exit`` (E + 1,), ``base_total`` and ``overhead`` (method FLOPs at the last exit).
     """
-    from tinysaver.measure import count_flops
-
     saver, base, st = pair.saver, pair.base, pair.base_staged
     base_total = count_flops(base.module, base.preprocess.input_size, "torch").flops
     s = count_flops(saver.module, saver.preprocess.input_size, "torch").flops if method.uses_saver else 0
@@ -210,8 +207,6 @@ def dynamic_predict(pair, method, policy, images, batch_size: int = 64, refill: 
     batches of survivors, ``pipeline`` runs each part in its own thread (see there). Returns
     (answer, running-order exit index) in input order; the base head is index E.
     """
-    from tinysaver import engine
-
     n_exits = method.num_exits + int(method.uses_saver)
     if len(policy.thresholds) != n_exits:
         raise UsageError(f"policy has {len(policy.thresholds)} thresholds for {n_exits} exits")

@@ -10,6 +10,7 @@ This module imports no torch at import time, so the command line reads :data:`FA
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -120,8 +121,6 @@ def _sdn(ctx: Context) -> dict[str, ExitMethod]:
 
 @register_method("ztw")
 def _ztw(ctx: Context) -> dict[str, ExitMethod]:
-    import copy
-
     import torch
 
     from .fit import fit_exits
@@ -150,8 +149,6 @@ def _leave_when_the_gate_says(cal: dict, settings) -> list[float]:
 
 @register_method("gates")
 def _gates(ctx: Context) -> dict[str, ExitMethod]:
-    import copy
-
     import torch
 
     from .exits import exit_flops

@@ -19,7 +19,9 @@ from tinysaver.splits import check_calibration
 from tinysaver.sweep import SaverOrder, best_exit, criterion_passes
 
 from .model import ExitSequenceNetwork
+from .pair import Pair
 from .staged import StagedModel
+from .train import esn_splits, frozen_features
 
 
 @dataclass
@@ -101,7 +103,6 @@ def calibrated_policy(zoo, pair, method, criterion: str = "zero", tolerance: flo
     """The exit policy to run ``method`` with: thresholds (and, with ``calibrate='temperature'``,
     temperatures) chosen on the zoo's calibration split (``split`` overrides it), as ``esn eval`` does."""
     from .exits import fit_temperatures, offline_outputs
-    from .train import esn_splits, frozen_features
 
     check_calibration(calibrate)
     ds = split if split is not None else esn_splits(zoo)[1]
@@ -125,6 +126,5 @@ def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetw
     """Saver first; then base stage by stage on the still-open samples only, evaluating the ESN exit
     after each stage; the base head answers the rest. Returns (answer, exit index) in input order."""
     from .exits import dynamic_predict as run
-    from .pair import Pair
 
     return run(Pair.of(saver, base, base_staged), esn, policy, images, batch_size)

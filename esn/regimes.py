@@ -16,17 +16,20 @@ import math
 import numpy as np
 import torch
 
-from .sdn import SDN, exits_loss
-from .staged import pooled, staged
 from tinysaver.errors import UsageError
+from tinysaver.models import create_model
 
+from .fit import fit_exits
+from .methods import ExitMethod
+from .sdn import SDN, exits_loss
 from .settings import REGIMES, RegimeSettings  # noqa: F401 (re-exported)
-
+from .staged import pooled, staged
+from .train import Pair, esn_splits, frozen_features
 
 
 def _train_jointly(base, sdn: SDN, train, samples: int, lr: float, s: RegimeSettings) -> None:
     """Base and exits together: Σ_exits CE + CE of the base head, on flipped training images."""
-    from tinysaver.data import take_images
+    from tinysaver.decoding import take_images
     from tinysaver.train import _augment, warmup_cosine
     from tinysaver.transforms import prepare_batch
 
@@ -64,11 +67,6 @@ def _train_jointly(base, sdn: SDN, train, samples: int, lr: float, s: RegimeSett
 
 def train_regime(zoo, base_key: str, regime: str, train, s: RegimeSettings | None = None):
     """(the base as a LoadedModel, its SDN exits) after training in ``regime``."""
-    from tinysaver.models import create_model
-
-    from .fit import fit_exits
-    from .train import Pair, frozen_features
-
     s = s or RegimeSettings()
     if regime not in REGIMES:
         raise UsageError(f"regime must be one of {', '.join(REGIMES)}, got {regime!r}")
@@ -96,8 +94,6 @@ def compare_regimes(zoo, base_key: str, regimes=REGIMES, s: RegimeSettings | Non
                     log=print) -> list[dict]:
     """Per regime: base-head and per-exit test accuracy, and the shared policy search's budget table."""
     from .compare import CompareSettings, method_row
-    from .methods import ExitMethod
-    from .train import Pair, esn_splits, frozen_features
 
     s = s or RegimeSettings()
     train, calib, test = esn_splits(zoo, seed=s.seed, limit=train_limit)

@@ -18,20 +18,26 @@ are cut out of the eager model.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from tinysaver.backends import get_backend
+from tinysaver.backends import backends_that, get_backend
 from tinysaver.errors import UsageError
+from tinysaver.serve import application
 from tinysaver.serve.options import Plan, ServeOptions
+from tinysaver.serve.stages import ItemStage
+from tinysaver.stageplan import StagePlan, stage_values
+from tinysaver.zoo import load_zoo
 
+from .pair import Pair
 from .policy import ExitPolicy
+from .staged import staged
+from .train import load_esn
 
 PART_STAGES = "esn.serve:part_stages"
 
 
 def file_sha256(path: str | Path) -> str:
-    import hashlib
-
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -43,12 +49,7 @@ def part_names(saver: str, base: str, num_exits: int) -> list[str]:
 
 def _load_parts(zoo_dir, checkpoint, temperatures, device: str, accept_preprocess_change: bool,
                 sha256: str | None) -> list:
-    from tinysaver.zoo import load_zoo
-
     from .exits import exit_stages
-    from .pair import Pair
-    from .staged import staged
-    from .train import load_esn
 
     if sha256 is not None and file_sha256(checkpoint) != sha256:
         # a replica Serve restarts must not mix a retrained ESN with the parts still running
@@ -79,8 +80,6 @@ class ExitPartRunner:
 
     def __init__(self, zoo_dir: str | Path, checkpoint: str | Path, part: int, temperature: float = 1.0,
                  accept_preprocess_change: bool = False, device: str = "cpu", sha256: str | None = None):
-        from tinysaver.serve.stages import ItemStage
-
         parts = _load_parts(zoo_dir, checkpoint, None, device, accept_preprocess_change, sha256)
         if not 0 <= part < len(parts):
             raise UsageError(f"part must be in 0..{len(parts) - 1} (saver, exits, base head), got {part}")
@@ -104,11 +103,6 @@ def check_policy(policy: ExitPolicy, num_exits: int) -> None:
 def esn_plan(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOptions | None = None) -> Plan:
     """The service plan of the saver, the ESN exits of ``checkpoint`` and their base, checked before
     anything is deployed: the checkpoint, its models in ``zoo``, the thresholds and the options."""
-    from tinysaver.backends import backends_that
-    from tinysaver.stageplan import StagePlan, stage_values
-
-    from .train import load_esn
-
     checkpoint = Path(checkpoint).resolve()  # replicas may run in another working directory
     esn, ck = load_esn(checkpoint)
     if ck.zoo != zoo.name:
@@ -138,8 +132,6 @@ def build_esn_app(checkpoint: str | Path, zoo, policy: ExitPolicy, options: Serv
                   token: str | None = None):
     """A Ray Serve application for the saver, the ESN exits of ``checkpoint`` and their base
     (``policy``: one threshold per running-order exit, as :func:`esn.policy.calibrated_policy` gives)."""
-    from tinysaver.serve import application
-
     return application(esn_plan(checkpoint, zoo, policy, options), token)
 
 

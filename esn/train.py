@@ -6,6 +6,7 @@ augmentation must be off; without it, AutoAugment, mixup and cutmix come from to
 """
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,11 +16,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from tinysaver.errors import MissingFileError, UsageError
+from tinysaver.yamlfile import read_mapping
+
 from .model import ESNConfig, ExitSequenceNetwork, esn_loss
 from .pair import Pair  # noqa: F401 (re-exported: the pair is what training takes)
 from .staged import pooled, saver_outputs
-from tinysaver.errors import MissingFileError, UsageError
-from tinysaver.yamlfile import read_mapping
 
 
 @dataclass
@@ -174,7 +176,7 @@ def _mixer(settings: TrainSettings, num_classes: int):
 
 def _live_features(pair: Pair, data, idx, y, settings: TrainSettings, mixer):
     """Augment raw images, then run the frozen backbones (no grad) on them."""
-    from tinysaver.data import take_images
+    from tinysaver.decoding import take_images
     from tinysaver.transforms import prepare_batch
 
     imgs = take_images(data.images, idx)
@@ -201,7 +203,6 @@ def _live_features(pair: Pair, data, idx, y, settings: TrainSettings, mixer):
 def save_esn(path: str | Path, esn: ExitSequenceNetwork, pair: Pair, settings: TrainSettings,
              extra: dict | None = None) -> None:
     from tinysaver.zoo import atomic_write_bytes
-    import io
 
     buf = io.BytesIO()
     torch.save({"state_dict": esn.state_dict(), "config": esn.cfg.to_dict(), "settings": asdict(settings),

@@ -64,7 +64,7 @@ def pair():
 @pytest.fixture(scope="module")
 def data():
     """48 random 36 px uint8 images with labels in 0..3."""
-    from tinysaver.data import DecodedSet
+    from tinysaver.decoding import DecodedSet
 
     g = torch.Generator().manual_seed(1)
     imgs = torch.randint(0, 256, (48, 3, 36, 36), dtype=torch.uint8, generator=g)

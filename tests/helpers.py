@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tinysaver import ModelSpec, create_model
-from tinysaver.data import fingerprint
+from tinysaver.decoding import fingerprint
 from tinysaver.zoo import atomic_write_npz, atomic_write_yaml
 
 REPO = Path(__file__).resolve().parent.parent

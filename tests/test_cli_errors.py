@@ -3,6 +3,7 @@ for bugs and for Ctrl-C, and image inputs that never hang or fail silently."""
 import ast
 import os
 import subprocess
+import sys
 import tarfile
 from importlib.metadata import entry_points
 
@@ -13,7 +14,8 @@ from tests.helpers import REPO, need_package, png_bytes, run_here
 from tinysaver import errors
 from tinysaver.cli import main as cli_main
 from tinysaver.cli.main import BUG_REPORT, ENTRY_POINT_GROUP, EXIT_BUG, EXIT_INTERRUPTED, builtin_commands
-from tinysaver.data import decode_image, paths_source
+from tinysaver.decoding import decode_image
+from tinysaver.sources import paths_source
 
 
 def one_line(out, *needles):
@@ -191,14 +193,14 @@ def test_the_pixel_cap_reads_the_header_not_the_pixels():
 
 def test_data_sample_writes_labelled_pngs_and_never_overwrites(tmp_path, capsys):
     from tests.helpers import need
-    from tinysaver.data import FASHION_MNIST_DIR
+    from tinysaver.sources import FASHION_MNIST_DIR
 
     need(FASHION_MNIST_DIR.exists(), "Fashion-MNIST (apt-get install dataset-fashion-mnist)")
     out = run_here(capsys, "data", "sample", "fashion-mnist", "--out", str(tmp_path / "s"), "-n", "4")
     assert out.returncode == 0, out.stderr
     files = sorted((tmp_path / "s").iterdir())
     assert len(files) == 4 and all(f.suffix == ".png" for f in files)
-    from tinysaver.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
+    from tinysaver.sources import FASHION_MNIST_CLASSES, fashion_mnist_arrays
 
     x, y, _ = fashion_mnist_arrays("test")
     for f in files:  # <index>_<label>.png holds that test image, bit for bit
@@ -362,3 +364,18 @@ def test_profile_names_where_units_run_executor_and_refuses_the_old_spelling(cap
     one_line(out, "profile --backend ray is now --executor ray (local or ray); --backends names the model runtimes")
     out = run_here(capsys, "profile", "--help")
     assert "--executor {local,ray}" in out.stdout and "--backend " not in out.stdout.replace("--backends", "")
+
+
+def test_the_light_commands_and_modules_do_not_load_torch():
+    """An import stays inside a function only to keep these light: ``tinysaver query``/``zoo``/``select``
+    answer without importing torch (seconds, and gigabytes on a CUDA build), and the serve builder
+    without Ray's replicas' code. Fails when a module-level import pulls torch into them."""
+    code = ("import sys, importlib\n"
+            "for m in sys.argv[1:]:\n"
+            "    importlib.import_module(m)\n"
+            "print(sorted(h for h in ('torch', 'timm', 'ray', 'onnxruntime', 'openvino') if h in sys.modules))")
+    light = ["tinysaver.cli.main", "tinysaver.selector", "tinysaver.zoo", "tinysaver.serve.builders", "esn.cli",
+             "tinysaver.defer"]
+    out = subprocess.run([sys.executable, "-c", code, *light], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

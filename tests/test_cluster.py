@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import free_port, need, need_package, png, png_bytes, post_answered
-from tinysaver.data import FASHION_MNIST_DIR
+from tinysaver.sources import FASHION_MNIST_DIR
 from tinysaver.models import ModelSpec
 from tinysaver.profiler import ProfileConfig, profile
 from tinysaver.zoo import load_zoo

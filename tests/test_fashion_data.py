@@ -3,12 +3,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import need, write_idx
-from tinysaver.data import (
-    FASHION_MNIST_DIR,
-    DatasetError,
-    fashion_mnist_arrays,
-    load_dataset,
-)
+from tinysaver.sources import FASHION_MNIST_DIR, fashion_mnist_arrays
+from tinysaver.errors import DatasetError
+from tinysaver.data import load_dataset
 
 
 @pytest.mark.parametrize("gz", [True, False])

@@ -7,7 +7,8 @@ import yaml
 
 from tests.helpers import REPO, need
 from tinysaver.cascade import Cascade
-from tinysaver.data import FASHION_MNIST_DIR, load_dataset
+from tinysaver.sources import FASHION_MNIST_DIR
+from tinysaver.data import load_dataset
 from tinysaver.zoo import load_zoo
 
 CKPT = REPO / "zoo_index" / "checkpoints" / "fashion-mnist"

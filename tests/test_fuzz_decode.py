@@ -11,7 +11,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tinysaver.data import decode_image  # noqa: E402
+from tinysaver.decoding import decode_image  # noqa: E402
 from tinysaver.errors import ImageError  # noqa: E402
 
 

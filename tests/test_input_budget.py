@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import zero_png
-from tinysaver.data import InputBudget, decode_image
+from tinysaver.budget import InputBudget
+from tinysaver.decoding import decode_image
 from tinysaver.errors import PixelCapError
 from tinysaver.limits import MAX_PIXELS
 from tinysaver.models import Preprocess
@@ -95,7 +96,8 @@ PROBE = textwrap.dedent('''
             time.sleep(0.005)
 
     threading.Thread(target=watch, daemon=True).start()
-    from tinysaver.data import InputBudget, decode_image
+    from tinysaver.budget import InputBudget
+    from tinysaver.decoding import decode_image
     from tinysaver.errors import PixelCapError
     from tinysaver.models import Preprocess
     from tinysaver.transforms import prepare_batch

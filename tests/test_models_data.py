@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from tinysaver.data import DatasetError, decode_image, fingerprint, load_dataset
+from tinysaver.errors import DatasetError
+from tinysaver.decoding import decode_image, fingerprint
+from tinysaver.data import load_dataset
 from tinysaver.models import (
     CheckpointError,
     ModelNotFoundError,

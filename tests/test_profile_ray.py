@@ -147,10 +147,10 @@ def test_bad_config_fails_before_any_task_starts(ray_local, cfg, tmp_path, monke
 
     import tinysaver.profile_ray as pr
 
-    def no_tasks():
+    def no_tasks(*args, **kwargs):
         raise AssertionError("a task was about to start")
 
-    monkeypatch.setattr(pr, "_ray_classes", no_tasks)
+    monkeypatch.setattr(pr, "RayScheduler", no_tasks)
     bad_model = dataclasses.replace(cfg, models=[ModelSpec("resnet_does_not_exist")])
     with pytest.raises(ValueError, match="resnet_does_not_exist"):
         pr.profile_on_ray(bad_model, tmp_path, progress=False)

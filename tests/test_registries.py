@@ -1,4 +1,4 @@
-"""Backends, selection criteria and exit methods are each registered once; nothing dispatches on names."""
+"""Backends, selection criteria, exit methods and dataset kinds are each registered once; nothing dispatches on names."""
 import ast
 import pathlib
 
@@ -86,16 +86,18 @@ def test_no_code_outside_the_backends_package_names_a_backend():
 
 
 def test_no_module_dispatches_on_a_backend_criterion_or_method_name():
-    """The if-chains are gone: no comparison of a backend, criterion or family variable with a name."""
+    """The if-chains are gone: no comparison of a backend, criterion, family or dataset-kind variable with a name."""
     from esn.methods import registered
+    from tinysaver.sources import SOURCES
 
-    names = {*backends.backend_names(), *criteria.criterion_names(), *registered(), "saver cascade", "saver + ESN"}
+    names = {*backends.backend_names(), *criteria.criterion_names(), *registered(), *SOURCES, "saver cascade",
+             "saver + ESN"}
     offenders = []
     for f in [*(ROOT / "tinysaver").rglob("*.py"), *(ROOT / "esn").rglob("*.py")]:
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Compare) and isinstance(node.left, (ast.Name, ast.Attribute)):
                 var = node.left.id if isinstance(node.left, ast.Name) else node.left.attr
-                if var not in ("backend", "criterion", "name", "family"):
+                if var not in ("backend", "criterion", "name", "family", "kind"):
                     continue
                 for c in node.comparators:
                     if isinstance(c, ast.Constant) and c.value in names:
@@ -166,3 +168,32 @@ def test_a_registered_exit_method_is_trained_and_compared(pair, data):
         methods._METHODS.pop("sdn-once")
     with pytest.raises(ValueError, match="unknown method"):
         parse_families("sdn-once")
+
+
+def test_a_registered_dataset_kind_is_loaded_sized_and_named_in_errors():
+    """A new kind of dataset name is one register_source call: load_dataset, dataset_size and the
+    unknown-name message all read the registry."""
+    import tinysaver.sources as sources
+    from tests.helpers import png_bytes
+    from tinysaver.data import dataset_size, load_dataset
+    from tinysaver.decoding import RawSource
+    from tinysaver.errors import DatasetError
+
+    rng = np.random.default_rng(5)
+    blobs = [png_bytes(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(5)]
+
+    def listing(args: str) -> RawSource:
+        n = int(args)
+        return RawSource(f"blobs:{n}", [f"b{i}" for i in range(n)], np.arange(n) % 2, lambda i: blobs[i], ["a", "b"])
+
+    sources.register_source("blobs", "blobs:N", listing=listing)
+    try:
+        assert dataset_size("blobs:5") == 5 and dataset_size("blobs:5", limit=3) == 3
+        ds = load_dataset("blobs:5", progress=False, rows=(1, 4))
+        assert ds.ids == ["b1", "b2", "b3"] and ds.labels.tolist() == [1, 0, 1] and ds.class_names == ["a", "b"]
+        with pytest.raises(DatasetError, match="registered twice"):
+            sources.register_source("blobs", "blobs:N", listing=listing)
+        with pytest.raises(DatasetError, match=r"unknown dataset 'nope:x'; use imagefolder:PATH, .* or blobs:N"):
+            load_dataset("nope:x")
+    finally:
+        sources.SOURCES.pop("blobs")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import free_port, need, need_package, png, post_answered, post_image, zero_png
-from tinysaver.data import FASHION_MNIST_DIR
+from tinysaver.sources import FASHION_MNIST_DIR
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts Ray: select with -m 'not ray' for a quick run
 

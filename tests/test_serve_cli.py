@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.helpers import REPO, free_port, need, need_package, png, post_answered
-from tinysaver.data import FASHION_MNIST_DIR
+from tinysaver.sources import FASHION_MNIST_DIR
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts Ray: select with -m 'not ray' for a quick run
 

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from tests.helpers import write_idx
-from tinysaver.data import fashion_mnist_set
+from tinysaver.sources import fashion_mnist_set
 from tinysaver.models import create_model
 from tinysaver.train import TrainConfig, _augment, spec_for, train_zoo
 

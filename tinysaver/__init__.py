@@ -1,7 +1,10 @@
 """tinysaver: a small saver model answers the easy inputs so the large base model runs less.
 
 Data flows one way: profiler → zoo_index → selector → cascade (and the ``esn`` package).
-Names are imported on first use, so ``tinysaver query`` does not pay for torch and timm.
+Names are imported on first use, so ``tinysaver query`` does not pay for torch and timm. Inside
+the package, imports are at module level, except where one would make a light module (the CLI, the
+zoo, the selector, the serve builder) load torch, Ray or an optional extra: those stay in the
+function that needs them (tests/test_cli_errors.py checks that the light modules stay light).
 """
 from importlib import import_module
 

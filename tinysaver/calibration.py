@@ -15,10 +15,12 @@ the related exit methods in ``esn/`` share one implementation.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
 import torch
+
 from .errors import MissingExtraError, UsageError
 from .policy import confidence
 
@@ -27,8 +29,6 @@ T_RANGE = (0.05, 20.0)  # a temperature outside this range means the logits carr
 
 
 def _require_torchmetrics():
-    import importlib.util
-
     if importlib.util.find_spec("torchmetrics") is None:
         raise MissingExtraError("ECE needs torchmetrics: pip install -e '.[calibration]'") from None
 

@@ -8,6 +8,7 @@ a base behind a good saver still runs at the batch size it was given.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,11 @@ import torch
 
 from . import engine
 from .backends import DEFAULT_BACKEND, backends_that, get_backend
-from .data import take_images
+from .decoding import take_images
 from .errors import CascadeError  # noqa: F401 (re-exported)
 from .models import LoadedModel
 from .policy import Selection, answers, apply, exit_ratios
+from .runtimes import runner_with_fallback
 from .stageplan import StagePlan, check_class_spaces, resolve, stage_values
 
 
@@ -104,7 +106,6 @@ class Cascade:
         self.thresholds, self.temperatures = list(p.thresholds), list(p.temperatures)
         self.device, self.half, self.channels_last = p.device, p.half, p.channels_last
         self.class_names = list(p.class_names) if p.class_names else None
-        from .runtimes import runner_with_fallback
 
         for m in self.stages:
             m.module.eval().to(self.device)
@@ -225,8 +226,6 @@ def measure_throughput(cascade: Cascade, images, batch_size: int, repeats: int =
 
     ``predict_kwargs`` go to :meth:`Cascade.predict` (e.g. ``refill=False``).
     """
-    import time
-
     cascade.predict(images[: min(len(images), batch_size)], batch_size=batch_size, **predict_kwargs)
     best, res = float("inf"), None
     for _ in range(repeats):

@@ -19,7 +19,9 @@ Losses, on a batch of saver logits (B, K), labels (B,) and the base's recorded c
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,7 +161,7 @@ def _outputs(module, images, index, preprocess, batch_size: int) -> tuple[np.nda
     """(conf, pred), each (len(index),), of ``module`` in eval mode on the images at ``index``."""
     import torch
 
-    from .data import take_images
+    from .decoding import take_images
     from .transforms import prepare_batch
 
     module.eval()
@@ -183,7 +185,8 @@ def train_saver(zoo, saver: str, base: str, settings: DeferSettings | None = Non
     import torch
     from tqdm.auto import tqdm
 
-    from .data import load_dataset, take_images
+    from .data import load_dataset
+    from .decoding import take_images
     from .transforms import prepare_batch
 
     s = settings or DeferSettings()
@@ -274,9 +277,6 @@ def add_to_zoo(zoo, saver: str, base: str, result: DeferResult, settings: DeferS
     """Write ``result``'s weights beside the saver's checkpoint (atomically) and profile them into
     ``zoo`` as ``<saver>.defer-<base>``: the same model and FLOPs, new predictions on every split,
     and the training settings under ``trained``. Returns the new key."""
-    import dataclasses
-    import shutil
-
     from safetensors.torch import save
 
     from .profiler import ProfileConfig, profile

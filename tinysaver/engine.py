@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from .errors import UsageError
-from .policy import exits
+from .policy import confidence, exits
 
 
 class Stage(Protocol):
@@ -283,7 +283,6 @@ class ModelStage:
     def __call__(self, images, carry=None):
         import torch
 
-        from .policy import confidence
         from .transforms import prepare_batch
 
         with torch.inference_mode():

@@ -30,7 +30,16 @@ from typing import Sequence
 import numpy as np
 
 from .errors import UsageError, ZooError
-from .zoo import MANIFEST, atomic_write_npz, atomic_write_yaml, class_names_to_store, default_root, load_zoo, model_dirname
+from .policy import confidence
+from .zoo import (
+    MANIFEST,
+    atomic_write_npz,
+    atomic_write_yaml,
+    class_names_to_store,
+    default_root,
+    load_zoo,
+    model_dirname,
+)
 
 FORMATS = ("official", "logits", "csv")
 
@@ -93,8 +102,6 @@ def read_record(path: str | Path) -> Record:
 
 def _from_logits(path, model, split, logits, labels, ids) -> Record:
     import torch
-
-    from .policy import confidence
 
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] < 2 or not np.issubdtype(logits.dtype, np.floating):

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.utils import benchmark
+
 from .errors import UsageError
 
 
@@ -168,8 +170,6 @@ def measure_latency(
     while other processes kept more than ``busy_cores`` cores busy is timed again, up to
     ``busy_retries`` more times, and returned with ``noisy`` set if the machine stayed busy.
     """
-    from torch.utils import benchmark
-
     if device is None:
         params = getattr(module, "parameters", None)
         device = next(params()).device if params else torch.device("cpu")

@@ -16,16 +16,17 @@ import importlib
 import importlib.util
 import math
 import os
+import socket
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from .errors import ModelNotFoundError, CheckpointError  # noqa: F401 (re-exported)
-from .errors import UsageError
+from .errors import CheckpointError, ModelNotFoundError, UsageError  # noqa: F401 (re-exported)
 
 TORCHVISION_PREFIX = "torchvision/"
 
@@ -331,9 +332,6 @@ def check_hub_weights(name: str) -> None:
     """Fail at once, in one line, when timm model ``name``'s pretrained weights are neither in the
     local Hugging Face cache nor downloadable: with ``HF_HUB_OFFLINE`` set, or when the Hub does not
     answer within :data:`HUB_PROBE_S` (huggingface_hub would retry for about a minute first)."""
-    import socket
-    from urllib.parse import urlparse
-
     cfg = _timm().models.get_pretrained_cfg(name)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if not repo:

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .data import dataset_size
+from .errors import UsageError
 from .profiler import ProfileConfig
 from .published import SOURCE, results_dir
-from .errors import UsageError
+from .zoo import default_root, list_zoos, load_zoo
 
 
 @dataclass
@@ -60,8 +62,6 @@ def gpu_benchmarks(folder: Path | None = None) -> dict[str, Path]:
 
 def _catalog_facts(root: Path | None) -> dict[str, dict]:
     """Per model key: img_size and GMACs from the catalog's published entries and any measured zoo."""
-    from .zoo import default_root, list_zoos, load_zoo
-
     facts: dict[str, dict] = {}
     for name in list_zoos(root or default_root()):
         try:
@@ -86,8 +86,6 @@ def plan_profile(cfg: ProfileConfig, gpus: int = 1, gpu_type: str = "rtx4090", s
     read), else from listing the data. The wall time schedules the model × shard units
     (``shards`` per split, default one per GPU) longest first on the GPUs.
     """
-    from .data import dataset_size
-
     if gpus < 1:
         raise UsageError(f"plan for at least one GPU, got {gpus}")
     benches = gpu_benchmarks(folder)

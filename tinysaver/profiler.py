@@ -16,19 +16,32 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import yaml
+from tqdm.auto import tqdm
 
-from .data import DecodedSet, InputBudget, load_dataset
+from .backends import DEFAULT_BACKEND
+from .budget import InputBudget
+from .data import dataset_size, load_dataset
+from .decoding import DecodedSet
+from .errors import UsageError
 from .limits import MAX_PIXELS
 from .measure import count_flops, device_info, latency_table, measure_latency
 from .models import LoadedModel, ModelSpec, count_parameters, create_model, model_preprocess
 from .policy import confidence
+from .runtimes import agreement_with_predictions, backend_version, check_backend, make_runner
 from .transforms import prepare_batch
-from .backends import DEFAULT_BACKEND
-from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, class_names_to_store, model_dirname, zoo_lock,
-                  zoo_path)
-from .errors import UsageError
 from .yamlfile import read_mapping
-
+from .zoo import (
+    MANIFEST,
+    ZooError,
+    atomic_write_npz,
+    atomic_write_yaml,
+    class_names_to_store,
+    load_zoo,
+    model_dirname,
+    zoo_lock,
+    zoo_path,
+)
 
 # least time torch.utils.benchmark measures each model, backend and batch size (``--latency-seconds``)
 LATENCY_SECONDS = 0.5
@@ -99,8 +112,6 @@ class ProfileConfig:
 def predict(model: LoadedModel, data: DecodedSet, batch_size: int = 64, topk: int = 5,
             save_logits: bool = False, progress: bool = True, desc: str = "") -> dict[str, np.ndarray]:
     """Run ``model`` over ``data``: top-1 class, max-softmax confidence, top-k, optional logits."""
-    from tqdm.auto import tqdm
-
     device = next(model.module.parameters()).device
     k = min(topk, model.num_classes)
     if len(data) == 0:  # a shard whose every image was unreadable
@@ -131,9 +142,9 @@ def predict(model: LoadedModel, data: DecodedSet, batch_size: int = 64, topk: in
     return res
 
 
-def _load_manifest(path: Path, cfg: ProfileConfig) -> dict[str, Any]:
-    import yaml
-
+def load_manifest(path: Path, cfg: ProfileConfig) -> dict[str, Any]:
+    """The manifest of the zoo at ``path`` as a plain mapping, or a new one named by ``cfg``; the
+    writers below change it, and the caller writes it back (``atomic_write_yaml``) under the zoo's lock."""
     f = path / MANIFEST
     if f.is_file():
         with open(f) as fh:
@@ -154,8 +165,6 @@ def check_resume(path: Path, manifest: dict[str, Any], cfg: ProfileConfig) -> No
     ``path`` was profiled on: a split's dataset or sample count (``--limit``), or the settings of a
     model already in it. A run that only resumes what matches recomputes nothing. Found only by
     listing the dataset (no image is decoded) and reading the manifest."""
-    from .data import dataset_size
-
     fix = f"profile into a new zoo (--zoo NAME), or pass --restart to profile {path.name} again from scratch"
     for split, uri in cfg.splits.items():
         known = manifest["splits"].get(split)
@@ -190,7 +199,9 @@ def restart(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def _register_split(path: Path, manifest: dict[str, Any], split: str, uri: str, data: DecodedSet) -> None:
+def register_split(path: Path, manifest: dict[str, Any], split: str, uri: str, data: DecodedSet) -> None:
+    """Record ``split``'s samples (ids and labels, written once) and its entry in ``manifest``;
+    refuses a split already recorded on other samples."""
     known = manifest["splits"].get(split)
     if known and known["fingerprint"] != data.fingerprint:
         raise ZooError(
@@ -205,7 +216,7 @@ def _register_split(path: Path, manifest: dict[str, Any], split: str, uri: str, 
     }
 
 
-def _model_done(path: Path, manifest: dict[str, Any], key: str, splits: dict[str, Any]) -> bool:
+def model_done(path: Path, manifest: dict[str, Any], key: str, splits: dict[str, Any]) -> bool:
     """Finished: measured, and every prediction file reads back and matches its split (a truncated
     file makes the model count as unfinished, so the run repairs it)."""
     entry = manifest["models"].get(key)
@@ -215,12 +226,14 @@ def _model_done(path: Path, manifest: dict[str, Any], key: str, splits: dict[str
         fp = (manifest["splits"].get(s) or {}).get("fingerprint")
         if s not in (entry.get("accuracy") or {}) or fp is None:
             return False
-        if _existing_preds(path / "preds" / model_dirname(key) / f"{s}.npz", fp) is None:
+        if existing_preds(path / "preds" / model_dirname(key) / f"{s}.npz", fp) is None:
             return False
     return True
 
 
-def _existing_preds(f: Path, fp: str) -> dict[str, np.ndarray] | None:
+def existing_preds(f: Path, fp: str) -> dict[str, np.ndarray] | None:
+    """The arrays of prediction file ``f`` when it reads back whole and was made on the split of
+    fingerprint ``fp``; None otherwise (it is then computed again)."""
     if not f.is_file():
         return None
     try:
@@ -253,8 +266,6 @@ def profile(cfg: ProfileConfig, root: Path | None = None, progress: bool = True,
 
 
 def _has_models(path: Path) -> bool:
-    import yaml
-
     try:
         with open(path / MANIFEST) as fh:
             return bool((yaml.safe_load(fh) or {}).get("models"))
@@ -263,12 +274,12 @@ def _has_models(path: Path) -> bool:
 
 
 def _profile_locked(cfg: ProfileConfig, path: Path, progress: bool, log: Callable[[str], None]) -> None:
-    manifest = _load_manifest(path, cfg)
+    manifest = load_manifest(path, cfg)
     if cfg.restart:
         manifest = restart(path, manifest)
     check_resume(path, manifest, cfg)
     data: dict[str, DecodedSet] = {}
-    todo = [m for m in cfg.models if cfg.force or not _model_done(path, manifest, m.key, cfg.splits)]
+    todo = [m for m in cfg.models if cfg.force or not model_done(path, manifest, m.key, cfg.splits)]
     for m in cfg.models:
         if m not in todo:
             log(f"{m.key}: already profiled, skipping")
@@ -281,7 +292,7 @@ def _profile_locked(cfg: ProfileConfig, path: Path, progress: bool, log: Callabl
         if data[split].failures:
             log(f"split {split}: skipped {len(data[split].failures)} unreadable image(s): "
                 + ", ".join(i for i, _ in data[split].failures[:5]))
-        _register_split(path, manifest, split, uri, data[split])
+        register_split(path, manifest, split, uri, data[split])
     for spec in todo:
         entry = _profile_one(spec, cfg, data, path, progress, log)
         manifest["models"][spec.key] = entry
@@ -300,7 +311,7 @@ def _profile_one(spec: ModelSpec, cfg: ProfileConfig, data: dict[str, DecodedSet
     accuracy: dict[str, float | None] = {}
     for split, ds in data.items():
         f = path / "preds" / model_dirname(spec.key) / f"{split}.npz"
-        res = _existing_preds(f, ds.fingerprint)
+        res = existing_preds(f, ds.fingerprint)
         if res is None:
             res = predict(model, ds, cfg.eval_batch_size, cfg.topk, cfg.save_logits, progress,
                           desc=f"{spec.key} [{split}]")
@@ -359,9 +370,6 @@ def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int
     latency at ``batch_sizes``. Stored under ``models.<key>.backends.<backend>`` with the runtime
     version, export time, agreement, whether it is exact, and the machine the latency came from.
     """
-    from .runtimes import agreement_with_predictions, backend_version, check_backend, make_runner
-    from .zoo import load_zoo
-
     for b in backends:
         check_backend(b)  # before anything runs
     if not batch_sizes or any(bs < 1 for bs in batch_sizes):
@@ -407,8 +415,6 @@ def _noisy_note(lats) -> str:
 
 def _retime_noisy(entry: dict, key: str, backend: str, model, min_run_time: float, log) -> None:
     """Time again the batch sizes of ``backend`` stored as noisy; the other rows stay as they are."""
-    from .runtimes import make_runner
-
     lat = ((entry.get("backends") or {}).get(backend) or {}).get("latency")
     if lat is None and backend == DEFAULT_BACKEND:  # its latency is also the entry's own
         lat = entry.get("latency")
@@ -428,11 +434,14 @@ def add_published(zoo: str, entries: dict[str, dict[str, Any]], root: Path | Non
     path = zoo_path(zoo, root) if root is None else Path(root) / zoo
     with zoo_lock(path):
         cfg_like = ProfileConfig(zoo, {"_": "_"}, [ModelSpec("_")], description=description)
-        manifest = _load_manifest(path, cfg_like)
+        manifest = load_manifest(path, cfg_like)
         for key, e in entries.items():
             manifest["models"][key] = {"key": key, "status": "published", **e}
         atomic_write_yaml(path / MANIFEST, manifest)
     return path
 
 
-__all__: Sequence[str] = ["ProfileConfig", "profile", "profile_latency", "predict", "add_published"]
+__all__: Sequence[str] = ["ProfileConfig", "profile", "profile_latency", "predict", "add_published",
+                          # the writers a profiler on other executors (profile_ray) shares
+                          "load_manifest", "check_resume", "restart", "register_split", "model_done", "existing_preds",
+                          "describe_model", "top1"]

@@ -59,7 +59,7 @@ def runner_with_fallback(model: LoadedModel, backend: str, fallback: str | None 
 
 def _classify(fn, model: LoadedModel, images, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(top-1 class, max-softmax confidence) of ``fn`` on decoded uint8 ``images``."""
-    from .data import take_images
+    from .decoding import take_images
     from .transforms import prepare_batch
 
     preds, confs = [], []

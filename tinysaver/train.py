@@ -23,13 +23,15 @@ from typing import Any
 
 import torch
 import yaml
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
-from .data import fashion_mnist_set
-from .models import ModelSpec, create_model
-from .transforms import prepare_batch
-from .zoo import atomic_write_bytes, atomic_write_yaml
 from .errors import UsageError
+from .models import ModelSpec, create_model
+from .sources import fashion_mnist_set
+from .transforms import prepare_batch
 from .yamlfile import read_mapping
+from .zoo import atomic_write_bytes, atomic_write_yaml
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
@@ -101,8 +103,6 @@ def _augment(batch: torch.Tensor, gen: torch.Generator, shift: int = 0) -> torch
 
     ``batch``: (N, C, H, W) raw images; the same shape comes back. Draws only from ``gen``.
     """
-    from torchvision.transforms import v2
-
     n = len(batch)
     flip = torch.rand(n, generator=gen) < 0.5
     batch = torch.where(flip[:, None, None, None], v2.functional.horizontal_flip(batch), batch)
@@ -126,8 +126,6 @@ def evaluate(model, data, batch_size: int, device) -> float:
 
 
 def train_one(entry: dict[str, Any], cfg: TrainConfig, train, calib, test, device) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     label = model_label(entry)
     seed = cfg.seed + int(hashlib.sha256(label.encode()).hexdigest()[:6], 16)
     torch.manual_seed(seed)

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +25,7 @@ import pandas as pd
 import yaml
 
 from .errors import CheckpointError, UsageError, ZooError  # noqa: F401 (ZooError re-exported)
+from .manifest import PREDICTED, ModelEntry
 
 MANIFEST = "zoo.yaml"
 DEFAULT_ZOO = "fashion-mnist"  # the zoo bundled with the project, and every command's --zoo default
@@ -124,13 +126,9 @@ class Zoo:
 
     def measured(self) -> list[str]:
         """The models with per-sample predictions: profiled here or imported."""
-        from .manifest import PREDICTED
-
         return [k for k, m in self.models.items() if m.get("status") in PREDICTED]
 
     def has_predictions(self, key: str) -> bool:
-        from .manifest import PREDICTED
-
         return self.entry(key).status in PREDICTED
 
     def model(self, key: str) -> dict[str, Any]:
@@ -145,8 +143,6 @@ class Zoo:
 
     def entry(self, key: str):
         """The typed, checked :class:`~tinysaver.manifest.ModelEntry` of ``key``."""
-        from .manifest import ModelEntry
-
         return ModelEntry.from_dict(key, self.model(key), self.path / MANIFEST)
 
     def model_spec(self, key: str):
@@ -196,7 +192,7 @@ class Zoo:
 
     def preprocesses(self, keys) -> tuple:
         """The recorded preprocessing of each of ``keys`` that records one, in order (what images
-        for those models are checked against: :class:`tinysaver.data.InputBudget`)."""
+        for those models are checked against: :class:`tinysaver.budget.InputBudget`)."""
         return tuple(p for p in map(self.preprocess, keys) if p is not None)
 
     def load_model(self, key: str, device: str = "cpu", accept_preprocess_change: bool = False):
@@ -206,8 +202,6 @@ class Zoo:
         current data config differs (a timm upgrade, say), this stops with both configs named,
         unless ``accept_preprocess_change``, which runs the model with the new config and warns.
         """
-        import warnings
-
         from .models import create_model
 
         model = create_model(self.model_spec(key), device=device)
@@ -322,7 +316,7 @@ def class_names_to_store(names: list[str] | None) -> list[str] | str | None:
 def stored_class_names(stored: list[str] | str | None) -> list[str] | None:
     """The class names a manifest's split entry stands for: the inverse of :func:`class_names_to_store`."""
     if stored == IMAGENET_CLASSES:
-        from .data import imagenet_class_names
+        from .sources import imagenet_class_names
 
         return imagenet_class_names()
     return list(stored) if isinstance(stored, list) else None
@@ -395,7 +389,6 @@ def load_zoo(name: str, root: Path | str | None = None) -> Zoo:
         if not isinstance(manifest.get(key, {}) or {}, dict):
             raise ZooError(f"{f}: '{key}' must be a mapping, got a {type(manifest[key]).__name__}")
         manifest[key] = manifest.get(key) or {}
-    from .manifest import ModelEntry
 
     for key, entry in manifest["models"].items():  # every entry checked now, not when first used
         ModelEntry.from_dict(key, entry, f)

@@ -3,10 +3,12 @@ several commands take. Defaults are read from the library, never written here tw
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
-from ..policy import CRITERIA
 from ..backends import BACKENDS
+from ..policy import CRITERIA
+from ..selector import SelectorConfig
 from ..zoo import DEFAULT_ZOO
 
 
@@ -132,8 +134,6 @@ def add_pair(p: argparse.ArgumentParser, base_required: bool = True, saver: bool
 
 def add_selector_args(p: argparse.ArgumentParser) -> None:
     """The selector's options, with ``SelectorConfig``'s defaults."""
-    from ..selector import SelectorConfig
-
     d = SelectorConfig()
     add_zoo(p)
     p.add_argument("--criterion", choices=CRITERIA, default=d.criterion)
@@ -174,6 +174,4 @@ def add_cascade_args(q: argparse.ArgumentParser) -> None:
 
 def root_of(args: argparse.Namespace):
     """``--root`` as a Path, or None for the default root."""
-    from pathlib import Path
-
     return Path(args.root) if getattr(args, "root", None) else None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..zoo import DEFAULT_ZOO
 from ._args import command, group, positive_int
@@ -19,8 +20,6 @@ def register(sub) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..data import sample_images
 
     written = sample_images(args.dataset, Path(args.out), args.n, args.seed)

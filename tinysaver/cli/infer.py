@@ -8,9 +8,13 @@ import sys
 import time
 
 from ..backends import DEFAULT_BACKEND
+from ..budget import InputBudget
 from ..errors import UsageError
 from ..limits import MAX_PIXELS
-from ..stageplan import DEFAULT_BATCH_SIZE
+from ..report import describe
+from ..selector import SelectorConfig, selection_for
+from ..stageplan import DEFAULT_BATCH_SIZE, resolve
+from ..zoo import load_zoo
 from ._args import add_cascade_args, command, int_list, positive_int
 
 
@@ -41,13 +45,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..cascade import Cascade
-    from ..data import InputBudget, decoded_blocks, paths_source
+    from ..decoding import decoded_blocks
     from ..models import check_device
-    from ..report import describe
     from ..runtimes import malloc_advice
-    from ..selector import SelectorConfig, selection_for
-    from ..stageplan import resolve
-    from ..zoo import load_zoo
+    from ..sources import paths_source
 
     check_device(args.device)
     zoo = load_zoo(args.zoo, args.root)

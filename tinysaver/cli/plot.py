@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..plots import plot_pair
+from ..selector import SelectorConfig
+from ..zoo import load_zoo
 from ._args import add_pair, add_selector_args, command
 
 
@@ -14,10 +17,6 @@ def register(sub) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from ..plots import plot_pair
-    from ..selector import SelectorConfig
-    from ..zoo import load_zoo
-
     path = plot_pair(load_zoo(args.zoo, args.root), args.base, args.saver, args.out, SelectorConfig.from_options(args))
     print(f"plot written to {path}")
     return 0

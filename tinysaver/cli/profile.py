@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..backends import BACKENDS
 from ..errors import UsageError
 from ..limits import MAX_PIXELS
-from ..backends import BACKENDS
 
 EXECUTORS = ("local", "ray")  # where profiling units run
+from ..zoo import zoo_path
 from ._args import add_zoo, command, int_list, positive_float, positive_int, root_of
 
 # What Ctrl-C prints: every finished model and shard is on disk, so the same command carries on.
@@ -83,7 +84,6 @@ def _parse_splits(items) -> dict[str, str]:
 def cmd_profile(args: argparse.Namespace) -> int:
     from ..models import ModelSpec
     from ..profiler import LATENCY_SECONDS, ProfileConfig, profile, profile_latency
-    from ..zoo import zoo_path
 
     if args.old_executor is not None:
         raise UsageError(f"profile --backend {args.old_executor} is now --executor {args.old_executor} (local or ray); "

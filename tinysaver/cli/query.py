@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from ..report import render
+from ..selector import SelectorConfig, select
+from ..zoo import load_zoo
 from ._args import add_selector_args, command, positive_int
 
 
@@ -17,10 +20,6 @@ def register(sub) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from ..report import render
-    from ..selector import SelectorConfig, select
-    from ..zoo import load_zoo
-
     zoo = load_zoo(args.zoo, args.root)
     result = select(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver, top=args.top)
     print(render(result))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..defer import DeferSettings, add_to_zoo, defer_losses, train_saver
+from ..zoo import load_zoo
 from ._args import add_pair, add_zoo, command, finite_float, group, positive_int, root_of
 
 
@@ -32,17 +34,12 @@ def register(sub) -> None:
 
 
 def _defaults() -> dict:
-    from ..defer import DeferSettings, defer_losses  # no torch at import: the help stays fast
-
     d = DeferSettings()
     return {"losses": list(defer_losses()), "loss": d.loss, "alpha": d.alphas[0], "epochs": d.epochs,
             "batch_size": d.batch_size, "lr": d.lr, "holdout": d.holdout, "seed": d.seed}
 
 
 def cmd_saver_train(args: argparse.Namespace) -> int:
-    from ..defer import DeferSettings, add_to_zoo, train_saver
-    from ..zoo import load_zoo
-
     zoo = load_zoo(args.zoo, root_of(args))
     zoo.model(args.base), zoo.model(args.saver)  # unknown names fail before any image is decoded
     settings = DeferSettings(loss=args.loss, alphas=tuple(args.alpha) if args.alpha else DeferSettings.alphas,

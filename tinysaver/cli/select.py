@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..report import format_table, markdown
+from ..selector import SelectorConfig, select_all
+from ..zoo import atomic_write_bytes, load_zoo
 from ._args import add_selector_args, command
 
 
@@ -14,10 +17,6 @@ def register(sub) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from ..report import format_table, markdown
-    from ..selector import SelectorConfig, select_all
-    from ..zoo import atomic_write_bytes, load_zoo
-
     _, table = select_all(load_zoo(args.zoo, args.root), SelectorConfig.from_options(args))
     print(format_table(table))
     if args.out:

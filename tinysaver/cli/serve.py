@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 
 from ..errors import MissingExtraError, UsageError
+from ..report import describe
+from ..selector import SelectorConfig, selection_for
+from ..serve import LAYOUTS, ServeOptions, plan_for, replica_needs
+from ..serve.builders import HIGH_THROUGHPUT_ENV, application
+from ..serve.http import token_or_env
+from ..serve.lifecycle import run_service
+from ..zoo import load_zoo
 from ._args import add_cascade_args, command, int_list, non_negative_float, positive_float, positive_int
 
 
@@ -24,10 +32,6 @@ def register(sub) -> None:
 
 def add_serve_args(q: argparse.ArgumentParser) -> None:
     """The service's own options, with ``ServeOptions``'s defaults."""
-    from ..serve import ServeOptions
-
-    from ..serve import LAYOUTS
-
     d = ServeOptions()
     q.add_argument("--layout", choices=LAYOUTS,
                    help="fused: every stage in each replica of one deployment (one hop; scale with --replicas); "
@@ -91,8 +95,6 @@ def _port(text: str) -> int:
 
 
 def _resources(text: str):
-    import json
-
     try:
         v = json.loads(text)
     except json.JSONDecodeError:
@@ -121,9 +123,6 @@ def serve_options(args: argparse.Namespace):
     """The ServeOptions the command line asks for. ``--high-throughput`` is applied here too, as
     both serve commands call this first, before anything imports Ray Serve (which reads the mode
     once, at import)."""
-    from ..serve import ServeOptions
-    from ..serve.builders import HIGH_THROUGHPUT_ENV
-
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         # the local Ray's ``ray start`` turns on Ray's token authentication, as ray.init would; this
         # process presents the token only in the same mode, which Ray reads once, when imported
@@ -152,10 +151,6 @@ def need_serve() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..report import describe
-    from ..selector import SelectorConfig, selection_for
-    from ..zoo import load_zoo
-
     if args.esn:
         raise UsageError(f"ESN exits are served by 'tinysaver esn serve --checkpoint {args.esn}' now")
     need_serve()
@@ -165,23 +160,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         threshold=args.threshold, selection=args.selection, from_selection=args.from_selection)
     print(describe(sel), file=sys.stderr)
 
-    from ..serve import plan_for, replica_needs
-    from ..serve.builders import application
-
     plan = plan_for(sel, zoo, opts)  # validated before anything is deployed
     return run_app(application(plan, token_of(args)), sel.models, args, replica_needs(plan))
 
 
 def token_of(args: argparse.Namespace) -> str | None:
-    from ..serve.http import token_or_env
-
     return token_or_env(args.token)
 
 
 def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) -> int:
     """Run ``app`` as the command line asks (see :func:`tinysaver.serve.lifecycle.run_service`)."""
-    from ..serve.lifecycle import run_service
-
     return run_service(app, models, host=args.host, port=args.port, grpc_port=args.grpc_port,
                        address=args.address or os.environ.get("RAY_ADDRESS"), startup_timeout_s=args.startup_timeout,
                        drain_timeout_s=args.drain_timeout, needs=needs)

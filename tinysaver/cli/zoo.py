@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from ..zoo import DEFAULT_ZOO
+import pandas as pd
+
+from ..errors import UsageError
+from ..importer import import_zoo
+from ..report import format_table
+from ..zoo import DEFAULT_ZOO, default_root, load_zoo, zoo_summaries
 from ._args import add_zoo, command, group, positive_int, root_of
 
 FORMATS = ("table", "markdown", "csv")
@@ -47,11 +53,6 @@ def register(sub) -> None:
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from ..report import format_table
-    from ..zoo import default_root, zoo_summaries
-
     root = root_of(args) or default_root()
     rows = zoo_summaries(root)
     if not rows:
@@ -62,9 +63,6 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_show(args: argparse.Namespace) -> int:
-    from ..report import format_table
-    from ..zoo import load_zoo
-
     z = load_zoo(args.name, args.root)
     if not z.models:
         print(f"zoo {z.name} ({z.path}) has no models yet: run 'tinysaver profile' into it")
@@ -100,12 +98,6 @@ def cmd_zoo_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_import(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..errors import UsageError
-    from ..importer import import_zoo
-    from ..zoo import load_zoo
-
     files = []
     for f in map(Path, args.files):
         if f.is_dir():  # a folder: every record file in it
@@ -141,8 +133,6 @@ def narrow(table, width: int):
     """The table cut to its main columns (model, status, input size, cost, two top-1 columns with
     test first, batch-1 latency), the least wanted dropped until its text fits in ``width``
     characters; returns it and how many columns it leaves out."""
-    from ..report import format_table
-
     top1 = sorted((c for c in table.columns if c.startswith("top1_")), key=lambda c: ("test" not in c, c))
     # kept first to last: the model, its best top-1, its cost, then the rest while they fit
     wanted = ["model", *top1[:1], "GFLOPs", "params_M", "status", "input_px", *top1[1:2], "ms_bs1"]

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
+from ..backends import backends_that, get_backend
 from ..errors import ServeError, TinysaverError
 from ..policy import Selection
+from ..ray_local import set_local_ray_env
+from ..stageplan import resolve
 from .http import token_or_env
 from .options import Plan, ServeOptions
 
@@ -19,9 +23,6 @@ def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeO
              root: Path | None = None) -> Plan:
     """The plan of a saver → … → base ``selection`` over ``zoo``, checked before anything is deployed:
     the stages resolved once (:func:`tinysaver.stageplan.resolve`), and the options able to place them."""
-    from ..backends import backends_that, get_backend
-    from ..stageplan import resolve
-
     o = options or ServeOptions()
     stages = resolve(selection, zoo, backend=o.backend, accept_preprocess_change=o.accept_preprocess_change,
                      batch_size=o.max_batch_size, root=root)
@@ -126,8 +127,6 @@ def build_app(selection: Selection | dict | str | Path, zoo=None, options: Serve
 def _typed(args: dict, options: type = ServeOptions) -> dict:
     """``serve run``'s string arguments as the types the fields of the dataclass ``options`` take
     ("1,2" → a list, say); a value that does not parse is a ServeError naming it."""
-    from dataclasses import fields
-
     kinds = {f.name: f.type for f in fields(options)}
     out = {}
     for k, v in args.items():
@@ -218,8 +217,6 @@ def local_ray_env() -> None:
     """Settings for a Ray instance this process starts to serve from (call before ``ray.init``):
     replicas at the default priority (:mod:`tinysaver.ray_local`) and a patient proxy start-up.
     Values the user set in the environment are kept."""
-    from ..ray_local import set_local_ray_env
-
     set_local_ray_env(PROXY_ENV)
 
 

@@ -29,15 +29,16 @@ from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException
 
+from .. import __version__
+from ..budget import InputBudget
 from . import drain, grpc_api, oip, prom
-from ..data import InputBudget
 from .adapt import ThresholdAdapter
+from .answerers import OVERLOADED, FusedAnswerer, WalkAnswerer
 from .audit import AuditMonitor
 from .batching import Batcher
 from .http import BadRequest, check_size, check_token, decode, decode_all, ndjson_as_ready, read_body, read_files
 from .options import GRACEFUL_SHUTDOWN_S, Plan
 from .stages import ItemStage, load_stages, stage_device
-from .answerers import OVERLOADED, FusedAnswerer, WalkAnswerer
 
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 # a dead replica, or a deployment Serve is replacing or deleting (no replica, back-pressure, a
@@ -392,8 +393,6 @@ class Ingress:
 
     @api.get("/v2")
     async def oip_server(self):
-        from .. import __version__
-
         return {"name": "tinysaver", "version": __version__, "extensions": oip.EXTENSIONS}
 
     @api.get("/v2/health/live")

@@ -7,6 +7,7 @@ imports Ray, so the parsing is tested on its own.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -80,8 +81,8 @@ async def read_files(request, many: bool, max_bytes: int) -> list[tuple[str, byt
 
 def decode(data: bytes, budget):
     """A uint8 (C, H, W) tensor, or BadRequest: 400 for what is not a usable image, 413 over the
-    ``budget`` (a :class:`tinysaver.data.InputBudget`, or a bare pixel cap)."""
-    from ..data import decode_image  # torch: only where images are decoded
+    ``budget`` (a :class:`tinysaver.budget.InputBudget`, or a bare pixel cap)."""
+    from ..decoding import decode_image  # torch: only where images are decoded
 
     if not data:
         raise BadRequest(400, "empty body: send the image's bytes")
@@ -103,7 +104,6 @@ def check_token(headers, token: str | None) -> None:
     """401 unless the request carries ``Authorization: Bearer <token>`` (no token set: open)."""
     if not token:
         return
-    import hmac
 
     got = headers.get("authorization", "")
     scheme, _, value = got.partition(" ")

@@ -12,6 +12,8 @@ Ray is an optional extra (``.[serve]``), so it is imported inside the functions 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import os
 import shutil
 import signal
@@ -20,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from ..errors import ServeError
@@ -133,8 +137,6 @@ def in_session(sid: int) -> list[int]:
 def _die_with_parent() -> None:
     """In the child: the kernel sends SIGTERM when the command dies, even by SIGKILL, so that a
     local Ray never outlives the service that started it."""
-    import ctypes
-
     PR_SET_PDEATHSIG = 1
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -186,10 +188,6 @@ class AuditWatch:
         self.switches = 0
 
     def poll(self) -> None:
-        import json
-        import urllib.error
-        import urllib.request
-
         if time.monotonic() < self.next:
             return
         self.next = time.monotonic() + self.every_s

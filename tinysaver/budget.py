@@ -1,0 +1,49 @@
+"""The input budget: how many pixels one image may cost, checked from its header before any pixel
+is decoded (a 178-byte PNG can claim 100000 × 1 pixels, and a resize to a model's input can make
+that 256 × 25,600,000)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DatasetError, PixelCapError
+from .limits import MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class InputBudget:
+    """How many pixels one image may cost, checked from its header before any pixel is decoded.
+
+    ``max_pixels`` caps width × height as decoded and, with the same number, the image that each of
+    ``preprocess`` (the run's models) makes of it when resizing to its input, before the crop: a long
+    thin image is small on disk and as decoded, but 100000 × 1 pixels becomes 256 × 25,600,000 for a
+    224-pixel model. None: no cap (PIL's own bomb limit is off either way; this budget replaces it).
+    """
+
+    max_pixels: int | None = MAX_PIXELS
+    preprocess: tuple = ()  # tinysaver.models.Preprocess of each model the images are for
+
+    def __post_init__(self) -> None:
+        m = self.max_pixels
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
+            raise DatasetError(f"the pixel cap must be a whole number of pixels ≥ 1, got {m!r}")
+
+    @classmethod
+    def of(cls, budget: "InputBudget | int | None") -> "InputBudget":
+        """A budget as given, or the one of a bare pixel cap (an int, or None for none)."""
+        return budget if isinstance(budget, InputBudget) else cls(budget)
+
+    def check(self, width: int, height: int) -> None:
+        """PixelCapError (one sentence) when an image of ``width`` × ``height`` is over the budget."""
+        cap = self.max_pixels
+        if cap is None:
+            return
+        if width * height > cap:
+            raise PixelCapError(f"{width} × {height} pixels is over the cap of {cap:,} pixels (--max-pixels)")
+        for pre in self.preprocess:
+            size = pre.resized_size(height, width)
+            if size is not None and size[0] * size[1] > cap:
+                raise PixelCapError(
+                    f"{width} × {height} pixels would be resized to {size[1]:,} × {size[0]:,} for a model's "
+                    f"{pre.input_size[2]} × {pre.input_size[1]} input, over the cap of {cap:,} pixels (--max-pixels)")
