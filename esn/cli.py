@@ -12,16 +12,8 @@ import sys
 from pathlib import Path
 
 from tinysaver.backends import DEFAULT_BACKEND
-from tinysaver.cli._args import (
-    add_pair,
-    add_selector_args,
-    add_zoo,
-    command,
-    finite_float,
-    float_list,
-    group,
-    positive_int,
-)
+from tinysaver.cli._args import (add_pair, add_selector_args, add_zoo, command, finite_float, float_list, group,
+                                 positive_int)
 from tinysaver.cli.serve import add_serve_args, need_serve, run_app, serve_options, token_of
 from tinysaver.errors import UsageError
 from tinysaver.policy import CRITERIA

@@ -19,14 +19,8 @@ import time
 import numpy as np
 import torch
 
-from tinysaver.calibration import (
-    cascade_conformal,
-    conformal_quantile,
-    coverage_and_size,
-    ece,
-    fit_temperature,
-    prediction_sets,
-)
+from tinysaver.calibration import (cascade_conformal, conformal_quantile, coverage_and_size, ece, fit_temperature,
+                                   prediction_sets)
 from tinysaver.errors import UsageError
 from tinysaver.zoo import atomic_write_bytes
 

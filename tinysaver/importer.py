@@ -31,15 +31,8 @@ import numpy as np
 
 from .errors import UsageError, ZooError
 from .policy import confidence
-from .zoo import (
-    MANIFEST,
-    atomic_write_npz,
-    atomic_write_yaml,
-    class_names_to_store,
-    default_root,
-    load_zoo,
-    model_dirname,
-)
+from .zoo import (MANIFEST, atomic_write_npz, atomic_write_yaml, class_names_to_store, default_root, load_zoo,
+                  model_dirname)
 
 FORMATS = ("official", "logits", "csv")
 

@@ -47,8 +47,8 @@ except ImportError:  # the optional extra; check_config names it
     ray = None
 from tqdm.auto import tqdm
 
-from .decoding import DecodedSet
 from .data import dataset_size, load_dataset
+from .decoding import DecodedSet
 from .errors import UsageError
 from .models import ModelSpec, create_model, resolve_kind
 from .profiler import (ProfileConfig, check_resume, describe_model, existing_preds, load_manifest, model_done, predict,

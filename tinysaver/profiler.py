@@ -31,17 +31,8 @@ from .policy import confidence
 from .runtimes import agreement_with_predictions, backend_version, check_backend, make_runner
 from .transforms import prepare_batch
 from .yamlfile import read_mapping
-from .zoo import (
-    MANIFEST,
-    ZooError,
-    atomic_write_npz,
-    atomic_write_yaml,
-    class_names_to_store,
-    load_zoo,
-    model_dirname,
-    zoo_lock,
-    zoo_path,
-)
+from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, class_names_to_store, load_zoo,
+                  model_dirname, zoo_lock, zoo_path)
 
 # least time torch.utils.benchmark measures each model, backend and batch size (``--latency-seconds``)
 LATENCY_SECONDS = 0.5

@@ -22,10 +22,11 @@ import torch
 from .backends import (BACKENDS, DEFAULT_BACKEND, ExportError, Runner, backends_that, check_backend,  # noqa: F401
                        get_backend)
 from .backends._export import (backend_version, default_cache_dir, export_key, export_onnx,  # noqa: F401 (re-exported)
-                                weights_sha256)
+                               weights_sha256)
 from .errors import BackendError
 from .models import LoadedModel, model_device  # noqa: F401 (re-exported)
 from .policy import confidence
+
 
 def make_runner(model: LoadedModel, backend: str = DEFAULT_BACKEND, cache_dir: Path | None = None,
                 threads: int | None = None, spin: bool = False) -> Runner:
