@@ -1,5 +1,7 @@
 """Savers trained to defer: each loss moves confidence the right way, training reads only `train`,
 Ctrl-C keeps the best weights, and a trained saver is one more zoo model for query and infer."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -154,6 +156,36 @@ def test_a_trained_saver_round_trips_through_the_zoo_into_query_and_infer(defer_
     out = run_here(capsys, "--root", str(root), "infer", "--zoo", "dz", "--base", "big", "--saver", key,
                    "--threshold", "0", "--quiet", str(data / "test"))  # the trained saver answers all
     assert out.returncode == 0 and key in out.stdout
+
+
+def test_a_zoo_copied_elsewhere_keeps_its_trained_saver_and_writes_nothing_where_its_savers_lie(defer_zoo, tmp_path):
+    """A zoo whose saver checkpoint lies outside its root (a copy of the bundled zoo finds those in
+    the package's checkout): the trained weights go into the zoo's own folder, not beside them."""
+    import timm
+    from safetensors.torch import save_file
+
+    from tinysaver.models import ModelSpec
+    from tinysaver.profiler import ProfileConfig, profile
+    from tinysaver.zoo import load_zoo
+
+    _, data = defer_zoo
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    ck = outside / "small.safetensors"
+    save_file(timm.create_model("test_efficientnet", num_classes=3).state_dict(), str(ck))
+    common = dict(num_classes=3, input_size=32)
+    cfg = ProfileConfig("copied", {s: f"imagefolder:{data / s}" for s in ("train", "calib", "test")},
+                        [ModelSpec("test_efficientnet", label="small", checkpoint=str(ck), **common),
+                         ModelSpec("test_resnet", label="big", **common)], batch_sizes=[], eval_batch_size=8)
+    root = tmp_path / "root2"
+    profile(cfg, root, progress=False, log=lambda *_: None)
+    zoo = load_zoo("copied", root)
+    s = defer.DeferSettings(loss="base-aware", alphas=(1.0,), epochs=1, batch_size=8, lr=1e-3)
+    r = defer.train_saver(zoo, "small", "big", s, progress=False, log=lambda *_: None)
+    key = defer.add_to_zoo(zoo, "small", "big", r, s, progress=False, log=lambda *_: None)
+    assert sorted(p.name for p in outside.iterdir()) == ["small.safetensors"]
+    written = load_zoo("copied", root).model_spec(key).checkpoint
+    assert written is not None and Path(written).resolve().is_relative_to(root.resolve()), written
 
 
 def test_bad_settings_and_zoos_without_train_are_refused_in_one_line(defer_zoo, tiny_zoo_cfg, tmp_path):

@@ -274,7 +274,8 @@ def train_saver(zoo, saver: str, base: str, settings: DeferSettings | None = Non
 
 def add_to_zoo(zoo, saver: str, base: str, result: DeferResult, settings: DeferSettings,
                root: Path | None = None, progress: bool = True, log: Callable[[str], None] = print) -> str:
-    """Write ``result``'s weights beside the saver's checkpoint (atomically) and profile them into
+    """Write ``result``'s weights beside the saver's checkpoint when it lies in the zoo's root (else in
+    the zoo's own ``checkpoints`` folder), atomically, and profile them into
     ``zoo`` as ``<saver>.defer-<base>``: the same model and FLOPs, new predictions on every split,
     and the training settings under ``trained``. Returns the new key."""
     from safetensors.torch import save
@@ -284,7 +285,10 @@ def add_to_zoo(zoo, saver: str, base: str, result: DeferResult, settings: DeferS
 
     key = defer_key(saver, base)
     spec = zoo.model_spec(saver)
-    folder = Path(spec.checkpoint).parent if spec.checkpoint else zoo.path / "checkpoints"
+    # beside the saver's checkpoint when that lies with the zoo; a zoo copied elsewhere finds its
+    # savers' checkpoints in the package's checkout, and must not write there
+    here = Path(spec.checkpoint).parent.resolve() if spec.checkpoint else None
+    folder = here if here is not None and here.is_relative_to(zoo.path.parent.resolve()) else zoo.path / "checkpoints"
     ck = folder / f"{key.replace('/', '_')}.safetensors"
     atomic_write_bytes(ck, save({k: v.contiguous() for k, v in result.state_dict.items()}))
     # a retrained saver of the same name: its old predictions must not be taken as this one's
