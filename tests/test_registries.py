@@ -1,4 +1,5 @@
-"""Backends, selection criteria, exit methods and dataset kinds are each registered once; nothing dispatches on names."""
+"""Backends, selection criteria, exit methods and dataset kinds are each registered once; nothing dispatches
+on names."""
 import ast
 import pathlib
 

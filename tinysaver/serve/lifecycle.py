@@ -78,8 +78,8 @@ class LocalHead:
         env = dict(os.environ)
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", RAY_CLI, "start", "--head", "--block", f"--port={self.port}", "--disable-usage-stats",
-                 "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                [sys.executable, "-c", RAY_CLI, "start", "--head", "--block", f"--port={self.port}",
+                 "--disable-usage-stats", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                  f"--temp-dir={self.dir}", *(f"--{name}={_free_port()}" for name in OWN_PORTS)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                 preexec_fn=_die_with_parent)
