@@ -18,7 +18,8 @@ from tinysaver.zoo import atomic_write_npz, atomic_write_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
-SHARED = REPO.parent / "shared"
+# the shared data (ImageNet sample, timm tables) beside the checkout, or wherever TINYSAVER_SHARED says
+SHARED = Path(os.environ["TINYSAVER_SHARED"]) if os.environ.get("TINYSAVER_SHARED") else REPO.parent / "shared"
 
 IMAGENET_TAR = SHARED / "data" / "imagenet-sample-1000.tar"
 
@@ -29,7 +30,7 @@ def need(path_ok: bool, what: str):
     if path_ok:
         return
     if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {what} is missing")
+        pytest.fail(f"CI=true but {what} is missing (shared data is read from {SHARED}; TINYSAVER_SHARED moves it)")
     pytest.skip(f"{what} is not available on this machine")
 
 def need_package(name: str):
