@@ -14,16 +14,16 @@ import torch
 
 from tinysaver import ModelSpec, create_model
 from tinysaver.decoding import fingerprint
+from tinysaver.published import results_dir, shared_dir
 from tinysaver.zoo import atomic_write_npz, atomic_write_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
-# the shared data (ImageNet sample, timm tables) beside the checkout, or wherever TINYSAVER_SHARED says
-SHARED = Path(os.environ["TINYSAVER_SHARED"]) if os.environ.get("TINYSAVER_SHARED") else REPO.parent / "shared"
+SHARED = shared_dir()  # the library's rule: ../shared beside the checkout, or $TINYSAVER_SHARED
 
 IMAGENET_TAR = SHARED / "data" / "imagenet-sample-1000.tar"
 
-TIMM_RESULTS = SHARED / "data" / "timm-results"
+TIMM_RESULTS = results_dir()  # the tables the library reads ($TINYSAVER_TIMM_RESULTS moves them alone)
 
 def need(path_ok: bool, what: str):
     """Skip on a user's machine without the data; under CI missing data must fail the run."""

@@ -1,7 +1,8 @@
 """Published facts from timm's result tables (huggingface/pytorch-image-models ``results/``).
 
-The tables are read from ``../shared/data/timm-results`` (or ``$TINYSAVER_TIMM_RESULTS``); they are
-not copied into the project.
+The tables are read from ``data/timm-results`` of the shared data folder (``../shared`` beside the
+checkout, or ``$TINYSAVER_SHARED``), or from ``$TINYSAVER_TIMM_RESULTS``; they are not copied into
+the project.
 """
 from __future__ import annotations
 
@@ -16,11 +17,18 @@ RESULTS_CSV = "results-imagenet.csv"
 SOURCE = "timm results/ (huggingface/pytorch-image-models, commit aa4b585)"
 
 
+def shared_dir() -> Path:
+    """The shared data folder (timm's tables, the ImageNet sample): ``$TINYSAVER_SHARED``, or
+    ``shared/`` beside the checkout."""
+    env = os.environ.get("TINYSAVER_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared"
+
+
 def results_dir() -> Path:
     env = os.environ.get("TINYSAVER_TIMM_RESULTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "timm-results"
+    return shared_dir() / "data" / "timm-results"
 
 
 def published_gmacs(arch: str, img_size: int = 224, folder: Path | None = None) -> float:
