@@ -14,11 +14,12 @@ from pathlib import Path
 from tinysaver.backends import DEFAULT_BACKEND
 from tinysaver.cli._args import (add_pair, add_selector_args, add_zoo, command, finite_float, float_list, group,
                                  positive_int)
-from tinysaver.cli.serve import add_serve_args, need_serve, run_app, serve_options, token_of
+from tinysaver.cli.serve import add_serve_args, need_serve, run_app, serve_options
 from tinysaver.errors import UsageError
 from tinysaver.policy import CRITERIA
 from tinysaver.selector import SelectorConfig
 from tinysaver.serve import application, replica_needs
+from tinysaver.serve.http import token_or_env
 from tinysaver.zoo import atomic_write_bytes, load_zoo
 
 from .methods import FAMILIES
@@ -241,7 +242,7 @@ def cmd_serve(args) -> int:
           + f", then {names[-1]}", file=sys.stderr)
 
     plan = esn_plan(args.checkpoint, zoo, policy, opts)  # validated before anything is deployed
-    return run_app(application(plan, token_of(args)), names, args, replica_needs(plan))
+    return run_app(application(plan, token_or_env(args.token)), names, args, replica_needs(plan))
 
 
 __all__ = ["register", "cmd_train", "cmd_eval", "cmd_grid", "cmd_compare", "cmd_regimes", "cmd_serve"]

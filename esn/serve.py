@@ -25,7 +25,6 @@ from tinysaver.backends import backends_that, get_backend
 from tinysaver.errors import UsageError
 from tinysaver.serve import application
 from tinysaver.serve.options import Plan, ServeOptions
-from tinysaver.serve.stages import ItemStage
 from tinysaver.stageplan import StagePlan, stage_values
 from tinysaver.zoo import load_zoo
 
@@ -47,47 +46,24 @@ def part_names(saver: str, base: str, num_exits: int) -> list[str]:
     return [saver, *(f"{base}/exit{n}" for n in range(1, num_exits + 1)), base]
 
 
-def _load_parts(zoo_dir, checkpoint, temperatures, device: str, accept_preprocess_change: bool,
-                sha256: str | None) -> list:
+def part_stages(plan: Plan, device: str = "cpu", only: list[int] | None = None) -> dict:
+    """The factory of an ESN plan: {part index: engine stage} on this replica's ``device`` (the
+    saver, each exit, the base's head; a replica keeps those of ``only``)."""
     from .exits import exit_stages
 
+    checkpoint, sha256 = plan.extra["checkpoint"], plan.extra.get("sha256")
     if sha256 is not None and file_sha256(checkpoint) != sha256:
         # a replica Serve restarts must not mix a retrained ESN with the parts still running
         raise RuntimeError(f"{checkpoint} changed after the service was built; restart the service")
     esn, ck = load_esn(checkpoint)
-    zoo = load_zoo(zoo_dir)
-    s, b = (zoo.load_model(k, device=device, accept_preprocess_change=accept_preprocess_change)
+    zoo = load_zoo(plan.stages.zoo_dir)
+    s, b = (zoo.load_model(k, device=device, accept_preprocess_change=plan.stages.accept_preprocess_change)
             for k in (ck.saver, ck.base))
     for m in (s, b):
         m.module.eval().requires_grad_(False)
     pair = Pair(ck.zoo, ck.saver, ck.base, s, b, staged(b.module, ck.granularity))
-    return exit_stages(pair, esn.to(device).eval(), temperatures, device)
-
-
-def part_stages(plan: Plan, device: str = "cpu", only: list[int] | None = None) -> dict:
-    """The factory of an ESN plan: {part index: engine stage} on this replica's ``device``."""
-    parts = _load_parts(plan.stages.zoo_dir, plan.extra["checkpoint"], list(plan.stages.temperatures), device,
-                        plan.stages.accept_preprocess_change, plan.extra.get("sha256"))
+    parts = exit_stages(pair, esn.to(device).eval(), list(plan.stages.temperatures), device)
     return {i: parts[i] for i in (range(len(parts)) if only is None else only)}
-
-
-class ExitPartRunner:
-    """Part ``part`` of saver + ESN + base outside Ray, on per-request (image, carry) items.
-
-    Answers are (class, confidence, carry for the next part), the carry one sample's CPU tensors
-    (None after the base's head), so that neighbouring parts may run on different devices.
-    """
-
-    def __init__(self, zoo_dir: str | Path, checkpoint: str | Path, part: int, temperature: float = 1.0,
-                 accept_preprocess_change: bool = False, device: str = "cpu", sha256: str | None = None):
-        parts = _load_parts(zoo_dir, checkpoint, None, device, accept_preprocess_change, sha256)
-        if not 0 <= part < len(parts):
-            raise UsageError(f"part must be in 0..{len(parts) - 1} (saver, exits, base head), got {part}")
-        parts[part].temperature = float(temperature)  # this replica's part only: one checkpoint load
-        self.part, self.device, self.run = part, device, ItemStage(parts[part], device)
-
-    def __call__(self, items: list) -> list[tuple[int, float, dict | None]]:
-        return self.run(items)
 
 
 def check_policy(policy: ExitPolicy, num_exits: int) -> None:
@@ -135,4 +111,4 @@ def build_esn_app(checkpoint: str | Path, zoo, policy: ExitPolicy, options: Serv
     return application(esn_plan(checkpoint, zoo, policy, options), token)
 
 
-__all__ = ["ExitPartRunner", "build_esn_app", "check_policy", "esn_plan", "part_names", "part_stages"]
+__all__ = ["build_esn_app", "check_policy", "esn_plan", "part_names", "part_stages"]

@@ -92,7 +92,7 @@ def test_cascade_conformal_covers_per_stage_and_falls_back():
         assert qs[s] == conformal_quantile(probs[:3000][stage[:3000] == s], labels[:3000][stage[:3000] == s], 0.1)
 
 
-def test_calibrated_zoo_selector_and_cascade(tiny_zoo_cfg, tmp_path):
+def test_calibrated_zoo_selector_and_cascade(tiny_zoo_cfg, tmp_path, monkeypatch):
     pytest.importorskip("torchmetrics")
     from tinysaver.calibration import calibrate_zoo
     from tinysaver.cascade import build_cascade
@@ -125,8 +125,11 @@ def test_calibrated_zoo_selector_and_cascade(tiny_zoo_cfg, tmp_path):
     assert sel.temperatures == [t[m] for m in sel.models]
     again = type(sel).from_dict(sel.to_dict())
     assert again.temperatures == sel.temperatures
-    # the cascade computes its confidences with the same temperatures the selector read
-    casc = build_cascade(sel, z)
+    # the cascade computes its confidences with the same temperatures the selector read, and
+    # builds its models from the zoo it was given (resolving the plan reads no manifest again)
+    with monkeypatch.context() as m:
+        m.setattr("tinysaver.zoo.load_zoo", lambda *a, **k: pytest.fail("the zoo was loaded again"))
+        casc = build_cascade(sel, z)
     ds = load_dataset(z.splits["a"]["source"], progress=False)
     res = casc.predict(ds.images, batch_size=4, all_stages=True)
     for i, m in enumerate(sel.models):

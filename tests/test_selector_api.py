@@ -9,7 +9,7 @@ import pytest
 from tests.helpers import run_here, write_zoo
 from tinysaver.report import describe, render
 from tinysaver.policy import SelectionError
-from tinysaver.selector import SelectorConfig, select, select_all
+from tinysaver.selector import PolicyRequest, SelectorConfig, select, select_all, selection_for
 from tinysaver.zoo import ZooError, load_zoo
 
 
@@ -185,3 +185,27 @@ def test_a_saving_is_never_printed_as_minus_zero(capsys):
                    "--label-free")
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cost:"))
     assert "(saving 0.0%)" in line and "-0.0" not in out.stdout, line
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({}, "give --base"),
+    ({"base": "m3", "savers": ["m0"], "from_selection": True}, "--from-selection runs the selector"),
+    ({"selection": "s.json", "savers": ["m0"]}, "not both"),
+    ({"base": "m3", "threshold": 0.5}, "exactly one --saver"),
+    ({"base": "m3", "savers": ["m0", "m1"], "threshold": 0.5}, "exactly one --saver"),
+])
+def test_a_policy_request_is_refused_before_any_zoo_loads(kw, words):
+    with pytest.raises(SelectionError, match=words):
+        PolicyRequest(**kw)
+
+
+def test_a_policy_request_gives_the_policy_it_names(zoo, tmp_path):
+    by_hand = selection_for(zoo, PolicyRequest("m3", savers=["m0"], threshold=0.7))
+    assert by_hand.models == ["m0", "m3"] and by_hand.thresholds == [0.7] and by_hand.zoo == zoo.name
+    chosen = selection_for(zoo, PolicyRequest("m3", SelectorConfig(max_stages=2)))
+    assert chosen.to_dict() == select(zoo, "m3", SelectorConfig(max_stages=2)).best.to_dict()
+    f = tmp_path / "sel.json"
+    f.write_text(json.dumps(chosen.to_dict()))
+    assert selection_for(zoo, PolicyRequest(selection=str(f))).to_dict() == chosen.to_dict()
+    with pytest.raises(SelectionError, match="not 'm2'"):
+        selection_for(zoo, PolicyRequest("m2", selection=str(f)))

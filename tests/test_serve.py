@@ -451,6 +451,16 @@ def run_parts(parts, imgs, policy):
     return np.array(answers), np.array(where)
 
 
+def exit_parts(zoo, checkpoint, policy, device="cpu"):
+    """The parts of saver + ESN + base as a per-stage service's replicas run them (the plan's factory,
+    one ItemStage each), outside Ray."""
+    from esn.serve import esn_plan, part_stages
+    from tinysaver.serve import ItemStage
+
+    stages = part_stages(esn_plan(checkpoint, zoo, policy), device)
+    return [ItemStage(stages[i], device) for i in sorted(stages)]
+
+
 def fashion_zoo_saver():
     from tinysaver.selector import SelectorConfig, select
     from tinysaver.zoo import load_zoo
@@ -464,7 +474,7 @@ def test_exit_parts_chained_in_process_equal_dynamic_inference(tmp_path):
     inference (which runs whole batches)."""
     from esn.exits import dynamic_predict, offline_outputs
     from esn.policy import ExitPolicy
-    from esn.serve import ExitPartRunner
+    from esn.serve import esn_plan, part_stages
     from esn.train import frozen_features
 
     zoo, saver = fashion_zoo_saver()
@@ -473,20 +483,17 @@ def test_exit_parts_chained_in_process_equal_dynamic_inference(tmp_path):
     ref = offline_outputs(esn, frozen_features(pair, imgs), np.zeros(len(imgs), np.int64))
     policy = ExitPolicy([float(np.median(c)) for c in ref["confs"]])
     want, want_where = dynamic_predict(pair, esn, policy, imgs, batch_size=8)
-    parts = [ExitPartRunner(zoo.path, tmp_path / "esn.pt", i) for i in range(esn.num_exits + 2)]
+    parts = exit_parts(zoo, tmp_path / "esn.pt", policy)
+    assert len(parts) == esn.num_exits + 2
     got, where = run_parts(parts, imgs, policy)
     assert np.array_equal(where, want_where) and np.array_equal(got, want)
     assert len(set(where.tolist())) >= 3  # several parts answer
-    with pytest.raises(ValueError, match="part must be in 0..5"):
-        ExitPartRunner(zoo.path, tmp_path / "esn.pt", 6)
-    from esn.serve import file_sha256
-
-    sha = file_sha256(tmp_path / "esn.pt")
-    ExitPartRunner(zoo.path, tmp_path / "esn.pt", 1, sha256=sha)
+    plan = esn_plan(tmp_path / "esn.pt", zoo, policy)
+    part_stages(plan, only=[1])
     with open(tmp_path / "esn.pt", "ab") as f:  # the file changes under a running service
         f.write(b"\0")
     with pytest.raises(RuntimeError, match="changed after the service was built"):
-        ExitPartRunner(zoo.path, tmp_path / "esn.pt", 1, sha256=sha)
+        part_stages(plan, only=[1])  # what a replica Serve restarts would load
 
 
 def test_a_stage_given_a_gpu_runs_there_or_says_it_has_none():
@@ -511,21 +518,27 @@ def test_a_stage_given_a_gpu_runs_there_or_says_it_has_none():
 def test_stages_on_a_gpu_answer_as_on_the_cpu(tmp_path):
     """What --num-gpus gives a replica: the same stage code on CUDA. A saver on the CPU and a base on
     the GPU hand carries across devices."""
-    from esn.serve import ExitPartRunner
-    from tinysaver.serve import StageRunner, stage_device
+    from esn.policy import ExitPolicy
+    from tinysaver.engine import ModelStage
+    from tinysaver.runtimes import make_runner
+    from tinysaver.serve import ItemStage, stage_device
 
     assert stage_device(0) == "cpu" and stage_device(0.5) == "cuda"
     zoo, saver = fashion_zoo_saver()
     _, esn = random_esn(zoo, saver, tmp_path / "esn.pt")
     imgs = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     items = [(img, None) for img in imgs]
-    cpu = StageRunner(zoo.load_model(BASE), temperature=1.3)(items)
-    gpu = StageRunner(zoo.load_model(BASE, device="cuda"), temperature=1.3, device="cuda")(items)
+
+    def base_stage(device):
+        model = zoo.load_model(BASE, device=device)
+        return ItemStage(ModelStage(model, make_runner(model, "eager"), 1.3, device), device)
+
+    cpu, gpu = base_stage("cpu")(items), base_stage("cuda")(items)
     assert [p for p, _, _ in cpu] == [p for p, _, _ in gpu]
     assert np.allclose([c for _, c, _ in cpu], [c for _, c, _ in gpu], atol=1e-3)
-    n = esn.num_exits + 2
-    on_cpu = [ExitPartRunner(zoo.path, tmp_path / "esn.pt", i) for i in range(n)]
-    mixed = on_cpu[:1] + [ExitPartRunner(zoo.path, tmp_path / "esn.pt", i, device="cuda") for i in range(1, n)]
+    policy = ExitPolicy([0.5] * (esn.num_exits + 1))
+    on_cpu = exit_parts(zoo, tmp_path / "esn.pt", policy)
+    mixed = on_cpu[:1] + exit_parts(zoo, tmp_path / "esn.pt", policy, "cuda")[1:]
     for a, b in zip(on_cpu, mixed):  # every part on every image, carries handed along
         ra, rb = a(items), b(items)
         assert [p for p, _, _ in ra] == [p for p, _, _ in rb]

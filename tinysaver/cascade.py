@@ -120,13 +120,15 @@ class Cascade:
                         for m, r, temp in zip(self.stages, self._runners, self.temperatures)]
 
     @classmethod
-    def from_plan(cls, plan: StagePlan, cache_dir: str | Path | None = None) -> "Cascade":
+    def from_plan(cls, plan: StagePlan, zoo=None, cache_dir: str | Path | None = None) -> "Cascade":
         """The cascade of ``plan``: each model rebuilt by the plan's zoo on the plan's device (the
         zoo stops when timm's current preprocessing differs from the recorded one, unless the plan
-        accepts the change)."""
+        accepts the change). ``zoo``: that zoo, already loaded by whoever resolved the plan (a plan
+        holds only its folder, so that it travels to Serve replicas); default: loaded from there."""
         from .zoo import load_zoo
 
-        zoo = load_zoo(plan.zoo_dir)
+        if zoo is None or Path(zoo.path).resolve() != Path(plan.zoo_dir).resolve():
+            zoo = load_zoo(plan.zoo_dir)
         stages = [zoo.load_model(k, device=plan.device, accept_preprocess_change=plan.accept_preprocess_change)
                   for k in plan.keys]
         return cls(stages, list(plan.thresholds), plan=plan, cache_dir=cache_dir)
@@ -217,7 +219,7 @@ def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: st
     selection, every model and every option are checked there, once, before any model loads.
     """
     return Cascade.from_plan(resolve(selection, zoo, device=device, accept_preprocess_change=accept_preprocess_change,
-                                     **options), cache_dir)
+                                     **options), zoo, cache_dir)
 
 
 def measure_throughput(cascade: Cascade, images, batch_size: int, repeats: int = 2,

@@ -5,6 +5,7 @@ batch; throughput is images per second.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -14,9 +15,19 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from .errors import UsageError
+
+# torch's benchmark timer imports its C++-extension helper, which logs "No CUDA runtime is found"
+# once per process on a machine with a CUDA toolkit but no GPU: noise on every profile's stderr
+# there, so it is held back for this one import (and the logger left as it was found)
+_cpp_log = logging.getLogger("torch.utils.cpp_extension")
+_cpp_level = _cpp_log.level
+_cpp_log.setLevel(logging.ERROR)
+try:
+    from torch.utils import benchmark
+finally:
+    _cpp_log.setLevel(_cpp_level)
 
 
 @dataclass(frozen=True)

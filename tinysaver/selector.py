@@ -104,36 +104,56 @@ class SelectorConfig:
         return cls(**{k: getattr(options, k) for k in names if getattr(options, k, None) is not None})
 
 
-def selection_for(zoo: Zoo, base: str | None, cfg: SelectorConfig | None = None, savers: Sequence[str] | None = None,
-                  threshold: float | None = None, selection: str | None = None,
-                  from_selection: bool = False) -> Selection:
-    """The one way a command gets its policy: a saved selection file, a saver with a given threshold,
-    or the selector (restricted to ``savers`` when given; ``from_selection`` says the user asked for
-    the selector over the whole zoo). ``base`` may be None with a saved selection, which names its
-    own. Validated before any model loads."""
-    if base is None and selection is None:
-        raise SelectionError("give --base (or --selection FILE, which names its base)")
-    if from_selection and savers:
-        raise SelectionError("--from-selection runs the selector over the zoo; drop --saver, or drop "
-                             "--from-selection to select among the given savers")
-    if selection is not None:
-        if savers or threshold is not None:
+@dataclass(frozen=True)
+class PolicyRequest:
+    """The policy a command asks for, checked when built (before any zoo loads): a saved selection
+    file (``selection``, which names its base), one saver at a given ``threshold``, or the selector
+    with ``config`` (restricted to ``savers`` when given; ``from_selection`` says the user asked for
+    the selector over the whole zoo)."""
+
+    base: str | None = None
+    config: SelectorConfig = field(default_factory=SelectorConfig)
+    savers: tuple[str, ...] | None = None
+    threshold: float | None = None
+    selection: str | None = None
+    from_selection: bool = False
+
+    def __post_init__(self) -> None:
+        if self.savers is not None:
+            object.__setattr__(self, "savers", tuple(self.savers))
+        if self.base is None and self.selection is None:
+            raise SelectionError("give --base (or --selection FILE, which names its base)")
+        if self.from_selection and self.savers:
+            raise SelectionError("--from-selection runs the selector over the zoo; drop --saver, or drop "
+                                 "--from-selection to select among the given savers")
+        if self.selection is not None and (self.savers or self.threshold is not None):
             raise SelectionError("give either a saved selection or --saver/--threshold, not both")
-        sel = Selection.load(selection)
-        if base is not None and sel.base != base:
-            raise SelectionError(f"{selection} selects for base {sel.base!r}, not {base!r}")
-        if sel.zoo != zoo.name:
-            raise SelectionError(f"{selection} was selected in zoo {sel.zoo!r}, not {zoo.name!r}")
-        for m in sel.models:
-            zoo.model(m)
-        return sel
-    if threshold is not None:
-        if not savers or len(savers) != 1:
+        if self.threshold is not None and (not self.savers or len(self.savers) != 1):
             raise SelectionError("--threshold needs exactly one --saver (it is that saver's threshold)")
-        for m in (savers[0], base):
-            zoo.model(m)
-        return Selection.manual(zoo.name, [(savers[0], threshold)], base)
-    return select(zoo, base, cfg, savers=savers).best
+
+    @classmethod
+    def from_options(cls, options) -> PolicyRequest:
+        """From an argparse namespace with the cascade commands' options (``--base``, ``--saver``,
+        ``--threshold``, ``--selection``, ``--from-selection`` and the selector's)."""
+        return cls(getattr(options, "base", None), SelectorConfig.from_options(options),
+                   getattr(options, "saver", None), getattr(options, "threshold", None),
+                   getattr(options, "selection", None), bool(getattr(options, "from_selection", False)))
+
+
+def selection_for(zoo: Zoo, request: PolicyRequest) -> Selection:
+    """The one way a command gets its policy over ``zoo`` (see :class:`PolicyRequest`). The models
+    are not looked up here: :func:`tinysaver.stageplan.resolve` does that, once, before any loads."""
+    r = request
+    if r.selection is not None:
+        sel = Selection.load(r.selection)
+        if r.base is not None and sel.base != r.base:
+            raise SelectionError(f"{r.selection} selects for base {sel.base!r}, not {r.base!r}")
+        if sel.zoo != zoo.name:
+            raise SelectionError(f"{r.selection} was selected in zoo {sel.zoo!r}, not {zoo.name!r}")
+        return sel
+    if r.threshold is not None:
+        return Selection.manual(zoo.name, [(r.savers[0], r.threshold)], r.base)
+    return select(zoo, r.base, r.config, savers=r.savers).best
 
 
 def _pair_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: dict[str, float],
@@ -323,4 +343,4 @@ def select_all_arrays(zoo_name: str, models: Sequence[str], costs: dict[str, flo
     return sels, pd.DataFrame([summary_row(s) for s in sels])
 
 
-__all__ = ["SelectorConfig", "SelectionResult", "select", "select_all", "select_all_arrays", "selection_for"]
+__all__ = ["PolicyRequest", "SelectorConfig", "SelectionResult", "select", "select_all", "select_all_arrays", "selection_for"]

@@ -95,11 +95,13 @@ def check_run_options(backends: Sequence[str], threads: Sequence[int | None], sp
     or channels-last off torch, its own thread count on torch's shared pool, spin where it has none."""
     import torch
 
+    from .models import check_device
+
     n = len(backends)
     if len(threads) != n or len(spins) != n:
         raise CascadeError(f"give threads and spin per stage ({n}), got {len(threads)} and {len(spins)}")
     caps = [check_backend(b) for b in backends]
-    kind = torch.device(device).type
+    kind = check_device(device).type  # a device this machine lacks fails here, before any model loads
     if half and kind != "cuda":
         raise CascadeError("half precision is only supported on GPU; keep fp32 on CPU")
     if (half or channels_last) and not all(c.torch_modules for c in caps):

@@ -12,7 +12,7 @@ from ..budget import InputBudget
 from ..errors import UsageError
 from ..limits import MAX_PIXELS
 from ..report import describe
-from ..selector import SelectorConfig, selection_for
+from ..selector import PolicyRequest, selection_for
 from ..stageplan import DEFAULT_BATCH_SIZE, resolve
 from ..zoo import load_zoo
 from ._args import add_cascade_args, command, int_list, positive_int
@@ -46,14 +46,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from ..cascade import Cascade
     from ..decoding import decoded_blocks
-    from ..models import check_device
     from ..runtimes import malloc_advice
     from ..sources import paths_source
 
-    check_device(args.device)
+    request = PolicyRequest.from_options(args)  # a bad combination of options fails before anything loads
     zoo = load_zoo(args.zoo, args.root)
-    sel = selection_for(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver,
-                        threshold=args.threshold, selection=args.selection, from_selection=args.from_selection)
+    sel = selection_for(zoo, request)
+    plan = resolve(sel, zoo, backend=args.backend, device=args.device, batch_size=args.batch_size,
+                   backend_fallback=args.backend_fallback, accept_preprocess_change=args.accept_preprocess_change,
+                   threads=args.threads[0] if args.threads and len(args.threads) == 1 else args.threads)
     src = paths_source(args.paths)
     for why in src.skipped:  # unreadable folders and non-files: counted, never silent
         print(f"tinysaver: skipped {why}", file=sys.stderr)
@@ -62,10 +63,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                          ".tif files, folders and .tar files)")
     if not args.quiet:
         print(describe(sel), file=sys.stderr)
-    plan = resolve(sel, zoo, backend=args.backend, device=args.device, batch_size=args.batch_size,
-                   backend_fallback=args.backend_fallback, accept_preprocess_change=args.accept_preprocess_change,
-                   threads=args.threads[0] if args.threads and len(args.threads) == 1 else args.threads)
-    cascade = Cascade.from_plan(plan)
+    cascade = Cascade.from_plan(plan, zoo)
     advice = malloc_advice(args.batch_size, [m.preprocess.input_size[-1] for m in cascade.stages], args.device,
                            cascade.backends)
     if advice and not args.quiet:

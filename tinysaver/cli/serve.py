@@ -13,7 +13,7 @@ import sys
 
 from ..errors import MissingExtraError, UsageError
 from ..report import describe
-from ..selector import SelectorConfig, selection_for
+from ..selector import PolicyRequest, selection_for
 from ..serve import LAYOUTS, ServeOptions, plan_for, replica_needs
 from ..serve.builders import HIGH_THROUGHPUT_ENV, application
 from ..serve.http import token_or_env
@@ -155,17 +155,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"ESN exits are served by 'tinysaver esn serve --checkpoint {args.esn}' now")
     need_serve()
     opts = serve_options(args)  # bad options fail before Ray starts
+    request = PolicyRequest.from_options(args)
     zoo = load_zoo(args.zoo, args.root)
-    sel = selection_for(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver,
-                        threshold=args.threshold, selection=args.selection, from_selection=args.from_selection)
-    print(describe(sel), file=sys.stderr)
-
+    sel = selection_for(zoo, request)
     plan = plan_for(sel, zoo, opts)  # validated before anything is deployed
-    return run_app(application(plan, token_of(args)), sel.models, args, replica_needs(plan))
-
-
-def token_of(args: argparse.Namespace) -> str | None:
-    return token_or_env(args.token)
+    app = application(plan, token_or_env(args.token))
+    print(describe(sel), file=sys.stderr)
+    return run_app(app, sel.models, args, replica_needs(plan))
 
 
 def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) -> int:

@@ -16,8 +16,8 @@ from .builders import (app, application, build_app, local_ray_env, plan_for, rep
                        unschedulable)
 from .http import BadRequest
 from .options import GRACEFUL_SHUTDOWN_S, LAYOUTS, Plan, ServeOptions
-from .stages import ItemStage, StageRunner, stage_device
+from .stages import ItemStage, stage_device
 
 __all__ = ["AuditMonitor", "BadRequest", "GRACEFUL_SHUTDOWN_S", "ItemStage", "LAYOUTS", "Plan", "ServeOptions",
-           "StageRunner", "app", "application", "build_app", "confidence_sequence", "local_ray_env", "plan_for",
+           "app", "application", "build_app", "confidence_sequence", "local_ray_env", "plan_for",
            "replica_needs", "stage_device", "stage_options", "start_serve", "unschedulable"]

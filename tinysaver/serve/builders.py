@@ -176,7 +176,7 @@ def app(args: dict):
 
 
 def _app(args: dict):
-    from ..selector import SelectorConfig, selection_for
+    from ..selector import PolicyRequest, SelectorConfig, selection_for
     from ..zoo import DEFAULT_ZOO, load_zoo
 
     args = dict(args or {})
@@ -187,16 +187,17 @@ def _app(args: dict):
     if unknown:
         raise ServeError(f"unknown argument(s) {unknown} for tinysaver.serve:app; see its docstring")
     args = {k.replace("-", "_"): v for k, v in args.items()}
-    zoo = load_zoo(args.pop("zoo", DEFAULT_ZOO), args.pop("root", None))
+    zoo_name, root = args.pop("zoo", DEFAULT_ZOO), args.pop("root", None)
     sel_args = _typed({k: args.pop(k) for k in list(args) if k in sel_keys}, SelectorConfig)
     saver = args.pop("saver", None)
-    threshold = args.pop("threshold", None)
-    selection = selection_for(zoo, args.pop("base", None), SelectorConfig(**sel_args),
-                              savers=saver.split(",") if isinstance(saver, str) else saver,
-                              threshold=None if threshold is None else float(threshold),
-                              selection=args.pop("selection", None))
+    threshold = _typed({"threshold": args.pop("threshold", None)}, PolicyRequest)["threshold"]
+    request = PolicyRequest(args.pop("base", None), SelectorConfig(**sel_args),
+                            saver.split(",") if isinstance(saver, str) else saver, threshold,
+                            args.pop("selection", None))
     token = token_or_env(args.pop("token", None))
-    return build_app(selection, zoo, ServeOptions(**_typed(args)), token=token)
+    options = ServeOptions(**_typed(args))  # every argument is checked before the zoo loads
+    zoo = load_zoo(zoo_name, root)
+    return build_app(selection_for(zoo, request), zoo, options, token=token)
 
 
 # --- a local Ray for the service --------------------------------------------------------------------

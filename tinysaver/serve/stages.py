@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from ..backends import DEFAULT_BACKEND
 from ..engine import ModelStage, carry_rows, carry_stack
 from ..errors import DeviceError
 
@@ -61,11 +60,4 @@ class ItemStage:
         return [(int(p), float(c), r) for p, c, r in zip(pred.tolist(), conf.float().tolist(), rows)]
 
 
-def StageRunner(model, backend: str = DEFAULT_BACKEND, temperature: float = 1.0, device: str = "cpu") -> ItemStage:
-    """A saver or base on per-request items, outside Ray: (image, carry) → (class, confidence, None)."""
-    from ..runtimes import make_runner
-
-    return ItemStage(ModelStage(model, make_runner(model, backend), temperature, device), device)
-
-
-__all__ = ["ItemStage", "StageRunner", "load_stages", "model_stages", "stage_device"]
+__all__ = ["ItemStage", "load_stages", "model_stages", "stage_device"]
