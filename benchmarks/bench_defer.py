@@ -130,7 +130,7 @@ def main() -> int:
     import torch
 
     from tinysaver.data import load_dataset
-    from tinysaver.defer import DeferSettings, _outputs, train_saver
+    from tinysaver.defer import DeferSettings, saver_outputs, train_saver
     from tinysaver.selector import SelectorConfig, select
     from tinysaver.zoo import load_zoo
 
@@ -163,7 +163,7 @@ def main() -> int:
                 secs = time.perf_counter() - t0
                 model = zoo.load_model(saver)
                 model.module.load_state_dict(r.state_dict)
-                outs = {sp: _outputs(model.module, data[sp].images, np.arange(len(data[sp])), model.preprocess, 256)
+                outs = {sp: saver_outputs(model.module, data[sp].images, np.arange(len(data[sp])), model.preprocess, 256)
                         for sp in data}
                 rows.append(evaluate(f"{loss} α={alpha:g} (epoch {r.epoch})", outs["calib"], outs["test"],
                                      labels["calib"], labels["test"], bp["calib"], bp["test"], cost_ratio,

@@ -60,6 +60,17 @@ def test_esn_weighted_scales_cross_entropy_by_two_times_one_minus_confidence():
     assert float(loss) == pytest.approx(float((2 * (1 - conf) * ce).mean()), rel=1e-6)
 
 
+def test_the_cross_entropy_control_is_plain_cross_entropy_toward_labels_or_the_base():
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.2, 0.1, 0.0]])
+    y, b = torch.tensor([0, 1]), torch.tensor([0, 2])
+    ce = defer.get_defer_loss("cross-entropy")
+    assert float(ce(logits, y, b, 5.0)) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)))
+    assert float(ce(logits, y, b, 0.0, label_free=True)) == \
+        pytest.approx(float(torch.nn.functional.cross_entropy(logits, b)))
+    with pytest.raises(ValueError, match="unknown loss 'ce'"):
+        defer.get_defer_loss("ce")
+
+
 def write_split(root, n_per_class, seed, noise=False):
     rng = np.random.default_rng(seed)
     for c in range(3):

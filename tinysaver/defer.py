@@ -50,6 +50,12 @@ def defer_losses() -> tuple[str, ...]:
     return tuple(_LOSSES)
 
 
+def get_defer_loss(name: str) -> Callable:
+    if name not in _LOSSES:
+        raise UsageError(f"unknown loss {name!r}; choose from {', '.join(_LOSSES)}")
+    return _LOSSES[name]
+
+
 def _to_uniform(logits):
     """KL(uniform ‖ softmax(logits)) per sample, (B,): 0 only when every class is equally likely."""
     import torch.nn.functional as F
@@ -83,6 +89,14 @@ def base_aware_loss(logits, labels, base_pred, alpha: float, label_free: bool = 
     return (keep.float() * ce + alpha * defer.float() * _to_uniform(logits)).mean()
 
 
+@register_defer_loss("cross-entropy")
+def cross_entropy_loss(logits, labels, base_pred, alpha: float = 0.0, label_free: bool = False):
+    """The control: the same fine-tuning without a deferral term (α is not used)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float(), base_pred if label_free else labels)
+
+
 @register_defer_loss("esn-weighted")
 def esn_weighted_loss(logits, labels, base_pred, alpha: float, label_free: bool = False):
     import torch.nn.functional as F
@@ -111,8 +125,7 @@ class DeferSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.loss not in _LOSSES:
-            raise UsageError(f"unknown loss {self.loss!r}; choose from {', '.join(_LOSSES)}")
+        get_defer_loss(self.loss)
         if not self.alphas or not all(isinstance(a, (int, float)) and 0 <= a < math.inf for a in self.alphas):
             raise UsageError(f"α values are numbers ≥ 0, got {self.alphas}")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -157,7 +170,7 @@ def holdout_exit_ratio(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, b
     return k / len(pred)
 
 
-def _outputs(module, images, index, preprocess, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def saver_outputs(module, images, index, preprocess, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(conf, pred), each (len(index),), of ``module`` in eval mode on the images at ``index``."""
     import torch
 
@@ -174,6 +187,33 @@ def _outputs(module, images, index, preprocess, batch_size: int) -> tuple[np.nda
     return np.concatenate(confs), np.concatenate(preds)
 
 
+def fine_tune_epoch(module, preprocess, images, order: np.ndarray, labels: np.ndarray, base_pred: np.ndarray, opt,
+                    loss: str, alpha: float, label_free: bool = False, batch_size: int = 128,
+                    bar: str | None = None) -> float:
+    """One pass of ``module`` over ``images[order]`` in batches, stepping ``opt`` on the defer loss
+    ``loss``; ``labels`` and ``base_pred`` (N,) index like ``images``. Returns the mean loss;
+    ``bar``: the progress bar's title (None: no bar)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .decoding import take_images
+    from .transforms import prepare_batch
+
+    loss_fn = get_defer_loss(loss)
+    y_all, b_all = torch.from_numpy(labels), torch.from_numpy(base_pred)
+    module.train()
+    total = 0.0
+    for b0 in tqdm(range(0, len(order), batch_size), desc=bar, unit="batch", disable=bar is None, leave=False):
+        idx = order[b0:b0 + batch_size]
+        value = loss_fn(module(prepare_batch(take_images(images, idx), preprocess)), y_all[idx], b_all[idx], alpha,
+                        label_free)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        total += value.item() * len(idx)
+    return total / max(len(order), 1)
+
+
 def train_saver(zoo, saver: str, base: str, settings: DeferSettings | None = None, progress: bool = True,
                 log: Callable[[str], None] = print) -> DeferResult:
     """Fine-tune ``saver`` of ``zoo`` to defer to ``base``, reading only the ``train`` split.
@@ -183,11 +223,8 @@ def train_saver(zoo, saver: str, base: str, settings: DeferSettings | None = Non
     weights so far (``interrupted``), or re-raises when no epoch has finished.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from .data import load_dataset
-    from .decoding import take_images
-    from .transforms import prepare_batch
 
     s = settings or DeferSettings()
     if saver == base:
@@ -217,15 +254,13 @@ def train_saver(zoo, saver: str, base: str, settings: DeferSettings | None = Non
     model = zoo.load_model(saver)
     pre = model.preprocess
     start_state = {k: v.clone() for k, v in model.module.state_dict().items()}
-    c0, p0 = _outputs(model.module, data.images, hold, pre, 256)
+    c0, p0 = saver_outputs(model.module, data.images, hold, pre, 256)
     before = holdout_exit_ratio(c0, p0, labels[hold], base_pred[hold], s.label_free)
     log(f"{saver}: held-out zero-loss exits before fine-tuning {100 * before:.1f} % "
         f"({len(fit)} train samples, {len(hold)} held out)")
     best = None  # (score, alpha, epoch, state)
     history: list[dict] = []
     interrupted = False
-    loss_fn = _LOSSES[s.loss]
-    y_all, b_all = torch.from_numpy(labels), torch.from_numpy(base_pred)
     try:
         for alpha in s.alphas:
             torch.manual_seed(s.seed)
@@ -234,25 +269,15 @@ def train_saver(zoo, saver: str, base: str, settings: DeferSettings | None = Non
             stale = 0
             own_best = -1.0
             for epoch in range(1, s.epochs + 1):
-                model.module.train()
                 order = fit[np.random.default_rng(s.seed * 1000 + epoch).permutation(len(fit))]
-                bar = tqdm(range(0, len(order), s.batch_size), desc=f"α={alpha:g} epoch {epoch}/{s.epochs}",
-                           unit="batch", disable=not progress, leave=False)
-                total = 0.0
-                for b0 in bar:
-                    idx = order[b0:b0 + s.batch_size]
-                    x = prepare_batch(take_images(data.images, idx), pre)
-                    loss = loss_fn(model.module(x), y_all[idx], b_all[idx], float(alpha), s.label_free)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.item() * len(idx)
-                bar.close()
-                c, p = _outputs(model.module, data.images, hold, pre, 256)
+                mean_loss = fine_tune_epoch(model.module, pre, data.images, order, labels, base_pred, opt, s.loss,
+                                            float(alpha), s.label_free, s.batch_size,
+                                            f"α={alpha:g} epoch {epoch}/{s.epochs}" if progress else None)
+                c, p = saver_outputs(model.module, data.images, hold, pre, 256)
                 score = holdout_exit_ratio(c, p, labels[hold], base_pred[hold], s.label_free)
-                history.append({"alpha": float(alpha), "epoch": epoch, "loss": total / len(fit),
+                history.append({"alpha": float(alpha), "epoch": epoch, "loss": mean_loss,
                                 "holdout_exit": score, "holdout_acc": float((p == labels[hold]).mean())})
-                log(f"α={alpha:g} epoch {epoch}: loss {total / len(fit):.4f}, held-out zero-loss exits "
+                log(f"α={alpha:g} epoch {epoch}: loss {mean_loss:.4f}, held-out zero-loss exits "
                     f"{100 * score:.1f} %, saver accuracy {100 * history[-1]['holdout_acc']:.2f} %")
                 if best is None or score > best[0]:
                     best = (score, float(alpha), epoch, {k: v.detach().clone() for k, v in model.module.state_dict().items()})
@@ -311,5 +336,5 @@ def add_to_zoo(zoo, saver: str, base: str, result: DeferResult, settings: DeferS
     return key
 
 
-__all__ = ["DeferResult", "DeferSettings", "add_to_zoo", "defer_key", "defer_losses", "holdout_exit_ratio",
-           "register_defer_loss", "train_saver"]
+__all__ = ["DeferResult", "DeferSettings", "add_to_zoo", "defer_key", "defer_losses", "fine_tune_epoch", "get_defer_loss",
+           "holdout_exit_ratio", "saver_outputs", "register_defer_loss", "train_saver"]

@@ -18,7 +18,8 @@ def register(sub) -> None:
     d = _defaults()
     q.add_argument("--loss", choices=d["losses"], default=d["loss"],
                    help="gatekeeper: CE where right, toward uniform where wrong; base-aware: toward uniform only where "
-                        "the base would repair the saver; esn-weighted: CE weighted by 2(1 - confidence)")
+                        "the base would repair the saver; esn-weighted: CE weighted by 2(1 - confidence); "
+                        "cross-entropy: plain CE, the control")
     q.add_argument("--alpha", type=finite_float, action="append",
                    help=f"weight of the push toward uniform; repeat to try several, the best on the held-out part of "
                         f"train is kept (default {d['alpha']})")
