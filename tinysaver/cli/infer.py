@@ -49,8 +49,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from ..runtimes import malloc_advice
     from ..sources import paths_source
 
-    request = PolicyRequest.from_options(args)  # a bad combination of options fails before anything loads
     zoo = load_zoo(args.zoo, args.root)
+    request = PolicyRequest.from_options(args)
     sel = selection_for(zoo, request)
     plan = resolve(sel, zoo, backend=args.backend, device=args.device, batch_size=args.batch_size,
                    backend_fallback=args.backend_fallback, accept_preprocess_change=args.accept_preprocess_change,

@@ -155,13 +155,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"ESN exits are served by 'tinysaver esn serve --checkpoint {args.esn}' now")
     need_serve()
     opts = serve_options(args)  # bad options fail before Ray starts
-    request = PolicyRequest.from_options(args)
     zoo = load_zoo(args.zoo, args.root)
+    request = PolicyRequest.from_options(args)
     sel = selection_for(zoo, request)
     plan = plan_for(sel, zoo, opts)  # validated before anything is deployed
-    app = application(plan, token_or_env(args.token))
+    app, needs = application(plan, token_or_env(args.token)), replica_needs(plan)
     print(describe(sel), file=sys.stderr)
-    return run_app(app, sel.models, args, replica_needs(plan))
+    return run_app(app, sel.models, args, needs)
 
 
 def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) -> int:
