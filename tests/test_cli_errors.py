@@ -379,3 +379,11 @@ def test_the_light_commands_and_modules_do_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code, *light], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_profiler_imports_without_a_word_on_stderr():
+    """torch's benchmark timer logs "No CUDA runtime is found" on a machine with a CUDA toolkit and
+    no GPU (the machine this was written on has one); a profile's stderr must not carry it."""
+    out = subprocess.run([sys.executable, "-c", "import tinysaver.measure, torch.utils.cpp_extension"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr

@@ -120,7 +120,7 @@ class Cascade:
                         for m, r, temp in zip(self.stages, self._runners, self.temperatures)]
 
     @classmethod
-    def from_plan(cls, plan: StagePlan, zoo=None, cache_dir: str | Path | None = None) -> "Cascade":
+    def from_plan(cls, plan: StagePlan, *, zoo=None, cache_dir: str | Path | None = None) -> "Cascade":
         """The cascade of ``plan``: each model rebuilt by the plan's zoo on the plan's device (the
         zoo stops when timm's current preprocessing differs from the recorded one, unless the plan
         accepts the change). ``zoo``: that zoo, already loaded by whoever resolved the plan (a plan
@@ -219,7 +219,7 @@ def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: st
     selection, every model and every option are checked there, once, before any model loads.
     """
     return Cascade.from_plan(resolve(selection, zoo, device=device, accept_preprocess_change=accept_preprocess_change,
-                                     **options), zoo, cache_dir)
+                                     **options), zoo=zoo, cache_dir=cache_dir)
 
 
 def measure_throughput(cascade: Cascade, images, batch_size: int, repeats: int = 2,

@@ -15,7 +15,8 @@ Losses, on a batch of saver logits (B, K), labels (B,) and the base's recorded c
   disagrees with the base and the base is right (``label_free``: wherever they disagree); there the
   distribution is pulled to uniform (weight α); where both are wrong the saver is left alone,
   because the base cannot repair it; elsewhere cross-entropy;
-- ``esn-weighted``: cross-entropy weighted by 2·(1 − the saver's confidence), the ESN paper's weight.
+- ``esn-weighted``: cross-entropy weighted by 2·(1 − the saver's confidence), the ESN paper's weight;
+- ``cross-entropy``: the control, the same fine-tuning with no deferral term (α unused).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def defer_losses() -> tuple[str, ...]:
 
 
 def get_defer_loss(name: str) -> Callable:
+    """The loss registered as ``name`` (a UsageError naming the others when there is none)."""
     if name not in _LOSSES:
         raise UsageError(f"unknown loss {name!r}; choose from {', '.join(_LOSSES)}")
     return _LOSSES[name]

@@ -63,7 +63,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                          ".tif files, folders and .tar files)")
     if not args.quiet:
         print(describe(sel), file=sys.stderr)
-    cascade = Cascade.from_plan(plan, zoo)
+    cascade = Cascade.from_plan(plan, zoo=zoo)
     advice = malloc_advice(args.batch_size, [m.preprocess.input_size[-1] for m in cascade.stages], args.device,
                            cascade.backends)
     if advice and not args.quiet:
