@@ -78,6 +78,17 @@ def evaluate(name, out_c, out_t, labels_c, labels_t, base_c, base_t, cost_ratio,
     return row
 
 
+def print_table(rows: list[dict]) -> None:
+    """The rows of :func:`evaluate` as a Markdown table, figures to two decimals."""
+    cols = list(dict.fromkeys([c for c in rows[0] if c != "variant"] + ["train_s"]))
+    print("| variant | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for row in rows:
+        print(f"| {row['variant']} | " + " | ".join(
+            "" if row.get(c) is None else f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c])
+            for c in cols) + " |")
+
+
 def imagenet_zoo(tar: str, workdir: str) -> str:
     """The sample cut in seeded 500/250/250 folders and profiled (lite0, lite2) into a zoo; its folder."""
     import tarfile
@@ -170,14 +181,7 @@ def main() -> int:
                                      args.splits, secs))
                 print(f"  {rows[-1]['variant']}: zero-loss exits on test {rows[-1]['zero_exit_test']:.1f} % "
                       f"({secs:.0f} s)", flush=True)
-        cols = [c for c in rows[0] if c != "variant"] + ["train_s"]
-        cols = list(dict.fromkeys(cols))
-        print("| variant | " + " | ".join(cols) + " |")
-        print("|---|" + "---|" * len(cols))
-        for row in rows:
-            print(f"| {row['variant']} | " + " | ".join(
-                "" if row.get(c) is None else f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c])
-                for c in cols) + " |")
+        print_table(rows)
         if base == "resnet10t":
             best = max(rows[1:], key=lambda r: r["zero_exit_test"], default=None)
             if best is not None:

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from bench_defer import evaluate
+from bench_defer import evaluate, print_table
 
 
 def main() -> int:
@@ -42,7 +42,7 @@ def main() -> int:
     from tinysaver.costs import model_cost
     from tinysaver.data import load_dataset
     from tinysaver.decoding import DecodedSet
-    from tinysaver.defer import saver_outputs, fine_tune_epoch
+    from tinysaver.defer import fine_tune_epoch, saver_outputs
     from tinysaver.models import create_model
     from tinysaver.train import TrainConfig, model_label, spec_for, train_one
     from tinysaver.yamlfile import read_mapping
@@ -101,12 +101,7 @@ def main() -> int:
             row(f"{seen}, then {loss}{f' α={alpha:g}' if loss != 'cross-entropy' else ''} on B",
                 time.perf_counter() - t0)
 
-    cols = ["variant", "saver_acc_test", "zero_exit_test", "zero_acc_delta_test", "zero_flops_saved_test",
-            "guaranteed_exit_test", "label_free_exit_test", "train_s"]
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(r["variant"] if c == "variant" else "" if r.get(c) is None else f"{r[c]:.2f}"
-                                for c in cols) + " |")
+    print_table(rows)
     unseen = [r for r in rows if r["variant"].startswith("A only, then")]
     ce = next(r for r in unseen if "cross-entropy" in r["variant"])
     best = max((r for r in unseen if "base-aware" in r["variant"]), key=lambda r: r["zero_exit_test"])
