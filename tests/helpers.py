@@ -54,6 +54,16 @@ def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, rc, out.out, out.err)
 
+def one_line(out, *needles):
+    """``out`` (a finished command) failed with exit 2 and one plain error line holding each of ``needles``."""
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if "error" in ln]
+    assert len(lines) == 1, out.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert "object at 0x" not in out.stderr and "Error:" not in lines[0].split("error:", 1)[1]
+
 def png_bytes(arr: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -177,16 +187,16 @@ def stages_with_a_broken_base(plan, device="cpu", only=None) -> dict:
         out[last] = FailingStage(plan.stages.names[last])
     return out
 
-def zero_png(width: int, height: int) -> bytes:
-    """A greyscale PNG of zeros, written row by row: a 20000² file without a 400 MB array."""
+def zero_png(width: int, height: int, rgb: bool = False) -> bytes:
+    """A greyscale (or RGB) PNG of zeros, written row by row: a 20000² file without a 400 MB array."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    z, row, parts = zlib.compressobj(9), b"\0" * (width + 1), []
+    z, row, parts = zlib.compressobj(9), b"\0" * (width * (3 if rgb else 1) + 1), []
     for _ in range(height):
         parts.append(z.compress(row))
     parts.append(z.flush())
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2 if rgb else 0, 0, 0, 0))
             + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
 
 

@@ -10,22 +10,12 @@ from importlib.metadata import entry_points
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, need_package, png_bytes, run_here
+from tests.helpers import REPO, need_package, one_line, png_bytes, run_here
 from tinysaver import errors
 from tinysaver.cli import main as cli_main
 from tinysaver.cli.main import BUG_REPORT, ENTRY_POINT_GROUP, EXIT_BUG, EXIT_INTERRUPTED, builtin_commands
 from tinysaver.decoding import decode_image
 from tinysaver.sources import paths_source
-
-
-def one_line(out, *needles):
-    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
-    assert "Traceback" not in out.stderr, out.stderr
-    lines = [ln for ln in out.stderr.splitlines() if "error" in ln]
-    assert len(lines) == 1, out.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    assert "object at 0x" not in out.stderr and "Error:" not in lines[0].split("error:", 1)[1]
 
 
 def test_every_error_class_is_one_family_and_keeps_its_builtin():

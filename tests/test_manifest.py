@@ -51,7 +51,6 @@ def test_every_bundled_zoo_loads_and_types_its_entries():
     ("latency", {"table": {"batch1": {"ms_per_batch": 1}}}, "field 'latency.table' must be keyed by batch size"),
     ("backends", {"tensorrt": {}}, "field 'backends' must be keyed by backend (eager,"),
     ("calibration", {"temperature": -1.0}, "field 'calibration.temperature' must be a number > 0"),
-    ("preprocess", {"input_size": [3, 224]}, "field 'preprocess.input_size' must be [channels, height, width]"),
 ])
 def test_a_bad_field_is_refused_on_load_naming_file_model_and_field(root, field, value, says):
     f = edit(root, "m1", **{field: value})
@@ -59,6 +58,29 @@ def test_a_bad_field_is_refused_on_load_naming_file_model_and_field(root, field,
         load_zoo("syn", root)
     msg = str(e.value)
     assert msg.startswith(f"{f}: model 'm1': ") and says in msg, msg
+
+
+GOOD_PRE = {"input_size": [1, 28, 28], "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.3], "std": [0.35]}
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"input_size": [3, 224]}, "models.m1.preprocess.input_size: needs at least 3 items, got [3, 224]"),
+    ({"std": [0.0]}, "models.m1.preprocess.std[0]: must be > 0, got 0.0"),
+    ({"std": [float("nan")]}, "models.m1.preprocess.std[0]: must be a finite number (not NaN or infinity), got nan"),
+    ({"interpolation": "bogus"}, "models.m1.preprocess.interpolation: must be 'bicubic', 'bilinear', 'nearest' or "
+                                 "'lanczos', got 'bogus' (text)"),
+    ({"mean": [0.1, 0.2, 0.3]}, "models.m1.preprocess: mean and std need one value per input channel (1)"),
+    ({"crop": 1.0}, "models.m1.preprocess.crop: is not a known field"),
+])
+def test_a_bad_preprocessing_is_refused_on_load_with_its_field_path(root, change, says):
+    """The preprocessing is read through its declared schema: a zero std (the saver then never answers)
+    or an unknown filter (confidences change) is refused when the zoo loads, not run."""
+    f = edit(root, "m1", preprocess={**GOOD_PRE, **change})
+    with pytest.raises(ZooError) as e:
+        load_zoo("syn", root)
+    assert str(e.value) == f"{f}: {says}", str(e.value)
+    edit(root, "m1", preprocess=GOOD_PRE)
+    assert load_zoo("syn", root).preprocess("m1").std == (0.35,)
 
 
 def test_negative_flops_no_longer_reports_a_false_saving(root, capsys):

@@ -68,9 +68,12 @@ def test_kserve_json_requests_with_base64_images_parse():
                    "stage": ["saver", "base", "base"]}
 
 
+ONE = {"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}
+
+
 @pytest.mark.parametrize("body,header,words", [
     (b"{not json", None, "not JSON"),
-    (json.dumps({"inputs": []}).encode(), None, "non-empty 'inputs'"),
+    (json.dumps({"inputs": []}).encode(), None, "inputs: needs at least 1 item"),
     (json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]}).encode(), None,
      "unknown input 'x'"),
     (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]}).encode(), None,
@@ -89,6 +92,16 @@ def test_kserve_json_requests_with_base64_images_parse():
     (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                              "parameters": {"binary_data_size": 9}}]}).encode() + b"\x05\x00\x00\x00ab", "86",
      "binary_data_size 9 is more than"),
+    # the hostile trial's: each was a plain-text 500, or (binary_data_output "false") a silent wrong answer
+    (b"[" * 100_000, None, "nested more than 32 deep"),
+    (json.dumps({"inputs": [ONE], "parameters": [1]}).encode(), None, "parameters: must be a mapping"),
+    (json.dumps({"inputs": [ONE], "parameters": "abc"}).encode(), None, "parameters: must be a mapping"),
+    (json.dumps({"inputs": [ONE], "outputs": 5}).encode(), None, "outputs: must be a list, got 5"),
+    (json.dumps({"inputs": [ONE], "parameters": {"binary_data_output": "false"}}).encode(), None,
+     "parameters.binary_data_output: must be true or false, got 'false' (text)"),
+    (json.dumps({"inputs": [ONE]}).encode(), "\u00b2", "is not a length within the body"),  # str.isdigit() takes it
+    (json.dumps({"inputs": [ONE]}).encode(), "7" * 5000, "is not a length within the body"),
+    (json.dumps({"inputs": [{**ONE, "shape": [1.5]}]}).encode(), None, "inputs[0].shape[0]: must be an integer"),
 ])
 def test_bad_infer_requests_are_one_400_line(body, header, words):
     if header == "86":
@@ -96,6 +109,17 @@ def test_bad_infer_requests_are_one_400_line(body, header, words):
     with pytest.raises(BadRequest) as e:
         oip.parse_infer(body, header)
     assert e.value.status == 400 and words in e.value.reason and "\n" not in e.value.reason
+    assert len(e.value.reason) < 300
+
+
+def test_an_infer_request_has_the_batch_routes_item_cap():
+    """100,000 base64 1×1 PNGs in one OIP request held every other client for 25 s; the count is
+    refused from the shape, before any image is decoded."""
+    body = json.dumps({"inputs": [{"name": "image", "shape": [300], "datatype": "BYTES", "data": ["aGk="] * 300}]})
+    with pytest.raises(BadRequest) as e:
+        oip.parse_infer(body.encode(), None, max_images=256)
+    assert e.value.status == 413 and "300 images), over the limit of 256 per request" in e.value.reason
+    assert len(oip.parse_infer(body.encode(), None, max_images=300).images) == 300
 
 
 def sample_stats() -> dict:

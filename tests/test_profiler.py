@@ -137,7 +137,7 @@ def test_profile_repairs_a_truncated_prediction_file(tiny_zoo_cfg, tmp_path):
     before = load_zoo("tiny", root).predictions(key, "a")
     f = root / "tiny" / "preds" / key / "a.npz"
     f.write_bytes(f.read_bytes()[:50])
-    with pytest.raises(ZooError, match=f"{key}/a.npz: cannot read"):
+    with pytest.raises(ZooError, match=f"{key}/a.npz: cannot read it as .npz"):
         load_zoo("tiny", root).predictions(key, "a")
     logs = []
     profile(cfg, root, progress=False, log=logs.append)

@@ -44,13 +44,14 @@ def service():
     opts = dict(layout="per-stage", num_cpus=0.25, ingress_num_cpus=0.2, max_body_bytes=64 * 1024,
                 request_timeout_s=10.0)
     serve.run(build_app(sel, zoo, ServeOptions(**opts)), name="casc", route_prefix="/")
+    # fused: the default layout; a short body timeout and a small item cap, for the framing test
     fused = ServeOptions(num_cpus=0.3, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.5,
-                         delta=0.1)  # fused: the default
+                         delta=0.1, body_timeout_s=2.0, max_images=64)
     serve.run(build_app(sel, zoo, fused), name="fused", route_prefix="/fused")
     adapt = ServeOptions(num_cpus=0.2, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.5, adapt=True)
     serve.run(build_app(sel, zoo, adapt), name="adapt", route_prefix="/adapt")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    yield {"client": client, "sel": sel, "zoo": zoo, "serve": serve, "grpc": f"127.0.0.1:{grpc_port}"}
+    yield {"client": client, "sel": sel, "zoo": zoo, "serve": serve, "grpc": f"127.0.0.1:{grpc_port}", "port": port}
     client.close()
     serve.shutdown()
     ray.shutdown()
@@ -848,3 +849,60 @@ def test_the_api_fuzzed_from_its_own_schema_never_gives_5xx_and_refuses_in_its_o
 
             check()
     assert len(seen) > 100 and any(400 <= s < 500 for s in seen)  # the fuzzer reached the refusals
+
+
+def _raw(port: int, data: bytes, wait_s: float = 15.0) -> bytes:
+    """Send ``data`` on a fresh connection and read what comes back until the server closes or
+    ``wait_s`` passes; b"" when nothing came."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out and b'"}' in out:
+                    break
+        except TimeoutError:
+            pass
+        return out
+
+
+def test_slow_bodies_half_open_connections_and_large_requests_are_bounded(service, offline):
+    """An unfinished body was never timed out; 262 half-open connections blocked the service; one OIP
+    request of 100,000 images held everyone. Now: 408 at the body timeout (2 s here), a good request
+    answered within 10 s beside 300 half-open connections, and the batch routes' item cap on OIP."""
+    import socket
+
+    imgs, _ = offline
+    port, c = service["port"], service["client"]
+    head = (b"POST /fused/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    t0 = time.monotonic()
+    got = _raw(port, head + b"0123456789")
+    assert got.startswith(b"HTTP/1.1 408"), got
+    assert json.loads(got.split(b"\r\n\r\n", 1)[1]) == {"error": "the body did not arrive whole within 2 s"}, got
+    assert time.monotonic() - t0 < 10
+    opened = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(head + b"01234")
+            opened.append(sock)
+        t0 = time.monotonic()
+        r = post_answered(c, png(imgs[0]), "/fused/predict")
+        assert r.status_code == 200 and time.monotonic() - t0 < 10, (r.status_code, r.text)
+    finally:
+        for sock in opened:
+            sock.close()
+    many = {"inputs": [{"name": "image", "shape": [65], "datatype": "BYTES",
+                        "data": [base64.b64encode(png(imgs[0])).decode()] * 65}]}
+    r = c.post(f"/fused/v2/models/{BASE}-cascade/infer", json=many)
+    assert r.status_code == 413 and "over the limit of 64 per request" in r.json()["error"], r.text
+    files = [("files", (f"{i}.png", png(imgs[0]), "image/png")) for i in range(65)]
+    r = c.post("/fused/predict/batch", files=files)
+    assert r.status_code == 413 and "65 images, over the limit of 64" in r.json()["error"], r.text
+    r = c.post(f"/fused/v2/models/{BASE}-cascade/infer", content=b"[" * 50_000,
+               headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested more than 32 deep" in r.json()["error"], r.text

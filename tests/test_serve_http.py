@@ -177,3 +177,47 @@ def test_the_grpc_method_is_registered_under_its_name_and_replies_with_bytes():
     assert method is not None and method.request_deserializer is None  # the replica gets the raw bytes
     assert json.loads(method.unary_unary(b"png", None).SerializeToString()) == {"class": 3}
     assert all(hasattr(grpc.StatusCode, name) for name in grpc_api.STATUS.values())
+
+
+def test_the_pixel_pool_is_one_budget_across_requests():
+    """Decoded pixels in flight are counted per process: a reservation that does not fit beside the
+    others waits (False: the route answers 503), and one over the whole pool is a 413 for good."""
+    import threading
+
+    from tinysaver.budget import PixelPool
+    from tinysaver.errors import PixelCapError
+
+    pool = PixelPool(1000)
+    assert pool.take(600) and not pool.take(500) and pool.take(400)
+    pool.give(600)
+    assert pool.take(500) and pool.held == 900
+    with pytest.raises(PixelCapError, match="over this process's budget of 1,000"):
+        pool.take(1001)
+    pool.give(900)
+    taken = []
+    threads = [threading.Thread(target=lambda: taken.append(pool.take(10))) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert taken.count(True) == 100 and pool.held == 1000  # never over, whatever the interleaving
+
+
+class StalledRequest(FakeRequest):
+    """A client that sends 10 of the 1000 bytes it announced, then nothing."""
+
+    async def stream(self):
+        yield self._raw[:10]
+        await asyncio.sleep(3600)
+
+
+def test_an_unfinished_body_gets_408_at_the_body_timeout_and_a_bad_length_is_ignored():
+    from tinysaver.serve.http import read_body
+
+    req = StalledRequest(b"x" * 1000, "image/png")
+    with pytest.raises(BadRequest) as e:
+        asyncio.run(read_body(req, 10_000, timeout_s=0.2))
+    assert e.value.status == 408 and e.value.reason == "the body did not arrive whole within 0.2 s"
+    odd = FakeRequest(b"abc", "image/png")
+    odd.headers["content-length"] = "\u00b2"  # str.isdigit() takes a superscript two; int() does not
+    assert asyncio.run(read_body(odd, 10)) == b"abc"

@@ -3,12 +3,13 @@ is decoded (a 178-byte PNG can claim 100000 × 1 pixels, and a resize to a model
 that 256 × 25,600,000)."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import DatasetError, PixelCapError
-from .limits import MAX_PIXELS
+from .limits import MAX_PIXELS, MAX_PIXELS_IN_FLIGHT
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,32 @@ class InputBudget:
                 raise PixelCapError(
                     f"{width} × {height} pixels would be resized to {size[1]:,} × {size[0]:,} for a model's "
                     f"{pre.input_size[2]} × {pre.input_size[1]} input, over the cap of {cap:,} pixels (--max-pixels)")
+
+
+class PixelPool:
+    """The decoded pixels a process holds at once, across all its requests: one budget, so that many
+    legal images cannot add up to an out-of-memory kill. A request reserves its images' pixels (read
+    from their headers) before decoding and returns them when answered; a reservation that does not
+    fit now is refused at once (the caller answers 503, retry later), and one larger than the whole
+    pool is refused for good (413). Thread-safe: decoding runs in worker threads."""
+
+    def __init__(self, capacity: int = MAX_PIXELS_IN_FLIGHT):
+        if capacity < 1:
+            raise DatasetError(f"the pixel pool holds at least one pixel, got {capacity}")
+        self.capacity, self.held = int(capacity), 0
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int) -> bool:
+        """Reserve ``pixels``; False when they do not fit beside what is held now."""
+        if pixels > self.capacity:
+            raise PixelCapError(f"the images hold {pixels:,} pixels together, over this process's budget of "
+                                f"{self.capacity:,} decoded pixels at once; send fewer per request")
+        with self._lock:
+            if self.held + pixels > self.capacity:
+                return False
+            self.held += pixels
+            return True
+
+    def give(self, pixels: int) -> None:
+        with self._lock:
+            self.held = max(self.held - pixels, 0)

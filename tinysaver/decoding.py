@@ -6,7 +6,6 @@ plus labels so that predictions of different models are only compared on identic
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 import warnings
@@ -15,12 +14,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .arrays import fingerprint  # noqa: F401 (re-exported: a decoded set's fingerprint)
 from .budget import InputBudget
 from .errors import ImageError
-from .limits import MAX_PIXELS
+from .limits import MAX_PIXELS, MAX_PIXELS_IN_FLIGHT
 
 
 @dataclass
@@ -33,6 +33,7 @@ class RawSource:
     read: Callable[[int], bytes]
     class_names: list[str] | None = None
     skipped: list[str] = field(default_factory=list)  # what was found but not listed, one sentence each
+    followed: list[str] = field(default_factory=list)  # links to folders that were followed, "link → target"
 
 
 @dataclass
@@ -74,13 +75,18 @@ def take_images(images: list[torch.Tensor] | torch.Tensor, index) -> list[torch.
     return [images[int(i)] for i in index]
 
 
-def fingerprint(ids: Sequence[str], labels: np.ndarray) -> str:
-    """sha256 over the ordered ids and labels (first 16 hex digits)."""
-    h = hashlib.sha256()
-    for i, y in zip(ids, np.asarray(labels).tolist()):
-        h.update(f"{i}\t{y}\n".encode())
-    return h.hexdigest()[:16]
 
+
+
+def header_pixels(data: bytes) -> int:
+    """Width × height as the image's header declares them, read without decoding a pixel; 0 for
+    what is not a readable image (decoding it then refuses it with its reason)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - anything unreadable is decode_image's to explain
+        return 0
+    return int(w) * int(h)
 
 
 def decode_image(data: bytes, max_pixels: InputBudget | int | None = MAX_PIXELS) -> torch.Tensor:
@@ -125,9 +131,14 @@ def decode_image(data: bytes, max_pixels: InputBudget | int | None = MAX_PIXELS)
             from None
     except MemoryError:
         raise ImageError("too large to decode in the memory available") from None
-    except Exception as e:  # PIL reports bad data as OSError, SyntaxError, ValueError, struct.error, ...
-        first = (str(e).splitlines() or [""])[0][:120]
-        raise ImageError("truncated or corrupt image data" + (f" ({first})" if first else "")) from None
+    except ValueError as e:
+        if "MAX_TEXT_CHUNK" not in str(e):
+            raise ImageError("truncated or corrupt image data" + _first_line(e)) from None
+        # PIL's limit on a text or colour-profile chunk holds (a 100 MB zTXt is a bomb); its words do not
+        raise ImageError("a text or colour-profile chunk of the PNG is over PIL's limit "
+                         f"({PngImagePlugin.MAX_TEXT_CHUNK // 2**20} MB); strip the image's metadata") from None
+    except Exception as e:  # PIL reports bad data as OSError, SyntaxError, struct.error, ...
+        raise ImageError("truncated or corrupt image data" + _first_line(e)) from None
     if arr.ndim == 2:
         arr = arr[None]
     elif arr.ndim == 3:
@@ -135,6 +146,11 @@ def decode_image(data: bytes, max_pixels: InputBudget | int | None = MAX_PIXELS)
     else:
         raise ImageError(f"an image of unexpected shape {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _first_line(e: BaseException) -> str:
+    first = (str(e).splitlines() or [""])[0][:120]
+    return f" ({first})" if first else ""
 
 
 def unreadable_reason(e: BaseException) -> str:
@@ -156,16 +172,23 @@ def decoded_blocks(source: RawSource, block: int, max_pixels: InputBudget | int 
     Yields ``(index, images, failures)`` per block: the source positions and uint8 images that
     decoded, and ``(id, reason)`` for each sample that did not (``reason`` is one plain sentence).
     """
-    for start in range(0, len(source.ids), block):
-        index, images, failures = [], [], []
-        for i in range(start, min(start + block, len(source.ids))):
-            try:
-                images.append(decode_image(source.read(i), max_pixels))
-            except Exception as e:  # one unusable file is reported and skipped, never fatal
-                failures.append((source.ids[i], unreadable_reason(e)))
-                continue
+    cap = InputBudget.of(max_pixels).max_pixels
+    in_flight = max(MAX_PIXELS_IN_FLIGHT, cap or 0)
+    index, images, failures, pixels = [], [], [], 0
+    for i in range(len(source.ids)):
+        try:
+            img = decode_image(source.read(i), max_pixels)
+        except Exception as e:  # one unusable file is reported and skipped, never fatal
+            failures.append((source.ids[i], unreadable_reason(e)))
+        else:
             index.append(i)
-        yield index, images, failures
+            images.append(img)
+            pixels += img.shape[-1] * img.shape[-2]
+        # a block ends at ``block`` samples, or earlier when its decoded pixels reach the in-flight
+        # budget: the caller has used a block before the next is decoded, so memory stays bounded
+        if len(index) + len(failures) >= block or pixels >= in_flight or i == len(source.ids) - 1:
+            yield index, images, failures
+            index, images, failures, pixels = [], [], [], 0
 
 
 def decode_all(source: RawSource, progress: bool = True,

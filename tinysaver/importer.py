@@ -16,9 +16,9 @@ name. Entries are marked ``imported``, with the files they came from.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
-import hashlib
 import os
 import re
 import shutil
@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .arrays import fingerprint, read_arrays
 from .errors import UsageError, ZooError
 from .policy import confidence
 from .zoo import (MANIFEST, atomic_write_npz, atomic_write_yaml, class_names_to_store, default_root, load_zoo,
@@ -76,14 +77,9 @@ def read_record(path: str | Path) -> Record:
         return _read_csv(path, model, split)
     if suffix not in (".npy", ".npz"):
         raise UsageError(f"{path}: a record is .npz (official or logits), .npy (logits) or .csv")
-    try:
-        if suffix == ".npy":
-            arrays = {"logits": np.load(path, allow_pickle=False)}
-        else:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as e:
-        raise ZooError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    arrays = read_arrays(path)  # headers checked against the file's size before anything is allocated
+    if suffix == ".npy":
+        arrays = {"logits": arrays["arr_0"]}
     labels, ids = arrays.get("label", arrays.get("labels")), arrays.get("ids")
     if "logits" in arrays:
         return _from_logits(path, model, split, arrays["logits"], labels, ids)
@@ -107,7 +103,7 @@ def _from_logits(path, model, split, logits, labels, ids) -> Record:
 
 
 def _read_csv(path: Path, model: str, split: str) -> Record:
-    with open(path, newline="") as f:
+    with utf8_text(path) as f:
         reader = csv.DictReader(f)
         cols = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in ("id", "pred", "conf") if c not in cols]
@@ -128,6 +124,34 @@ def _read_csv(path: Path, model: str, split: str) -> Record:
                                f"conf a number, got {r}") from None
     return _checked(Record(model, split, path, "csv", np.array(pred), np.array(conf, np.float64),
                            np.array(labels) if has_label else None, np.array(ids, dtype=str)))
+
+
+@contextlib.contextmanager
+def utf8_text(path: str | Path, what: str = "a CSV file"):
+    """``path`` opened as UTF-8 text (a BOM is dropped); a file in another encoding (Latin-1, say) is
+    a ZooError naming the file and the first bad byte's line, not a UnicodeDecodeError."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            yield f
+        except UnicodeDecodeError as e:
+            line = path_line_of(Path(path), e.start)
+            raise ZooError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); {what} is read "
+                           "as UTF-8: convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def path_line_of(path: Path, offset: int) -> int:
+    # the decoder's offset counts within its buffer; the line is counted from the file's bytes
+    with open(path, "rb") as fh:
+        return fh.read(offset + 1).count(b"\n") + 1
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """One class name per non-empty line of a UTF-8 text file (``zoo import --class-names``)."""
+    try:
+        with utf8_text(path, "a class-names file") as f:
+            return [line.strip() for line in f.read().splitlines() if line.strip()]
+    except OSError as e:
+        raise UsageError(f"--class-names {path}: {(e.strerror or str(e)).lower()}") from None
 
 
 def _checked(r: Record) -> Record:
@@ -222,7 +246,7 @@ def read_costs(path: str | Path) -> dict[str, dict]:
     if not path.is_file():
         raise UsageError(f"--costs {path}: no such file")
     out = {}
-    with open(path, newline="") as f:
+    with utf8_text(path) as f:
         reader = csv.DictReader(f)
         cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
         if "model" not in cols or not {"gmacs", "macs", "gflops", "flops"} & set(cols):
@@ -273,11 +297,6 @@ def costs_from_zoo(zoo_name: str, models: Sequence[str], root: Path | None = Non
     return out
 
 
-def _fingerprint(ids: np.ndarray, labels: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for i, y in zip(ids.tolist(), labels.tolist()):
-        h.update(f"{i}\t{y}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def import_zoo(name: str, files: Sequence[str | Path], costs: str | Path | None = None, costs_from: str | None = None,
@@ -342,7 +361,7 @@ def import_zoo(name: str, files: Sequence[str | Path], costs: str | Path | None 
         manifest = {"name": name, "description": description or f"imported from {len(records)} record files",
                     "splits": {}, "models": {}}
         for s, (ids, labels, _) in by_split.items():
-            fp = _fingerprint(ids, labels)
+            fp = fingerprint(ids, labels)
             atomic_write_npz(tmp / "splits" / f"{s}.npz", ids=ids, labels=labels)
             manifest["splits"][s] = {"source": f"imported:{Path(files[0]).resolve().parent}", "fingerprint": fp,
                                      "samples": len(ids), "skipped_unreadable": 0,

@@ -7,3 +7,12 @@ the command line can offer them as defaults without loading torch."""
 # development VM (busy beside a test run; 0.08 s at 4 MP), per model: a shared service should not
 # spend more than that on one request.
 MAX_PIXELS = 40_000_000
+
+# decoded pixels one process holds at once, across the images of a block or of every request in a
+# replica: 80 megapixels (240 MB as RGB), so many legal images cannot add up to an out-of-memory
+# kill (40 PNGs of 6000 × 6000 pixels were 4.3 GB). A --max-pixels above it raises it to one image.
+MAX_PIXELS_IN_FLIGHT = 2 * MAX_PIXELS
+
+# a file this large is refused from its size, before a byte is read: 256 MiB is twice a 40 MP image
+# stored uncompressed as 16-bit RGB, the largest form an image under MAX_PIXELS takes on disk
+MAX_FILE_BYTES = 256 * 2**20

@@ -16,6 +16,7 @@ from typing import Any
 
 from .backends import BACKENDS
 from .errors import ZooError
+from .schemas import PreprocessSchema, parse
 
 # profiled here, predictions made elsewhere (tinysaver zoo import), or facts copied from a published table
 STATUSES = ("measured", "imported", "published")
@@ -127,11 +128,8 @@ class ModelEntry:
         for name in ("flops_counter", "profiled_on"):
             if d.get(name) is not None and not isinstance(d[name], str):
                 c.fail(name, "a name", d[name])
-        pre = d.get("preprocess") or {}
-        size = pre.get("input_size")
-        if size is not None and not (isinstance(size, list) and len(size) == 3
-                                     and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
-            c.fail("preprocess.input_size", "[channels, height, width], three integers ≥ 1", size)
+        if d.get("preprocess"):  # what every image for this model is made into: declared, not checked by hand
+            parse(PreprocessSchema, d["preprocess"], str(file), ZooError, at=f"models.{key}.preprocess")
         return cls(**{**{k: v for k, v in d.items() if k != "key"}, "key": key,
                       "source": d.get("source") or {}, "accuracy": d.get("accuracy") or {},
                       "backends": d.get("backends") or {}})

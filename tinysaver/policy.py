@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,8 +21,10 @@ import numpy as np
 
 from .criteria import criterion_names, get_criterion
 from .errors import SelectionError  # noqa: F401 (re-exported)
+from .schemas import SelectionSchema, load_json, parse
 
 SCHEMA_VERSION = 1
+MAX_SELECTION_BYTES = 2**20
 CRITERIA = criterion_names()  # registered in tinysaver.criteria
 TARGETS = ("labels", "base-agreement")
 # a calibration sample this close to a threshold could flip sides under float noise (other kernels,
@@ -251,17 +253,9 @@ class Selection:
     def from_dict(cls, d: Any, source: str = "selection") -> "Selection":
         if not isinstance(d, dict):
             raise SelectionError(f"{source}: a selection is a JSON object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SelectionError(f"{source}: unknown keys {unknown}; is this a file from 'tinysaver query --save'?")
-        missing = [k for k in ("zoo", "base", "stages") if k not in d]
-        if missing:
-            raise SelectionError(f"{source}: missing keys {missing}")
         if "schema_version" not in d:
             raise SelectionError(f"{source}: no schema_version; re-create it with 'tinysaver query --save'")
-        if not isinstance(d["stages"], list):
-            raise SelectionError(f"{source}: 'stages' must be a list of {{model, threshold}}")
+        parse(SelectionSchema, d, source, SelectionError)
         try:
             return cls(**d)
         except SelectionError as e:
@@ -279,13 +273,18 @@ class Selection:
     @classmethod
     def load(cls, path: str | Path) -> "Selection":
         path = Path(path)
+        if path.is_dir():
+            raise SelectionError(f"{path}: a folder, not a selection file (write one with 'tinysaver query --save')")
         if not path.is_file():
             raise SelectionError(f"{path}: no such selection file")
+        if path.stat().st_size > MAX_SELECTION_BYTES:  # a selection is a few hundred bytes: never read a huge one
+            raise SelectionError(f"{path}: {path.stat().st_size:,} bytes is not a selection file (they are under "
+                                 f"{MAX_SELECTION_BYTES // 2**20} MB); write one with 'tinysaver query --save'")
         try:
-            d = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SelectionError(f"{path}: not a selection JSON file ({e}); write one with 'tinysaver query --save'") from None
-        return cls.from_dict(d, source=str(path))
+            text = path.read_bytes()
+        except OSError as e:
+            raise SelectionError(f"{path}: cannot be read ({(e.strerror or str(e)).lower()})") from None
+        return cls.from_dict(load_json(text, str(path), SelectionError), source=str(path))
 
 
 def _stage_from(d: Any) -> Stage:

@@ -19,6 +19,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .arrays import read_arrays
 from .backends import DEFAULT_BACKEND
 from .budget import InputBudget
 from .data import dataset_size, load_dataset
@@ -29,6 +30,7 @@ from .measure import count_flops, device_info, latency_table, measure_latency
 from .models import LoadedModel, ModelSpec, count_parameters, create_model, model_preprocess
 from .policy import confidence
 from .runtimes import agreement_with_predictions, backend_version, check_backend, make_runner
+from .schemas import ProfileConfigSchema, parse
 from .transforms import prepare_batch
 from .yamlfile import read_mapping
 from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, class_names_to_store, load_zoo,
@@ -64,14 +66,10 @@ class ProfileConfig:
             raise UsageError("give at least one model to profile")
         if not self.splits:
             raise UsageError("give at least one split, e.g. val=imagenet:PATH")
-        keys = [m.key for m in self.models]
-        dup = {k for k in keys if keys.count(k) > 1}
-        if dup:
-            raise UsageError(f"model names must be unique in a zoo; repeated: {sorted(dup)}")
-        if any(b < 1 for b in self.batch_sizes) or self.eval_batch_size < 1:
-            raise UsageError("batch sizes must be ≥ 1")
-        if self.topk < 1:
-            raise UsageError("topk must be ≥ 1")
+        # the same declared format as a config file, so a config built in Python is held to it too
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["models"] = [m.to_dict() for m in self.models]
+        parse(ProfileConfigSchema, d, "profile config")
 
     def budget(self) -> InputBudget:
         """What every split is decoded under: the pixel cap, for the image and for each model's resize of it
@@ -82,6 +80,7 @@ class ProfileConfig:
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "ProfileConfig":
         d = read_mapping(path, "a profile config (zoo, splits, models, ...)")
         d.update({k: v for k, v in overrides.items() if v is not None})
+        parse(ProfileConfigSchema, d, str(path))  # every field checked against the file, before any is used
         here = Path(path).resolve().parent
         models = []
         for m in d.get("models", []):
@@ -94,9 +93,6 @@ class ProfileConfig:
                 spec = dataclasses.replace(spec, checkpoint=str(f.resolve()))
             models.append(spec)
         d["models"] = models
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise UsageError(f"{path}: unknown keys {sorted(unknown)}")
         return cls(**d)
 
 
@@ -228,15 +224,12 @@ def existing_preds(f: Path, fp: str) -> dict[str, np.ndarray] | None:
     if not f.is_file():
         return None
     try:
-        with np.load(f) as z:
-            if str(z["fingerprint"]) != fp:
-                return None
-            out = {k: z[k] for k in z.files}
-        if "pred" not in out or "conf" not in out:
-            return None
-        return out
-    except Exception:  # unreadable leftovers are recomputed, never trusted
+        out = read_arrays(f)
+    except ZooError:  # unreadable leftovers are recomputed, never trusted
         return None
+    if str(out.get("fingerprint")) != fp or "pred" not in out or "conf" not in out:
+        return None
+    return out
 
 
 def profile(cfg: ProfileConfig, root: Path | None = None, progress: bool = True,

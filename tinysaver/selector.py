@@ -38,6 +38,7 @@ its report.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -150,10 +151,39 @@ def selection_for(zoo: Zoo, request: PolicyRequest) -> Selection:
             raise SelectionError(f"{r.selection} selects for base {sel.base!r}, not {r.base!r}")
         if sel.zoo != zoo.name:
             raise SelectionError(f"{r.selection} was selected in zoo {sel.zoo!r}, not {zoo.name!r}")
-        return sel
+        return recomputed(zoo, sel, str(r.selection))
     if r.threshold is not None:
         return Selection.manual(zoo.name, [(r.savers[0], r.threshold)], r.base)
     return select(zoo, r.base, r.config, savers=r.savers).best
+
+
+def recomputed(zoo: Zoo, sel: Selection, source: str = "the selection") -> Selection:
+    """``sel`` with its statistics (exit ratios, accuracies, cost) computed again from ``zoo`` for
+    the thresholds it holds, so that what a command prints is true of the policy it runs. A file
+    whose recorded statistics differ (hand-edited thresholds, an invented chain) is said to, in one
+    warning line, and loses its guarantee: it was certified for other thresholds. Splits the zoo does
+    not have by name (the seeded halves of a zoo with one split) are cut again with the seed 0."""
+    for s in sel.stages:
+        zoo.entry(s.model)  # an unknown model is named here, before any array is read
+        if not zoo.has_predictions(s.model):
+            return sel  # published-only entries: nothing to recompute from, the file's record stands
+    plain = sel.calib_split in zoo.splits and (sel.test_split is None or sel.test_split in zoo.splits)
+    cfg = SelectorConfig(cost=sel.cost_metric, label_free=sel.target == "base-agreement",
+                         calib_split=sel.calib_split if plain else None, test_split=sel.test_split if plain else None,
+                         calibrate="temperature" if any(s.temperature != 1.0 for s in sel.stages) else None)
+    calib, test = calibration_and_test(zoo, sel.models, cfg.calib_split, cfg.test_split, cfg.seed, cfg.calibrate)
+    costs = {m: model_cost(zoo, m, cfg.cost) for m in sel.models}
+    fresh = _report(sel.stages, zoo.name, sel.base, calib, test, costs, cfg, 0, message=sel.message)
+    fresh.criterion, fresh.tolerance, fresh.delta, fresh.guarantee = sel.criterion, sel.tolerance, sel.delta, sel.guarantee
+    said = np.array([*sel.exit_ratio_calib, sel.acc_cascade_calib or 0.0, sel.cost_cascade or 0.0], dtype=float)
+    now = np.array([*fresh.exit_ratio_calib, fresh.acc_cascade_calib, fresh.cost_cascade], dtype=float)
+    if said.shape != now.shape or not np.allclose(said, now, rtol=1e-6, atol=1e-9):
+        before = sum(sel.exit_ratio_calib[:-1]) if sel.exit_ratio_calib else float("nan")
+        warnings.warn(f"{source}: its recorded statistics do not match its thresholds (exit ratio {before:.1%} "
+                      f"recorded, {sum(fresh.exit_ratio_calib[:-1]):.1%} on the zoo's {calib.name}); showing the "
+                      "recomputed ones, with no guarantee")
+        fresh.guarantee, fresh.message = "", "thresholds differ from the selection's record: no guarantee holds"
+    return fresh
 
 
 def _pair_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: dict[str, float],

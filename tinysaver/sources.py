@@ -28,6 +28,7 @@ import torch
 
 from .decoding import DecodedSet, RawSource, unreadable_reason
 from .errors import DatasetError
+from .limits import MAX_FILE_BYTES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -246,19 +247,23 @@ def paths_source(paths: Sequence[str | os.PathLike]) -> RawSource:
     ids: list[str] = []
     readers: list[Callable[[], bytes]] = []
     skipped: list[str] = []
+    followed: list[str] = []
 
     def add_file(f: Path) -> None:
         try:
-            mode = f.stat().st_mode
+            st = f.stat()
         except OSError as e:
-            skipped.append(f"{f}: {unreadable_reason(e)}")
+            skipped.append(f"{shown_path(f)}: {unreadable_reason(e)}")
             return
-        if stat.S_ISDIR(mode):
-            skipped.append(f"{f}: a folder with an image file's name")
-        elif not stat.S_ISREG(mode):
-            skipped.append(f"{f}: not a regular file (a pipe, socket or device)")
+        if stat.S_ISDIR(st.st_mode):
+            skipped.append(f"{shown_path(f)}: a folder with an image file's name")
+        elif not stat.S_ISREG(st.st_mode):
+            skipped.append(f"{shown_path(f)}: not a regular file (a pipe, socket or device)")
+        elif st.st_size > MAX_FILE_BYTES:  # a 5 GB (sparse) file is refused from its size, never read
+            skipped.append(f"{shown_path(f)}: {st.st_size:,} bytes is over the limit of {MAX_FILE_BYTES:,} bytes "
+                           "for one image file")
         else:
-            ids.append(str(f))
+            ids.append(shown_path(f))
             readers.append(f.read_bytes)
 
     for raw in paths:
@@ -267,10 +272,23 @@ def paths_source(paths: Sequence[str | os.PathLike]) -> RawSource:
             found = []
 
             def unlisted(e: OSError) -> None:
-                skipped.append(f"{e.filename}: folder not listed ({unreadable_reason(e)})")
+                skipped.append(f"{shown_path(Path(e.filename))}: folder not listed ({unreadable_reason(e)})")
 
-            for top, dirs, files in os.walk(p, onerror=unlisted):
+            # links to folders are followed once each (a link back up would loop) and said, never
+            # dropped without a word
+            seen = [os.path.realpath(p)]
+            for top, dirs, files in os.walk(p, onerror=unlisted, followlinks=True):
                 dirs.sort()
+                for d in [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+                    real, link = os.path.realpath(os.path.join(top, d)), shown_path(Path(top) / d)
+                    inside = lambda a, b: a == b or a.startswith(b + os.sep)  # noqa: E731
+                    if any(inside(real, s) or inside(s, real) for s in seen):  # read already, or a loop
+                        dirs.remove(d)
+                        skipped.append(f"{link}: a link to {shown_path(Path(real))}, which is read already "
+                                       "(or holds a folder that is)")
+                    else:
+                        seen.append(real)
+                        followed.append(f"{link} → {shown_path(Path(real))}")
                 for name in files + [d for d in dirs if Path(d).suffix.lower() in IMAGE_SUFFIXES]:
                     if Path(name).suffix.lower() in IMAGE_SUFFIXES:
                         found.append(Path(top) / name)
@@ -290,7 +308,14 @@ def paths_source(paths: Sequence[str | os.PathLike]) -> RawSource:
             add_file(p)
         else:
             raise DatasetError(f"{p}: no such file or folder")
-    return RawSource("paths", ids, np.full(len(ids), -1, dtype=np.int64), lambda i: readers[i](), skipped=skipped)
+    return RawSource("paths", ids, np.full(len(ids), -1, dtype=np.int64), lambda i: readers[i](), skipped=skipped,
+                     followed=followed)
+
+
+def shown_path(p: Path) -> str:
+    """A path as text that prints anywhere: bytes that are not UTF-8 (kept by Python as surrogates)
+    become backslash escapes, so one odd file name never stops a run on a UnicodeEncodeError."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
 
 
 def _fashion_args(args: str) -> tuple[str, str | None]:

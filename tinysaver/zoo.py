@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .arrays import check_predictions, fingerprint, read_arrays
 from .errors import CheckpointError, UsageError, ZooError  # noqa: F401 (ZooError re-exported)
 from .manifest import PREDICTED, ModelEntry
 
@@ -223,11 +224,19 @@ class Zoo:
         if split not in self.splits:
             raise ZooError(f"zoo {self.name!r} has no split {split!r}; splits: {', '.join(self.splits) or 'none'}")
         f = self.path / "splits" / f"{split}.npz"
-        try:
-            with np.load(f) as z:
-                return z["ids"], z["labels"]
-        except Exception as e:
-            raise ZooError(f"{f}: cannot read ({type(e).__name__}: {e}); re-run 'tinysaver profile' to rewrite it") from None
+        if not f.is_file():
+            raise ZooError(f"{f}: missing; re-run 'tinysaver profile' to rewrite it")
+        z = read_arrays(f, names=("ids", "labels"), fix="re-run 'tinysaver profile' to rewrite it")
+        ids, labels = z.get("ids"), z.get("labels")
+        if ids is None or labels is None or ids.ndim != 1 or labels.shape != ids.shape \
+                or not np.issubdtype(labels.dtype, np.integer):
+            raise ZooError(f"{f}: holds no (samples,) ids and integer labels; re-run 'tinysaver profile'")
+        # the fingerprint hashes ids and labels: an edited label file would otherwise select on wrong answers
+        if fingerprint(ids, labels) != self.splits[split].get("fingerprint"):
+            raise ZooError(f"{f}: its ids or labels differ from those split {split!r} recorded (fingerprint "
+                           f"{self.splits[split].get('fingerprint')}); it was edited or replaced: restore it, or "
+                           "re-run 'tinysaver profile'")
+        return ids, labels
 
     def predictions(self, model: str, split: str) -> Predictions:
         if not self.has_predictions(model):
@@ -236,18 +245,13 @@ class Zoo:
         f = self.path / "preds" / model_dirname(model) / f"{split}.npz"
         if not f.is_file():
             raise ZooError(f"no predictions of {model!r} on split {split!r} ({f} missing)")
-        try:
-            with np.load(f) as z:
-                fp = str(z["fingerprint"])
-                get = lambda k: z[k] if k in z.files else None  # noqa: E731
-                arrays = {k: get(k) for k in ("pred", "conf", "topk_idx", "topk_prob", "logits")}
-        except Exception as e:  # truncated or corrupt: name the file and the way out
-            raise ZooError(f"{f}: cannot read ({type(e).__name__}: {e}); re-run 'tinysaver profile' with this "
-                           "zoo's config to recompute it") from None
-        if fp != self.splits[split]["fingerprint"]:
+        names = ("pred", "conf", "topk_idx", "topk_prob", "logits")
+        z = read_arrays(f, names=("fingerprint", *names),
+                        fix="re-run 'tinysaver profile' with this zoo's config to recompute it")
+        if str(z.get("fingerprint")) != self.splits[split]["fingerprint"]:
             raise ZooError(f"{f}: made on different samples than split {split!r} (fingerprint mismatch)")
-        if arrays["pred"] is None or arrays["conf"] is None or len(arrays["pred"]) != len(ids):
-            raise ZooError(f"{f}: holds no pred/conf arrays of {len(ids)} samples; re-run 'tinysaver profile'")
+        arrays = {k: z.get(k) for k in names}
+        check_predictions(arrays, len(ids), self.entry(model).num_classes, str(f))
         return Predictions(model, split, ids, labels, **arrays)
 
     def calibrated_predictions(self, model: str, split: str) -> Predictions:
@@ -258,13 +262,13 @@ class Zoo:
                            f"'tinysaver zoo calibrate --zoo {self.name}' first")
         p = self.predictions(model, split)
         f = self.path / "calibration" / model_dirname(model) / f"{split}.npz"
-        try:
-            with np.load(f) as z:
-                fp, conf = str(z["fingerprint"]), z["conf"]
-        except Exception as e:
-            raise ZooError(f"{f}: cannot read ({type(e).__name__}: {e}); re-run 'tinysaver zoo calibrate'") from None
-        if fp != self.splits[split]["fingerprint"] or len(conf) != len(p.conf):
+        if not f.is_file():
+            raise ZooError(f"{f}: missing; re-run 'tinysaver zoo calibrate'")
+        z = read_arrays(f, names=("fingerprint", "conf"), fix="re-run 'tinysaver zoo calibrate'")
+        conf = z.get("conf")
+        if str(z.get("fingerprint")) != self.splits[split]["fingerprint"] or conf is None or conf.shape != p.conf.shape:
             raise ZooError(f"{f}: made on different samples than split {split!r}; re-run 'tinysaver zoo calibrate'")
+        check_predictions({"pred": p.pred, "conf": conf}, len(p.pred), None, str(f))
         p.conf = conf
         return p
 
@@ -390,8 +394,19 @@ def load_zoo(name: str, root: Path | str | None = None) -> Zoo:
             raise ZooError(f"{f}: '{key}' must be a mapping, got a {type(manifest[key]).__name__}")
         manifest[key] = manifest.get(key) or {}
 
-    for key, entry in manifest["models"].items():  # every entry checked now, not when first used
-        ModelEntry.from_dict(key, entry, f)
+    entries = [ModelEntry.from_dict(key, entry, f) for key, entry in manifest["models"].items()]  # checked now
+    for split, meta in manifest["splits"].items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), str):
+            raise ZooError(f"{f}: splits.{split}: a split is a mapping with its fingerprint (text)")
+        names = meta.get("class_names")
+        if names is None or names == IMAGENET_CLASSES:
+            continue
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ZooError(f"{f}: splits.{split}.class_names: must be a list of names, or {IMAGENET_CLASSES!r}")
+        short = [e.key for e in entries if e.num_classes and e.num_classes > len(names)]
+        if short:  # a class with no name would stop infer on its first answer
+            raise ZooError(f"{f}: splits.{split}.class_names: {len(names)} names, but {short[0]} predicts "
+                           f"{max(e.num_classes for e in entries if e.num_classes)} classes")
     return Zoo(manifest.get("name", path.name), path, manifest)
 
 

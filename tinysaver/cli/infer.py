@@ -58,6 +58,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     src = paths_source(args.paths)
     for why in src.skipped:  # unreadable folders and non-files: counted, never silent
         print(f"tinysaver: skipped {why}", file=sys.stderr)
+    for link in src.followed:
+        print(f"tinysaver: note: followed the link {link}", file=sys.stderr)
     if not src.ids:
         raise UsageError("no images found in the given paths (looked for .jpg, .jpeg, .png, .bmp, .webp, .gif, "
                          ".tif files, folders and .tar files)")
@@ -102,7 +104,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     bar.close()
     dt = time.perf_counter() - t0
     done = sum(counts)
-    summary = {"images": done, "unreadable": failed, "skipped": len(src.skipped), "seconds": round(dt, 3),
+    summary = {"images": done, "unreadable": failed, "skipped": len(src.skipped), "links_followed": len(src.followed),
+               "seconds": round(dt, 3),
                "images_per_s": round(done / dt, 2) if dt > 0 else None,
                "thresholds": sel.thresholds, "backends": cascade.backends, "pipeline": args.pipeline,
                "exit_ratio": {n: round(c / max(done, 1), 4) for n, c in zip(names, counts)}}

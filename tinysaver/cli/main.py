@@ -15,6 +15,7 @@ import os
 import pkgutil
 import sys
 import traceback
+import warnings
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Sequence
@@ -63,7 +64,22 @@ def _os_error(e: OSError) -> str:
     return f"{e.filename}: {what.lower()}" if e.filename else what
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    # a user of the command line is told what happened, not which line of which library noticed
+    return f"tinysaver: warning: {' '.join(str(message).split())}\n"
+
+
+def plain_output() -> None:
+    """Warnings as one plain line each, and file names that are not valid UTF-8 (kept by Python as
+    surrogates) written with backslash escapes instead of stopping the command on a UnicodeEncodeError."""
+    warnings.formatwarning = _warning_line
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    plain_output()
     args = build_parser().parse_args(argv)
     try:
         rc = int(args.func(args) or 0)

@@ -79,6 +79,8 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
                    help="retune the saver's threshold within the bound: raise it on drift, lower it only once "
                         "fresh audits certify a lower one (needs --audit; a saver and its base)")
     q.add_argument("--max-body-mb", type=positive_float, default=d.max_body_bytes / 2**20)
+    q.add_argument("--max-images", type=positive_int, default=d.max_images,
+                   help="images per /predict/batch or OIP infer request (more get 413)")
     q.add_argument("--max-pixels", type=positive_int, default=d.max_pixels,
                    help="images with more pixels (width × height) get 413 before they are decoded")
 
@@ -141,7 +143,7 @@ def serve_options(args: argparse.Namespace):
                         resources=args.resources,
                         backend=args.backend, audit=args.audit,
                         delta=args.delta, audit_tolerance=args.audit_tolerance, adapt=args.adapt,
-                        max_body_bytes=max(1, int(args.max_body_mb * 2**20)),
+                        max_body_bytes=max(1, int(args.max_body_mb * 2**20)), max_images=args.max_images,
                         accept_preprocess_change=args.accept_preprocess_change)
 
 

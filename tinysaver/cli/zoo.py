@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import UsageError
-from ..importer import import_zoo
+from ..importer import import_zoo, read_class_names
 from ..report import format_table
 from ..zoo import DEFAULT_ZOO, default_root, load_zoo, zoo_summaries
 from ._args import add_zoo, command, group, positive_int, root_of
@@ -115,10 +115,7 @@ def cmd_zoo_import(args: argparse.Namespace) -> int:
         weights[model] = name
     names = None
     if args.class_names:
-        try:
-            names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise UsageError(f"--class-names {args.class_names}: {e.strerror or e}") from None
+        names = read_class_names(args.class_names)
     path = import_zoo(args.name, files, costs=args.costs, costs_from=args.costs_from, root=root_of(args),
                       num_classes=args.num_classes, class_names=names, weights=weights, description=args.description,
                       force=args.force)

@@ -94,22 +94,26 @@ def unschedulable(needs: dict[str, dict[str, float]], nodes: list[dict]) -> str 
 
 def application(plan: Plan, token: str | None = None):
     """The Serve application of ``plan`` in its layout (see :mod:`tinysaver.serve.deployments`)."""
+    from ray.serve.config import BackpressureConfig
+
     from .deployments import Ingress, StageServer
 
     o = plan.options
+    # past the requests in progress, a few wait; more get 503 at once with Retry-After, never a silent queue
+    admission = {"max_ongoing_requests": o.max_ongoing_requests, "max_queued_requests": o.max_queued_requests,
+                 "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1)}
     if plan.layout == "fused":
         cpus = 1.0 if o.num_cpus is None else float(o.num_cpus)
         actor = {"num_cpus": cpus, "num_gpus": float(o.per_stage("num_gpus", 1)[0])}
         if o.resources:
             actor["resources"] = dict(o.resources)
-        return Ingress.options(num_replicas=int(o.replicas), max_ongoing_requests=o.max_ongoing_requests,
-                               ray_actor_options=actor).bind(plan=plan, token=token)
+        return Ingress.options(num_replicas=int(o.replicas), ray_actor_options=actor,
+                               **admission).bind(plan=plan, token=token)
     stages = [StageServer.options(**opt).bind(plan=plan, index=i)
               for i, opt in enumerate(stage_options(o, plan.stages.names))]
     # the ingress only awaits, so it takes many requests at once
-    return Ingress.options(max_ongoing_requests=o.max_ongoing_requests,
-                           ray_actor_options={"num_cpus": o.ingress_num_cpus}).bind(plan=plan, stages=stages,
-                                                                                       token=token)
+    return Ingress.options(ray_actor_options={"num_cpus": o.ingress_num_cpus}, **admission).bind(
+        plan=plan, stages=stages, token=token)
 
 
 def build_app(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,

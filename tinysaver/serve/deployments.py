@@ -30,7 +30,10 @@ from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..budget import InputBudget
+from ..budget import InputBudget, PixelPool
+from ..decoding import header_pixels
+from ..errors import PixelCapError
+from ..limits import MAX_PIXELS_IN_FLIGHT
 from . import drain, grpc_api, oip, prom
 from .adapt import ThresholdAdapter
 from .answerers import OVERLOADED, FusedAnswerer, WalkAnswerer
@@ -69,6 +72,12 @@ _OIP_INFER = {"requestBody": {"required": True, "content": {"application/json": 
 @api.exception_handler(HTTPException)
 async def _http_error(request, exc):  # unknown routes and methods: the service's own error shape
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+@api.exception_handler(Exception)
+async def _bug(request, exc):  # a bug still answers in the service's JSON shape, never plain-text 500
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}): a bug in tinysaver, please report it"},
+                        status_code=500)
 
 
 @api.middleware("http")
@@ -121,6 +130,8 @@ class Ingress:
         self.plan, self.o, self.names, self.token = plan, o, list(plan.stages.names), token
         self.class_names = list(plan.stages.class_names) if plan.stages.class_names else None
         self.budget = InputBudget(o.max_pixels, plan.stages.preprocess)
+        # decoded pixels held at once across every request of this replica (one image always fits)
+        self.pixels = PixelPool(max(MAX_PIXELS_IN_FLIGHT, o.max_pixels or 0))
         self.oip_name = oip.model_name(plan.stages.names[-1])  # the Open Inference Protocol's name for the cascade
         # one answerer per layout, holding the live thresholds (see tinysaver.serve.answerers)
         self.answerer = (WalkAnswerer(plan, stages, DEAD) if stages else
@@ -194,6 +205,32 @@ class Ingress:
     async def _image(self, data: bytes):
         return await asyncio.to_thread(decode, data, self.budget)
 
+    def _reserve(self, datas) -> int:
+        """Reserve the decoded pixels of ``datas`` (read from their headers) in the replica's pool:
+        413 for more than the whole pool, 503 while it is full. Returns what to give back."""
+        n = sum(map(header_pixels, datas))
+        try:
+            ok = self.pixels.take(n)
+        except PixelCapError as e:
+            raise BadRequest(413, str(e)) from None
+        if not ok:
+            raise BadRequest(503, f"busy: this replica holds its limit of decoded pixels ({self.pixels.capacity:,}); "
+                                  "retry shortly")
+        return n
+
+    @contextlib.contextmanager
+    def _holding(self, datas):
+        n = self._reserve(datas)
+        try:
+            yield
+        finally:
+            self.pixels.give(n)
+
+    def _check_count(self, n: int) -> None:
+        if n > self.o.max_images:  # one request may not hold the replica for everyone else
+            raise BadRequest(413, f"the request holds {n:,} images, over the limit of {self.o.max_images:,} per "
+                                  "request (--max-images); send several requests")
+
     @contextlib.contextmanager
     def _on_its_way(self):
         """A request being read or decoded, which the fused batch waits for (``self.incoming``)."""
@@ -256,11 +293,16 @@ class Ingress:
             check_token(request.headers, self.token)
             with self._admitted():
                 with self._on_its_way():
-                    [(_, data)] = await read_files(request, False, self.o.max_body_bytes)
+                    [(_, data)] = await read_files(request, False, self.o.max_body_bytes, self.o.body_timeout_s)
                     t1 = time.perf_counter()
-                    img = await self._image(data)
-                t2 = time.perf_counter()
-                out = await self._answer(img)
+                    held = self._reserve([data])
+                try:
+                    with self._on_its_way():
+                        img = await self._image(data)
+                    t2 = time.perf_counter()
+                    out = await self._answer(img)
+                finally:
+                    self.pixels.give(held)
             # where a request's server-side time goes, for the benchmarks' breakdown of the gap
             self.timing["read"] += t1 - t0
             self.timing["decode"] += t2 - t1
@@ -276,7 +318,7 @@ class Ingress:
         try:
             check_token(dict(grpc_context.invocation_metadata()), self.token)
             check_size(len(data), self.o.max_body_bytes)
-            with self._admitted():
+            with self._admitted(), self._holding([data]):
                 with self._on_its_way():
                     img = await self._image(bytes(data))
                 return grpc_api.reply(await self._answer(img))
@@ -293,7 +335,9 @@ class Ingress:
         except BadRequest as e:
             return self._error(e)
         try:
-            files = await read_files(request, True, self.o.max_body_bytes)
+            files = await read_files(request, True, self.o.max_body_bytes, self.o.body_timeout_s)
+            self._check_count(len(files))
+            held = self._reserve([d for _, d in files])
         except BadRequest as e:
             self._release()
             return self._error(e)
@@ -303,6 +347,7 @@ class Ingress:
                 async for chunk in lines():
                     yield chunk
             finally:
+                self.pixels.give(held)
                 self._release()
 
         async def lines():
@@ -428,13 +473,15 @@ class Ingress:
             check_token(request.headers, self.token)
             with self._admitted():
                 with self._on_its_way():
-                    req = oip.parse_infer(await read_body(request, self.o.max_body_bytes),
-                                          request.headers.get(oip.HEADER_LENGTH))
-                    imgs = await asyncio.to_thread(decode_all, req.images, self.budget)
-                bad = next(((i, x) for i, x in enumerate(imgs) if isinstance(x, BadRequest)), None)
-                if bad:
-                    raise BadRequest(bad[1].status, f"image {bad[0]}: {bad[1].reason}")
-                answers = await self._answer_all(imgs)
+                    req = oip.parse_infer(await read_body(request, self.o.max_body_bytes, self.o.body_timeout_s),
+                                          request.headers.get(oip.HEADER_LENGTH), self.o.max_images)
+                with self._holding(req.images):
+                    with self._on_its_way():
+                        imgs = await asyncio.to_thread(decode_all, req.images, self.budget)
+                    bad = next(((i, x) for i, x in enumerate(imgs) if isinstance(x, BadRequest)), None)
+                    if bad:
+                        raise BadRequest(bad[1].status, f"image {bad[0]}: {bad[1].reason}")
+                    answers = await self._answer_all(imgs)
         except BadRequest as e:
             return self._error(e)
         body, headers = oip.encode_response(self.oip_name, req, answers)

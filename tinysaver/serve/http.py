@@ -10,11 +10,13 @@ import asyncio
 import hmac
 import json
 import os
+import re
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
-from ..errors import ImageError, PixelCapError, TinysaverError
+from ..errors import ImageError, PixelCapError, ServeError, TinysaverError
 
 RAW_TYPES = ("application/octet-stream", "image/")
+DIGITS = re.compile(r"[0-9]{1,15}")  # a length header: ASCII digits only (str.isdigit() also takes '²')
 
 
 class BadRequest(TinysaverError):
@@ -35,25 +37,34 @@ def check_size(n: int, max_bytes: int) -> None:
         raise BadRequest(413, f"the body of {n:,} bytes is over the limit of {max_bytes:,} bytes (--max-body-mb)")
 
 
-async def read_body(request, max_bytes: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed ``max_bytes``."""
+async def read_body(request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``max_bytes``, and with 408
+    when it is not whole within ``timeout_s`` (a slow or unfinished upload would hold its slot)."""
     n = request.headers.get("content-length")
-    if n is not None and n.isdigit():
+    if n is not None and DIGITS.fullmatch(n.strip()):
         check_size(int(n), max_bytes)
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > max_bytes:
-            raise BadRequest(413, f"the body is over the limit of {max_bytes:,} bytes (--max-body-mb)")
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise BadRequest(413, f"the body is over the limit of {max_bytes:,} bytes (--max-body-mb)")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise BadRequest(408, f"the body did not arrive whole within {timeout_s:g} s") from None
     return b"".join(chunks)
 
 
-async def read_files(request, many: bool, max_bytes: int) -> list[tuple[str, bytes]]:
+async def read_files(request, many: bool, max_bytes: int, timeout_s: float | None = None) -> list[tuple[str, bytes]]:
     """(file name, bytes) of each image in the request: the raw body, or the files of a multipart
     form (exactly one unless ``many``)."""
     ctype = content_type(request.headers)
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, timeout_s)
     if ctype.startswith("multipart/form-data"):
         request._body = body  # starlette parses the multipart form from the cached body
         try:
@@ -96,7 +107,12 @@ TOKEN_ENV = "TINYSAVER_TOKEN"
 
 
 def token_or_env(token: str | None) -> str | None:
-    """The token a service requires: the one given, else ``$TINYSAVER_TOKEN``, else None (open)."""
+    """The token a service requires: the one given, else ``$TINYSAVER_TOKEN``, else None (open). A
+    token given but empty (``--token ''``, a variable that expanded to nothing) is refused: it would
+    otherwise start an open service while the user believes it closed."""
+    if token is not None and not token.strip():
+        raise ServeError("--token is empty: give a secret (or $TINYSAVER_TOKEN), or leave --token out for an "
+                         "open service")
     return token or os.environ.get(TOKEN_ENV) or None
 
 

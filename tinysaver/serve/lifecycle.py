@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -48,8 +49,35 @@ def check_port(host: str, port: int, option: str = "--port") -> None:
         try:
             sock.bind(addr)
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:  # the port is not the trouble: the address is not this machine's
+                raise ServeError(f"--host {host}: not an address of this machine (give 127.0.0.1, 0.0.0.0 or one "
+                                 "of its own addresses)") from None
             raise ServeError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}; "
                              f"choose another {option}") from None
+
+
+ADDRESS_WAIT_S = 15.0  # how long --address may take to answer before the command gives up
+
+
+def check_address(address: str, timeout_s: float = ADDRESS_WAIT_S) -> None:
+    """Refuse a cluster address that does not answer, within ``timeout_s``: ray.init waits on an
+    address that never answers for minutes, deaf to Ctrl-C. Only ``host:port`` is probed; ``auto``
+    and ``ray://`` addresses are Ray's to resolve."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or "://" in address or not host:
+        return
+    deadline, why = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, timeout_s)):
+                return
+        except OSError as e:
+            why = (e.strerror or str(e) or type(e).__name__).lower()
+            if isinstance(e, socket.gaierror):
+                break
+        time.sleep(0.5)
+    raise ServeError(f"--address {address}: no Ray cluster answers there ({why}, for {timeout_s:g} s); start one "
+                     "with 'ray start --head', or leave --address out to start a local one")
 
 
 def _free_port() -> int:
@@ -72,7 +100,8 @@ class LocalHead:
         self.port = _free_port()
         # a temp dir of its own: ``ray start`` records its address in the default one, where every
         # later ray.init() on the machine would find it and join this service's Ray
-        self.dir = Path(tempfile.mkdtemp(prefix="tinysaver-ray-"))
+        remove_stale_heads()
+        self.dir = Path(tempfile.mkdtemp(prefix=HEAD_PREFIX))
         self.log = self.dir / "head.log"
         ensure_ray_token()
         env = dict(os.environ)
@@ -83,6 +112,7 @@ class LocalHead:
                  f"--temp-dir={self.dir}", *(f"--{name}={_free_port()}" for name in OWN_PORTS)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                 preexec_fn=_die_with_parent)
+        (self.dir / OWNER).write_text(f"{os.getpid()} {self.proc.pid}")  # the command's pid, and its node's session
         deadline = time.monotonic() + timeout_s
         while "Ray runtime started" not in self.log.read_text(errors="replace"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -119,6 +149,27 @@ class LocalHead:
             time.sleep(0.2)
         self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+HEAD_PREFIX, OWNER = "tinysaver-ray-", "owner.pid"
+
+
+def remove_stale_heads(tmp: str | None = None) -> list[Path]:
+    """Remove the temp folders of local heads whose command has died (a ``kill -9`` leaves its
+    folder behind, as nothing of it runs to remove it). A folder is stale when the command's pid it
+    records is gone and no process runs in its node's session any more; the folders removed are
+    returned."""
+    gone = []
+    for d in Path(tmp or tempfile.gettempdir()).glob(HEAD_PREFIX + "*"):
+        try:
+            pid, head = (int(x) for x in (d / OWNER).read_text().split())
+        except (OSError, ValueError):
+            continue  # not ours to judge (an older tinysaver's, or one being made now)
+        if Path(f"/proc/{pid}").exists() or in_session(head):
+            continue  # its command runs, or its node is still stopping
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d)
+    return gone
 
 
 def in_session(sid: int) -> list[int]:
@@ -268,7 +319,9 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
         check_port(host, grpc_port, "--grpc-port")
     catch_signals()
     head = None
-    if not address:
+    if address:
+        check_address(address)
+    else:
         local_ray_env()  # settings for the local instance about to start
         head = LocalHead()
     try:
@@ -323,4 +376,5 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
             head.stop(STOP_RESERVE_S)
 
 
-__all__ = ["APP", "AuditWatch", "LocalHead", "check_port", "drain", "run_service", "wait_running"]
+__all__ = ["APP", "AuditWatch", "LocalHead", "check_address", "check_port", "drain", "remove_stale_heads",
+           "run_service", "wait_running"]

@@ -20,7 +20,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .http import BadRequest
+from ..errors import TinysaverError
+from ..schemas import OIPRequestSchema, load_json, parse
+from .http import DIGITS, BadRequest
 
 INPUT = "image"
 OUTPUTS = {"class_index": "INT64", "label": "BYTES", "confidence": "FP32", "stage": "BYTES"}
@@ -56,12 +58,6 @@ class InferRequest:
     id: str | None = None
 
 
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(400, f"{what} must be a whole number ≥ 0, got {value!r}")
-    return value
-
-
 def _split_bytes(raw: bytes) -> list[bytes]:
     """The elements of a BYTES tensor in the binary form: each a 4-byte little-endian length, then its bytes."""
     out, at = [], 0
@@ -93,71 +89,64 @@ def _from_json(data: Any) -> list[bytes]:
     return out
 
 
-def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
+def parse_infer(body: bytes, header_length: str | None, max_images: int | None = None) -> InferRequest:
     """The request of ``POST /v2/models/{name}/infer``: a JSON body, or a JSON header of
-    ``header_length`` bytes followed by binary tensor data. Anything else is a 400."""
+    ``header_length`` bytes followed by binary tensor data, read through
+    :class:`~tinysaver.schemas.OIPRequestSchema`. Anything else is a 400; more than ``max_images``
+    images a 413 (the same cap as ``/predict/batch``), counted before any is decoded."""
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
-            raise BadRequest(400, f"Inference-Header-Content-Length {header_length!r} is not a length within the "
+        if not DIGITS.fullmatch(header_length.strip()) or int(header_length) > len(body):
+            shown = header_length if len(header_length) <= 20 else header_length[:20] + "…"
+            raise BadRequest(400, f"Inference-Header-Content-Length {shown!r} is not a length within the "
                                   f"body of {len(body)} bytes")
         n = int(header_length)
         head, rest = body[:n], body[n:]
     else:
         head, rest = body, b""
     try:
-        req = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"the request is not JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
-        raise BadRequest(400, f"an infer request is a JSON object with a non-empty 'inputs' list (one input, "
-                              f"'{INPUT}')")
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest(400, "'parameters' must be an object")
-    if len(req["inputs"]) > 1:  # a second tensor would replace the first, silently
-        raise BadRequest(400, f"this model takes one input, '{INPUT}'; the request has {len(req['inputs'])}")
-    images: list[bytes] | None = None
-    for tensor in req["inputs"]:
-        if not isinstance(tensor, dict):
-            raise BadRequest(400, "each input is an object with name, shape, datatype and data")
-        if tensor.get("name") != INPUT:
-            raise BadRequest(400, f"unknown input {tensor.get('name')!r}; this model takes one input, '{INPUT}'")
-        if tensor.get("datatype") != "BYTES":
-            raise BadRequest(400, f"input '{INPUT}' is BYTES (encoded images), got {tensor.get('datatype')!r}")
-        shape = tensor.get("shape")
-        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise BadRequest(400, f"input '{INPUT}' needs a shape such as [N], got {shape!r}")
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            size = _int(size, "binary_data_size")
-            if size > len(rest):
-                raise BadRequest(400, f"binary_data_size {size} is more than the {len(rest)} bytes after the header")
-            images, rest = _split_bytes(rest[:size]), rest[size:]
-        elif "data" in tensor:
-            images = _from_json(tensor["data"])
-        else:
-            raise BadRequest(400, f"input '{INPUT}' has neither data nor binary_data_size")
-        want = math.prod(shape)
-        if want != len(images):
-            raise BadRequest(400, f"input '{INPUT}' has shape {shape} ({want} elements) but {len(images)} images")
+        raw = load_json(head, "the request")
+        req = parse(OIPRequestSchema, raw, "the infer request")
+    except TinysaverError as e:
+        raise BadRequest(400, str(e)) from None
+    if len(req.inputs) > 1:  # a second tensor would replace the first, silently
+        raise BadRequest(400, f"this model takes one input, '{INPUT}'; the request has {len(req.inputs)}")
+    tensor = req.inputs[0]
+    if tensor.name != INPUT:
+        raise BadRequest(400, f"unknown input {tensor.name!r}; this model takes one input, '{INPUT}'")
+    if tensor.datatype != "BYTES":
+        raise BadRequest(400, f"input '{INPUT}' is BYTES (encoded images), got {tensor.datatype!r}")
+    want = math.prod(tensor.shape)
+    if max_images is not None and want > max_images:
+        raise BadRequest(413, f"input '{INPUT}' has shape {tensor.shape} ({want:,} images), over the limit of "
+                              f"{max_images:,} per request (--max-images); send several requests")
+    size = tensor.parameters.binary_data_size if tensor.parameters else None
+    if size is not None:
+        if size > len(rest):
+            raise BadRequest(400, f"binary_data_size {size} is more than the {len(rest)} bytes after the header")
+        images = _split_bytes(rest[:size])
+    elif tensor.data is not None:
+        images = _from_json(tensor.data)
+    else:
+        raise BadRequest(400, f"input '{INPUT}' has neither data nor binary_data_size")
+    if want != len(images):
+        raise BadRequest(400, f"input '{INPUT}' has shape {tensor.shape} ({want} elements) but {len(images)} images")
     if not images:
         raise BadRequest(400, f"input '{INPUT}' holds no image")
-    binary_all = bool(params.get("binary_data_output", False))
+    binary_all = bool(req.parameters and req.parameters.binary_data_output)
     outputs = []
-    for o in req.get("outputs") or []:
-        if not isinstance(o, dict) or o.get("name") not in OUTPUTS:
-            raise BadRequest(400, f"unknown output {o.get('name') if isinstance(o, dict) else o!r}; this model gives "
-                                  f"{', '.join(OUTPUTS)}")
-        p = o.get("parameters") or {}
-        k = _int(p.get("classification", 0), "classification")
+    for o in req.outputs or []:
+        if o.name not in OUTPUTS:
+            raise BadRequest(400, f"unknown output {o.name!r}; this model gives {', '.join(OUTPUTS)}")
+        p = o.parameters
+        k = (p.classification if p else None) or 0
         if k > 1:
             raise BadRequest(400, "classification asks for the top 1 only here: a cascade's early answer carries "
                                   "no ranking past its first class")
-        outputs.append(Requested(o["name"], bool(p.get("binary_data", binary_all)), k))
+        binary = p.binary_data if p is not None and p.binary_data is not None else binary_all
+        outputs.append(Requested(o.name, binary, k))
     if not outputs:
         outputs = [Requested(n, binary_all) for n in OUTPUTS]
-    rid = req.get("id")
-    return InferRequest(images, outputs, None if rid is None else str(rid))
+    return InferRequest(images, outputs, None if req.id is None else str(req.id))
 
 
 def _values(name: str, answers: Sequence[dict]) -> list:

@@ -39,12 +39,17 @@ class ServeOptions:
     resources: dict | Sequence[dict] | None = None
     ingress_num_cpus: float = 0.25
     max_ongoing_requests: int = 256   # per ingress replica; more wait in Serve's proxy
+    max_queued_requests: int = 64     # waiting in the proxy for an ingress replica; more get 503 at once
+    # a body not whole within this many seconds gets 408, so slow or unfinished uploads free their slot
+    body_timeout_s: float = 10.0
     backend: str | Sequence[str] = DEFAULT_BACKEND
     audit: float = 0.0                # fraction of early answers also sent to the base
     delta: float = 0.1
     audit_tolerance: float = 1.0      # accuracy points
     adapt: bool = False               # retune the saver's threshold within the bound (serve.adapt)
     max_body_bytes: int = 10 * 2**20
+    # images per /predict/batch or OIP infer request: one request may not hold the replica for the others
+    max_images: int = 256
     max_pixels: int | None = MAX_PIXELS  # width × height; larger images get 413 before decoding
     retries: int = 5
     # below the replicas' graceful shutdown (30 s): a request waiting on a stage that is being deleted
@@ -67,6 +72,10 @@ class ServeOptions:
             raise ServeError(f"--audit-tolerance is in accuracy points, in (0, 100], got {self.audit_tolerance}")
         if self.max_body_bytes < 1 or self.retries < 0:
             raise ServeError(f"--max-body-mb must be > 0 (got {self.max_body_bytes} bytes) and retries ≥ 0")
+        if not 0 < self.body_timeout_s < GRACEFUL_SHUTDOWN_S or self.max_queued_requests < 0:
+            raise ServeError(f"body_timeout_s must be in (0, {GRACEFUL_SHUTDOWN_S}) s and max_queued_requests ≥ 0")
+        if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 1:
+            raise ServeError(f"--max-images must be a whole number ≥ 1, got {self.max_images!r}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ServeError(f"--max-pixels must be ≥ 1, got {self.max_pixels}")
         if not 0 < self.request_timeout_s < GRACEFUL_SHUTDOWN_S:

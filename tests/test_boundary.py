@@ -1,0 +1,293 @@
+"""The boundary: every file a user hands tinysaver is read through its declared format, and every
+case of the hostile trial gets one plain line (or a right answer), never a traceback, a hang, a
+silent wrong answer or an out-of-memory kill."""
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.helpers import REPO, one_line, png_bytes, run_here, write_zoo, zero_png
+from tinysaver.arrays import read_arrays
+from tinysaver.errors import ZooError
+from tinysaver.zoo import atomic_write_npz, load_zoo
+
+GOOD_CONFIG = {"zoo": "z", "splits": {"calib": "fashion-mnist:calib"},
+               "models": [{"name": "resnet10t", "num_classes": 10, "in_chans": 1, "input_size": 32}]}
+
+
+def with_model(**fields):
+    return {**GOOD_CONFIG, "models": [{**GOOD_CONFIG["models"][0], **fields}]}
+
+
+@pytest.mark.parametrize("config, says", [
+    ({}, "zoo: is required (and 2 more)"),
+    ({**GOOD_CONFIG, "batch_sizes": "lots"}, "batch_sizes: must be a list, got 'lots' (text)"),
+    ({**GOOD_CONFIG, "eval_batch_size": "lots"}, "eval_batch_size: must be an integer, got 'lots' (text)"),
+    ({**GOOD_CONFIG, "splits": ["calib"]}, "splits: must be a mapping, got ['calib']"),
+    ({**GOOD_CONFIG, "splits": {"calib": 5}}, "splits.calib: must be text, got 5"),
+    (with_model(input_size=-32), "models[0].input_size: must be >= 1, got -32"),
+    (with_model(preprocess={"std": [0.0]}), "models[0].preprocess.std[0]: must be > 0, got 0.0"),
+    ({**GOOD_CONFIG, "latency_min_run_time": float("nan")},
+     "latency_min_run_time: must be a finite number (not NaN or infinity), got nan"),
+    ({**GOOD_CONFIG, "latency_min_run_time": -1}, "latency_min_run_time: must be > 0, got -1"),
+    ({**GOOD_CONFIG, "zoo": "../../evil"}, "zoo: must be a plain name"),
+    ({**GOOD_CONFIG, "models": "abc"}, "models: must be a list, got 'abc' (text)"),
+    ({**GOOD_CONFIG, "flops_counter": "fvcore"}, "flops_counter: must be 'deepspeed' or 'torch'"),
+])
+def test_a_bad_profile_config_gets_one_line_with_its_field_path(tmp_path, capsys, config, says):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(config))
+    r = run_here(capsys, "--root", str(tmp_path / "root"), "profile", "--config", str(f))
+    one_line(r, f"{f}: {says}")
+    assert not (tmp_path / "root").exists() and not (tmp_path.parent / "evil").exists()
+
+
+def test_a_profile_config_built_in_python_is_held_to_the_same_format():
+    from tinysaver.errors import UsageError
+    from tinysaver.models import ModelSpec
+    from tinysaver.profiler import ProfileConfig
+
+    with pytest.raises(UsageError, match=r"profile config: latency_min_run_time: must be a finite number"):
+        ProfileConfig("z", {"a": "foolbox"}, [ModelSpec("resnet10t")], latency_min_run_time=float("nan"))
+    with pytest.raises(UsageError, match=r"models\[0\]\.preprocess\.interpolation: must be 'bicubic'"):
+        ProfileConfig("z", {"a": "foolbox"}, [ModelSpec("resnet10t", preprocess={"interpolation": "bogus"})])
+
+
+# --- the zoo's arrays ---------------------------------------------------------------------------
+
+def _rewrite(path, **change):
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(change)
+    atomic_write_npz(path, **arrays)
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda a: {"conf": a["conf"][:-1]}, "conf has 299 rows, the split has 300 samples"),
+    (lambda a: {"conf": np.where(np.arange(300) == 7, np.nan, a["conf"]).astype(np.float32)},
+     "conf row 7 is nan; a confidence is a finite number in [0, 1]"),
+    (lambda a: {"conf": np.where(np.arange(300) == 3, 1.5, a["conf"]).astype(np.float32)}, "conf row 3 is 1.5"),
+    (lambda a: {"pred": np.where(np.arange(300) == 2, 104, a["pred"]).astype(np.int32)},
+     "pred row 2 is class 104, outside the 5 classes"),
+    (lambda a: {"pred": a["pred"].astype(np.float32)}, "pred must be (samples,) integer classes"),
+])
+def test_stored_predictions_are_checked_when_read(tmp_path, capsys, change, says):
+    write_zoo(tmp_path)
+    f = tmp_path / "syn" / "preds" / "m1" / "calib.npz"
+    with np.load(f) as z:
+        _rewrite(f, **change({k: z[k] for k in z.files}))
+    r = run_here(capsys, "--root", str(tmp_path), "query", "--zoo", "syn", "--base", "m3", "--saver", "m1")
+    one_line(r, str(f), says)
+
+
+def test_edited_labels_are_refused_by_the_split_fingerprint(tmp_path, capsys):
+    write_zoo(tmp_path)
+    f = tmp_path / "syn" / "splits" / "calib.npz"
+    with np.load(f) as z:
+        labels = z["labels"].copy()
+    labels[:10] = (labels[:10] + 1) % 5
+    _rewrite(f, labels=labels)
+    r = run_here(capsys, "--root", str(tmp_path), "query", "--zoo", "syn", "--base", "m3")
+    one_line(r, str(f), "its ids or labels differ from those split 'calib' recorded")
+
+
+def test_class_names_shorter_than_the_class_count_are_refused_on_load(tmp_path):
+    path = write_zoo(tmp_path)
+    m = yaml.safe_load((path / "zoo.yaml").read_text())
+    m["splits"]["calib"]["class_names"] = ["a", "b", "c"]
+    (path / "zoo.yaml").write_text(yaml.safe_dump(m))
+    with pytest.raises(ZooError, match=r"splits\.calib\.class_names: 3 names, but m0 predicts 5 classes"):
+        load_zoo("syn", tmp_path)
+
+
+def _forged_npy(shape=(100_000, 100_000_000)) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + b"\0" * 64
+
+
+def test_array_headers_are_checked_against_the_file_before_any_allocation(tmp_path, capsys):
+    """A 200-byte .npy that claims a 36 TiB array, the same inside an .npz, and a truncated .npz: each a
+    line naming the file, with the address space capped so that an allocation attempt would fail loudly."""
+    (tmp_path / "m_val.npy").write_bytes(_forged_npy())
+    with zipfile.ZipFile(tmp_path / "n_val.npz", "w") as z:
+        z.writestr("logits.npy", _forged_npy())
+    good = io.BytesIO()
+    np.savez_compressed(good, logits=np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32))
+    (tmp_path / "t_val.npz").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    for name, says in (("m_val.npy", "its header claims a 100000×100000000 float32 array"),
+                       ("n_val.npz", "logits: its header claims"), ("t_val.npz", "cannot read it as .npz (truncated")):
+        r = run_here(capsys, "--root", str(tmp_path / "root"), "zoo", "import", "x", str(tmp_path / name),
+                     "--num-classes", "4", "--costs-from", "imagenet-catalog")
+        one_line(r, str(tmp_path / name), says)
+        with pytest.raises(ZooError, match="truncated|forged"):
+            read_arrays(tmp_path / name)
+
+
+@pytest.mark.parametrize("which", ["records", "class-names", "costs"])
+def test_a_latin1_text_file_gets_one_line_naming_it(tmp_path, capsys, which):
+    rng = np.random.default_rng(0)
+    rec = tmp_path / "m_val.csv"
+    rows = "".join(f"s{i},{rng.integers(0, 3)},0.9,{rng.integers(0, 3)}\n" for i in range(20))
+    rec.write_bytes(b"id,pred,conf,label\n" + rows.encode())
+    names = tmp_path / "names.txt"
+    names.write_bytes("chat\nchien\noiseau\n".encode())
+    costs = tmp_path / "costs.csv"
+    costs.write_bytes(b"model,gmacs\nm,1.0\n")
+    bad = {"records": rec, "class-names": names, "costs": costs}[which]
+    bad.write_bytes(bad.read_bytes().replace(b"\n", "\n# é\n".encode("latin-1"), 1)
+                    if which != "class-names" else "chat\ncafé\noiseau\n".encode("latin-1"))
+    r = run_here(capsys, "--root", str(tmp_path / "root"), "zoo", "import", "x", str(rec), "--num-classes", "3",
+                 "--class-names", str(names), "--costs", str(costs))
+    one_line(r, str(bad), "not UTF-8 text (byte 0xe9 on line 2)")
+
+
+# --- selection files ----------------------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path, capsys):
+    write_zoo(tmp_path)
+    f = tmp_path / "sel.json"
+    r = run_here(capsys, "--root", str(tmp_path), "query", "--zoo", "syn", "--base", "m3", "--saver", "m1",
+                 "--save", str(f))
+    assert r.returncode == 0, r.stderr
+    return tmp_path, f
+
+
+def test_a_deeply_nested_selection_file_is_one_line(saved, capsys):
+    root, f = saved
+    f.write_text("[" * 100_000)
+    one_line(run_here(capsys, "--root", str(root), "infer", "--zoo", "syn", "--selection", str(f), str(root)),
+             f"{f}: nested more than 32 deep")
+
+
+def test_a_selection_whose_thresholds_were_edited_is_recomputed_and_said(saved):
+    """The header printed the file's old exit ratio and accuracy for thresholds it no longer held."""
+    from tinysaver.selector import PolicyRequest, selection_for
+
+    root, f = saved
+    zoo = load_zoo("syn", root)
+    d = json.loads(f.read_text())
+    honest = selection_for(zoo, PolicyRequest(selection=str(f)))
+    assert honest.exit_ratio_calib == d["exit_ratio_calib"] and honest.guarantee == d["guarantee"]
+    d["stages"][0]["threshold"] = 0.0
+    f.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match=r"its recorded statistics do not match its thresholds \(exit ratio .* "
+                                         r"recorded, 100\.0% on the zoo's calib\)"):
+        edited = selection_for(zoo, PolicyRequest(selection=str(f)))
+    assert edited.exit_ratio_calib == [1.0, 0.0] and edited.guarantee == ""
+    calib = zoo.predictions("m1", "calib")
+    assert edited.acc_cascade_calib == pytest.approx(calib.accuracy)
+
+
+# --- image inputs -------------------------------------------------------------------------------
+
+def test_infer_follows_a_linked_folder_says_so_and_refuses_a_huge_file_by_its_size(tmp_path, capsys):
+    real, top = tmp_path / "real", tmp_path / "top"
+    real.mkdir()
+    top.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (real / f"{i}.png").write_bytes(png_bytes(rng.integers(0, 255, (28, 28), dtype=np.uint8)))
+    (top / "sub").symlink_to(real)
+    (top / "loop").symlink_to(top)
+    with open(top / "huge.png", "wb") as fh:  # sparse: 5 GB on paper, nothing on disk
+        fh.truncate(5 * 2**30)
+    odd = os.fsencode(top) + b"/caf\xe9.png"
+    with open(odd, "wb") as fh:
+        fh.write(png_bytes(rng.integers(0, 255, (28, 28), dtype=np.uint8)))
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, "-m", "tinysaver", "infer", "--zoo", "fashion-mnist", "--base", "resnet10t",
+                        "--saver", "mobilenetv3_small_050", "--threshold", "0.9", "--quiet", str(top)],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"followed the link {top / 'sub'} → {real}" in r.stderr
+    assert "huge.png: 5,368,709,120 bytes is over the limit" in r.stderr and "loop: a link to" in r.stderr
+    rows = r.stdout.splitlines()[1:]
+    assert len(rows) == 4 and any("caf\\xe9.png" in row for row in rows), r.stdout
+    summary = json.loads(r.stderr.split("summary: ", 1)[1])
+    assert summary["links_followed"] == 1 and summary["skipped"] == 2
+
+
+def test_decoded_pixels_in_flight_are_bounded_per_process(monkeypatch):
+    """Every image of a 256-image block was decoded before any was used: 40 legal 6000 × 6000 PNGs
+    were 4.3 GB. A block now ends when its decoded pixels reach the process's budget (scaled down
+    here: 10,000 pixels, and 50 × 50 images), so what is held at once does not grow with the count."""
+    import tinysaver.decoding as decoding
+    from tinysaver.decoding import RawSource, decoded_blocks
+
+    monkeypatch.setattr(decoding, "MAX_PIXELS_IN_FLIGHT", 10_000)
+    datas = [zero_png(50, 50)] * 30 + [b"broken"] + [zero_png(50, 50)] * 9
+    src = RawSource("t", [f"i{k}" for k in range(40)], np.full(40, -1), lambda k: datas[k])
+    blocks = list(decoded_blocks(src, 256, max_pixels=2_500))
+    held = [sum(im.shape[-1] * im.shape[-2] for im in imgs) for _, imgs, _ in blocks]
+    assert max(held) <= 10_000 and len(blocks) == 10, held
+    assert sum(len(i) for i, _, _ in blocks) == 39 and sum(len(f) for _, _, f in blocks) == 1
+    assert [k for i, _, _ in blocks for k in i] == [k for k in range(40) if k != 30]  # in order, none lost
+
+
+def test_infer_on_many_large_legal_images_runs_under_a_memory_watchdog(tmp_path):
+    """The issue's shape at a third of its count: 12 RGB PNGs of 6000 × 6000 pixels (108 MB each as
+    decoded, each under --max-pixels). Measured here: 2.45 GB peak before the budget, 1.85 GB with it
+    (of which about 0.9 GB is torch and the models); the watchdog kills the run at 2.2 GB."""
+    data = zero_png(6000, 6000, rgb=True)
+    for i in range(12):
+        (tmp_path / f"{i:02d}.png").write_bytes(data)
+    code = textwrap.dedent(f"""
+        import sys, threading, os, time
+        def watch():
+            while True:
+                with open('/proc/self/statm') as f:
+                    rss = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+                if rss > 2_200 * 2**20:
+                    print('RSS over 2.2 GB', file=sys.stderr, flush=True)
+                    os._exit(9)
+                time.sleep(0.01)
+        threading.Thread(target=watch, daemon=True).start()
+        from tinysaver.cli.main import main
+        sys.exit(main(['infer', '--zoo', 'fashion-mnist', '--base', 'resnet10t', '--saver',
+                       'mobilenetv3_small_050', '--threshold', '0.9', '--quiet', {str(tmp_path)!r}]))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(r.stdout.splitlines()) == 13
+
+
+def test_a_png_with_a_huge_text_chunk_gets_the_plain_line():
+    import struct
+    import zlib
+
+    from tinysaver.decoding import decode_image
+    from tinysaver.errors import ImageError
+
+    good = png_bytes(np.zeros((4, 4), dtype=np.uint8))
+    text = b"Comment\0\0" + zlib.compress(b"x" * (20 * 2**20))
+    chunk = struct.pack(">I", len(text)) + b"zTXt" + text + struct.pack(">I", zlib.crc32(b"zTXt" + text))
+    bomb = good[:33] + chunk + good[33:]  # after the 8-byte signature and the 25-byte IHDR
+    with pytest.raises(ImageError, match=r"^a text or colour-profile chunk of the PNG is over PIL's limit"):
+        decode_image(bomb)
+
+
+def test_warnings_show_no_source_line():
+    """A Python warning printed its file, line and source ('decoding.py:185: UserWarning …')."""
+    code = "from tinysaver.cli.main import plain_output; plain_output(); import warnings; warnings.warn('to say')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.stderr == "tinysaver: warning: to say\n", r.stderr
+
+
+def test_an_empty_token_is_refused():
+    from tinysaver.errors import ServeError
+    from tinysaver.serve.http import token_or_env
+
+    with pytest.raises(ServeError, match="--token is empty"):
+        token_or_env("")
+    with pytest.raises(ServeError, match="--token is empty"):
+        token_or_env("  ")
+    assert token_or_env("s3cret") == "s3cret"
