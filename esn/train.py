@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tinysaver.errors import MissingFileError, UsageError
+from tinysaver.schemas import ESNCheckpointSchema, ESNSettingsSchema, parse
 from tinysaver.yamlfile import read_mapping
 
 from .model import ESNConfig, ExitSequenceNetwork, esn_loss
@@ -54,10 +55,8 @@ class TrainSettings:
     @classmethod
     def from_yaml(cls, path: str | Path | None, **overrides: Any) -> "TrainSettings":
         d = read_mapping(path, "an ESN settings file") if path else {}
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise UsageError(f"{path}: unknown ESN settings {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
         d.update({k: v for k, v in overrides.items() if v is not None})
+        parse(ESNSettingsSchema, d, str(path or "ESN settings"))  # one line naming the field and the rule
         return cls(**d)
 
 
@@ -236,11 +235,15 @@ def load_esn(path: str | Path, saver: str | None = None,
     if not Path(path).is_file():
         raise MissingFileError(f"{path}: no such ESN checkpoint; train one with 'tinysaver esn train'")
     try:
-        ck = torch.load(str(path), map_location="cpu", weights_only=False)
+        # weights only: a checkpoint is data, and unpickling anything else would run a stranger's code
+        ck = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and EOF errors all mean the same to the user
-        raise UsageError(f"{path} is not a checkpoint from 'tinysaver esn train' ({type(e).__name__})") from None
-    if not isinstance(ck, dict) or not {"state_dict", "config", "saver", "base", "zoo", "settings"} <= set(ck):
-        raise UsageError(f"{path} is not a checkpoint from 'tinysaver esn train' (missing its keys)")
+        first = " ".join(str(e).split())[:120]
+        raise UsageError(f"{path} is not a checkpoint from 'tinysaver esn train' ({first or type(e).__name__})") \
+            from None
+    if not isinstance(ck, dict):
+        raise UsageError(f"{path} is not a checkpoint from 'tinysaver esn train' (it holds a {type(ck).__name__})")
+    parse(ESNCheckpointSchema, ck, str(path))
     for role, want in (("saver", saver), ("base", base)):
         if want is not None and ck[role] != want:
             raise UsageError(f"{path} was trained for {role} {ck[role]!r}, not {want!r}")

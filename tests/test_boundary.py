@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +293,99 @@ def test_an_empty_token_is_refused():
     with pytest.raises(ServeError, match="--token is empty"):
         token_or_env("  ")
     assert token_or_env("s3cret") == "s3cret"
+
+
+def test_an_address_that_does_not_answer_fails_within_its_wait():
+    """'serve --address 127.0.0.1:1' waited past 200 s, deaf to Ctrl-C; a closed port is now said
+    within the wait (1 s here, 15 s by default)."""
+    from tinysaver.errors import ServeError
+    from tinysaver.serve.lifecycle import check_address
+
+    t0 = time.monotonic()
+    with pytest.raises(ServeError, match=r"--address 127\.0\.0\.1:1: no Ray cluster answers there \(connection "
+                                         r"refused, for 1 s\)"):
+        check_address("127.0.0.1:1", timeout_s=1.0)
+    assert time.monotonic() - t0 < 30  # bounded, not a timing claim: the wait is 1 s
+    check_address("auto", timeout_s=1.0)  # Ray's own to resolve
+
+
+def test_a_foreign_host_is_named_as_the_host_not_the_port():
+    from tinysaver.errors import ServeError
+    from tinysaver.serve.lifecycle import check_port
+
+    with pytest.raises(ServeError, match=r"^--host 8\.8\.8\.8: not an address of this machine"):
+        check_port("8.8.8.8", 8000)
+
+
+def test_a_killed_commands_head_folder_is_removed_on_the_next_start(tmp_path):
+    from tinysaver.serve.lifecycle import HEAD_PREFIX, OWNER, remove_stale_heads
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live, foreign = (tmp_path / f"{HEAD_PREFIX}{n}" for n in ("a", "b", "c"))
+    for d in (stale, live, foreign):
+        d.mkdir()
+    (stale / OWNER).write_text(f"{dead.pid} {dead.pid}")
+    (live / OWNER).write_text(f"{os.getpid()} {dead.pid}")
+    assert remove_stale_heads(str(tmp_path)) == [stale]
+    assert not stale.exists() and live.exists() and foreign.exists()
+
+
+def test_nan_calibrated_confidences_are_refused(tmp_path):
+    path = write_zoo(tmp_path)
+    m = yaml.safe_load((path / "zoo.yaml").read_text())
+    m["models"]["m1"]["calibration"] = {"temperature": 1.5}
+    (path / "zoo.yaml").write_text(yaml.safe_dump(m))
+    zoo = load_zoo("syn", tmp_path)
+    conf = np.full(300, np.nan, dtype=np.float32)
+    atomic_write_npz(path / "calibration" / "m1" / "calib.npz", fingerprint=np.array(zoo.splits["calib"]["fingerprint"]),
+                     conf=conf)
+    with pytest.raises(ZooError, match=r"calibration/m1/calib\.npz: conf row 0 is nan"):
+        zoo.calibrated_predictions("m1", "calib")
+
+
+class _Planted:
+    """What a hostile checkpoint carries: unpickling it would write a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "ran"))
+
+
+def test_an_esn_checkpoint_is_loaded_as_data_never_as_code(tmp_path):
+    import torch
+
+    from esn.train import load_esn
+    from tinysaver.errors import UsageError
+
+    planted = tmp_path / "planted"
+    ck = tmp_path / "esn.pt"
+    torch.save({"state_dict": {}, "config": {}, "settings": {}, "zoo": "z", "saver": "s", "base": "b",
+                "note": _Planted(planted)}, ck)
+    with pytest.raises(UsageError, match="is not a checkpoint from 'tinysaver esn train'"):
+        load_esn(ck)
+    assert not planted.exists()
+    torch.save({"state_dict": {}, "config": {"saver_dim": 8, "stage_dims": [], "num_classes": 10},
+                "settings": {"granularity": "layer"}, "zoo": "z", "saver": "s", "base": "b"}, ck)
+    with pytest.raises(UsageError, match=r"esn\.pt: config\.stage_dims: needs at least 1 item"):
+        load_esn(ck)
+
+
+@pytest.mark.parametrize("settings, says", [
+    ({"epochs": "ten"}, "epochs: must be an integer, got 'ten' (text)"),
+    ({"lr": float("nan")}, "lr: must be a finite number"),
+    ({"granularity": "layer"}, "granularity: must be 'stage' or 'block', got 'layer' (text)"),
+    ({"num_layers": 7}, "num_layers: must be <= 3, got 7"),
+    ({"dims": 8}, "dims: is not a known field"),
+])
+def test_esn_settings_are_read_through_their_format(tmp_path, settings, says):
+    from esn.train import TrainSettings
+    from tinysaver.errors import UsageError
+
+    f = tmp_path / "esn.yaml"
+    f.write_text(yaml.safe_dump(settings))
+    with pytest.raises(UsageError) as e:
+        TrainSettings.from_yaml(f)
+    assert str(e.value) == f"{f}: {says}" or str(e.value).startswith(f"{f}: {says}"), str(e.value)

@@ -41,18 +41,21 @@ def test_the_builder_types_serve_run_arguments_and_refuses_bad_ones():
     from tinysaver.serve.builders import _typed, app
 
     got = _typed({"resources": '{"node2": 1}', "replicas": "2", "num_cpus": "0.5", "backend": "onnxruntime,eager",
-                  "layout": "fused", "max_pixels": "1000", "accept_preprocess_change": "true"})
+                  "layout": "fused", "max-pixels": "1000", "accept_preprocess_change": "true"})
     assert got == {"resources": {"node2": 1}, "replicas": 2, "num_cpus": 0.5, "backend": ["onnxruntime", "eager"],
                    "layout": "fused", "max_pixels": 1000, "accept_preprocess_change": True}
-    with pytest.raises(ServeError, match="num_cpus='lots': not a valid value"):
-        _typed({"num_cpus": "lots"})
-    from tinysaver.selector import SelectorConfig
-
-    sel = _typed({"tolerance": "1.5", "max_stages": "3", "label_free": "true", "cost": "latency:cpu:bs1"}, SelectorConfig)
-    assert sel == {"tolerance": 1.5, "max_stages": 3, "label_free": True, "cost": "latency:cpu:bs1"}
-    with pytest.raises(ServeError, match="tolerance='abc': not a valid value"):  # not a bare ValueError
-        _typed({"tolerance": "abc"}, SelectorConfig)
-    with pytest.raises(ServeError, match=r"unknown argument\(s\) \['colour'\]"):
+    sel = _typed({"tolerance": "1.5", "max_stages": "3", "label_free": "true", "cost": "latency:cpu:bs1",
+                  "saver": "a,b", "threshold": "0.5", "max_pixels": "none"})
+    assert sel == {"tolerance": 1.5, "max_stages": 3, "label_free": True, "cost": "latency:cpu:bs1",
+                   "saver": ["a", "b"], "threshold": 0.5, "max_pixels": None}
+    for bad, says in ((("num_cpus", "lots"), "num_cpus: must be a number, got 'lots' (text)"),
+                      (("tolerance", "abc"), "tolerance: must be a number, got 'abc' (text)"),
+                      (("audit", "nan"), "audit: must be a finite number (not NaN or infinity), got 'nan' (text)"),
+                      (("threshold", "x"), "threshold: must be a number, got 'x' (text)")):
+        with pytest.raises(ServeError) as e:  # one line naming the argument, never a bare ValueError
+            _typed(dict([bad]))
+        assert str(e.value) == f"tinysaver.serve:app: {says}", str(e.value)
+    with pytest.raises(ServeError, match=r"^tinysaver\.serve:app: colour: is not a known field$"):
         app({"zoo": "fashion-mnist", "base": "resnet10t", "colour": "red"})
 
 

@@ -171,6 +171,58 @@ class SelectionSchema(Schema):
     message: StrictStr = ""
 
 
+# -- ESN training settings (esn/configs/*.yaml) and the metadata of an ESN checkpoint
+
+GRANULARITIES = ("stage", "block")  # where a base is cut into the parts whose features feed exits
+
+
+class ESNSettingsSchema(Schema):
+    """ESN training settings; a field left out takes ``esn.train.TrainSettings``'s default."""
+
+    epochs: Count | None = None
+    batch_size: Count | None = None
+    lr: Positive | None = None
+    weight_decay: Annotated[Number, Field(ge=0)] | None = None
+    warmup_epochs: Annotated[Number, Field(ge=0)] | None = None
+    num_layers: Annotated[StrictInt, Field(ge=0, le=3)] | None = None
+    dim: Count | None = None
+    num_heads: Count | None = None
+    granularity: Literal[GRANULARITIES] | None = None  # type: ignore[valid-type]
+    autoaugment: StrictBool | None = None
+    mixup: Annotated[Number, Field(ge=0)] | None = None
+    cutmix: Annotated[Number, Field(ge=0)] | None = None
+    feature_cache: StrictBool | None = None
+    train_split: Name | None = None
+    train_limit: Count | None = None
+    seed: Annotated[StrictInt, Field(ge=0)] | None = None
+    label_free: StrictBool | None = None
+
+
+class ESNConfigSchema(Schema):
+    """The shape of an exit sequence network: feature sizes in, classes out."""
+
+    saver_dim: Count
+    stage_dims: Annotated[list[Count], Field(min_length=1, max_length=64)]
+    num_classes: Annotated[StrictInt, Field(ge=2)]
+    dim: Count = 128
+    num_layers: Annotated[StrictInt, Field(ge=0, le=3)] = 1
+    num_heads: Count = 8
+    dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.0
+
+
+class ESNCheckpointSchema(Schema):
+    """What an ESN checkpoint records beside its weights; keys training added (``history``, …) pass."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, allow_inf_nan=True)
+
+    state_dict: dict[StrictStr, Any]
+    config: ESNConfigSchema
+    settings: ESNSettingsSchema
+    zoo: Text
+    saver: Text
+    base: Text
+
+
 # -- the Open Inference Protocol's infer body (KServe v2, JSON part)
 
 class OIPParameters(Schema):
@@ -355,6 +407,6 @@ def finite(x: float) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-__all__ = ["FLOPS_COUNTERS", "INTERPOLATIONS", "MAX_JSON_DEPTH", "ModelSpecSchema", "Name", "OIPInput", "OIPOutput",
+__all__ = ["ESNCheckpointSchema", "ESNConfigSchema", "ESNSettingsSchema", "FLOPS_COUNTERS", "GRANULARITIES", "INTERPOLATIONS", "MAX_JSON_DEPTH", "ModelSpecSchema", "Name", "OIPInput", "OIPOutput",
            "OIPRequestSchema", "PreprocessOverride", "PreprocessSchema", "ProfileConfigSchema", "Schema",
            "SelectionSchema", "StageSchema", "field_path", "json_depth_ok", "load_json", "parse", "rule_of"]

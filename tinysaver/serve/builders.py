@@ -2,16 +2,22 @@
 builder ``serve run tinysaver.serve:app key=value …`` calls."""
 from __future__ import annotations
 
+import collections.abc
+import json
 import logging
 import time
-from dataclasses import fields
+import typing
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
+
+import pydantic
+from pydantic import BeforeValidator
 
 from ..backends import backends_that, get_backend
 from ..errors import ServeError, TinysaverError
 from ..policy import Selection
 from ..ray_local import set_local_ray_env
+from ..schemas import parse
 from ..stageplan import resolve
 from .http import token_or_env
 from .options import Plan, ServeOptions
@@ -128,35 +134,50 @@ def build_app(selection: Selection | dict | str | Path, zoo=None, options: Serve
 
 # --- serve run tinysaver.serve:app key=value ... ------------------------------------------------------
 
-def _typed(args: dict, options: type = ServeOptions) -> dict:
-    """``serve run``'s string arguments as the types the fields of the dataclass ``options`` take
-    ("1,2" → a list, say); a value that does not parse is a ServeError naming it."""
-    kinds = {f.name: f.type for f in fields(options)}
-    out = {}
-    for k, v in args.items():
-        k = k.replace("-", "_")
-        if k not in kinds or not isinstance(v, str):
-            out[k] = v
-            continue
-        kind = str(kinds[k])
-        try:
-            if kind.startswith("dict"):
-                import json
+def _text_field(kind) -> tuple:
+    """The pydantic type of a dataclass field as ``serve run`` gives it: text, read in lax mode
+    ("2" → 2, "true" → True), with "a,b" → a list where the field takes one per stage and JSON
+    where it takes a mapping."""
+    args = typing.get_args(kind) or (kind,)
+    takes_list = any(typing.get_origin(a) in (list, tuple, collections.abc.Sequence) for a in args)
+    takes_dict = any(a is dict or typing.get_origin(a) is dict for a in args)
 
-                out[k] = json.loads(v)
-            elif kind.startswith("bool"):
-                out[k] = v.lower() in ("1", "true", "yes")
-            elif "str" in kind and "float" not in kind and "int" not in kind:
-                out[k] = v.split(",") if "," in v else v
-            elif "," in v:
-                out[k] = [float(x) if "float" in kind else int(x) for x in v.split(",")]
-            elif "int" in kind and "float" not in kind:
-                out[k] = None if v.lower() == "none" else int(v)
-            else:
-                out[k] = None if v.lower() == "none" else float(v)
-        except ValueError:  # json's errors are ValueErrors too
-            raise ServeError(f"{k}={v!r}: not a valid value for {k}") from None
-    return out
+    def before(v):
+        if not isinstance(v, str):
+            return v
+        if v.lower() == "none" and type(None) in args:
+            return None
+        if takes_dict:
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError:
+                return v  # the schema names it
+        if takes_list and "," in v:
+            return [x.strip() for x in v.split(",")]
+        return v
+
+    return Annotated[kind, BeforeValidator(before)], None
+
+
+def _builder_schema() -> type[pydantic.BaseModel]:
+    """``serve run tinysaver.serve:app``'s arguments, declared from the objects they configure (the
+    policy request, the selector's config and the service's options), so there is one list of them."""
+    from ..selector import PolicyRequest, SelectorConfig
+
+    hints = {**typing.get_type_hints(SelectorConfig), **typing.get_type_hints(ServeOptions)}
+    own = {"zoo": str, "root": str, "base": str, "selection": str, "token": str,
+           "saver": str | list[str], "threshold": typing.get_type_hints(PolicyRequest)["threshold"]}
+    spec = {name: _text_field(kind) for name, kind in {**hints, **own}.items()}
+    return pydantic.create_model("ServeAppArgs", __config__=pydantic.ConfigDict(extra="forbid", frozen=True,
+                                                                                allow_inf_nan=False), **spec)
+
+
+def _typed(args: dict) -> dict:
+    """``serve run``'s text arguments read through :func:`_builder_schema`: typed values of the keys
+    given, or one ServeError line naming the argument and the rule."""
+    args = {str(k).replace("-", "_"): v for k, v in (args or {}).items()}
+    parsed = parse(_builder_schema(), args, "tinysaver.serve:app", ServeError)
+    return parsed.model_dump(exclude_unset=True)
 
 
 def app(args: dict):
@@ -183,23 +204,15 @@ def _app(args: dict):
     from ..selector import PolicyRequest, SelectorConfig, selection_for
     from ..zoo import DEFAULT_ZOO, load_zoo
 
-    args = dict(args or {})
-    sel_keys = {f for f in SelectorConfig.__dataclass_fields__}
-    known = sel_keys | set(ServeOptions.__dataclass_fields__) | {"zoo", "root", "base", "selection", "saver",
-                                                                 "threshold", "token"}
-    unknown = sorted(set(k.replace("-", "_") for k in args) - known)
-    if unknown:
-        raise ServeError(f"unknown argument(s) {unknown} for tinysaver.serve:app; see its docstring")
-    args = {k.replace("-", "_"): v for k, v in args.items()}
+    args = _typed(args)  # every argument is checked before the zoo loads
     zoo_name, root = args.pop("zoo", DEFAULT_ZOO), args.pop("root", None)
-    sel_args = _typed({k: args.pop(k) for k in list(args) if k in sel_keys}, SelectorConfig)
+    sel_args = {k: args.pop(k) for k in list(args) if k in SelectorConfig.__dataclass_fields__}
     saver = args.pop("saver", None)
-    threshold = _typed({"threshold": args.pop("threshold", None)}, PolicyRequest)["threshold"]
     request = PolicyRequest(args.pop("base", None), SelectorConfig(**sel_args),
-                            saver.split(",") if isinstance(saver, str) else saver, threshold,
+                            [saver] if isinstance(saver, str) else saver, args.pop("threshold", None),
                             args.pop("selection", None))
     token = token_or_env(args.pop("token", None))
-    options = ServeOptions(**_typed(args))  # every argument is checked before the zoo loads
+    options = ServeOptions(**args)
     zoo = load_zoo(zoo_name, root)
     return build_app(selection_for(zoo, request), zoo, options, token=token)
 
