@@ -10,9 +10,13 @@ memory (RSS) of every Serve process (proxy, controller, replicas). At the end it
 no errors, every Serve process's RSS within +10 % of its size after the first minute, and the
 last minute's p99 ≤ 1.5× the first minute's.
 
-With ``--hostile F``, a seeded fraction F of the requests are hostile images, small files with
-shapes that must be refused from their header (100000 × 1, 1 × 100000, 65535 × 2, 12000², 20000²
-PNGs): for them 413 is the right answer and anything else an error.
+With ``--hostile F``, a seeded fraction F of the requests are hostile, in turn:
+- small files with shapes that must be refused from their header (100000 × 1, 1 × 100000, 65535 × 2,
+  12000², 20000² PNGs): 413 is the right answer;
+- legal but memory-heavy images (a 6000 × 6000 RGB PNG, 108 MB decoded, under --max-pixels): 200, or
+  503 while the replica's pool of decoded pixels is full;
+- a slow body (headers announcing 1000 bytes, 10 sent, then silence): 408 at the body timeout.
+Anything else is an error.
 
 RSS is compared with the end of the first minute, not with start-up: the first requests fill the
 allocators' pools and torch's caches once, which is a warm-up, not a leak. Both figures are printed.
@@ -64,6 +68,38 @@ def hostile_images() -> list[bytes]:
     return out
 
 
+HEAVY = (6000, 6000)
+
+
+def heavy_image() -> bytes:
+    """A legal 6000 × 6000 RGB PNG of zeros (about 100 kB on the wire, 108 MB decoded)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", HEAVY).save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def slow_body(url: str) -> int:
+    """Announce 1000 bytes, send 10, and wait: the status the service answers (0: none in 60 s)."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    try:
+        writer.write(f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: image/png\r\n"
+                     "Content-Length: 1000\r\n\r\n0123456789".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 60)
+        return int(line.split()[1]) if line.startswith(b"HTTP/") else 0
+    except (asyncio.TimeoutError, OSError, ValueError, IndexError):
+        return 0
+    finally:
+        writer.close()
+
+
 async def soak(url: str, health: str, bodies: list[bytes], concurrency: int, seconds: float, max_requests: int,
                hostile: float = 0.0, seed: int = 0):
     import httpx
@@ -73,18 +109,25 @@ async def soak(url: str, health: str, bodies: list[bytes], concurrency: int, sec
     sent = [0]
     stop_at = time.monotonic() + seconds
     bad = hostile_images() if hostile > 0 else []
+    heavy = heavy_image() if hostile > 0 else b""
     draw = np.random.default_rng(seed)
+    kinds = [0]  # hostile requests sent: the next one's kind is its count modulo 3
 
     async def user(client):
         while time.monotonic() < stop_at and sent[0] < max_requests:
             i = sent[0]
             sent[0] += 1
             is_bad = bool(bad) and draw.random() < hostile
-            body = bad[i % len(bad)] if is_bad else bodies[i % len(bodies)]
+            kind = kinds[0] % 3 if is_bad else None
+            kinds[0] += is_bad
+            body = {0: bad[i % len(bad)], 1: heavy}.get(kind, bodies[i % len(bodies)])
             t0 = time.perf_counter()
             try:
-                r = await client.post(url, content=body, headers={"content-type": "application/octet-stream"})
-                ok = r.status_code == (413 if is_bad else 200)
+                if kind == 2:
+                    ok = await slow_body(url) == 408
+                else:
+                    r = await client.post(url, content=body, headers={"content-type": "application/octet-stream"})
+                    ok = r.status_code in {0: (413,), 1: (200, 503)}.get(kind, (200,))
             except httpx.HTTPError:
                 ok = False
             if not ok:
@@ -106,7 +149,8 @@ async def soak(url: str, health: str, bodies: list[bytes], concurrency: int, sec
                    "hostile_refused": refused, "errors": errors, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
                    "audit": h.get("status"), "rss": serve_rss(), "load": os.getloadavg()[0]}
             minutes.append(row)
-            print(f"minute {row['minute']:2d}: {row['answered']} answered, {refused} hostile refused (413), "
+            print(f"minute {row['minute']:2d}: {row['answered']} answered, {refused} hostile handled (413, 408, or 200/503 "
+                  "for a heavy legal image), "
                   f"{errors} errors, p50 {row['p50']:.1f} ms, "
                   f"p99 {row['p99']:.1f} ms, audit {row['audit']}, Serve RSS {sum(row['rss'].values()):.0f} MiB "
                   f"over {len(row['rss'])} processes, load {row['load']:.2f}", flush=True)
@@ -153,7 +197,7 @@ def main() -> int:
     first, last = minutes[0], minutes[-1]
     errors = sum(m["errors"] for m in minutes)
     print(f"\n{sent} requests sent, {sum(m['answered'] for m in minutes)} answered, "
-          f"{sum(m['hostile_refused'] for m in minutes)} hostile refused with 413, {errors} errors\n")
+          f"{sum(m['hostile_refused'] for m in minutes)} hostile handled as they should be, {errors} errors\n")
     print("| process | RSS at start MiB | after minute 1 | at the end | growth since minute 1 |")
     print("|---|---|---|---|---|")
     growth = {}

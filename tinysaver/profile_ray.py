@@ -47,6 +47,7 @@ except ImportError:  # the optional extra; check_config names it
     ray = None
 from tqdm.auto import tqdm
 
+from .arrays import read_arrays
 from .data import dataset_size, load_dataset
 from .decoding import DecodedSet
 from .errors import UsageError
@@ -95,11 +96,10 @@ def unit_file(staging: Path, unit: Unit, tag: str) -> Path:
 
 def _staged(f: Path) -> dict[str, np.ndarray] | None:
     try:
-        with np.load(f) as z:
-            out = {k: z[k] for k in z.files}
-        return out if {"ids", "labels", "pred", "conf"} <= set(out) else None
-    except Exception:  # a leftover that does not read back is computed again
+        out = read_arrays(f)  # headers checked against the file first, like every array a zoo reads
+    except ZooError:  # a leftover that does not read back is computed again
         return None
+    return out if {"ids", "labels", "pred", "conf"} <= set(out) else None
 
 
 def check_config(cfg: ProfileConfig, shards: int, gpus_per_task: float, cpus_per_task: float) -> dict[str, int]:
