@@ -20,10 +20,19 @@ from tinysaver.policy import CRITERIA
 from tinysaver.selector import SelectorConfig
 from tinysaver.serve import application, replica_needs
 from tinysaver.serve.http import token_or_env
+from tinysaver.yamlfile import named_config
 from tinysaver.zoo import atomic_write_bytes, load_zoo
 
 from .methods import FAMILIES
 from .settings import REGIMES, CompareSettings, RegimeSettings
+
+
+def esn_config(text: str) -> Path:
+    """``--config``: a path, or the name of a settings file packaged in ``esn/configs``."""
+    try:
+        return named_config(text, Path(__file__).resolve().parent / "configs", "packaged ESN settings")
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def register(sub) -> None:
@@ -32,7 +41,8 @@ def register(sub) -> None:
     q = command(esub, "train", cmd_train, "train an ESN on a saver–base pair")
     add_zoo(q)
     add_pair(q)
-    q.add_argument("--config", help="YAML of ESN settings (see esn/configs/default.yaml)")
+    q.add_argument("--config", type=esn_config, help="YAML of ESN settings: a path, or a packaged one's name "
+                                                     "(default, paper-augment)")
     q.add_argument("--epochs", type=positive_int)
     q.add_argument("--num-layers", type=int)
     q.add_argument("--dim", type=positive_int)
@@ -50,7 +60,7 @@ def register(sub) -> None:
     add_pair(q)
     q.add_argument("--criterion", choices=CRITERIA, default=d.criterion)
     q.add_argument("--tolerance", type=finite_float, default=d.tolerance)
-    q.add_argument("--config")
+    q.add_argument("--config", type=esn_config)
     q.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--dims", type=positive_int, nargs="+", default=[8, 32, 128])
     q.add_argument("--epochs", type=positive_int)

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny real timm models with random weights and tiny synthetic images."""
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -8,6 +9,11 @@ import torch
 from tests.helpers import png_bytes
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# the user data folder (where zoos are written without --root) is a fresh one for each test session:
+# tests never write into the real one, nor find zoos a user made there
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="tinysaver-test-data-")
+os.environ.pop("TINYSAVER_ZOO_ROOT", None)
 
 
 @pytest.fixture

@@ -161,10 +161,11 @@ def calibrate_zoo(zoo: str, models=None, fit_split: str = "calib", root=None, lo
     probabilities; if it no longer gives the stored classes (``min_agreement``), nothing is written.
     """
     from .data import load_dataset
-    from .zoo import MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, load_zoo, model_dirname, zoo_lock
+    from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, load_zoo, model_dirname, writable,
+                      zoo_lock)
 
     _require_torchmetrics()
-    z = load_zoo(zoo, root)
+    z = writable(load_zoo(zoo, root), root, log)  # a bundled zoo is copied to the write root first
     if fit_split not in z.splits:
         raise ZooError(f"zoo {z.name!r} has no split {fit_split!r} to fit temperatures on; splits: "
                        f"{', '.join(z.splits)} (pass --fit-split; ECE on that split is then in-sample)")

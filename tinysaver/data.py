@@ -18,6 +18,7 @@ from .budget import InputBudget
 from .decoding import DecodedSet, RawSource, decode_all
 from .errors import DatasetError
 from .limits import MAX_PIXELS
+from .published import shared_dir
 from .sources import SOURCES, SourceKind
 
 
@@ -61,12 +62,24 @@ def dataset_size(uri: str, limit: int | None = None) -> int:
     return len(raw_source(uri, limit).ids)
 
 
+SHARED_PREFIX = "../shared/"  # how the packaged configs and zoos name the shared data folder
+
+
+def shared_path(args: str) -> str:
+    """A path a source takes, with the packaged configs' ``../shared/…`` (the shared folder beside a
+    checkout) read as the shared data folder wherever that is ($TINYSAVER_SHARED), so a packaged config
+    and a bundled zoo find their data from any working folder. Other paths are as given."""
+    if args.startswith(SHARED_PREFIX) and not Path(args).exists():
+        return str(shared_dir() / args[len(SHARED_PREFIX):])
+    return args
+
+
 def raw_source(uri: str, limit: int | None = None) -> RawSource:
     """The undecoded samples of a dataset of files (not one held as arrays, like fashion-mnist)."""
     kind, args = source_kind(uri)
     if kind.listing is None:
         raise DatasetError(f"{uri} is held as decoded arrays, not as files")
-    src = kind.listing(args)
+    src = kind.listing(shared_path(args))
     if limit is not None:
         src = RawSource(src.name, src.ids[:limit], src.labels[:limit], src.read, src.class_names)
     return src

@@ -308,8 +308,9 @@ def add_to_zoo(zoo, saver: str, base: str, result: DeferResult, settings: DeferS
     from safetensors.torch import save
 
     from .profiler import ProfileConfig, profile
-    from .zoo import MANIFEST, atomic_write_bytes, atomic_write_yaml, load_zoo, model_dirname, zoo_lock
+    from .zoo import MANIFEST, atomic_write_bytes, atomic_write_yaml, load_zoo, model_dirname, writable, zoo_lock
 
+    zoo = writable(zoo, root, log)  # a bundled zoo is copied to the write root first, never written in place
     key = defer_key(saver, base)
     spec = zoo.model_spec(saver)
     # beside the saver's checkpoint when that lies with the zoo; a zoo copied elsewhere finds its

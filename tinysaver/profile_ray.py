@@ -55,8 +55,8 @@ from .models import ModelSpec, create_model, resolve_kind
 from .profiler import (ProfileConfig, check_resume, describe_model, existing_preds, load_manifest, model_done, predict,
                        register_split, restart, top1)
 from .ray_local import set_local_ray_env
-from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, stored_class_names, zoo_lock,
-                  zoo_path)
+from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, model_dirname, stored_class_names, write_path,
+                  zoo_lock)
 
 MAX_RETRIES = 3
 
@@ -342,7 +342,7 @@ def profile_on_ray(cfg: ProfileConfig, root: Path | None = None, address: str | 
     written to the zoo).
     """
     sizes = check_config(cfg, shards, gpus_per_task, cpus_per_task)  # before Ray starts anything
-    path = zoo_path(cfg.zoo, root) if root is None else Path(root) / cfg.zoo
+    path = write_path(cfg.zoo, root, log)  # never the bundled zoos: a copy of one, or the write root
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if not address:

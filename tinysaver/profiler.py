@@ -34,7 +34,7 @@ from .schemas import ProfileConfigSchema, parse
 from .transforms import prepare_batch
 from .yamlfile import read_mapping
 from .zoo import (MANIFEST, ZooError, atomic_write_npz, atomic_write_yaml, class_names_to_store, load_zoo,
-                  model_dirname, zoo_lock, zoo_path)
+                  model_dirname, writable, write_path, zoo_lock)
 
 # least time torch.utils.benchmark measures each model, backend and batch size (``--latency-seconds``)
 LATENCY_SECONDS = 0.5
@@ -235,7 +235,7 @@ def existing_preds(f: Path, fp: str) -> dict[str, np.ndarray] | None:
 def profile(cfg: ProfileConfig, root: Path | None = None, progress: bool = True,
             log: Callable[[str], None] = print) -> Path:
     """Profile every model of ``cfg`` into ``<root>/<zoo>``; returns the zoo folder."""
-    path = zoo_path(cfg.zoo, root) if root is None else Path(root) / cfg.zoo
+    path = write_path(cfg.zoo, root, log)  # never the bundled zoos: a copy of one, or the write root
     torch.manual_seed(0)
     created = not path.exists()
     try:
@@ -358,7 +358,7 @@ def profile_latency(zoo: str, backends: Sequence[str], batch_sizes: Sequence[int
         check_backend(b)  # before anything runs
     if not batch_sizes or any(bs < 1 for bs in batch_sizes):
         raise UsageError("batch sizes must be ≥ 1")
-    z = load_zoo(zoo, root)
+    z = writable(load_zoo(zoo, root), root, log)
     keys = list(models) if models else z.measured()
     for k in keys:
         if z.entry(k).status != "measured":
@@ -415,7 +415,7 @@ def _retime_noisy(entry: dict, key: str, backend: str, model, min_run_time: floa
 def add_published(zoo: str, entries: dict[str, dict[str, Any]], root: Path | None = None,
                   description: str = "") -> Path:
     """Write published (not measured) entries, e.g. timm's tables, into a zoo manifest."""
-    path = zoo_path(zoo, root) if root is None else Path(root) / zoo
+    path = write_path(zoo, root)
     with zoo_lock(path):
         cfg_like = ProfileConfig(zoo, {"_": "_"}, [ModelSpec("_")], description=description)
         manifest = load_manifest(path, cfg_like)

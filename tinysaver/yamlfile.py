@@ -32,3 +32,16 @@ def read_mapping(path: str | Path, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise UsageError(f"{p}: holds a {type(d).__name__}, not the mapping of settings that {what} is")
     return d
+
+
+def named_config(text: str | Path, folder: Path, what: str) -> Path:
+    """A settings file given as a path, or by name (``imagenet-lite``) from ``folder``, the configs
+    that ship with the package, so a documented command works from any folder."""
+    p = Path(text)
+    if p.is_file() or "/" in str(text) or p.suffix:
+        return p
+    named = folder / f"{text}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(f.stem for f in folder.glob("*.yaml")) if folder.is_dir() else []
+    raise UsageError(f"{text}: no such file, and no {what} of that name; the packaged ones: {', '.join(known) or 'none'}")

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import io
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +36,84 @@ DEFAULT_ZOO = "fashion-mnist"  # the zoo bundled with the project, and every com
 
 
 
-def default_root() -> Path:
-    """``$TINYSAVER_ZOO_ROOT``, else ``./zoo_index`` if present, else the checkout's ``zoo_index``."""
-    env = os.environ.get("TINYSAVER_ZOO_ROOT")
-    if env:
-        return Path(env)
-    here = Path.cwd() / "zoo_index"
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parent.parent / "zoo_index"
+ROOT_ENV = "TINYSAVER_ZOO_ROOT"
+
+
+def bundled_root() -> Path:
+    """The zoos that ship with tinysaver, read-only: ``tinysaver/zoo_index`` in an installed wheel,
+    the checkout's ``zoo_index`` in a source tree."""
+    here = Path(__file__).resolve().parent
+    installed = here / "zoo_index"
+    return installed if installed.is_dir() else here.parent / "zoo_index"
+
+
+def user_root() -> Path:
+    """The user's own zoos: ``zoos`` in the user data folder (``~/.local/share/tinysaver`` on Linux)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("tinysaver", appauthor=False)) / "zoos"
+
+
+def search_path(root: Path | str | None = None) -> list[tuple[str, Path]]:
+    """Where zoos are looked for, first match wins: ``--root``, ``$TINYSAVER_ZOO_ROOT``, the user
+    data folder, then the bundled zoos (always visible, never written). (label, folder) each."""
+    places = []
+    if root:
+        places.append(("--root", Path(root)))
+    if os.environ.get(ROOT_ENV):
+        places.append((f"${ROOT_ENV}", Path(os.environ[ROOT_ENV])))
+    places += [("user", user_root()), ("bundled", bundled_root())]
+    seen, out = set(), []
+    for label, p in places:
+        key = os.path.realpath(p)
+        if key not in seen:
+            seen.add(key)
+            out.append((label, p))
+    return out
+
+
+def default_root(root: Path | str | None = None) -> Path:
+    """Where zoos are written: ``root`` (``--root``), else ``$TINYSAVER_ZOO_ROOT``, else the user data
+    folder; never the bundled zoos (in site-packages or a checkout)."""
+    if root:
+        return Path(root)
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV])
+    return user_root()
+
+
+def write_path(name: str, root: Path | str | None = None, log=print) -> Path:
+    """The folder a command writes zoo ``name`` to: in the write root (:func:`default_root`); a
+    bundled zoo of that name is copied there first (:func:`writable`), so a run adds to it."""
+    dest = default_root(root) / name
+    if not (dest / MANIFEST).is_file():
+        found = zoo_path(name, root)
+        if (found / MANIFEST).is_file() and is_bundled(found):
+            return writable(load_zoo(str(found)), root, log).path
+    return dest
+
+
+def is_bundled(path: Path) -> bool:
+    """Whether ``path`` lies among the bundled zoos, which are read and never written."""
+    return Path(path).resolve().is_relative_to(bundled_root().resolve())
+
+
+def writable(zoo: "Zoo", root: Path | str | None = None, log=print) -> "Zoo":
+    """``zoo`` itself, or, for a bundled zoo, a copy of it in the write root (:func:`default_root`)
+    made first: the copy then shadows the bundled one, which stays as shipped. Says where."""
+    if not is_bundled(zoo.path):
+        return zoo
+    dest = default_root(root) / zoo.path.name
+    if (dest / MANIFEST).is_file():
+        return load_zoo(str(dest))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.copy{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(zoo.path, tmp, ignore=shutil.ignore_patterns(".lock", "exports"))
+    os.replace(tmp, dest)
+    log(f"tinysaver: zoo {zoo.name!r} is bundled (read-only); copied to {dest}, where it is written from now on "
+        "and shadows the bundled one")
+    return load_zoo(str(dest))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -164,7 +234,7 @@ class Zoo:
             # recorded relative to the checkout that held the zoo; a copied zoo folder has moved away
             # from it, so the checkout of this package (where the bundled checkpoints lie) and the
             # working directory are looked in too
-            places = [self.path.parent.parent, Path(__file__).resolve().parent.parent, Path.cwd()]
+            places = [self.path.parent.parent, bundled_root().parent, Path.cwd()]
             found = [p / ck for p in places if (p / ck).is_file()]
             if not found:
                 raise CheckpointError(f"zoo {self.name!r}: checkpoint {ck} of {key!r} is in none of "
@@ -341,32 +411,55 @@ def _g(x: Any) -> float | None:
 
 
 def zoo_path(name: str, root: Path | None = None) -> Path:
+    """The folder of zoo ``name``: a folder path as given, else the first place of the search path
+    that holds it, else where it would be written (:func:`default_root`)."""
     p = Path(name)
     if p.is_dir() and (p / MANIFEST).is_file():
         return p
     if "/" in name or name.startswith("."):
         raise ZooError(f"{name}: not a zoo folder (no {MANIFEST})")
-    return (root or default_root()) / name
+    for _, place in search_path(root):
+        if (place / name / MANIFEST).is_file():
+            return place / name
+    return default_root(root) / name
 
 
 def list_zoos(root: Path | str | None = None) -> list[str]:
-    r = Path(root) if root else default_root()
-    if not r.is_dir():
-        return []
-    return sorted(d.name for d in r.iterdir() if (d / MANIFEST).is_file())
+    """The zoos in the folder ``root``, or, without it, every zoo of the search path."""
+    places = [Path(root)] if root else [p for _, p in search_path()]
+    return sorted({d.name for r in places if r.is_dir() for d in r.iterdir() if (d / MANIFEST).is_file()})
+
+
+def find_zoos(root: Path | str | None = None) -> list[tuple[str, str, Path, list[str]]]:
+    """(name, place label, folder, labels of the places it shadows) of every zoo of the search path,
+    the one that wins first; a zoo of the same name lower down is shadowed, and said."""
+    found: dict[str, tuple[str, Path, list[str]]] = {}
+    for label, place in search_path(root):
+        if not place.is_dir():
+            continue
+        for d in sorted(place.iterdir()):
+            if (d / MANIFEST).is_file():
+                if d.name in found:
+                    found[d.name][2].append(label)
+                else:
+                    found[d.name] = (label, d, [])
+    return [(n, *found[n]) for n in sorted(found)]
 
 
 def zoo_summaries(root: Path | str | None = None) -> list[dict[str, Any]]:
-    """One row per zoo folder; a zoo whose manifest cannot be read gets its error, not a crash."""
+    """One row per zoo of the search path; a zoo whose manifest cannot be read gets its error, not a crash."""
     rows = []
-    for n in list_zoos(root):
+    for n, label, path, shadows in find_zoos(root):
+        where = label + (f" (shadows {', '.join(shadows)})" if shadows else "")
         try:
-            z = load_zoo(n, root)
+            z = load_zoo(str(path))
         except ZooError as e:
-            rows.append({"zoo": n, "models": None, "measured": None, "published": None, "splits": f"error: {e}"})
+            rows.append({"zoo": n, "where": where, "models": None, "measured": None, "published": None,
+                         "splits": f"error: {e}"})
             continue
         st = [m.get("status") for m in z.models.values()]
-        rows.append({"zoo": n, "models": len(st), "measured": st.count("measured"), "published": st.count("published"),
+        rows.append({"zoo": n, "where": where, "models": len(st), "measured": st.count("measured"),
+                     "published": st.count("published"),
                      "splits": ",".join(f"{s}({v.get('samples')})" for s, v in z.splits.items())})
     return rows
 
@@ -377,8 +470,9 @@ def load_zoo(name: str, root: Path | str | None = None) -> Zoo:
     path = zoo_path(name, root)
     f = path / MANIFEST
     if not f.is_file():
-        known = list_zoos(root)
-        raise ZooError(f"no zoo {name!r} in {path.parent}; known zoos: {', '.join(known) or 'none'}")
+        known = list_zoos() if root is None else sorted({n for n, *_ in find_zoos(root)})
+        looked = ", ".join(str(p) for _, p in search_path(root))
+        raise ZooError(f"no zoo {name!r} in {looked}; known zoos: {', '.join(known) or 'none'}")
     try:
         with open(f) as fh:
             manifest = yaml.safe_load(fh)

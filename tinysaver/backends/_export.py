@@ -47,12 +47,12 @@ def export_key(model: LoadedModel, backend: str) -> str:
 
 
 def default_cache_dir(model: LoadedModel) -> Path:
-    """Next to the model's checkpoint when it has a writable one; else ``$TINYSAVER_CACHE`` or
-    ``~/.cache/tinysaver``, under ``exports/``."""
-    ck = model.source.get("checkpoint")
-    if ck and Path(ck).is_file() and os.access(Path(ck).parent, os.W_OK):
-        return Path(ck).parent / "exports"
-    return Path(os.environ.get("TINYSAVER_CACHE", Path.home() / ".cache" / "tinysaver")) / "exports"
+    """``exports/`` in ``$TINYSAVER_CACHE``, else the user cache folder (``~/.cache/tinysaver`` on
+    Linux): never beside a checkpoint, which may lie in site-packages or a source checkout. An
+    export's file name holds its key, so one cache serves every zoo."""
+    import platformdirs
+
+    return Path(os.environ.get("TINYSAVER_CACHE") or platformdirs.user_cache_dir("tinysaver", appauthor=False)) / "exports"
 
 
 def export_onnx(model: LoadedModel, path: Path) -> None:

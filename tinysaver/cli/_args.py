@@ -44,10 +44,12 @@ def fill_help(parser: argparse.ArgumentParser) -> None:
             action.help = "(default: %(default)s)"
 
 
+ROOT_HELP = ("a folder of zoos, looked in first and written to (then $TINYSAVER_ZOO_ROOT, the user data folder and "
+             "the bundled zoos; 'tinysaver zoo list --paths' prints them)")
 # --root is accepted before or after the subcommand: every command parser inherits this one
 ROOT = argparse.ArgumentParser(add_help=False)
 ROOT.add_argument("--root", default=argparse.SUPPRESS,
-                  help="zoo_index folder (default: $TINYSAVER_ZOO_ROOT or ./zoo_index)")
+                  help=ROOT_HELP)
 
 
 def command(parent, name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import TinysaverError
-from ._args import HelpFormatter, fill_help
+from ._args import ROOT_HELP, HelpFormatter, fill_help
 
 ENTRY_POINT_GROUP = "tinysaver.commands"
 EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 2, 3, 130
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinysaver", formatter_class=HelpFormatter,
                                 description="Pick small saver models that answer easy inputs first.")
     p.add_argument("--version", action="version", version=f"tinysaver {__version__}")
-    p.add_argument("--root", default=None, help="zoo_index folder (default: $TINYSAVER_ZOO_ROOT or ./zoo_index)")
+    p.add_argument("--root", default=None, help=ROOT_HELP)
     sub = p.add_subparsers(dest="command", required=True)
     for name in builtin_commands():
         import_module(f"{__package__}.{name}").register(sub)

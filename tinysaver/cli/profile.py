@@ -2,23 +2,35 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..backends import BACKENDS
 from ..errors import UsageError
 from ..limits import MAX_PIXELS
 
 EXECUTORS = ("local", "ray")  # where profiling units run
-from ..zoo import zoo_path
+from ..yamlfile import named_config
+from ..zoo import bundled_root, write_path
 from ._args import add_zoo, command, int_list, positive_float, positive_int, root_of
 
 # What Ctrl-C prints: every finished model and shard is on disk, so the same command carries on.
 INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
+def profile_config(text: str) -> Path:
+    """``--config``: a path, or a packaged config's name (the bundled zoo_index's ``configs/``)."""
+    try:
+        return named_config(text, bundled_root() / "configs", "packaged profile config")
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def register(sub) -> None:
     q = command(sub, "profile", cmd_profile, "profile models into a zoo (resumable)")
     q.set_defaults(interrupted=INTERRUPTED)
-    q.add_argument("--config", help="YAML with zoo, splits, models, batch_sizes, ...")
+    q.add_argument("--config", type=profile_config,
+                   help="YAML with zoo, splits, models, batch_sizes, ...: a path, or the name of a packaged one "
+                        "(fashion-mnist, imagenet-lite, imagenet-paper-pool)")
     add_zoo(q, default=None, help_="zoo name (in --root) or folder (default: the config's zoo)")
     q.add_argument("--model", action="append", help="timm/torchvision/offline name; repeat for several")
     q.add_argument("--split", action="append", default=[], help="NAME=DATASET, e.g. val=imagenet:sample.tar")
@@ -134,5 +146,5 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print("ray: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     else:
         profile(cfg, root, progress=not args.quiet)
-    print(f"zoo written to {root / cfg.zoo if root else zoo_path(cfg.zoo)}")
+    print(f"zoo written to {write_path(cfg.zoo, root)}")
     return 0

@@ -47,7 +47,7 @@ def cmd_saver_train(args: argparse.Namespace) -> int:
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, holdout=args.holdout,
                              label_free=args.label_free, limit=args.limit, seed=args.seed)
     result = train_saver(zoo, args.saver, args.base, settings, progress=not args.quiet)
-    key = add_to_zoo(zoo, args.saver, args.base, result, settings, progress=not args.quiet)
+    key = add_to_zoo(zoo, args.saver, args.base, result, settings, root_of(args), progress=not args.quiet)
     print(f"{key}: α={result.alpha:g}, epoch {result.epoch}; held-out zero-loss exits "
           f"{100 * result.holdout_exit_before:.1f} % → {100 * result.holdout_exit_after:.1f} % (part of train)"
           + ("; stopped by Ctrl-C, the best weights so far were kept" if result.interrupted else ""))

@@ -11,7 +11,7 @@ import pandas as pd
 from ..errors import UsageError
 from ..importer import import_zoo, read_class_names
 from ..report import format_table
-from ..zoo import DEFAULT_ZOO, default_root, load_zoo, zoo_summaries
+from ..zoo import DEFAULT_ZOO, default_root, load_zoo, search_path, zoo_summaries
 from ._args import add_zoo, command, group, positive_int, root_of
 
 FORMATS = ("table", "markdown", "csv")
@@ -22,6 +22,8 @@ def register(sub) -> None:
     zsub = group(sub, "zoo", "list and show profiled zoos", "zoo_command")
     q = command(zsub, "list", cmd_zoo_list, "list zoos")
     q.add_argument("--format", choices=FORMATS, default=FORMATS[0])
+    q.add_argument("--paths", action="store_true", help="print where zoos are looked for (first match wins) and "
+                                                         "where they are written")
     q = command(zsub, "show", cmd_zoo_show, "show one zoo's models")
     q.add_argument("name", nargs="?", default=DEFAULT_ZOO)
     q.add_argument("--format", choices=FORMATS, default=FORMATS[0])
@@ -53,10 +55,15 @@ def register(sub) -> None:
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> int:
-    root = root_of(args) or default_root()
+    root = root_of(args)
+    if args.paths:  # the search path, first match wins, and where writes go
+        for label, place in search_path(root):
+            print(f"{label:>20}  {place}{'' if place.is_dir() else '  (none yet)'}")
+        print(f"{'writes go to':>20}  {default_root(root)}")
+        return 0
     rows = zoo_summaries(root)
     if not rows:
-        print(f"no zoos in {root}")
+        print("no zoos in " + ", ".join(str(p) for _, p in search_path(root)))
         return 0
     print(format_table(pd.DataFrame(rows), args.format))
     return 0

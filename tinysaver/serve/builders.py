@@ -197,7 +197,9 @@ def app(args: dict):
 
         if click.get_current_context(silent=True) is None:
             raise
-        raise click.UsageError(f"tinysaver.serve:app: {e}") from None
+        msg = str(e)
+        raise click.UsageError(msg if msg.startswith("tinysaver.serve:app:") else f"tinysaver.serve:app: {msg}") \
+            from None
 
 
 def _app(args: dict):
