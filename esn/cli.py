@@ -55,6 +55,7 @@ def register(sub) -> None:
     q.add_argument("--saver", help="refuse the checkpoint unless it was trained for this saver")
     q.add_argument("--criterion", choices=CRITERIA, default=d.criterion)
     q.add_argument("--tolerance", type=finite_float, default=d.tolerance)
+    q.add_argument("--limit", type=positive_int, help="evaluate on the first N images of calib and of test only")
     q = command(esub, "grid", cmd_grid, "train and evaluate ESNs over bus depths and widths")
     add_zoo(q)
     add_pair(q)
@@ -162,7 +163,7 @@ def cmd_eval(args) -> int:
     pair = Pair.from_zoo(zoo, ck.saver, ck.base, ck.granularity)
     from .evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(zoo, pair, esn, args.criterion, args.tolerance)
+    evaluate_checkpoint(zoo, pair, esn, args.criterion, args.tolerance, limit=args.limit)
     return 0
 
 

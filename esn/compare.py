@@ -83,7 +83,7 @@ def evaluate(d: dict, thresholds, per_exit: np.ndarray, base_total: float) -> tu
 
 def candidates(calib: dict) -> list[list[float]]:
     """The policies every method is searched over: a grid on the first exit's score × one shared
-    threshold for the later exits, plus the greedy bounded-loss policies of :func:`choose_policy`."""
+    threshold for the later exits, plus the greedy bounded-loss policies of `choose_policy`."""
     e = calib["confs"].shape[0]
     if e == 0:
         return [[]]
@@ -199,7 +199,7 @@ def base_row(pair, feats: dict, labels: dict, test_images, s: CompareSettings) -
 def compare(zoo, saver: str, base: str, families, s: CompareSettings | None = None,
             log=print) -> tuple[list[dict], dict[str, list]]:
     """Train every method of ``families`` on the pair and evaluate them: the table's rows (dicts,
-    JSON-ready) and each method's calib-Pareto front by method name (for :func:`plot_rows`)."""
+    JSON-ready) and each method's calib-Pareto front by method name (for `plot_rows`)."""
     s = s or CompareSettings()
     families = parse_families(families) if isinstance(families, str) else list(families)
     pair = Pair.from_zoo(zoo, saver, base)

@@ -39,7 +39,7 @@ class ExitCosts:
 
 
 def exit_costs(saver, base, base_staged: StagedModel, esn: ExitSequenceNetwork) -> ExitCosts:
-    """Counted once, by :func:`esn.exits.exit_flops`, for every exit method alike."""
+    """Counted once, by `esn.exits.exit_flops`, for every exit method alike."""
     f = exit_flops(Pair.of(saver, base, base_staged), esn)
     return ExitCosts(f["saver"], f["base_total"], f["per_exit"], f["overhead"])
 
@@ -102,13 +102,14 @@ def budget_table(calib: dict, test: dict, costs: ExitCosts, budgets=(0.25, 0.5, 
 
 
 def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic_check: int = 256, log=print,
-                        splits=None, features=None):
+                        splits=None, features=None, limit: int | None = None):
     """Policy on calib, results on test, budget table and a dynamic-vs-offline exactness check.
 
     ``splits`` (train, calib, test) and ``features`` ({'calib': ..., 'test': ...} from
-    :func:`esn.train.frozen_features`) may be passed in to avoid recomputing them.
+    `esn.train.frozen_features`) may be passed in to avoid recomputing them; ``limit``: the first
+    N images of calib and of test only (a quick look). Train is never decoded here.
     """
-    _, calib, test = splits or esn_splits(zoo)
+    _, calib, test = splits or esn_splits(zoo, limit=limit, train=False)
     out = {}
     for name, ds in (("calib", calib), ("test", test)):
         f = features[name] if features else frozen_features(pair, ds.images, desc=f"esn eval: {name} features")

@@ -4,15 +4,15 @@ An exit method is an ``nn.Module`` with
 
 - ``uses_saver``: the saver runs first and is exit 0 (the ESN); otherwise every exit sits inside
   the base (SDN, ZTW, gates), as in their papers;
-- ``num_exits``: one exit after each base stage of the shared stage split (:mod:`esn.staged`);
-- ``offline(feats)`` → (num_exits, B, K) logits from cached features (:func:`esn.train.frozen_features`);
+- ``num_exits``: one exit after each base stage of the shared stage split (`esn.staged`);
+- ``offline(feats)`` → (num_exits, B, K) logits from cached features (`esn.train.frozen_features`);
 - ``begin(saver_feat, saver_logits)`` → state, ``step(n, stage_out, state)`` → (logits (B, K), state)
   and ``select(state, keep)`` → state of the rows still open: dynamic inference, stage by stage;
 - optionally ``score(n, logits)`` → (B,), the value thresholds apply to. The default is the
   max softmax of ``logits / T`` (T = 1 unless calibrated); learned gates return their exit probability.
 
 Exits in running order: [the saver], exit 1 … N, then the base head, which answers the rest. Every
-method goes through the same :class:`~esn.policy.ExitPolicy`, so offline evaluation and dynamic
+method goes through the same `ExitPolicy`, so offline evaluation and dynamic
 inference apply one rule.
 """
 from __future__ import annotations
@@ -180,7 +180,7 @@ class _BasePart:
 
 
 def exit_stages(pair, method, temperatures=None, device="cpu") -> list:
-    """The engine's stages (see :mod:`tinysaver.engine`) of ``method`` on ``pair``, in running
+    """The engine's stages (see `tinysaver.engine`) of ``method`` on ``pair``, in running
     order: the saver (if the method uses it), one base part per exit, and the base's rest with its
     head. ``temperatures``: one per running-order exit and the base head (default 1). The models
     and the method must already be on ``device``; the images are moved there."""
@@ -202,8 +202,8 @@ def dynamic_predict(pair, method, policy, images, batch_size: int = 64, refill: 
     """Run a method for real: the saver (if used), then the base stage by stage on the still-open
     rows only, an exit after each stage; the base head answers the rest.
 
-    ``policy`` is an :class:`esn.policy.ExitPolicy` with one threshold per running-order exit.
-    The stages run on :func:`tinysaver.engine.run`: ``refill`` lets each part wait for full
+    ``policy`` is an `esn.policy.ExitPolicy` with one threshold per running-order exit.
+    The stages run on `tinysaver.engine.run`: ``refill`` lets each part wait for full
     batches of survivors, ``pipeline`` runs each part in its own thread (see there). Returns
     (answer, running-order exit index) in input order; the base head is index E.
     """

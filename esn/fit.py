@@ -1,6 +1,6 @@
 """One training loop for exit heads on cached features (SDN, ZTW's classifiers and ensemble).
 
-The backbones are frozen, so every epoch reuses :func:`esn.train.frozen_features`. ``target`` is
+The backbones are frozen, so every epoch reuses `esn.train.frozen_features`. ``target`` is
 (N,) labels, or (N, K) probabilities of the base for label-free training.
 """
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 - **Distillation.** Exits learn the base's output distribution on unlabelled images (such as the
   traffic a model serves): the loss is KL(base ‖ exit), computed as cross-entropy to the base's
-  probabilities (the KL plus the base's entropy, a constant). :func:`soft_targets` is the only
+  probabilities (the KL plus the base's entropy, a constant). `soft_targets` is the only
   target a label-free run ever sees.
 - **Temperature calibration** of each exit on a labelled validation split
-  (:func:`tinysaver.calibration.fit_temperature`).
+  (`tinysaver.calibration.fit_temperature`).
 - **Thresholds from a tolerance T.** Exit n (1-based) gets the lowest threshold whose expected
   accuracy drop, ``hit rate × (1 − agreement with the base)`` on the validation split, stays within
   ``T / 2^n`` percent: shallow exits get most of the budget. Label-free too: it counts

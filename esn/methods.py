@@ -1,12 +1,12 @@
 """The exit methods ``exits compare`` trains beside the ESN, each registered once.
 
 A method family is a function registered with ``@register_method(name)``. It takes the shared
-:class:`Context` (pair, feature cache, targets, settings) and returns its trained rows, each an
-:class:`ExitMethod` carrying everything the comparison needs to treat it differently: whether its
+`Context` (pair, feature cache, targets, settings) and returns its trained rows, each an
+`ExitMethod` carrying everything the comparison needs to treat it differently: whether its
 exits are always temperature-calibrated, and its own exit rule if it has one. Nothing downstream
 looks at a row's display name. Adding a method is one function here.
 
-This module imports no torch at import time, so the command line reads :data:`FAMILIES` cheaply.
+This module imports no torch at import time, so the command line reads `FAMILIES` cheaply.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class ExitMethod:
     """One trained row of the comparison.
 
-    ``module``: the exit module (``offline``/``begin``/``step``/``select``, see :mod:`esn.exits`).
+    ``module``: the exit module (``offline``/``begin``/``step``/``select``, see `esn.exits`).
     ``calibrated``: its exits are always temperature-calibrated on calib before thresholds are
     chosen. ``own_rule(calib_outputs, settings) -> thresholds``: the method's own exit rule, when
     it has one besides the shared policy search."""

@@ -4,7 +4,7 @@ Exits in running order: 0 = the saver, n = ESN exit after base stage n (1..N), a
 head last. Thresholds are chosen on a calibration split no ESN training saw. For zero/bounded, one
 exit at a time with the selector's exact sweep: among the samples still open, exit n takes the
 largest set that meets the criterion against the base on those samples. For guaranteed, by
-Learn-then-Test along one shared-threshold path (:func:`choose_policy`).
+Learn-then-Test along one shared-threshold path (`choose_policy`).
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def calibrated_policy(zoo, pair, method, criterion: str = "zero", tolerance: flo
     from .exits import fit_temperatures, offline_outputs
 
     check_calibration(calibrate)
-    ds = split if split is not None else esn_splits(zoo)[1]
+    ds = split if split is not None else esn_splits(zoo, train=False)[1]
     feats = frozen_features(pair, ds.images)
     temps = fit_temperatures(method, feats, ds.labels) if calibrate else None
     cal = offline_outputs(method, feats, ds.labels, temps)

@@ -1,7 +1,7 @@
 """SDN internal classifiers (Kaya et al., 2019), as the seeds ``002_*`` and ``004_*`` use them.
 
 One classifier per base stage: global average pooling, then a linear layer to the classes. The base
-stays frozen (the "IC-only" setting of seed ``004_*``); :mod:`esn.regimes` trains it jointly too.
+stays frozen (the "IC-only" setting of seed ``004_*``); `esn.regimes` trains it jointly too.
 The loss is the sum over exits of the cross-entropy to the target, which is a label or, for
 label-free training, the base's own probabilities (soft targets: the KL to the base plus a constant).
 """

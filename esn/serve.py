@@ -1,18 +1,18 @@
 """Serve a saver with ESN exits inside its base on Ray Serve, in either of tinysaver's layouts.
 
-The parts of the network, in running order, are the engine's stages (:func:`esn.exits.exit_stages`):
+The parts of the network, in running order, are the engine's stages (`esn.exits.exit_stages`):
 
 - part 0, the saver. Its answer is exit 0, and it hands the ESN's first token on;
 - part n (1 … N), base stage n (with the stem for n = 1) followed by ESN exit n. It hands its
   feature map and the bus tokens on;
 - part N + 1, the rest of the base and its head, which answers whatever is left.
 
-``build_esn_app`` makes a :class:`tinysaver.serve.Plan` whose factory is :func:`part_stages`, and
+``build_esn_app`` makes a `tinysaver.serve.Plan` whose factory is `part_stages`, and
 tinysaver's own service runs it: ``fused`` (every part in each replica, on the shared engine) or
 ``per-stage`` (one deployment per part, a request going on only while no exit fires). The routes,
 audit, retries and metrics are tinysaver's; an audit runs the base's parts from the first one.
 
-Thresholds come from an :class:`esn.policy.ExitPolicy`. :func:`esn.policy.calibrated_policy` picks
+Thresholds come from an `esn.policy.ExitPolicy`. `esn.policy.calibrated_policy` picks
 them on the zoo's calibration split, or the user gives them. Parts run eager PyTorch, because they
 are cut out of the eager model.
 """
@@ -68,7 +68,7 @@ def part_stages(plan: Plan, device: str = "cpu", only: list[int] | None = None) 
 
 def check_policy(policy: ExitPolicy, num_exits: int) -> None:
     """One threshold for the saver and each exit, and temperatures for those and the base head when
-    given (their values are checked by the plan, :class:`tinysaver.stageplan.StagePlan`)."""
+    given (their values are checked by the plan, `tinysaver.stageplan.StagePlan`)."""
     want = num_exits + 1
     if len(policy.thresholds) != want:
         raise UsageError(f"the saver and {num_exits} ESN exits need {want} thresholds, got {len(policy.thresholds)}")
@@ -107,7 +107,7 @@ def esn_plan(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOpti
 def build_esn_app(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOptions | None = None,
                   token: str | None = None):
     """A Ray Serve application for the saver, the ESN exits of ``checkpoint`` and their base
-    (``policy``: one threshold per running-order exit, as :func:`esn.policy.calibrated_policy` gives)."""
+    (``policy``: one threshold per running-order exit, as `esn.policy.calibrated_policy` gives)."""
     return application(esn_plan(checkpoint, zoo, policy, options), token)
 
 

@@ -110,7 +110,7 @@ def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bo
               cache: dict | None = None) -> ExitSequenceNetwork:
     """Train on ``data`` (a DecodedSet); the backbones stay frozen (no gradients reach them).
 
-    ``cache`` may pass features already computed by :func:`frozen_features` on ``data``.
+    ``cache`` may pass features already computed by `frozen_features` on ``data``.
     """
     from tqdm.auto import tqdm
 
@@ -256,14 +256,19 @@ def load_esn(path: str | Path, saver: str | None = None,
                                      dict(ck["config"]), {k: v for k, v in ck.items() if k not in known})
 
 
-def esn_splits(zoo, seed: int = 0, limit: int | None = None):
-    """(train, calib, test) DecodedSets: the zoo's own splits, or its first split cut 50/25/25."""
+def esn_splits(zoo, seed: int = 0, limit: int | None = None, train: bool = True):
+    """(train, calib, test) DecodedSets: the zoo's own splits, or its first split cut 50/25/25; the
+    first ``limit`` images of each when given. ``train=False`` skips decoding train (None in its place)
+    where only calib and test are read (evaluation)."""
     from tinysaver.data import load_dataset
 
     names = ("train", "calib", "test")
     if all(n in zoo.splits for n in names):
         sets = []
         for n in names:
+            if n == "train" and not train:
+                sets.append(None)
+                continue
             ds = load_dataset(zoo.splits[n]["source"], progress=False, limit=None)
             if ds.fingerprint != zoo.splits[n]["fingerprint"]:
                 raise UsageError(f"split {n!r} on disk differs from the one zoo {zoo.name!r} was profiled on")
@@ -273,4 +278,7 @@ def esn_splits(zoo, seed: int = 0, limit: int | None = None):
     ds = load_dataset(zoo.splits[first]["source"], progress=False)
     perm = np.random.default_rng(seed).permutation(len(ds))
     a, b = len(ds) // 2, 3 * len(ds) // 4
-    return ds.subset(np.sort(perm[:a])), ds.subset(np.sort(perm[a:b])), ds.subset(np.sort(perm[b:]))
+    parts = [np.sort(perm[:a]), np.sort(perm[a:b]), np.sort(perm[b:])]
+    if limit is not None:
+        parts = [p[:limit] for p in parts]
+    return tuple(ds.subset(p) if train or k else None for k, p in enumerate(parts))

@@ -188,8 +188,8 @@ def test_data_sample_writes_labelled_pngs_and_never_overwrites(tmp_path, capsys)
     need(FASHION_MNIST_DIR.exists(), "Fashion-MNIST (apt-get install dataset-fashion-mnist)")
     out = run_here(capsys, "data", "sample", "fashion-mnist", "--out", str(tmp_path / "s"), "-n", "4")
     assert out.returncode == 0, out.stderr
-    files = sorted((tmp_path / "s").iterdir())
-    assert len(files) == 4 and all(f.suffix == ".png" for f in files)
+    files = sorted((tmp_path / "s").glob("*.png"))
+    assert len(files) == 4
     from tinysaver.sources import FASHION_MNIST_CLASSES, fashion_mnist_arrays
 
     x, y, _ = fashion_mnist_arrays("test")
@@ -197,6 +197,13 @@ def test_data_sample_writes_labelled_pngs_and_never_overwrites(tmp_path, capsys)
         i, label = f.stem.split("_", 1)
         assert label.replace("_", " ") == FASHION_MNIST_CLASSES[y[int(i)]].replace("/", "-")
         assert np.array_equal(decode_image(f.read_bytes())[0].numpy(), x[int(i)])
+    # labels.csv keeps the exact names infer prints (T-shirt/top, not the file name's T-shirt-top)
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "s" / "labels.csv").open()))
+    assert [r["file"] for r in rows] == [f.name for f in files]
+    assert all(r["name"] == FASHION_MNIST_CLASSES[int(r["label"])] for r in rows)
+    files = sorted((tmp_path / "s").iterdir())
     before = {f: f.stat().st_mtime_ns for f in files}
     one_line(run_here(capsys, "data", "sample", "--out", str(tmp_path / "s"), "-n", "4"), "already exists")
     assert {f: f.stat().st_mtime_ns for f in files} == before

@@ -148,7 +148,8 @@ def test_a_trained_saver_round_trips_through_the_zoo_into_query_and_infer(defer_
     zoo, data = defer_zoo
     root = zoo.path.parent
     out = run_here(capsys, "--root", str(root), "saver", "train", "--zoo", "dz", "--base", "big", "--saver", "small",
-                   "--loss", "base-aware", "--alpha", "1", "--epochs", "1", "--batch-size", "8", "--quiet")
+                   "--loss", "base-aware", "--alpha", "1", "--epochs", "1", "--batch-size", "8", "--quiet",
+                   "--keep-worse")  # a round trip, whatever the one epoch gives
     assert out.returncode == 0, out.stderr
     key = defer.defer_key("small", "big")
     assert key in out.stdout
@@ -213,3 +214,30 @@ def test_bad_settings_and_zoos_without_train_are_refused_in_one_line(defer_zoo, 
     profile(tiny_zoo_cfg, tmp_path / "r2", progress=False, log=lambda *_: None)
     with pytest.raises(TinysaverError, match="no 'train' split"):
         defer.train_saver(load_zoo("tiny", tmp_path / "r2"), "test_efficientnet", "test_resnet", progress=False)
+
+
+def test_a_trained_saver_worse_than_its_start_is_not_added_unless_asked(defer_zoo, capsys, monkeypatch):
+    """saver train added a fine-tuned saver whose held-out exits fell (74.0 % → 69.5 %) without a word."""
+    import dataclasses
+
+    from tinysaver.cli import saver as saver_cli
+    from tinysaver.zoo import load_zoo
+
+    zoo, _ = defer_zoo
+    root = zoo.path.parent
+    real = saver_cli.train_saver
+
+    def worse(*a, **k):
+        r = real(*a, **k)
+        return dataclasses.replace(r, holdout_exit_before=0.740, holdout_exit_after=0.695)
+
+    monkeypatch.setattr(saver_cli, "train_saver", worse)
+    args = ("--root", str(root), "saver", "train", "--zoo", "dz", "--base", "big", "--saver", "small", "--epochs", "1",
+            "--batch-size", "8", "--quiet")
+    out = run_here(capsys, *args)
+    assert out.returncode == 0 and "is worse than the saver it started from: held-out zero-loss exits 74.0 % " \
+        "before → 69.5 % after" in out.stdout and "pass --keep-worse" in out.stdout, out.stdout
+    assert defer.defer_key("small", "big") not in load_zoo("dz", root).models
+    out = run_here(capsys, *args, "--keep-worse")
+    assert out.returncode == 0 and "kept as --keep-worse asked" in out.stdout, out.stdout
+    assert defer.defer_key("small", "big") in load_zoo("dz", root).models

@@ -32,6 +32,19 @@ def test_the_site_builds_strictly(tmp_path):
         assert (tmp_path / "site" / page).is_file(), page
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "tinysaver.stageplan.resolve" in api and "StagePlan" in api  # the reference was generated
+    # what a reader sees: lists that render as lists, no raw Sphinx roles, nothing fetched from elsewhere
+    pages = {p.relative_to(tmp_path / "site"): p.read_text() for p in (tmp_path / "site").rglob("*.html")
+             if "404" not in p.name}
+    for page, html in pages.items():
+        text = re.sub(r"<(pre|code)\b.*?</\1>", "", html, flags=re.S)
+        as_text = [p for p in re.findall(r"<p>(.*?)</p>", text, flags=re.S) if re.search(r"(^|\n)\s*- ", p)]
+        assert not as_text, (page, as_text[0][:200])  # a list written without its blank line: "- " in a paragraph
+        assert not re.search(r":(meth|class|func):`", text), (page, re.search(r".{40}:(meth|class|func):`.{40}", text))
+        foreign = [u for u in re.findall(r'(?:src|href)="(https?://[^"]+)"', html)
+                   if "127.0.0.1" not in u and "localhost" not in u and not u.startswith("https://squidfunk")]
+        assert not [u for u in foreign if re.search(r"\.(js|css|woff2?)(\?|$)", u)], (page, foreign[:3])
+    serve = pages[next(p for p in pages if str(p) == "guides/serve/index.html")]
+    assert serve.count("<li>") >= 10  # the serve guide's lists are lists
 
 
 def test_the_readme_is_short_and_starts_with_the_two_commands_ci_runs():
@@ -71,3 +84,10 @@ def test_results_index_matches_the_site_and_each_command_exists():
             assert f'"{flag}"' in source, f"{script.name} has no {flag}"
         page_text = (REPO / "docs" / "results" / re.search(r"\]\(([^)#]+)", page).group(1)).read_text()
         assert cmd[1] in page_text  # the page holds that run
+
+
+def test_the_docs_name_no_issue_numbers():
+    """A reader of the site never saw the tracker: results say what was asked, not which ticket asked it."""
+    for page in (REPO / "docs").rglob("*.md"):
+        found = re.search(r"\b[Ii]ssue[ -]?#?\d+", page.read_text())
+        assert not found, (page, found.group(0))

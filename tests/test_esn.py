@@ -151,6 +151,14 @@ def test_esn_cli_train_and_eval(tiny_zoo_cfg, tmp_path, capsys):
     assert "saver + ESN" in out and "| 25% |" in out and "100.0% identical" in out
     assert main(["--root", str(root), "esn", "eval", "--zoo", "tiny", "--checkpoint", str(ck),
                  "--base", "test_efficientnet"]) == 2
+    # --limit: a quick look on the first images of calib and test; train is not decoded to evaluate
+    from esn.train import esn_splits
+    from tinysaver.zoo import load_zoo
+
+    train, calib, test = esn_splits(load_zoo("tiny", root), limit=2, train=False)
+    assert train is None and len(calib) == 2 and len(test) == 2
+    assert main(["--root", str(root), "esn", "eval", "--zoo", "tiny", "--checkpoint", str(ck), "--limit", "2"]) == 0
+    assert "saver + ESN" in capsys.readouterr().out
 
 
 def test_guaranteed_exit_policy_covers_its_loss_by_simulation():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import run_here, write_zoo
-from tinysaver.report import describe, render
+from tinysaver.report import CONCEPTS, describe, headline, render
 from tinysaver.policy import SelectionError
 from tinysaver.selector import PolicyRequest, SelectorConfig, select, select_all, selection_for
 from tinysaver.zoo import ZooError, load_zoo
@@ -36,7 +36,7 @@ def test_query_picks_cheapest_feasible_saver_and_reports_both_splits(zoo):
     assert 1 < len(costs) <= 3 and costs == sorted(costs) and max(costs) < sel.cost_base
     assert list(table["saving_%"]) == [round(c.saving_pct, 2) for c in result.candidates]
     text = render(result)
-    assert text.startswith(describe(sel)) and "next best candidates" in text
+    assert text.startswith(headline(sel) + "\n\ndetails") and describe(sel) in text and "next best candidates" in text
     assert all(c.savers[0].model in text for c in result.candidates[1:])
     assert sum(sel.exit_ratio_test) == pytest.approx(1.0)
 
@@ -71,7 +71,8 @@ def test_no_cheaper_model_means_run_base_alone(zoo):
     sel = result.best
     assert not sel.found and sel.message.startswith("no saver: run the base alone")
     assert sel.cost_cascade == sel.cost_base and result.candidates == [] and result.table().empty
-    assert render(result) == describe(sel)
+    assert render(result) == headline(sel) + f"\n\ndetails (the terms are explained in {CONCEPTS}):\n" + describe(sel)
+    assert headline(sel) == "No smaller model can answer for m0 here (no cheaper model in the zoo): it runs alone."
 
 
 def test_bad_input(zoo, tmp_path):
@@ -209,3 +210,22 @@ def test_a_policy_request_gives_the_policy_it_names(zoo, tmp_path):
     assert selection_for(zoo, PolicyRequest(selection=str(f))).to_dict() == chosen.to_dict()
     with pytest.raises(SelectionError, match="not 'm2'"):
         selection_for(zoo, PolicyRequest("m2", selection=str(f)))
+
+
+def test_query_opens_with_the_answer_in_plain_words(capsys):
+    """The first answer was jargon ("criterion zero, target labels", "exit ratio", "calib"); it now opens
+    with one sentence of numbers a reader can check against the details below it."""
+    from tinysaver.report import headline
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.zoo import load_zoo
+
+    sel = select(load_zoo("fashion-mnist"), "resnet10t", SelectorConfig()).best
+    share = sel.cost_cascade / sel.cost_base
+    assert headline(sel) == (f"mobilenetv3_small_075 answers {sel.exit_ratio_calib[0]:.0%} of images alone; the cascade "
+                             f"keeps resnet10t's accuracy ({100 * sel.acc_cascade_calib:.2f} % on the 10,000 "
+                             f"calibration images) at {share:.0%} of its compute.")
+    out = run_here(capsys, "query", "--zoo", "fashion-mnist", "--base", "resnet10t")
+    lines = out.stdout.splitlines()
+    assert lines[0] == headline(sel) and lines[2].startswith("details (the terms are explained in docs/concepts.md)")
+    quiet = run_here(capsys, "query", "--zoo", "fashion-mnist", "--base", "resnet10t", "--quiet")
+    assert quiet.stdout == headline(sel) + "\n"

@@ -1,9 +1,9 @@
 """Array files read safely, and the one check of stored predictions.
 
 ``.npy`` and ``.npz`` headers declare a shape and a dtype; a 200-byte file can claim a 36 TiB array,
-which numpy would try to allocate. :func:`read_arrays` reads each header first and refuses an array
-larger than the bytes that hold it (or than :data:`MAX_ARRAY_BYTES`), never unpickles, and turns a
-truncated or corrupt file into one line naming it. :func:`check_predictions` is what every reader of
+which numpy would try to allocate. `read_arrays` reads each header first and refuses an array
+larger than the bytes that hold it (or than `MAX_ARRAY_BYTES`), never unpickles, and turns a
+truncated or corrupt file into one line naming it. `check_predictions` is what every reader of
 a zoo (query, infer, serve, zoo import, the ESN) trusts stored predictions by: length, dtype, class
 range, and finite confidences in [0, 1].
 """

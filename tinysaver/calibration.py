@@ -81,7 +81,7 @@ def ece(probs, labels, n_bins: int = ECE_BINS) -> float:
 def top_label_ece(conf, correct, n_bins: int = ECE_BINS) -> float:
     """ECE from the max probability (N,) and whether the top class was right (N,): what a zoo stores.
 
-    Equal to :func:`ece` on the full probabilities, because top-label ECE reads only these two.
+    Equal to `ece` on the full probabilities, because top-label ECE reads only these two.
     """
     _require_torchmetrics()
     from torchmetrics.classification import BinaryCalibrationError
@@ -140,13 +140,16 @@ def coverage_and_size(sets: np.ndarray, labels) -> tuple[float, float]:
 
 # --- a zoo's models --------------------------------------------------------------------------------------
 
-def model_logits(model, data, batch_size: int = 256) -> torch.Tensor:
-    """(N, K) float32 logits of a zoo model (``Zoo.load_model``) on a DecodedSet, eager PyTorch."""
+def model_logits(model, data, batch_size: int = 256, desc: str | None = None) -> torch.Tensor:
+    """(N, K) float32 logits of a zoo model (``Zoo.load_model``) on a DecodedSet, eager PyTorch; with
+    ``desc``, a progress bar on stderr (minutes per model on a 2-core machine)."""
+    from tqdm.auto import tqdm
+
     from .transforms import prepare_batch
 
     out = []
     with torch.inference_mode():
-        for s in range(0, len(data), batch_size):
+        for s in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False):
             out.append(model.module(prepare_batch(data.batch(s, s + batch_size), model.preprocess)).float())
     return torch.cat(out) if out else torch.zeros(0, model.num_classes)
 
@@ -185,7 +188,9 @@ def calibrate_zoo(zoo: str, models=None, fit_split: str = "calib", root=None, lo
             return data
 
         labels_of = {split: z.split_arrays(split)[1] for split in z.splits}
-        for key in keys:
+        for i, key in enumerate(keys, 1):
+            how = "reading its logits" if z.entry(key).status == "imported" else "running it on every split"
+            log(f"{key} ({i}/{len(keys)}): {how}")
             # imported logits are the model's output as given; a profiled model runs again in float32
             # (a zoo keeps its logits, if at all, in float16)
             kept = ({split: z.predictions(key, split).logits for split in z.splits}
@@ -194,7 +199,7 @@ def calibrate_zoo(zoo: str, models=None, fit_split: str = "calib", root=None, lo
                 logits = {split: torch.from_numpy(np.asarray(lg, np.float32)) for split, lg in kept.items()}
             else:
                 model = z.load_model(key)
-                logits = {split: model_logits(model, ds) for split, ds in split_data().items()}
+                logits = {split: model_logits(model, ds, desc=f"{key} on {split}") for split, ds in split_data().items()}
             for split, lg in logits.items():
                 stored = z.predictions(key, split).pred
                 agree = float((lg.argmax(-1).numpy() == stored).mean())

@@ -65,8 +65,8 @@ class CascadeResult:
 class Cascade:
     """Stages in running order: savers first, the base last. ``thresholds[i]`` belongs to saver i.
 
-    Build one from a :class:`~tinysaver.stageplan.StagePlan` with :meth:`from_plan` (as
-    :func:`build_cascade` does), or from models already loaded, whose options are then checked by
+    Build one from a `StagePlan` with `from_plan` (as
+    `build_cascade` does), or from models already loaded, whose options are then checked by
     the same rules a plan obeys. ``plan`` holds what the cascade runs, resolved and checked.
     """
 
@@ -180,7 +180,7 @@ class Cascade:
             warnings.warn(f"pipeline=True runs {'/'.join(backends_that(torch_modules=True))} stages in threads that share torch's "
                           f"{torch.get_num_threads()}-thread pool, which oversubscribes the cores: measured on 2 "
                           "cores at batch 1, the pipelined cascade ran half as fast as the sequential one. "
-                          "Call torch.set_num_threads(1) (or set OMP_NUM_THREADS=1) first, or run the stages "
+                          "Give --threads 1 (in Python: torch.set_num_threads(1)) first, or run the stages "
                           f"on {'/'.join(backends_that(torch_modules=False))} with per-stage threads", stacklevel=2)
         # Full batches will run, so a fixed-shape backend compiles for their size (once). A call shorter than
         # one batch is not worth a compile: its odd size stays on the dynamic-batch model.
@@ -213,9 +213,9 @@ class Cascade:
 def build_cascade(selection: Selection | dict | str | Path, zoo=None, device: str = "cpu",
                   accept_preprocess_change: bool = False, cache_dir: str | Path | None = None,
                   **options: Any) -> Cascade:
-    """A Cascade from a :class:`tinysaver.policy.Selection` (or its dict form, or a JSON file) and its zoo.
+    """A Cascade from a `tinysaver.policy.Selection` (or its dict form, or a JSON file) and its zoo.
 
-    ``options`` are :func:`tinysaver.stageplan.resolve`'s (backend, threads, spin, half, ...): the
+    ``options`` are `tinysaver.stageplan.resolve`'s (backend, threads, spin, half, ...): the
     selection, every model and every option are checked there, once, before any model loads.
     """
     return Cascade.from_plan(resolve(selection, zoo, device=device, accept_preprocess_change=accept_preprocess_change,
@@ -226,7 +226,7 @@ def measure_throughput(cascade: Cascade, images, batch_size: int, repeats: int =
                        **predict_kwargs: Any) -> tuple[float, CascadeResult]:
     """Best-of-``repeats`` wall time (s) to classify ``images`` (decoded uint8) after one warm-up batch.
 
-    ``predict_kwargs`` go to :meth:`Cascade.predict` (e.g. ``refill=False``).
+    ``predict_kwargs`` go to `Cascade.predict` (e.g. ``refill=False``).
     """
     cascade.predict(images[: min(len(images), batch_size)], batch_size=batch_size, **predict_kwargs)
     best, res = float("inf"), None

@@ -3,7 +3,7 @@
 The pool is listed in the paper's appendix (section 6.1; ``../shared/seeds/000_*``). ResNets use
 torchvision's weights there, which timm serves as ``resnetNN.tv_in1k``; every other model uses
 timm's default weights. Top-1, params and GMACs come from timm's tables (see
-:mod:`tinysaver.published`), so these entries are marked ``published``, not ``measured``.
+`tinysaver.published`), so these entries are marked ``published``, not ``measured``.
 ``tinysaver profile --model NAME --pretrained`` measures any of them for users with the weights.
 
 Build it with ``python -m tinysaver.catalog``.

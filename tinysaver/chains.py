@@ -1,9 +1,9 @@
 """Chains S1 → S2 → base: two savers before the base, stages in increasing cost.
 
-``zero``/``bounded`` are searched exactly (:func:`chain_exact`): for every exit count of S1, the
+``zero``/``bounded`` are searched exactly (`chain_exact`): for every exit count of S1, the
 best threshold of S2 over the samples S1 passes on comes from prefix sums kept up to date as S1's
 exits grow, O(n²) per chain. ``guaranteed`` tests fixed paths of threshold pairs
-(:data:`CHAIN_PATHS`), each path a test sequence of its own, so that δ can be split over them
+(`CHAIN_PATHS`), each path a test sequence of its own, so that δ can be split over them
 before the data are seen.
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ def chain_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: di
 def chain_guaranteed(s1: str, s2: str, base: str, calib: SplitData, ok: dict[str, np.ndarray],
                      costs: dict[str, float], *, criterion: str, tolerance: float, method: str,
                      delta_seq: float) -> list[Stage] | None:
-    """The cheapest policy of S1 → S2 → base that passes along one of :data:`CHAIN_PATHS`;
+    """The cheapest policy of S1 → S2 → base that passes along one of `CHAIN_PATHS`;
     ``ok[m]`` says where model m is right (n,)."""
     n = len(calib.labels)
     b_ok = ok[base].astype(np.int8)

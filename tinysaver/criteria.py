@@ -1,9 +1,9 @@
 """The selection criteria, each registered once: which candidate policies of a saver meet it.
 
-A criterion supplies two things to the selector (:mod:`tinysaver.selector`):
+A criterion supplies two things to the selector (`tinysaver.selector`):
 
 - ``candidates(order)``: the exit counts ``k`` (increasing, from 0) and thresholds a saver's
-  sorted confidences are tried at (``order`` is a :class:`~tinysaver.sweep.SaverOrder`);
+  sorted confidences are tried at (``order`` is a `SaverOrder`);
 - ``passes(outcomes, count, n, tolerance, delta, method)``: a (count,) mask of the candidates that
   meet it, from their harm/repair counts over ``n`` calibration samples (tolerance in accuracy
   points; ``delta`` the level of this one test sequence). Candidate 0 ("nothing exits") passes.
@@ -11,7 +11,7 @@ A criterion supplies two things to the selector (:mod:`tinysaver.selector`):
 and says how chains are searched (``chains``: ``"exact"`` sweep, fixed threshold ``"paths"``, or
 ``None`` for no chain form), whether it takes a tolerance, and whether it is a statistical
 guarantee that spends δ. Adding a criterion is one ``register_criterion`` call here; the names
-are read by the command line and by :class:`~tinysaver.policy.Selection` from this registry.
+are read by the command line and by `Selection` from this registry.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Labelled image sets, decoded once and shared by every model in a run.
 
-A dataset is named by a string ``KIND:ARGS`` of a kind registered in :mod:`tinysaver.sources`
+A dataset is named by a string ``KIND:ARGS`` of a kind registered in `tinysaver.sources`
 (``imagefolder:PATH``, ``imagenet:PATH``, ``foolbox``, ``fashion-mnist:SPLIT[:DIR]``). Images are
-decoded by :mod:`tinysaver.decoding` within the pixel budget of :mod:`tinysaver.budget`. Every
+decoded by `tinysaver.decoding` within the pixel budget of `tinysaver.budget`. Every
 sample has a stable string id, and a set's fingerprint hashes ids plus labels so that predictions
 of different models are only compared on identical samples.
 """
@@ -38,7 +38,7 @@ def load_dataset(uri: str, progress: bool = True, limit: int | None = None,
 
     ``limit`` keeps the first N samples; ``rows=(start, stop)`` then keeps that range of them (a
     shard), counted before unreadable images are skipped, so shards concatenate to the whole set.
-    Images over ``max_pixels`` (an :class:`~tinysaver.budget.InputBudget` or a pixel cap) are
+    Images over ``max_pixels`` (an `InputBudget` or a pixel cap) are
     skipped and counted like unreadable ones.
     """
     kind, args = source_kind(uri)
@@ -86,7 +86,8 @@ def raw_source(uri: str, limit: int | None = None) -> RawSource:
 
 
 def sample_images(uri: str, out: Path, n: int, seed: int = 0) -> list[Path]:
-    """Write ``n`` images of dataset ``uri``, chosen with ``seed``, as ``out/<index>_<label>.png``.
+    """Write ``n`` images of dataset ``uri``, chosen with ``seed``, as ``out/<index>_<label>.png``, and
+    ``out/labels.csv`` (file, class index, exact class name).
 
     Refuses (before writing anything) when any target file exists; each file is written to a
     temporary name and renamed, so an interrupted run leaves only whole images.
@@ -102,14 +103,35 @@ def sample_images(uri: str, out: Path, n: int, seed: int = 0) -> list[Path]:
         y = int(ds.labels[i])
         label = (names[y] if names and 0 <= y < len(names) else str(y)).replace("/", "-").replace(" ", "_")
         targets.append(out / f"{i:05d}_{label}.png")
-    clash = [t for t in targets if t.exists()]
+    table = out / LABELS_CSV
+    clash = [t for t in [*targets, table] if t.exists()]
     if clash:
         raise DatasetError(f"{clash[0]} already exists; choose an empty --out folder")
     out.mkdir(parents=True, exist_ok=True)
+    rows = ["file,label,name"]
     for i, t in zip(pick.tolist(), targets):
         img = ds.images[i].numpy()
         arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
         tmp = t.with_name(f".{t.name}.tmp{os.getpid()}")
         Image.fromarray(arr).save(tmp, format="PNG")
         os.replace(tmp, t)
+        y = int(ds.labels[i])
+        name = names[y] if names and 0 <= y < len(names) else ""
+        rows.append(f"{t.name},{y},{_csv_field(name)}")
+    # the file names hold a safe form of the class name (T-shirt-top); the exact one, as infer prints
+    # it (T-shirt/top), is in labels.csv
+    atomic_write_text(table, "\n".join(rows) + "\n")
     return targets
+
+
+LABELS_CSV = "labels.csv"
+
+
+def _csv_field(text: str) -> str:
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

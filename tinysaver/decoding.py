@@ -1,7 +1,7 @@
 """Decoding: image bytes to uint8 tensors, one plain sentence for each file that cannot be used.
 
-A :class:`RawSource` lists samples before decoding (ids, labels, a reader of bytes); decoding it
-gives a :class:`DecodedSet`, the form every model of a run reads. :func:`fingerprint` hashes ids
+A `RawSource` lists samples before decoding (ids, labels, a reader of bytes); decoding it
+gives a `DecodedSet`, the form every model of a run reads. `fingerprint` hashes ids
 plus labels so that predictions of different models are only compared on identical samples.
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def decode_image(data: bytes, max_pixels: InputBudget | int | None = MAX_PIXELS)
     The EXIF orientation is applied. RGBA, palette and CMYK images become RGB; 16-bit greyscale
     is scaled (not clipped) to 8 bits, and float greyscale in [0, 1] is scaled to [0, 255].
     The size is read from the header first and checked against ``max_pixels``, an
-    :class:`InputBudget` or a bare pixel cap (width × height; None: no cap): an image over it raises
+    `InputBudget` or a bare pixel cap (width × height; None: no cap): an image over it raises
     ``PixelCapError`` before any pixel is decoded. Anything that is not a usable image raises
     ``ImageError`` with one plain sentence, whatever the decoder raised.
     """

@@ -1,7 +1,7 @@
 """Savers trained to defer: fine-tune a zoo's saver so that its confidence says when to pass an input on.
 
 A cascade asks one thing of a saver's confidence: *is my answer as good as the base's?* A saver
-trained for accuracy alone was never asked that. :func:`train_saver` fine-tunes it on the zoo's
+trained for accuracy alone was never asked that. `train_saver` fine-tunes it on the zoo's
 ``train`` split with one of the losses registered here, keeps a seeded part of ``train`` apart to
 stop early and to choose α, and never reads ``calib`` or ``test``, so that the selector's choice and
 guarantees on those stay valid. The result is a new zoo entry, ``<saver>.defer-<base>``, profiled as

@@ -95,7 +95,7 @@ def carry_rows(carry, n: int) -> list:
 
 
 def carry_stack(rows: list, device=None):
-    """The inverse of :func:`carry_rows`: per-sample carries stacked into one batch (on ``device``)."""
+    """The inverse of `carry_rows`: per-sample carries stacked into one batch (on ``device``)."""
     first = rows[0]
     if first is None:
         return None

@@ -67,7 +67,7 @@ def parse_name(path: Path) -> tuple[str, str]:
 
 
 def read_record(path: str | Path) -> Record:
-    """One record file in any of :data:`FORMATS`; raises a one-line ZooError naming the file."""
+    """One record file in any of `FORMATS`; raises a one-line ZooError naming the file."""
     path = Path(path)
     model, split = parse_name(path)
     if not path.is_file():

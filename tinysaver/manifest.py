@@ -1,6 +1,6 @@
 """The typed entry of one model in a zoo manifest (``zoo.yaml``), checked when the zoo loads.
 
-Like timm's ``PretrainedCfg``, a :class:`ModelEntry` is the one typed description of a model that
+Like timm's ``PretrainedCfg``, a `ModelEntry` is the one typed description of a model that
 travels with it: what it is, how it was built, what it costs and how accurate it was. The manifest
 stays plain YAML that the profiler writes and people may edit by hand, so every entry is checked
 on load (types, ranges and names) and a bad one is refused with the file, the model and the
@@ -73,7 +73,7 @@ class _Check:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of a zoo. ``source`` says how to build it (see :class:`~tinysaver.models.ModelSpec`);
+    """One model of a zoo. ``source`` says how to build it (see `ModelSpec`);
     ``backends`` holds per-backend agreement and latency; ``calibration`` the fitted temperature."""
 
     key: str

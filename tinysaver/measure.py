@@ -68,7 +68,7 @@ def flop_counter():
 
 
 def count_flops_torch(module: nn.Module, input_shape: Sequence[int]) -> FlopCount:
-    """FLOPs of one image with :func:`flop_counter`."""
+    """FLOPs of one image with `flop_counter`."""
     device = next(module.parameters()).device
     x = torch.randn(1, *input_shape[-3:], device=device)
     counter = flop_counter()
@@ -176,7 +176,7 @@ def measure_latency(
     """Median latency per batch with torch.utils.benchmark (which syncs CUDA and picks repeat counts).
 
     ``module`` is an ``nn.Module`` or any callable on a float (N, C, H, W) batch, such as a
-    :class:`tinysaver.runtimes.Runner`; ``device`` defaults to the module's parameters' device.
+    `tinysaver.runtimes.Runner`; ``device`` defaults to the module's parameters' device.
     While timing, it measures what the rest of the machine does (``LoadMeter``): a size timed
     while other processes kept more than ``busy_cores`` cores busy is timed again, up to
     ``busy_retries`` more times, and returned with ``noisy`` set if the machine stayed busy.

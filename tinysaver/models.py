@@ -6,7 +6,7 @@ Names resolve in this order:
 2. timm names, with or without a pretrained tag (``resnet50``, ``resnet50.tv_in1k``);
 3. torchvision names, written ``torchvision/resnet50`` (or a bare name timm does not know).
 
-Every model carries its own :class:`Preprocess`, read from timm's data config (or the
+Every model carries its own `Preprocess`, read from timm's data config (or the
 torchvision weights' transforms), so no global transform is ever applied to a zoo.
 """
 from __future__ import annotations
@@ -331,7 +331,7 @@ HUB_PROBE_S = 3.0  # how long to try reaching the Hub before saying it cannot be
 def check_hub_weights(name: str) -> None:
     """Fail at once, in one line, when timm model ``name``'s pretrained weights are neither in the
     local Hugging Face cache nor downloadable: with ``HF_HUB_OFFLINE`` set, or when the Hub does not
-    answer within :data:`HUB_PROBE_S` (huggingface_hub would retry for about a minute first)."""
+    answer within `HUB_PROBE_S` (huggingface_hub would retry for about a minute first)."""
     cfg = _timm().models.get_pretrained_cfg(name)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if not repo:
@@ -410,8 +410,8 @@ def model_preprocess(spec: ModelSpec | str) -> Preprocess:
 def create_model(spec: ModelSpec | str, device: str | torch.device = "cpu") -> LoadedModel:
     """Build the model described by ``spec`` in eval mode on ``device``.
 
-    Raises :class:`ModelNotFoundError` for unknown names (listing close matches) and
-    :class:`CheckpointError` for missing or mismatched checkpoints (naming file and key).
+    Raises `ModelNotFoundError` for unknown names (listing close matches) and
+    `CheckpointError` for missing or mismatched checkpoints (naming file and key).
     """
     if isinstance(spec, str):
         spec = ModelSpec(spec)

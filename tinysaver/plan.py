@@ -2,7 +2,7 @@
 
 Throughput per model comes from timm's published inference benchmark for the chosen device
 (``benchmark-infer-amp-nchw-*-<device>.csv`` in the timm results folder, see
-:mod:`tinysaver.published`) at the model's image size. A model the table does not list is scaled
+`tinysaver.published`) at the model's image size. A model the table does not list is scaled
 by its GMACs: img/s = R / GMACs, where R is the median of img/s × GMACs over the listed models.
 GMACs come from the table, the imagenet-catalog zoo, or a zoo that measured the model.
 

@@ -2,7 +2,7 @@
 
 A policy is a list of stages in running order. Every stage but the last has a confidence
 threshold; a sample is answered by the first stage whose max-softmax confidence is ≥ its
-threshold, and the last stage (the base) answers whatever reaches it. :func:`apply` is the only
+threshold, and the last stage (the base) answers whatever reaches it. `apply` is the only
 implementation of that rule in the project: the selector, the cascade, the ESN policy, the
 evaluations and the plots all call it.
 
@@ -67,7 +67,7 @@ def apply(confs: np.ndarray | Sequence[np.ndarray], thresholds: Sequence[float])
 
 
 def exits(conf: np.ndarray, threshold: float) -> np.ndarray:
-    """(N,) mask of the samples one stage answers: :func:`apply` with that stage alone."""
+    """(N,) mask of the samples one stage answers: `apply` with that stage alone."""
     return apply([conf], [threshold]) == 0
 
 
@@ -108,7 +108,7 @@ def stage_costs(costs: Sequence[float]) -> np.ndarray:
 
 
 def per_sample_cost(stage: np.ndarray, cumulative_costs: Sequence[float]) -> np.ndarray:
-    """(N,) cost of each sample, given the cost of answering at each stage (see :func:`stage_costs`)."""
+    """(N,) cost of each sample, given the cost of answering at each stage (see `stage_costs`)."""
     return np.asarray(cumulative_costs, dtype=np.float64)[stage]
 
 

@@ -24,7 +24,7 @@ Latency is not measured here (a shared cluster's timings mislead): run
 ``tinysaver profile --latency-only`` on the machine that will serve the cascade.
 
 Ray is an optional extra (``tinysaver[ray]``): it is imported when this module is, and
-:func:`check_config` names the extra when it is missing.
+`check_config` names the extra when it is missing.
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ WORKER_GONE = (RayActorError, ActorDiedError, ActorUnavailableError) if ray else
 
 
 class RayScheduler:
-    """The driver's side of one run: a pool of :class:`ModelWorker` actors as large as the cluster
+    """The driver's side of one run: a pool of `ModelWorker` actors as large as the cluster
     allows, the units still to run, the decoded shards in the object store, and the lost workers.
 
     An idle worker takes the next unit of the model it holds; failing that, a model no worker

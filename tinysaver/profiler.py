@@ -42,7 +42,7 @@ LATENCY_SECONDS = 0.5
 
 @dataclass
 class ProfileConfig:
-    """What to profile. ``splits`` maps a split name to a dataset URI (see :mod:`tinysaver.data`)."""
+    """What to profile. ``splits`` maps a split name to a dataset URI (see `tinysaver.data`)."""
 
     zoo: str
     splits: dict[str, str]

@@ -8,7 +8,7 @@ instance runs them at the default priority.
 Ray 2.60 turns on token authentication for every cluster started on the machine. ``ray.init``
 writes a token to ``~/.ray/auth_token`` when none exists, but ``ray start --head`` and
 ``ray.cluster_utils.Cluster`` do not, and fail on a machine where no token was ever written:
-:func:`ensure_ray_token` writes it first, the way Ray's own CLI does.
+`ensure_ray_token` writes it first, the way Ray's own CLI does.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ RAY_CLI = "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'
 
 
 def set_local_ray_env(extra: dict[str, str] | None = None) -> None:
-    """Put :data:`WORKER_ENV` and ``extra`` into the environment, for a Ray instance this process
+    """Put `WORKER_ENV` and ``extra`` into the environment, for a Ray instance this process
     is about to start (call before ``ray.init``). Values the user already set are kept."""
     for k, v in {**WORKER_ENV, **(extra or {})}.items():
         os.environ.setdefault(k, v)

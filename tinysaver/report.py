@@ -1,6 +1,7 @@
 """Every table and text the command line prints, in one place (no computing here)."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .criteria import CP_REPORT_DELTA, SMALL_CALIBRATION, get_criterion
@@ -76,10 +77,40 @@ def describe(sel: Selection) -> str:
     return "\n".join(lines)
 
 
-def render(result) -> str:
-    """A :class:`~tinysaver.selector.SelectionResult` as ``tinysaver query`` prints it: the best
-    policy (:func:`describe`), then the next best candidates as a table."""
-    text = describe(result.best)
+CONCEPTS = "docs/concepts.md"  # where each term of the details is explained once
+
+
+def headline(sel: Selection) -> str:
+    """The answer in one plain sentence: how much the small model answers alone, and what the
+    cascade keeps, at what share of the base's compute."""
+    if not sel.found:
+        why = re.search(r"\((.*)\)$", sel.message or "")
+        return f"No smaller model can answer for {sel.base} here{f' ({why.group(1)})' if why else ''}: it runs alone."
+    who = " then ".join(s.model for s in sel.savers)
+    alone = sum(sel.exit_ratio_calib[:-1]) if sel.exit_ratio_calib else None
+    share = f" at {sel.cost_cascade / sel.cost_base:.0%} of its compute" if sel.cost_base else ""
+    n = f"the {sel.calib_samples:,} calibration images" if sel.calib_samples else "the calibration images"
+    what = "agreement with it" if sel.target == "base-agreement" else "accuracy"
+    base_acc, acc = sel.acc_base_calib, sel.acc_cascade_calib
+    if base_acc is None or acc is None:
+        kept = f"the cascade runs{share}"
+    elif round(acc, 4) >= round(base_acc, 4):
+        kept = f"the cascade keeps {sel.base}'s {what} ({100 * acc:.2f} % on {n}){share}"
+    else:
+        kept = (f"the cascade gives {100 * acc:.2f} % {what} against {sel.base}'s {100 * base_acc:.2f} % on {n}"
+                f"{share}")
+    first = f"{who} answer{'s' if len(sel.savers) == 1 else ''} {alone:.0%} of images alone" if alone is not None \
+        else f"{who} answer{'s' if len(sel.savers) == 1 else ''} first"
+    return f"{first}; {kept}."
+
+
+def render(result, quiet: bool = False) -> str:
+    """A `SelectionResult` as ``tinysaver query`` prints it: the answer in
+    one sentence (`headline`; alone with ``quiet``), then the details of the best policy
+    (`describe`) and the next best candidates as a table."""
+    if quiet:
+        return headline(result.best)
+    text = headline(result.best) + f"\n\ndetails (the terms are explained in {CONCEPTS}):\n" + describe(result.best)
     if len(result.candidates) > 1:
         text += "\n\nnext best candidates (calibration split):\n" + format_table(result.table().iloc[1:])
     return text
@@ -105,4 +136,4 @@ def format_table(df, fmt: str = "table") -> str:
         return df.to_string(index=False)
 
 
-__all__ = ["summary_row", "describe", "markdown", "format_table"]
+__all__ = ["summary_row", "describe", "headline", "markdown", "format_table", "render"]

@@ -5,7 +5,7 @@ harm = 1 when the base was right and the cascade is wrong, repair = 1 for the re
 expected loss L = E[ℓ] is what a user gives up in accuracy (fraction, not points).
 
 A method here answers "is L ≤ ε?" at level δ for one fixed policy: it returns True only when the
-calibration sample makes L > ε implausible. :func:`fixed_sequence` strings such tests along a
+calibration sample makes L > ε implausible. `fixed_sequence` strings such tests along a
 sequence fixed before the data are seen (Learn-then-Test, Angelopoulos et al. 2021): the sequence
 stops at its first failure and every policy before it is certified, with family-wise error ≤ δ
 and no multiplicity correction within the sequence.

@@ -1,12 +1,12 @@
 """Run one model on a batch on an inference backend: eager PyTorch, torch.compile, ONNX Runtime or OpenVINO.
 
-A :class:`Runner` maps a float (N, C, H, W) batch to (N, classes) logits, for any N: batch
+A `Runner` maps a float (N, C, H, W) batch to (N, classes) logits, for any N: batch
 shrinking changes the batch size at every cascade stage. The backends are registered in
-:mod:`tinysaver.backends`, one module each. ONNX Runtime and OpenVINO run an ONNX export of the
-model, made once and cached (:mod:`tinysaver.backends._export`). Thread counts are set through
+`tinysaver.backends`, one module each. ONNX Runtime and OpenVINO run an ONNX export of the
+model, made once and cached (`tinysaver.backends._export`). Thread counts are set through
 each runtime's own options (ONNX Runtime's ``intra_op_num_threads``, OpenVINO's
 ``INFERENCE_NUM_THREADS``): torch's thread count unless the caller gives one (a
-:class:`~tinysaver.cascade.Cascade` can give one per stage).
+`Cascade` can give one per stage).
 
 The runtimes are optional extras: ``pip install 'tinysaver[onnx]'`` and ``'tinysaver[openvino]'``.
 """
@@ -30,7 +30,7 @@ from .policy import confidence
 
 def make_runner(model: LoadedModel, backend: str = DEFAULT_BACKEND, cache_dir: Path | None = None,
                 threads: int | None = None, spin: bool = False) -> Runner:
-    """A :class:`Runner` for ``model`` on ``backend`` (exporting once, then reusing the cached file).
+    """A `Runner` for ``model`` on ``backend`` (exporting once, then reusing the cached file).
 
     ``spin`` (ONNX Runtime only) lets idle intra-op threads spin, as ONNX Runtime does by default.
     That is faster for a model run alone, but in a cascade the spinning threads compete with the
@@ -45,7 +45,7 @@ def make_runner(model: LoadedModel, backend: str = DEFAULT_BACKEND, cache_dir: P
 
 def runner_with_fallback(model: LoadedModel, backend: str, fallback: str | None = None,
                          cache_dir: Path | None = None, threads: int | None = None, spin: bool = False) -> Runner:
-    """:func:`make_runner`, falling back to ``fallback`` (only the default backend, which runs the torch
+    """`make_runner`, falling back to ``fallback`` (only the default backend, which runs the torch
     module itself) for this model when its export fails."""
     if fallback not in (None, DEFAULT_BACKEND):
         raise BackendError(f"the only fallback backend is {DEFAULT_BACKEND}, got {fallback!r}")

@@ -1,6 +1,6 @@
 """Every file format and request body tinysaver reads, declared once.
 
-A file or a request is read only through one of these schemas: :func:`parse` checks it whole
+A file or a request is read only through one of these schemas: `parse` checks it whole
 (types, ranges, NaN, enums, names that must not be paths, and the JSON nesting depth) and turns
 the first fault into one line naming the file, the field path and the rule, e.g.
 ``zoo.yaml: models.resnet10t.preprocess.std[0]: must be > 0, got 0.0``. Code behind the boundary
@@ -73,7 +73,7 @@ class PreprocessSchema(Schema):
 
 
 class PreprocessOverride(Schema):
-    """Overrides of a model's data config in a profile config: any of :class:`PreprocessSchema`'s fields."""
+    """Overrides of a model's data config in a profile config: any of `PreprocessSchema`'s fields."""
 
     input_size: Annotated[list[Count], Field(min_length=3, max_length=3)] | None = None
     crop_pct: Annotated[Union[StrictInt, StrictFloat], Field(gt=0, le=1, allow_inf_nan=False)] | None = None

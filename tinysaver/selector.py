@@ -1,11 +1,11 @@
 """Choose, for a base model, the saver model(s) and confidence threshold(s) of least expected cost.
 
 A cascade runs the saver S first; a sample exits when S's max-softmax confidence is ≥ t, and the
-rest go to the base B (the rule itself is :func:`tinysaver.policy.apply`). With ``k`` samples
+rest go to the base B (the rule itself is `tinysaver.policy.apply`). With ``k`` samples
 exiting out of ``n``, the relative cost is ``cost(S)/cost(B) + (1 − k/n)``.
 
 Every policy is scored by two counts over the calibration samples: *harm* (the base was right, the
-cascade is wrong) and *repair* (the reverse). One function, :func:`criterion_passes`, turns those
+cascade is wrong) and *repair* (the reverse). One function, `criterion_passes`, turns those
 counts into "meets the criterion" for pairs and chains alike (tolerance ε in accuracy points):
 
 - ``zero``: repair − harm ≥ 0, i.e. the cascade is at least as accurate as the base;
@@ -14,7 +14,7 @@ counts into "meets the criterion" for pairs and chains alike (tolerance ε in ac
   downward; exits are the samples with confidence > t; the answer is the first t where the saver
   is less accurate than the base on the exited samples (or 0.001 if there is none). Pairs only;
 - ``guaranteed``: with probability ≥ 1 − δ over the calibration draw, the expected loss on new
-  samples from the same distribution is ≤ ε. Policies are tested with :mod:`tinysaver.risk` along
+  samples from the same distribution is ≤ ε. Policies are tested with `tinysaver.risk` along
   sequences fixed before the data are seen (a threshold grid, and for chains fixed paths of
   threshold pairs); δ is split evenly over every sequence tested for the base (Bonferroni), so
   the choice among savers and chains is covered too. Assumption: exchangeable samples.
@@ -31,9 +31,9 @@ so float noise in a re-run cannot move a calibration sample across one.
 Label-free mode replaces the labels with the base's own predictions (the distillation target of
 unsupervised early exits), so "accuracy" becomes agreement with the base.
 
-The parts live beside this file: the cost model in :mod:`tinysaver.costs`, the splits in
-:mod:`tinysaver.splits`, the pair sweep in :mod:`tinysaver.sweep`, the chain search in
-:mod:`tinysaver.chains`; this module turns a configuration into the cheapest passing policy and
+The parts live beside this file: the cost model in `tinysaver.costs`, the splits in
+`tinysaver.splits`, the pair sweep in `tinysaver.sweep`, the chain search in
+`tinysaver.chains`; this module turns a configuration into the cheapest passing policy and
 its report.
 """
 from __future__ import annotations
@@ -142,8 +142,8 @@ class PolicyRequest:
 
 
 def selection_for(zoo: Zoo, request: PolicyRequest) -> Selection:
-    """The one way a command gets its policy over ``zoo`` (see :class:`PolicyRequest`). The models
-    are not looked up here: :func:`tinysaver.stageplan.resolve` does that, once, before any loads."""
+    """The one way a command gets its policy over ``zoo`` (see `PolicyRequest`). The models
+    are not looked up here: `tinysaver.stageplan.resolve` does that, once, before any loads."""
     r = request
     if r.selection is not None:
         sel = Selection.load(r.selection)
@@ -210,18 +210,18 @@ def _pair_candidates(base: str, pool: Sequence[str], calib: SplitData, costs: di
 
 @dataclass
 class SelectionResult:
-    """What :func:`select` found for one base.
+    """What `select` found for one base.
 
     ``candidates``: up to ``top`` policies that cost less than the base alone, cheapest first, each
-    a full :class:`Selection` with its calibration and held-out results; empty when no saver
+    a full `Selection` with its calibration and held-out results; empty when no saver
     qualifies. ``best`` is the first of them, or the base alone (with the reason in its
-    ``message``). :func:`tinysaver.report.render` prints it."""
+    ``message``). `tinysaver.report.render` prints it."""
 
     best: Selection
     candidates: list[Selection] = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
-        """One summary row per candidate (the columns of :func:`tinysaver.report.summary_row`)."""
+        """One summary row per candidate (the columns of `tinysaver.report.summary_row`)."""
         return pd.DataFrame([summary_row(c) for c in self.candidates])
 
 
@@ -292,7 +292,7 @@ TOLERANCE_LADDER = (0.25, 0.5, 1.0, 2.0, 5.0)
 
 def _tolerance_hint(base, pool, calib, costs, cfg: SelectorConfig, orders, delta_pair: float) -> str:
     """``at ε = 1 points a saver would be selected (--tolerance 1)``, for the smallest tolerance of
-    :data:`TOLERANCE_LADDER` above ``cfg``'s at which a pair passes on this calibration set; or
+    `TOLERANCE_LADDER` above ``cfg``'s at which a pair passes on this calibration set; or
     that none of them would."""
     for eps in (t for t in TOLERANCE_LADDER if t > cfg.tolerance):
         tried = replace(cfg, tolerance=eps)

@@ -6,10 +6,10 @@
 - ``fashion-mnist:SPLIT[:DIR]`` SPLIT is ``train`` (the 50k kept for training), ``calib``
                                  (10k held out of the official train set), ``trainfull`` or ``test``.
 
-A kind either lists files (``listing``: a :class:`~tinysaver.decoding.RawSource`, decoded later)
+A kind either lists files (``listing``: a `RawSource`, decoded later)
 or holds decoded arrays already (``arrays``, with ``count`` to size it without loading). A new kind
-is one :func:`register_source` call; :mod:`tinysaver.data` reads them all through :data:`SOURCES`.
-:func:`paths_source` reads the unlabelled files that ``tinysaver infer`` is given.
+is one `register_source` call; `tinysaver.data` reads them all through `SOURCES`.
+`paths_source` reads the unlabelled files that ``tinysaver infer`` is given.
 """
 from __future__ import annotations
 

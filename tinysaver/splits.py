@@ -1,7 +1,7 @@
 """Per-model predictions on one evaluation split, aligned sample by sample, and the choice of the
 selector's calibration and held-out splits.
 
-Everything downstream of the zoo reads predictions as a :class:`SplitData`: labels ``(n,)``, and
+Everything downstream of the zoo reads predictions as a `SplitData`: labels ``(n,)``, and
 per model its top-1 class ``(n,)`` and max-softmax confidence ``(n,)`` in [0, 1].
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A selection resolved once into the stages that will run: :class:`StagePlan` and :func:`resolve`.
+"""A selection resolved once into the stages that will run: `StagePlan` and `resolve`.
 
 Everything a runner of a policy needs is decided here, at the boundary, before any model loads:
 the zoo models in running order, one threshold per stage but the last, one temperature and one
@@ -6,9 +6,9 @@ backend (with its thread count and spin) per stage, the device, the batch size, 
 and each model's recorded preprocessing (the input budget's resize check). ``Cascade``, every Serve
 replica and ESN inference take a ``StagePlan`` and check none of it again.
 
-The rules a plan obeys are written once, in ``StagePlan.__post_init__`` and :func:`check_run_options`:
+The rules a plan obeys are written once, in ``StagePlan.__post_init__`` and `check_run_options`:
 building a plan by hand (a Cascade of models already loaded, an ESN's parts) goes through the same
-checks as :func:`resolve`.
+checks as `resolve`.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class StagePlan:
 def check_run_options(backends: Sequence[str], threads: Sequence[int | None], spins: Sequence[bool],
                       device: str = "cpu", half: bool = False, channels_last: bool = False) -> None:
     """Raise one line when a stage asks its backend for what it cannot do (see
-    :class:`tinysaver.backends.Backend`): unknown or not installed, another device, half precision
+    `tinysaver.backends.Backend`): unknown or not installed, another device, half precision
     or channels-last off torch, its own thread count on torch's shared pool, spin where it has none."""
     import torch
 

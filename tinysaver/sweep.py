@@ -2,8 +2,8 @@
 
 Sorting a saver's confidences once (descending) turns every threshold into a prefix of that
 order, so the harm and repair counts of all thresholds are two cumulative sums, O(n log n) per
-saver. :class:`SaverOrder` is reused for every base (and by the ESN's exit policies);
-:func:`best_exit` returns the cheapest policy a criterion of :mod:`tinysaver.criteria` accepts.
+saver. `SaverOrder` is reused for every base (and by the ESN's exit policies);
+`best_exit` returns the cheapest policy a criterion of `tinysaver.criteria` accepts.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def criterion_passes(criterion: str, outcomes, count: int, n: int, tolerance: fl
     (used by the ``wsr`` test only). ``delta`` is the level of this one sequence. Sequential rules
     (subset, guaranteed) pull candidates in chunks and stop at their first failure.
     Returns a (count,) mask; the caller takes the cheapest passing candidate. The rules themselves
-    are registered in :mod:`tinysaver.criteria`.
+    are registered in `tinysaver.criteria`.
     """
     return get_criterion(criterion).passes(outcomes, count, n, tolerance, delta, method)
 

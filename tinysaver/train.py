@@ -178,7 +178,7 @@ def choose_precision(model, sd32: dict, calib, test, cfg: TrainConfig, device) -
 
 
 def recompress(cfg: TrainConfig) -> None:
-    """Re-apply :func:`choose_precision` to fp32 checkpoints already trained (no retraining)."""
+    """Re-apply `choose_precision` to fp32 checkpoints already trained (no retraining)."""
     from safetensors.torch import load_file, save
 
     out = Path(cfg.out_dir)

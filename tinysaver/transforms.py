@@ -1,7 +1,7 @@
 """Per-model preprocessing applied to already-decoded uint8 tensors.
 
-The image is decoded once (see :mod:`tinysaver.data`); each model then derives its own input
-from that tensor with :func:`prepare_batch`, following timm's eval transform: resize the shorter
+The image is decoded once (see `tinysaver.data`); each model then derives its own input
+from that tensor with `prepare_batch`, following timm's eval transform: resize the shorter
 side to ``floor(size / crop_pct)``, centre-crop, scale to [0, 1] and normalise.
 """
 from __future__ import annotations

@@ -83,8 +83,8 @@ def default_root(root: Path | str | None = None) -> Path:
 
 
 def write_path(name: str, root: Path | str | None = None, log=print) -> Path:
-    """The folder a command writes zoo ``name`` to: in the write root (:func:`default_root`); a
-    bundled zoo of that name is copied there first (:func:`writable`), so a run adds to it."""
+    """The folder a command writes zoo ``name`` to: in the write root (`default_root`); a
+    bundled zoo of that name is copied there first (`writable`), so a run adds to it."""
     dest = default_root(root) / name
     if not (dest / MANIFEST).is_file():
         found = zoo_path(name, root)
@@ -99,7 +99,7 @@ def is_bundled(path: Path) -> bool:
 
 
 def writable(zoo: "Zoo", root: Path | str | None = None, log=print) -> "Zoo":
-    """``zoo`` itself, or, for a bundled zoo, a copy of it in the write root (:func:`default_root`)
+    """``zoo`` itself, or, for a bundled zoo, a copy of it in the write root (`default_root`)
     made first: the copy then shadows the bundled one, which stays as shipped. Says where."""
     if not is_bundled(zoo.path):
         return zoo
@@ -203,7 +203,7 @@ class Zoo:
         return self.entry(key).status in PREDICTED
 
     def model(self, key: str) -> dict[str, Any]:
-        """The raw manifest mapping of ``key``, for code that writes the manifest; readers use :meth:`entry`."""
+        """The raw manifest mapping of ``key``, for code that writes the manifest; readers use `entry`."""
         if key not in self.models:
             import difflib
 
@@ -213,11 +213,11 @@ class Zoo:
         return self.models[key]
 
     def entry(self, key: str):
-        """The typed, checked :class:`~tinysaver.manifest.ModelEntry` of ``key``."""
+        """The typed, checked `ModelEntry` of ``key``."""
         return ModelEntry.from_dict(key, self.model(key), self.path / MANIFEST)
 
     def model_spec(self, key: str):
-        """The :class:`~tinysaver.models.ModelSpec` the entry was profiled with. A relative checkpoint
+        """The `ModelSpec` the entry was profiled with. A relative checkpoint
         path resolves from the checkout that holds this zoo_index (``<checkout>/zoo_index/<zoo>``)."""
         from .models import ModelSpec
 
@@ -245,7 +245,7 @@ class Zoo:
         return ModelSpec.from_dict(src)
 
     def preprocess(self, key: str):
-        """The :class:`~tinysaver.models.Preprocess` ``key``'s predictions were made with; None for
+        """The `Preprocess` ``key``'s predictions were made with; None for
         an entry that records none (published facts only)."""
         from .models import Preprocess
 
@@ -263,7 +263,7 @@ class Zoo:
 
     def preprocesses(self, keys) -> tuple:
         """The recorded preprocessing of each of ``keys`` that records one, in order (what images
-        for those models are checked against: :class:`tinysaver.budget.InputBudget`)."""
+        for those models are checked against: `tinysaver.budget.InputBudget`)."""
         return tuple(p for p in map(self.preprocess, keys) if p is not None)
 
     def load_model(self, key: str, device: str = "cpu", accept_preprocess_change: bool = False):
@@ -325,7 +325,7 @@ class Zoo:
         return Predictions(model, split, ids, labels, **arrays)
 
     def calibrated_predictions(self, model: str, split: str) -> Predictions:
-        """:meth:`predictions` with the temperature-scaled confidences of ``tinysaver zoo calibrate``."""
+        """`predictions` with the temperature-scaled confidences of ``tinysaver zoo calibrate``."""
         cal = self.entry(model).calibration
         if not cal:
             raise ZooError(f"{model!r} in zoo {self.name!r} has no calibrated confidences; run "
@@ -388,7 +388,7 @@ def class_names_to_store(names: list[str] | None) -> list[str] | str | None:
 
 
 def stored_class_names(stored: list[str] | str | None) -> list[str] | None:
-    """The class names a manifest's split entry stands for: the inverse of :func:`class_names_to_store`."""
+    """The class names a manifest's split entry stands for: the inverse of `class_names_to_store`."""
     if stored == IMAGENET_CLASSES:
         from .sources import imagenet_class_names
 
@@ -412,7 +412,7 @@ def _g(x: Any) -> float | None:
 
 def zoo_path(name: str, root: Path | None = None) -> Path:
     """The folder of zoo ``name``: a folder path as given, else the first place of the search path
-    that holds it, else where it would be written (:func:`default_root`)."""
+    that holds it, else where it would be written (`default_root`)."""
     p = Path(name)
     if p.is_dir() and (p / MANIFEST).is_file():
         return p

@@ -1,4 +1,4 @@
-"""Write a profile config for models trained by :mod:`tinysaver.train` (one entry per checkpoint).
+"""Write a profile config for models trained by `tinysaver.train` (one entry per checkpoint).
 
     python -m tinysaver.zoo_from_checkpoints zoo_index/checkpoints/fashion-mnist/manifest.yaml \
         --zoo fashion-mnist --out zoo_index/configs/fashion-mnist.yaml

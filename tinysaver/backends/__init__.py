@@ -1,4 +1,4 @@
-"""The inference backends a :class:`Runner` can run on, one module per backend in this package.
+"""The inference backends a `Runner` can run on, one module per backend in this package.
 
 A backend is registered once, by the module that builds it (``@register_backend(name)``, as timm's
 ``@register_model``). Its name is its module's name, so the list of names is read from this
@@ -97,7 +97,7 @@ BACKENDS = backend_names()  # what the command line offers; a registered backend
 
 def register_backend(name: str, **capabilities):
     """Decorator: register ``build`` as the backend ``name`` (the module's own name), with the
-    :class:`Backend` fields that say what it can do."""
+    `Backend` fields that say what it can do."""
     def wrap(build):
         _REGISTRY[name] = Backend(name, build, **capabilities)
         return build

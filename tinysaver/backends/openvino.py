@@ -30,7 +30,7 @@ class OpenVinoModel:
     """An ONNX file compiled by OpenVINO for the CPU: (N, C, H, W) float → (N, classes) logits, any N.
 
     Batches run on one dynamic-batch compiled model, except batch sizes announced with
-    :meth:`expect_batch` (a cascade announces its batch size, the profiler each one it times), which
+    `expect_batch` (a cascade announces its batch size, the profiler each one it times), which
     run on a model compiled for that fixed shape: 1.02–1.45× faster on the Fashion-MNIST zoo, with
     the same logits (benchmarks/bench_openvino.py). A compile takes 80–190 ms, so it happens when
     a size is announced, never in the middle of a stream of batches. The ``max_static`` most

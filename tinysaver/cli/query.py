@@ -17,13 +17,18 @@ def register(sub) -> None:
     q.add_argument("--saver", action="append", help="restrict candidates to these savers (repeat for several)")
     q.add_argument("--top", type=positive_int, default=5, help="how many candidates to list")
     q.add_argument("--save", help="write the selection as JSON, for 'tinysaver infer --selection FILE'")
+    q.add_argument("--quiet", action="store_true", help="print the answer's one sentence only")
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     zoo = load_zoo(args.zoo, args.root)
     result = select(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver, top=args.top)
-    print(render(result))
+    print(render(result, quiet=args.quiet))
     sel = result.best
+    if args.quiet:
+        if args.save:
+            sel.save(args.save)
+        return 0
     zoo_arg = f"--zoo {shlex.quote(args.zoo)}"
     unbuildable = [m for m in sel.models if not zoo.entry(m).source.get("name")]
     if unbuildable:  # imported as predictions only: there is nothing to run

@@ -31,6 +31,9 @@ def register(sub) -> None:
     q.add_argument("--label-free", action="store_true", help="agreement with the base's recorded answers replaces labels")
     q.add_argument("--limit", type=positive_int, help="train on the first N train samples only (a quick run)")
     q.add_argument("--seed", type=int, default=d["seed"])
+    q.add_argument("--keep-worse", action="store_true",
+                   help="add the trained saver to the zoo even when it defers worse than the one it started from "
+                        "on the held-out part of train")
     q.add_argument("--quiet", action="store_true")
 
 
@@ -47,9 +50,17 @@ def cmd_saver_train(args: argparse.Namespace) -> int:
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, holdout=args.holdout,
                              label_free=args.label_free, limit=args.limit, seed=args.seed)
     result = train_saver(zoo, args.saver, args.base, settings, progress=not args.quiet)
+    compared = (f"held-out zero-loss exits {100 * result.holdout_exit_before:.1f} % before → "
+                f"{100 * result.holdout_exit_after:.1f} % after (the part of train kept apart)")
+    if result.holdout_exit_after < result.holdout_exit_before and not args.keep_worse:
+        # an honest outcome: a fine-tuned saver that defers worse is not added as if it were an improvement
+        print(f"{args.saver} trained to defer to {args.base} is worse than the saver it started from: {compared}; "
+              "nothing was added to the zoo (pass --keep-worse to add it anyway)")
+        return 0
     key = add_to_zoo(zoo, args.saver, args.base, result, settings, root_of(args), progress=not args.quiet)
-    print(f"{key}: α={result.alpha:g}, epoch {result.epoch}; held-out zero-loss exits "
-          f"{100 * result.holdout_exit_before:.1f} % → {100 * result.holdout_exit_after:.1f} % (part of train)"
+    worse = " (worse than the saver it started from, kept as --keep-worse asked)" \
+        if result.holdout_exit_after < result.holdout_exit_before else ""
+    print(f"{key}: α={result.alpha:g}, epoch {result.epoch}; {compared}{worse}"
           + ("; stopped by Ctrl-C, the best weights so far were kept" if result.interrupted else ""))
     print(f"next: tinysaver query --zoo {zoo.name} --base {args.base} --saver {key}")
     return 0

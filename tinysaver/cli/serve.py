@@ -167,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) -> int:
-    """Run ``app`` as the command line asks (see :func:`tinysaver.serve.lifecycle.run_service`)."""
+    """Run ``app`` as the command line asks (see `tinysaver.serve.lifecycle.run_service`)."""
     return run_service(app, models, host=args.host, port=args.port, grpc_port=args.grpc_port,
                        address=args.address or os.environ.get("RAY_ADDRESS"), startup_timeout_s=args.startup_timeout,
                        drain_timeout_s=args.drain_timeout, needs=needs)

@@ -1,10 +1,10 @@
 """``--adapt``: the live audit, plus a saver threshold that retunes itself within the bound.
 
-The service starts at the calibrated threshold t₀ and watches it with an :class:`AuditMonitor`.
+The service starts at the calibrated threshold t₀ and watches it with an `AuditMonitor`.
 
 - **Drift raises the threshold.** When the monitor of the threshold in use says ``drift``, the
   audited early answers of that threshold's epoch choose a higher one: the lowest point t of
-  :data:`ADAPT_GRID` (or ∞, the base alone) whose estimated loss, (1/a) · (audited answers with
+  `ADAPT_GRID` (or ∞, the base alone) whose estimated loss, (1/a) · (audited answers with
   confidence ≥ t that disagreed with the base) / (requests of the epoch), is at most half the
   tolerance. Nothing is claimed for it yet: it starts a new epoch with a fresh monitor, whose state
   is ``uncertain`` until its own audits decide.

@@ -59,7 +59,7 @@ class FusedAnswerer:
 
     def submit(self, img, arrived: float) -> asyncio.Future:
         """The future of ``img``'s engine answer, (stage, class, confidence[, the first stage's]):
-        :meth:`unpack` makes it an :data:`Answer`."""
+        `unpack` makes it an `Answer`."""
         fut = asyncio.get_running_loop().create_future()
         self._batches.submit((img, fut, arrived))
         return fut

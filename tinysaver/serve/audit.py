@@ -66,7 +66,7 @@ class AuditMonitor:
     """``request(early)`` records one answered request and returns its record; ``audited(record,
     disagreed)`` adds the base's verdict on an audited early answer; ``dropped()`` counts an
     audit given up (an overloaded base), which then counts as not audited. ``state`` is one of
-    :data:`STATES`; ``view()`` is what /healthz and /metrics show.
+    `STATES`; ``view()`` is what /healthz and /metrics show.
 
     A request counts in n once its outcome is known: at once when it was not audited, when its
     audit returns otherwise, so a slow base never makes the set narrower than the evidence.

@@ -28,7 +28,7 @@ log = logging.getLogger("tinysaver.serve")
 def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
              root: Path | None = None) -> Plan:
     """The plan of a saver → … → base ``selection`` over ``zoo``, checked before anything is deployed:
-    the stages resolved once (:func:`tinysaver.stageplan.resolve`), and the options able to place them."""
+    the stages resolved once (`tinysaver.stageplan.resolve`), and the options able to place them."""
     o = options or ServeOptions()
     stages = resolve(selection, zoo, backend=o.backend, accept_preprocess_change=o.accept_preprocess_change,
                      batch_size=o.max_batch_size, root=root)
@@ -99,7 +99,7 @@ def unschedulable(needs: dict[str, dict[str, float]], nodes: list[dict]) -> str 
 
 
 def application(plan: Plan, token: str | None = None):
-    """The Serve application of ``plan`` in its layout (see :mod:`tinysaver.serve.deployments`)."""
+    """The Serve application of ``plan`` in its layout (see `tinysaver.serve.deployments`)."""
     from ray.serve.config import BackpressureConfig
 
     from .deployments import Ingress, StageServer
@@ -173,7 +173,7 @@ def _builder_schema() -> type[pydantic.BaseModel]:
 
 
 def _typed(args: dict) -> dict:
-    """``serve run``'s text arguments read through :func:`_builder_schema`: typed values of the keys
+    """``serve run``'s text arguments read through `_builder_schema`: typed values of the keys
     given, or one ServeError line naming the argument and the rule."""
     args = {str(k).replace("-", "_"): v for k, v in (args or {}).items()}
     parsed = parse(_builder_schema(), args, "tinysaver.serve:app", ServeError)
@@ -185,9 +185,9 @@ def app(args: dict):
 
     Keys: ``zoo`` (default fashion-mnist), ``root``, and either ``selection`` (a file from
     ``tinysaver query --save``) or ``base`` with the selector's options (``criterion``,
-    ``tolerance``, …, ``saver``, ``threshold``); plus any :class:`ServeOptions` field (``layout``,
+    ``tolerance``, …, ``saver``, ``threshold``); plus any `ServeOptions` field (``layout``,
     ``backend``, ``replicas``, ``audit``, …) and ``token``. Values are strings, as on the command line.
-    Bad arguments raise a :class:`~tinysaver.errors.TinysaverError`; under Ray's ``serve`` command
+    Bad arguments raise a `TinysaverError`; under Ray's ``serve`` command
     they are its usage error, which it prints as one line, without a traceback.
     """
     try:
@@ -235,7 +235,7 @@ HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_O
 
 def local_ray_env() -> None:
     """Settings for a Ray instance this process starts to serve from (call before ``ray.init``):
-    replicas at the default priority (:mod:`tinysaver.ray_local`) and a patient proxy start-up.
+    replicas at the default priority (`tinysaver.ray_local`) and a patient proxy start-up.
     Values the user set in the environment are kept."""
     set_local_ray_env(PROXY_ENV)
 

@@ -1,4 +1,4 @@
-"""The Serve deployments, at module level, each bound by keyword to one frozen :class:`Plan`.
+"""The Serve deployments, at module level, each bound by keyword to one frozen `Plan`.
 
 - ``Ingress`` (FastAPI routes, the audit, metrics). In the ``fused`` layout its replicas hold every
   stage and answer each batch (``batching.Batcher``) on the shared engine (one hop from Serve's proxy).
@@ -247,7 +247,7 @@ class Ingress:
 
     # --- a stop: admit nothing new, answer what was admitted ------------------------------------
     def _admit(self) -> None:
-        """Count a request as held until :meth:`_release`, or refuse it (503) while draining."""
+        """Count a request as held until `_release`, or refuse it (503) while draining."""
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._watch_drain())
         if self.draining:

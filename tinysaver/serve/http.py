@@ -92,7 +92,7 @@ async def read_files(request, many: bool, max_bytes: int, timeout_s: float | Non
 
 def decode(data: bytes, budget):
     """A uint8 (C, H, W) tensor, or BadRequest: 400 for what is not a usable image, 413 over the
-    ``budget`` (a :class:`tinysaver.budget.InputBudget`, or a bare pixel cap)."""
+    ``budget`` (a `tinysaver.budget.InputBudget`, or a bare pixel cap)."""
     from ..decoding import decode_image  # torch: only where images are decoded
 
     if not data:
@@ -129,7 +129,7 @@ def check_token(headers, token: str | None) -> None:
 
 
 def decode_all(datas: Sequence[bytes], budget) -> list:
-    """:func:`decode` of each body: its tensor, or the BadRequest it raised (one bad image in a
+    """`decode` of each body: its tensor, or the BadRequest it raised (one bad image in a
     batch spoils only its own line)."""
     out = []
     for data in datas:

@@ -4,7 +4,7 @@ until it runs, and on SIGTERM or Ctrl-C drain and stop within a bounded time.
 A local Ray runs in a session of its own. systemd, Docker and Kubernetes signal the whole process
 group of a service; had Ray's GCS, raylet and replicas been in it, they would die at once while
 the command still needed them to drain (the stop then waited 60 s for a GCS that was gone). So
-only this process hears the signal, refuses new requests with 503 (:mod:`tinysaver.serve.drain`),
+only this process hears the signal, refuses new requests with 503 (`tinysaver.serve.drain`),
 answers what it admitted, and then stops its Ray by the process it started.
 
 Ray is an optional extra (``.[serve]``), so it is imported inside the functions that use it.

@@ -92,7 +92,7 @@ def _from_json(data: Any) -> list[bytes]:
 def parse_infer(body: bytes, header_length: str | None, max_images: int | None = None) -> InferRequest:
     """The request of ``POST /v2/models/{name}/infer``: a JSON body, or a JSON header of
     ``header_length`` bytes followed by binary tensor data, read through
-    :class:`~tinysaver.schemas.OIPRequestSchema`. Anything else is a 400; more than ``max_images``
+    `OIPRequestSchema`. Anything else is a 400; more than ``max_images``
     images a 413 (the same cap as ``/predict/batch``), counted before any is decoded."""
     if header_length is not None:
         if not DIGITS.fullmatch(header_length.strip()) or int(header_length) > len(body):

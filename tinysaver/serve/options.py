@@ -105,10 +105,10 @@ class ServeOptions:
 class Plan:
     """Everything a deployment needs, decided before anything is deployed; bound by keyword.
 
-    ``stages``: the resolved :class:`~tinysaver.stageplan.StagePlan` (models, thresholds,
+    ``stages``: the resolved `StagePlan` (models, thresholds,
     temperatures, backends, class names, where the base's chain starts); ``options``: how to serve
     them; ``factory``: the "module:function" that builds the stages in a replica (see
-    :data:`MODEL_STAGES`), with ``extra`` for it (an ESN checkpoint, say).
+    `MODEL_STAGES`), with ``extra`` for it (an ESN checkpoint, say).
     """
 
     stages: StagePlan

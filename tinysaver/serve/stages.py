@@ -1,6 +1,6 @@
 """The stages a replica runs: built from the plan by its factory, on the replica's device.
 
-A fused replica runs all of them through :func:`tinysaver.engine.run`; a per-stage replica runs
+A fused replica runs all of them through `tinysaver.engine.run`; a per-stage replica runs
 one, on the (image, carry) items its requests bring (``ItemStage``). Nothing here imports Ray.
 """
 from __future__ import annotations

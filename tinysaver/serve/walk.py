@@ -4,7 +4,7 @@ these classes their stages, and tests give them stand-ins.
 - ``StageWalk`` (per-stage layout): asks stage deployments in turn, one request at a time, retrying
   a stage whose replica died while Serve replaces it, until the request's deadline.
 - ``FusedBatcher`` (fused layout): runs every stage of the replica on a batch of requests through
-  :func:`tinysaver.engine.run`, and answers each request the moment its stage has answered it, so
+  `tinysaver.engine.run`, and answers each request the moment its stage has answered it, so
   a request the saver answers does not wait for the base pass of its batch's survivors.
 """
 from __future__ import annotations
