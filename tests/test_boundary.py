@@ -389,3 +389,64 @@ def test_esn_settings_are_read_through_their_format(tmp_path, settings, says):
     with pytest.raises(UsageError) as e:
         TrainSettings.from_yaml(f)
     assert str(e.value) == f"{f}: {says}" or str(e.value).startswith(f"{f}: {says}"), str(e.value)
+
+
+def test_a_killed_command_takes_its_node_with_it_at_once(tmp_path):
+    """kill -9 of 'tinysaver serve' left 22 Ray processes for 30-55 s and their temp folder behind.
+    The reaper watches the command; here a stand-in command and a stand-in node (a session of two
+    sleeping processes, one ignoring SIGTERM as a stopping node's may)."""
+    import signal
+
+    from tinysaver.serve.reaper import in_session
+
+    folder = tmp_path / "tinysaver-ray-x"
+    folder.mkdir()
+    node = subprocess.Popen([sys.executable, "-c", "import signal, subprocess, sys, time; "
+                             "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"],
+                            start_new_session=True)
+    command = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    reaper = subprocess.Popen([sys.executable, "-m", "tinysaver.serve.reaper", str(command.pid), str(node.pid),
+                               str(folder)], start_new_session=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while len(in_session(node.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(in_session(node.pid)) == 2
+        time.sleep(0.5)
+        assert reaper.poll() is None and folder.exists()  # the command runs: nothing is touched
+        command.send_signal(signal.SIGKILL)
+        command.wait()
+        assert reaper.wait(30) == 0
+        assert in_session(node.pid) == [] and not folder.exists()
+    finally:
+        for p in (node, command, reaper):
+            if p.poll() is None:
+                p.kill()
+        node.wait()
+
+
+def test_a_large_jpeg_decodes_at_the_scale_its_models_need():
+    """PIL's draft: a 2048 × 1536 JPEG for a 224-pixel model (resized to 256 on its short side first)
+    decodes at 1/4 scale, 16× fewer pixels, and the model's input barely moves (a JPEG's own DCT
+    scaling against a full decode and an antialiased resize)."""
+    from PIL import Image
+
+    from tinysaver.budget import InputBudget
+    from tinysaver.decoding import decode_image
+    from tinysaver.models import Preprocess
+    from tinysaver.transforms import prepare_batch
+
+    y, x = np.mgrid[0:1536, 0:2048]
+    arr = np.stack([(x / 8) % 256, (y / 6) % 256, ((x + y) / 10) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    pre = Preprocess(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic")
+    full = decode_image(buf.getvalue(), InputBudget(40_000_000))
+    small = decode_image(buf.getvalue(), InputBudget(40_000_000, (pre,)))
+    assert tuple(full.shape) == (3, 1536, 2048) and tuple(small.shape) == (3, 384, 512)
+    assert InputBudget(40_000_000, (pre,)).draft_size(2048, 1536) == (341, 256)  # at least what a resize takes
+    diff = (prepare_batch([full], pre) - prepare_batch([small], pre)).abs()
+    assert float(diff.mean()) < 0.01
+    png = png_bytes(arr[:600, :800])  # only JPEGs have a reduced-scale decode
+    assert tuple(decode_image(png, InputBudget(40_000_000, (pre,))).shape) == (3, 600, 800)

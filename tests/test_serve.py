@@ -893,6 +893,8 @@ def test_slow_bodies_half_open_connections_and_large_requests_are_bounded(servic
         t0 = time.monotonic()
         r = post_answered(c, png(imgs[0]), "/fused/predict")
         assert r.status_code == 200 and time.monotonic() - t0 < 10, (r.status_code, r.text)
+        r = c.get("/fused/livez", timeout=10)
+        assert r.status_code == 200 and r.json() == {"status": "live"}, r.text
     finally:
         for sock in opened:
             sock.close()

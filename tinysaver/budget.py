@@ -49,6 +49,23 @@ class InputBudget:
                     f"{width} × {height} pixels would be resized to {size[1]:,} × {size[0]:,} for a model's "
                     f"{pre.input_size[2]} × {pre.input_size[1]} input, over the cap of {cap:,} pixels (--max-pixels)")
 
+    def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The smallest (width, height) a decoder may reduce an image of ``width`` × ``height`` to
+        (a JPEG decodes at 1/2, 1/4 or 1/8 scale at a fraction of the cost) such that every model's
+        resize still only shrinks it, in either orientation (EXIF may rotate it after decoding);
+        None when no model is known or one takes the image at its own size."""
+        if not self.preprocess:
+            return None
+        need_w = need_h = 0
+        for pre in self.preprocess:
+            for h, w, swapped in ((height, width, False), (width, height, True)):
+                size = pre.resized_size(h, w)
+                if size is None:
+                    return None
+                rh, rw = (size[1], size[0]) if swapped else size
+                need_w, need_h = max(need_w, rw), max(need_h, rh)
+        return need_w, need_h
+
 
 class PixelPool:
     """The decoded pixels a process holds at once, across all its requests: one budget, so that many

@@ -111,6 +111,11 @@ def decode_image(data: bytes, max_pixels: InputBudget | int | None = MAX_PIXELS)
             budget.check(w, h)
             if w * h == 0:
                 raise ImageError(f"the image has no pixels ({w} × {h})")
+            draft = budget.draft_size(w, h) if im.format == "JPEG" else None
+            if draft is not None and draft[0] * 2 <= w and draft[1] * 2 <= h:
+                # a JPEG several times larger than any model needs decodes at a reduced scale (still at
+                # least that size): a 48 MP photo costs a fraction of its full decode in memory and time
+                im.draft(im.mode, draft)
             im.load()
             im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -31,6 +31,7 @@ from ..errors import ServeError
 from ..ray_local import RAY_CLI, ensure_ray_token
 from . import grpc_api
 from .builders import local_ray_env, start_serve, unschedulable
+from .reaper import in_session
 
 APP = "tinysaver"
 HEAD_START_S = 120.0  # a local Ray's head comes up in about 5 s here; a starved machine takes longer
@@ -113,6 +114,10 @@ class LocalHead:
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                 preexec_fn=_die_with_parent)
         (self.dir / OWNER).write_text(f"{os.getpid()} {self.proc.pid}")  # the command's pid, and its node's session
+        # a kill -9 of this command leaves nothing to stop the node: the reaper, a process of its own, does
+        self.reaper = subprocess.Popen([sys.executable, "-m", "tinysaver.serve.reaper", str(os.getpid()),
+                                        str(self.proc.pid), str(self.dir)], start_new_session=True,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while "Ray runtime started" not in self.log.read_text(errors="replace"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -149,6 +154,10 @@ class LocalHead:
             time.sleep(0.2)
         self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+        reaper = getattr(self, "reaper", None)
+        if reaper is not None:  # it leaves by itself once the session is empty
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                reaper.wait(5.0)
 
 
 HEAD_PREFIX, OWNER = "tinysaver-ray-", "owner.pid"
@@ -170,19 +179,6 @@ def remove_stale_heads(tmp: str | None = None) -> list[Path]:
         shutil.rmtree(d, ignore_errors=True)
         gone.append(d)
     return gone
-
-
-def in_session(sid: int) -> list[int]:
-    """The live processes of session ``sid`` (zombies left out), read from /proc; [] off Linux."""
-    out = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z" and int(entry.name) != os.getpid():
-            out.append(int(entry.name))
-    return out
 
 
 def _die_with_parent() -> None:
