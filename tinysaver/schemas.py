@@ -13,7 +13,6 @@ Units: durations in seconds, sizes in pixels, confidences and thresholds as frac
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Annotated, Any, Literal, Sequence, TypeVar, Union
 
@@ -362,11 +361,11 @@ def parse(schema: type[S], data: Any, where: str, error: type[TinysaverError] = 
         more = f" (and {len(others)} more)" if others else ""
         rule = rule_of(first)
         if at:  # the field's path continues the data's own: models.x.preprocess + std[0]
-            rule = f"{at}{'' if rule.startswith('[') else '.' if at_field(first) else ': '}{rule}"
+            rule = f"{at}{'' if rule.startswith('[') else '.' if _at_field(first) else ': '}{rule}"
         raise error(f"{where}: {rule}{more}") from None
 
 
-def at_field(error: dict) -> bool:
+def _at_field(error: dict) -> bool:
     return bool(field_path(error.get("loc", ())))
 
 
@@ -401,10 +400,6 @@ def load_json(text: str | bytes, where: str, error: type[TinysaverError] = Usage
     if not json_depth_ok(obj):
         raise error(f"{where}: nested more than {MAX_JSON_DEPTH} deep")
     return obj
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 __all__ = ["ESNCheckpointSchema", "ESNConfigSchema", "ESNSettingsSchema", "FLOPS_COUNTERS", "GRANULARITIES", "INTERPOLATIONS", "MAX_JSON_DEPTH", "ModelSpecSchema", "Name", "OIPInput", "OIPOutput",
