@@ -42,6 +42,7 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
                    help="address to listen on; anything but 127.0.0.1 exposes the HTTP routes to the network "
                         "(see the README on what else a Ray cluster exposes)")
     q.add_argument("--port", type=_port, default=8000)
+    q.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own start-up and shutdown messages")
     q.add_argument("--grpc-port", type=_port, default=None,
                    help="also answer /tinysaver.Cascade/Predict over gRPC on this port (request: the image's "
                         "bytes; reply: the JSON of /predict); fewer CPU cycles per request than HTTP")
@@ -170,4 +171,4 @@ def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) ->
     """Run ``app`` as the command line asks (see `tinysaver.serve.lifecycle.run_service`)."""
     return run_service(app, models, host=args.host, port=args.port, grpc_port=args.grpc_port,
                        address=args.address or os.environ.get("RAY_ADDRESS"), startup_timeout_s=args.startup_timeout,
-                       drain_timeout_s=args.drain_timeout, needs=needs)
+                       drain_timeout_s=args.drain_timeout, needs=needs, verbose=args.verbose)

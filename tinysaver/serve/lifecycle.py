@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -291,12 +292,17 @@ def drain(app: str, timeout_s: float, log=print) -> int:
 
 def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None,
                 address: str | None = None, startup_timeout_s: float = 120.0, drain_timeout_s: float = 15.0,
-                needs: dict | None = None) -> int:
+                needs: dict | None = None, verbose: bool = False) -> int:
     """Start Ray (or join ``address``) and Serve, run ``app`` until Ctrl-C or SIGTERM, then drain
     and stop within ``drain_timeout_s``. ``needs``: what each deployment's replica asks Ray for (to
-    name one that can never start)."""
+    name one that can never start); ``verbose``: let Ray's and Serve's own INFO lines through
+    ("Connecting to existing Ray cluster" for the Ray this command just started, say)."""
     import ray
     from ray import serve
+
+    if not verbose:  # the command says what matters itself; Ray's chatter is for --verbose
+        for name in ("ray", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     stop: list = []
 
@@ -322,9 +328,10 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
         head = LocalHead()
     try:
         if head:
-            ray.init(address=head.address, log_to_driver=False, _node_ip_address="127.0.0.1")
+            ray.init(address=head.address, log_to_driver=False, _node_ip_address="127.0.0.1",
+                     logging_level=logging.INFO if verbose else logging.WARNING)
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.INFO if verbose else logging.WARNING)
         catch_signals()  # ray.init installs a SIGTERM handler that dumps a C++ stack and aborts
         if stop:
             say("tinysaver: stopped before the service was up")
