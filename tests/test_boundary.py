@@ -236,11 +236,12 @@ def test_decoded_pixels_in_flight_are_bounded_per_process(monkeypatch):
 
 
 def test_infer_on_many_large_legal_images_runs_under_a_memory_watchdog(tmp_path):
-    """The issue's shape at a third of its count: 12 RGB PNGs of 6000 × 6000 pixels (108 MB each as
-    decoded, each under --max-pixels). Measured here: 2.45 GB peak before the budget, 1.85 GB with it
-    (of which about 0.9 GB is torch and the models); the watchdog kills the run at 2.2 GB."""
+    """Large legal images end to end, under a watchdog on the process's RSS: 8 RGB PNGs of 6000 × 6000
+    pixels (108 MB each as decoded, each under --max-pixels). With 12 of them this machine measured
+    2.45 GB peak before the budget and 1.85 GB with it (about 0.9 GB is torch and the models); the
+    bound itself is tested, without timing or memory noise, by the block test above."""
     data = zero_png(6000, 6000, rgb=True)
-    for i in range(12):
+    for i in range(8):
         (tmp_path / f"{i:02d}.png").write_bytes(data)
     code = textwrap.dedent(f"""
         import sys, threading, os, time
@@ -259,7 +260,7 @@ def test_infer_on_many_large_legal_images_runs_under_a_memory_watchdog(tmp_path)
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert len(r.stdout.splitlines()) == 13
+    assert len(r.stdout.splitlines()) == 9
 
 
 def test_a_png_with_a_huge_text_chunk_gets_the_plain_line():

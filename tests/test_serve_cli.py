@@ -267,7 +267,7 @@ def test_an_unschedulable_replica_stops_the_command_at_once_and_sigterm_works_du
     # the three commands run side by side (each starts its own local Ray): a third of the wall time
     timed = _serve("--resources", '{"nowhere": 1}', "--startup-timeout", "600", port=free_port())
     gpu = _serve("--num-gpus", "1", port=free_port())
-    proc = _serve(port=free_port())
+    proc = _serve("--verbose", port=free_port())  # --verbose: Ray's own "Started Serve" line marks the moment
     try:
         lines = []
         for line in proc.stdout:  # Serve is up and the replica is waiting for its resource

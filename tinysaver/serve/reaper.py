@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-POLL_S = 0.2
+POLL_S = 0.5  # a kill -9 is acted on within this; each look scans /proc, the reaper's only work
 
 
 def in_session(sid: int) -> list[int]:
