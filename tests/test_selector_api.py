@@ -229,3 +229,6 @@ def test_query_opens_with_the_answer_in_plain_words(capsys):
     assert lines[0] == headline(sel) and lines[2].startswith("details (the terms are explained in docs/concepts.md)")
     quiet = run_here(capsys, "query", "--zoo", "fashion-mnist", "--base", "resnet10t", "--quiet")
     assert quiet.stdout == headline(sel) + "\n"
+    free = select(load_zoo("fashion-mnist"), "resnet10t", SelectorConfig(label_free=True)).best
+    assert f"the cascade gives resnet10t's own answer on {100 * free.acc_cascade_calib:.2f} % of the 10,000 " \
+        "calibration images" in headline(free)

@@ -90,10 +90,12 @@ def headline(sel: Selection) -> str:
     alone = sum(sel.exit_ratio_calib[:-1]) if sel.exit_ratio_calib else None
     share = f" at {sel.cost_cascade / sel.cost_base:.0%} of its compute" if sel.cost_base else ""
     n = f"the {sel.calib_samples:,} calibration images" if sel.calib_samples else "the calibration images"
-    what = "agreement with it" if sel.target == "base-agreement" else "accuracy"
+    what = "accuracy"
     base_acc, acc = sel.acc_base_calib, sel.acc_cascade_calib
     if base_acc is None or acc is None:
         kept = f"the cascade runs{share}"
+    elif sel.target == "base-agreement":  # label-free: what is measured is agreement with the base
+        kept = f"the cascade gives {sel.base}'s own answer on {100 * acc:.2f} % of {n}{share}"
     elif round(acc, 4) >= round(base_acc, 4):
         kept = f"the cascade keeps {sel.base}'s {what} ({100 * acc:.2f} % on {n}){share}"
     else:

@@ -175,6 +175,8 @@ def recomputed(zoo: Zoo, sel: Selection, source: str = "the selection") -> Selec
     costs = {m: model_cost(zoo, m, cfg.cost) for m in sel.models}
     fresh = _report(sel.stages, zoo.name, sel.base, calib, test, costs, cfg, 0, message=sel.message)
     fresh.criterion, fresh.tolerance, fresh.delta, fresh.guarantee = sel.criterion, sel.tolerance, sel.delta, sel.guarantee
+    if get_criterion(sel.criterion).guarantee:  # a certified selection reports its guarantee, not the CP bound
+        fresh.cp_bound_points = sel.cp_bound_points
     said = np.array([*sel.exit_ratio_calib, sel.acc_cascade_calib or 0.0, sel.cost_cascade or 0.0], dtype=float)
     now = np.array([*fresh.exit_ratio_calib, fresh.acc_cascade_calib, fresh.cost_cascade], dtype=float)
     if said.shape != now.shape or not np.allclose(said, now, rtol=1e-6, atol=1e-9):
