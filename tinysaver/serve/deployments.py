@@ -406,8 +406,8 @@ class Ingress:
         if audit["loss_points"]:
             self.m_bound.set(audit["loss_points"]["upper"])
         status = "draining" if await self._is_draining() else "starting" if starting else self._status()
-        body = {"status": status, "layout": self.plan.layout,
-                "stages": self.names, "thresholds": self._thresholds(), "audit": audit}
+        body = {"status": status, "layout": self.plan.layout, "stages": self.names,
+                "thresholds": self._thresholds(), "answered": self.requests, "audit": audit}
         if starting:
             body["waiting_for"] = starting
         if status in ("draining", "starting"):

@@ -227,6 +227,22 @@ def _local(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
+def answered(url: str) -> int | None:
+    """How many images the service at ``url`` (its /healthz) has answered; None when it does not say."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as e:  # 503 while starting or draining: the body still says
+        try:
+            body = json.loads(e.read())
+        except Exception:  # noqa: BLE001
+            return None
+    except Exception:  # noqa: BLE001 - no answer from a service that is going
+        return None
+    n = body.get("answered") if isinstance(body, dict) else None
+    return n if isinstance(n, int) else None
+
+
 class AuditWatch:
     """Prints the audit's state changes on this terminal (they also go to the service's log),
     reading the open /healthz at most every 2 s."""
@@ -349,21 +365,25 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
             wait_running(APP, startup_timeout_s, stop, needs, head)
         else:
             serve.run(app, name=APP, route_prefix="/")
+        health = f"http://{_local(host)}:{port}/healthz"
         if stop:  # during start-up: a replica that is up may have admitted requests, so it drains too
-            say("tinysaver: stopped before the service was up")
+            n = answered(health)  # a slow start can answer before this command sees it running
+            say(f"tinysaver: stopped after {n:,} answer{'s' if n != 1 else ''}, before the command saw the service "
+                "fully up" if n else "tinysaver: stopped before the service was up")
         else:
             grpc_line = f", and gRPC {grpc_api.METHOD} at {host}:{grpc_port}" if grpc_port else ""
             say(f"tinysaver: serving {' → '.join(models)} at http://{host}:{port} (POST /predict, POST /predict/batch, "
                 f"GET /healthz, /livez, /readyz, /metrics, and the Open Inference Protocol under /v2){grpc_line}; "
                 "Ctrl-C stops")
-        watch = AuditWatch(f"http://{_local(host)}:{port}/healthz")
+        watch = AuditWatch(health)
         while not stop:
             time.sleep(0.2)
             watch.poll()
             if head:
                 head.check()
-        t0 = time.monotonic()
-        say(f"tinysaver: stopping: new requests get 503; answering those admitted (at most {drain_timeout_s:g} s)")
+        t0, n = time.monotonic(), answered(health)
+        after = f" after {n:,} answer{'s' if n != 1 else ''}" if n is not None else ""
+        say(f"tinysaver: stopping{after}: new requests get 503; answering those admitted (at most {drain_timeout_s:g} s)")
         drain(APP, max(drain_timeout_s - STOP_RESERVE_S, 0.0), say)
         say(f"tinysaver: drained in {time.monotonic() - t0:.1f} s; stopping Ray")
         return 0
