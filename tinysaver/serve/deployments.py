@@ -291,18 +291,14 @@ class Ingress:
         try:
             t0 = time.perf_counter()
             check_token(request.headers, self.token)
-            with self._admitted():
-                with self._on_its_way():
+            with self._admitted(), contextlib.ExitStack() as held:
+                with self._on_its_way():  # read and decode as one span, as the fused batch waits on it
                     [(_, data)] = await read_files(request, False, self.o.max_body_bytes, self.o.body_timeout_s)
                     t1 = time.perf_counter()
-                    held = self._reserve([data])
-                try:
-                    with self._on_its_way():
-                        img = await self._image(data)
-                    t2 = time.perf_counter()
-                    out = await self._answer(img)
-                finally:
-                    self.pixels.give(held)
+                    held.enter_context(self._holding([data]))  # its pixels, until it is answered
+                    img = await self._image(data)
+                t2 = time.perf_counter()
+                out = await self._answer(img)
             # where a request's server-side time goes, for the benchmarks' breakdown of the gap
             self.timing["read"] += t1 - t0
             self.timing["decode"] += t2 - t1
