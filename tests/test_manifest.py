@@ -37,27 +37,30 @@ def test_every_bundled_zoo_loads_and_types_its_entries():
 
 
 @pytest.mark.parametrize("field, value, says", [
-    ("flops", -5, "field 'flops' must be a number > 0, got -5"),
-    ("flops", "lots", "field 'flops' must be a number > 0, got the text 'lots'"),
+    ("flops", -5, "models.m1.flops: must be > 0, got -5"),
+    ("flops", "lots", "models.m1.flops: must be a number, got 'lots' (text)"),
     ("flops", "1.7e6", "YAML reads 1.5e6 as text"),
-    ("flops", float("nan"), "field 'flops' must be a number > 0"),
-    ("params", 12.5, "field 'params' must be an integer > 0"),
-    ("num_classes", "ten", "field 'num_classes' must be an integer ≥ 2"),
-    ("accuracy", {"calib": 1.5}, "field 'accuracy.calib' must be a number ≥ 0 and ≤ 1"),
-    ("status", "measurd", "field 'status' must be 'measured' or 'imported' or 'published'"),
-    ("flop", 5, "unknown field(s) 'flop'"),
-    ("key", "m2", "field 'key' must be the entry's own name 'm1'"),
-    ("latency", {"table": {"bs1": {"ms_per_batch": 0}}}, "field 'latency.table.bs1.ms_per_batch' must be a number > 0"),
-    ("latency", {"table": {"batch1": {"ms_per_batch": 1}}}, "field 'latency.table' must be keyed by batch size"),
-    ("backends", {"tensorrt": {}}, "field 'backends' must be keyed by backend (eager,"),
-    ("calibration", {"temperature": -1.0}, "field 'calibration.temperature' must be a number > 0"),
+    ("flops", float("nan"), "models.m1.flops: must be a finite number"),
+    ("flops", True, "models.m1.flops: must be a number, got True"),
+    ("params", 12.5, "models.m1.params: must be an integer, got 12.5"),
+    ("num_classes", "ten", "models.m1.num_classes: must be an integer"),
+    ("num_classes", 1, "models.m1.num_classes: must be >= 2, got 1"),
+    ("accuracy", {"calib": 1.5}, "models.m1.accuracy.calib: must be <= 1, got 1.5"),
+    ("status", "measurd", "models.m1.status: must be 'measured', 'imported' or 'published'"),
+    ("flop", 5, "models.m1.flop: is not a known field"),
+    ("key", "m2", "models.m1.key: must be the entry's own name 'm1', got 'm2'"),
+    ("latency", {"table": {"bs1": {"ms_per_batch": 0}}}, "models.m1.latency.table.bs1.ms_per_batch: must be > 0"),
+    ("latency", {"table": {"batch1": {"ms_per_batch": 1}}}, "models.m1.latency.table.batch1: must be a batch size key"),
+    ("backends", {"tensorrt": {}}, "models.m1.backends.tensorrt: must be a backend (eager,"),
+    ("calibration", {"temperature": -1.0}, "models.m1.calibration.temperature: must be > 0"),
+    ("source", "timm", "models.m1.source: must be a mapping, got 'timm' (text)"),
 ])
 def test_a_bad_field_is_refused_on_load_naming_file_model_and_field(root, field, value, says):
     f = edit(root, "m1", **{field: value})
     with pytest.raises(ZooError) as e:
         load_zoo("syn", root)
     msg = str(e.value)
-    assert msg.startswith(f"{f}: model 'm1': ") and says in msg, msg
+    assert msg.startswith(f"{f}: models.m1") and says in msg and "\n" not in msg, msg
 
 
 GOOD_PRE = {"input_size": [1, 28, 28], "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.3], "std": [0.35]}
@@ -91,7 +94,7 @@ def test_negative_flops_no_longer_reports_a_false_saving(root, capsys):
     r = run_here(capsys, "query", "--root", str(root), "--zoo", "syn", "--base", "m3")
     assert r.returncode == 2 and "saving" not in r.stdout
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and "field 'flops' must be a number > 0, got -5" in err[0] and "zoo.yaml" in err[0]
+    assert len(err) == 1 and "models.m1.flops: must be > 0, got -5" in err[0].replace(good.savers[0].model, "m1") and "zoo.yaml" in err[0]
 
 
 def test_optional_fields_may_be_absent_and_the_typed_entry_is_what_the_selector_reads(root):
@@ -110,4 +113,21 @@ def test_zoo_list_shows_a_broken_zoo_as_an_error_row(root):
 
     edit(root, "m2", flops="lots")
     row = {r["zoo"]: r for r in zoo_summaries(root)}["syn"]  # the bundled zoos are listed too
-    assert row["where"] == "--root" and row["splits"].startswith("error: ") and "'m2'" in row["splits"]
+    assert row["where"] == "--root" and row["splits"].startswith("error: ") and "models.m2.flops" in row["splits"]
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m["splits"]["calib"].pop("fingerprint"), "splits.calib.fingerprint: is required"),
+    (lambda m: m["splits"]["calib"].update(class_names=5), "splits.calib.class_names: must be"),
+    (lambda m: m.update(splits=[1]), "splits: must be a mapping"),
+    (lambda m: m["splits"].update({"../x": {"fingerprint": "f"}}), "splits.../x: must be a plain name"),
+    (lambda m: m.update(models={"m1": 5}), "models.m1: must be a mapping, got 5"),
+])
+def test_the_manifest_around_its_entries_is_declared_too(root, change, says):
+    f = root / "syn" / "zoo.yaml"
+    m = yaml.safe_load(f.read_text())
+    change(m)
+    f.write_text(yaml.safe_dump(m))
+    with pytest.raises(ZooError) as e:
+        load_zoo("syn", root)
+    assert str(e.value).startswith(f"{f}: ") and says in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -16,7 +16,7 @@ import json
 import re
 from typing import Annotated, Any, Literal, Sequence, TypeVar, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       ValidationError, model_validator)
 
 from pydantic_core import PydanticCustomError
@@ -130,6 +130,107 @@ class ProfileConfigSchema(Schema):
         if dup:
             raise PydanticCustomError("rule", "model names must be unique in a zoo; repeated: {dup}", {"dup": ", ".join(dup)})
         return self
+
+
+# -- the zoo manifest (zoo_index/<zoo>/zoo.yaml) and its model entries
+
+STATUSES = ("measured", "imported", "published")  # profiled here, predictions made elsewhere, or a published table's
+IMAGENET_CLASSES = "imagenet"  # how a split stores ImageNet's 1000 class names: one word, not 1000 lines
+
+
+def _yaml_number(v: Any) -> Any:
+    # PyYAML reads 1.5e6 (no sign after the e) as text: a user who wrote a number is told why it is text
+    if isinstance(v, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE]\d+", v.strip()):
+        raise PydanticCustomError("rule", "must be a number (YAML reads 1.5e6 as text: write 1.5e+6 or 1500000)")
+    return v
+
+
+Amount = Annotated[Union[StrictInt, StrictFloat], BeforeValidator(_yaml_number), Field(gt=0, allow_inf_nan=False)]
+
+
+def _batch_key(v: str) -> str:
+    if not (v.startswith("bs") and v[2:].isdigit() and int(v[2:]) >= 1):
+        raise PydanticCustomError("rule", "must be a batch size key (bs1, bs32, …)")
+    return v
+
+
+def _backend_name(v: str) -> str:
+    from .backends import BACKENDS  # the registered backends: modules of that package, found when asked
+
+    if v not in BACKENDS:
+        raise PydanticCustomError("rule", "must be a backend ({names})", {"names": ", ".join(BACKENDS)})
+    return v
+
+
+_RECORD = ConfigDict(extra="allow", strict=True, frozen=True, allow_inf_nan=False)  # a record keeps fields it adds
+
+
+class LatencyRow(Schema):
+    model_config = _RECORD
+
+    ms_per_batch: Amount
+
+
+class LatencySchema(Schema):
+    """Latency measured for one model on one backend: milliseconds per batch, keyed ``bs<N>``."""
+
+    model_config = _RECORD
+
+    table: dict[Annotated[StrictStr, AfterValidator(_batch_key)], LatencyRow] = {}
+
+
+class BackendRecord(Schema):
+    model_config = _RECORD
+
+    latency: LatencySchema | None = None
+
+
+class CalibrationSchema(Schema):
+    model_config = _RECORD
+
+    temperature: Amount | None = None
+
+
+class ModelEntrySchema(Schema):
+    """One model of a zoo manifest; units: ``params`` parameters, ``flops``/``macs`` per image,
+    ``accuracy`` a fraction per split. ``source`` says how to build it (see ``models.ModelSpec``)."""
+
+    key: Text | None = None
+    status: Literal[STATUSES]  # type: ignore[valid-type]
+    source: dict[StrictStr, Any] | None = None
+    num_classes: Annotated[StrictInt, BeforeValidator(_yaml_number), Field(ge=2)] | None = None
+    preprocess: PreprocessSchema | None = None
+    params: Annotated[StrictInt, BeforeValidator(_yaml_number), Field(gt=0)] | None = None
+    flops: Amount | None = None
+    macs: Amount | None = None
+    flops_counter: Text | None = None
+    latency: LatencySchema | None = None
+    accuracy: dict[StrictStr, Fraction | None] | None = None
+    calibration: CalibrationSchema | None = None
+    backends: dict[Annotated[StrictStr, AfterValidator(_backend_name)], BackendRecord] | None = None
+    published: dict[StrictStr, Any] | None = None
+    profiled_on: Text | None = None  # "ray" when profile --executor ray measured it
+    imported: dict[StrictStr, Any] | None = None  # the record files, their format, where the costs came from
+    trained: dict[StrictStr, Any] | None = None  # a saver fine-tuned to defer: from, for, settings, choice
+
+
+class SplitRecord(Schema):
+    """A labelled image set of a zoo: its fingerprint (labels and order) and its class names."""
+
+    model_config = _RECORD
+
+    fingerprint: Text
+    samples: Annotated[StrictInt, Field(ge=0)] | None = None
+    class_names: Union[Literal[IMAGENET_CLASSES], list[StrictStr], None] = None  # type: ignore[valid-type]
+
+
+class ZooManifestSchema(Schema):
+    """``zoo.yaml``: the zoo's splits and models; each model's entry is a `ModelEntrySchema`."""
+
+    name: Text | None = None
+    description: StrictStr | None = None
+    splits: dict[Name, SplitRecord] | None = None
+    models: dict[Text, dict[StrictStr, Any]] | None = None  # each entry is read as a ModelEntrySchema, by name
 
 
 # -- the selection file (tinysaver query --save)
@@ -341,7 +442,9 @@ def rule_of(error: dict) -> str:
             msg = say(m)
             break
     path = field_path(error.get("loc", ()))
-    got = "" if error.get("type") in ("missing", "value_error", "extra_forbidden") or not path \
+    # a rule about a whole mapping (mean and std per channel) names it; its keys would say nothing more
+    whole = error.get("type") == "rule" and isinstance(error.get("input"), dict)
+    got = "" if error.get("type") in ("missing", "value_error", "extra_forbidden") or not path or whole \
         else f", got {_shown(error.get('input'))}"
     return f"{path}: {msg}{got}" if path else f"{msg}{got}"
 
@@ -402,6 +505,6 @@ def load_json(text: str | bytes, where: str, error: type[TinysaverError] = Usage
     return obj
 
 
-__all__ = ["ESNCheckpointSchema", "ESNConfigSchema", "ESNSettingsSchema", "FLOPS_COUNTERS", "GRANULARITIES", "INTERPOLATIONS", "MAX_JSON_DEPTH", "ModelSpecSchema", "Name", "OIPInput", "OIPOutput",
+__all__ = ["ESNCheckpointSchema", "ESNConfigSchema", "ESNSettingsSchema", "FLOPS_COUNTERS", "IMAGENET_CLASSES", "GRANULARITIES", "INTERPOLATIONS", "MAX_JSON_DEPTH", "ModelSpecSchema", "Name", "OIPInput", "OIPOutput",
            "OIPRequestSchema", "PreprocessOverride", "PreprocessSchema", "ProfileConfigSchema", "Schema",
-           "SelectionSchema", "StageSchema", "field_path", "json_depth_ok", "load_json", "parse", "rule_of"]
+           "SelectionSchema", "StageSchema", "STATUSES", "ModelEntrySchema", "ZooManifestSchema", "SplitRecord", "LatencySchema", "field_path", "json_depth_ok", "load_json", "parse", "rule_of"]

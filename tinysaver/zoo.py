@@ -28,6 +28,7 @@ import yaml
 from .arrays import check_predictions, fingerprint, read_arrays
 from .errors import CheckpointError, UsageError, ZooError  # noqa: F401 (ZooError re-exported)
 from .manifest import PREDICTED, ModelEntry
+from .schemas import IMAGENET_CLASSES, ZooManifestSchema, parse
 
 MANIFEST = "zoo.yaml"
 DEFAULT_ZOO = "fashion-mnist"  # the zoo bundled with the project, and every command's --zoo default
@@ -379,7 +380,6 @@ class Zoo:
         return df
 
 
-IMAGENET_CLASSES = "imagenet"  # how a split stores ImageNet's 1000 class names: one word, not 1000 lines
 
 
 def class_names_to_store(names: list[str] | None) -> list[str] | str | None:
@@ -483,20 +483,13 @@ def load_zoo(name: str, root: Path | str | None = None) -> Zoo:
         manifest = {}
     if not isinstance(manifest, dict):
         raise ZooError(f"{f}: a zoo manifest is a mapping with 'splits' and 'models', got a {type(manifest).__name__}")
-    for key in ("models", "splits"):
-        if not isinstance(manifest.get(key, {}) or {}, dict):
-            raise ZooError(f"{f}: '{key}' must be a mapping, got a {type(manifest[key]).__name__}")
-        manifest[key] = manifest.get(key) or {}
-
+    parse(ZooManifestSchema, manifest, str(f), ZooError)
+    manifest["models"], manifest["splits"] = manifest.get("models") or {}, manifest.get("splits") or {}
     entries = [ModelEntry.from_dict(key, entry, f) for key, entry in manifest["models"].items()]  # checked now
     for split, meta in manifest["splits"].items():
-        if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), str):
-            raise ZooError(f"{f}: splits.{split}: a split is a mapping with its fingerprint (text)")
         names = meta.get("class_names")
-        if names is None or names == IMAGENET_CLASSES:
+        if not isinstance(names, list):
             continue
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise ZooError(f"{f}: splits.{split}.class_names: must be a list of names, or {IMAGENET_CLASSES!r}")
         short = [e.key for e in entries if e.num_classes and e.num_classes > len(names)]
         if short:  # a class with no name would stop infer on its first answer
             raise ZooError(f"{f}: splits.{split}.class_names: {len(names)} names, but {short[0]} predicts "
