@@ -90,7 +90,8 @@ def wait_until_up(proc, url: str, what: str) -> None:
 def stream_while_stopping(proc, url: str, img: bytes, clients: int = 16, settle_s: float = 2.0) -> dict:
     """``clients`` threads post ``img`` to /predict back to back; after ``settle_s`` the service's
     process group gets SIGTERM. Counts every HTTP status until the process has exited, the refused
-    connections after it, and keeps the body of any answer that is neither 200 nor 503."""
+    connections after it, and keeps the body of any answer that is neither 200 nor 503, and each
+    request cut off without an answer ("dropped": the proxy stopped with it inside)."""
     import os
     import threading
     from collections import Counter
@@ -104,9 +105,13 @@ def stream_while_stopping(proc, url: str, img: bytes, clients: int = 16, settle_
             while not done.is_set():
                 try:
                     r = c.post("/predict", content=img, headers={"content-type": "image/png"})
-                except httpx.TransportError:  # the service is gone: nothing listens any more
+                except httpx.ConnectError:  # the service is gone: nothing listens any more
                     counts["refused"] += 1
                     time.sleep(0.05)
+                    continue
+                except httpx.TransportError as e:  # sent, and cut off without an answer
+                    counts["dropped"] += 1
+                    odd.append(f"dropped: {type(e).__name__}: {e}")
                     continue
                 counts[r.status_code] += 1
                 if r.status_code == 503 and r.headers.get("retry-after") and "error" in r.json():

@@ -2,6 +2,8 @@
 answers, gRPC."""
 import asyncio
 import json
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -221,3 +223,45 @@ def test_an_unfinished_body_gets_408_at_the_body_timeout_and_a_bad_length_is_ign
     odd = FakeRequest(b"abc", "image/png")
     odd.headers["content-length"] = "\u00b2"  # str.isdigit() takes a superscript two; int() does not
     assert asyncio.run(read_body(odd, 10)) == b"abc"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the listener is found and closed through Linux's /proc")
+def test_closing_a_listener_refuses_new_connections_and_answers_the_open_ones():
+    """What a stop does to the proxy before its node goes: another process's listener (here a child
+    that answers one line per connection) stops taking connections, while a connection it already
+    accepted is still answered. Before, the proxy was killed with requests in it."""
+    import socket
+    import subprocess
+
+    from tinysaver.serve import listener
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ("import socket, threading\n"
+              f"s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', {port}))\n"
+              "s.listen(); print('up', flush=True)\n"
+              "def answer(c):\n"
+              "    with c: c.sendall(c.recv(100).upper())\n"
+              "while True:\n"
+              "    c, _ = s.accept(); threading.Thread(target=answer, args=(c,)).start()\n")
+    child = subprocess.Popen([sys.executable, "-c", server], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "up"
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)  # accepted before the close
+        for _ in range(100):
+            if listener.connections(port):
+                break
+            time.sleep(0.05)
+        assert listener.connections(port) == 1
+        assert listener.close_listener([child.pid], port) == 1
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"ping")
+        assert held.recv(100) == b"PING"  # the open connection is answered
+        held.close()
+        assert listener.settle(port, 10.0) == 0
+        assert listener.close_listener([child.pid], port) == 0  # nothing listens any more
+    finally:
+        child.kill()
+        child.wait()

@@ -242,8 +242,10 @@ class Ingress:
 
     @staticmethod
     def _error(e: BadRequest) -> JSONResponse:
-        retry = {"Retry-After": str(drain.RETRY_AFTER_S)} if e.status == 503 else None
-        return JSONResponse({"error": e.reason}, status_code=e.status, headers=retry)
+        headers = {"Retry-After": str(drain.RETRY_AFTER_S)} if e.status == 503 else {}
+        if e.reason.endswith(drain.DRAINING):  # the client reconnects, and so never sits in a proxy being stopped
+            headers["Connection"] = "close"
+        return JSONResponse({"error": e.reason}, status_code=e.status, headers=headers)
 
     # --- a stop: admit nothing new, answer what was admitted ------------------------------------
     def _admit(self) -> None:

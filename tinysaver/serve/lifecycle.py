@@ -5,7 +5,8 @@ A local Ray runs in a session of its own. systemd, Docker and Kubernetes signal 
 group of a service; had Ray's GCS, raylet and replicas been in it, they would die at once while
 the command still needed them to drain (the stop then waited 60 s for a GCS that was gone). So
 only this process hears the signal, refuses new requests with 503 (`tinysaver.serve.drain`),
-answers what it admitted, and then stops its Ray by the process it started.
+answers what it admitted, closes the proxy's listener (`tinysaver.serve.listener`) and then stops
+its Ray by the process it started.
 
 Ray is an optional extra (``.[serve]``), so it is imported inside the functions that use it.
 """
@@ -30,13 +31,14 @@ from pathlib import Path
 
 from ..errors import ServeError
 from ..ray_local import RAY_CLI, ensure_ray_token
-from . import grpc_api
+from . import grpc_api, listener
 from .builders import local_ray_env, start_serve, unschedulable
 from .reaper import in_session
 
 APP = "tinysaver"
 HEAD_START_S = 120.0  # a local Ray's head comes up in about 5 s here; a starved machine takes longer
 STOP_RESERVE_S = 3.0  # of --drain-timeout, kept for stopping Ray once the replicas are drained
+CLOSE_S = 1.0  # of --drain-timeout, for the connections open when the listener closes to get their answers
 
 
 def check_port(host: str, port: int, option: str = "--port") -> None:
@@ -384,19 +386,25 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
         t0, n = time.monotonic(), answered(health)
         after = f" after {n:,} answer{'s' if n != 1 else ''}" if n is not None else ""
         say(f"tinysaver: stopping{after}: new requests get 503; answering those admitted (at most {drain_timeout_s:g} s)")
-        drain(APP, max(drain_timeout_s - STOP_RESERVE_S, 0.0), say)
+        drain(APP, max(drain_timeout_s - STOP_RESERVE_S - CLOSE_S, 0.0), say)
+        if head:  # the proxy would be killed with requests in it: refuse new connections, answer the open ones
+            shut = listener.close_listener(in_session(head.proc.pid), port)
+            left = listener.settle(port, CLOSE_S)
+            if verbose:
+                say(f"tinysaver: closed {shut} listener(s) on port {port}; {left} connection(s) still open")
         say(f"tinysaver: drained in {time.monotonic() - t0:.1f} s; stopping Ray")
         return 0
     finally:
-        if ray.is_initialized():
-            if not head:  # a shared cluster keeps its Serve; our application goes, stopped or failed
-                try:
-                    serve.delete(APP, _blocking=False)
-                except Exception:  # noqa: BLE001 - the error being reported matters more
-                    pass
-            ray.shutdown()
-        if head:
-            head.stop(STOP_RESERVE_S)
+        with listener.kept_closed(lambda: in_session(head.proc.pid), port) if head and stop else contextlib.nullcontext():
+            if ray.is_initialized():
+                if not head:  # a shared cluster keeps its Serve; our application goes, stopped or failed
+                    try:
+                        serve.delete(APP, _blocking=False)
+                    except Exception:  # noqa: BLE001 - the error being reported matters more
+                        pass
+                ray.shutdown()
+            if head:
+                head.stop(STOP_RESERVE_S)
 
 
 __all__ = ["APP", "AuditWatch", "LocalHead", "check_address", "check_port", "drain", "remove_stale_heads",
