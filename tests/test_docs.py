@@ -45,6 +45,15 @@ def test_the_site_builds_strictly(tmp_path):
         assert not [u for u in foreign if re.search(r"\.(js|css|woff2?)(\?|$)", u)], (page, foreign[:3])
     serve = pages[next(p for p in pages if str(p) == "guides/serve/index.html")]
     assert serve.count("<li>") >= 10  # the serve guide's lists are lists
+    # a results page leads with its answer; the runs behind it are folded, one per run
+    for page, html in pages.items():
+        if str(page).startswith("results/") and str(page) != "results/index.html":
+            body = html[html.index("<h1"):]
+            lead = body[:body.index('id="the-runs"')]
+            assert "<strong>Question.</strong>" in lead and "<strong>Answer.</strong>" in lead, page
+            assert "<img" in lead and "<table>" in lead, page
+            runs = body[body.index('id="the-runs"'):]
+            assert runs.count("<h3") == runs.count("<details") > 0, page
 
 
 def test_the_readme_is_short_and_starts_with_the_two_commands_ci_runs():
