@@ -14,6 +14,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from tinysaver.registry import Registry
+
 if TYPE_CHECKING:
     from .settings import CompareSettings
 
@@ -87,24 +89,9 @@ class Context:
         return self.shared[key]
 
 
-_METHODS: dict[str, Callable[[Context], dict[str, ExitMethod]]] = {}
-
-
-def register_method(family: str):
-    """Decorator: ``train(ctx) -> {row name: ExitMethod}`` is the family ``family``."""
-    def wrap(train):
-        _METHODS[family] = train
-        return train
-    return wrap
-
-
-def registered() -> tuple[str, ...]:
-    """The registered families, in table order."""
-    return tuple(_METHODS)
-
-
-def trainer(family: str) -> Callable[[Context], dict[str, ExitMethod]]:
-    return _METHODS[family]
+# ``train(ctx) -> {row name: ExitMethod}``, registered with @register_method(family); the table keeps this order
+METHODS: Registry[Callable[[Context], dict[str, ExitMethod]]] = Registry("exit method")
+register_method, registered, trainer = METHODS.register, METHODS.names, METHODS.get
 
 
 @register_method("esn")

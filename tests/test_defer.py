@@ -20,7 +20,7 @@ def step_conf(loss_name, x, label, base_pred, alpha=1.0, label_free=False, seed=
         model.bias.zero_()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     before = float(confidence(model(x).detach())[0])
-    loss = defer._LOSSES[loss_name](model(x), torch.tensor([label]), torch.tensor([base_pred]), alpha, label_free)
+    loss = defer.get_defer_loss(loss_name)(model(x), torch.tensor([label]), torch.tensor([base_pred]), alpha, label_free)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -54,7 +54,7 @@ def test_base_aware_leaves_a_sample_both_get_wrong_alone_and_label_free_defers_o
 def test_esn_weighted_scales_cross_entropy_by_two_times_one_minus_confidence():
     logits = torch.tensor([[3.0, 0.0, 0.0], [0.2, 0.1, 0.0]], requires_grad=True)
     y = torch.tensor([0, 0])
-    loss = defer._LOSSES["esn-weighted"](logits, y, y, 1.0)
+    loss = defer.get_defer_loss("esn-weighted")(logits, y, y, 1.0)
     conf = confidence(logits.detach())[0]
     ce = torch.nn.functional.cross_entropy(logits.detach(), y, reduction="none")
     assert float(loss) == pytest.approx(float((2 * (1 - conf) * ce).mean()), rel=1e-6)
@@ -121,7 +121,7 @@ def test_training_never_reads_calib_or_test(defer_zoo):
 def test_ctrl_c_keeps_the_best_weights_so_far(defer_zoo, monkeypatch):
     zoo, _ = defer_zoo
     calls = []
-    real = defer._LOSSES["gatekeeper"]
+    real = defer.get_defer_loss("gatekeeper")
 
     def interrupted(*a):
         calls.append(1)
@@ -129,12 +129,12 @@ def test_ctrl_c_keeps_the_best_weights_so_far(defer_zoo, monkeypatch):
             raise KeyboardInterrupt
         return real(*a)
 
-    monkeypatch.setitem(defer._LOSSES, "gatekeeper", interrupted)
+    monkeypatch.setitem(defer.DEFER_LOSSES._items, "gatekeeper", interrupted)
     s = defer.DeferSettings(loss="gatekeeper", epochs=3, batch_size=32, limit=None)
     logged = []
     r = defer.train_saver(zoo, "small", "big", s, progress=False, log=logged.append)
     assert r.interrupted and r.epoch == 1 and any("keeping the best weights" in m for m in logged)
-    monkeypatch.setitem(defer._LOSSES, "gatekeeper", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setitem(defer.DEFER_LOSSES._items, "gatekeeper", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # nothing finished: nothing to keep
         defer.train_saver(zoo, "small", "big", s, progress=False, log=lambda *_: None)
 

@@ -68,10 +68,10 @@ def test_a_registered_backend_runs_in_a_cascade_without_touching_other_files():
             Cascade([s, m], [0.5], backend=backends.DEFAULT_BACKEND, threads=n)
         with pytest.raises(Exception, match="half and channels_last apply to"):
             Cascade([s, m], [0.5], backend="doubled", channels_last=True)
-        backends._REGISTRY["doubled"] = backends.Backend("doubled", build, torch_modules=True)
+        backends.REGISTRY._items["doubled"] = backends.Backend("doubled", build, torch_modules=True)
         Cascade([s, m], [0.5], backend="doubled", channels_last=True)  # now it may
     finally:
-        backends._REGISTRY.pop("doubled")
+        backends.REGISTRY.remove("doubled")
 
 
 def test_no_code_outside_the_backends_package_names_a_backend():
@@ -136,8 +136,8 @@ def test_a_registered_criterion_is_offered_validated_and_used_by_the_selector(tm
         assert sum(half.exit_ratio_calib[:-1]) <= 0.5 + 1e-9 < sum(zero.exit_ratio_calib[:-1])
         assert half.acc_cascade_calib >= half.acc_base_calib
     finally:
-        criteria._REGISTRY.pop("half-zero")
-    with pytest.raises(SelectionError, match="criterion must be one of zero, bounded, subset, guaranteed"):
+        criteria.CRITERIA.remove("half-zero")
+    with pytest.raises(SelectionError, match="unknown criterion .*; choose from zero, bounded, subset, guaranteed"):
         SelectorConfig(criterion="half-zero")
 
 
@@ -166,7 +166,7 @@ def test_a_registered_exit_method_is_trained_and_compared(pair, data):
                               log=lambda m: None)
         assert "own_rule" not in plain
     finally:
-        methods._METHODS.pop("sdn-once")
+        methods.METHODS.remove("sdn-once")
     with pytest.raises(ValueError, match="unknown method"):
         parse_families("sdn-once")
 
@@ -197,4 +197,24 @@ def test_a_registered_dataset_kind_is_loaded_sized_and_named_in_errors():
         with pytest.raises(DatasetError, match=r"unknown dataset 'nope:x'; use imagefolder:PATH, .* or blobs:N"):
             load_dataset("nope:x")
     finally:
-        sources.SOURCES.pop("blobs")
+        sources.SOURCES.remove("blobs")
+
+
+def test_every_registry_is_one_type_and_names_the_kind_the_unknown_name_and_the_known_ones():
+    from esn import methods
+    from tinysaver import backends, criteria, defer, sources
+    from tinysaver.errors import TinysaverError
+    from tinysaver.registry import Registry
+
+    for registry, kind in [(backends.REGISTRY, "backend"), (criteria.CRITERIA, "criterion"),
+                           (defer.DEFER_LOSSES, "loss"), (sources.SOURCES, "dataset kind"),
+                           (methods.METHODS, "exit method")]:
+        assert isinstance(registry, Registry) and len(registry.names()) >= 2
+        with pytest.raises(TinysaverError) as e:
+            registry.get("nope")
+        msg = str(e.value)
+        assert msg == f"unknown {kind} 'nope'; choose from {', '.join(registry.names())}", msg
+        first = registry.names()[0]
+        assert registry.get(first) is registry.get(first) and first in registry
+        with pytest.raises(TinysaverError, match=f"{kind} '{first}' is registered twice"):
+            registry.add(first, registry.get(first))

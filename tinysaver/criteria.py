@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import SelectionError
+from .registry import Registry
 from .risk import METHODS, fixed_sequence, passes_clopper_pearson, passes_wsr
 
 # the paper's public code scans these thresholds (np.arange keeps its float steps exactly)
@@ -43,24 +44,14 @@ class Criterion:
     help: str = ""
 
 
-_REGISTRY: dict[str, Criterion] = {}
+CRITERIA: Registry[Criterion] = Registry("criterion", SelectionError)
 
 
 def register_criterion(c: Criterion) -> Criterion:
-    if c.name in _REGISTRY:
-        raise SelectionError(f"criterion {c.name!r} is registered twice")
-    _REGISTRY[c.name] = c
-    return c
+    return CRITERIA.add(c.name, c)
 
 
-def criterion_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
-def get_criterion(name: str) -> Criterion:
-    if name not in _REGISTRY:
-        raise SelectionError(f"criterion must be one of {', '.join(_REGISTRY)}, got {name!r}")
-    return _REGISTRY[name]
+criterion_names, get_criterion = CRITERIA.names, CRITERIA.get
 
 
 def _every_exit_count(order) -> tuple[np.ndarray, np.ndarray]:

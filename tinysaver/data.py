@@ -26,9 +26,9 @@ def source_kind(uri: str) -> tuple[SourceKind, str]:
     """The registered kind of dataset ``uri`` and its arguments (what follows ``KIND:``)."""
     kind, _, args = uri.partition(":")
     if kind not in SOURCES:
-        usages = [k.usage for k in SOURCES.values()]
+        usages = [SOURCES.get(k).usage for k in SOURCES]
         raise DatasetError(f"unknown dataset {uri!r}; use {', '.join(usages[:-1])} or {usages[-1]}")
-    return SOURCES[kind], args
+    return SOURCES.get(kind), args
 
 
 def load_dataset(uri: str, progress: bool = True, limit: int | None = None,

@@ -32,30 +32,14 @@ import numpy as np
 
 from .errors import UsageError, ZooError
 from .policy import confidence
+from .registry import Registry
 
 # torch is imported where it is used, so that the command line lists the losses and defaults
 # without loading it
 
-_LOSSES: dict[str, Callable] = {}
-
-
-def register_defer_loss(name: str):
-    """Decorator: ``fn(logits, labels, base_pred, alpha, label_free) -> scalar loss`` as loss ``name``."""
-    def wrap(fn):
-        _LOSSES[name] = fn
-        return fn
-    return wrap
-
-
-def defer_losses() -> tuple[str, ...]:
-    return tuple(_LOSSES)
-
-
-def get_defer_loss(name: str) -> Callable:
-    """The loss registered as ``name`` (a UsageError naming the others when there is none)."""
-    if name not in _LOSSES:
-        raise UsageError(f"unknown loss {name!r}; choose from {', '.join(_LOSSES)}")
-    return _LOSSES[name]
+# ``fn(logits, labels, base_pred, alpha, label_free) -> scalar loss``, registered with @register_defer_loss(name)
+DEFER_LOSSES: Registry[Callable] = Registry("loss", UsageError)
+register_defer_loss, defer_losses, get_defer_loss = DEFER_LOSSES.register, DEFER_LOSSES.names, DEFER_LOSSES.get
 
 
 def _to_uniform(logits):

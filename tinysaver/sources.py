@@ -29,6 +29,7 @@ import torch
 from .decoding import DecodedSet, RawSource, unreadable_reason
 from .errors import DatasetError
 from .limits import MAX_FILE_BYTES
+from .registry import Registry
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -49,16 +50,14 @@ class SourceKind:
     count: Callable[[str], int] | None = None  # ARGS → samples in an ``arrays`` kind, without loading them
 
 
-SOURCES: dict[str, SourceKind] = {}
+SOURCES: Registry[SourceKind] = Registry("dataset kind", DatasetError)
 
 
 def register_source(kind: str, usage: str, *, listing=None, arrays=None, count=None) -> None:
     """Register the dataset kind ``kind`` (exactly one of ``listing`` and ``arrays``)."""
     if (listing is None) == (arrays is None) or (arrays is not None and count is None):
         raise DatasetError(f"source {kind!r}: give a listing, or arrays with their count")
-    if kind in SOURCES:
-        raise DatasetError(f"dataset kind {kind!r} is registered twice")
-    SOURCES[kind] = SourceKind(usage, listing, arrays, count)
+    SOURCES.add(kind, SourceKind(usage, listing, arrays, count))
 
 
 def _imagenet_index() -> dict[str, int]:

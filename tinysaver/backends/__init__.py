@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import BackendError
+from ..registry import Registry
 
 
 class ExportError(BackendError):
@@ -83,9 +84,6 @@ class Backend:
         return not self.torch_modules
 
 
-_REGISTRY: dict[str, Backend] = {}
-
-
 def backend_names() -> tuple[str, ...]:
     """Every backend's name, the default first, without importing any of them."""
     found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
@@ -93,13 +91,16 @@ def backend_names() -> tuple[str, ...]:
 
 
 BACKENDS = backend_names()  # what the command line offers; a registered backend is a module in this package
+# a backend registers when its module is imported, which happens when it is first asked for
+REGISTRY: Registry[Backend] = Registry("backend", BackendError, listed=backend_names,
+                                       load=lambda name: importlib.import_module(f"{__name__}.{name}"))
 
 
 def register_backend(name: str, **capabilities):
     """Decorator: register ``build`` as the backend ``name`` (the module's own name), with the
     `Backend` fields that say what it can do."""
     def wrap(build):
-        _REGISTRY[name] = Backend(name, build, **capabilities)
+        REGISTRY.add(name, Backend(name, build, **capabilities))
         return build
     return wrap
 
@@ -111,11 +112,7 @@ def backends_that(**capabilities) -> list[str]:
 
 def get_backend(name: str) -> Backend:
     """The registered backend ``name`` (its runtime is not imported until it builds a runner)."""
-    if name not in _REGISTRY and name not in backend_names():
-        raise BackendError(f"unknown backend {name!r}; choose from {', '.join(backend_names())}")
-    if name not in _REGISTRY:  # listed, not yet imported
-        importlib.import_module(f"{__name__}.{name}")
-    return _REGISTRY[name]
+    return REGISTRY.get(name)
 
 
 def check_backend(name: str) -> Backend:
