@@ -90,8 +90,8 @@ class Context:
 
 
 # ``train(ctx) -> {row name: ExitMethod}``, registered with @register_method(family); the table keeps this order
-METHODS: Registry[Callable[[Context], dict[str, ExitMethod]]] = Registry("exit method")
-register_method, registered, trainer = METHODS.register, METHODS.names, METHODS.get
+EXIT_METHODS: Registry[Callable[[Context], dict[str, ExitMethod]]] = Registry("exit method")
+register_method, registered, trainer = EXIT_METHODS.register, EXIT_METHODS.names, EXIT_METHODS.get
 
 
 @register_method("esn")

@@ -7,7 +7,7 @@ The parts of the network, in running order, are the engine's stages (`esn.exits.
   feature map and the bus tokens on;
 - part N + 1, the rest of the base and its head, which answers whatever is left.
 
-``build_esn_app`` makes a `tinysaver.serve.Plan` whose factory is `part_stages`, and
+``build_esn_app`` makes a `tinysaver.serve.ServiceSpec` whose factory is `part_stages`, and
 tinysaver's own service runs it: ``fused`` (every part in each replica, on the shared engine) or
 ``per-stage`` (one deployment per part, a request going on only while no exit fires). The routes,
 audit, retries and metrics are tinysaver's; an audit runs the base's parts from the first one.
@@ -24,7 +24,7 @@ from pathlib import Path
 from tinysaver.backends import backends_that, get_backend
 from tinysaver.errors import UsageError
 from tinysaver.serve import application
-from tinysaver.serve.options import Plan, ServeOptions
+from tinysaver.serve.options import ServiceSpec, ServeOptions
 from tinysaver.stageplan import StagePlan, stage_values
 from tinysaver.zoo import load_zoo
 
@@ -46,7 +46,7 @@ def part_names(saver: str, base: str, num_exits: int) -> list[str]:
     return [saver, *(f"{base}/exit{n}" for n in range(1, num_exits + 1)), base]
 
 
-def part_stages(plan: Plan, device: str = "cpu", only: list[int] | None = None) -> dict:
+def part_stages(plan: ServiceSpec, device: str = "cpu", only: list[int] | None = None) -> dict:
     """The factory of an ESN plan: {part index: engine stage} on this replica's ``device`` (the
     saver, each exit, the base's head; a replica keeps those of ``only``)."""
     from .exits import exit_stages
@@ -76,7 +76,7 @@ def check_policy(policy: ExitPolicy, num_exits: int) -> None:
         raise UsageError(f"give {want + 1} temperatures > 0 (saver, exits, base head), got {policy.temperatures}")
 
 
-def esn_plan(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOptions | None = None) -> Plan:
+def esn_plan(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOptions | None = None) -> ServiceSpec:
     """The service plan of the saver, the ESN exits of ``checkpoint`` and their base, checked before
     anything is deployed: the checkpoint, its models in ``zoo``, the thresholds and the options."""
     checkpoint = Path(checkpoint).resolve()  # replicas may run in another working directory
@@ -100,7 +100,7 @@ def esn_plan(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOpti
                        batch_size=o.max_batch_size, class_names=tuple(class_names) if class_names else None,
                        preprocess=zoo.preprocesses((ck.saver, ck.base)),
                        accept_preprocess_change=o.accept_preprocess_change, base_from=1)
-    return Plan(stages, o, factory=PART_STAGES,
+    return ServiceSpec(stages, o, factory=PART_STAGES,
                 extra={"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint)})
 
 

@@ -176,7 +176,7 @@ class FailingStage:
 
 
 def stages_with_a_broken_base(plan, device="cpu", only=None) -> dict:
-    """A Plan factory (``tests.helpers:stages_with_a_broken_base``): the plan's models, but the
+    """A ServiceSpec factory (``tests.helpers:stages_with_a_broken_base``): the plan's models, but the
     last stage raises on every batch."""
     from tinysaver.serve.stages import model_stages
 

@@ -169,13 +169,13 @@ def test_bad_config_fails_before_any_task_starts(ray_local, cfg, tmp_path, monke
 
 def test_plan_for_the_paper_pool():
     need(TIMM_RESULTS.is_dir(), "timm's results tables (../shared/data/timm-results)")
-    from tinysaver.plan import format_plan, plan_profile
+    from tinysaver.profile_cost import format_profile_cost, profile_cost
 
     pool = ProfileConfig.from_yaml(REPO / "zoo_index" / "configs" / "imagenet-paper-pool.yaml")
     from tinysaver.catalog import PAPER_POOL
 
     assert [m.name for m in pool.models] == [f"{a}.{t}" for a, t in PAPER_POOL.items()]  # the catalog's exact tags
-    plans = {g: plan_profile(pool, g, root=REPO / "zoo_index") for g in (1, 8, 64)}
+    plans = {g: profile_cost(pool, g, root=REPO / "zoo_index") for g in (1, 8, 64)}
     one = plans[1]
     assert len(one.rows) == len(PAPER_POOL) and all(r.samples == 50_000 for r in one.rows)
     assert abs(one.wall_hours - one.gpu_hours) < 1e-9  # one GPU runs everything in turn
@@ -185,18 +185,18 @@ def test_plan_for_the_paper_pool():
         assert one.gpu_hours / g - 1e-12 <= p.wall_hours < one.wall_hours
     r50 = next(r for r in one.rows if r.model == "resnet50.tv_in1k")
     assert r50.how == "published" and r50.img_size == 224 and r50.gmacs == pytest.approx(4.11)
-    assert "GPU-hours" in format_plan(one)
+    assert "GPU-hours" in format_profile_cost(one)
     # a model the table lacks at its size is scaled by GMACs (which grow with the pixel count)
     odd = ProfileConfig("x", {"val": "imagenet:/none"}, [ModelSpec("resnet50.tv_in1k", input_size=300)],
                         split_sizes={"val": 1000})
-    [row] = plan_profile(odd, 1, root=REPO / "zoo_index").rows
+    [row] = profile_cost(odd, 1, root=REPO / "zoo_index").rows
     assert row.how == "GMACs-scaled" and row.gmacs == pytest.approx(4.11 * (300 / 224) ** 2, rel=1e-3)
     assert row.img_per_s < r50.img_per_s
     unknown = ProfileConfig("x", {"val": "imagenet:/none"}, [ModelSpec("net_nobody_listed")], split_sizes={"val": 10})
     with pytest.raises(ValueError, match="no GMACs known"):
-        plan_profile(unknown, 1, root=REPO / "zoo_index")
+        profile_cost(unknown, 1, root=REPO / "zoo_index")
     with pytest.raises(ValueError, match="available: rtx4090"):
-        plan_profile(pool, 1, gpu_type="h100", root=REPO / "zoo_index")
+        profile_cost(pool, 1, gpu_type="h100", root=REPO / "zoo_index")
 
 
 def test_plan_cli_prints_without_running(tmp_path, capsys, monkeypatch):

@@ -68,10 +68,10 @@ def test_a_registered_backend_runs_in_a_cascade_without_touching_other_files():
             Cascade([s, m], [0.5], backend=backends.DEFAULT_BACKEND, threads=n)
         with pytest.raises(Exception, match="half and channels_last apply to"):
             Cascade([s, m], [0.5], backend="doubled", channels_last=True)
-        backends.REGISTRY._items["doubled"] = backends.Backend("doubled", build, torch_modules=True)
+        backends.BACKEND_REGISTRY._items["doubled"] = backends.Backend("doubled", build, torch_modules=True)
         Cascade([s, m], [0.5], backend="doubled", channels_last=True)  # now it may
     finally:
-        backends.REGISTRY.remove("doubled")
+        backends.BACKEND_REGISTRY.remove("doubled")
 
 
 def test_no_code_outside_the_backends_package_names_a_backend():
@@ -136,7 +136,7 @@ def test_a_registered_criterion_is_offered_validated_and_used_by_the_selector(tm
         assert sum(half.exit_ratio_calib[:-1]) <= 0.5 + 1e-9 < sum(zero.exit_ratio_calib[:-1])
         assert half.acc_cascade_calib >= half.acc_base_calib
     finally:
-        criteria.CRITERIA.remove("half-zero")
+        criteria.CRITERION_REGISTRY.remove("half-zero")
     with pytest.raises(SelectionError, match="unknown criterion .*; choose from zero, bounded, subset, guaranteed"):
         SelectorConfig(criterion="half-zero")
 
@@ -166,7 +166,7 @@ def test_a_registered_exit_method_is_trained_and_compared(pair, data):
                               log=lambda m: None)
         assert "own_rule" not in plain
     finally:
-        methods.METHODS.remove("sdn-once")
+        methods.EXIT_METHODS.remove("sdn-once")
     with pytest.raises(ValueError, match="unknown method"):
         parse_families("sdn-once")
 
@@ -206,9 +206,9 @@ def test_every_registry_is_one_type_and_names_the_kind_the_unknown_name_and_the_
     from tinysaver.errors import TinysaverError
     from tinysaver.registry import Registry
 
-    for registry, kind in [(backends.REGISTRY, "backend"), (criteria.CRITERIA, "criterion"),
+    for registry, kind in [(backends.BACKEND_REGISTRY, "backend"), (criteria.CRITERION_REGISTRY, "criterion"),
                            (defer.DEFER_LOSSES, "loss"), (sources.SOURCES, "dataset kind"),
-                           (methods.METHODS, "exit method")]:
+                           (methods.EXIT_METHODS, "exit method")]:
         assert isinstance(registry, Registry) and len(registry.names()) >= 2
         with pytest.raises(TinysaverError) as e:
             registry.get("nope")
@@ -218,3 +218,19 @@ def test_every_registry_is_one_type_and_names_the_kind_the_unknown_name_and_the_
         assert registry.get(first) is registry.get(first) and first in registry
         with pytest.raises(TinysaverError, match=f"{kind} '{first}' is registered twice"):
             registry.add(first, registry.get(first))
+
+
+def test_no_two_classes_of_the_package_share_a_name():
+    """One meaning per name: a reader who meets `StagePlan`, `ServiceSpec` or `ProfileCost` knows
+    which one it is (three classes were called Plan, and two Stage)."""
+    import ast
+    from collections import defaultdict
+
+    from tests.helpers import REPO
+
+    where = defaultdict(list)
+    for path in [*(REPO / "tinysaver").rglob("*.py"), *(REPO / "esn").rglob("*.py")]:
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                where[node.name].append(str(path.relative_to(REPO)))
+    assert len(where) > 30 and {n: w for n, w in where.items() if len(w) > 1} == {}

@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers import stage_plan
 from tinysaver import engine
-from tinysaver.serve import BadRequest, Plan, ServeOptions
+from tinysaver.serve import BadRequest, ServiceSpec, ServeOptions
 from tinysaver.serve.walk import FusedBatcher, StageWalk
 
 
@@ -215,7 +215,7 @@ def test_a_fused_batch_larger_than_a_model_batch_runs_in_chunks_with_the_base_re
 
 
 def two_slow_stages(plan, device="cpu", only=None) -> dict:
-    """A Plan factory (``tests.test_serve_answering:two_slow_stages``): a saver sure of even ids only, and a base."""
+    """A ServiceSpec factory (``tests.test_serve_answering:two_slow_stages``): a saver sure of even ids only, and a base."""
     return {0: Slow(0.95, 0.0, []), 1: Slow(1.0, 0.0, [])}
 
 
@@ -239,7 +239,7 @@ def test_each_layouts_answerer_owns_its_thresholds_and_adapt_moves_them_through_
     threshold ``--adapt`` sets is the one the next request meets."""
     from tinysaver.serve.answerers import FusedAnswerer, WalkAnswerer
 
-    plan = Plan(stage_plan(("s", "b"), (0.9,)), ServeOptions(layout=layout, batch_wait_timeout_s=0.0),
+    plan = ServiceSpec(stage_plan(("s", "b"), (0.9,)), ServeOptions(layout=layout, batch_wait_timeout_s=0.0),
                 factory="tests.test_serve_answering:two_slow_stages")
 
     async def go():

@@ -4,7 +4,7 @@ import pytest
 
 from tests.helpers import stage_plan
 from tinysaver.errors import CascadeError, ServeError
-from tinysaver.serve import Plan, ServeOptions
+from tinysaver.serve import ServiceSpec, ServeOptions
 
 
 def test_options_choose_the_layout_and_plans_are_checked():
@@ -23,18 +23,18 @@ def test_options_choose_the_layout_and_plans_are_checked():
         stage_plan(("a", "b"), (1.5,))
     with pytest.raises(CascadeError, match="a model cannot be its own saver"):
         stage_plan(("a", "a"), (0.5,))
-    p = Plan(stage_plan(("a", "b"), (0.5,)), o)
+    p = ServiceSpec(stage_plan(("a", "b"), (0.5,)), o)
     with pytest.raises(Exception):  # frozen: a deployment's plan cannot change under it
         p.stages.base_from = 0
     assert p.stages.base_from == 1  # the last stage alone is the base unless told
     with pytest.raises(ServeError, match="--adapt retunes from audits: give --audit"):
         ServeOptions(adapt=True)
     adapt = ServeOptions(adapt=True, audit=0.05)
-    assert Plan(stage_plan(("a", "b"), (0.5,)), adapt).options.adapt
+    assert ServiceSpec(stage_plan(("a", "b"), (0.5,)), adapt).options.adapt
     with pytest.raises(ServeError, match="one saver before its base; this policy has 3 stages"):
-        Plan(stage_plan(("a", "b", "c"), (0.5, 0.5)), adapt)
+        ServiceSpec(stage_plan(("a", "b", "c"), (0.5, 0.5)), adapt)
     with pytest.raises(ServeError, match=r"2 stages \(ESN exits\)"):
-        Plan(stage_plan(("a", "b"), (0.5,)), adapt, factory="esn.serve:stages")
+        ServiceSpec(stage_plan(("a", "b"), (0.5,)), adapt, factory="esn.serve:stages")
 
 
 def test_the_builder_types_serve_run_arguments_and_refuses_bad_ones():
@@ -63,12 +63,12 @@ def test_a_replica_no_node_can_hold_is_named_with_what_it_lacks():
     from tinysaver.serve.builders import replica_needs, unschedulable
 
     o = ServeOptions(layout="per-stage", num_cpus=0.25, num_gpus=[0, 1], resources=[{}, {"node2": 1}])
-    plan = Plan(stage_plan(("s", "b"), (0.5,)), o)
+    plan = ServiceSpec(stage_plan(("s", "b"), (0.5,)), o)
     needs = replica_needs(plan)
     assert needs["the base stage (b)"] == {"CPU": 0.25, "GPU": 1.0, "node2": 1.0}
     assert needs["the saver stage (s)"] == {"CPU": 0.25}
     one_node = [{"Alive": True, "Resources": {"CPU": 2.0, "node2": 1.0}}]
     assert unschedulable(needs, one_node) == "the base stage (b) needs GPU=1; the largest node of this cluster has GPU=0"
     assert unschedulable(needs, [*one_node, {"Alive": True, "Resources": {"CPU": 4, "GPU": 1, "node2": 2}}]) is None
-    fused = Plan(stage_plan(("s", "b"), (0.5,)), ServeOptions(resources={"nowhere": 1}))
+    fused = ServiceSpec(stage_plan(("s", "b"), (0.5,)), ServeOptions(resources={"nowhere": 1}))
     assert unschedulable(replica_needs(fused), one_node).startswith("the fused replica (every stage) needs nowhere=1")

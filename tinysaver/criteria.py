@@ -44,14 +44,14 @@ class Criterion:
     help: str = ""
 
 
-CRITERIA: Registry[Criterion] = Registry("criterion", SelectionError)
+CRITERION_REGISTRY: Registry[Criterion] = Registry("criterion", SelectionError)
 
 
 def register_criterion(c: Criterion) -> Criterion:
-    return CRITERIA.add(c.name, c)
+    return CRITERION_REGISTRY.add(c.name, c)
 
 
-criterion_names, get_criterion = CRITERIA.names, CRITERIA.get
+criterion_names, get_criterion = CRITERION_REGISTRY.names, CRITERION_REGISTRY.get
 
 
 def _every_exit_count(order) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from .errors import UsageError
 from .policy import confidence, exits
 
 
-class Stage(Protocol):
+class BatchStage(Protocol):
     name: str
 
     def __call__(self, images, carry) -> tuple[Any, Any, Any]: ...
@@ -147,7 +147,7 @@ def to_numpy(x) -> np.ndarray:
     return x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)
 
 
-def run(stages: Sequence[Stage], thresholds: Sequence[float], n: int, take: Callable[[np.ndarray], Any],
+def run(stages: Sequence[BatchStage], thresholds: Sequence[float], n: int, take: Callable[[np.ndarray], Any],
         on_answer: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None], batch_size: int = 64,
         refill: bool = True, pipeline: bool = False,
         on_run: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> None:
@@ -295,4 +295,4 @@ class ModelStage:
         return pred.cpu(), conf.cpu(), None
 
 
-__all__ = ["Stage", "ModelStage", "run", "per_stage", "carry_take", "carry_cat", "carry_rows", "carry_stack", "to_numpy"]
+__all__ = ["BatchStage", "ModelStage", "run", "per_stage", "carry_take", "carry_cat", "carry_rows", "carry_stack", "to_numpy"]

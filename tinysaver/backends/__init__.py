@@ -92,7 +92,7 @@ def backend_names() -> tuple[str, ...]:
 
 BACKENDS = backend_names()  # what the command line offers; a registered backend is a module in this package
 # a backend registers when its module is imported, which happens when it is first asked for
-REGISTRY: Registry[Backend] = Registry("backend", BackendError, listed=backend_names,
+BACKEND_REGISTRY: Registry[Backend] = Registry("backend", BackendError, listed=backend_names,
                                        load=lambda name: importlib.import_module(f"{__name__}.{name}"))
 
 
@@ -100,7 +100,7 @@ def register_backend(name: str, **capabilities):
     """Decorator: register ``build`` as the backend ``name`` (the module's own name), with the
     `Backend` fields that say what it can do."""
     def wrap(build):
-        REGISTRY.add(name, Backend(name, build, **capabilities))
+        BACKEND_REGISTRY.add(name, Backend(name, build, **capabilities))
         return build
     return wrap
 
@@ -112,7 +112,7 @@ def backends_that(**capabilities) -> list[str]:
 
 def get_backend(name: str) -> Backend:
     """The registered backend ``name`` (its runtime is not imported until it builds a runner)."""
-    return REGISTRY.get(name)
+    return BACKEND_REGISTRY.get(name)
 
 
 def check_backend(name: str) -> Backend:

@@ -132,9 +132,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
                             latency_min_run_time=args.latency_seconds or LATENCY_SECONDS,
                             max_pixels=args.max_pixels or MAX_PIXELS)
     if args.plan:
-        from ..plan import format_plan, plan_profile
+        from ..profile_cost import format_profile_cost, profile_cost
 
-        print(format_plan(plan_profile(cfg, args.gpus, args.gpu_type, root=root)))
+        print(format_profile_cost(profile_cost(cfg, args.gpus, args.gpu_type, root=root)))
         return 0
     if args.executor == "ray":
         from ..profile_ray import profile_on_ray

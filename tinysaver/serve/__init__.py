@@ -2,7 +2,7 @@
 
 ``build_app(selection, zoo, options)`` returns a Serve application (``serve.run(app)``); the builder
 ``app`` makes the same from ``serve run tinysaver.serve:app zoo=fashion-mnist base=resnet10t``.
-One job per file: ``options`` (``ServeOptions`` and the frozen ``Plan``), ``http`` (bodies,
+One job per file: ``options`` (``ServeOptions`` and the frozen ``ServiceSpec``), ``http`` (bodies,
 multipart, decoding, the pixel cap, tokens), ``audit`` (the live loss bound), ``stages`` (what a
 replica runs), ``walk`` (how a request finds its answer in each layout), ``deployments`` (the Serve
 deployments, which import Ray), ``builders`` (plans and applications), ``oip`` (the Open
@@ -15,9 +15,9 @@ from .audit import AuditMonitor, confidence_sequence
 from .builders import (app, application, build_app, local_ray_env, plan_for, replica_needs, stage_options, start_serve,
                        unschedulable)
 from .http import BadRequest
-from .options import GRACEFUL_SHUTDOWN_S, LAYOUTS, Plan, ServeOptions
+from .options import GRACEFUL_SHUTDOWN_S, LAYOUTS, ServiceSpec, ServeOptions
 from .stages import ItemStage, stage_device
 
-__all__ = ["AuditMonitor", "BadRequest", "GRACEFUL_SHUTDOWN_S", "ItemStage", "LAYOUTS", "Plan", "ServeOptions",
+__all__ = ["AuditMonitor", "BadRequest", "GRACEFUL_SHUTDOWN_S", "ItemStage", "LAYOUTS", "ServiceSpec", "ServeOptions",
            "app", "application", "build_app", "confidence_sequence", "local_ray_env", "plan_for",
            "replica_needs", "stage_device", "stage_options", "start_serve", "unschedulable"]

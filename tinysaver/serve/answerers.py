@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Sequence
 
 from .batching import Batcher
 from .http import BadRequest
-from .options import Plan
+from .options import ServiceSpec
 from .stages import load_stages, stage_device
 from .walk import FusedBatcher, StageWalk
 
@@ -37,7 +37,7 @@ class FusedAnswerer:
     layout = "fused"
     retried = unavailable = 0  # nothing is retried: every stage is in this process
 
-    def __init__(self, plan: Plan, incoming):
+    def __init__(self, plan: ServiceSpec, incoming):
         o = plan.options
         # a stream of answers waits at most this long: the engine's own futures, no task per image
         self.timeout_s = self.stream_timeout_s = o.request_timeout_s
@@ -112,7 +112,7 @@ class WalkAnswerer:
     layout = "per-stage"
     stream_timeout_s = None  # each walk keeps its own deadline
 
-    def __init__(self, plan: Plan, handles: Sequence, dead: tuple[type[BaseException], ...]):
+    def __init__(self, plan: ServiceSpec, handles: Sequence, dead: tuple[type[BaseException], ...]):
         o = plan.options
         self.handles, self.names, self.dead = list(handles), list(plan.stages.names), dead
         self.timeout_s, self.first = o.request_timeout_s, o.adapt

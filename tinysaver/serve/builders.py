@@ -20,13 +20,13 @@ from ..ray_local import set_local_ray_env
 from ..schemas import parse
 from ..stageplan import resolve
 from .http import token_or_env
-from .options import Plan, ServeOptions
+from .options import ServiceSpec, ServeOptions
 
 log = logging.getLogger("tinysaver.serve")
 
 
 def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
-             root: Path | None = None) -> Plan:
+             root: Path | None = None) -> ServiceSpec:
     """The plan of a saver → … → base ``selection`` over ``zoo``, checked before anything is deployed:
     the stages resolved once (`tinysaver.stageplan.resolve`), and the options able to place them."""
     o = options or ServeOptions()
@@ -46,7 +46,7 @@ def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeO
         if len(set(o.per_stage("num_gpus", n))) > 1:
             raise ServeError("--layout fused puts every stage on one device: give --num-gpus one value, or use "
                              "--layout per-stage")
-    return Plan(stages, o)
+    return ServiceSpec(stages, o)
 
 
 def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:
@@ -65,7 +65,7 @@ def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:
             for i, (name, r, c, g, res) in enumerate(zip(names, replicas, cpus, gpus, resources))]
 
 
-def replica_needs(plan: Plan) -> dict[str, dict[str, float]]:
+def replica_needs(plan: ServiceSpec) -> dict[str, dict[str, float]]:
     """What one replica of each deployment asks Ray for ({"CPU": …, "GPU": …, custom: …}), keyed by
     what a user calls it (``the base stage (resnet10t)``), so a replica that never starts can be
     explained by what no node has."""
@@ -98,7 +98,7 @@ def unschedulable(needs: dict[str, dict[str, float]], nodes: list[dict]) -> str 
     return None
 
 
-def application(plan: Plan, token: str | None = None):
+def application(plan: ServiceSpec, token: str | None = None):
     """The Serve application of ``plan`` in its layout (see `tinysaver.serve.deployments`)."""
     from ray.serve.config import BackpressureConfig
 

@@ -1,4 +1,4 @@
-"""The Serve deployments, at module level, each bound by keyword to one frozen `Plan`.
+"""The Serve deployments, at module level, each bound by keyword to one frozen `ServiceSpec`.
 
 - ``Ingress`` (FastAPI routes, the audit, metrics). In the ``fused`` layout its replicas hold every
   stage and answer each batch (``batching.Batcher``) on the shared engine (one hop from Serve's proxy).
@@ -40,7 +40,7 @@ from .answerers import OVERLOADED, FusedAnswerer, WalkAnswerer
 from .audit import AuditMonitor
 from .batching import Batcher
 from .http import BadRequest, check_size, check_token, decode, decode_all, ndjson_as_ready, read_body, read_files
-from .options import GRACEFUL_SHUTDOWN_S, Plan
+from .options import GRACEFUL_SHUTDOWN_S, ServiceSpec
 from .stages import ItemStage, load_stages, stage_device
 
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -97,7 +97,7 @@ async def _validation_error(request, exc):
 class StageServer:
     """Stage ``index`` of ``plan`` (per-stage layout): (image, carry) items → (class, confidence, carry)."""
 
-    def __init__(self, plan: Plan, index: int):
+    def __init__(self, plan: ServiceSpec, index: int):
         num_gpus = plan.options.per_stage("num_gpus", len(plan.stages.names))[index]
         self.device = stage_device(num_gpus)
         self.run = ItemStage(load_stages(plan, self.device, [index])[index], self.device)
@@ -125,7 +125,7 @@ class Ingress:
     """The routes. ``stages``: the per-stage layout's StageServer handles, in running order; none in
     the fused layout, where this replica loads every stage itself."""
 
-    def __init__(self, plan: Plan, stages: list | None = None, token: str | None = None):
+    def __init__(self, plan: ServiceSpec, stages: list | None = None, token: str | None = None):
         o = plan.options
         self.plan, self.o, self.names, self.token = plan, o, list(plan.stages.names), token
         self.class_names = list(plan.stages.class_names) if plan.stages.class_names else None

@@ -1,4 +1,4 @@
-"""What a service is: its options (``ServeOptions``) and the one frozen ``Plan`` every deployment is
+"""What a service is: its options (``ServeOptions``) and the one frozen ``ServiceSpec`` every deployment is
 bound to. Plain dataclasses: nothing here imports Ray."""
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class ServeOptions:
 
 
 @dataclass(frozen=True)
-class Plan:
+class ServiceSpec:
     """Everything a deployment needs, decided before anything is deployed; bound by keyword.
 
     ``stages``: the resolved `StagePlan` (models, thresholds,
@@ -127,4 +127,4 @@ class Plan:
         return self.options.resolved_layout()
 
 
-__all__ = ["GRACEFUL_SHUTDOWN_S", "LAYOUTS", "MODEL_STAGES", "Plan", "ServeOptions"]
+__all__ = ["GRACEFUL_SHUTDOWN_S", "LAYOUTS", "MODEL_STAGES", "ServiceSpec", "ServeOptions"]

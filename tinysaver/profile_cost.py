@@ -27,7 +27,7 @@ from .zoo import default_root, list_zoos, load_zoo
 
 
 @dataclass
-class PlanRow:
+class CostRow:
     model: str
     img_size: int
     gmacs: float
@@ -38,8 +38,8 @@ class PlanRow:
 
 
 @dataclass
-class Plan:
-    rows: list[PlanRow]
+class ProfileCost:
+    rows: list[CostRow]
     gpus: int
     gpu_type: str
     shards: int
@@ -78,8 +78,8 @@ def _catalog_facts(root: Path | None) -> dict[str, dict]:
     return facts
 
 
-def plan_profile(cfg: ProfileConfig, gpus: int = 1, gpu_type: str = "rtx4090", shards: int | None = None,
-                 root: Path | None = None, folder: Path | None = None) -> Plan:
+def profile_cost(cfg: ProfileConfig, gpus: int = 1, gpu_type: str = "rtx4090", shards: int | None = None,
+                 root: Path | None = None, folder: Path | None = None) -> ProfileCost:
     """Expected GPU-hours and wall time to profile every model of ``cfg`` on ``gpus`` GPUs.
 
     Samples per split come from ``cfg.split_sizes`` when given (for data this machine cannot
@@ -112,31 +112,31 @@ def plan_profile(cfg: ProfileConfig, gpus: int = 1, gpu_type: str = "rtx4090", s
         else:
             raise UsageError(f"{spec.key}: not in the published benchmark at {size}px and no GMACs known; profile it "
                              "locally once (tinysaver profile --limit 1) or add it to the catalog")
-        rows.append(PlanRow(spec.key, size, gmacs, ips, how, samples, samples / ips / 3600))
+        rows.append(CostRow(spec.key, size, gmacs, ips, how, samples, samples / ips / 3600))
     shards = shards or gpus
     units = sorted((r.gpu_hours / shards for r in rows for _ in range(shards)), reverse=True)
     load = [0.0] * gpus
     heapq.heapify(load)
     for u in units:  # longest-processing-time-first onto the least loaded GPU
         heapq.heappush(load, heapq.heappop(load) + u)
-    return Plan(rows, gpus, gpu_type, shards, max(load), sum(r.gpu_hours for r in rows),
-                f"{SOURCE}: {benches[gpu_type].name}")
+    return ProfileCost(rows, gpus, gpu_type, shards, max(load), sum(r.gpu_hours for r in rows),
+                       f"{SOURCE}: {benches[gpu_type].name}")
 
 
-def format_plan(plan: Plan) -> str:
-    lines = [f"| model | img px | GMACs | img/s on 1 {plan.gpu_type} | from | samples | GPU-hours |",
+def format_profile_cost(cost: ProfileCost) -> str:
+    lines = [f"| model | img px | GMACs | img/s on 1 {cost.gpu_type} | from | samples | GPU-hours |",
              "|---|---|---|---|---|---|---|"]
-    for r in plan.rows:
+    for r in cost.rows:
         lines.append(f"| {r.model} | {r.img_size} | {r.gmacs:.2f} | {r.img_per_s:,.0f} | {r.how} | {r.samples:,} | "
                      f"{r.gpu_hours:.3f} |")
     lines.append("")
-    lines.append(f"{len(plan.rows)} models: {plan.gpu_hours:.2f} GPU-hours; on {plan.gpus} × {plan.gpu_type} "
-                 f"({plan.shards} shard(s) per split): {plan.wall_hours:.2f} h wall "
-                 f"({plan.wall_hours * 60:.0f} min).")
+    lines.append(f"{len(cost.rows)} models: {cost.gpu_hours:.2f} GPU-hours; on {cost.gpus} × {cost.gpu_type} "
+                 f"({cost.shards} shard(s) per split): {cost.wall_hours:.2f} h wall "
+                 f"({cost.wall_hours * 60:.0f} min).")
     lines.append("Forward passes only, at the table's mixed precision and batch size: tinysaver profiles in fp32 at "
                  "eval_batch_size, which runs slower, and decoding and weight loading add to it.")
-    lines.append(f"Throughput: {plan.table}")
+    lines.append(f"Throughput: {cost.table}")
     return "\n".join(lines)
 
 
-__all__ = ["Plan", "PlanRow", "plan_profile", "format_plan", "gpu_benchmarks"]
+__all__ = ["ProfileCost", "CostRow", "profile_cost", "format_profile_cost", "gpu_benchmarks"]
