@@ -265,3 +265,48 @@ def test_closing_a_listener_refuses_new_connections_and_answers_the_open_ones():
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_ingress_answers_exactly_the_route_table_and_the_token_is_one_dependency():
+    """Routes are declared once (`routes.ROUTES`): the deployment registers them from the table, the
+    start-up line lists them from it, and each route that asks for the token has the one dependency."""
+    pytest.importorskip("ray.serve")
+    from tinysaver.serve import deployments, routes
+
+    def walk(rs):  # Serve moves a class's routes into an included router
+        for r in rs:
+            inner = getattr(r, "original_router", None)
+            yield from walk(inner.routes) if inner is not None else [r]
+
+    served = {(m, r.path): r for r in walk(deployments.api.routes) if hasattr(r, "methods") and r.path in
+              {x.path for x in routes.ROUTES} for m in r.methods}
+    assert set(served) == {(r.method, r.path) for r in routes.ROUTES}
+    for r in routes.ROUTES:
+        route = served[(r.method, r.path)]
+        assert route.endpoint.__name__ == r.handler
+        deps = [d.call for d in route.dependant.dependencies]
+        assert (deployments._authorized in deps) == r.token, r.path
+    assert routes.listing().startswith("POST /predict, /predict/batch, GET /healthz")
+    assert "/metrics" in routes.with_token() and "/healthz" not in routes.with_token()
+
+
+def test_the_token_dependency_refuses_in_the_service_error_shape():
+    pytest.importorskip("ray.serve")
+    from starlette.exceptions import HTTPException
+
+    from tinysaver.serve import deployments
+
+    class App:
+        class state:
+            token = "s3cret"
+
+    class Req:
+        def __init__(self, auth):
+            self.headers = {"authorization": auth} if auth else {}
+            self.app = App
+
+    asyncio.run(deployments._authorized(Req("Bearer s3cret")))
+    for bad in (None, "Bearer nope", "Basic s3cret"):
+        with pytest.raises(HTTPException) as e:
+            asyncio.run(deployments._authorized(Req(bad)))
+        assert e.value.status_code == 401 and "Authorization: Bearer" in e.value.detail

@@ -14,17 +14,17 @@ import sys
 from ..errors import MissingExtraError, UsageError
 from ..report import describe
 from ..selector import PolicyRequest, selection_for
-from ..serve import LAYOUTS, ServeOptions, plan_for, replica_needs
-from ..serve.builders import HIGH_THROUGHPUT_ENV, application
+from ..serve import LAYOUTS, ServeOptions, plan_for, replica_needs, routes
+from ..serve.builders import application
 from ..serve.http import token_or_env
-from ..serve.lifecycle import run_service
+from ..serve.lifecycle import HIGH_THROUGHPUT_ENV, run_service
 from ..zoo import load_zoo
 from ._args import add_cascade_args, command, int_list, non_negative_float, positive_float, positive_int
 
 
 def register(sub) -> None:
     q = command(sub, "serve", cmd_serve,
-                "serve the cascade over HTTP on Ray Serve (POST /predict, /predict/batch; GET /healthz, /livez, /readyz, /metrics)")
+                f"serve the cascade over HTTP on Ray Serve ({routes.listing()})")
     add_cascade_args(q)
     add_serve_args(q)
     q.add_argument("--esn", help=argparse.SUPPRESS)  # moved to 'tinysaver esn serve'; kept to say so
@@ -47,8 +47,8 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
                    help="also answer /tinysaver.Cascade/Predict over gRPC on this port (request: the image's "
                         "bytes; reply: the JSON of /predict); fewer CPU cycles per request than HTTP")
     q.add_argument("--token", default=None,
-                   help="require 'Authorization: Bearer TOKEN' on /predict* and /metrics (default: "
-                        "$TINYSAVER_TOKEN, else none); /healthz stays open")
+                   help=f"require 'Authorization: Bearer TOKEN' on {', '.join(routes.with_token())} (default: "
+                        "$TINYSAVER_TOKEN, else none); the health routes stay open")
     q.add_argument("--high-throughput", action="store_true",
                    help="run the local Ray instance in Ray Serve's high-throughput mode (HAProxy in front of the "
                         "replicas, gRPC between deployments); a cluster joined with --address must have been "

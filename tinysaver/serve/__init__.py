@@ -4,17 +4,18 @@
 ``app`` makes the same from ``serve run tinysaver.serve:app zoo=fashion-mnist base=resnet10t``.
 One job per file: ``options`` (``ServeOptions`` and the frozen ``ServiceSpec``), ``http`` (bodies,
 multipart, decoding, the pixel cap, tokens), ``audit`` (the live loss bound), ``stages`` (what a
-replica runs), ``walk`` (how a request finds its answer in each layout), ``deployments`` (the Serve
-deployments, which import Ray), ``builders`` (plans and applications), ``oip`` (the Open
-Inference Protocol's requests and responses), ``prom`` (``/metrics`` as Prometheus text),
-``drain`` (the stop flag the replicas read), ``lifecycle`` (a local Ray of the service's own,
-start-up, drain and stop) and ``default`` (the default cascade as an application, for
+replica runs), ``walk`` (how a request finds its answer in each layout), ``routes`` (the HTTP
+surface, declared once), ``deployments`` (the Serve deployments, which import Ray), ``builders``
+(plans and applications), ``oip`` (the Open Inference Protocol's requests and responses), ``prom``
+(``/metrics`` as Prometheus text), ``drain`` (the stop flag the replicas read), ``listener``
+(closing the proxy's listener before a stop), ``lifecycle`` (a local Ray of the service's own:
+its start, Serve's start, drain and stop) and ``default`` (the default cascade as an application, for
 ``serve build``). ``deployments``, ``drain`` and ``lifecycle`` import Ray, and only when used.
 """
 from .audit import AuditMonitor, confidence_sequence
-from .builders import (app, application, build_app, local_ray_env, plan_for, replica_needs, stage_options, start_serve,
-                       unschedulable)
+from .builders import app, application, build_app, plan_for, replica_needs, stage_options, unschedulable
 from .http import BadRequest
+from .lifecycle import local_ray_env, start_serve
 from .options import GRACEFUL_SHUTDOWN_S, LAYOUTS, ServiceSpec, ServeOptions
 from .stages import ItemStage, stage_device
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import collections.abc
 import json
-import logging
-import time
 import typing
 from pathlib import Path
 from typing import Annotated, Sequence
@@ -16,13 +14,10 @@ from pydantic import BeforeValidator
 from ..backends import backends_that, get_backend
 from ..errors import ServeError, TinysaverError
 from ..policy import Selection
-from ..ray_local import set_local_ray_env
 from ..schemas import parse
 from ..stageplan import resolve
 from .http import token_or_env
 from .options import ServiceSpec, ServeOptions
-
-log = logging.getLogger("tinysaver.serve")
 
 
 def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
@@ -219,59 +214,4 @@ def _app(args: dict):
     return build_app(selection_for(zoo, request), zoo, options, token=token)
 
 
-# --- a local Ray for the service --------------------------------------------------------------------
-
-# Serve's controller gives a starting HTTP proxy 5 s to report ready and 10 s per health check,
-# then kills it. On a busy 2-core machine a proxy can need longer just to import FastAPI (seen in CI
-# with a training job beside the tests; 62 s with a matmul loop beside them), so a local instance
-# gives it more.
-PROXY_START_S = 300
-PROXY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(PROXY_START_S), "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
-# Ray Serve's high-throughput mode (Ray ≥ 2.55): HAProxy in front, ingress replicas that take HTTP
-# themselves, gRPC between deployments. Every process of the instance must see these, so they are
-# set before Ray starts, or by whoever starts a cluster's nodes.
-HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-
-
-def local_ray_env() -> None:
-    """Settings for a Ray instance this process starts to serve from (call before ``ray.init``):
-    replicas at the default priority (`tinysaver.ray_local`) and a patient proxy start-up.
-    Values the user set in the environment are kept."""
-    set_local_ray_env(PROXY_ENV)
-
-
-def start_serve(http_options: dict, wait_s: float = PROXY_START_S, grpc_port: int | None = None) -> None:
-    """``serve.start(http_options=...)``, waiting up to ``wait_s`` seconds for the HTTP proxies;
-    with ``grpc_port``, Serve's gRPC proxy also listens there with the service's method (``grpc_api``).
-
-    ``serve.start`` waits a fixed 60 s for its proxies and then raises, although the controller it
-    started goes on and the proxy comes up later. On a starved machine we therefore connect to that
-    controller and wait for Serve to report every proxy healthy. Raises TimeoutError past ``wait_s``.
-    """
-    from ray import serve
-
-    from .grpc_api import SERVICER
-
-    kw = {"http_options": http_options}
-    if grpc_port:
-        kw["grpc_options"] = {"port": int(grpc_port), "grpc_servicer_functions": [SERVICER]}
-    t0 = time.monotonic()
-    try:
-        serve.start(**kw)
-        return
-    except TimeoutError as e:
-        if "proxies not available" not in str(e):
-            raise
-        log.warning("Serve's HTTP proxy is slow to start (%s); waiting up to %.0f s in all", e, wait_s)
-    serve.start(**kw)  # the controller is running now: this connects to it
-    while True:
-        proxies = serve.status().proxies
-        if proxies and all(st == "HEALTHY" for st in proxies.values()):  # ProxyStatus is a str enum
-            return
-        if time.monotonic() - t0 > wait_s:
-            raise TimeoutError(f"Serve's HTTP proxies were not healthy after {wait_s:.0f} s: {proxies}")
-        time.sleep(1.0)
-
-
-__all__ = ["HIGH_THROUGHPUT_ENV", "app", "application", "build_app", "local_ray_env", "plan_for", "replica_needs", "stage_options",
-           "start_serve", "unschedulable"]
+__all__ = ["app", "application", "build_app", "plan_for", "replica_needs", "stage_options", "unschedulable"]

@@ -5,10 +5,9 @@
   In ``per-stage`` it walks the ``StageServer`` deployments it is given, one request at a time.
 - ``StageServer``: one stage of a ``per-stage`` plan, batching its requests the same way.
 
-Routes: ``POST /predict`` (one image, raw bytes or multipart), ``POST /predict/batch`` (multipart,
-answers streamed as JSON lines as they are ready), ``GET /healthz`` (503 ``starting`` until every
-deployment is healthy) and ``GET /metrics`` (JSON; counters also go to Ray's Prometheus metrics).
-Every refusal has the body ``{"error": reason}``.
+The routes are those of `tinysaver.serve.routes.ROUTES`, registered from that table onto the
+ingress's handlers, with the token as one FastAPI dependency where a route asks for it. Every
+refusal has the body ``{"error": reason}``.
 """
 # No ``from __future__ import annotations``: FastAPI reads the route signatures at definition time.
 import asyncio
@@ -21,7 +20,7 @@ from collections import Counter
 
 import grpc
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -41,6 +40,7 @@ from .audit import AuditMonitor
 from .batching import Batcher
 from .http import BadRequest, check_size, check_token, decode, decode_all, ndjson_as_ready, read_body, read_files
 from .options import GRACEFUL_SHUTDOWN_S, ServiceSpec
+from .routes import ROUTES
 from .stages import ItemStage, load_stages, stage_device
 
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -119,8 +119,6 @@ class StageServer:
                 "device": self.device}
 
 
-@serve.deployment(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)
-@serve.ingress(api)
 class Ingress:
     """The routes. ``stages``: the per-stage layout's StageServer handles, in running order; none in
     the fused layout, where this replica loads every stage itself."""
@@ -128,6 +126,7 @@ class Ingress:
     def __init__(self, plan: ServiceSpec, stages: list | None = None, token: str | None = None):
         o = plan.options
         self.plan, self.o, self.names, self.token = plan, o, list(plan.stages.names), token
+        api.state.token = token  # what `_authorized` checks; one ingress per replica process
         self.class_names = list(plan.stages.class_names) if plan.stages.class_names else None
         self.budget = InputBudget(o.max_pixels, plan.stages.preprocess)
         # decoded pixels held at once across every request of this replica (one image always fits)
@@ -288,11 +287,9 @@ class Ingress:
         return self.draining
 
     # --- routes ---------------------------------------------------------------------------------
-    @api.post("/predict", openapi_extra=_ONE_IMAGE)
     async def predict(self, request: Request):
         try:
             t0 = time.perf_counter()
-            check_token(request.headers, self.token)
             with self._admitted(), contextlib.ExitStack() as held:
                 with self._on_its_way():  # read and decode as one span, as the fused batch waits on it
                     [(_, data)] = await read_files(request, False, self.o.max_body_bytes, self.o.body_timeout_s)
@@ -325,10 +322,8 @@ class Ingress:
             grpc_context.set_details(e.reason)
             return grpc_api.Reply(b"")
 
-    @api.post("/predict/batch", openapi_extra=_IMAGES)
     async def predict_batch(self, request: Request):
         try:
-            check_token(request.headers, self.token)
             self._admit()  # held until the stream's last line (or the client leaves)
         except BadRequest as e:
             return self._error(e)
@@ -396,7 +391,6 @@ class Ingress:
         except Exception as e:  # no answer from Serve's controller is no proof of health
             return [f"unknown ({type(e).__name__}: {str(e)[:200]})"]
 
-    @api.get("/healthz")
     async def healthz(self):
         """Readiness with the audit: 503 while the stages start or the service drains."""
         starting = await self._starting_now()
@@ -434,26 +428,19 @@ class Ingress:
             return self._error(BadRequest(404, f"unknown version {version!r}; the cascade has version {oip.VERSION}"))
         return None
 
-    @api.get("/v2")
     async def oip_server(self):
         return {"name": "tinysaver", "version": __version__, "extensions": oip.EXTENSIONS}
 
-    @api.get("/v2/health/live")
     async def oip_live(self):
         return {"live": True}
 
-    @api.get("/v2/health/ready")
     async def oip_ready(self):
         r = await self.readyz()
         return r if isinstance(r, JSONResponse) else {"ready": True}
 
-    @api.get("/v2/models/{name}")
-    @api.get("/v2/models/{name}/versions/{version}")
     async def oip_metadata(self, name: str, version: str = oip.VERSION):
         return self._unknown(name, version) or oip.model_metadata(self.oip_name)
 
-    @api.get("/v2/models/{name}/ready")
-    @api.get("/v2/models/{name}/versions/{version}/ready")
     async def oip_model_ready(self, name: str, version: str = oip.VERSION):
         unknown = self._unknown(name, version)
         if unknown:
@@ -461,14 +448,11 @@ class Ingress:
         r = await self.readyz()
         return r if isinstance(r, JSONResponse) else {"name": self.oip_name, "ready": True}
 
-    @api.post("/v2/models/{name}/infer", openapi_extra=_OIP_INFER)
-    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_OIP_INFER)
     async def oip_infer(self, name: str, request: Request, version: str = oip.VERSION):
         unknown = self._unknown(name, version)
         if unknown:
             return unknown
         try:
-            check_token(request.headers, self.token)
             with self._admitted():
                 with self._on_its_way():
                     req = oip.parse_infer(await read_body(request, self.o.max_body_bytes, self.o.body_timeout_s),
@@ -486,12 +470,10 @@ class Ingress:
         return Response(body, headers={k: v for k, v in headers.items() if k != "content-type"},
                         media_type=headers["content-type"])
 
-    @api.get("/livez")
     async def livez(self):
         """Liveness: this replica's event loop answers (a stopping service is still alive)."""
         return {"status": "live"}
 
-    @api.get("/readyz")
     async def readyz(self):
         """Readiness: 200 when every stage is up and the service admits requests; a load balancer
         stops sending on the 503 that a drain gives at once."""
@@ -509,24 +491,14 @@ class Ingress:
         out = {k: per(self.timing[k], self.timed) for k in ("read", "decode", "answer")}
         return {**out, **self.answerer.timing(), "requests": self.timed}
 
-    @api.get("/metrics")
     async def metrics(self, request: Request):
         """Prometheus text (``Accept: application/json`` gives ``/metrics.json``'s body)."""
-        try:
-            check_token(request.headers, self.token)
-        except BadRequest as e:
-            return self._error(e)
         stats = await self._stats()
         if "application/json" in request.headers.get("accept", ""):
             return stats
         return Response(prom.render(stats), media_type=prom.CONTENT_TYPE)
 
-    @api.get("/metrics.json")
-    async def metrics_json(self, request: Request):
-        try:
-            check_token(request.headers, self.token)
-        except BadRequest as e:
-            return self._error(e)
+    async def metrics_json(self):
         return await self._stats()
 
     async def _stats(self) -> dict:
@@ -544,6 +516,21 @@ class Ingress:
                 "retried_calls": self.answerer.retried, "unavailable": self.answerer.unavailable,
                 "incoming": self.incoming,
                 "status": self._status(), "audit": self.audit.view(), "pid": os.getpid()}
+
+
+async def _authorized(request: Request) -> None:
+    """The token, as one dependency of every route that asks for it (`routes.Route.token`)."""
+    try:
+        check_token(request.headers, getattr(request.app.state, "token", None))
+    except BadRequest as e:
+        raise HTTPException(e.status, e.reason) from None
+
+
+_OPENAPI = {"predict": _ONE_IMAGE, "predict_batch": _IMAGES, "oip_infer": _OIP_INFER}  # bodies FastAPI cannot infer
+for _r in ROUTES:
+    api.add_api_route(_r.path, getattr(Ingress, _r.handler), methods=[_r.method], openapi_extra=_OPENAPI.get(_r.handler),
+                      dependencies=[Depends(_authorized)] if _r.token else None)
+Ingress = serve.deployment(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)(serve.ingress(api)(Ingress))
 
 
 __all__ = ["Ingress", "StageServer", "api"]

@@ -30,10 +30,66 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import ServeError
-from ..ray_local import RAY_CLI, ensure_ray_token
-from . import grpc_api, listener
-from .builders import local_ray_env, start_serve, unschedulable
+from ..ray_local import RAY_CLI, ensure_ray_token, set_local_ray_env
+from . import grpc_api, listener, routes
+from .builders import unschedulable
 from .reaper import in_session
+
+log = logging.getLogger("tinysaver.serve")
+
+# --- a local Ray for the service --------------------------------------------------------------------
+
+# Serve's controller gives a starting HTTP proxy 5 s to report ready and 10 s per health check,
+# then kills it. On a busy 2-core machine a proxy can need longer just to import FastAPI (seen in CI
+# with a training job beside the tests; 62 s with a matmul loop beside them), so a local instance
+# gives it more.
+PROXY_START_S = 300
+PROXY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(PROXY_START_S), "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+# Ray Serve's high-throughput mode (Ray ≥ 2.55): HAProxy in front, ingress replicas that take HTTP
+# themselves, gRPC between deployments. Every process of the instance must see these, so they are
+# set before Ray starts, or by whoever starts a cluster's nodes.
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def local_ray_env() -> None:
+    """Settings for a Ray instance this process starts to serve from (call before ``ray.init``):
+    replicas at the default priority (`tinysaver.ray_local`) and a patient proxy start-up.
+    Values the user set in the environment are kept."""
+    set_local_ray_env(PROXY_ENV)
+
+
+def start_serve(http_options: dict, wait_s: float = PROXY_START_S, grpc_port: int | None = None) -> None:
+    """``serve.start(http_options=...)``, waiting up to ``wait_s`` seconds for the HTTP proxies;
+    with ``grpc_port``, Serve's gRPC proxy also listens there with the service's method (``grpc_api``).
+
+    ``serve.start`` waits a fixed 60 s for its proxies and then raises, although the controller it
+    started goes on and the proxy comes up later. On a starved machine we therefore connect to that
+    controller and wait for Serve to report every proxy healthy. Raises TimeoutError past ``wait_s``.
+    """
+    from ray import serve
+
+    from .grpc_api import SERVICER
+
+    kw = {"http_options": http_options}
+    if grpc_port:
+        kw["grpc_options"] = {"port": int(grpc_port), "grpc_servicer_functions": [SERVICER]}
+    t0 = time.monotonic()
+    try:
+        serve.start(**kw)
+        return
+    except TimeoutError as e:
+        if "proxies not available" not in str(e):
+            raise
+        log.warning("Serve's HTTP proxy is slow to start (%s); waiting up to %.0f s in all", e, wait_s)
+    serve.start(**kw)  # the controller is running now: this connects to it
+    while True:
+        proxies = serve.status().proxies
+        if proxies and all(st == "HEALTHY" for st in proxies.values()):  # ProxyStatus is a str enum
+            return
+        if time.monotonic() - t0 > wait_s:
+            raise TimeoutError(f"Serve's HTTP proxies were not healthy after {wait_s:.0f} s: {proxies}")
+        time.sleep(1.0)
+
 
 APP = "tinysaver"
 HEAD_START_S = 120.0  # a local Ray's head comes up in about 5 s here; a starved machine takes longer
@@ -367,15 +423,14 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
             wait_running(APP, startup_timeout_s, stop, needs, head)
         else:
             serve.run(app, name=APP, route_prefix="/")
-        health = f"http://{_local(host)}:{port}/healthz"
+        health = f"http://{_local(host)}:{port}{routes.HEALTH}"
         if stop:  # during start-up: a replica that is up may have admitted requests, so it drains too
             n = answered(health)  # a slow start can answer before this command sees it running
             say(f"tinysaver: stopped after {n:,} answer{'s' if n != 1 else ''}, before the command saw the service "
                 "fully up" if n else "tinysaver: stopped before the service was up")
         else:
             grpc_line = f", and gRPC {grpc_api.METHOD} at {host}:{grpc_port}" if grpc_port else ""
-            say(f"tinysaver: serving {' → '.join(models)} at http://{host}:{port} (POST /predict, POST /predict/batch, "
-                f"GET /healthz, /livez, /readyz, /metrics, and the Open Inference Protocol under /v2){grpc_line}; "
+            say(f"tinysaver: serving {' → '.join(models)} at http://{host}:{port} ({routes.listing()}){grpc_line}; "
                 "Ctrl-C stops")
         watch = AuditWatch(health)
         while not stop:
@@ -407,5 +462,5 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
                 head.stop(STOP_RESERVE_S)
 
 
-__all__ = ["APP", "AuditWatch", "LocalHead", "check_address", "check_port", "drain", "remove_stale_heads",
+__all__ = ["APP", "HIGH_THROUGHPUT_ENV", "PROXY_START_S", "local_ray_env", "start_serve", "AuditWatch", "LocalHead", "check_address", "check_port", "drain", "remove_stale_heads",
            "run_service", "wait_running"]
