@@ -1,5 +1,5 @@
 """How a request is answered without Ray: the per-stage walk with dying replicas, the fused batcher's
-early answers, the answerers."""
+early answers, each layout's answerer."""
 import asyncio
 import time
 
@@ -9,7 +9,8 @@ import torch
 from tests.helpers import stage_plan
 from tinysaver import engine
 from tinysaver.serve import BadRequest, ServiceSpec, ServeOptions
-from tinysaver.serve.walk import FusedBatcher, StageWalk
+from tinysaver.serve.fused import FusedBatcher
+from tinysaver.serve.per_stage import StageWalk
 
 
 class Dead(Exception):
@@ -237,7 +238,8 @@ class Handle:
 def test_each_layouts_answerer_owns_its_thresholds_and_adapt_moves_them_through_one_method(layout):
     """The ingress asks one answerer whatever the layout: same answers, same five fields, and the
     threshold ``--adapt`` sets is the one the next request meets."""
-    from tinysaver.serve.answerers import FusedAnswerer, WalkAnswerer
+    from tinysaver.serve.fused import FusedAnswerer
+    from tinysaver.serve.per_stage import WalkAnswerer
 
     plan = ServiceSpec(stage_plan(("s", "b"), (0.9,)), ServeOptions(layout=layout, batch_wait_timeout_s=0.0),
                 factory="tests.test_serve_answering:two_slow_stages")

@@ -3,8 +3,9 @@
 ``build_app(selection, zoo, options)`` returns a Serve application (``serve.run(app)``); the builder
 ``app`` makes the same from ``serve run tinysaver.serve:app zoo=fashion-mnist base=resnet10t``.
 One job per file: ``options`` (``ServeOptions`` and the frozen ``ServiceSpec``), ``http`` (bodies,
-multipart, decoding, the pixel cap, tokens), ``audit`` (the live loss bound), ``stages`` (what a
-replica runs), ``walk`` (how a request finds its answer in each layout), ``routes`` (the HTTP
+multipart, decoding, the pixel cap, tokens), ``audit`` (the live loss bound), ``fused`` and
+``per_stage`` (one module per layout: how a request finds its answer), ``stages`` (what a replica
+loads), ``routes`` (the HTTP
 surface, declared once), ``deployments`` (the Serve deployments, which import Ray), ``builders``
 (plans and applications), ``oip`` (the Open Inference Protocol's requests and responses), ``prom``
 (``/metrics`` as Prometheus text), ``drain`` (the stop flag the replicas read), ``listener``
@@ -17,7 +18,8 @@ from .builders import app, application, build_app, plan_for, replica_needs, stag
 from .http import BadRequest
 from .lifecycle import local_ray_env, start_serve
 from .options import GRACEFUL_SHUTDOWN_S, LAYOUTS, ServiceSpec, ServeOptions
-from .stages import ItemStage, stage_device
+from .per_stage import ItemStage
+from .stages import stage_device
 
 __all__ = ["AuditMonitor", "BadRequest", "GRACEFUL_SHUTDOWN_S", "ItemStage", "LAYOUTS", "ServiceSpec", "ServeOptions",
            "app", "application", "build_app", "confidence_sequence", "local_ray_env", "plan_for",

@@ -35,13 +35,14 @@ from ..errors import PixelCapError
 from ..limits import MAX_PIXELS_IN_FLIGHT
 from . import drain, grpc_api, oip, prom
 from .adapt import ThresholdAdapter
-from .answerers import OVERLOADED, FusedAnswerer, WalkAnswerer
+from .fused import FusedAnswerer
 from .audit import AuditMonitor
 from .batching import Batcher
-from .http import BadRequest, check_size, check_token, decode, decode_all, ndjson_as_ready, read_body, read_files
+from .http import OVERLOADED, BadRequest, check_size, check_token, decode, decode_all, ndjson_as_ready, read_body, read_files
 from .options import GRACEFUL_SHUTDOWN_S, ServiceSpec
 from .routes import ROUTES
-from .stages import ItemStage, load_stages, stage_device
+from .per_stage import ItemStage, WalkAnswerer
+from .stages import load_stages, stage_device
 
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 # a dead replica, or a deployment Serve is replacing or deleting (no replica, back-pressure, a
@@ -132,7 +133,7 @@ class Ingress:
         # decoded pixels held at once across every request of this replica (one image always fits)
         self.pixels = PixelPool(max(MAX_PIXELS_IN_FLIGHT, o.max_pixels or 0))
         self.oip_name = oip.model_name(plan.stages.names[-1])  # the Open Inference Protocol's name for the cascade
-        # one answerer per layout, holding the live thresholds (see tinysaver.serve.answerers)
+        # one answerer per layout, holding the live thresholds (tinysaver.serve.fused, tinysaver.serve.per_stage)
         self.answerer = (WalkAnswerer(plan, stages, DEAD) if stages else
                          FusedAnswerer(plan, lambda: self.incoming))
         self.rng = random.Random(o.seed)

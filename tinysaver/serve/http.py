@@ -19,6 +19,9 @@ RAW_TYPES = ("application/octet-stream", "image/")
 DIGITS = re.compile(r"[0-9]{1,15}")  # a length header: ASCII digits only (str.isdigit() also takes '²')
 
 
+OVERLOADED = "the service is overloaded; retry the request"  # 503's reason, in either layout
+
+
 class BadRequest(TinysaverError):
     """A request the service refuses: ``status`` is its HTTP code, ``reason`` one sentence."""
 

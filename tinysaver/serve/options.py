@@ -101,6 +101,9 @@ class ServeOptions:
         return "per-stage" if given_per_stage else "fused"
 
 
+Answer = tuple  # what a layout answers a request: (stage, class, confidence, carry, first stage's (class, confidence) or None)
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     """Everything a deployment needs, decided before anything is deployed; bound by keyword.
@@ -127,4 +130,4 @@ class ServiceSpec:
         return self.options.resolved_layout()
 
 
-__all__ = ["GRACEFUL_SHUTDOWN_S", "LAYOUTS", "MODEL_STAGES", "ServiceSpec", "ServeOptions"]
+__all__ = ["Answer", "GRACEFUL_SHUTDOWN_S", "LAYOUTS", "MODEL_STAGES", "ServiceSpec", "ServeOptions"]

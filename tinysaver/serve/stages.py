@@ -1,13 +1,12 @@
-"""The stages a replica runs: built from the plan by its factory, on the replica's device.
-
-A fused replica runs all of them through `tinysaver.engine.run`; a per-stage replica runs
-one, on the (image, carry) items its requests bring (``ItemStage``). Nothing here imports Ray.
+"""What a replica loads, in either layout: the plan's stages, built by its factory on the
+replica's device (`tinysaver.serve.fused` runs them all; `tinysaver.serve.per_stage` one each).
+Nothing here imports Ray.
 """
 from __future__ import annotations
 
 from importlib import import_module
 
-from ..engine import ModelStage, carry_rows, carry_stack
+from ..engine import ModelStage
 from ..errors import DeviceError
 
 
@@ -44,20 +43,4 @@ def load_stages(plan, device: str = "cpu", only: list[int] | None = None) -> dic
     return getattr(import_module(module), name)(plan, device, only)
 
 
-class ItemStage:
-    """One engine stage on a list of (image, carry) items, one item per request: the carries are
-    stacked into a batch and the carry handed on is split back into one per request."""
-
-    def __init__(self, stage, device: str = "cpu"):
-        self.stage, self.device = stage, device
-        self.name = getattr(stage, "name", "stage")
-
-    def __call__(self, items: list) -> list[tuple[int, float, object]]:
-        images = [img for img, _ in items]
-        carry = carry_stack([c for _, c in items], self.device)
-        pred, conf, out = self.stage(images if getattr(self.stage, "needs_images", True) else None, carry)
-        rows = carry_rows(out, len(items))
-        return [(int(p), float(c), r) for p, c, r in zip(pred.tolist(), conf.float().tolist(), rows)]
-
-
-__all__ = ["ItemStage", "load_stages", "model_stages", "stage_device"]
+__all__ = ["load_stages", "model_stages", "stage_device"]

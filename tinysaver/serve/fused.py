@@ -1,82 +1,27 @@
-"""How one request finds its answer, in each layout. Plain asyncio, no Ray: the deployments give
-these classes their stages, and tests give them stand-ins.
+"""The fused layout: every stage of the cascade in each replica of the ingress.
 
-- ``StageWalk`` (per-stage layout): asks stage deployments in turn, one request at a time, retrying
-  a stage whose replica died while Serve replaces it, until the request's deadline.
-- ``FusedBatcher`` (fused layout): runs every stage of the replica on a batch of requests through
-  `tinysaver.engine.run`, and answers each request the moment its stage has answered it, so
-  a request the saver answers does not wait for the base pass of its batch's survivors.
+Requests are batched (``batching.Batcher``); ``FusedBatcher`` runs each batch through
+`tinysaver.engine.run` and answers each request the moment its stage has answered it, so a request
+the saver answers does not wait for the base pass of its batch's survivors. ``FusedAnswerer`` is
+what the ingress asks: it owns the live thresholds (``set_threshold`` is the one way ``--adapt``
+moves them, and the next batch reads them). An answer is five fields: (answering stage, class,
+confidence, its carry, the first stage's (class, confidence) or None). Plain asyncio, no Ray.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .. import engine
-from ..policy import exits
-from .http import BadRequest
+from .batching import Batcher
+from .http import OVERLOADED, BadRequest
+from .options import Answer, ServiceSpec
+from .stages import load_stages, stage_device
 
-
-class StageWalk:
-    """``call(i, item)`` starts stage i on one (image, carry) item and returns a Serve response
-    (awaitable, with ``cancel()``); ``dead``: the exceptions that mean "replica gone, retry"."""
-
-    def __init__(self, call: Callable[[int, tuple], Any], names: Sequence[str], thresholds: Sequence[float],
-                 base_from: int, retries: int, dead: tuple[type[BaseException], ...] = ()):
-        self.call, self.names, self.thresholds = call, list(names), [float(t) for t in thresholds]
-        self.base_from, self.retries, self.dead = base_from, retries, dead
-        self.retried = self.unavailable = 0
-
-    async def stage(self, i: int, img, carry, deadline: float) -> tuple[int, float, Any]:
-        """Stage i's answer, retried while Serve replaces a dead replica, until ``deadline``
-        (time.monotonic()). A stage being deleted can leave a call waiting for a replica that
-        never comes; the deadline answers it with a 503 before Serve kills this replica."""
-        for attempt in range(self.retries + 1):
-            response = self.call(i, (img, carry))
-            call = asyncio.ensure_future(response)
-            # not asyncio.wait_for: on timeout it also waits for the cancelled call to finish
-            # cancelling, which on a starved machine kept a request waiting a minute past its
-            # deadline while its call was still being routed
-            try:
-                done, _ = await asyncio.wait({call}, timeout=max(deadline - time.monotonic(), 0.0))
-            finally:
-                if not call.done():  # past the deadline, or the client left: so does the stage call
-                    if hasattr(response, "cancel"):
-                        response.cancel()
-                    call.cancel()
-            if not done:
-                break
-            try:
-                return call.result()
-            except self.dead:  # the replica died; Serve is starting another
-                self.retried += 1
-                await asyncio.sleep(min(0.2 * 2 ** attempt, 3.0, max(deadline - time.monotonic(), 0.0)))
-        self.unavailable += 1
-        raise BadRequest(503, f"stage {self.names[i]} is restarting or overloaded; retry the request")
-
-    async def answer(self, img, timeout_s: float, seen: list | None = None) -> tuple[int, int, float, Any]:
-        """(answering stage, class, confidence, its carry) of one image; ``seen`` gets each stage's
-        (class, confidence) as it runs."""
-        last = len(self.names) - 1
-        carry, deadline = None, time.monotonic() + timeout_s
-        for i in range(last + 1):
-            pred, conf, carry = await self.stage(i, img, carry, deadline)
-            if seen is not None:
-                seen.append((pred, conf))
-            if i == last or exits(np.array([conf], dtype=np.float32), self.thresholds[i])[0]:
-                return i, pred, conf, carry
-        raise AssertionError("the last stage always answers")
-
-    async def base_answer(self, img, answered: int, carry, timeout_s: float) -> int:
-        """The base's own class: its chain from where the answer left (other savers skipped)."""
-        deadline = time.monotonic() + timeout_s
-        base_pred = None
-        for j in range(max(answered + 1, self.base_from), len(self.names)):
-            base_pred, _, carry = await self.stage(j, img, carry, deadline)
-        return base_pred
+FUSED_CUT = 4  # the most model batches (--max-batch-size each) a fused replica's engine call takes
 
 
 class FusedBatcher:
@@ -168,4 +113,81 @@ class FusedBatcher:
         return out
 
 
-__all__ = ["FusedBatcher", "StageWalk"]
+class FusedAnswerer:
+    """Every stage of ``plan`` in this replica. ``incoming()``: how many requests are being read
+    or decoded now, which a batch waits for (a batch waits for company only then); under load it
+    takes up to FUSED_CUT model batches, so that the base runs on full batches of their survivors
+    rather than on each model batch's few."""
+
+    layout = "fused"
+    retried = unavailable = 0  # nothing is retried: every stage is in this process
+
+    def __init__(self, plan: ServiceSpec, incoming):
+        o = plan.options
+        # a stream of answers waits at most this long: the engine's own futures, no task per image
+        self.timeout_s = self.stream_timeout_s = o.request_timeout_s
+        self.device = stage_device(max(o.per_stage("num_gpus", len(plan.stages))))
+        built = load_stages(plan, self.device)
+        self.engine = FusedBatcher([built[i] for i in range(len(plan.stages))], plan.stages.thresholds,
+                                   plan.stages.base_from, first=o.adapt, batch_size=o.max_batch_size)
+        self._batches = Batcher(self.engine.answer_batch, o.max_batch_size, o.batch_wait_timeout_s,
+                                expected=incoming, max_cut=FUSED_CUT * o.max_batch_size)
+        self._base = Batcher(self.engine.base_batch, o.max_batch_size, o.batch_wait_timeout_s)
+        self.names = list(plan.stages.names)
+
+    @property
+    def thresholds(self) -> list[float]:
+        return self.engine.thresholds
+
+    def set_threshold(self, i: int, t: float) -> None:
+        self.engine.thresholds[i] = float(t)
+
+    def submit(self, img, arrived: float) -> asyncio.Future:
+        """The future of ``img``'s engine answer, (stage, class, confidence[, the first stage's]):
+        `unpack` makes it an `Answer`."""
+        fut = asyncio.get_running_loop().create_future()
+        self._batches.submit((img, fut, arrived))
+        return fut
+
+    @staticmethod
+    def unpack(raw: tuple) -> Answer:
+        i, pred, conf, *first = raw
+        return i, pred, conf, None, (first[0] if first else None)
+
+    async def answer(self, img) -> Answer:
+        fut = self.submit(img, time.perf_counter())
+        try:
+            return self.unpack(await asyncio.wait_for(asyncio.shield(fut), self.timeout_s))
+        except asyncio.TimeoutError:
+            raise BadRequest(503, OVERLOADED) from None
+
+    async def answer_all(self, imgs: list, arrived: float) -> list[Answer]:
+        futures = [self.submit(img, arrived) for img in imgs]
+        try:
+            outs = await asyncio.wait_for(asyncio.gather(*map(asyncio.shield, futures)), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise BadRequest(503, OVERLOADED) from None
+        return [self.unpack(o) for o in outs]
+
+    async def base_answer(self, img, answered: int, carry) -> int:
+        """The base's own class for ``img`` (an audit's question); batched with other audits."""
+        try:
+            return await asyncio.wait_for(self._base(img), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise BadRequest(503, OVERLOADED) from None
+
+    def starting(self) -> list[str]:
+        return []  # a fused replica is its stages: up when it answers
+
+    async def batch_sizes(self) -> dict:
+        """The batches of requests, then what each stage ran on (the base: their survivors)."""
+        return {"fused": {int(k): v for k, v in sorted(self.engine.sizes.items())},
+                **{f"fused:{name}": dict(sorted(sizes.items())) for name, sizes in zip(self.names, self.engine.stage_sizes)}}
+
+    def timing(self) -> dict[str, float | None]:
+        """Mean ms per answered request waiting for a batch ("queue") and in the engine."""
+        n = self.engine.timed
+        return {k: round(1e3 * v / n, 3) if n else None for k, v in self.engine.timing.items()}
+
+
+__all__ = ["FUSED_CUT", "FusedAnswerer", "FusedBatcher"]
