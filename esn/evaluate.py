@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinysaver.criteria import DEFAULT_CRITERION
 from tinysaver.policy import answers, apply
 from tinysaver.sweep import SaverOrder, best_exit
 
@@ -101,7 +102,7 @@ def budget_table(calib: dict, test: dict, costs: ExitCosts, budgets=(0.25, 0.5, 
     return rows
 
 
-def evaluate_checkpoint(zoo, pair, esn, criterion="zero", tolerance=0.0, dynamic_check: int = 256, log=print,
+def evaluate_checkpoint(zoo, pair, esn, criterion=DEFAULT_CRITERION, tolerance=0.0, dynamic_check: int = 256, log=print,
                         splits=None, features=None, limit: int | None = None):
     """Policy on calib, results on test, budget table and a dynamic-vs-offline exactness check.
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tinysaver.criteria import GUARANTEE_GRID, get_criterion
+from tinysaver.criteria import DEFAULT_CRITERION, GUARANTEE_GRID, get_criterion
 from tinysaver.policy import answers, apply, exits
 from tinysaver.splits import check_calibration
 from tinysaver.sweep import SaverOrder, best_exit, criterion_passes
@@ -36,7 +36,7 @@ class ExitPolicy:
 
 
 def choose_policy(preds: np.ndarray, confs: np.ndarray, base_pred: np.ndarray, labels: np.ndarray,
-                  criterion: str = "zero", tolerance: float = 0.0, delta: float = 0.1,
+                  criterion: str = DEFAULT_CRITERION, tolerance: float = 0.0, delta: float = 0.1,
                   saver_threshold: float | None = None, method: str = "wsr") -> ExitPolicy:
     """Exit thresholds from calibration outputs: (exits, B) ``preds``/``confs`` in running order.
 
@@ -98,7 +98,7 @@ def _guaranteed_path(preds, confs, base_pred, labels, tolerance, delta, saver_th
     return ExitPolicy(path(int(np.flatnonzero(passing)[-1])))
 
 
-def calibrated_policy(zoo, pair, method, criterion: str = "zero", tolerance: float = 0.0, delta: float = 0.1,
+def calibrated_policy(zoo, pair, method, criterion: str = DEFAULT_CRITERION, tolerance: float = 0.0, delta: float = 0.1,
                       calibrate: str | None = None, split=None) -> ExitPolicy:
     """The exit policy to run ``method`` with: thresholds (and, with ``calibrate='temperature'``,
     temperatures) chosen on the zoo's calibration split (``split`` overrides it), as ``esn eval`` does."""

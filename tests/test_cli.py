@@ -138,3 +138,20 @@ def test_zoo_show_fits_100_columns_unless_asked_for_all(capsys):
         assert "more columns: --wide" in out.stdout and "top1_" in out.stdout
     wide = run_here(capsys, "zoo", "show", "fashion-mnist", "--wide").stdout
     assert max(map(len, wide.splitlines())) > 100 and "ece_T_test" in wide and "more columns" not in wide
+
+
+def test_option_defaults_and_choices_come_from_the_library():
+    from tinysaver.cli.main import build_parser
+    from tinysaver.criteria import DEFAULT_CRITERION
+    from tinysaver.risk import METHODS
+    from tinysaver.selector import SelectorConfig
+    from tinysaver.serve.lifecycle import DRAIN_TIMEOUT_S, STARTUP_TIMEOUT_S
+
+    parser = build_parser()
+    serve = parser.parse_args(["serve", "--zoo", "fashion-mnist", "--base", "resnet10t"])
+    assert (serve.startup_timeout, serve.drain_timeout) == (STARTUP_TIMEOUT_S, DRAIN_TIMEOUT_S)
+    query = parser.parse_args(["query", "--zoo", "fashion-mnist", "--base", "resnet10t"])
+    assert query.criterion == SelectorConfig().criterion == DEFAULT_CRITERION
+    sub = next(a for a in parser._subparsers._group_actions[0].choices["query"]._actions
+               if "--guarantee-method" in a.option_strings)
+    assert tuple(sub.choices) == tuple(METHODS)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .criteria import criterion_names, get_criterion
+from .criteria import DEFAULT_CRITERION, criterion_names, get_criterion
 from .errors import SelectionError  # noqa: F401 (re-exported)
 from .schemas import SelectionSchema, load_json, parse
 
@@ -163,7 +163,7 @@ class Selection:
     zoo: str
     base: str
     stages: list[Stage]
-    criterion: str = "zero"
+    criterion: str = DEFAULT_CRITERION
     tolerance: float = 0.0
     delta: float | None = None
     cost_metric: str = "flops"

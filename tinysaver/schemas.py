@@ -249,7 +249,7 @@ class SelectionSchema(Schema):
     zoo: Text
     base: Text
     stages: Annotated[list[StageSchema], Field(min_length=1)]
-    criterion: Text = "zero"
+    criterion: Text = "zero"  # criteria.DEFAULT_CRITERION (schemas import nothing of the selector)
     tolerance: Annotated[Number, Field(ge=0)] = 0.0
     delta: Annotated[Union[StrictInt, StrictFloat], Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
     cost_metric: Text = "flops"

@@ -47,7 +47,7 @@ import pandas as pd
 
 from .chains import MAX_STAGES, chain_candidates, chain_sequences
 from .costs import available_costs, model_cost
-from .criteria import CP_REPORT_DELTA, criterion_names, get_criterion
+from .criteria import CP_REPORT_DELTA, DEFAULT_CRITERION, criterion_names, get_criterion
 from .policy import Selection, SelectionError, Stage, exit_ratios, near_threshold, per_sample_cost, stage_costs
 from .report import summary_row
 from .risk import METHODS, check_delta, loss_upper_bound
@@ -60,7 +60,7 @@ from .zoo import Zoo
 class SelectorConfig:
     """How to select. The CLI's defaults are these (one place)."""
 
-    criterion: str = "zero"
+    criterion: str = DEFAULT_CRITERION
     tolerance: float = 0.0  # accuracy points
     delta: float = 0.1
     cost: str = "flops"

@@ -8,6 +8,7 @@ from typing import Callable
 
 from ..backends import BACKENDS
 from ..policy import CRITERIA
+from ..risk import METHODS as GUARANTEE_METHODS
 from ..selector import SelectorConfig
 from ..zoo import DEFAULT_ZOO
 
@@ -142,7 +143,7 @@ def add_selector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=finite_float, default=d.tolerance,
                    help="ε, allowed accuracy loss in points (1.0 = 1%%)")
     p.add_argument("--delta", type=finite_float, default=d.delta, help="δ of the guaranteed criterion")
-    p.add_argument("--guarantee-method", choices=["wsr", "clopper-pearson"], default=d.guarantee_method,
+    p.add_argument("--guarantee-method", choices=GUARANTEE_METHODS, default=d.guarantee_method,
                    help="the test behind the guaranteed criterion")
     p.add_argument("--cost", default=d.cost,
                    help="flops or latency:DEVICE:bsN[:BACKEND], e.g. latency:cpu:bs1 or latency:cpu:bs1:onnxruntime")

@@ -17,7 +17,7 @@ from ..selector import PolicyRequest, selection_for
 from ..serve import LAYOUTS, ServeOptions, plan_for, replica_needs, routes
 from ..serve.builders import application
 from ..serve.http import token_or_env
-from ..serve.lifecycle import HIGH_THROUGHPUT_ENV, run_service
+from ..serve.lifecycle import DRAIN_TIMEOUT_S, HIGH_THROUGHPUT_ENV, STARTUP_TIMEOUT_S, run_service
 from ..zoo import load_zoo
 from ._args import add_cascade_args, command, int_list, non_negative_float, positive_float, positive_int
 
@@ -84,10 +84,6 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
                    help="images per /predict/batch or OIP infer request (more get 413)")
     q.add_argument("--max-pixels", type=positive_int, default=d.max_pixels,
                    help="images with more pixels (width × height) get 413 before they are decoded")
-
-
-STARTUP_TIMEOUT_S = 120.0
-DRAIN_TIMEOUT_S = 15.0
 
 
 def _port(text: str) -> int:

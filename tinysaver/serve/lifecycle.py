@@ -93,6 +93,8 @@ def start_serve(http_options: dict, wait_s: float = PROXY_START_S, grpc_port: in
 
 APP = "tinysaver"
 HEAD_START_S = 120.0  # a local Ray's head comes up in about 5 s here; a starved machine takes longer
+STARTUP_TIMEOUT_S = 120.0  # how long a service may take to be running before the command gives up
+DRAIN_TIMEOUT_S = 15.0  # from SIGTERM to exit: drain, close the listener, stop Ray
 STOP_RESERVE_S = 3.0  # of --drain-timeout, kept for stopping Ray once the replicas are drained
 CLOSE_S = 1.0  # of --drain-timeout, for the connections open when the listener closes to get their answers
 
@@ -365,7 +367,8 @@ def drain(app: str, timeout_s: float, log=print) -> int:
 
 
 def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None,
-                address: str | None = None, startup_timeout_s: float = 120.0, drain_timeout_s: float = 15.0,
+                address: str | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S,
+                drain_timeout_s: float = DRAIN_TIMEOUT_S,
                 needs: dict | None = None, verbose: bool = False) -> int:
     """Start Ray (or join ``address``) and Serve, run ``app`` until Ctrl-C or SIGTERM, then drain
     and stop within ``drain_timeout_s``. ``needs``: what each deployment's replica asks Ray for (to
@@ -462,5 +465,5 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
                 head.stop(STOP_RESERVE_S)
 
 
-__all__ = ["APP", "HIGH_THROUGHPUT_ENV", "PROXY_START_S", "local_ray_env", "start_serve", "AuditWatch", "LocalHead", "check_address", "check_port", "drain", "remove_stale_heads",
+__all__ = ["APP", "DRAIN_TIMEOUT_S", "STARTUP_TIMEOUT_S", "HIGH_THROUGHPUT_ENV", "PROXY_START_S", "local_ray_env", "start_serve", "AuditWatch", "LocalHead", "check_address", "check_port", "drain", "remove_stale_heads",
            "run_service", "wait_running"]
