@@ -171,3 +171,33 @@ def test_compare_with_base_reports_both_paths(mixed_images):
         assert r["of_ideal"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
     with pytest.raises(CascadeError, match="saver → base"):
         compare_with_base(Cascade(stages[:1], []), mixed_images, labels)
+
+
+def test_classify_files_streams_every_file_once_with_its_answer_or_its_reason(tmp_path, mixed_images):
+    """The loop `tinysaver infer` runs, as a library function: each readable file gets the answer
+    `predict` gives its decoded image, in the source's order; a broken file gets its reason and the
+    run goes on; the tally counts both."""
+    from PIL import Image
+
+    from tinysaver.budget import InputBudget
+    from tinysaver.cascade import FileTally, classify_files
+    from tinysaver.decoding import decode_image
+    from tinysaver.sources import paths_source
+
+    stages = [tiny("test_efficientnet", input_size=32), tiny("test_resnet", input_size=40)]
+    for i, img in enumerate(mixed_images[:9]):
+        arr = img.permute(1, 2, 0).numpy()
+        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(tmp_path / f"{i:02d}.png")
+    (tmp_path / "05.png").write_bytes(b"not a png")
+    src = paths_source([str(tmp_path)])
+    cas = Cascade(stages, [0.5])
+    tally = FileTally(cas.stage_names)
+    got = list(classify_files(cas, src, InputBudget(None, [s.preprocess for s in stages]), 4, tally=tally))
+    assert sorted(p for p, _ in got) == sorted(src.ids) and len(got) == 9
+    bad = [(p, r) for p, r in got if isinstance(r, str)]
+    assert [p for p, _ in bad] == [str(tmp_path / "05.png")] and tally.unreadable == 1
+    good = [(p, r) for p, r in got if not isinstance(r, str)]
+    ref = cas.predict([decode_image(open(p, "rb").read()) for p, _ in good]).rows()
+    assert [r["class"] for _, r in good] == [r["class"] for r in ref]
+    assert tally.answered == 8 and sum(tally.counts) == 8
+    assert abs(sum(tally.summary()["exit_ratio"].values()) - 1) < 1e-3

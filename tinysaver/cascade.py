@@ -264,3 +264,50 @@ def compare_with_base(cascade: Cascade, images, labels, batch_sizes=(1, 32, 128)
                      "ideal_speedup": tb / ideal, "of_ideal": ideal / tc, "exit_ratio": exit_ratio,
                      "base_acc": float((rb.pred == labels).mean()), "cascade_acc": float((rc.pred == labels).mean())})
     return rows
+
+
+@dataclass
+class FileTally:
+    """What `classify_files` has done so far: answers per stage, unreadable files, and the time."""
+
+    stage_names: list[str]
+    counts: list[int] = field(default_factory=list)
+    unreadable: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.counts = self.counts or [0] * len(self.stage_names)
+
+    @property
+    def answered(self) -> int:
+        return sum(self.counts)
+
+    def summary(self) -> dict:
+        """``images``, ``unreadable``, ``seconds``, ``images_per_s`` and each stage's ``exit_ratio``."""
+        dt = time.perf_counter() - self.started
+        return {"images": self.answered, "unreadable": self.unreadable, "seconds": round(dt, 3),
+                "images_per_s": round(self.answered / dt, 2) if dt > 0 else None,
+                "exit_ratio": {n: round(c / max(self.answered, 1), 4) for n, c in zip(self.stage_names, self.counts)}}
+
+
+def classify_files(cascade: Cascade, source, budget, batch_size: int, *, refill: bool = True,
+                   pipeline: bool = False, tally: FileTally | None = None):
+    """Stream the files of ``source`` (a `tinysaver.decoding.RawSource`, e.g. from
+    `tinysaver.sources.paths_source`) through ``cascade``: yields ``(path, row)`` for each image
+    answered (``row`` as `CascadeResult.rows` gives it) and ``(path, reason)`` for each file that
+    could not be read (one bad file never stops the run), in blocks. ``budget``: the
+    `tinysaver.budget.InputBudget` that refuses an image from its header. ``tally`` is updated as
+    it goes. Memory stays bounded by the block, which holds a few batches and at least 256 images,
+    so that refill can gather survivors across batches and a pipeline is not drained every few."""
+    from .decoding import decoded_blocks
+
+    tally = tally if tally is not None else FileTally(cascade.stage_names)
+    for index, imgs, failures in decoded_blocks(source, max(batch_size * 8, 256), budget):
+        tally.unreadable += len(failures)
+        yield from failures
+        if not imgs:
+            continue
+        for path, row in zip((source.ids[i] for i in index), cascade.predict(imgs, refill=refill,
+                                                                             pipeline=pipeline).rows()):
+            tally.counts[row["exit_stage"]] += 1
+            yield path, row

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import sys
-import time
 
 from ..backends import DEFAULT_BACKEND
 from ..budget import InputBudget
@@ -67,8 +66,7 @@ def torch_threads(given: list[int] | None, say=None) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..cascade import Cascade
-    from ..decoding import decoded_blocks
+    from ..cascade import Cascade, FileTally, classify_files
     from ..runtimes import malloc_advice
     from ..sources import paths_source
 
@@ -96,42 +94,26 @@ def cmd_infer(args: argparse.Namespace) -> int:
         print(f"tinysaver: note: {advice}", file=sys.stderr)
     # an image is refused from its header when it, or any stage's resize of it, is over --max-pixels
     budget = InputBudget(args.max_pixels, plan.preprocess)
-    names = cascade.stage_names
-    counts = [0] * len(names)
-    failed = 0
     writer = csv.writer(sys.stdout, lineterminator="\n") if args.format == "csv" else None
     if writer:
         writer.writerow(["path", "class", "name", "confidence", "exit_stage", "stage_name"])
-    t0 = time.perf_counter()
     # the bar counts answered images (and unreadable ones), not decoded ones: decoding runs ahead
     bar = tqdm(total=len(src.ids), desc="infer", unit="img", disable=len(src.ids) < 200 or args.quiet,
                file=sys.stderr)
-    # a few batches, and at least 256 images, per block: memory stays bounded, refill can gather
-    # survivors across batches, and a pipeline is not drained and restarted every few small batches
-    for index, imgs, failures in decoded_blocks(src, max(args.batch_size * 8, 256), budget):
-        for path, why in failures:  # one bad file never stops the run
-            print(f"tinysaver: cannot read {path}: {why}", file=sys.stderr)
-        failed += len(failures)
-        bar.update(len(failures))
-        if not imgs:
-            continue
-        res = cascade.predict(imgs, refill=not args.no_refill,
-                              pipeline=args.pipeline)
-        for path, row in zip((src.ids[i] for i in index), res.rows()):
-            counts[row["exit_stage"]] += 1
-            if writer:
-                writer.writerow([path, row["class"], row["name"] or "", f"{row['confidence']:.6f}", row["exit_stage"],
-                                 row["stage_name"]])
-            else:
-                print(json.dumps({"path": path, **row}))
-        bar.update(len(index))
+    tally = FileTally(cascade.stage_names)
+    for path, row in classify_files(cascade, src, budget, args.batch_size, refill=not args.no_refill,
+                                    pipeline=args.pipeline, tally=tally):
+        bar.update(1)
+        if isinstance(row, str):
+            print(f"tinysaver: cannot read {path}: {row}", file=sys.stderr)
+        elif writer:
+            writer.writerow([path, row["class"], row["name"] or "", f"{row['confidence']:.6f}", row["exit_stage"],
+                             row["stage_name"]])
+        else:
+            print(json.dumps({"path": path, **row}))
     bar.close()
-    dt = time.perf_counter() - t0
-    done = sum(counts)
-    summary = {"images": done, "unreadable": failed, "skipped": len(src.skipped), "links_followed": len(src.followed),
-               "seconds": round(dt, 3),
-               "images_per_s": round(done / dt, 2) if dt > 0 else None,
-               "thresholds": sel.thresholds, "backends": cascade.backends, "pipeline": args.pipeline,
-               "exit_ratio": {n: round(c / max(done, 1), 4) for n, c in zip(names, counts)}}
+    summary = {**tally.summary(), "skipped": len(src.skipped), "links_followed": len(src.followed),
+               "thresholds": sel.thresholds, "backends": cascade.backends, "pipeline": args.pipeline}
     print("summary: " + json.dumps(summary), file=sys.stderr)
+    done = tally.answered
     return 0 if done else 2
