@@ -260,3 +260,7 @@ def plot_rows(rows: list[dict], fronts: dict[str, list], path, title: str = "") 
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+__all__ = ["BUDGETS", "WALLCLOCK_REPEATS", "SaverOnly", "parse_families", "train_methods", "evaluate",
+           "candidates", "pareto", "method_row", "base_row", "compare", "format_rows", "plot_rows"]

@@ -155,3 +155,6 @@ def evaluate_checkpoint(zoo, pair, esn, criterion=DEFAULT_CRITERION, tolerance=0
         summary["dynamic_match"] = same
         log(f"dynamic inference vs offline policy on {len(imgs)} test images: {100 * same:.1f}% identical")
     return summary
+
+
+__all__ = ["ExitCosts", "exit_costs", "saver_cascade", "budget_table", "evaluate_checkpoint"]

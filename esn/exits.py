@@ -222,3 +222,7 @@ def dynamic_predict(pair, method, policy, images, batch_size: int = 64, refill: 
         engine.run(stages, policy.thresholds, n, lambda idx: take_images(images, idx), answered,
                    batch_size=batch_size, refill=refill, pipeline=pipeline)
     return answer, where
+
+
+__all__ = ["exit_score", "all_logits", "fit_temperatures", "offline_outputs", "exit_flops", "exit_stages",
+           "dynamic_predict"]

@@ -40,3 +40,6 @@ def fit_exits(forward, params, cache: dict, target: torch.Tensor, epochs: int = 
             out.backward()
             opt.step()
             sched.step()
+
+
+__all__ = ["fit_exits"]

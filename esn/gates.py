@@ -97,3 +97,6 @@ def train_gates(gates: Gates, exit_logits: torch.Tensor, base_logits: torch.Tens
         loss.backward()
         opt.step()
     return gates.eval()
+
+
+__all__ = ["GATE_T", "gate_features", "Gates", "gate_targets", "train_gates"]

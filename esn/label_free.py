@@ -45,3 +45,6 @@ def tolerance_thresholds(preds: np.ndarray, confs: np.ndarray, base_pred: np.nda
         out.append(float(t))
         open_ &= ~exits(confs[i], t)
     return out
+
+
+__all__ = ["soft_targets", "tolerance_thresholds"]

@@ -125,3 +125,6 @@ def esn_loss(exit_logits: torch.Tensor, target: torch.Tensor, saver_logits: torc
         ce = nn.functional.cross_entropy(logits.float(), target, reduction="none")
         total = total + (w * ce).mean()
     return total
+
+
+__all__ = ["ESNConfig", "ExitSequenceNetwork", "esn_loss"]

@@ -128,3 +128,6 @@ def dynamic_predict(saver, base, base_staged: StagedModel, esn: ExitSequenceNetw
     from .exits import dynamic_predict as run
 
     return run(Pair.of(saver, base, base_staged), esn, policy, images, batch_size)
+
+
+__all__ = ["ExitPolicy", "choose_policy", "calibrated_policy", "offline_exit_outputs", "dynamic_predict"]

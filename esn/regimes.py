@@ -124,3 +124,6 @@ def format_regimes(rows: list[dict]) -> str:
                      f"{r['acc@25%']} | {r['acc@50%']} | {r['acc@75%']} | {r['acc@100%']} | "
                      f"{r['zero_loss_flops_pct']:.1f}% ({r['zero_loss_acc']:.2f}) |")
     return "\n".join(lines)
+
+
+__all__ = ["train_regime", "compare_regimes", "format_regimes"]

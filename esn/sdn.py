@@ -44,3 +44,6 @@ class SDN(nn.Module):
 def exits_loss(exit_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Σ_n mean CE(exit_n, target); ``target`` is (B,) classes or (B, K) probabilities."""
     return sum(nn.functional.cross_entropy(lg.float(), target) for lg in exit_logits)
+
+
+__all__ = ["SDN", "exits_loss"]

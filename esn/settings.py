@@ -52,3 +52,6 @@ class RegimeSettings:
     def __post_init__(self) -> None:
         if min(self.joint_samples, self.mixed_samples, self.heads_epochs, self.batch_size) < 1:
             raise UsageError("sample budgets, epochs and batch size must be ≥ 1")
+
+
+__all__ = ["REGIMES", "CompareSettings", "RegimeSettings"]

@@ -104,3 +104,6 @@ def saver_outputs(saver: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     """(pre-logits feature (B, D), logits (B, K)) of a timm saver."""
     f = saver.forward_features(x)
     return saver.forward_head(f, pre_logits=True), saver.forward_head(f)
+
+
+__all__ = ["StagedModel", "staged", "pooled", "saver_outputs"]

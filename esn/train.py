@@ -282,3 +282,7 @@ def esn_splits(zoo, seed: int = 0, limit: int | None = None, train: bool = True)
     if limit is not None:
         parts = [p[:limit] for p in parts]
     return tuple(ds.subset(p) if train or k else None for k, p in enumerate(parts))
+
+
+__all__ = ["TrainSettings", "frozen_features", "build_esn", "train_esn", "save_esn", "ESNCheckpoint",
+           "load_esn", "esn_splits"]

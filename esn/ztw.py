@@ -80,3 +80,6 @@ class ZTW(nn.Module):
 
     def select(self, state: dict, keep):
         return {"prev": None if state["prev"] is None else state["prev"][keep], "lps": [lp[keep] for lp in state["lps"]]}
+
+
+__all__ = ["OFF_DIAGONAL_INIT", "ZTW"]

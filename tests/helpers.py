@@ -64,6 +64,29 @@ def one_line(out, *needles):
         assert n in lines[0], (n, lines[0])
     assert "object at 0x" not in out.stderr and "Error:" not in lines[0].split("error:", 1)[1]
 
+def image_folder(root, classes: int, per_class: int, seed: int, size: tuple[int, int] | None = None) -> str:
+    """``root/c<k>/<i>.png`` of random RGB pixels, ``size`` (h, w) or 24–39 px a side drawn per
+    image; returns the ``imagefolder:`` dataset name of it."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = size or (int(rng.integers(24, 40)), int(rng.integers(24, 40)))
+            (root / f"c{c}" / f"{i}.png").write_bytes(png_bytes(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)))
+    return f"imagefolder:{root}"
+
+
+def tiny_profile_config(zoo: str, dataset: str, classes: int):
+    """Two tiny timm models (random weights, 32 px) to profile on ``dataset``, 4 images a batch."""
+    from tinysaver.models import ModelSpec
+    from tinysaver.profiler import ProfileConfig
+
+    common = dict(num_classes=classes, input_size=32)
+    return ProfileConfig(zoo=zoo, splits={"val": dataset},
+                         models=[ModelSpec("test_efficientnet", **common), ModelSpec("test_resnet", **common)],
+                         batch_sizes=[1], eval_batch_size=4, topk=2, latency_min_run_time=0.01)
+
+
 def png_bytes(arr: np.ndarray) -> bytes:
     from PIL import Image
 

@@ -6,10 +6,9 @@ with its own CPU and a ``node2`` resource. The node is killed, workers and all, 
 import numpy as np
 import pytest
 
-from tests.helpers import free_port, need, need_package, png, png_bytes, post_answered
+from tests.helpers import free_port, image_folder, need, need_package, png, post_answered, tiny_profile_config
 from tinysaver.sources import FASHION_MNIST_DIR
-from tinysaver.models import ModelSpec
-from tinysaver.profiler import ProfileConfig, profile
+from tinysaver.profiler import profile
 from tinysaver.zoo import load_zoo
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -40,17 +39,8 @@ def second_node(c, cpus: float = 1):
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    rng = np.random.default_rng(4)
-    root = tmp_path_factory.mktemp("clusterimgs")
-    for c in range(2):
-        (root / f"c{c}").mkdir()
-        for i in range(24):
-            arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            (root / f"c{c}" / f"{i}.png").write_bytes(png_bytes(arr))
-    common = dict(num_classes=2, input_size=32)
-    return ProfileConfig(zoo="cz", splits={"val": f"imagefolder:{root}"},
-                         models=[ModelSpec("test_efficientnet", **common), ModelSpec("test_resnet", **common)],
-                         batch_sizes=[1], eval_batch_size=4, topk=2, latency_min_run_time=0.01)
+    dataset = image_folder(tmp_path_factory.mktemp("clusterimgs"), classes=2, per_class=24, seed=4, size=(32, 32))
+    return tiny_profile_config("cz", dataset, classes=2)
 
 
 def kill_node(c, node) -> list[int]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import REPO, TIMM_RESULTS, need, need_package, png_bytes, run_here
+from tests.helpers import REPO, TIMM_RESULTS, image_folder, need, need_package, run_here, tiny_profile_config
 from tinysaver.models import ModelSpec
 from tinysaver.profiler import ProfileConfig, profile
 from tinysaver.zoo import load_zoo
@@ -35,18 +35,10 @@ def ray_local():
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     """2 tiny models on 25 synthetic images (one unreadable), 4 per batch: 4 shards of ≤ 8 rows."""
-    rng = np.random.default_rng(3)
     root = tmp_path_factory.mktemp("rayimgs")
-    for c in range(3):
-        (root / f"c{c}").mkdir()
-        for i in range(8):
-            arr = rng.integers(0, 255, (int(rng.integers(24, 40)), int(rng.integers(24, 40)), 3), dtype=np.uint8)
-            (root / f"c{c}" / f"{i}.png").write_bytes(png_bytes(arr))
+    dataset = image_folder(root, classes=3, per_class=8, seed=3)
     (root / "c1" / "9_broken.png").write_bytes(b"truncated")
-    common = dict(num_classes=3, input_size=32)
-    return ProfileConfig(zoo="rayzoo", splits={"val": f"imagefolder:{root}"},
-                         models=[ModelSpec("test_efficientnet", **common), ModelSpec("test_resnet", **common)],
-                         batch_sizes=[1], eval_batch_size=4, topk=2, latency_min_run_time=0.01)
+    return tiny_profile_config("rayzoo", dataset, classes=3)
 
 
 @pytest.fixture(scope="module")

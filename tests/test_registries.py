@@ -234,3 +234,22 @@ def test_no_two_classes_of_the_package_share_a_name():
             if isinstance(node, ast.ClassDef):
                 where[node.name].append(str(path.relative_to(REPO)))
     assert len(where) > 30 and {n: w for n, w in where.items() if len(w) > 1} == {}
+
+
+def test_every_module_says_what_it_exports():
+    """`__all__` in every module of the package, each name defined there: the API a reader may use."""
+    import importlib
+
+    from tests.helpers import REPO
+
+    for path in sorted([*(REPO / "tinysaver").rglob("*.py"), *(REPO / "esn").rglob("*.py")]):
+        if path.name == "__main__.py" or (path.name == "__init__.py" and "__all__" not in path.read_text()):
+            continue
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        if name in ("tinysaver.serve.deployments", "tinysaver.serve.default", "tinysaver.serve.drain", "esn.serve") \
+                and importlib.util.find_spec("ray") is None:
+            continue
+        module = importlib.import_module(name)
+        assert isinstance(getattr(module, "__all__", None), (list, tuple)), name
+        missing = [n for n in module.__all__ if not hasattr(module, n)]
+        assert not missing, (name, missing)

@@ -94,3 +94,6 @@ class PixelPool:
     def give(self, pixels: int) -> None:
         with self._lock:
             self.held = max(self.held - pixels, 0)
+
+
+__all__ = ["InputBudget", "PixelPool"]

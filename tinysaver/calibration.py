@@ -224,3 +224,8 @@ def calibrate_zoo(zoo: str, models=None, fit_split: str = "calib", root=None, lo
             log(f"{key}: T = {t:.3f}; ECE (%) " + ", ".join(
                 f"{s} {100 * e['before']:.2f} → {100 * e['after']:.2f}" for s, e in eces.items()))
     return z.path
+
+
+__all__ = ["ECE_BINS", "T_RANGE", "fit_temperature", "softmax_t", "ece", "top_label_ece",
+           "conformal_quantile", "prediction_sets", "cascade_conformal", "coverage_and_size", "model_logits",
+           "calibrate_zoo"]

@@ -311,3 +311,7 @@ def classify_files(cascade: Cascade, source, budget, batch_size: int, *, refill:
                                                                              pipeline=pipeline).rows()):
             tally.counts[row["exit_stage"]] += 1
             yield path, row
+
+
+__all__ = ["CascadeResult", "Cascade", "build_cascade", "measure_throughput", "compare_with_base",
+           "FileTally", "classify_files"]

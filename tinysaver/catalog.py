@@ -75,5 +75,8 @@ def main() -> int:
     return 0
 
 
+__all__ = ["PAPER_POOL", "catalog_entries", "main"]
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -134,3 +134,6 @@ def chain_guaranteed(s1: str, s2: str, base: str, calib: SplitData, ok: dict[str
                 best = (c, [Stage(s1, float(t1[j])), Stage(s2, float(t2[j])), Stage(base, None)])
     return None if best is None else best[1]
 
+
+__all__ = ["CHAIN_PATHS", "MAX_STAGES", "chain_sequences", "chain_exact", "chain_candidates",
+           "chain_guaranteed"]

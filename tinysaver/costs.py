@@ -57,3 +57,6 @@ def available_costs(zoo: Zoo, models: Sequence[str], cost: str) -> dict[str, flo
             if not cost.startswith("latency:"):
                 raise
     return out
+
+
+__all__ = ["model_cost", "available_costs"]

@@ -135,3 +135,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+__all__ = ["source_kind", "load_dataset", "dataset_size", "SHARED_PREFIX", "shared_path", "raw_source",
+           "sample_images", "LABELS_CSV", "atomic_write_text"]

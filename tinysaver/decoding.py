@@ -213,3 +213,7 @@ def decode_all(source: RawSource, progress: bool = True,
         warnings.warn(f"{source.name}: skipped {len(failures)} unreadable image(s), first: "
                       f"{failures[0][0]}: {failures[0][1]}")
     return DecodedSet(source.name, ids, np.asarray(labels, dtype=np.int64), images, source.class_names, failures)
+
+
+__all__ = ["RawSource", "DecodedSet", "take_images", "header_pixels", "decode_image", "unreadable_reason",
+           "decoded_blocks", "decode_all"]

@@ -16,3 +16,6 @@ MAX_PIXELS_IN_FLIGHT = 2 * MAX_PIXELS
 # a file this large is refused from its size, before a byte is read: 256 MiB is twice a 40 MP image
 # stored uncompressed as 16-bit RGB, the largest form an image under MAX_PIXELS takes on disk
 MAX_FILE_BYTES = 256 * 2**20
+
+
+__all__ = ["MAX_PIXELS", "MAX_PIXELS_IN_FLIGHT", "MAX_FILE_BYTES"]

@@ -475,3 +475,9 @@ def check_device(device: str | torch.device) -> torch.device:
     elif d.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {device}: tinysaver runs on cpu, cuda or mps")
     return d
+
+
+__all__ = ["TORCHVISION_PREFIX", "Preprocess", "ModelSpec", "LoadedModel", "OfflineCheckpoint",
+           "OFFLINE_CHECKPOINTS", "model_device", "resolve_kind", "offline_checkpoint_path",
+           "pair_state_dict_in_order", "read_state_dict", "load_checkpoint_strict", "HUB_PROBE_S",
+           "check_hub_weights", "model_preprocess", "create_model", "count_parameters", "check_device"]

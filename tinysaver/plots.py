@@ -89,3 +89,6 @@ def plot_pair(zoo, base: str, saver: str, out: str | Path, cfg: SelectorConfig |
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+__all__ = ["exit_curve", "plot_pair"]

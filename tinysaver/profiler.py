@@ -429,3 +429,8 @@ __all__: Sequence[str] = ["ProfileConfig", "profile", "profile_latency", "predic
                           # the writers a profiler on other executors (profile_ray) shares
                           "load_manifest", "check_resume", "restart", "register_split", "model_done", "existing_preds",
                           "describe_model", "top1"]
+
+
+__all__ = ["LATENCY_SECONDS", "ProfileConfig", "predict", "load_manifest", "SETTINGS", "check_resume",
+           "restart", "register_split", "model_done", "existing_preds", "profile", "top1", "describe_model",
+           "AGREEMENT_TOP1", "AGREEMENT_CONF", "profile_latency", "add_published"]

@@ -39,3 +39,5 @@ def published_gmacs(arch: str, img_size: int = 224, folder: Path | None = None) 
         raise NotFoundError(f"{arch} at {img_size}px is not in {BENCHMARK_CSV}")
     return float(row["infer_gmacs"].iloc[0])
 
+
+__all__ = ["BENCHMARK_CSV", "RESULTS_CSV", "SOURCE", "shared_dir", "results_dir", "published_gmacs"]

@@ -39,3 +39,6 @@ def ensure_ray_token() -> None:
         return
     # the token goes to stdout: captured, never shown
     subprocess.run([sys.executable, "-c", RAY_CLI, "get-auth-token", "--generate"], capture_output=True, timeout=120)
+
+
+__all__ = ["WORKER_ENV", "RAY_CLI", "set_local_ray_env", "ensure_ray_token"]

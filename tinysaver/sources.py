@@ -329,3 +329,9 @@ register_source("foolbox", "foolbox", listing=lambda args: foolbox_source())
 register_source("fashion-mnist", "fashion-mnist:SPLIT[:DIR]",
                 arrays=lambda args, limit, rows: fashion_mnist_set(*_fashion_args(args), limit, rows),
                 count=lambda args: len(fashion_mnist_arrays(*_fashion_args(args))[2]))
+
+
+__all__ = ["IMAGE_SUFFIXES", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "CALIB_SIZE", "CALIB_SEED",
+           "SourceKind", "SOURCES", "register_source", "imagenet_class_names", "imagenet_source",
+           "imagefolder_source", "foolbox_dir", "foolbox_source", "fashion_mnist_arrays", "fashion_mnist_set",
+           "paths_source", "shown_path"]

@@ -86,3 +86,6 @@ def calibration_and_test(zoo: Zoo, models: Sequence[str], calib_split: str | Non
     calib = load_split_data(zoo, calib_split, models, calibrate)
     test = load_split_data(zoo, test_split, models, calibrate) if test_split else None
     return calib, test
+
+
+__all__ = ["CALIBRATIONS", "check_calibration", "SplitData", "load_split_data", "calibration_and_test"]

@@ -109,3 +109,6 @@ def candidate(stages: list[Stage], sd: SplitData, target: np.ndarray, costs: dic
     ans, where = sd.outcome(stages, target)
     cost = float(per_sample_cost(where, stage_costs([costs[s.model] for s in stages])).mean())
     return Candidate(stages, cost, int((ans == target).sum()))
+
+
+__all__ = ["SaverOrder", "criterion_passes", "pair_candidates", "best_exit", "Candidate", "candidate"]

@@ -59,3 +59,6 @@ def prepare_batch(images: Sequence[torch.Tensor] | torch.Tensor, pre: Preprocess
     mean = torch.tensor(pre.mean, dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.tensor(pre.std, dtype=x.dtype).view(1, -1, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+__all__ = ["prepare_batch"]

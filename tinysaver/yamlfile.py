@@ -45,3 +45,6 @@ def named_config(text: str | Path, folder: Path, what: str) -> Path:
         return named
     known = sorted(f.stem for f in folder.glob("*.yaml")) if folder.is_dir() else []
     raise UsageError(f"{text}: no such file, and no {what} of that name; the packaged ones: {', '.join(known) or 'none'}")
+
+
+__all__ = ["read_mapping", "named_config"]

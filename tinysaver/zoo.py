@@ -510,3 +510,10 @@ def zoo_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+__all__ = ["MANIFEST", "DEFAULT_ZOO", "ROOT_ENV", "bundled_root", "user_root", "search_path", "default_root",
+           "write_path", "is_bundled", "writable", "atomic_write_bytes", "atomic_write_npz",
+           "atomic_write_yaml", "model_dirname", "Predictions", "Zoo", "class_names_to_store",
+           "stored_class_names", "zoo_path", "list_zoos", "find_zoos", "zoo_summaries", "load_zoo",
+           "zoo_lock"]

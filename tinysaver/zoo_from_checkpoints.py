@@ -55,5 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+__all__ = ["verify_checkpoints", "main"]
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

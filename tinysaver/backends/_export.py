@@ -84,3 +84,6 @@ def onnx_file(model: LoadedModel, backend: str, cache_dir: Path | None) -> tuple
     t0 = time.perf_counter()
     export_onnx(model, path)
     return path, time.perf_counter() - t0, False
+
+
+__all__ = ["backend_version", "weights_sha256", "export_key", "default_cache_dir", "export_onnx", "onnx_file"]

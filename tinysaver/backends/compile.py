@@ -22,3 +22,6 @@ def build(model, cache_dir=None, threads=None, spin=False) -> Runner:
         for n in (2, 1):
             compiled(torch.zeros(n, *model.preprocess.input_size, device=device))
     return Runner(model.key, "compile", compiled, export_s=time.perf_counter() - t0, threads=torch.get_num_threads())
+
+
+__all__ = ["build"]

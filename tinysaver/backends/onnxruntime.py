@@ -26,3 +26,6 @@ def build(model, cache_dir=None, threads=None, spin=False) -> Runner:
     used = session.get_session_options()
     return Runner(model.key, "onnxruntime", run, path, secs, cached, used.intra_op_num_threads,
                   used.get_session_config_entry("session.intra_op.allow_spinning") == "1")
+
+
+__all__ = ["build"]

@@ -74,3 +74,6 @@ class OpenVinoModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         model = self.static.get(len(x), self.dynamic)
         return torch.from_numpy(np.asarray(model(x.detach().cpu().numpy())[0]))
+
+
+__all__ = ["build", "OpenVinoModel"]

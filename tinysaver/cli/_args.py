@@ -178,3 +178,8 @@ def add_cascade_args(q: argparse.ArgumentParser) -> None:
 def root_of(args: argparse.Namespace):
     """``--root`` as a Path, or None for the default root."""
     return Path(args.root) if getattr(args, "root", None) else None
+
+
+__all__ = ["HelpFormatter", "fill_help", "ROOT_HELP", "ROOT", "command", "group", "positive_int",
+           "positive_float", "non_negative_float", "finite_float", "int_list", "backend_list", "float_list",
+           "add_zoo", "add_pair", "add_selector_args", "add_cascade_args", "root_of"]

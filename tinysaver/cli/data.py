@@ -38,3 +38,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 ZOO_FOR = {"fashion-mnist": (DEFAULT_ZOO, "resnet10t"),
            "imagenet": ("imagenet-lite", "tf_efficientnet_lite2.pypi_in1k"),
            "foolbox": ("imagenet-lite", "tf_efficientnet_lite2.pypi_in1k")}
+
+
+__all__ = ["register", "cmd_sample", "ZOO_FOR"]

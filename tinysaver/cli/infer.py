@@ -117,3 +117,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
     print("summary: " + json.dumps(summary), file=sys.stderr)
     done = tally.answered
     return 0 if done else 2
+
+
+__all__ = ["register", "torch_threads", "cmd_infer"]

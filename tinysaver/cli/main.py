@@ -102,3 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print(f"tinysaver: {BUG_REPORT}", file=sys.stderr)
         return EXIT_BUG
+
+
+__all__ = ["ENTRY_POINT_GROUP", "EXIT_USAGE", "EXIT_BUG", "EXIT_INTERRUPTED", "BUG_REPORT",
+           "builtin_commands", "build_parser", "plain_output", "main"]

@@ -20,3 +20,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     path = plot_pair(load_zoo(args.zoo, args.root), args.base, args.saver, args.out, SelectorConfig.from_options(args))
     print(f"plot written to {path}")
     return 0
+
+
+__all__ = ["register", "cmd_plot"]

@@ -148,3 +148,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
         profile(cfg, root, progress=not args.quiet)
     print(f"zoo written to {write_path(cfg.zoo, root)}")
     return 0
+
+
+__all__ = ["EXECUTORS", "INTERRUPTED", "profile_config", "register", "cmd_profile"]

@@ -57,3 +57,6 @@ def sample_source(zoo) -> str:
     if not zoo.splits:
         return "fashion-mnist"
     return shlex.quote(zoo.splits.get("test", next(iter(zoo.splits.values())))["source"])
+
+
+__all__ = ["register", "cmd_query", "sample_source"]

@@ -64,3 +64,6 @@ def cmd_saver_train(args: argparse.Namespace) -> int:
           + ("; stopped by Ctrl-C, the best weights so far were kept" if result.interrupted else ""))
     print(f"next: tinysaver query --zoo {zoo.name} --base {args.base} --saver {key}")
     return 0
+
+
+__all__ = ["register", "cmd_saver_train"]

@@ -25,3 +25,6 @@ def cmd_select(args: argparse.Namespace) -> int:
         atomic_write_bytes(out.with_suffix(".md"), (markdown(table) + "\n").encode())
         print(f"written {out.with_suffix('.csv')} and {out.with_suffix('.md')}")
     return 0
+
+
+__all__ = ["register", "cmd_select"]

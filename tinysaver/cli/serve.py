@@ -168,3 +168,6 @@ def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) ->
     return run_service(app, models, host=args.host, port=args.port, grpc_port=args.grpc_port,
                        address=args.address or os.environ.get("RAY_ADDRESS"), startup_timeout_s=args.startup_timeout,
                        drain_timeout_s=args.drain_timeout, needs=needs, verbose=args.verbose)
+
+
+__all__ = ["register", "add_serve_args", "serve_options", "need_serve", "cmd_serve", "run_app"]

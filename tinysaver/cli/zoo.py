@@ -148,3 +148,7 @@ def narrow(table, width: int):
 
 def _in_order(table, names: list[str]) -> list[str]:
     return [c for c in table.columns if c in names]
+
+
+__all__ = ["FORMATS", "NARROW", "register", "cmd_zoo_list", "cmd_zoo_show", "cmd_zoo_calibrate",
+           "cmd_zoo_import", "narrow"]

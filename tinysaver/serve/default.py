@@ -11,3 +11,6 @@ runs the selector (about a second); no model is loaded until a replica starts.
 from .builders import app as build
 
 app = build({"base": "resnet10t"})
+
+
+__all__ = ["app"]

@@ -51,3 +51,7 @@ def clear(app: str) -> None:
     """Forget an earlier drain of ``app`` (a service restarted on a cluster that outlived it)."""
     internal_kv._internal_kv_del(_flag(app), namespace=NAMESPACE)
     internal_kv._internal_kv_del(_held(app), del_by_prefix=True, namespace=NAMESPACE)
+
+
+__all__ = ["NAMESPACE", "POLL_S", "DRAINING", "RETRY_AFTER_S", "start_drain", "draining", "report_held",
+           "held", "clear"]

@@ -71,5 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     return watch(int(owner), int(sid), Path(folder))
 
 
+__all__ = ["POLL_S", "in_session", "alive", "kill_session", "watch", "main"]
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
