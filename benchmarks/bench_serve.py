@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import time
 
 import numpy as np
 
-from loadgen import closed_loop, encoded_images
+from loadgen import closed_loop, encoded_images, start_local_ray
 
 
 def in_process(sel, zoo, images, batch_size: int, repeats: int = 3, esn=None) -> dict[str, float]:
@@ -78,7 +77,7 @@ def main() -> int:
 
     from tinysaver.policy import Selection
     from tinysaver.selector import SelectorConfig, select
-    from tinysaver.serve import ServeOptions, build_app, local_ray_env, start_serve
+    from tinysaver.serve import ServeOptions, build_app
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
@@ -86,9 +85,6 @@ def main() -> int:
     if not sel.found:
         raise SystemExit(f"{args.base} has no saver in {args.zoo}")
     bodies, data = encoded_images(zoo, args.split, min(args.requests, 1000))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     esn = None
     if args.esn:
         from esn.policy import calibrated_policy
@@ -98,9 +94,7 @@ def main() -> int:
         model, ck = load_esn(args.esn, base=args.base)
         pair = Pair.from_zoo(zoo, ck.saver, ck.base, ck.granularity)
         esn = (pair, model, calibrated_policy(zoo, pair, model))
-    local_ray_env()  # as `tinysaver serve` starts its Ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    start_serve({"host": "127.0.0.1", "port": port})
+    port = start_local_ray(2)
     # logical CPU shares only decide what Serve schedules: 3 apps with 9 stages must fit 2 CPUs
     cpus = (0.1, 0.1) if esn else (0.5, 0.25)
     opts = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3, num_cpus=cpus[0],

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadgen import batch_loop, drive, encoded_images
+from loadgen import batch_loop, drive, encoded_images, start_local_ray
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +79,6 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from tinysaver.serve import local_ray_env, start_serve
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
@@ -96,12 +94,7 @@ def main() -> int:
         else:
             trees["after"] = ROOT
         os.chdir(work)  # not a checkout: neither version's code comes first on the workers' path
-        local_ray_env()
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        start_serve({"host": "127.0.0.1", "port": port})
+        port = start_local_ray(args.ray_cpus)
         address = ray.get_runtime_context().gcs_address
         for name, tree in trees.items():
             out = subprocess.run([sys.executable, "-c", DEPLOY, name, str(zoo.path), args.base, address, str(tree),

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadgen import batch_loop, drive, encoded_images, wait_up
+from loadgen import batch_loop, drive, encoded_images, start_local_ray, wait_up
 
 FLOOR_APP = '''
 from fastapi import FastAPI, Request
@@ -265,7 +265,7 @@ def main() -> int:
 
     from tinysaver.cascade import build_cascade
     from tinysaver.selector import SelectorConfig, select
-    from tinysaver.serve import ServeOptions, build_app, local_ray_env, start_serve
+    from tinysaver.serve import ServeOptions, build_app
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
@@ -291,9 +291,7 @@ def main() -> int:
     cascades = {b: build_cascade(sel, zoo, backend=b) for b in ("eager", "onnxruntime")}
     ip_runs = []
     in_process(cascades, data.images[:64], args.max_batch_size)  # warm-up
-    local_ray_env()
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-    start_serve({"host": "127.0.0.1", "port": port}, grpc_port=gport)
+    start_local_ray(args.ray_cpus, port, grpc_port=gport)
     common = dict(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1e3)
     urls, batch_only = {}, {}  # batch_only: apps run on /predict/batch alone
     if "floor-serve-2r" in apps:  # the floor of a two-replica app's /predict/batch

@@ -39,15 +39,26 @@ def encoded_images(zoo, split: str, n: int) -> tuple[list[bytes], object]:
     return [src.read(i) for i in range(len(src.ids))], data
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray(num_cpus: float = 2, port: int | None = None, grpc_port: int | None = None) -> int:
+    """A local Ray of ``num_cpus`` and Serve listening on ``port`` of 127.0.0.1 (a free one if
+    none), started as `tinysaver serve` starts its own; returns the port. ``ray.shutdown()`` ends it."""
+    port = port or free_port()
+    local_ray_env()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    start_serve({"host": "127.0.0.1", "port": port}, grpc_port=grpc_port)
+    return port
+
+
 def start_local_service(apps: dict) -> str:
     """A local Ray (2 CPUs) and Serve on a free port of 127.0.0.1 running ``apps`` ({name:
     (application, route prefix)}); returns the base URL. ``ray.shutdown()`` ends it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    local_ray_env()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    start_serve({"host": "127.0.0.1", "port": port})
+    port = start_local_ray()
     for name, (app, prefix) in apps.items():
         serve.run(app, name=name, route_prefix=prefix)
     return f"http://127.0.0.1:{port}"

@@ -48,16 +48,19 @@ class SourceKind:
     listing: Callable[[str], RawSource] | None = None  # ARGS → the files, undecoded
     arrays: Callable[[str, int | None, tuple[int, int] | None], DecodedSet] | None = None  # ARGS, limit, rows
     count: Callable[[str], int] | None = None  # ARGS → samples in an ``arrays`` kind, without loading them
+    zoo: tuple[str, str] | None = None  # the bundled zoo whose models know these classes, and its best model
+    sample: str | None = None  # the dataset name `tinysaver data sample` draws that zoo's images from
 
 
 SOURCES: Registry[SourceKind] = Registry("dataset kind", DatasetError)
 
 
-def register_source(kind: str, usage: str, *, listing=None, arrays=None, count=None) -> None:
-    """Register the dataset kind ``kind`` (exactly one of ``listing`` and ``arrays``)."""
+def register_source(kind: str, usage: str, *, listing=None, arrays=None, count=None, zoo=None, sample=None) -> None:
+    """Register the dataset kind ``kind`` (exactly one of ``listing`` and ``arrays``); ``zoo``: the
+    bundled (zoo, base) whose models know its classes, and ``sample``, the name that gives its images."""
     if (listing is None) == (arrays is None) or (arrays is not None and count is None):
         raise DatasetError(f"source {kind!r}: give a listing, or arrays with their count")
-    SOURCES.add(kind, SourceKind(usage, listing, arrays, count))
+    SOURCES.add(kind, SourceKind(usage, listing, arrays, count, zoo, sample))
 
 
 def _imagenet_index() -> dict[str, int]:
@@ -324,11 +327,13 @@ def _fashion_args(args: str) -> tuple[str, str | None]:
 
 
 register_source("imagefolder", "imagefolder:PATH", listing=imagefolder_source)
-register_source("imagenet", "imagenet:PATH", listing=imagenet_source)
-register_source("foolbox", "foolbox", listing=lambda args: foolbox_source())
+_LITE = ("imagenet-lite", "tf_efficientnet_lite2.pypi_in1k")
+register_source("imagenet", "imagenet:PATH", listing=imagenet_source, zoo=_LITE)
+register_source("foolbox", "foolbox", listing=lambda args: foolbox_source(), zoo=_LITE, sample="foolbox")
 register_source("fashion-mnist", "fashion-mnist:SPLIT[:DIR]",
                 arrays=lambda args, limit, rows: fashion_mnist_set(*_fashion_args(args), limit, rows),
-                count=lambda args: len(fashion_mnist_arrays(*_fashion_args(args))[2]))
+                count=lambda args: len(fashion_mnist_arrays(*_fashion_args(args))[2]),
+                zoo=("fashion-mnist", "resnet10t"), sample="fashion-mnist:test")
 
 
 __all__ = ["IMAGE_SUFFIXES", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "CALIB_SIZE", "CALIB_SEED",

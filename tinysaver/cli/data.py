@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..sources import SOURCES
 from ..zoo import DEFAULT_ZOO
 from ._args import command, group, positive_int
 
@@ -24,8 +25,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     written = sample_images(args.dataset, Path(args.out), args.n, args.seed)
     kind = args.dataset.partition(":")[0]
-    if kind in ZOO_FOR:
-        zoo, base = ZOO_FOR[kind]
+    known = SOURCES.get(kind).zoo if kind in SOURCES else None
+    if known:
+        zoo, base = known
         print(f"{len(written)} images written to {args.out}; classify them with:\n"
               f"  tinysaver infer --zoo {zoo} --base {base} {args.out}")
     else:  # an image folder's classes are its own: only a zoo profiled on them knows them
@@ -34,10 +36,4 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-# the bundled zoo whose models know a dataset's classes, and its most accurate model
-ZOO_FOR = {"fashion-mnist": (DEFAULT_ZOO, "resnet10t"),
-           "imagenet": ("imagenet-lite", "tf_efficientnet_lite2.pypi_in1k"),
-           "foolbox": ("imagenet-lite", "tf_efficientnet_lite2.pypi_in1k")}
-
-
-__all__ = ["register", "cmd_sample", "ZOO_FOR"]
+__all__ = ["register", "cmd_sample"]

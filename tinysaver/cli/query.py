@@ -6,6 +6,7 @@ import shlex
 
 from ..report import render
 from ..selector import SelectorConfig, select
+from ..sources import SOURCES
 from ..zoo import load_zoo
 from ._args import add_selector_args, command, positive_int
 
@@ -50,8 +51,12 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def sample_source(zoo) -> str:
-    """A dataset ``tinysaver data sample`` can draw from whose classes the zoo's models know: the
-    20 ImageNet images foolbox ships for an ImageNet zoo, else the zoo's first split."""
+    """A dataset ``tinysaver data sample`` can draw from whose classes the zoo's models know: the one
+    its dataset kind names for this zoo (`tinysaver.sources`), the 20 ImageNet images foolbox ships
+    for another ImageNet zoo, else the zoo's test (or first) split."""
+    for kind in SOURCES:
+        if SOURCES.get(kind).zoo and SOURCES.get(kind).zoo[0] == zoo.name and SOURCES.get(kind).sample:
+            return SOURCES.get(kind).sample
     if zoo.manifest.get("splits") and any(v.get("class_names") == "imagenet" for v in zoo.splits.values()):
         return "foolbox"
     if not zoo.splits:
