@@ -233,7 +233,7 @@ def cmd_serve(args) -> int:
     check_criterion(args)
 
     from .policy import ExitPolicy, calibrated_policy
-    from .serve import esn_plan, part_names
+    from .serve import esn_spec, part_names
     from .train import Pair, load_esn
 
     need_serve()
@@ -252,8 +252,8 @@ def cmd_serve(args) -> int:
     print("tinysaver: exits and thresholds: " + ", ".join(f"{n} ≥ {t:.4f}" for n, t in zip(names, policy.thresholds))
           + f", then {names[-1]}", file=sys.stderr)
 
-    plan = esn_plan(args.checkpoint, zoo, policy, opts)  # validated before anything is deployed
-    return run_app(application(plan, token_or_env(args.token)), names, args, replica_needs(plan))
+    spec = esn_spec(args.checkpoint, zoo, policy, opts)  # validated before anything is deployed
+    return run_app(application(spec, token_or_env(args.token)), names, args, replica_needs(spec))
 
 
 __all__ = ["register", "cmd_train", "cmd_eval", "cmd_grid", "cmd_compare", "cmd_regimes", "cmd_serve"]

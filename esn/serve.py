@@ -46,29 +46,29 @@ def part_names(saver: str, base: str, num_exits: int) -> list[str]:
     return [saver, *(f"{base}/exit{n}" for n in range(1, num_exits + 1)), base]
 
 
-def part_stages(plan: ServiceSpec, device: str = "cpu", only: list[int] | None = None) -> dict:
-    """The factory of an ESN plan: {part index: engine stage} on this replica's ``device`` (the
+def part_stages(spec: ServiceSpec, device: str = "cpu", only: list[int] | None = None) -> dict:
+    """The factory of an ESN spec: {part index: engine stage} on this replica's ``device`` (the
     saver, each exit, the base's head; a replica keeps those of ``only``)."""
     from .exits import exit_stages
 
-    checkpoint, sha256 = plan.extra["checkpoint"], plan.extra.get("sha256")
+    checkpoint, sha256 = spec.extra["checkpoint"], spec.extra.get("sha256")
     if sha256 is not None and file_sha256(checkpoint) != sha256:
         # a replica Serve restarts must not mix a retrained ESN with the parts still running
         raise RuntimeError(f"{checkpoint} changed after the service was built; restart the service")
     esn, ck = load_esn(checkpoint)
-    zoo = load_zoo(plan.stages.zoo_dir)
-    s, b = (zoo.load_model(k, device=device, accept_preprocess_change=plan.stages.accept_preprocess_change)
+    zoo = load_zoo(spec.stages.zoo_dir)
+    s, b = (zoo.load_model(k, device=device, accept_preprocess_change=spec.stages.accept_preprocess_change)
             for k in (ck.saver, ck.base))
     for m in (s, b):
         m.module.eval().requires_grad_(False)
     pair = Pair(ck.zoo, ck.saver, ck.base, s, b, staged(b.module, ck.granularity))
-    parts = exit_stages(pair, esn.to(device).eval(), list(plan.stages.temperatures), device)
+    parts = exit_stages(pair, esn.to(device).eval(), list(spec.stages.temperatures), device)
     return {i: parts[i] for i in (range(len(parts)) if only is None else only)}
 
 
 def check_policy(policy: ExitPolicy, num_exits: int) -> None:
     """One threshold for the saver and each exit, and temperatures for those and the base head when
-    given (their values are checked by the plan, `tinysaver.stageplan.StagePlan`)."""
+    given (their values are checked by the spec, `tinysaver.stageplan.StagePlan`)."""
     want = num_exits + 1
     if len(policy.thresholds) != want:
         raise UsageError(f"the saver and {num_exits} ESN exits need {want} thresholds, got {len(policy.thresholds)}")
@@ -76,8 +76,8 @@ def check_policy(policy: ExitPolicy, num_exits: int) -> None:
         raise UsageError(f"give {want + 1} temperatures > 0 (saver, exits, base head), got {policy.temperatures}")
 
 
-def esn_plan(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOptions | None = None) -> ServiceSpec:
-    """The service plan of the saver, the ESN exits of ``checkpoint`` and their base, checked before
+def esn_spec(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOptions | None = None) -> ServiceSpec:
+    """The service spec of the saver, the ESN exits of ``checkpoint`` and their base, checked before
     anything is deployed: the checkpoint, its models in ``zoo``, the thresholds and the options."""
     checkpoint = Path(checkpoint).resolve()  # replicas may run in another working directory
     esn, ck = load_esn(checkpoint)
@@ -108,7 +108,7 @@ def build_esn_app(checkpoint: str | Path, zoo, policy: ExitPolicy, options: Serv
                   token: str | None = None):
     """A Ray Serve application for the saver, the ESN exits of ``checkpoint`` and their base
     (``policy``: one threshold per running-order exit, as `esn.policy.calibrated_policy` gives)."""
-    return application(esn_plan(checkpoint, zoo, policy, options), token)
+    return application(esn_spec(checkpoint, zoo, policy, options), token)
 
 
-__all__ = ["build_esn_app", "check_policy", "esn_plan", "part_names", "part_stages"]
+__all__ = ["build_esn_app", "check_policy", "esn_spec", "part_names", "part_stages"]

@@ -227,10 +227,10 @@ def test_a_broken_base_gets_its_images_a_500_line_and_the_stream_goes_on(service
 
     from tinysaver.policy import MARGIN
     from tinysaver.serve import ServeOptions
-    from tinysaver.serve.builders import application, plan_for
+    from tinysaver.serve.builders import application, service_spec
 
     imgs, ref = offline
-    plan = replace(plan_for(service["sel"], service["zoo"], ServeOptions(num_cpus=0.05)),
+    plan = replace(service_spec(service["sel"], service["zoo"], ServeOptions(num_cpus=0.05)),
                    factory="tests.helpers:stages_with_a_broken_base")
     service["serve"].run(application(plan), name="broken", route_prefix="/broken")
     try:
@@ -455,10 +455,10 @@ def run_parts(parts, imgs, policy):
 def exit_parts(zoo, checkpoint, policy, device="cpu"):
     """The parts of saver + ESN + base as a per-stage service's replicas run them (the plan's factory,
     one ItemStage each), outside Ray."""
-    from esn.serve import esn_plan, part_stages
+    from esn.serve import esn_spec, part_stages
     from tinysaver.serve import ItemStage
 
-    stages = part_stages(esn_plan(checkpoint, zoo, policy), device)
+    stages = part_stages(esn_spec(checkpoint, zoo, policy), device)
     return [ItemStage(stages[i], device) for i in sorted(stages)]
 
 
@@ -475,7 +475,7 @@ def test_exit_parts_chained_in_process_equal_dynamic_inference(tmp_path):
     inference (which runs whole batches)."""
     from esn.exits import dynamic_predict, offline_outputs
     from esn.policy import ExitPolicy
-    from esn.serve import esn_plan, part_stages
+    from esn.serve import esn_spec, part_stages
     from esn.train import frozen_features
 
     zoo, saver = fashion_zoo_saver()
@@ -489,7 +489,7 @@ def test_exit_parts_chained_in_process_equal_dynamic_inference(tmp_path):
     got, where = run_parts(parts, imgs, policy)
     assert np.array_equal(where, want_where) and np.array_equal(got, want)
     assert len(set(where.tolist())) >= 3  # several parts answer
-    plan = esn_plan(tmp_path / "esn.pt", zoo, policy)
+    plan = esn_spec(tmp_path / "esn.pt", zoo, policy)
     part_stages(plan, only=[1])
     with open(tmp_path / "esn.pt", "ab") as f:  # the file changes under a running service
         f.write(b"\0")

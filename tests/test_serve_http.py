@@ -296,17 +296,15 @@ def test_the_token_dependency_refuses_in_the_service_error_shape():
 
     from tinysaver.serve import deployments
 
-    class App:
-        class state:
-            token = "s3cret"
-
     class Req:
         def __init__(self, auth):
             self.headers = {"authorization": auth} if auth else {}
-            self.app = App
 
+    deployments.REPLICA_TOKEN[0] = "s3cret"
     asyncio.run(deployments._authorized(Req("Bearer s3cret")))
     for bad in (None, "Bearer nope", "Basic s3cret"):
         with pytest.raises(HTTPException) as e:
             asyncio.run(deployments._authorized(Req(bad)))
         assert e.value.status_code == 401 and "Authorization: Bearer" in e.value.detail
+    deployments.REPLICA_TOKEN[0] = None
+    asyncio.run(deployments._authorized(Req(None)))  # no token set: open

@@ -14,7 +14,7 @@ import sys
 from ..errors import MissingExtraError, UsageError
 from ..report import describe
 from ..selector import PolicyRequest, selection_for
-from ..serve import LAYOUTS, ServeOptions, plan_for, replica_needs, routes
+from ..serve import LAYOUTS, ServeOptions, service_spec, replica_needs, routes
 from ..serve.builders import application
 from ..serve.http import token_or_env
 from ..serve.lifecycle import DRAIN_TIMEOUT_S, HIGH_THROUGHPUT_ENV, STARTUP_TIMEOUT_S, run_service
@@ -157,8 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     zoo = load_zoo(args.zoo, args.root)
     request = PolicyRequest.from_options(args)
     sel = selection_for(zoo, request)
-    plan = plan_for(sel, zoo, opts)  # validated before anything is deployed
-    app, needs = application(plan, token_or_env(args.token)), replica_needs(plan)
+    spec = service_spec(sel, zoo, opts)  # validated before anything is deployed
+    app, needs = application(spec, token_or_env(args.token)), replica_needs(spec)
     print(describe(sel), file=sys.stderr)
     return run_app(app, sel.models, args, needs)
 

@@ -14,7 +14,7 @@ its start, Serve's start, drain and stop) and ``default`` (the default cascade a
 ``serve build``). ``deployments``, ``drain`` and ``lifecycle`` import Ray, and only when used.
 """
 from .audit import AuditMonitor, confidence_sequence
-from .builders import app, application, build_app, plan_for, replica_needs, stage_options, unschedulable
+from .builders import app, application, build_app, service_spec, replica_needs, stage_options, unschedulable
 from .http import BadRequest
 from .lifecycle import local_ray_env, start_serve
 from .options import GRACEFUL_SHUTDOWN_S, LAYOUTS, ServiceSpec, ServeOptions
@@ -22,5 +22,5 @@ from .per_stage import ItemStage
 from .stages import stage_device
 
 __all__ = ["AuditMonitor", "BadRequest", "GRACEFUL_SHUTDOWN_S", "ItemStage", "LAYOUTS", "ServiceSpec", "ServeOptions",
-           "app", "application", "build_app", "confidence_sequence", "local_ray_env", "plan_for",
+           "app", "application", "build_app", "confidence_sequence", "local_ray_env", "service_spec",
            "replica_needs", "stage_device", "stage_options", "start_serve", "unschedulable"]

@@ -1,4 +1,4 @@
-"""Applications: a plan for a selection, the deployments bound to it in either layout, and the
+"""Applications: a spec for a selection, the deployments bound to it in either layout, and the
 builder ``serve run tinysaver.serve:app key=value …`` calls."""
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from .http import token_or_env
 from .options import ServiceSpec, ServeOptions
 
 
-def plan_for(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
-             root: Path | None = None) -> ServiceSpec:
-    """The plan of a saver → … → base ``selection`` over ``zoo``, checked before anything is deployed:
+def service_spec(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
+                 root: Path | None = None) -> ServiceSpec:
+    """The spec of a saver → … → base ``selection`` over ``zoo``, checked before anything is deployed:
     the stages resolved once (`tinysaver.stageplan.resolve`), and the options able to place them."""
     o = options or ServeOptions()
     stages = resolve(selection, zoo, backend=o.backend, accept_preprocess_change=o.accept_preprocess_change,
@@ -60,23 +60,23 @@ def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:
             for i, (name, r, c, g, res) in enumerate(zip(names, replicas, cpus, gpus, resources))]
 
 
-def replica_needs(plan: ServiceSpec) -> dict[str, dict[str, float]]:
+def replica_needs(spec: ServiceSpec) -> dict[str, dict[str, float]]:
     """What one replica of each deployment asks Ray for ({"CPU": …, "GPU": …, custom: …}), keyed by
     what a user calls it (``the base stage (resnet10t)``), so a replica that never starts can be
     explained by what no node has."""
-    o = plan.options
+    o = spec.options
 
     def need(cpus, gpus, res):
         return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {}), **{k: float(v) for k, v in (res or {}).items()}}
 
-    if plan.layout == "fused":
+    if spec.layout == "fused":
         return {"the fused replica (every stage)": need(1.0 if o.num_cpus is None else o.num_cpus,
                                                         o.per_stage("num_gpus", 1)[0], o.resources)}
-    last = len(plan.stages.names) - 1
+    last = len(spec.stages.names) - 1
     out = {f"the {'base' if i == last else 'saver' if i == 0 else f'stage {i}'} stage ({name})":
            need(opt["ray_actor_options"]["num_cpus"], opt["ray_actor_options"]["num_gpus"],
                 opt["ray_actor_options"].get("resources"))
-           for i, (name, opt) in enumerate(zip(plan.stages.names, stage_options(o, plan.stages.names)))}
+           for i, (name, opt) in enumerate(zip(spec.stages.names, stage_options(o, spec.stages.names)))}
     return {"the ingress": need(o.ingress_num_cpus, 0, None), **out}
 
 
@@ -93,28 +93,28 @@ def unschedulable(needs: dict[str, dict[str, float]], nodes: list[dict]) -> str 
     return None
 
 
-def application(plan: ServiceSpec, token: str | None = None):
-    """The Serve application of ``plan`` in its layout (see `tinysaver.serve.deployments`)."""
+def application(spec: ServiceSpec, token: str | None = None):
+    """The Serve application of ``spec`` in its layout (see `tinysaver.serve.deployments`)."""
     from ray.serve.config import BackpressureConfig
 
     from .deployments import Ingress, StageServer
 
-    o = plan.options
+    o = spec.options
     # past the requests in progress, a few wait; more get 503 at once with Retry-After, never a silent queue
     admission = {"max_ongoing_requests": o.max_ongoing_requests, "max_queued_requests": o.max_queued_requests,
                  "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1)}
-    if plan.layout == "fused":
+    if spec.layout == "fused":
         cpus = 1.0 if o.num_cpus is None else float(o.num_cpus)
         actor = {"num_cpus": cpus, "num_gpus": float(o.per_stage("num_gpus", 1)[0])}
         if o.resources:
             actor["resources"] = dict(o.resources)
         return Ingress.options(num_replicas=int(o.replicas), ray_actor_options=actor,
-                               **admission).bind(plan=plan, token=token)
-    stages = [StageServer.options(**opt).bind(plan=plan, index=i)
-              for i, opt in enumerate(stage_options(o, plan.stages.names))]
+                               **admission).bind(spec=spec, token=token)
+    stages = [StageServer.options(**opt).bind(spec=spec, index=i)
+              for i, opt in enumerate(stage_options(o, spec.stages.names))]
     # the ingress only awaits, so it takes many requests at once
     return Ingress.options(ray_actor_options={"num_cpus": o.ingress_num_cpus}, **admission).bind(
-        plan=plan, stages=stages, token=token)
+        spec=spec, stages=stages, token=token)
 
 
 def build_app(selection: Selection | dict | str | Path, zoo=None, options: ServeOptions | None = None,
@@ -124,7 +124,7 @@ def build_app(selection: Selection | dict | str | Path, zoo=None, options: Serve
     Validates the selection and looks every model up before anything is deployed. Replicas load
     their models from the zoo's folder, which must be readable where they run.
     """
-    return application(plan_for(selection, zoo, options, root), token)
+    return application(service_spec(selection, zoo, options, root), token)
 
 
 # --- serve run tinysaver.serve:app key=value ... ------------------------------------------------------
@@ -214,4 +214,4 @@ def _app(args: dict):
     return build_app(selection_for(zoo, request), zoo, options, token=token)
 
 
-__all__ = ["app", "application", "build_app", "plan_for", "replica_needs", "stage_options", "unschedulable"]
+__all__ = ["app", "application", "build_app", "service_spec", "replica_needs", "stage_options", "unschedulable"]

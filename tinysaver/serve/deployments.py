@@ -3,7 +3,7 @@
 - ``Ingress`` (FastAPI routes, the audit, metrics). In the ``fused`` layout its replicas hold every
   stage and answer each batch (``batching.Batcher``) on the shared engine (one hop from Serve's proxy).
   In ``per-stage`` it walks the ``StageServer`` deployments it is given, one request at a time.
-- ``StageServer``: one stage of a ``per-stage`` plan, batching its requests the same way.
+- ``StageServer``: one stage of a ``per-stage`` spec, batching its requests the same way.
 
 The routes are those of `tinysaver.serve.routes.ROUTES`, registered from that table onto the
 ingress's handlers, with the token as one FastAPI dependency where a route asks for it. Every
@@ -96,16 +96,16 @@ async def _validation_error(request, exc):
 
 @serve.deployment(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)
 class StageServer:
-    """Stage ``index`` of ``plan`` (per-stage layout): (image, carry) items → (class, confidence, carry)."""
+    """Stage ``index`` of ``spec`` (per-stage layout): (image, carry) items → (class, confidence, carry)."""
 
-    def __init__(self, plan: ServiceSpec, index: int):
-        num_gpus = plan.options.per_stage("num_gpus", len(plan.stages.names))[index]
+    def __init__(self, spec: ServiceSpec, index: int):
+        num_gpus = spec.options.per_stage("num_gpus", len(spec.stages.names))[index]
         self.device = stage_device(num_gpus)
-        self.run = ItemStage(load_stages(plan, self.device, [index])[index], self.device)
-        self.batches = Batcher(self._classify, plan.options.max_batch_size, plan.options.batch_wait_timeout_s)
+        self.run = ItemStage(load_stages(spec, self.device, [index])[index], self.device)
+        self.batches = Batcher(self._classify, spec.options.max_batch_size, spec.options.batch_wait_timeout_s)
         self.hist = metrics.Histogram("tinysaver_stage_batch_size", description="requests per stage batch",
                                       boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("stage",))
-        self.hist.set_default_tags({"stage": plan.stages.names[index]})
+        self.hist.set_default_tags({"stage": spec.stages.names[index]})
 
     async def classify(self, item: tuple) -> tuple:
         """One request's (image, carry) → (class, confidence, carry), run in a batch."""
@@ -120,22 +120,22 @@ class StageServer:
                 "device": self.device}
 
 
-class Ingress:
+class IngressServer:
     """The routes. ``stages``: the per-stage layout's StageServer handles, in running order; none in
     the fused layout, where this replica loads every stage itself."""
 
-    def __init__(self, plan: ServiceSpec, stages: list | None = None, token: str | None = None):
-        o = plan.options
-        self.plan, self.o, self.names, self.token = plan, o, list(plan.stages.names), token
-        api.state.token = token  # what `_authorized` checks; one ingress per replica process
-        self.class_names = list(plan.stages.class_names) if plan.stages.class_names else None
-        self.budget = InputBudget(o.max_pixels, plan.stages.preprocess)
+    def __init__(self, spec: ServiceSpec, stages: list | None = None, token: str | None = None):
+        o = spec.options
+        self.spec, self.o, self.names, self.token = spec, o, list(spec.stages.names), token
+        REPLICA_TOKEN[0] = token  # what `_authorized` checks: one ingress per replica process
+        self.class_names = list(spec.stages.class_names) if spec.stages.class_names else None
+        self.budget = InputBudget(o.max_pixels, spec.stages.preprocess)
         # decoded pixels held at once across every request of this replica (one image always fits)
         self.pixels = PixelPool(max(MAX_PIXELS_IN_FLIGHT, o.max_pixels or 0))
-        self.oip_name = oip.model_name(plan.stages.names[-1])  # the Open Inference Protocol's name for the cascade
+        self.oip_name = oip.model_name(spec.stages.names[-1])  # the Open Inference Protocol's name for the cascade
         # one answerer per layout, holding the live thresholds (tinysaver.serve.fused, tinysaver.serve.per_stage)
-        self.answerer = (WalkAnswerer(plan, stages, DEAD) if stages else
-                         FusedAnswerer(plan, lambda: self.incoming))
+        self.answerer = (WalkAnswerer(spec, stages, DEAD) if stages else
+                         FusedAnswerer(spec, lambda: self.incoming))
         self.rng = random.Random(o.seed)
         self.incoming = 0  # images read or decoded now, not yet handed to a stage
         self.requests = 0
@@ -144,7 +144,7 @@ class Ingress:
         self.timing: Counter = Counter()  # seconds summed over answered /predict requests
         self.timed = 0
         # --adapt: the monitor of the threshold in use, which it retunes (a saver → base pair)
-        self.audit = (ThresholdAdapter(plan.stages.thresholds[0], o.audit, o.delta, o.audit_tolerance, seed=o.seed)
+        self.audit = (ThresholdAdapter(spec.stages.thresholds[0], o.audit, o.delta, o.audit_tolerance, seed=o.seed)
                       if o.adapt else AuditMonitor(o.audit, o.delta, o.audit_tolerance))
         self._tasks: set = set()
         # a stop: new requests get 503 once the command that runs the service asks (serve.drain),
@@ -382,7 +382,7 @@ class Ingress:
         return "ok" if self.audit.state == "off" else self.audit.state
 
     def _thresholds(self) -> list:
-        """The thresholds in use: the plan's, or where --adapt has moved them."""
+        """The thresholds in use: the spec's, or where --adapt has moved them."""
         live = self.answerer.thresholds
         return [t if math.isfinite(t) else None for t in live]  # JSON has no inf
 
@@ -399,7 +399,7 @@ class Ingress:
         if audit["loss_points"]:
             self.m_bound.set(audit["loss_points"]["upper"])
         status = "draining" if await self._is_draining() else "starting" if starting else self._status()
-        body = {"status": status, "layout": self.plan.layout, "stages": self.names,
+        body = {"status": status, "layout": self.spec.layout, "stages": self.names,
                 "thresholds": self._thresholds(), "answered": self.requests, "audit": audit}
         if starting:
             body["waiting_for"] = starting
@@ -506,7 +506,7 @@ class Ingress:
         """Counters, batch sizes, timing and the audit: the body of /metrics.json."""
         batches = await self.answerer.batch_sizes()
         n = max(self.requests, 1)
-        return {"requests": self.requests, "stages": self.names, "layout": self.plan.layout,
+        return {"requests": self.requests, "stages": self.names, "layout": self.spec.layout,
                 "thresholds": self._thresholds(),
                 "exits": {self.names[i]: self.exits[i] for i in range(len(self.names))},
                 "exit_ratio": {self.names[i]: round(self.exits[i] / n, 4) for i in range(len(self.names))},
@@ -519,19 +519,28 @@ class Ingress:
                 "status": self._status(), "audit": self.audit.view(), "pid": os.getpid()}
 
 
+# the ingress's token, set when the replica starts. Not on the FastAPI app's state: Serve ships the
+# ingress class with a copy of the app, so the app a request reaches is not this module's `api`
+REPLICA_TOKEN: list = [None]
+
+
 async def _authorized(request: Request) -> None:
     """The token, as one dependency of every route that asks for it (`routes.Route.token`)."""
     try:
-        check_token(request.headers, getattr(request.app.state, "token", None))
+        check_token(request.headers, REPLICA_TOKEN[0])
     except BadRequest as e:
         raise HTTPException(e.status, e.reason) from None
 
 
 _OPENAPI = {"predict": _ONE_IMAGE, "predict_batch": _IMAGES, "oip_infer": _OIP_INFER}  # bodies FastAPI cannot infer
 for _r in ROUTES:
-    api.add_api_route(_r.path, getattr(Ingress, _r.handler), methods=[_r.method], openapi_extra=_OPENAPI.get(_r.handler),
+    api.add_api_route(_r.path, getattr(IngressServer, _r.handler), methods=[_r.method],
+                      openapi_extra=_OPENAPI.get(_r.handler),
                       dependencies=[Depends(_authorized)] if _r.token else None)
-Ingress = serve.deployment(graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)(serve.ingress(api)(Ingress))
+# the class keeps a module-level name of its own, so that Serve ships it by reference: shipped by
+# value, its methods would write a copy of this module's REPLICA_TOKEN
+Ingress = serve.deployment(name="Ingress", graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)(
+    serve.ingress(api)(IngressServer))
 
 
-__all__ = ["Ingress", "StageServer", "api"]
+__all__ = ["Ingress", "IngressServer", "StageServer", "api"]

@@ -114,7 +114,7 @@ class FusedBatcher:
 
 
 class FusedAnswerer:
-    """Every stage of ``plan`` in this replica. ``incoming()``: how many requests are being read
+    """Every stage of ``spec`` in this replica. ``incoming()``: how many requests are being read
     or decoded now, which a batch waits for (a batch waits for company only then); under load it
     takes up to FUSED_CUT model batches, so that the base runs on full batches of their survivors
     rather than on each model batch's few."""
@@ -122,18 +122,18 @@ class FusedAnswerer:
     layout = "fused"
     retried = unavailable = 0  # nothing is retried: every stage is in this process
 
-    def __init__(self, plan: ServiceSpec, incoming):
-        o = plan.options
+    def __init__(self, spec: ServiceSpec, incoming):
+        o = spec.options
         # a stream of answers waits at most this long: the engine's own futures, no task per image
         self.timeout_s = self.stream_timeout_s = o.request_timeout_s
-        self.device = stage_device(max(o.per_stage("num_gpus", len(plan.stages))))
-        built = load_stages(plan, self.device)
-        self.engine = FusedBatcher([built[i] for i in range(len(plan.stages))], plan.stages.thresholds,
-                                   plan.stages.base_from, first=o.adapt, batch_size=o.max_batch_size)
+        self.device = stage_device(max(o.per_stage("num_gpus", len(spec.stages))))
+        built = load_stages(spec, self.device)
+        self.engine = FusedBatcher([built[i] for i in range(len(spec.stages))], spec.stages.thresholds,
+                                   spec.stages.base_from, first=o.adapt, batch_size=o.max_batch_size)
         self._batches = Batcher(self.engine.answer_batch, o.max_batch_size, o.batch_wait_timeout_s,
                                 expected=incoming, max_cut=FUSED_CUT * o.max_batch_size)
         self._base = Batcher(self.engine.base_batch, o.max_batch_size, o.batch_wait_timeout_s)
-        self.names = list(plan.stages.names)
+        self.names = list(spec.stages.names)
 
     @property
     def thresholds(self) -> list[float]:

@@ -14,7 +14,7 @@ from ..stageplan import StagePlan
 
 GRACEFUL_SHUTDOWN_S = 30.0  # how long a replica Serve stops may finish what it accepted
 LAYOUTS = ("fused", "per-stage")
-# what loads a plan's stages in a replica: "module:function(plan, device, only) -> engine stages"
+# what loads a spec's stages in a replica: "module:function(spec, device, only) -> engine stages"
 MODEL_STAGES = "tinysaver.serve.stages:model_stages"
 
 

@@ -82,18 +82,18 @@ class StageWalk:
 
 
 class WalkAnswerer:
-    """``plan``'s stages as deployments (``handles``, in running order); ``dead``: the exceptions
+    """``spec``'s stages as deployments (``handles``, in running order); ``dead``: the exceptions
     that mean a replica is gone (the walk retries them)."""
 
     layout = "per-stage"
     stream_timeout_s = None  # each walk keeps its own deadline
 
-    def __init__(self, plan: ServiceSpec, handles: Sequence, dead: tuple[type[BaseException], ...]):
-        o = plan.options
-        self.handles, self.names, self.dead = list(handles), list(plan.stages.names), dead
+    def __init__(self, spec: ServiceSpec, handles: Sequence, dead: tuple[type[BaseException], ...]):
+        o = spec.options
+        self.handles, self.names, self.dead = list(handles), list(spec.stages.names), dead
         self.timeout_s, self.first = o.request_timeout_s, o.adapt
-        self.walk = StageWalk(lambda i, item: self.handles[i].classify.remote(item), plan.stages.names,
-                              plan.stages.thresholds, plan.stages.base_from, o.retries, dead)
+        self.walk = StageWalk(lambda i, item: self.handles[i].classify.remote(item), spec.stages.names,
+                              spec.stages.thresholds, spec.stages.base_from, o.retries, dead)
         self._starting, self._status_at = list(self.names), -float("inf")
 
     @property
