@@ -1,7 +1,7 @@
 """Labelled image sets, decoded once and shared by every model in a run.
 
-A dataset is named by a string ``KIND:ARGS`` of a kind registered in `tinysaver.sources`
-(``imagefolder:PATH``, ``imagenet:PATH``, ``foolbox``, ``fashion-mnist:SPLIT[:DIR]``). Images are
+A dataset is named by a string ``KIND:ARGS`` of a kind registered in `tinysaver.sources` (an
+unknown kind's error lists each registered kind's usage, e.g. ``imagefolder:PATH``). Images are
 decoded by `tinysaver.decoding` within the pixel budget of `tinysaver.budget`. Every
 sample has a stable string id, and a set's fingerprint hashes ids plus labels so that predictions
 of different models are only compared on identical samples.
