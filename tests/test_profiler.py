@@ -92,7 +92,7 @@ def test_resume_after_kill_recomputes_nothing(tiny_zoo_cfg, tmp_path, capsys):
         "models": [{"name": n, "num_classes": 3, "input_size": 32, "label": f"{n}_{i}"}
                    for i, n in enumerate(["test_efficientnet", "test_resnet", "test_convnext", "test_efficientnet"])],
         "batch_sizes": [1, 4],
-        "latency_min_run_time": 0.2,
+        "latency_min_run_time": 0.1,
     }
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
