@@ -129,4 +129,5 @@ register_criterion(Criterion("subset", _public_grid, _sequential(_first_dip), No
 register_criterion(Criterion("guaranteed", _guarantee_grid, _guaranteed, "paths", True, True,
                              "P(expected loss on new samples > ε) ≤ δ, by tests in fixed sequence"))
 
-__all__ = ["DEFAULT_CRITERION", "Criterion", "register_criterion", "criterion_names", "get_criterion", "PUBLIC_GRID", "GUARANTEE_GRID"]
+__all__ = ["DEFAULT_CRITERION", "Criterion", "register_criterion", "criterion_names", "get_criterion", "PUBLIC_GRID",
+           "GUARANTEE_GRID"]

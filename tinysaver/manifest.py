@@ -5,7 +5,8 @@ travels with it: what it is, how it was built, what it costs and how accurate it
 stays plain YAML that the profiler writes and people may edit by hand, so every entry is read
 through its declared schema (`tinysaver.schemas.ModelEntrySchema`) on load, and a bad one is refused
 in one line naming the file and the field path (``zoo.yaml: models.m1.flops: must be > 0, got -5``).
-Units: ``params`` in parameters, ``flops``/``macs`` per image, latency ``ms_per_batch`` in milliseconds, ``accuracy`` as a fraction in [0, 1] per split.
+Units: ``params`` in parameters, ``flops``/``macs`` per image, latency ``ms_per_batch`` in
+milliseconds, ``accuracy`` as a fraction in [0, 1] per split.
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def backend_names() -> tuple[str, ...]:
 BACKENDS = backend_names()  # what the command line offers; a registered backend is a module in this package
 # a backend registers when its module is imported, which happens when it is first asked for
 BACKEND_REGISTRY: Registry[Backend] = Registry("backend", BackendError, listed=backend_names,
-                                       load=lambda name: importlib.import_module(f"{__name__}.{name}"))
+                                               load=lambda name: importlib.import_module(f"{__name__}.{name}"))
 
 
 def register_backend(name: str, **capabilities):

@@ -54,9 +54,9 @@ def sample_source(zoo) -> str:
     """A dataset ``tinysaver data sample`` can draw from whose classes the zoo's models know: the one
     its dataset kind names for this zoo (`tinysaver.sources`), the 20 ImageNet images foolbox ships
     for another ImageNet zoo, else the zoo's test (or first) split."""
-    for kind in SOURCES:
-        if SOURCES.get(kind).zoo and SOURCES.get(kind).zoo[0] == zoo.name and SOURCES.get(kind).sample:
-            return SOURCES.get(kind).sample
+    for kind in map(SOURCES.get, SOURCES):
+        if kind.sample and kind.zoo and kind.zoo[0] == zoo.name:
+            return kind.sample
     if zoo.manifest.get("splits") and any(v.get("class_names") == "imagenet" for v in zoo.splits.values()):
         return "foolbox"
     if not zoo.splits:

@@ -126,8 +126,8 @@ class IngressServer:
 
     def __init__(self, spec: ServiceSpec, stages: list | None = None, token: str | None = None):
         o = spec.options
-        self.spec, self.o, self.names, self.token = spec, o, list(spec.stages.names), token
-        REPLICA_TOKEN[0] = token  # what `_authorized` checks: one ingress per replica process
+        self.spec, self.o, self.names = spec, o, list(spec.stages.names)
+        REPLICA_TOKEN[0] = token  # what every route and the gRPC method check: one ingress per replica process
         self.class_names = list(spec.stages.class_names) if spec.stages.class_names else None
         self.budget = InputBudget(o.max_pixels, spec.stages.preprocess)
         # decoded pixels held at once across every request of this replica (one image always fits)
@@ -312,7 +312,7 @@ class IngressServer:
         """``/tinysaver.Cascade/Predict`` through Serve's gRPC proxy: the image's bytes → the JSON
         answer of /predict; a refusal sets the call's status code and details instead."""
         try:
-            check_token(dict(grpc_context.invocation_metadata()), self.token)
+            check_token(dict(grpc_context.invocation_metadata()), REPLICA_TOKEN[0])
             check_size(len(data), self.o.max_body_bytes)
             with self._admitted(), self._holding([data]):
                 with self._on_its_way():
@@ -519,8 +519,8 @@ class IngressServer:
                 "status": self._status(), "audit": self.audit.view(), "pid": os.getpid()}
 
 
-# the ingress's token, set when the replica starts. Not on the FastAPI app's state: Serve ships the
-# ingress class with a copy of the app, so the app a request reaches is not this module's `api`
+# the ingress's token, set when its replica starts: `_authorized` is called by FastAPI without the
+# ingress instance, so the token lives beside it in this module (one ingress per replica process)
 REPLICA_TOKEN: list = [None]
 
 

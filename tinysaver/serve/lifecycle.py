@@ -444,7 +444,8 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
         t0, n = time.monotonic(), answered(health)
         after = f" after {n:,} answer{'s' if n != 1 else ''}" if n is not None else ""
         say(f"tinysaver: stopping{after}: new requests get 503; answering those admitted (at most {drain_timeout_s:g} s)")
-        drain(APP, max(drain_timeout_s - STOP_RESERVE_S - CLOSE_S, 0.0), say)
+        # the listener is closed only on a local Ray of the command's own (a cluster's proxy is not ours)
+        drain(APP, max(drain_timeout_s - STOP_RESERVE_S - (CLOSE_S if head else 0.0), 0.0), say)
         if head:  # the proxy would be killed with requests in it: refuse new connections, answer the open ones
             shut = listener.close_listener(in_session(head.proc.pid), port)
             left = listener.settle(port, CLOSE_S)
