@@ -17,7 +17,6 @@ prepared batch-1 tensors):
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from tinysaver.runtimes import make_runner
 from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
+from common import parser
 
 
 def ms_per_call(fn, n: int) -> float:
@@ -36,8 +36,7 @@ def ms_per_call(fn, n: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     ap.add_argument("--backends", default="onnxruntime,openvino")
     ap.add_argument("--threads", default="1,2", help="SAVER,BASE intra-op threads of the runtimes")
     ap.add_argument("--calls", type=int, default=300, help="calls (or pairs) per timed loop")

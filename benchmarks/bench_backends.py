@@ -21,7 +21,6 @@ the base on eager (what a user runs today), and the issue's goals.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -30,6 +29,7 @@ from tinysaver.cascade import Cascade
 from tinysaver.data import load_dataset
 from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
+from common import parser
 
 
 def rss_mb() -> float:
@@ -47,8 +47,7 @@ def timed(cascade: Cascade, images, bs: int) -> tuple[float, np.ndarray]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     ap.add_argument("--split", default=None, help="images to run (default: test, or the zoo's first split)")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])

@@ -11,18 +11,17 @@ refill, which holds survivors until they fill a batch).
 """
 from __future__ import annotations
 
-import argparse
 import torch
 
 from tinysaver.cascade import build_cascade, compare_with_base
 from tinysaver.data import load_dataset
 from tinysaver.selector import SelectorConfig, select
 from tinysaver.zoo import load_zoo
+from common import parser
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="imagenet-lite")
+    ap = parser("imagenet-lite")
     ap.add_argument("--base", default="tf_efficientnet_lite2.pypi_in1k")
     ap.add_argument("--dataset", help="dataset URI of the images (default: the zoo's held-out split source)")
     ap.add_argument("--images", type=int, default=512)

@@ -23,10 +23,10 @@ train/calib/test folders of 500/250/250, profiles tf_efficientnet_lite0 and lite
 zoo under ``--workdir``, and fine-tunes lite0 for lite2 on the 500 train images: 500 images of 1,000
 classes, one each, is very little to learn deferral from, and 250 test images give coarse figures.
 """
-import argparse
 import time
 
 import numpy as np
+from common import parser
 
 
 def policy_on(conf_c, correct_c, base_correct_c, conf_t, criterion: str, tolerance: float = 0.0):
@@ -116,8 +116,7 @@ def imagenet_zoo(tar: str, workdir: str) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     ap.add_argument("--bases", help="comma-separated (default: every base with a saver at zero loss)")
     ap.add_argument("--losses", default="gatekeeper,base-aware")
     ap.add_argument("--alphas", default="0.5,1,2")

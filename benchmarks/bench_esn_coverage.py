@@ -14,15 +14,14 @@ population, the quantity the guarantee bounds, as in ``benchmarks/guarantee_tabl
 guarantee asks that rate to stay ≤ δ. Reported beside them: the share of the held-out images
 answered before the base's head. Figures depend on no timing.
 """
-import argparse
 import time
 
 import numpy as np
+from common import parser
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     ap.add_argument("--base", default="resnet10t")
     ap.add_argument("--saver", default="mobilenetv3_small_075")
     ap.add_argument("--config", default="esn/configs/default.yaml")

@@ -5,7 +5,6 @@ FLOPs saving, measured CPU throughput speedup at batch sizes 1 and 128, and test
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
@@ -13,11 +12,11 @@ from tinysaver.cascade import build_cascade, compare_with_base
 from tinysaver.data import load_dataset
 from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
+from common import parser
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     ap.add_argument("--images", type=int, default=2000, help="first N test images for the timing runs")
     ap.add_argument("--criterion", default="zero")
     ap.add_argument("--reps", type=int, default=2)

@@ -15,19 +15,18 @@ On the second half it records the policy's exit ratio and its loss against the b
 (up to the holdout's own sampling noise), and the issue asks three stages never to exit fewer
 than two on the same split. Figures depend on no timing, so a busy machine does not move them.
 """
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import parser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="imagenet-lite")
+    ap = parser("imagenet-lite")
     ap.add_argument("--base", help="default: the zoo's most expensive measured model")
     ap.add_argument("--splits", type=int, default=500)
     ap.add_argument("--tolerance", type=float, default=1.0)

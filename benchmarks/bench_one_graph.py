@@ -19,7 +19,6 @@ models.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -31,6 +30,7 @@ from tinysaver.runtimes import make_runner
 from tinysaver.selector import SelectorConfig, select
 from tinysaver.transforms import prepare_batch
 from tinysaver.zoo import load_zoo
+from common import parser
 
 
 def one_graph(saver_onnx, base_onnx, threshold: float, num_classes: int):
@@ -72,8 +72,7 @@ def one_graph(saver_onnx, base_onnx, threshold: float, num_classes: int):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     ap.add_argument("--base", default="resnet10t")
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=7)

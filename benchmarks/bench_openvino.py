@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 
@@ -20,6 +19,7 @@ import openvino as ov
 
 from tinysaver.runtimes import make_runner
 from tinysaver.zoo import load_zoo
+from common import parser
 
 
 def median_ms(fn, x, calls: int) -> float:
@@ -86,8 +86,7 @@ def pinning(zoo, key: str, calls: int) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     ap.add_argument("--models", nargs="+", default=["mobilenetv3_small_050", "mobilenetv3_small_075", "resnet10t",
                                                     "convnext_atto"])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])

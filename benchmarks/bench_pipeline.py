@@ -26,7 +26,6 @@ against the eager base.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -36,6 +35,7 @@ from tinysaver.cascade import Cascade
 from tinysaver.data import load_dataset
 from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
+from common import parser
 
 
 def timed(cascade: Cascade, images, bs: int, pipeline: bool, torch_threads: int) -> tuple[float, np.ndarray]:
@@ -46,8 +46,7 @@ def timed(cascade: Cascade, images, bs: int, pipeline: bool, torch_threads: int)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--backends", default="onnxruntime")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loadgen import start_ray
 from tinysaver.profile_ray import profile_on_ray
 from tinysaver.profiler import ProfileConfig, profile
 
@@ -35,7 +36,7 @@ def main() -> int:
     cfg = dataclasses.replace(ProfileConfig.from_yaml(CONFIG), zoo="bench", splits={"test": "fashion-mnist:test"},
                               batch_sizes=[], eval_batch_size=256)
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(2)
     start_s = time.perf_counter() - t0
     local, on_ray = [], []
     for r in range(args.repeats):

@@ -23,13 +23,13 @@ its in-process reference is the ESN's dynamic inference at the same batch size.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 
 import numpy as np
 
 from loadgen import closed_loop, encoded_images, start_local_ray
+from common import parser, serve_load_options
 
 
 def in_process(sel, zoo, images, batch_size: int, repeats: int = 3, esn=None) -> dict[str, float]:
@@ -58,15 +58,8 @@ def in_process(sel, zoo, images, batch_size: int, repeats: int = 3, esn=None) ->
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
-    ap.add_argument("--base", default="resnet10t")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--requests", type=int, default=400, help="requests per run")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--max-batch-size", type=int, default=16)
-    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap = parser("fashion-mnist")
+    serve_load_options(ap, requests=400)
     ap.add_argument("--layout", choices=["fused", "per-stage"], default="fused", help="the served apps' layout")
     ap.add_argument("--backend", default="eager", help="the served stages' runtime (eager, onnxruntime, openvino)")
     ap.add_argument("--esn", help="an ESN checkpoint for --base: also serve its saver with the ESN exits")

@@ -20,7 +20,6 @@ that a reader can tell that each side ran its own code where those differ.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from loadgen import batch_loop, drive, encoded_images, start_local_ray
+from common import parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,10 +61,9 @@ def checkout(rev: str, where: Path) -> Path:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = parser("fashion-mnist")
     ap.add_argument("--before", required=True, help="a git revision")
     ap.add_argument("--after", default=None, help="a git revision (default: this working tree)")
-    ap.add_argument("--zoo", default="fashion-mnist")
     ap.add_argument("--base", default="resnet10t")
     ap.add_argument("--split", default="test")
     ap.add_argument("--requests", type=int, default=400, help="/predict requests per run")

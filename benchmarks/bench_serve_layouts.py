@@ -28,7 +28,6 @@ served runs, while the service idles, and once more after the service is gone. `
 with the CPU each process spent per image and the bound those give (``cpu_bound``).
 """
 # No ``from __future__ import annotations``: FastAPI reads the floor route's signature at definition time.
-import argparse
 import asyncio
 import os
 import subprocess
@@ -55,6 +54,7 @@ async def predict(request: Request):
 
 from fastapi import FastAPI, Request  # noqa: E402
 from ray import serve as _serve  # noqa: E402
+from common import parser, serve_load_options
 
 floor_api = FastAPI()
 
@@ -238,15 +238,8 @@ def plot_throughput(rows: list[dict], names: list[str], in_process: float, batch
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
-    ap.add_argument("--base", default="resnet10t")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--requests", type=int, default=300, help="requests per run")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--max-batch-size", type=int, default=16)
-    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap = parser("fashion-mnist")
+    serve_load_options(ap, requests=300)
     ap.add_argument("--ray-cpus", type=int, default=2, help="logical CPUs of the local Ray instance (a whole number)")
     ap.add_argument("--fused-cpus", type=float, default=0.3,
                     help="num_cpus of a fused replica; Ray gives it that many torch threads when ≥ 1")

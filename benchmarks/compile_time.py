@@ -9,18 +9,17 @@ compile figures are cache hits.
 """
 from __future__ import annotations
 
-import argparse
 import resource
 import tempfile
 from pathlib import Path
 
 from tinysaver.runtimes import make_runner
 from tinysaver.zoo import load_zoo
+from common import parser
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     args = ap.parse_args()
     zoo = load_zoo(args.zoo)
     print("| model | compile s (batch 2 and 1) | ONNX export s | compile / export |\n|---|---|---|---|")

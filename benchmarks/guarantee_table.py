@@ -17,7 +17,6 @@ Methods, all on the same data-independent threshold grid and fixed-sequence test
 """
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 
@@ -27,6 +26,7 @@ from tinysaver.policy import exits
 from tinysaver.criteria import GUARANTEE_GRID
 from tinysaver.sweep import SaverOrder, best_exit
 from tinysaver.zoo import load_zoo
+from common import parser
 
 
 def pooled(zoo, saver: str, base: str, splits):
@@ -56,8 +56,7 @@ def mapie_threshold(conf, s_ok, b_ok, eps: float, delta: float) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     ap.add_argument("--pair", default="mobilenetv3_small_075,resnet10t", help="SAVER,BASE")
     ap.add_argument("--tolerance", type=float, default=1.0, help="ε in accuracy points")
     ap.add_argument("--delta", type=float, default=0.1)

@@ -45,12 +45,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_ray(num_cpus: float = 2, port: int | None = None, grpc_port: int | None = None) -> int:
-    """A local Ray of ``num_cpus`` and Serve listening on ``port`` of 127.0.0.1 (a free one if
-    none), started as `tinysaver serve` starts its own; returns the port. ``ray.shutdown()`` ends it."""
-    port = port or free_port()
+def start_ray(num_cpus: float = 2) -> None:
+    """A local Ray of ``num_cpus``, started as `tinysaver serve` starts its own (its environment
+    included). ``ray.shutdown()`` ends it."""
     local_ray_env()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def start_local_ray(num_cpus: float = 2, port: int | None = None, grpc_port: int | None = None) -> int:
+    """`start_ray`, and Serve listening on ``port`` of 127.0.0.1 (a free one if none); returns the
+    port. ``ray.shutdown()`` ends both."""
+    port = port or free_port()
+    start_ray(num_cpus)
     start_serve({"host": "127.0.0.1", "port": port}, grpc_port=grpc_port)
     return port
 

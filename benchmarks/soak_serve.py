@@ -21,7 +21,6 @@ Anything else is an error.
 RSS is compared with the end of the first minute, not with start-up: the first requests fill the
 allocators' pools and torch's caches once, which is a warm-up, not a leak. Both figures are printed.
 """
-import argparse
 import asyncio
 import os
 import time
@@ -29,6 +28,7 @@ import time
 import numpy as np
 
 from loadgen import encoded_images, start_local_service
+from common import parser
 
 SERVE_PROCESS_NAMES = ("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")
 
@@ -162,8 +162,7 @@ async def soak(url: str, health: str, bodies: list[bytes], concurrency: int, sec
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", default="fashion-mnist")
+    ap = parser("fashion-mnist")
     ap.add_argument("--base", default="resnet10t")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=16)

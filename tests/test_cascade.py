@@ -201,3 +201,34 @@ def test_classify_files_streams_every_file_once_with_its_answer_or_its_reason(tm
     assert [r["class"] for _, r in good] == [r["class"] for r in ref]
     assert tally.answered == 8 and sum(tally.counts) == 8
     assert abs(sum(tally.summary()["exit_ratio"].values()) - 1) < 1e-3
+
+
+def test_open_files_resolves_the_policy_once_and_streams_what_the_command_prints(tmp_path, monkeypatch):
+    """`tinysaver infer`'s whole set-up as one library call: the policy asked for, the stages it
+    plans, the files found (a skipped one said), the answers streamed and the summary counted."""
+    import os
+
+    from tinysaver.errors import UsageError
+    from tinysaver.infer import open_files
+    from tinysaver.selector import PolicyRequest
+    from tinysaver.zoo import load_zoo
+    from tests.helpers import png_bytes
+
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(rng.integers(0, 256, (28, 28), dtype=np.uint8)))
+    (tmp_path / "3.png").write_bytes(b"not a png")
+    os.mkfifo(tmp_path / "pipe.png")  # a FIFO with an image's name is skipped, and said
+    zoo = load_zoo("fashion-mnist")
+    run = open_files(zoo, PolicyRequest(base="resnet10t"), [tmp_path], batch_size=2, threads=[1])
+    assert run.selection.base == "resnet10t" and len(run.cascade.stages) == len(run.selection.thresholds) + 1
+    assert [w for w in run.warnings if "pipe.png" in w] and any("saver:" in n for n in run.notes)
+    got = dict(run.rows())
+    assert sorted(got) == sorted(str(tmp_path / f"{i}.png") for i in range(4)) and isinstance(got[str(tmp_path / "3.png")], str)
+    summary = run.summary()
+    assert summary["images"] == 3 and summary["unreadable"] == 1 and summary["skipped"] == 1
+    assert summary["thresholds"] == run.selection.thresholds
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="no images found"):
+        open_files(zoo, PolicyRequest(base="resnet10t"), [empty], threads=[1])

@@ -191,11 +191,12 @@ def test_plan_for_the_paper_pool():
         profile_cost(pool, 1, gpu_type="h100", root=REPO / "zoo_index")
 
 
-def test_plan_cli_prints_without_running(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("flag", ["--cost", "--plan"])  # --plan: the old name still works
+def test_cost_cli_prints_without_running(tmp_path, capsys, monkeypatch, flag):
     need(TIMM_RESULTS.is_dir(), "timm's results tables (../shared/data/timm-results)")
     monkeypatch.chdir(tmp_path)
     out = run_here(capsys, "profile", "--config", str(REPO / "zoo_index" / "configs" / "imagenet-paper-pool.yaml"),
-                   "--plan", "--gpus", "8", "--root", str(REPO / "zoo_index"))
+                   flag, "--gpus", "8", "--root", str(REPO / "zoo_index"))
     assert out.returncode == 0, out.stderr
     assert "on 8 × rtx4090" in out.stdout and out.stdout.count("| published |") >= 40
     assert not (tmp_path / "zoo_index").exists()

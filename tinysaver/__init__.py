@@ -10,15 +10,22 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
+# the public API, name → module: the API reference (docs/api.md) lists exactly these
 _PUBLIC = {
-    "Cascade": "cascade", "CascadeResult": "cascade", "build_cascade": "cascade",
-    "load_dataset": "data",
-    "ModelSpec": "models", "Preprocess": "models", "create_model": "models",
-    "ProfileConfig": "profiler", "profile": "profiler",
-    "Selection": "policy", "Stage": "policy", "SelectorConfig": "selector", "select": "selector",
-    "select_all": "selector",
-    "Zoo": "zoo", "list_zoos": "zoo", "load_zoo": "zoo",
-    "TinysaverError": "errors",
+    "Zoo": "zoo", "list_zoos": "zoo", "load_zoo": "zoo", "ModelEntry": "manifest", "import_zoo": "importer",
+    "SelectorConfig": "selector", "select": "selector", "select_all": "selector", "PolicyRequest": "selector",
+    "selection_for": "selector", "model_cost": "costs", "Selection": "policy", "Stage": "policy",
+    "apply": "policy", "confidence": "policy", "confident": "policy",
+    "resolve": "stageplan", "StagePlan": "stageplan", "Cascade": "cascade", "CascadeResult": "cascade",
+    "build_cascade": "cascade", "open_files": "infer", "ModelSpec": "models", "Preprocess": "models",
+    "create_model": "models", "Backend": "backends", "Registry": "registry",
+    "ServeOptions": "serve.options", "build_app": "serve.builders", "service_spec": "serve.builders",
+    "ProfileConfig": "profiler", "profile": "profiler", "profile_on_ray": "profile_ray",
+    "load_dataset": "data", "register_source": "sources", "InputBudget": "budget", "calibrate_zoo": "calibration",
+    "train_saver": "defer", "DeferSettings": "defer", "add_to_zoo": "defer",
+    **{e: "errors" for e in ("TinysaverError", "UsageError", "ZooError", "DatasetError", "ImageError", "PixelCapError",
+                             "SelectionError", "CascadeError", "BackendError", "ModelNotFoundError", "CheckpointError",
+                             "ServeError", "DeviceError", "MissingExtraError", "NotFoundError", "MissingFileError")},
 }
 __all__ = list(_PUBLIC)
 

@@ -32,8 +32,10 @@ class Registry(Generic[T]):
         return lambda item: self.add(name, item)
 
     def names(self) -> tuple[str, ...]:
-        """Every name, in the order registered (or listed), without importing anything."""
-        return self._listed() if self._listed else tuple(self._items)
+        """Every name without importing anything: the listed ones, then any registered from outside
+        them (a user's own), in the order registered."""
+        listed = self._listed() if self._listed else ()
+        return (*listed, *(n for n in self._items if n not in listed))
 
     def get(self, name: str) -> T:
         if name not in self._items and self._load and name in self.names():

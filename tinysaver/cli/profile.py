@@ -76,11 +76,12 @@ def register(sub) -> None:
     q.add_argument("--cpus-per-task", type=float, default=1.0, help="with --executor ray: CPUs per model actor")
     q.add_argument("--max-retries", type=int, default=3,
                    help="with --executor ray: replacements per lost worker (its unit always runs again)")
-    q.add_argument("--plan", action="store_true",
-                   help="print the expected wall time and GPU-hours of the config, run nothing")
-    q.add_argument("--gpus", type=positive_int, default=1, help="with --plan: GPUs to plan for")
+    q.add_argument("--cost", "--plan", dest="cost", action="store_true",
+                   help="print the expected wall time and GPU-hours of the config, run nothing "
+                        "(--plan is its old name)")
+    q.add_argument("--gpus", type=positive_int, default=1, help="with --cost: GPUs to cost it for")
     q.add_argument("--gpu-type", default="rtx4090",
-                   help="with --plan: the device whose published timm benchmark to use")
+                   help="with --cost: the device whose published timm benchmark to use")
 
 
 def _parse_splits(items) -> dict[str, str]:
@@ -131,7 +132,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                             device=args.device or "cpu", limit=args.limit, force=args.force, restart=args.restart,
                             latency_min_run_time=args.latency_seconds or LATENCY_SECONDS,
                             max_pixels=args.max_pixels or MAX_PIXELS)
-    if args.plan:
+    if args.cost:
         from ..profile_cost import format_profile_cost, profile_cost
 
         print(format_profile_cost(profile_cost(cfg, args.gpus, args.gpu_type, root=root)))
