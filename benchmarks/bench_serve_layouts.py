@@ -12,7 +12,9 @@ noisy neighbour slows them alike:
   the service does and returns a constant: what HTTP and decoding alone cost;
 - ``floor-serve``: the same handler as a one-deployment Serve app: what Serve's proxy adds;
 - ``per-stage``: the cascade with a deployment per stage (eager);
-- ``fused``: the cascade in one deployment (eager), the default layout;
+- ``fused``: the cascade in one deployment, the default layout, on its default backend (ONNX Runtime
+  where the zoo vouches for the export, see `tinysaver.serve.builders.layout_backend`);
+- ``fused-eager``: the same on eager (``--backend eager``), the default before;
 - ``fused-2r``: the same with two replicas (``--replicas 2``): two processes, each with its own GIL;
 - ``fused-onnx``: the same on ONNX Runtime (``--backend onnxruntime``);
 - ``floor-serve-grpc`` and ``fused-grpc``: the bare Serve app and the fused app again, driven
@@ -116,6 +118,7 @@ def timing_totals(predict_url: str) -> dict[str, float]:
 
 # Serve application names; a "-grpc" app is the same application driven through Serve's gRPC proxy
 APPS = {"floor-serve": "floor", "per-stage": "perstage", "fused": "fused", "fused-onnx": "fusedonnx",
+        "fused-eager": "fusedeager",
         "fused-2r": "fused2r", "floor-serve-2r": "floor2r",
         "floor-serve-grpc": "floor", "fused-grpc": "fused"}
 
@@ -161,7 +164,7 @@ def cpu_parts(before: dict, after: dict, app: str | None, client_pid: int) -> di
     return parts
 
 
-BATCHED = ("per-stage", "fused", "fused-onnx", "fused-grpc")
+BATCHED = ("per-stage", "fused", "fused-eager", "fused-onnx", "fused-grpc")
 
 
 def batch_sizes(predict_url: str) -> dict:
@@ -258,7 +261,7 @@ def main() -> int:
 
     from tinysaver.cascade import build_cascade
     from tinysaver.selector import SelectorConfig, select
-    from tinysaver.serve import ServeOptions, build_app
+    from tinysaver.serve import ServeOptions, build_app, service_spec
     from tinysaver.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
@@ -269,6 +272,14 @@ def main() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
+
+    # what each app runs on: the fused apps without --backend take the layout's default
+    default = service_spec(sel, zoo, ServeOptions(layout="fused")).stages.backends[0]
+
+    def backend_of(app: str) -> str:
+        if app.endswith("onnx"):
+            return "onnxruntime"
+        return default if app in ("fused", "fused-2r", "fused-grpc") else "eager"
 
     port, uport, gport = free_port(), free_port(), free_port()
     floor = None
@@ -307,6 +318,10 @@ def main() -> int:
         o = ServeOptions(layout="fused", num_cpus=cpus, replicas=2, **common)
         serve.run(build_app(sel, zoo, o), name="fused2r", route_prefix="/fused2r")
         urls["fused-2r"] = f"http://127.0.0.1:{port}/fused2r/predict"
+    if "fused-eager" in apps:
+        o = ServeOptions(layout="fused", num_cpus=args.fused_cpus, backend="eager", **common)
+        serve.run(build_app(sel, zoo, o), name="fusedeager", route_prefix="/fusedeager")
+        urls["fused-eager"] = f"http://127.0.0.1:{port}/fusedeager/predict"
     if "fused-onnx" in apps:
         o = ServeOptions(layout="fused", num_cpus=args.fused_cpus, backend="onnxruntime", **common)
         serve.run(build_app(sel, zoo, o), name="fusedonnx", route_prefix="/fusedonnx")
@@ -317,7 +332,8 @@ def main() -> int:
     if floor is not None:
         wait_up(f"http://127.0.0.1:{uport}/docs")
         urls = {"floor-uvicorn": f"http://127.0.0.1:{uport}/predict", **urls}
-    print(f"{args.zoo}: {' → '.join(sel.models)} (threshold {sel.thresholds[0]:.4f}); {args.requests} requests per "
+    print(f"{args.zoo}: {' → '.join(sel.models)} (threshold {sel.thresholds[0]:.4f}); the fused layout's default "
+          f"backend: {default}; {args.requests} requests per "
           f"run, max batch {args.max_batch_size}, wait {args.batch_wait_ms} ms, {args.repeats} alternating runs; "
           f"medians; load before: {os.getloadavg()[0]:.2f}", flush=True)
     for url in urls.values():  # warm-up
@@ -327,7 +343,7 @@ def main() -> int:
         runs = {name: [] for name in urls}
         cpu = {name: [] for name in urls}
         # one /metrics call sees one replica: the breakdown is of the one-replica apps
-        parts = {name: [] for name in urls if name in ("fused", "fused-onnx")}
+        parts = {name: [] for name in urls if name in ("fused", "fused-eager", "fused-onnx")}
         for _ in range(args.repeats):
             for name, url in urls.items():
                 before = timing_totals(url) if name in parts else None
@@ -370,7 +386,8 @@ def main() -> int:
     batch_runs: dict[tuple[str, int], list[float]] = {}
     batch_cpu: dict[tuple[str, int], list[dict]] = {}
     n_batch = args.requests * 2 // 16 * 16  # images per /predict/batch run
-    batch_urls = {**{n: u for n, u in urls.items() if n in ("floor-serve", "fused", "fused-2r", "fused-onnx")},
+    batch_urls = {**{n: u for n, u in urls.items() if n in ("floor-serve", "fused", "fused-eager", "fused-2r",
+                                                              "fused-onnx")},
                   **batch_only}
     for _ in range(args.repeats):
         for c in args.batch_concurrency:
@@ -400,21 +417,24 @@ def main() -> int:
           f"{ip['eager']:.1f} img/s, onnxruntime {ip['onnxruntime']:.1f} img/s; batch 1: eager "
           f"{ip['eager:bs1_ms']:.2f} ms/img, onnxruntime {ip['onnxruntime:bs1_ms']:.2f} ms/img\n")
     names = list(urls)
-    ratios = [("fused", "per-stage"), ("fused", "floor-serve"), ("fused-2r", "per-stage"), ("fused-2r", "floor-serve"),
+    ratios = [("fused", "per-stage"), ("fused", "floor-serve"), ("fused-eager", "floor-serve"), ("fused-2r", "per-stage"),
+              ("fused-2r", "floor-serve"),
               ("fused-grpc", "floor-serve-grpc"), ("fused-grpc", "floor-serve")]
     print("| concurrency | " + " | ".join(f"{n} img/s" for n in names) + " | " +
           " | ".join(f"{a} / {b}" for a, b in ratios) + " | fused / in-process |")
     print("|---|" + "---|" * (len(names) + len(ratios) + 1))
     for r in rows:
         ratio = lambda a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "–"  # noqa: E731
-        fip = f"{r['fused'] / ip['eager']:.2f}" if "fused" in r else "–"
+        fip = f"{r['fused'] / ip[backend_of('fused')]:.2f}" if "fused" in r else "–"
         print(f"| {r['concurrency']} | " + " | ".join(f"{r[n]:.1f}" for n in names) + " | " +
               " | ".join(ratio(a, b) for a, b in ratios) + f" | {fip} |")
     for r in rows:
         for n in [n for n in ("fused", "fused-2r", "fused-grpc") if n in r]:
-            print(f"concurrency {r['concurrency']}: {n} {r[n]:.1f} img/s = {r[n] / ip['eager']:.2f} of the in-process "
-                  f"eager cascade at batch {args.max_batch_size} on {threads} threads, {r[n] / ip['eager:1t']:.2f} of it "
-                  f"on 1 thread ({ip['eager:1t']:.1f} img/s)")
+            b = backend_of(n)
+            print(f"concurrency {r['concurrency']}: {n} {r[n]:.1f} img/s = {r[n] / ip[b]:.2f} of the in-process "
+                  f"{b} cascade at batch {args.max_batch_size} on {threads} threads"
+                  + (f", {r[n] / ip['eager:1t']:.2f} of it on 1 thread ({ip['eager:1t']:.1f} img/s)" if b == "eager"
+                     else ""))
     if args.png:
         plot_throughput(rows, names, ip["eager"], args.max_batch_size, args.png)
     early = [n for n in ("fused", "fused-2r", "fused-grpc") if n in names]
@@ -468,14 +488,15 @@ def main() -> int:
               "replicas | rest | total CPU |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for (name, c), rate in batch_rate.items():
-            ref = ip["onnxruntime" if name.endswith("onnx") else "eager"]
-            one_t = "–" if name.endswith("onnx") else f"{rate / ip['eager:1t']:.2f}"
+            ref = ip[backend_of(name)]
+            one_t = "–" if backend_of(name) != "eager" else f"{rate / ip['eager:1t']:.2f}"
             u = {k: float(np.median([x[k] for x in batch_cpu[name, c]])) for k in batch_cpu[name, c][0]}
             keys = ("client", "proxy", "replicas", "rest")
             print(f"| {c} | {name} | {rate:.1f} | {rate / ref:.2f} | {one_t} | " +
                   " | ".join(f"{u[k]:.2f}" for k in keys) + f" | {cpu_total(u):.2f} |")
         for c in args.batch_concurrency:
-            for name, floor_app in (("fused", "floor-serve"), ("fused-2r", "floor-serve-2r")):
+            for name, floor_app in (("fused", "floor-serve"), ("fused-eager", "floor-serve"),
+                                    ("fused-2r", "floor-serve-2r")):
                 if (name, c) in batch_rate and (floor_app, c) in batch_rate:
                     print(f"concurrency {c}: {name} {batch_rate[name, c]:.1f} img/s = "
                           f"{batch_rate[name, c] / batch_rate[floor_app, c]:.2f} of {floor_app}; {floor_app} itself "

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tinysaver.backends import backends_that, get_backend
+from tinysaver.backends import DEFAULT_BACKEND, backends_that, get_backend
 from tinysaver.errors import UsageError
 from tinysaver.serve import application
 from tinysaver.serve.options import ServiceSpec, ServeOptions
@@ -89,7 +89,7 @@ def esn_spec(checkpoint: str | Path, zoo, policy: ExitPolicy, options: ServeOpti
     o = options or ServeOptions()
     names = part_names(ck.saver, ck.base, esn.num_exits)
     n = len(names)
-    backends = stage_values(o.backend, n, "backend", (str,))
+    backends = stage_values(o.backend or DEFAULT_BACKEND, n, "backend", (str,))  # ESN parts: eager by default
     if not all(get_backend(b).torch_modules for b in backends):
         raise UsageError(f"ESN exits run on {'/'.join(backends_that(torch_modules=True))} (each part is cut out of "
                          "the torch module); drop --backend")

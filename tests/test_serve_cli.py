@@ -151,6 +151,9 @@ def test_serve_command_answers_and_drains_on_sigterm_to_its_group(services):
         assert r.status_code == 200 and set(r.json()) >= {"class", "name", "confidence", "exit_stage", "stage_name",
                                                           "latency_ms"}
         assert httpx.get(f"{url}/metrics.json", timeout=10).json()["requests"] == 1
+        # no --backend: the fused layout took ONNX Runtime, which the bundled zoo vouches for, and said so
+        assert "layout: fused; backends: mobilenetv3_small_075 on onnxruntime, resnet10t on onnxruntime" \
+            in proc.log.read_text()
         from tinysaver.serve.grpc_api import METHOD, predict
 
         g = predict(f"127.0.0.1:{grpc_port}", png(img))  # the same image over gRPC: the same answer

@@ -72,3 +72,29 @@ def test_a_replica_no_node_can_hold_is_named_with_what_it_lacks():
     assert unschedulable(needs, [*one_node, {"Alive": True, "Resources": {"CPU": 4, "GPU": 1, "node2": 2}}]) is None
     fused = ServiceSpec(stage_plan(("s", "b"), (0.5,)), ServeOptions(resources={"nowhere": 1}))
     assert unschedulable(replica_needs(fused), one_node).startswith("the fused replica (every stage) needs nowhere=1")
+
+
+def test_the_fused_layout_runs_on_onnxruntime_where_the_zoo_vouches_for_every_export(tmp_path):
+    """No --backend: a fused service on CPU takes ONNX Runtime when the zoo records an exact export of
+    each stage's model; the per-stage layout, a GPU, a model without that record, or a backend given
+    by hand keep what they say."""
+    import shutil
+
+    import yaml
+
+    from tinysaver.selector import SelectorConfig, select
+    from tinysaver.serve import service_spec
+    from tinysaver.zoo import load_zoo
+
+    zoo = load_zoo("fashion-mnist")
+    sel = select(zoo, "resnet10t", SelectorConfig()).best
+    assert set(service_spec(sel, zoo).stages.backends) == {"onnxruntime"}
+    assert set(service_spec(sel, zoo, ServeOptions(layout="per-stage")).stages.backends) == {"eager"}
+    assert set(service_spec(sel, zoo, ServeOptions(backend="eager")).stages.backends) == {"eager"}
+    # one stage's export not vouched for (the profiler found it inexact): eager for all
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo.path, copy)
+    manifest = yaml.safe_load((copy / "zoo.yaml").read_text())
+    manifest["models"][sel.savers[0].model]["backends"]["onnxruntime"]["exact"] = False
+    (copy / "zoo.yaml").write_text(yaml.safe_dump(manifest))
+    assert set(service_spec(sel, load_zoo(copy)).stages.backends) == {"eager"}

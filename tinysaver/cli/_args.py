@@ -157,9 +157,10 @@ def add_selector_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the half/half split when the zoo has one split")
 
 
-def add_cascade_args(q: argparse.ArgumentParser) -> None:
+def add_cascade_args(q: argparse.ArgumentParser, backend_default: str | None = BACKENDS[0],
+                     backend_help: str = "") -> None:
     """What infer and serve share: the selection (made now, read from a file, or given by hand) and
-    the backends its stages run on."""
+    the backends its stages run on (``backend_default``: None leaves the choice to the library)."""
     add_selector_args(q)
     q.add_argument("--base", help="the base model (optional with --selection, which names it)")
     how = q.add_mutually_exclusive_group()
@@ -171,8 +172,8 @@ def add_cascade_args(q: argparse.ArgumentParser) -> None:
                    help="with --threshold: that saver; alone: restrict the selector to these savers")
     q.add_argument("--accept-preprocess-change", action="store_true",
                    help="run a model whose current timm data config differs from the one the zoo recorded")
-    q.add_argument("--backend", type=backend_list, default=BACKENDS[0],
-                   help=f"{', '.join(BACKENDS)}: one for all stages, or one per stage, comma-separated")
+    q.add_argument("--backend", type=backend_list, default=backend_default,
+                   help=f"{', '.join(BACKENDS)}: one for all stages, or one per stage, comma-separated{backend_help}")
 
 
 def root_of(args: argparse.Namespace):

@@ -15,7 +15,8 @@ from ..errors import MissingExtraError, UsageError
 from ..report import describe
 from ..selector import PolicyRequest, selection_for
 from ..serve import LAYOUTS, ServeOptions, service_spec, replica_needs, routes
-from ..serve.builders import application
+from ..backends import DEFAULT_BACKEND
+from ..serve.builders import FUSED_BACKEND, application
 from ..serve.http import token_or_env
 from ..serve.lifecycle import DRAIN_TIMEOUT_S, HIGH_THROUGHPUT_ENV, STARTUP_TIMEOUT_S, run_service
 from ..zoo import load_zoo
@@ -25,7 +26,9 @@ from ._args import add_cascade_args, command, int_list, non_negative_float, posi
 def register(sub) -> None:
     q = command(sub, "serve", cmd_serve,
                 f"serve the cascade over HTTP on Ray Serve ({routes.listing()})")
-    add_cascade_args(q)
+    add_cascade_args(q, backend_default=None,
+                     backend_help=f" (default: {FUSED_BACKEND} in the fused layout where the zoo records an exact "
+                                  f"export of every stage and it is installed, else {DEFAULT_BACKEND})")
     add_serve_args(q)
     q.add_argument("--esn", help=argparse.SUPPRESS)  # moved to 'tinysaver esn serve'; kept to say so
 
@@ -160,6 +163,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spec = service_spec(sel, zoo, opts)  # validated before anything is deployed
     app, needs = application(spec, token_or_env(args.token)), replica_needs(spec)
     print(describe(sel), file=sys.stderr)
+    print(f"layout: {spec.layout}; backends: " + ", ".join(f"{n} on {b}" for n, b in zip(spec.stages.names,
+                                                                                        spec.stages.backends)),
+          file=sys.stderr)
     return run_app(app, sel.models, args, needs)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..backends import DEFAULT_BACKEND
 from ..engine import per_stage
 from ..errors import ServeError
 from ..limits import MAX_PIXELS
@@ -42,7 +41,8 @@ class ServeOptions:
     max_queued_requests: int = 64     # waiting in the proxy for an ingress replica; more get 503 at once
     # a body not whole within this many seconds gets 408, so slow or unfinished uploads free their slot
     body_timeout_s: float = 10.0
-    backend: str | Sequence[str] = DEFAULT_BACKEND
+    # None: the layout's default (`tinysaver.serve.builders.layout_backend`); else one, or one per stage
+    backend: str | Sequence[str] | None = None
     audit: float = 0.0                # fraction of early answers also sent to the base
     delta: float = 0.1
     audit_tolerance: float = 1.0      # accuracy points
