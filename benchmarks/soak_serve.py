@@ -120,7 +120,7 @@ async def soak(url: str, health: str, bodies: list[bytes], concurrency: int, sec
             is_bad = bool(bad) and draw.random() < hostile
             kind = kinds[0] % 3 if is_bad else None
             kinds[0] += is_bad
-            body = {0: bad[i % len(bad)], 1: heavy}.get(kind, bodies[i % len(bodies)])
+            body = bad[i % len(bad)] if kind == 0 else heavy if kind == 1 else bodies[i % len(bodies)]
             t0 = time.perf_counter()
             try:
                 if kind == 2:
