@@ -66,7 +66,9 @@ class Backend:
     (so a stage cannot set its own thread count), in half precision or channels-last if asked.
     ``devices``: the torch device types it runs on. ``spins``: it takes the ``spin`` option.
     ``fixed_shapes``: it runs faster on a batch size announced with ``Runner.expect_batch``.
-    ``tcmalloc_safe``: it survives a preloaded tcmalloc."""
+    ``tcmalloc_safe``: it survives a preloaded tcmalloc. ``light_calls``: its cost per call is small
+    next to eager's, so a replica that runs small batches is cheaper on it, where the zoo records an
+    exact export (see `tinysaver.serve.builders.layout_backend`)."""
 
     name: str
     build: Callable
@@ -77,6 +79,7 @@ class Backend:
     spins: bool = False
     fixed_shapes: bool = False
     tcmalloc_safe: bool = True
+    light_calls: bool = False
 
     @property
     def own_threads(self) -> bool:

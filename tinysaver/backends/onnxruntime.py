@@ -7,7 +7,7 @@ from . import Runner, register_backend
 from ._export import onnx_file
 
 
-@register_backend("onnxruntime", needs=("onnxruntime", "onnx"), exports_onnx=True, spins=True)
+@register_backend("onnxruntime", needs=("onnxruntime", "onnx"), exports_onnx=True, spins=True, light_calls=True)
 def build(model, cache_dir=None, threads=None, spin=False) -> Runner:
     import onnxruntime as ort
 

@@ -16,7 +16,7 @@ from ..report import describe
 from ..selector import PolicyRequest, selection_for
 from ..serve import LAYOUTS, ServeOptions, service_spec, replica_needs, routes
 from ..backends import DEFAULT_BACKEND
-from ..serve.builders import FUSED_BACKEND, application
+from ..serve.builders import application
 from ..serve.http import token_or_env
 from ..serve.lifecycle import DRAIN_TIMEOUT_S, HIGH_THROUGHPUT_ENV, STARTUP_TIMEOUT_S, run_service
 from ..zoo import load_zoo
@@ -27,8 +27,8 @@ def register(sub) -> None:
     q = command(sub, "serve", cmd_serve,
                 f"serve the cascade over HTTP on Ray Serve ({routes.listing()})")
     add_cascade_args(q, backend_default=None,
-                     backend_help=f" (default: {FUSED_BACKEND} in the fused layout where the zoo records an exact "
-                                  f"export of every stage and it is installed, else {DEFAULT_BACKEND})")
+                     backend_help=" (default: in the fused layout, ONNX Runtime where it is installed and the zoo "
+                                  f"records an exact export of every stage; else {DEFAULT_BACKEND})")
     add_serve_args(q)
     q.add_argument("--esn", help=argparse.SUPPRESS)  # moved to 'tinysaver esn serve'; kept to say so
 

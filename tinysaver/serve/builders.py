@@ -48,26 +48,27 @@ def service_spec(selection: Selection | dict | str | Path, zoo=None, options: Se
     return ServiceSpec(stages, o)
 
 
-FUSED_BACKEND = "onnxruntime"  # the fused layout's default, where the zoo vouches for its export
-
-
 def layout_backend(stages: StagePlan, o: ServeOptions, zoo=None) -> str:
-    """The backend a service runs on when ``--backend`` is not given: ONNX Runtime in the fused layout
-    on CPU when it is installed and the zoo records an exact export of every stage's model (the
-    profiler's check against the stored eager predictions: top-1 on ≥ 99.9 % of samples, every
-    confidence within 1e-4), else eager. A fused replica runs small batches under light load, where
-    eager's per-call overhead dominates: measured on the Fashion pair, batch 1 cost 5.83 ms per image
-    on eager and 1.04 on ONNX Runtime (benchmarks/bench_serve_layouts.py, docs/results/serving.md)."""
+    """The backend a service runs on when ``--backend`` is not given: in the fused layout on CPU, the
+    first installed backend with light calls (`Backend.light_calls`: ONNX Runtime) for which the zoo
+    records an exact export of every stage's model (the profiler's check against the stored eager
+    predictions: top-1 on ≥ 99.9 % of samples, every confidence within 1e-4); else the default.
+    A fused replica runs small batches under light load, where eager's per-call overhead dominates:
+    measured on the Fashion pair, batch 1 cost 5.83 ms per image on eager and 1.04 on ONNX Runtime
+    (benchmarks/bench_serve_layouts.py, docs/results/serving.md)."""
     if o.resolved_layout() != "fused" or any(g > 0 for g in o.per_stage("num_gpus", len(stages))):
-        return DEFAULT_BACKEND
-    if importlib.util.find_spec(get_backend(FUSED_BACKEND).needs[0]) is None:
         return DEFAULT_BACKEND
     from ..zoo import load_zoo  # the zoo's manifest only: nothing is loaded or exported here
 
     z = zoo if zoo is not None else load_zoo(stages.zoo_dir)
-    vouched = all(z.manifest["models"].get(k, {}).get("backends", {}).get(FUSED_BACKEND, {}).get("exact") is True
-                  for k in stages.keys)
-    return FUSED_BACKEND if vouched else DEFAULT_BACKEND
+    for name in backends_that(light_calls=True):
+        b = get_backend(name)
+        if b.needs and importlib.util.find_spec(b.needs[0]) is None:
+            continue
+        if all(z.manifest["models"].get(k, {}).get("backends", {}).get(name, {}).get("exact") is True
+               for k in stages.keys):
+            return name
+    return DEFAULT_BACKEND
 
 
 def stage_options(o: ServeOptions, names: Sequence[str]) -> list[dict]:
@@ -240,5 +241,5 @@ def _app(args: dict):
     return build_app(selection_for(zoo, request), zoo, options, token=token)
 
 
-__all__ = ["app", "application", "build_app", "service_spec", "FUSED_BACKEND", "layout_backend", "replica_needs",
+__all__ = ["app", "application", "build_app", "service_spec", "layout_backend", "replica_needs",
            "stage_options", "unschedulable"]
