@@ -25,6 +25,14 @@ def test_the_kuberay_service_config_validates_and_builds_the_cascade():
     built = app(dict(application.args))  # what the cluster's controller calls
     assert built.__class__.__name__ == "Application"
     assert [d.name for d in application.deployments] == ["Ingress"]
+    # the replicas scale (Serve's autoscaler, and the cluster's for the workers they need), and the
+    # gRPC method is served as `tinysaver serve --grpc-port` serves it
+    scaling = application.deployments[0].autoscaling_config
+    assert scaling["min_replicas"] < scaling["max_replicas"]
+    assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    from tinysaver.serve.grpc_api import SERVICER
+
+    assert config.grpc_options.grpc_servicer_functions == [SERVICER]
 
 
 def test_serve_build_writes_a_config_of_the_default_cascade(tmp_path):

@@ -52,6 +52,19 @@ def test_tritonclient_binary_requests_and_responses_round_trip():
     assert res.as_numpy("label").tolist() == [["0.750000:3:Dress"], ["0.500000:1:Trouser"], ["0.250000:0:0"]]
 
 
+def test_base64_images_may_be_url_safe_or_data_urls():
+    """What browsers and JavaScript clients send: URL-safe base64 and data URLs decode to the same bytes."""
+    blob = bytes(range(256)) * 3  # every byte value: both alphabets' extra characters appear
+    forms = [base64.b64encode(blob).decode(), base64.urlsafe_b64encode(blob).decode(),
+             "data:image/png;base64," + base64.b64encode(blob).decode()]
+    body = json.dumps({"inputs": [{"name": "image", "shape": [3], "datatype": "BYTES", "data": forms}]}).encode()
+    assert oip.parse_infer(body, None).images == [blob] * 3
+    for bad in ("data:image/png,plain", "abc"):  # a data URL not in base64; unpadded
+        body = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [bad]}]}).encode()
+        with pytest.raises(BadRequest, match="URL-safe base64 .* or a data URL"):
+            oip.parse_infer(body, None)
+
+
 def test_kserve_json_requests_with_base64_images_parse():
     need_package("kserve")
     from kserve import InferInput, InferRequest
@@ -173,6 +186,27 @@ def test_every_dashboard_query_names_a_metric_the_service_exports():
     exported = {re.sub(r"_total$", "", n) for n in parsed_families(prom.render(sample_stats()).decode())}
     names = dashboard_metric_names()
     assert names and names <= exported, names - exported
-    # the panels the dashboard promises: throughput, p50/p99 latency, exit ratio, the audit
-    assert {"tinysaver_http_requests", "tinysaver_request_duration_seconds", "tinysaver_exit_ratio",
+    # the panels the dashboard promises: throughput, p50/p99 latency, answers (and exit ratio) per stage, the audit
+    assert {"tinysaver_http_requests", "tinysaver_request_duration_seconds", "tinysaver_answers",
             "tinysaver_audit_state", "tinysaver_audit_loss_upper_bound_ratio"} <= names
+
+
+def test_the_dashboard_shows_rates_of_user_traffic_per_job_and_instance_and_says_when_the_audit_is_off():
+    from tinysaver.serve.routes import ROUTES
+
+    board = json.loads((ROOT / "deploy" / "grafana" / "tinysaver.json").read_text())
+    assert {"job", "instance"} <= {v["name"] for v in board["templating"]["list"]}
+    for panel in board["panels"]:
+        for t in panel["targets"]:
+            e = t["expr"]
+            for selector in re.findall(r"tinysaver_\w+(\{[^}]*\})?", e):
+                assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, e
+            for m in re.findall(r"tinysaver_\w+_(?:total|sum|count|bucket)\b", e):  # counters only as rates
+                assert re.search(rf"rate\({m}\{{", e), (m, e)
+    # throughput counts the routes that answer images, not probes and scrapes
+    user = re.search(r'route=~"([^"]+)"', board["panels"][0]["targets"][0]["expr"]).group(1)
+    for r in ROUTES:
+        path = r.path.replace("{name}", "m-cascade").replace("{version}", "1")
+        assert bool(re.fullmatch(user, path)) == (r.handler in ("predict", "predict_batch", "oip_infer")), r.path
+    audit = [p for p in board["panels"] if "tinysaver_audit" in p["targets"][0]["expr"]]
+    assert audit and all("--audit" in p["fieldConfig"]["defaults"]["noValue"] for p in audit)

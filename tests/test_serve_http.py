@@ -16,8 +16,9 @@ from tinysaver.serve.http import check_token, decode, decode_all, ndjson_as_read
 class FakeRequest:
     """What the routes read of a starlette Request: headers, the body stream and the form."""
 
-    def __init__(self, body: bytes, ctype: str, length: bool = True):
-        self.headers = {"content-type": ctype, **({"content-length": str(len(body))} if length else {})}
+    def __init__(self, body: bytes, ctype: str, length: bool = True, encoding: str | None = None):
+        self.headers = {"content-type": ctype, **({"content-length": str(len(body))} if length else {}),
+                        **({"content-encoding": encoding} if encoding else {})}
         self._raw = body
 
     async def stream(self):
@@ -308,3 +309,30 @@ def test_the_token_dependency_refuses_in_the_service_error_shape():
         assert e.value.status_code == 401 and "Authorization: Bearer" in e.value.detail
     deployments.REPLICA_TOKEN[0] = None
     asyncio.run(deployments._authorized(Req(None)))  # no token set: open
+
+
+def test_compressed_bodies_are_inflated_within_the_size_limit():
+    """Content-Encoding gzip and deflate (with zlib's header or raw), and the two chained, give the
+    image back; a bomb is refused with 413 as soon as its output passes the limit, a cut or mislabelled
+    stream with 400, and a coding the service cannot undo with 415."""
+    import gzip
+    import zlib
+
+    img = png_bytes(np.arange(64, dtype=np.uint8).reshape(8, 8))
+    raw_deflate = zlib.compressobj(wbits=-15)
+    plain = {"gzip": gzip.compress(img), "x-gzip": gzip.compress(img), "deflate": zlib.compress(img),
+             "identity, deflate": raw_deflate.compress(img) + raw_deflate.flush(),
+             "gzip, deflate": zlib.compress(gzip.compress(img))}
+    for coding, body in plain.items():
+        assert asyncio.run(read_files(FakeRequest(body, "image/png", encoding=coding), False, 10_000)) == \
+            [("body", img)], coding
+    bomb = gzip.compress(b"\0" * 5_000_000)  # 5 MB of zeros in about 5 kB
+    cases = [(bomb, "gzip", 413, "inflates past the limit of 10,000 bytes"),
+             (gzip.compress(img)[:-9], "gzip", 400, "cut short"),
+             (gzip.compress(img) + b"junk", "gzip", 400, "bytes after its end"),
+             (img, "gzip", 400, "is not gzip data"),
+             (gzip.compress(img), "br", 415, "Content-Encoding 'br' is not supported")]
+    for body, coding, status, words in cases:
+        with pytest.raises(BadRequest) as e:
+            asyncio.run(read_files(FakeRequest(body, "image/png", encoding=coding), False, 10_000))
+        assert e.value.status == status and words in e.value.reason and "\n" not in e.value.reason, e.value.reason

@@ -163,6 +163,8 @@ class IngressServer:
         self.requests = 0
         self.exits = Counter()
         self.latency = Counter()
+        self.latency_ms = 0.0  # summed over answered images, with the time of the last (Triton's statistics)
+        self.last_answer_s = 0.0
         self.timing: Counter = Counter()  # seconds summed over answered /predict requests
         self.timed = 0
         # --adapt: the monitor of the threshold in use, which it retunes (a saver → base pair)
@@ -206,6 +208,8 @@ class IngressServer:
         self.requests += 1
         self.exits[i] += 1
         self.latency[next((b for b in LATENCY_BUCKETS_MS if ms <= b), "inf")] += 1
+        self.latency_ms += ms
+        self.last_answer_s = time.time()
         self.m_requests.inc()
         self.m_exits.inc(tags={"stage": self.names[i]})
         self.m_latency.observe(ms)
@@ -478,6 +482,28 @@ class IngressServer:
         r = await self.readyz()
         return r if isinstance(r, JSONResponse) else {"name": self.oip_name, "ready": True}
 
+    async def oip_config(self, name: str, version: str = oip.VERSION):
+        stages = self.spec.stages
+        return self._unknown(name, version) or oip.model_config(
+            self.oip_name, stages.names, stages.thresholds, self.o.max_images, self.o.max_batch_size,
+            self.o.batch_wait_timeout_s * 1e3)
+
+    async def oip_stats(self, name: str | None = None, version: str = oip.VERSION):
+        """Triton's statistics from the counts the replica keeps (one replica's, as /metrics is)."""
+        unknown = self._unknown(name, version) if name is not None else None
+        if unknown:
+            return unknown
+        sums = self.answerer.timing_sums()
+        batches = await self.answerer.batch_sizes()
+        first = batches.get(f"fused:{self.names[0]}") or batches.get(self.names[0]) or {}  # the first stage's
+        return oip.model_stats(self.oip_name, self.requests, sum(first.values()), int(self.last_answer_s * 1e3),
+                               {"success": self.latency_ms, "queue": 1e3 * sums.get("queue", 0.0),
+                                "compute_infer": 1e3 * sums.get("engine", 0.0)})
+
+    async def oip_repository(self):
+        r = await self.readyz()
+        return oip.repository_index(self.oip_name, not isinstance(r, JSONResponse))
+
     async def oip_infer(self, name: str, request: Request, version: str = oip.VERSION):
         unknown = self._unknown(name, version)
         if unknown:
@@ -566,6 +592,42 @@ for _r in ROUTES:
     api.add_api_route(_r.path, getattr(IngressServer, _r.handler), methods=[_r.method],
                       openapi_extra=_OPENAPI.get(_r.handler),
                       dependencies=[Depends(_authorized)] if _r.token else None)
+# what each route may answer besides 200, as the service answers it (``{"error": reason}``): the
+# schema FastAPI writes lists 422 for routes with parameters, which this service never sends (it
+# answers a malformed request 400), and none of the refusals below
+_REFUSALS = {400: "a malformed request, or an image that cannot be used", 401: "the token is missing or wrong",
+             404: "an unknown model or version", 408: "the body did not arrive whole in time",
+             413: "the body, an image, or the number of images is over its limit",
+             415: "a content type or Content-Encoding the route does not take",
+             503: "overloaded, starting or draining: retry after Retry-After seconds"}
+_ERROR_BODY = {"application/json": {"schema": {"type": "object", "required": ["error"],
+                                               "properties": {"error": {"type": "string"}}}}}
+
+
+def _refusals(route) -> list[int]:
+    codes = {503} | ({400, 408, 413, 415} if route.method == "POST" else set())
+    return sorted(codes | ({401} if route.token else set()) | ({404} if "{name}" in route.path else set()))
+
+
+def _openapi() -> dict:
+    """FastAPI's schema, with each route's refusals as the service gives them and without 422."""
+    if api.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=api.title, version=__version__, routes=api.routes)
+        for r in ROUTES:
+            op = schema["paths"][r.path][r.method.lower()]
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            for code in _refusals(r):
+                responses[str(code)] = {"description": _REFUSALS[code], "content": _ERROR_BODY}
+        schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+        schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 # the class keeps a module-level name of its own, so that Serve ships it by reference: shipped by
 # value, its methods would write a copy of this module's REPLICA_TOKEN
 Ingress = serve.deployment(name="Ingress", graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)(

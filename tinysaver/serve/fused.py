@@ -184,6 +184,10 @@ class FusedAnswerer:
         return {"fused": {int(k): v for k, v in sorted(self.engine.sizes.items())},
                 **{f"fused:{name}": dict(sorted(sizes.items())) for name, sizes in zip(self.names, self.engine.stage_sizes)}}
 
+    def timing_sums(self) -> dict[str, float]:
+        """Seconds summed over the answered requests: waiting for a batch ("queue") and in the engine."""
+        return {k: self.engine.timing[k] for k in ("queue", "engine")}
+
     def timing(self) -> dict[str, float | None]:
         """Mean ms per answered request waiting for a batch ("queue") and in the engine."""
         n = self.engine.timed

@@ -11,6 +11,7 @@ import hmac
 import json
 import os
 import re
+import zlib
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 from ..errors import ImageError, PixelCapError, ServeError, TinysaverError
@@ -60,7 +61,43 @@ async def read_body(request, max_bytes: int, timeout_s: float | None = None) -> 
         await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
         raise BadRequest(408, f"the body did not arrive whole within {timeout_s:g} s") from None
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    for coding in reversed(content_codings(request.headers)):  # the last applied is undone first
+        body = inflate(body, coding, max_bytes)
+    return body
+
+
+# Content-Encoding → zlib's wbits: gzip's header, or zlib's (RFC 1950; raw deflate is tried after)
+CODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+def content_codings(headers) -> list[str]:
+    """The body's ``Content-Encoding`` codings, in the order applied (``identity`` dropped); 415 for
+    one the service cannot undo."""
+    codings = [c.strip().lower() for c in headers.get("content-encoding", "").split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    for c in codings:
+        if c not in CODINGS:
+            raise BadRequest(415, f"Content-Encoding {c!r} is not supported; send the body plain, gzip or deflate")
+    return codings
+
+
+def inflate(data: bytes, coding: str, max_bytes: int) -> bytes:
+    """``data`` decompressed from ``coding`` (gzip or deflate), never past ``max_bytes`` of output:
+    a body that would inflate beyond it (a zip bomb) gets 413 as soon as it does, and one that is
+    not whole or not that coding gets 400."""
+    for wbits in ((CODINGS[coding], -15) if coding == "deflate" else (CODINGS[coding],)):
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(data, max_bytes + 1)
+        except zlib.error:
+            continue  # deflate sent raw, without zlib's header: the next wbits
+        if len(out) > max_bytes or d.unconsumed_tail:
+            raise BadRequest(413, f"the body inflates past the limit of {max_bytes:,} bytes (--max-body-mb)")
+        if not d.eof or d.unused_data:
+            raise BadRequest(400, f"the {coding} body is cut short or has bytes after its end")
+        return out
+    raise BadRequest(400, f"the body is not {coding} data, though its Content-Encoding says so")
 
 
 async def read_files(request, many: bool, max_bytes: int, timeout_s: float | None = None) -> list[tuple[str, bytes]]:
@@ -184,5 +221,5 @@ async def ndjson_as_ready(answers: Iterable[Awaitable], line: Callable[[int, Any
             f.cancel()
 
 
-__all__ = ["BadRequest", "RAW_TYPES", "check_size", "check_token", "content_type", "decode", "decode_all", "ndjson_as_ready", "read_body",
-           "read_files"]
+__all__ = ["BadRequest", "RAW_TYPES", "CODINGS", "check_size", "check_token", "content_type", "content_codings", "inflate",
+           "decode", "decode_all", "ndjson_as_ready", "read_body", "read_files"]

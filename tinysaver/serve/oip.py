@@ -82,11 +82,22 @@ def _from_json(data: Any) -> list[bytes]:
         if not isinstance(x, str):
             raise BadRequest(400, f"input '{INPUT}' element {i}: expected a base64 string, got {type(x).__name__}")
         try:
-            out.append(base64.b64decode(x, validate=True))
+            out.append(_base64(x))
         except (binascii.Error, ValueError):
-            raise BadRequest(400, f"input '{INPUT}' element {i}: not base64 (send encoded image bytes as base64 "
-                                  "strings, or as binary data)") from None
+            raise BadRequest(400, f"input '{INPUT}' element {i}: not base64: send the encoded image's bytes as "
+                                  "standard base64 (RFC 4648, + and /, padded with =), URL-safe base64 (- and _), or "
+                                  "a data URL (data:image/png;base64,…); or as binary data") from None
     return out
+
+
+def _base64(text: str) -> bytes:
+    """Standard or URL-safe base64, bare or in a ``data:<type>;base64,`` URL (as browsers and
+    JavaScript clients write images)."""
+    if text.startswith("data:"):
+        head, sep, text = text.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise ValueError("a data URL that is not base64")
+    return base64.b64decode(text, altchars=b"-_" if "-" in text or "_" in text else None, validate=True)
 
 
 def parse_infer(body: bytes, header_length: str | None, max_images: int | None = None) -> InferRequest:
@@ -194,5 +205,53 @@ def encode_response(name: str, req: InferRequest, answers: Sequence[dict]) -> tu
                                     "Inference-Header-Content-Length": str(len(text))}
 
 
-__all__ = ["EXTENSIONS", "HEADER_LENGTH", "INPUT", "InferRequest", "OUTPUTS", "encode_response", "model_metadata",
-           "model_name", "parse_infer"]
+# --- Triton's model endpoints, as far as a cascade has them ------------------------------------------
+TRITON_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32"}
+
+
+def model_config(name: str, stages: Sequence[str], thresholds: Sequence[float], max_images: int,
+                 max_batch_size: int, batch_wait_ms: float) -> dict:
+    """Triton's model configuration of the cascade (``GET /v2/models/{name}/config``).
+
+    ``max_batch_size`` is 0 in Triton's sense: the tensors' shapes are whole, ``[-1]`` images, as the
+    metadata says, since Triton's batch dimension would make every shape ``[-1, 1]``. How the service
+    batches is in ``parameters``: ``max_images`` per request, ``max_batch_size`` per model batch and
+    ``batch_wait_ms``; and the cascade itself: its stages and thresholds."""
+    tensor = lambda n, t: {"name": n, "data_type": TRITON_TYPES[t], "dims": [-1]}  # noqa: E731
+    params = {"stages": ",".join(stages), "thresholds": ",".join(f"{t:.6g}" for t in thresholds),
+              "max_images": str(max_images), "max_batch_size": str(max_batch_size),
+              "batch_wait_ms": f"{batch_wait_ms:g}"}
+    return {"name": name, "platform": "tinysaver_cascade", "backend": "tinysaver", "max_batch_size": 0,
+            "version_policy": {"latest": {"num_versions": 1}},
+            "input": [tensor(INPUT, "BYTES")], "output": [tensor(k, v) for k, v in OUTPUTS.items()],
+            "parameters": {k: {"string_value": v} for k, v in params.items()}}
+
+
+def model_stats(name: str, images: int, batches: int, last_ms: int, ms: dict[str, float], failed: int = 0) -> dict:
+    """Triton's inference statistics of the cascade (``GET /v2/models/{name}/stats``) from the counts
+    the service keeps: ``images`` answered, model ``batches`` run, ``last_ms`` the time of the last
+    answer (ms since the epoch, 0 before any), ``ms``: milliseconds summed over the answered images
+    for ``success`` (the server-side latency), ``queue`` (waiting for a batch) and ``compute_infer``
+    (the models); ``failed``: images refused after they were admitted."""
+    def part(count: int, total_ms: float) -> dict:
+        return {"count": count, "ns": int(round(total_ms * 1e6))}
+
+    return {"model_stats": [{"name": name, "version": VERSION, "last_inference": last_ms,
+                             "inference_count": images, "execution_count": batches,
+                             "inference_stats": {"success": part(images, ms.get("success", 0.0)),
+                                                 "fail": part(failed, 0.0),
+                                                 "queue": part(images, ms.get("queue", 0.0)),
+                                                 "compute_input": part(images, 0.0),
+                                                 "compute_infer": part(images, ms.get("compute_infer", 0.0)),
+                                                 "compute_output": part(images, 0.0)},
+                             "batch_stats": []}]}
+
+
+def repository_index(name: str, ready: bool) -> list[dict]:
+    """Triton's repository index (``POST /v2/repository/index``): the one model this service serves."""
+    return [{"name": name, "version": VERSION, "state": "READY" if ready else "UNAVAILABLE",
+             "reason": "" if ready else "the cascade is starting or stopping"}]
+
+
+__all__ = ["EXTENSIONS", "HEADER_LENGTH", "INPUT", "InferRequest", "OUTPUTS", "TRITON_TYPES", "encode_response",
+           "model_config", "model_metadata", "model_name", "model_stats", "parse_infer", "repository_index"]
