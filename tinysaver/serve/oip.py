@@ -94,9 +94,9 @@ def _base64(text: str) -> bytes:
     """Standard or URL-safe base64, bare or in a ``data:<type>;base64,`` URL (as browsers and
     JavaScript clients write images)."""
     if text.startswith("data:"):
-        head, sep, text = text.partition(",")
-        if not sep or not head.endswith(";base64"):
-            raise ValueError("a data URL that is not base64")
+        head, sep, rest = text.partition(",")
+        # a data URL of plain text is not base64: decoding it all fails, as it should
+        text = rest if sep and head.endswith(";base64") else text
     return base64.b64decode(text, altchars=b"-_" if "-" in text or "_" in text else None, validate=True)
 
 
