@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadgen import batch_loop, drive, encoded_images, start_local_ray, wait_up
+from loadgen import batch_loop, drive, encoded_images, free_port, start_local_ray, wait_up
 
 FLOOR_APP = '''
 from fastapi import FastAPI, Request
@@ -254,8 +254,6 @@ def main() -> int:
     args = ap.parse_args()
     apps = [a for a in args.apps.split(",") if a]
 
-    import socket
-
     import ray
     from ray import serve
 
@@ -267,11 +265,6 @@ def main() -> int:
     zoo = load_zoo(args.zoo)
     sel = select(zoo, args.base, SelectorConfig()).best
     bodies, data = encoded_images(zoo, args.split, min(args.requests, 1000))
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     # what each app runs on: the fused apps without --backend take the layout's default
     default = service_spec(sel, zoo, ServeOptions(layout="fused")).stages.backends[0]

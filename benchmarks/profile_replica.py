@@ -2,6 +2,7 @@
 
     python benchmarks/profile_replica.py --load predict --concurrency 32 --seconds 20
     python benchmarks/profile_replica.py --load batch --concurrency 4 --seconds 20
+    python benchmarks/profile_replica.py --from-raw /tmp/replica.raw   # summarise a run's samples again
 
 It starts ``tinysaver serve`` (fused layout) on a free port, warms it, then records the replica
 (``ray::ServeReplica:…:Ingress``) with ``py-spy record --format raw`` (idle threads left out; with
@@ -70,11 +71,27 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
-def summarise(raw: str, top: int) -> tuple[int, list, list]:
+# self time by package: a sample's innermost frame, by the file it is in (the first prefix found)
+PACKAGES = ("tinysaver/", "timm/", "torchvision/", "torch/", "PIL/", "starlette/", "fastapi/", "anyio/", "ray/serve/",
+            "ray/", "asyncio/", "concurrent/", "threading", "json/", "logging/", "prometheus_client/", "multipart")
+
+
+def package(frame: str) -> str:
+    """The package a py-spy frame ("function (path:line)") is in; tinysaver's by module."""
+    m = re.search(r"\(([^:)]+)", frame)
+    path = m.group(1) if m else frame
+    for p in PACKAGES:
+        if path.startswith(p) or f"/{p}" in path:
+            return path if p == "tinysaver/" else p.rstrip("/")
+    return "other"
+
+
+def summarise(raw: str, top: int) -> tuple[int, list, list, list]:
     """py-spy's raw output ("frame;frame;… count" per line) → total samples, the top self frames,
-    and each group's inclusive count."""
+    each group's inclusive count, and the self time by package."""
     self_time: Counter = Counter()
     groups: Counter = Counter()
+    packages: Counter = Counter()
     total = 0
     pats = {name: re.compile(p) for name, p in GROUPS.items()}
     for line in raw.splitlines():
@@ -85,10 +102,11 @@ def summarise(raw: str, top: int) -> tuple[int, list, list]:
         total += n
         frames = stack.split(";")
         self_time[frames[-1]] += n
+        packages[package(frames[-1])] += n
         for name, pat in pats.items():
             if pat.search(stack):
                 groups[name] += n
-    return total, self_time.most_common(top), sorted(groups.items(), key=lambda kv: -kv[1])
+    return total, self_time.most_common(top), sorted(groups.items(), key=lambda kv: -kv[1]), packages.most_common()
 
 
 def main() -> int:
@@ -101,6 +119,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--serve-args", default="", help="more options for tinysaver serve, e.g. '--backend onnxruntime'")
     ap.add_argument("--out", default="/tmp/replica.raw", help="where py-spy's raw samples go")
+    ap.add_argument("--from-raw", help="summarise this raw file of an earlier run instead of running one")
     ap.add_argument("--gil", action="store_true",
                     help="sample only the thread holding the GIL: the replica's Python work, without idle threads "
                          "(torch's kernels release the GIL, so the models' share drops)")
@@ -108,6 +127,9 @@ def main() -> int:
                     help="also sample C/C++ frames; py-spy then pauses the replica for each sample and cannot "
                          "tell idle threads from busy ones, so every waiting thread's samples count too")
     args = ap.parse_args()
+    if args.from_raw:
+        show_samples(*summarise(Path(args.from_raw).read_text(), args.top), args.top)
+        return 0
 
     port = free_port()
     log = open(Path(args.out).with_suffix(".serve.log"), "w")
@@ -154,7 +176,7 @@ def main() -> int:
         print(f"py-spy recorded nothing: {spy_said.strip()[-500:]}")
         return 1
     cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
-    total, top, groups = summarise(Path(args.out).read_text(), args.top)
+    total, top, groups, packages = summarise(Path(args.out).read_text(), args.top)
     print(f"load: /{'predict' if args.load == 'predict' else 'predict/batch'} at concurrency {args.concurrency}, "
           f"{n} images in {wall:.1f} s ({n / wall:.1f} img/s); machine load {os.getloadavg()[0]:.1f}")
     print(f"replica CPU: {cpu:.2f} s = {cpu / n * 1e3:.2f} ms per image; py-spy samples: {total}")
@@ -167,13 +189,19 @@ def main() -> int:
     busiest = sorted(((used - threads0.get(tid, (name, 0.0))[1], tid, name) for tid, (name, used) in threads1.items()),
                      reverse=True)[:6]
     print("busiest threads (ms per image): " + ", ".join(f"{tid} {name} {1e3 * used / n:.2f}" for used, tid, name in busiest))
-    print("\ninclusive, by group (a sample may be in several):")
+    show_samples(total, top, groups, packages, args.top)
+    return 0
+
+
+def show_samples(total: int, top: list, groups: list, packages: list, n_top: int) -> None:
+    print(f"\nsamples: {total}; inclusive, by group (a sample may be in several):")
     for name, c in groups:
         print(f"  {100 * c / total:5.1f} %  {name}")
-    print(f"\nself time, top {args.top} frames:")
+    print("\nself time by package (each sample's innermost frame), 1 % and over:")
+    print("  " + ", ".join(f"{name} {100 * c / total:.1f} %" for name, c in packages if c >= 0.01 * total))
+    print(f"\nself time, top {n_top} frames:")
     for frame, c in top:
         print(f"  {100 * c / total:5.1f} %  {frame[:150]}")
-    return 0
 
 
 if __name__ == "__main__":

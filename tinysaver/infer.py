@@ -83,8 +83,8 @@ class FileRun:
                 "backends": self.cascade.backends, "pipeline": self.pipeline}
 
 
-def open_files(zoo: Zoo, request: PolicyRequest, paths: Sequence[str | os.PathLike], *, backend: str | Sequence[str] = DEFAULT_BACKEND,
-               device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE, threads: Sequence[int] | None = None,
+def open_files(zoo: Zoo, request: PolicyRequest, paths: Sequence[str | os.PathLike], *,
+               backend: str | Sequence[str] = DEFAULT_BACKEND, device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE, threads: Sequence[int] | None = None,
                backend_fallback: str | None = None, accept_preprocess_change: bool = False,
                max_pixels: int = MAX_PIXELS, refill: bool = True, pipeline: bool = False) -> FileRun:
     """Resolve ``request`` over ``zoo``, load its stages and list the images under ``paths``.
@@ -93,10 +93,10 @@ def open_files(zoo: Zoo, request: PolicyRequest, paths: Sequence[str | os.PathLi
     `torch_threads`). An image over ``max_pixels`` (width × height, or after any stage's resize,
     read from its header) is refused and counted. Raises `UsageError` when no image is found."""
     sel = selection_for(zoo, request)
-    n, why = torch_threads(threads)
+    shared, lowered = torch_threads(threads)
     plan = resolve(sel, zoo, backend=backend, device=device, batch_size=batch_size, backend_fallback=backend_fallback,
                    accept_preprocess_change=accept_preprocess_change,
-                   threads=n if threads is None or len(threads) == 1 else list(threads))
+                   threads=shared if threads is None or len(threads) == 1 else list(threads))
     src = paths_source(paths)
     if not src.ids:
         skipped = f"; skipped {len(src.skipped)}, first: {src.skipped[0]}" if src.skipped else ""
@@ -106,9 +106,10 @@ def open_files(zoo: Zoo, request: PolicyRequest, paths: Sequence[str | os.PathLi
     advice = malloc_advice(batch_size, [m.preprocess.input_size[-1] for m in cascade.stages], device,
                            cascade.backends)
     return FileRun(sel, plan, cascade, src, InputBudget(max_pixels, plan.preprocess), batch_size, refill, pipeline,
-                   warnings=[f"skipped {why}" for why in src.skipped]
+                   warnings=[f"skipped {reason}" for reason in src.skipped]
                    + [f"note: followed the link {link}" for link in src.followed],
-                   notes=[n for n in (why and f"note: {why}", describe(sel), advice and f"note: {advice}") if n])
+                   notes=[line for line in (lowered and f"note: {lowered}", describe(sel), advice and f"note: {advice}")
+                          if line])
 
 
 __all__ = ["ROW_FIELDS", "torch_threads", "FileRun", "open_files"]

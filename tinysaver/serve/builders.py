@@ -28,9 +28,13 @@ def service_spec(selection: Selection | dict | str | Path, zoo=None, options: Se
     o = options or ServeOptions()
     stages = resolve(selection, zoo, backend=o.backend or DEFAULT_BACKEND,
                      accept_preprocess_change=o.accept_preprocess_change, batch_size=o.max_batch_size, root=root)
-    if o.backend is None and (fast := layout_backend(stages, o, zoo)) != DEFAULT_BACKEND:
-        stages = resolve(selection, zoo, backend=fast, accept_preprocess_change=o.accept_preprocess_change,
-                         batch_size=o.max_batch_size, root=root)
+    if o.backend is None:  # the layout's default, from what the zoo records of each stage's model
+        from ..zoo import load_zoo  # the manifest only: nothing is loaded or exported here
+
+        zoo = zoo if zoo is not None else load_zoo(stages.zoo_dir)  # read once, for both calls below
+        if (fast := layout_backend(stages, o, zoo)) != DEFAULT_BACKEND:
+            stages = resolve(selection, zoo, backend=fast, accept_preprocess_change=o.accept_preprocess_change,
+                             batch_size=o.max_batch_size, root=root)
     n = len(stages)
     for b, g in zip(stages.backends, o.per_stage("num_gpus", n)):
         if g > 0 and "cuda" not in get_backend(b).devices:
@@ -48,9 +52,9 @@ def service_spec(selection: Selection | dict | str | Path, zoo=None, options: Se
     return ServiceSpec(stages, o)
 
 
-def layout_backend(stages: StagePlan, o: ServeOptions, zoo=None) -> str:
-    """The backend a service runs on when ``--backend`` is not given: in the fused layout on CPU, the
-    first installed backend with light calls (`Backend.light_calls`: ONNX Runtime) for which the zoo
+def layout_backend(stages: StagePlan, o: ServeOptions, zoo) -> str:
+    """The backend a service over ``zoo`` runs on when ``--backend`` is not given: in the fused layout
+    on CPU, the first installed backend with light calls (`Backend.light_calls`: ONNX Runtime) for which the zoo
     records an exact export of every stage's model (the profiler's check against the stored eager
     predictions: top-1 on ≥ 99.9 % of samples, every confidence within 1e-4); else the default.
     A fused replica runs small batches under light load, where eager's per-call overhead dominates:
@@ -58,15 +62,11 @@ def layout_backend(stages: StagePlan, o: ServeOptions, zoo=None) -> str:
     (benchmarks/bench_serve_layouts.py, docs/results/serving.md)."""
     if o.resolved_layout() != "fused" or any(g > 0 for g in o.per_stage("num_gpus", len(stages))):
         return DEFAULT_BACKEND
-    from ..zoo import load_zoo  # the zoo's manifest only: nothing is loaded or exported here
-
-    z = zoo if zoo is not None else load_zoo(stages.zoo_dir)
     for name in backends_that(light_calls=True):
         b = get_backend(name)
         if b.needs and importlib.util.find_spec(b.needs[0]) is None:
             continue
-        if all(z.manifest["models"].get(k, {}).get("backends", {}).get(name, {}).get("exact") is True
-               for k in stages.keys):
+        if all(zoo.entry(k).backends.get(name, {}).get("exact") is True for k in set(stages.keys)):
             return name
     return DEFAULT_BACKEND
 
