@@ -11,10 +11,14 @@ order flipped every other round), so that a machine whose speed drifts slows bot
   with a one-element BYTES tensor, as JSON with base64 (KServe's way) and in the binary-data
   extension (tritonclient's way);
 - 16 images per request: ``POST /predict/batch`` (multipart, streamed lines) against an infer
-  request of a 16-element tensor, in both encodings.
+  request of a 16-element tensor, in both encodings;
+- over gRPC (Serve's gRPC proxy on the same replica): the protocol's ``ModelInfer`` (``oip-grpc``,
+  images in ``raw_input_contents``, as tritonclient sends them) at 1 and 16 images per request,
+  and at one image the service's own ``/tinysaver.Cascade/Predict`` (``grpc-native``).
 
 Printed: images/s per route and concurrency (median over rounds), and the protocol's time per image
-as a ratio to the native route's in the same round (goal ≤ 1.1). The load generator is a closed
+as a ratio to the native route's in the same round (goal ≤ 1.1): over HTTP, to the native HTTP
+route's; ``oip-grpc`` to ``grpc-native``'s at one image and to ``/predict/batch``'s at 16. The load generator is a closed
 loop on httpx, as ``bench_serve.py``'s; ``perf_analyzer``, Triton's load tool for the protocol, is
 not on PyPI.
 """
@@ -29,7 +33,14 @@ import statistics
 import struct
 import time
 
-from loadgen import encoded_images, start_local_service
+from loadgen import encoded_images, free_port, start_local_ray
+
+
+# the routes of each request size, and what each is compared with (itself: a reference)
+ROUTES = {1: ["native", "oip-json", "oip-binary", "grpc-native", "oip-grpc"],
+          16: ["native", "oip-json", "oip-binary", "oip-grpc"]}
+REFERENCE = {**{(r, p): "native" for p in (1, 16) for r in ROUTES[p]},
+             ("grpc-native", 1): "grpc-native", ("oip-grpc", 1): "grpc-native"}
 
 
 def binary_infer(images: list[bytes]) -> tuple[bytes, dict]:
@@ -60,6 +71,38 @@ def requests_for(route: str, bodies: list[bytes], per: int) -> list[tuple[bytes,
     return [(json_infer if route == "oip-json" else binary_infer)(g) for g in groups]
 
 
+def grpc_requests(route: str, bodies: list[bytes], per: int, model: str) -> list[bytes]:
+    """Serialized request messages: the image itself for ``grpc-native``, a ``ModelInferRequest`` else."""
+    if route == "grpc-native":
+        return list(bodies)
+    from tinysaver.serve import oip_grpc
+
+    out = []
+    for i in range(0, len(bodies) - per + 1, per):
+        m = oip_grpc.messages().ModelInferRequest(model_name=model)
+        m.inputs.add(name="image", datatype="BYTES", shape=[per])
+        m.raw_input_contents.append(b"".join(struct.pack("<I", len(x)) + x for x in bodies[i:i + per]))
+        out.append(m.SerializeToString())
+    return out
+
+
+async def grpc_loop(target: str, method: str, reqs: list[bytes], concurrency: int) -> float:
+    """The same closed loop over one gRPC channel (HTTP/2 multiplexes the users' calls)."""
+    import grpc
+
+    todo = iter(reqs)
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(method)  # bytes in, bytes out: no message classes on the client's side
+
+        async def user():
+            for body in todo:
+                await call(body, timeout=120)  # a refusal raises grpc.aio.AioRpcError
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+        return time.perf_counter() - t0
+
+
 async def closed_loop(url: str, reqs: list[tuple[bytes, dict]], concurrency: int) -> float:
     import httpx
 
@@ -87,6 +130,8 @@ def main() -> int:
     from ray import serve
 
     from tinysaver.serve import ServeOptions, build_app
+    from tinysaver.serve.grpc_api import METHOD
+    from tinysaver.serve.oip_grpc import SERVICE
     from tinysaver.serve.oip import model_name
     from tinysaver.selector import SelectorConfig, select
     from tinysaver.zoo import load_zoo
@@ -94,12 +139,26 @@ def main() -> int:
     zoo = load_zoo("fashion-mnist")
     sel = select(zoo, "resnet10t", SelectorConfig()).best
     bodies, _ = encoded_images(zoo, "test", args.images)
-    base = start_local_service({"oip": (build_app(sel, zoo, ServeOptions(layout="fused", num_cpus=1.0)), "/")})
+    gport = free_port()
+    base = f"http://127.0.0.1:{start_local_ray(grpc_port=gport)}"
+    serve.run(build_app(sel, zoo, ServeOptions(layout="fused", num_cpus=1.0)), name="oip", route_prefix="/")
+    name = model_name(sel.base)
     urls = {("native", 1): f"{base}/predict", ("native", 16): f"{base}/predict/batch"}
     for route in ("oip-json", "oip-binary"):
         for per in (1, 16):
-            urls[(route, per)] = f"{base}/v2/models/{model_name(sel.base)}/infer"
+            urls[(route, per)] = f"{base}/v2/models/{name}/infer"
+    target = f"127.0.0.1:{gport}"
+    methods = {"grpc-native": METHOD, "oip-grpc": f"/{SERVICE}/ModelInfer"}
+
+    def run(route: str, per: int, conc: int) -> tuple[int, float]:
+        if route in methods:
+            reqs = grpc_requests(route, bodies, per, name)
+            return len(reqs), asyncio.run(grpc_loop(target, methods[route], reqs, conc))
+        reqs = requests_for(route, bodies, per)
+        return len(reqs), asyncio.run(closed_loop(urls[(route, per)], reqs, conc))
+
     asyncio.run(closed_loop(urls[("native", 1)], requests_for("native", bodies[:64], 1), 8))  # warm-up
+    asyncio.run(grpc_loop(target, methods["oip-grpc"], grpc_requests("oip-grpc", bodies[:64], 1, name), 8))
     print(f"{' → '.join(sel.models)}, fused, 1 replica; {args.images} images per run; load "
           f"{os.getloadavg()[0]:.2f} before", flush=True)
     rate: dict = {}
@@ -107,27 +166,32 @@ def main() -> int:
     for rnd in range(args.rounds):
         for per in (1, 16):
             for conc in (1, 32):
-                order = ["native", "oip-json", "oip-binary"]
+                order = ROUTES[per]
                 if rnd % 2:
-                    order.reverse()
+                    order = order[::-1]
                 secs = {}
                 for route in order:
-                    reqs = requests_for(route, bodies, per)
-                    secs[route] = asyncio.run(closed_loop(urls[(route, per)], reqs, conc))
-                    rate.setdefault((route, per, conc), []).append(len(reqs) * per / secs[route])
-                for route in ("oip-json", "oip-binary"):
-                    ratio.setdefault((route, per, conc), []).append(secs[route] / secs["native"])
+                    n, secs[route] = run(route, per, conc)
+                    rate.setdefault((route, per, conc), []).append(n * per / secs[route])
+                for route in order:
+                    if REFERENCE[route, per] != route:
+                        ratio.setdefault((route, per, conc), []).append(secs[route] / secs[REFERENCE[route, per]])
         print(f"round {rnd + 1} done, load {os.getloadavg()[0]:.2f}", flush=True)
     serve.shutdown()
     ray.shutdown()
-    print("\n| images per request | concurrency | route | images/s (median) | time per image / native route's |")
+    print("\n| images per request | concurrency | route | images/s (median) | time per image / reference's |")
     print("|---|---|---|---|---|")
     for per in (1, 16):
         for conc in (1, 32):
-            for route in ("native", "oip-json", "oip-binary"):
+            for route in ROUTES[per]:
                 r = ratio.get((route, per, conc))
-                shown = "1 (reference)" if r is None else f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})"
+                shown = ("1 (reference)" if r is None else
+                         f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f}) of {REFERENCE[route, per]}")
                 print(f"| {per} | {conc} | {route} | {statistics.median(rate[(route, per, conc)]):.1f} | {shown} |")
+    for per in (1, 16):  # the protocol over gRPC against the same protocol over HTTP (binary, its lighter form)
+        for conc in (1, 32):
+            g, h = (statistics.median(rate[(r, per, conc)]) for r in ("oip-grpc", "oip-binary"))
+            print(f"{per} per request, concurrency {conc}: oip-grpc {g:.1f} img/s = {g / h:.2f}× oip-binary over HTTP")
     worst = max(statistics.median(v) for v in ratio.values())
     print(f"\ngoal: the protocol's time per image ≤ 1.1 × the native route's: worst median {worst:.2f}, "
           f"{'met' if worst <= 1.1 else 'NOT met'}")

@@ -30,9 +30,9 @@ def test_the_kuberay_service_config_validates_and_builds_the_cascade():
     scaling = application.deployments[0].autoscaling_config
     assert scaling["min_replicas"] < scaling["max_replicas"]
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
-    from tinysaver.serve.grpc_api import SERVICER
+    from tinysaver.serve import grpc_api, oip_grpc
 
-    assert config.grpc_options.grpc_servicer_functions == [SERVICER]
+    assert config.grpc_options.grpc_servicer_functions == [grpc_api.SERVICER, oip_grpc.SERVICER]
 
 
 def test_serve_build_writes_a_config_of_the_default_cascade(tmp_path):
@@ -41,12 +41,20 @@ def test_serve_build_writes_a_config_of_the_default_cascade(tmp_path):
     if cli is None:
         pytest.skip("Ray Serve's 'serve' command is not on PATH")
     out = tmp_path / "serve.yaml"
-    done = subprocess.run([cli, "build", "tinysaver.serve.default:app", "-o", str(out)], cwd=REPO,
+    from tinysaver.serve import grpc_api, oip_grpc
+
+    servicers = [grpc_api.SERVICER, oip_grpc.SERVICER]
+    # the command of the KubeRay guide: the config carries the gRPC options `tinysaver serve --grpc-port` has
+    assert "--grpc-servicer-functions " + " \\\n    --grpc-servicer-functions ".join(servicers) in \
+        (REPO / "docs" / "guides" / "kuberay.md").read_text()
+    done = subprocess.run([cli, "build", "tinysaver.serve.default:app", "-o", str(out),
+                           *(x for s in servicers for x in ("--grpc-servicer-functions", s))], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     from ray.serve.schema import ServeDeploySchema
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+    assert config.grpc_options.grpc_servicer_functions == servicers
     [application] = config.applications
     assert application.import_path == "tinysaver.serve.default:app"
     [ingress] = application.deployments

@@ -210,3 +210,47 @@ def test_the_dashboard_shows_rates_of_user_traffic_per_job_and_instance_and_says
         assert bool(re.fullmatch(user, path)) == (r.handler in ("predict", "predict_batch", "oip_infer")), r.path
     audit = [p for p in board["panels"] if "tinysaver_audit" in p["targets"][0]["expr"]]
     assert audit and all("--audit" in p["fieldConfig"]["defaults"]["noValue"] for p in audit)
+
+
+def test_grpc_requests_built_by_kserve_parse_and_our_responses_read_back_in_it():
+    """The protocol over gRPC without Ray: kserve's client-side request (bytes_contents or raw input
+    contents) parses to the same images; our response reads back in kserve's InferResponse; refusals
+    carry the HTTP route's status."""
+    need_package("kserve")
+    from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, RequestedOutput
+
+    from tinysaver.serve import oip_grpc
+
+    msg = InferRequest(model_name="m-cascade", request_id="r1", infer_inputs=[InferInput(
+        "image", [len(IMAGES)], "BYTES", data=IMAGES)]).to_grpc()
+    wire = oip_grpc.request("ModelInfer", msg.SerializeToString())  # what the replica gets: bytes
+    req = oip_grpc.parse_infer(wire)
+    assert req.images == IMAGES and req.id == "r1" and [o.name for o in req.outputs] == list(oip.OUTPUTS)
+    res = InferResponse.from_grpc(oip_grpc.infer_response("m-cascade", req, ANSWERS))
+    out = {o.name: o.as_numpy().tolist() for o in res.outputs}
+    assert out["class_index"] == [3, 1, 0] and out["stage"] == [b"saver", b"base", b"base"]
+    np.testing.assert_allclose(out["confidence"], [0.75, 0.5, 0.25])
+    assert res.id == "r1" and res.model_name == "m-cascade"
+    # the same images as raw_input_contents (Triton's clients send these)
+    raw = oip_grpc.messages().ModelInferRequest(model_name="m-cascade")
+    raw.inputs.add(name="image", datatype="BYTES", shape=[len(IMAGES)])
+    raw.raw_input_contents.append(b"".join(len(x).to_bytes(4, "little") + x for x in IMAGES))
+    assert oip_grpc.parse_infer(raw).images == IMAGES
+    top = InferRequest(model_name="m-cascade", infer_inputs=[InferInput("image", [3], "BYTES", data=IMAGES)],
+                       request_outputs=[RequestedOutput("label", parameters={"classification": 1})]).to_grpc()
+    got = InferResponse.from_grpc(oip_grpc.infer_response("m-cascade", oip_grpc.parse_infer(top), ANSWERS))
+    assert [o.name for o in got.outputs] == ["label"] and got.outputs[0].shape == [3, 1]
+    assert got.outputs[0].as_numpy().ravel().tolist() == [b"0.750000:3:Dress", b"0.500000:1:Trouser", b"0.250000:0:0"]
+    with pytest.raises(BadRequest, match="over the limit of 2 per request") as e:
+        oip_grpc.parse_infer(msg, max_images=2)
+    assert e.value.status == 413
+    short = oip_grpc.messages().ModelInferRequest()
+    short.CopyFrom(raw)
+    short.inputs[0].shape[:] = [4]
+    with pytest.raises(BadRequest, match=r"shape \[4\] \(4 elements\) but 3 images"):
+        oip_grpc.parse_infer(short)
+    with pytest.raises(BadRequest, match="not a protobuf message") as e:
+        oip_grpc.request("ModelInfer", b"\xff\xff\xff")
+    assert e.value.status == 400
+    with pytest.raises(BadRequest, match="takes one input"):
+        oip_grpc.parse_infer(oip_grpc.messages().ModelInferRequest(model_name="m"))

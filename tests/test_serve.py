@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]  # starts Ray: select with -m '
 
 BASE = "resnet10t"
 N = 80
+TOKEN = "adapt-t0ken"
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,14 @@ def service():
     # takes ONNX Runtime, which the bundled zoo vouches for)
     adapt = ServeOptions(num_cpus=0.2, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.5, adapt=True,
                          backend="eager")
-    serve.run(build_app(sel, zoo, adapt), name="adapt", route_prefix="/adapt")
+    serve.run(build_app(sel, zoo, adapt, token=TOKEN), name="adapt", route_prefix="/adapt")  # the one with a token
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    yield {"client": client, "sel": sel, "zoo": zoo, "serve": serve, "grpc": f"127.0.0.1:{grpc_port}", "port": port}
+    with_token = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                              headers={"authorization": f"Bearer {TOKEN}"})
+    yield {"client": client, "adapt": with_token, "sel": sel, "zoo": zoo, "serve": serve,
+           "grpc": f"127.0.0.1:{grpc_port}", "port": port}
     client.close()
+    with_token.close()
     serve.shutdown()
     ray.shutdown()
 
@@ -300,7 +305,7 @@ def test_adapt_raises_the_threshold_when_the_traffic_shifts(service, offline):
     report the one in use, and later requests are answered at it."""
     from tinysaver.data import load_dataset
 
-    c, t0 = service["client"], service["sel"].thresholds[0]
+    c, t0 = service["adapt"], service["sel"].thresholds[0]
     shifted = torch.roll(load_dataset("fashion-mnist:test", progress=False, limit=150).images, 8, dims=3)
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda im: post_answered(c, png(im), "/adapt/predict"), shifted))
@@ -422,6 +427,193 @@ def test_open_inference_protocol_clients_we_did_not_write_get_the_cascade_s_answ
     assert "/v2/models/{name}/infer" in routes
     answered = sum(s.value for s in fams["tinysaver_answers"].samples)
     assert answered >= 2 * n and fams["tinysaver_exit_ratio"].samples
+
+
+def test_large_answers_are_gzipped_when_asked_and_the_api_page_works_offline(service, offline):
+    """Accept-Encoding: gzip compresses the protocol's answers (not /predict/batch's streamed lines);
+    /docs serves Swagger UI's files itself, behind the app's route prefix, and links no CDN."""
+    from tinysaver.policy import MARGIN
+
+    imgs, ref = offline
+    c, n = service["client"], 16
+    stable = np.abs(ref.stage_conf[0][:n].astype(np.float64) - service["sel"].thresholds[0]) >= MARGIN
+    body = json.dumps({"inputs": [{"name": "image", "shape": [n], "datatype": "BYTES",
+                                   "data": [base64.b64encode(png(imgs[i])).decode() for i in range(n)]}]})
+    url = f"/fused/v2/models/{BASE}-cascade/infer"
+    answers = {}
+    for coding in ("identity", "gzip"):
+        r = c.post(url, content=body, headers={"content-type": "application/json", "accept-encoding": coding})
+        assert r.status_code == 200, r.text
+        assert r.headers.get("content-encoding", "identity") == coding  # httpx inflates what it gets
+        answers[coding] = {o["name"]: o["data"] for o in r.json()["outputs"]}
+    for i in np.flatnonzero(stable):
+        assert answers["gzip"]["class_index"][i] == answers["identity"]["class_index"][i] == ref.pred[i], i
+    files = [("files", (f"{i}.png", png(imgs[i]), "image/png")) for i in range(4)]
+    r = c.post("/fused/predict/batch", files=files, headers={"accept-encoding": "gzip"})
+    assert r.status_code == 200 and "content-encoding" not in r.headers and len(r.text.splitlines()) == 4
+    page = c.get("/fused/docs")
+    assert page.status_code == 200 and "cdn." not in page.text, page.text[:2000]
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/fused/docs/static/{asset}" in page.text
+        got = c.get(f"/fused/docs/static/{asset}")
+        assert got.status_code == 200 and len(got.content) > 100_000, asset
+    assert "SwaggerUIBundle" in c.get("/fused/docs/static/swagger-ui-bundle.js").text
+    assert c.get("/fused/openapi.json").json()["paths"]["/predict"]["post"]["responses"]["413"]
+
+
+def test_every_dashboard_query_evaluates_in_a_real_prometheus(service, offline, tmp_path):
+    """Prometheus (Debian's) scrapes the fused app's /metrics while it answers, and evaluates every
+    query of deploy/grafana/tinysaver.json, its job and instance variables at "All": each is valid
+    PromQL and finds series, the audit's panels included (the fused app audits)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import httpx
+
+    binary = shutil.which("prometheus")
+    need(binary is not None, "Prometheus (apt-get install -y prometheus)")
+    board = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "tinysaver.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    web = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"- {{job_name: tinysaver, metrics_path: /fused/metrics, static_configs: [{{targets: ['127.0.0.1:{service['port']}']}}]}}\n")
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{web}"],
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
+    imgs, _ = offline
+    try:
+        api = f"http://127.0.0.1:{web}/api/v1/query"
+
+        def query(expr: str) -> dict:
+            r = httpx.get(api, params={"query": expr}, timeout=30)
+            assert r.status_code == 200, (expr, r.text)
+            return r.json()["data"]
+
+        for k in range(240):  # answers between scrapes, until five scrapes have found the service up
+            post_answered(service["client"], png(imgs[k % len(imgs)]), "/fused/predict")
+            try:
+                done = query('count_over_time(up{job="tinysaver"}[1m]) >= 5 and up{job="tinysaver"} == 1')["result"]
+            except httpx.TransportError:  # not listening yet
+                done = []
+            if done:
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError((tmp_path / "prometheus.log").read_text()[-3000:])
+        for expr in exprs:
+            got = query(expr.replace("$job", ".*").replace("$instance", ".*"))
+            errors_only = 'status!="200"' in expr  # no request was refused meanwhile: no series
+            assert got["result"] or errors_only, expr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# Each gRPC client runs in a process of its own: tritonclient.grpc and kserve register the same
+# protobuf names, and this process has kserve's (the REST test above).
+_TRITON_GRPC = r"""
+import json, sys
+import numpy as np
+import tritonclient.grpc as tg
+from tritonclient.utils import InferenceServerException
+
+target, name, paths, token = sys.argv[1:5]
+images = [open(p, "rb").read() for p in paths.split(",")]
+out = {}
+c = tg.InferenceServerClient(target)
+fused = {"application": "fused"}
+out["live"] = c.is_server_live(headers=fused) and c.is_server_ready(headers=fused) and c.is_model_ready(name, headers=fused)
+meta = c.get_model_metadata(name, headers=fused, as_json=True)
+out["meta"] = [meta["name"], meta["platform"], [i["name"] for i in meta["inputs"]], [o["name"] for o in meta["outputs"]]]
+out["server"] = c.get_server_metadata(headers=fused, as_json=True)["name"]
+t = tg.InferInput("image", [len(images)], "BYTES")
+t.set_data_from_numpy(np.array(images, dtype=np.object_))
+r = c.infer(name, [t], headers=fused)
+out["class"] = r.as_numpy("class_index").tolist()
+out["stage"] = [s.decode() for s in r.as_numpy("stage")]
+out["label"] = [s.decode() for s in r.as_numpy("label")]
+top = c.infer(name, [t], outputs=[tg.InferRequestedOutput("label", class_count=1)], headers=fused)
+out["top"] = [s.decode() for s in top.as_numpy("label").ravel()]
+def code(call):
+    try:
+        call()
+    except InferenceServerException as e:
+        return [e.status(), e.message()]
+    return None
+bad = tg.InferInput("image", [1], "BYTES")
+bad.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+out["bad_image"] = code(lambda: c.infer(name, [bad], headers=fused))
+out["unknown_model"] = code(lambda: c.infer("resnet50-cascade", [t], headers=fused))
+out["no_token"] = code(lambda: c.infer(name, [t], headers={"application": "adapt"}))
+out["wrong_token"] = code(lambda: c.infer(name, [t], headers={"application": "adapt", "authorization": "Bearer nope"}))
+ok = c.infer(name, [t], headers={"application": "adapt", "authorization": f"Bearer {token}"})
+out["with_token"] = len(ok.as_numpy("class_index"))
+print(json.dumps(out))
+"""
+
+_KSERVE_GRPC = r"""
+import asyncio, json, sys
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+target, name, paths = sys.argv[1:4]
+images = [open(p, "rb").read() for p in paths.split(",")]
+async def main():
+    client = InferenceGRPCClient(target, timeout=120)
+    try:
+        req = InferRequest(model_name=name, infer_inputs=[InferInput(name="image", shape=[len(images)],
+                                                                      datatype="BYTES", data=images)])
+        res = await client.infer(req, headers=[("application", "casc")])
+        return {o.name: [x.decode() if isinstance(x, bytes) else x for x in o.as_numpy().tolist()] for o in res.outputs}
+    finally:
+        await client.close()
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_open_inference_protocol_over_grpc_with_triton_s_and_kserve_s_clients(service, offline, tmp_path):
+    """inference.GRPCInferenceService on Serve's gRPC proxy: tritonclient.grpc (fused layout) and
+    kserve's InferenceGRPCClient (per-stage), each in its own process, get Cascade.predict's answers
+    for 50 images; refusals are gRPC codes with the HTTP route's reasons, the token included."""
+    need_package("tritonclient")
+    need_package("kserve")
+    import subprocess
+    import sys
+
+    from tinysaver.policy import MARGIN
+
+    imgs, ref = offline
+    n, name = 50, f"{BASE}-cascade"
+    paths = []
+    for i in range(n):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(png(imgs[i]))
+    stable = np.flatnonzero(np.abs(ref.stage_conf[0][:n].astype(np.float64) - service["sel"].thresholds[0]) >= MARGIN)
+    assert len(stable) >= 40
+
+    def run(script, *args):
+        done = subprocess.run([sys.executable, "-c", script, service["grpc"], name, ",".join(map(str, paths)), *args],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    t = run(_TRITON_GRPC, TOKEN)
+    assert t["live"] and t["server"] == "tinysaver"
+    assert t["meta"] == [name, "tinysaver_cascade", ["image"], ["class_index", "label", "confidence", "stage"]]
+    for i in stable:
+        assert t["class"][i] == ref.pred[i] and t["stage"][i] == ref.stage_names[ref.stage[i]], i
+        assert t["label"][i] == ref.class_names[ref.pred[i]]
+        assert t["top"][i].split(":")[1:] == [str(ref.pred[i]), ref.class_names[ref.pred[i]]]
+    assert t["bad_image"][0] == "StatusCode.INVALID_ARGUMENT" and "image 0" in t["bad_image"][1], t["bad_image"]
+    assert t["unknown_model"][0] == "StatusCode.NOT_FOUND" and "unknown model 'resnet50-cascade'" in t["unknown_model"][1]
+    assert t["no_token"][0] == t["wrong_token"][0] == "StatusCode.UNAUTHENTICATED", (t["no_token"], t["wrong_token"])
+    assert "missing or wrong token" in t["wrong_token"][1] and t["with_token"] == n
+
+    k = run(_KSERVE_GRPC)
+    for i in stable:
+        assert k["class_index"][i] == ref.pred[i] and k["stage"][i] == ref.stage_names[ref.stage[i]], i
 
 
 def esn_policy_for(confs: np.ndarray):
@@ -783,7 +975,7 @@ def test_a_draining_service_answers_503_with_retry_after_and_is_not_ready(servic
     from tinysaver.serve import drain
 
     imgs, _ = offline
-    c = service["client"]
+    c = service["adapt"]
     assert c.get("/adapt/readyz").status_code == 200 and c.get("/adapt/livez").json() == {"status": "live"}
     assert post_image(c, png(imgs[0]), "/adapt/predict").status_code == 200  # starts the replica's watch
     drain.start_drain("adapt")

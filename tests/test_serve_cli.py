@@ -159,7 +159,8 @@ def test_serve_command_answers_and_drains_on_sigterm_to_its_group(services):
         g = predict(f"127.0.0.1:{grpc_port}", png(img))  # the same image over gRPC: the same answer
         assert (g["class"], g["exit_stage"]) == (r.json()["class"], r.json()["exit_stage"])
         for _ in range(120):  # /healthz can say 200 a moment before the command sees the app running
-            if f"gRPC {METHOD} at 127.0.0.1:{grpc_port}" in proc.log.read_text():
+            if (f"gRPC at 127.0.0.1:{grpc_port} ({METHOD} and the Open Inference Protocol's "
+                    "inference.GRPCInferenceService)") in proc.log.read_text():
                 break
             time.sleep(0.5)
         else:

@@ -336,3 +336,40 @@ def test_compressed_bodies_are_inflated_within_the_size_limit():
         with pytest.raises(BadRequest) as e:
             asyncio.run(read_files(FakeRequest(body, "image/png", encoding=coding), False, 10_000))
         assert e.value.status == status and words in e.value.reason and "\n" not in e.value.reason, e.value.reason
+
+
+def test_the_port_answers_liveness_while_ray_starts_and_is_free_after():
+    """What `tinysaver serve` holds its port with until Serve's proxy takes it: the liveness routes
+    200, everything else 503 with Retry-After in the service's error shape; closed, the port is free."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from tests.helpers import free_port
+    from tinysaver.serve.starting import STARTING, WAITING, StartingServer
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with StartingServer("127.0.0.1", port):
+        for path, body in (("/livez", {"status": "live"}), ("/v2/health/live", {"live": True})):
+            with urllib.request.urlopen(url + path, timeout=10) as r:
+                assert r.status == 200 and json.loads(r.read()) == body, path
+        for req in (urllib.request.Request(url + "/v2/health/ready"), urllib.request.Request(url + "/readyz"),
+                    urllib.request.Request(url + "/predict", data=b"x", method="POST")):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            assert e.value.code == 503 and e.value.headers["Retry-After"] == "1", req.full_url
+            assert json.loads(e.value.read()) == {"error": STARTING}
+        with pytest.raises(urllib.error.HTTPError) as e:  # the shape the ingress's /healthz has while starting
+            urllib.request.urlopen(url + "/healthz", timeout=10)
+        assert e.value.code == 503 and json.loads(e.value.read()) == WAITING
+    with socket.socket() as s:  # free again, for the proxy (which binds with SO_REUSEADDR, as servers do)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+    # loaded before the command's local Ray is set up: a Ray imported then broke the driver's token
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", "import sys, tinysaver.serve.starting; print('ray' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr

@@ -18,7 +18,7 @@ from ..serve import LAYOUTS, ServeOptions, service_spec, replica_needs, routes
 from ..backends import DEFAULT_BACKEND
 from ..serve.builders import application
 from ..serve.http import token_or_env
-from ..serve.lifecycle import DRAIN_TIMEOUT_S, HIGH_THROUGHPUT_ENV, STARTUP_TIMEOUT_S, run_service
+from ..serve.lifecycle import DRAIN_TIMEOUT_S, HIGH_THROUGHPUT_ENV, STARTUP_TIMEOUT_S, claim_ports, run_service
 from ..zoo import load_zoo
 from ._args import add_cascade_args, command, int_list, non_negative_float, positive_float, positive_int
 
@@ -157,23 +157,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"ESN exits are served by 'tinysaver esn serve --checkpoint {args.esn}' now")
     need_serve()
     opts = serve_options(args)  # bad options fail before Ray starts
-    zoo = load_zoo(args.zoo, args.root)
-    request = PolicyRequest.from_options(args)
-    sel = selection_for(zoo, request)
-    spec = service_spec(sel, zoo, opts)  # validated before anything is deployed
-    app, needs = application(spec, token_or_env(args.token)), replica_needs(spec)
-    print(describe(sel), file=sys.stderr)
-    print(f"layout: {spec.layout}; backends: " + ", ".join(f"{n} on {b}" for n, b in zip(spec.stages.names,
-                                                                                        spec.stages.backends)),
-          file=sys.stderr)
-    return run_app(app, sel.models, args, needs)
+    # the port answers liveness from here on, through the selection, the models' checks and Ray's start
+    starting = claim_ports(args.host, args.port, args.grpc_port, hold=not _address(args))
+    try:
+        zoo = load_zoo(args.zoo, args.root)
+        request = PolicyRequest.from_options(args)
+        sel = selection_for(zoo, request)
+        spec = service_spec(sel, zoo, opts)  # validated before anything is deployed
+        app, needs = application(spec, token_or_env(args.token)), replica_needs(spec)
+        print(describe(sel), file=sys.stderr)
+        print(f"layout: {spec.layout}; backends: " + ", ".join(f"{n} on {b}" for n, b in zip(spec.stages.names,
+                                                                                            spec.stages.backends)),
+              file=sys.stderr)
+        return run_app(app, sel.models, args, needs, starting)
+    finally:
+        if starting:
+            starting.close()
 
 
-def run_app(app, models, args: argparse.Namespace, needs: dict | None = None) -> int:
+def _address(args: argparse.Namespace) -> str | None:
+    return args.address or os.environ.get("RAY_ADDRESS")
+
+
+def run_app(app, models, args: argparse.Namespace, needs: dict | None = None, starting=None) -> int:
     """Run ``app`` as the command line asks (see `tinysaver.serve.lifecycle.run_service`)."""
     return run_service(app, models, host=args.host, port=args.port, grpc_port=args.grpc_port,
-                       address=args.address or os.environ.get("RAY_ADDRESS"), startup_timeout_s=args.startup_timeout,
-                       drain_timeout_s=args.drain_timeout, needs=needs, verbose=args.verbose)
+                       address=_address(args), startup_timeout_s=args.startup_timeout,
+                       drain_timeout_s=args.drain_timeout, needs=needs, verbose=args.verbose, starting=starting)
 
 
 __all__ = ["register", "add_serve_args", "serve_options", "need_serve", "cmd_serve", "run_app"]

@@ -17,23 +17,27 @@ import os
 import random
 import time
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import ray
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from .. import __version__
 from ..budget import InputBudget, PixelPool
 from ..decoding import header_pixels
 from ..errors import PixelCapError
 from ..limits import MAX_PIXELS_IN_FLIGHT
-from . import drain, grpc_api, oip, prom
+from . import drain, grpc_api, oip, oip_grpc, prom
 from .adapt import ThresholdAdapter
 from .fused import FusedAnswerer
 from .audit import AuditMonitor
@@ -51,7 +55,13 @@ INLINE_DECODE_PIXELS = 128 * 128  # an image this small is decoded on the event 
 # load while the app was deleted, where these had come back as HTTP 500.
 DEAD = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, RayServeException)
 
-api = FastAPI(title="tinysaver cascade")
+try:  # Swagger UI's files from a package, not a CDN: the API page works offline
+    from fastapi_offline import __file__ as _offline
+
+    SWAGGER_UI = Path(_offline).parent / "static"
+except ImportError:  # without it, FastAPI's page, which loads Swagger UI from a CDN
+    SWAGGER_UI = None
+api = FastAPI(title="tinysaver cascade", docs_url=None if SWAGGER_UI else "/docs", redoc_url=None)
 # The routes read their bodies themselves (to cap their size while reading), so FastAPI cannot infer
 # them: the schema says what they take, for clients and for fuzzers driven by the schema.
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -108,6 +118,22 @@ class _CountRequests:
 
 
 api.add_middleware(_CountRequests)
+# answers compressed for a client that sends Accept-Encoding: gzip (httpx and browsers do), past 1 kB:
+# the protocol's and /metrics' larger bodies. Not the streamed lines of /predict/batch: each is
+# flushed on its own, small, so gzip would cost CPU per line for little
+api.add_middleware(GZipMiddleware, minimum_size=1024,  # exclude_content_types: Starlette ≥ 1.5
+                   exclude_content_types=(*DEFAULT_EXCLUDED_CONTENT_TYPES, "application/x-ndjson"))
+if SWAGGER_UI:
+    api.mount("/docs/static", StaticFiles(directory=SWAGGER_UI), name="swagger-ui")
+
+    @api.get("/docs", include_in_schema=False)
+    async def _docs(request: Request):
+        """The API page, its script and style served from this service (behind a route prefix too)."""
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=root + api.openapi_url, title=f"{api.title}: API",
+                                   swagger_js_url=f"{root}/docs/static/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/docs/static/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/docs/static/favicon.png")
 
 
 @api.exception_handler(RequestValidationError)
@@ -454,13 +480,30 @@ class IngressServer:
         except Exception as e:  # a stage failed on a batch that held one of these images
             raise BadRequest(500, f"the cascade failed: {type(e).__name__}: {e}"[:300]) from None
 
-    def _unknown(self, name: str, version: str) -> JSONResponse | None:
-        """The protocol's 404 for a model or version this service does not serve; None for its own."""
+    def _check_model(self, name: str, version: str) -> None:
+        """The protocol's 404 for a model or version this service does not serve."""
         if name != self.oip_name:
-            return self._error(BadRequest(404, f"unknown model {name!r}; this service serves {self.oip_name!r}"))
+            raise BadRequest(404, f"unknown model {name!r}; this service serves {self.oip_name!r}")
         if version != oip.VERSION:
-            return self._error(BadRequest(404, f"unknown version {version!r}; the cascade has version {oip.VERSION}"))
+            raise BadRequest(404, f"unknown version {version!r}; the cascade has version {oip.VERSION}")
+
+    def _unknown(self, name: str, version: str) -> JSONResponse | None:
+        """`_check_model`'s refusal as an answer; None for the model this service serves."""
+        try:
+            self._check_model(name, version)
+        except BadRequest as e:
+            return self._error(e)
         return None
+
+    async def _infer(self, req: oip.InferRequest) -> list[dict]:
+        """An admitted infer request's answers (HTTP or gRPC), its images decoded under the pool."""
+        with self._holding(req.images):
+            with self._on_its_way():
+                imgs = await asyncio.to_thread(decode_all, req.images, self.budget)
+            bad = next(((i, x) for i, x in enumerate(imgs) if isinstance(x, BadRequest)), None)
+            if bad:
+                raise BadRequest(bad[1].status, f"image {bad[0]}: {bad[1].reason}")
+            return await self._answer_all(imgs)
 
     async def oip_server(self):
         return {"name": "tinysaver", "version": __version__, "extensions": oip.EXTENSIONS}
@@ -501,8 +544,7 @@ class IngressServer:
                                 "compute_infer": 1e3 * sums.get("engine", 0.0)})
 
     async def oip_repository(self):
-        r = await self.readyz()
-        return oip.repository_index(self.oip_name, not isinstance(r, JSONResponse))
+        return oip.repository_index(self.oip_name, await self._ready())
 
     async def oip_infer(self, name: str, request: Request, version: str = oip.VERSION):
         unknown = self._unknown(name, version)
@@ -513,18 +555,72 @@ class IngressServer:
                 with self._on_its_way():
                     req = oip.parse_infer(await read_body(request, self.o.max_body_bytes, self.o.body_timeout_s),
                                           request.headers.get(oip.HEADER_LENGTH), self.o.max_images)
-                with self._holding(req.images):
-                    with self._on_its_way():
-                        imgs = await asyncio.to_thread(decode_all, req.images, self.budget)
-                    bad = next(((i, x) for i, x in enumerate(imgs) if isinstance(x, BadRequest)), None)
-                    if bad:
-                        raise BadRequest(bad[1].status, f"image {bad[0]}: {bad[1].reason}")
-                    answers = await self._answer_all(imgs)
+                answers = await self._infer(req)
         except BadRequest as e:
             return self._error(e)
         body, headers = oip.encode_response(self.oip_name, req, answers)
         return Response(body, headers={k: v for k, v in headers.items() if k != "content-type"},
                         media_type=headers["content-type"])
+
+    # --- the same protocol over gRPC (tinysaver.serve.oip_grpc): Serve's proxy calls these by name --
+    @staticmethod
+    def _refuse(grpc_context, e: BadRequest, method: str):
+        grpc_context.set_code(getattr(grpc.StatusCode, grpc_api.STATUS.get(e.status, "UNKNOWN")))
+        grpc_context.set_details(e.reason)
+        return oip_grpc.empty(method)
+
+    async def _ready(self) -> bool:
+        return not isinstance(await self.readyz(), JSONResponse)  # readyz refuses while starting or draining
+
+    async def ModelInfer(self, data: bytes, grpc_context):  # noqa: N802 - the protocol's method names
+        try:
+            check_token(dict(grpc_context.invocation_metadata()), REPLICA_TOKEN[0])
+            check_size(len(data), self.o.max_body_bytes)
+            request = oip_grpc.request("ModelInfer", data)
+            self._check_model(request.model_name, request.model_version or oip.VERSION)
+            with self._admitted():
+                req = oip_grpc.parse_infer(request, self.o.max_images)
+                answers = await self._infer(req)
+            return oip_grpc.infer_response(self.oip_name, req, answers)
+        except BadRequest as e:
+            return self._refuse(grpc_context, e, "ModelInfer")
+
+    async def ServerLive(self, data: bytes, grpc_context):  # noqa: N802
+        return oip_grpc.messages().ServerLiveResponse(live=True)
+
+    async def ServerReady(self, data: bytes, grpc_context):  # noqa: N802
+        return oip_grpc.messages().ServerReadyResponse(ready=await self._ready())
+
+    async def _model_call(self, method: str, data: bytes, grpc_context, answer):
+        """A model's readiness or metadata: NOT_FOUND for a model this service does not serve."""
+        try:
+            request = oip_grpc.request(method, data)
+            self._check_model(request.name, request.version or oip.VERSION)
+        except BadRequest as e:
+            return self._refuse(grpc_context, e, method)
+        return await answer()
+
+    async def ModelReady(self, data: bytes, grpc_context):  # noqa: N802
+        async def ready():
+            return oip_grpc.messages().ModelReadyResponse(ready=await self._ready())
+        return await self._model_call("ModelReady", data, grpc_context, ready)
+
+    async def ServerMetadata(self, data: bytes, grpc_context):  # noqa: N802
+        return oip_grpc.server_metadata(__version__)
+
+    async def ModelMetadata(self, data: bytes, grpc_context):  # noqa: N802
+        async def metadata():
+            return oip_grpc.model_metadata(self.oip_name)
+        return await self._model_call("ModelMetadata", data, grpc_context, metadata)
+
+    async def RepositoryModelLoad(self, data: bytes, grpc_context):  # noqa: N802
+        return self._refuse(grpc_context, BadRequest(501, "this service serves one cascade, loaded when it "
+                                                          "starts: there is no model to load"), "RepositoryModelLoad")
+
+    async def RepositoryModelUnload(self, data: bytes, grpc_context):  # noqa: N802
+        return self._refuse(grpc_context, BadRequest(501, "this service serves one cascade, loaded when it "
+                                                          "starts: stop the service to unload it"),
+                            "RepositoryModelUnload")
 
     async def livez(self):
         """Liveness: this replica's event loop answers (a stopping service is still alive)."""

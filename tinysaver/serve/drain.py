@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from ray.experimental import internal_kv
 
+from .http import RETRY_AFTER_S
+
 NAMESPACE = "tinysaver"
 POLL_S = 0.2  # how often a replica looks at the flag (a drain waits at least this long)
 DRAINING = "the service is stopping; retry the request (another replica or the restarted service answers it)"
-RETRY_AFTER_S = 1
 
 
 def _flag(app: str) -> bytes:

@@ -20,8 +20,26 @@ SERVICE = "tinysaver.Cascade"
 METHOD = f"/{SERVICE}/Predict"
 SERVICER = "tinysaver.serve.grpc_api.add_servicer"  # for Serve's gRPCOptions.grpc_servicer_functions
 # the HTTP status of a refusal → its gRPC status code (grpc.StatusCode member names)
-STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT",
+STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED",
+          413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT", 500: "INTERNAL", 501: "UNIMPLEMENTED",
           503: "UNAVAILABLE"}
+
+
+def servicers() -> list[str]:
+    """What Serve's gRPC proxy registers: this module's ``Predict``, and the Open Inference
+    Protocol's service where its generated module is installed (`tinysaver.serve.oip_grpc`)."""
+    from . import oip_grpc
+
+    return [SERVICER] + ([oip_grpc.SERVICER] if oip_grpc.available() else [])
+
+
+def listing() -> str:
+    """The gRPC methods as the start-up line says them."""
+    from . import oip_grpc
+
+    if oip_grpc.available():
+        return f"{METHOD} and the Open Inference Protocol's {oip_grpc.SERVICE}"
+    return f"{METHOD}; the Open Inference Protocol over gRPC needs pip install 'tinysaver[grpc]'"
 
 
 def add_servicer(servicer, server) -> None:
@@ -59,4 +77,4 @@ def predict(target: str, image: bytes, token: str | None = None, application: st
         return json.loads(call(image, metadata=metadata, timeout=timeout_s))
 
 
-__all__ = ["METHOD", "SERVICE", "SERVICER", "STATUS", "Reply", "add_servicer", "predict", "reply"]
+__all__ = ["METHOD", "SERVICE", "SERVICER", "STATUS", "Reply", "add_servicer", "listing", "predict", "reply", "servicers"]

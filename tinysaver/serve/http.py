@@ -23,6 +23,9 @@ DIGITS = re.compile(r"[0-9]{1,15}")  # a length header: ASCII digits only (str.i
 OVERLOADED = "the service is overloaded; retry the request"  # 503's reason, in either layout
 
 
+RETRY_AFTER_S = 1  # what a 503 asks the client to wait before retrying (seconds)
+
+
 class BadRequest(TinysaverError):
     """A request the service refuses: ``status`` is its HTTP code, ``reason`` one sentence."""
 
@@ -221,5 +224,5 @@ async def ndjson_as_ready(answers: Iterable[Awaitable], line: Callable[[int, Any
             f.cancel()
 
 
-__all__ = ["BadRequest", "RAW_TYPES", "CODINGS", "check_size", "check_token", "content_type", "content_codings", "inflate",
+__all__ = ["BadRequest", "RAW_TYPES", "CODINGS", "RETRY_AFTER_S", "check_size", "check_token", "content_type", "content_codings", "inflate",
            "decode", "decode_all", "ndjson_as_ready", "read_body", "read_files"]

@@ -34,6 +34,7 @@ from ..ray_local import RAY_CLI, ensure_ray_token, set_local_ray_env
 from . import grpc_api, listener, routes
 from .builders import unschedulable
 from .reaper import in_session
+from .starting import StartingServer
 
 log = logging.getLogger("tinysaver.serve")
 
@@ -68,11 +69,9 @@ def start_serve(http_options: dict, wait_s: float = PROXY_START_S, grpc_port: in
     """
     from ray import serve
 
-    from .grpc_api import SERVICER
-
     kw = {"http_options": http_options}
     if grpc_port:
-        kw["grpc_options"] = {"port": int(grpc_port), "grpc_servicer_functions": [SERVICER]}
+        kw["grpc_options"] = {"port": int(grpc_port), "grpc_servicer_functions": grpc_api.servicers()}
     t0 = time.monotonic()
     try:
         serve.start(**kw)
@@ -116,6 +115,17 @@ def check_port(host: str, port: int, option: str = "--port") -> None:
                                  "of its own addresses)") from None
             raise ServeError(f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}; "
                              f"choose another {option}") from None
+
+
+def claim_ports(host: str, port: int, grpc_port: int | None = None, hold: bool = True) -> StartingServer | None:
+    """Refuse a taken or shared port in one line, before anything starts; with ``hold``, answer the
+    HTTP port's liveness from now on (`tinysaver.serve.starting`) until Serve's proxy takes it."""
+    check_port(host, port)
+    if grpc_port:
+        if grpc_port == port:
+            raise ServeError(f"--grpc-port {grpc_port} is also --port: give the gRPC proxy a port of its own")
+        check_port(host, grpc_port, "--grpc-port")
+    return StartingServer(host, port) if hold else None
 
 
 ADDRESS_WAIT_S = 15.0  # how long --address may take to answer before the command gives up
@@ -369,11 +379,12 @@ def drain(app: str, timeout_s: float, log=print) -> int:
 def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None,
                 address: str | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S,
                 drain_timeout_s: float = DRAIN_TIMEOUT_S,
-                needs: dict | None = None, verbose: bool = False) -> int:
+                needs: dict | None = None, verbose: bool = False, starting: StartingServer | None = None) -> int:
     """Start Ray (or join ``address``) and Serve, run ``app`` until Ctrl-C or SIGTERM, then drain
     and stop within ``drain_timeout_s``. ``needs``: what each deployment's replica asks Ray for (to
     name one that can never start); ``verbose``: let Ray's and Serve's own INFO lines through
-    ("Connecting to existing Ray cluster" for the Ray this command just started, say)."""
+    ("Connecting to existing Ray cluster" for the Ray this command just started, say);
+    ``starting``: the ports already claimed (`claim_ports`), held until the proxy takes them."""
     import ray
     from ray import serve
 
@@ -391,11 +402,8 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
             signal.signal(sig, request_stop)
 
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    check_port(host, port)
-    if grpc_port:
-        if grpc_port == port:
-            raise ServeError(f"--grpc-port {grpc_port} is also --port: give the gRPC proxy a port of its own")
-        check_port(host, grpc_port, "--grpc-port")
+    if starting is None:  # the port answers liveness while a local Ray starts (a probe would restart a slow start)
+        starting = claim_ports(host, port, grpc_port, hold=not address)
     catch_signals()
     head = None
     if address:
@@ -420,6 +428,8 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
             why = unschedulable(needs, ray.nodes())
             if why:
                 raise ServeError(f"the service cannot start: {why}")
+        if starting:
+            starting.close()  # the proxy takes the port now
         start_serve({"host": host, "port": port}, grpc_port=grpc_port)
         if hasattr(serve, "run_many"):  # deploy, then wait here, where a deadline and Ctrl-C apply
             serve.run_many([serve.RunTarget(app, name=APP, route_prefix="/")], wait_for_applications_running=False)
@@ -432,7 +442,7 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
             say(f"tinysaver: stopped after {n:,} answer{'s' if n != 1 else ''}, before the command saw the service "
                 "fully up" if n else "tinysaver: stopped before the service was up")
         else:
-            grpc_line = f", and gRPC {grpc_api.METHOD} at {host}:{grpc_port}" if grpc_port else ""
+            grpc_line = f", and gRPC at {host}:{grpc_port} ({grpc_api.listing()})" if grpc_port else ""
             say(f"tinysaver: serving {' → '.join(models)} at http://{host}:{port} ({routes.listing()}){grpc_line}; "
                 "Ctrl-C stops")
         watch = AuditWatch(health)
@@ -454,6 +464,8 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
         say(f"tinysaver: drained in {time.monotonic() - t0:.1f} s; stopping Ray")
         return 0
     finally:
+        if starting:
+            starting.close()  # (again, for a start that failed before the proxy took the port)
         with listener.kept_closed(lambda: in_session(head.proc.pid), port) if head and stop else contextlib.nullcontext():
             if ray.is_initialized():
                 if not head:  # a shared cluster keeps its Serve; our application goes, stopped or failed
@@ -466,5 +478,5 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
                 head.stop(STOP_RESERVE_S)
 
 
-__all__ = ["APP", "DRAIN_TIMEOUT_S", "STARTUP_TIMEOUT_S", "HIGH_THROUGHPUT_ENV", "PROXY_START_S", "local_ray_env", "start_serve", "AuditWatch", "LocalHead", "check_address", "check_port", "drain", "remove_stale_heads",
+__all__ = ["APP", "DRAIN_TIMEOUT_S", "STARTUP_TIMEOUT_S", "HIGH_THROUGHPUT_ENV", "PROXY_START_S", "local_ray_env", "start_serve", "AuditWatch", "LocalHead", "check_address", "check_port", "claim_ports", "drain", "remove_stale_heads",
            "run_service", "wait_running"]

@@ -58,7 +58,7 @@ class InferRequest:
     id: str | None = None
 
 
-def _split_bytes(raw: bytes) -> list[bytes]:
+def split_bytes(raw: bytes) -> list[bytes]:
     """The elements of a BYTES tensor in the binary form: each a 4-byte little-endian length, then its bytes."""
     out, at = [], 0
     while at < len(raw):
@@ -100,6 +100,40 @@ def _base64(text: str) -> bytes:
     return base64.b64decode(text, altchars=b"-_" if "-" in text or "_" in text else None, validate=True)
 
 
+def check_input(name: str, datatype: str, shape, max_images: int | None) -> int:
+    """The one input's name and type checked (400), and its element count (413 over
+    ``max_images``, the same cap as ``/predict/batch``, counted before any image is decoded)."""
+    if name != INPUT:
+        raise BadRequest(400, f"unknown input {name!r}; this model takes one input, '{INPUT}'")
+    if datatype != "BYTES":
+        raise BadRequest(400, f"input '{INPUT}' is BYTES (encoded images), got {datatype!r}")
+    shape = list(shape)
+    if any(d < 0 for d in shape):
+        raise BadRequest(400, f"input '{INPUT}' has shape {shape}: a request's shape has no negative dimension")
+    want = math.prod(shape)
+    if max_images is not None and want > max_images:
+        raise BadRequest(413, f"input '{INPUT}' has shape {shape} ({want:,} images), over the limit of "
+                              f"{max_images:,} per request (--max-images); send several requests")
+    return want
+
+
+def check_count(shape, want: int, images: list) -> None:
+    if want != len(images):
+        raise BadRequest(400, f"input '{INPUT}' has shape {list(shape)} ({want} elements) but {len(images)} images")
+    if not images:
+        raise BadRequest(400, f"input '{INPUT}' holds no image")
+
+
+def requested(name: str, classification: int, binary: bool = False) -> Requested:
+    """One asked-for output, checked: a known name, and top-1 at most."""
+    if name not in OUTPUTS:
+        raise BadRequest(400, f"unknown output {name!r}; this model gives {', '.join(OUTPUTS)}")
+    if classification > 1:
+        raise BadRequest(400, "classification asks for the top 1 only here: a cascade's early answer carries "
+                              "no ranking past its first class")
+    return Requested(name, binary, classification)
+
+
 def parse_infer(body: bytes, header_length: str | None, max_images: int | None = None) -> InferRequest:
     """The request of ``POST /v2/models/{name}/infer``: a JSON body, or a JSON header of
     ``header_length`` bytes followed by binary tensor data, read through
@@ -122,39 +156,23 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int | None =
     if len(req.inputs) > 1:  # a second tensor would replace the first, silently
         raise BadRequest(400, f"this model takes one input, '{INPUT}'; the request has {len(req.inputs)}")
     tensor = req.inputs[0]
-    if tensor.name != INPUT:
-        raise BadRequest(400, f"unknown input {tensor.name!r}; this model takes one input, '{INPUT}'")
-    if tensor.datatype != "BYTES":
-        raise BadRequest(400, f"input '{INPUT}' is BYTES (encoded images), got {tensor.datatype!r}")
-    want = math.prod(tensor.shape)
-    if max_images is not None and want > max_images:
-        raise BadRequest(413, f"input '{INPUT}' has shape {tensor.shape} ({want:,} images), over the limit of "
-                              f"{max_images:,} per request (--max-images); send several requests")
+    want = check_input(tensor.name, tensor.datatype, tensor.shape, max_images)
     size = tensor.parameters.binary_data_size if tensor.parameters else None
     if size is not None:
         if size > len(rest):
             raise BadRequest(400, f"binary_data_size {size} is more than the {len(rest)} bytes after the header")
-        images = _split_bytes(rest[:size])
+        images = split_bytes(rest[:size])
     elif tensor.data is not None:
         images = _from_json(tensor.data)
     else:
         raise BadRequest(400, f"input '{INPUT}' has neither data nor binary_data_size")
-    if want != len(images):
-        raise BadRequest(400, f"input '{INPUT}' has shape {tensor.shape} ({want} elements) but {len(images)} images")
-    if not images:
-        raise BadRequest(400, f"input '{INPUT}' holds no image")
+    check_count(tensor.shape, want, images)
     binary_all = bool(req.parameters and req.parameters.binary_data_output)
     outputs = []
     for o in req.outputs or []:
-        if o.name not in OUTPUTS:
-            raise BadRequest(400, f"unknown output {o.name!r}; this model gives {', '.join(OUTPUTS)}")
         p = o.parameters
-        k = (p.classification if p else None) or 0
-        if k > 1:
-            raise BadRequest(400, "classification asks for the top 1 only here: a cascade's early answer carries "
-                                  "no ranking past its first class")
         binary = p.binary_data if p is not None and p.binary_data is not None else binary_all
-        outputs.append(Requested(o.name, binary, k))
+        outputs.append(requested(o.name, (p.classification if p else None) or 0, binary))
     if not outputs:
         outputs = [Requested(n, binary_all) for n in OUTPUTS]
     return InferRequest(images, outputs, None if req.id is None else str(req.id))
@@ -170,26 +188,35 @@ def _values(name: str, answers: Sequence[dict]) -> list:
     return [a["stage_name"] for a in answers]
 
 
-def _binary(datatype: str, values: list) -> bytes:
+def binary(datatype: str, values: list) -> bytes:
     if datatype == "BYTES":
         parts = [v.encode() if isinstance(v, str) else v for v in values]
         return b"".join(struct.pack("<I", len(p)) + p for p in parts)
     return struct.pack(f"<{len(values)}{'q' if datatype == 'INT64' else 'f'}", *values)
 
 
-def encode_response(name: str, req: InferRequest, answers: Sequence[dict]) -> tuple[bytes, dict[str, str]]:
-    """The response body and headers for ``answers`` (one ``/predict`` answer dict per image): JSON, or
-    a JSON header and binary data when an output asks for it."""
-    outputs, blobs = [], []
+def tensors(req: InferRequest, answers: Sequence[dict]) -> list[tuple[Requested, str, list[int], list]]:
+    """Each asked-for output for ``answers`` (one ``/predict`` answer dict per image): (what was
+    asked, datatype, shape, values), whichever encoding then carries them."""
+    out = []
     n = len(answers)
     for r in req.outputs:
         values, datatype, shape = _values(r.name, answers), OUTPUTS[r.name], [n]
         if r.classification:
             values = [f"{a['confidence']:f}:{int(a['class'])}:{lab}" for a, lab in zip(answers, _values("label", answers))]
             datatype, shape = "BYTES", [n, 1]
+        out.append((r, datatype, shape, values))
+    return out
+
+
+def encode_response(name: str, req: InferRequest, answers: Sequence[dict]) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers for ``answers`` (one ``/predict`` answer dict per image): JSON, or
+    a JSON header and binary data when an output asks for it."""
+    outputs, blobs = [], []
+    for r, datatype, shape, values in tensors(req, answers):
         out: dict[str, Any] = {"name": r.name, "datatype": datatype, "shape": shape}
         if r.binary:
-            blob = _binary(datatype, values)
+            blob = binary(datatype, values)
             out["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -253,5 +280,6 @@ def repository_index(name: str, ready: bool) -> list[dict]:
              "reason": "" if ready else "the cascade is starting or stopping"}]
 
 
-__all__ = ["EXTENSIONS", "HEADER_LENGTH", "INPUT", "InferRequest", "OUTPUTS", "TRITON_TYPES", "encode_response",
-           "model_config", "model_metadata", "model_name", "model_stats", "parse_infer", "repository_index"]
+__all__ = ["EXTENSIONS", "HEADER_LENGTH", "INPUT", "InferRequest", "OUTPUTS", "Requested", "TRITON_TYPES", "binary",
+           "check_count", "check_input", "encode_response", "model_config", "model_metadata", "model_name",
+           "model_stats", "parse_infer", "repository_index", "requested", "split_bytes", "tensors"]
