@@ -11,6 +11,11 @@ noisy neighbour slows them alike:
 - ``floor-uvicorn``: a bare FastAPI app on uvicorn (its own process) that decodes the image the way
   the service does and returns a constant: what HTTP and decoding alone cost;
 - ``floor-serve``: the same handler as a one-deployment Serve app: what Serve's proxy adds;
+- ``floor-serve-plain``: the same without FastAPI (Serve's ``__call__`` on the Starlette request):
+  what FastAPI's routing and response handling add;
+- ``floor-serve-mor8``: ``floor-serve`` with ``max_ongoing_requests=8`` instead of 256 (the
+  service's own): whether letting fewer requests into the replica at once, the rest waiting in the
+  proxy, helps on 2 cores;
 - ``per-stage``: the cascade with a deployment per stage (eager);
 - ``fused``: the cascade in one deployment, the default layout, on its default backend (ONNX Runtime
   where the zoo vouches for the export, see `tinysaver.serve.builders.layout_backend`);
@@ -106,6 +111,20 @@ def floor_serve_app():
     return Floor.bind()
 
 
+@_serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=256)
+class PlainFloor:
+    """The same floor without FastAPI: Serve hands ``__call__`` the Starlette request itself."""
+
+    async def __call__(self, request: Request):
+        from starlette.responses import JSONResponse
+
+        from tinysaver.serve.http import decode, read_files
+
+        [(_, data)] = await read_files(request, False, 10 * 2**20)
+        img = decode(data, 40_000_000)
+        return JSONResponse({"class": 0, "confidence": 1.0, "exit_stage": 0, "shape": list(img.shape)})
+
+
 def timing_totals(predict_url: str) -> dict[str, float]:
     """The replica's summed server-side milliseconds per part (``timing_ms`` of /metrics × requests).
     One replica per app here, so one /metrics call sees every request."""
@@ -117,7 +136,8 @@ def timing_totals(predict_url: str) -> dict[str, float]:
 
 
 # Serve application names; a "-grpc" app is the same application driven through Serve's gRPC proxy
-APPS = {"floor-serve": "floor", "per-stage": "perstage", "fused": "fused", "fused-onnx": "fusedonnx",
+APPS = {"floor-serve": "floor", "floor-serve-plain": "floorplain", "floor-serve-mor8": "floormor8",
+        "per-stage": "perstage", "fused": "fused", "fused-onnx": "fusedonnx",
         "fused-eager": "fusedeager",
         "fused-2r": "fused2r", "floor-serve-2r": "floor2r",
         "floor-serve-grpc": "floor", "fused-grpc": "fused"}
@@ -297,6 +317,12 @@ def main() -> int:
     if "floor-serve" in apps:
         serve.run(floor_serve_app(), name="floor", route_prefix="/floor")
         urls["floor-serve"] = f"http://127.0.0.1:{port}/floor/predict"
+    if "floor-serve-plain" in apps:
+        serve.run(PlainFloor.bind(), name="floorplain", route_prefix="/floorplain")
+        urls["floor-serve-plain"] = f"http://127.0.0.1:{port}/floorplain/predict"
+    if "floor-serve-mor8" in apps:
+        serve.run(Floor.options(max_ongoing_requests=8).bind(), name="floormor8", route_prefix="/floormor8")
+        urls["floor-serve-mor8"] = f"http://127.0.0.1:{port}/floormor8/predict"
     if "per-stage" in apps:
         o = ServeOptions(layout="per-stage", num_cpus=0.25, ingress_num_cpus=0.2, **common)
         serve.run(build_app(sel, zoo, o), name="perstage", route_prefix="/perstage")
@@ -412,7 +438,9 @@ def main() -> int:
     names = list(urls)
     ratios = [("fused", "per-stage"), ("fused", "floor-serve"), ("fused-eager", "floor-serve"), ("fused-2r", "per-stage"),
               ("fused-2r", "floor-serve"),
-              ("fused-grpc", "floor-serve-grpc"), ("fused-grpc", "floor-serve")]
+              ("fused-grpc", "floor-serve-grpc"), ("fused-grpc", "floor-serve"),
+              ("floor-serve-plain", "floor-serve"), ("floor-serve-mor8", "floor-serve")]
+    ratios = [(a, b) for a, b in ratios if a in urls and b in urls]  # the pairs this run has
     print("| concurrency | " + " | ".join(f"{n} img/s" for n in names) + " | " +
           " | ".join(f"{a} / {b}" for a, b in ratios) + " | fused / in-process |")
     print("|---|" + "---|" * (len(names) + len(ratios) + 1))

@@ -16,6 +16,7 @@ _PUBLIC = {
     "SelectorConfig": "selector", "select": "selector", "select_all": "selector", "PolicyRequest": "selector",
     "selection_for": "selector", "model_cost": "costs", "Selection": "policy", "Stage": "policy",
     "apply": "policy", "confidence": "policy", "confident": "policy",
+    "gear_plan": "gears", "GearPlan": "gears", "GearBox": "gears",
     "resolve": "stageplan", "StagePlan": "stageplan", "Cascade": "cascade", "CascadeResult": "cascade",
     "build_cascade": "cascade", "open_files": "infer", "ModelSpec": "models", "Preprocess": "models",
     "create_model": "models", "Backend": "backends", "Registry": "registry",

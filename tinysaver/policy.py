@@ -24,6 +24,7 @@ from .errors import SelectionError  # noqa: F401 (re-exported)
 from .schemas import SelectionSchema, load_json, parse
 
 SCHEMA_VERSION = 1
+GEARS_SCHEMA_VERSION = 2  # version 1 with a gear plan (tinysaver.gears)
 MAX_SELECTION_BYTES = 2**20
 CRITERIA = criterion_names()  # registered in tinysaver.criteria
 TARGETS = ("labels", "base-agreement")
@@ -186,6 +187,7 @@ class Selection:
     guarantee: str = ""
     message: str = ""
     schema_version: int = SCHEMA_VERSION
+    gears: dict | None = None  # a gear plan (tinysaver.gears.GearPlan.to_dict), in schema version 2 only
 
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, Stage) else _stage_from(s) for s in self.stages]
@@ -193,9 +195,17 @@ class Selection:
         get_criterion(self.criterion)  # raises, naming the registered ones
         if self.target not in TARGETS:
             raise SelectionError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if self.schema_version != SCHEMA_VERSION:
+        if self.schema_version not in (SCHEMA_VERSION, GEARS_SCHEMA_VERSION):
             raise SelectionError(f"selection schema version {self.schema_version} is not supported "
-                                 f"(this tinysaver reads version {SCHEMA_VERSION}); re-run 'tinysaver query --save'")
+                                 f"(this tinysaver reads versions {SCHEMA_VERSION} and {GEARS_SCHEMA_VERSION}); "
+                                 "re-run 'tinysaver query --save'")
+        if (self.gears is not None) != (self.schema_version == GEARS_SCHEMA_VERSION):
+            raise SelectionError(f"a selection with gears has schema version {GEARS_SCHEMA_VERSION}, one without "
+                                 f"has {SCHEMA_VERSION}; got version {self.schema_version} "
+                                 f"{'with' if self.gears is not None else 'without'} gears")
+        if self.gears is not None and [self.gears.get("saver"), self.gears.get("base")] != self.models:
+            raise SelectionError(f"the gears are for {self.gears.get('saver')} → {self.gears.get('base')}, the "
+                                 f"selection is {' → '.join(self.models)}")
 
     # -- the policy
     @property
@@ -247,6 +257,8 @@ class Selection:
         d = asdict(self)
         d["stages"] = [{"model": s.model, "threshold": s.threshold,
                         **({"temperature": s.temperature} if s.temperature != 1.0 else {})} for s in self.stages]
+        if d["gears"] is None:  # a version-1 file, as every tinysaver before gears reads it
+            del d["gears"]
         return d
 
     @classmethod

@@ -241,11 +241,34 @@ class StageSchema(Schema):
     temperature: Positive = 1.0
 
 
+class GearSchema(Schema):
+    threshold: Fraction
+    max_loss: Annotated[Number, Field(ge=0)]
+    exit_ratio: Fraction
+    cost: Annotated[Number, Field(ge=0)]
+
+
+class GearPlanSchema(Schema):
+    """A selection's gears (`tinysaver.gears.GearPlan`), most expensive first."""
+
+    saver: Text
+    base: Text
+    max_loss: Positive
+    delta: Annotated[Union[StrictInt, StrictFloat], Field(gt=0, lt=1, allow_inf_nan=False)]
+    levels: Count
+    cost_metric: Text
+    calib_samples: Annotated[StrictInt, Field(ge=0)]
+    gears: Annotated[list[GearSchema], Field(min_length=2)]
+    method: Text = "wsr"
+    message: StrictStr = ""
+
+
 class SelectionSchema(Schema):
     """A saved selection: its policy (``stages``, the base last with threshold null) and the statistics it
-    was chosen with. The statistics are a record; ``infer`` and ``serve`` recompute them from the zoo."""
+    was chosen with. The statistics are a record; ``infer`` and ``serve`` recompute them from the zoo.
+    Version 2 is version 1 with ``gears`` (written only when the selection carries a gear plan)."""
 
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]
     zoo: Text
     base: Text
     stages: Annotated[list[StageSchema], Field(min_length=1)]
@@ -269,6 +292,7 @@ class SelectionSchema(Schema):
     cp_bound_points: Annotated[Number, Field(ge=0)] | None = None
     guarantee: StrictStr = ""
     message: StrictStr = ""
+    gears: GearPlanSchema | None = None
 
 
 # -- ESN training settings (esn/configs/*.yaml) and the metadata of an ESN checkpoint

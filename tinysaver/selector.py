@@ -175,6 +175,7 @@ def recomputed(zoo: Zoo, sel: Selection, source: str = "the selection") -> Selec
     costs = {m: model_cost(zoo, m, cfg.cost) for m in sel.models}
     fresh = _report(sel.stages, zoo.name, sel.base, calib, test, costs, cfg, 0, message=sel.message)
     fresh.criterion, fresh.tolerance, fresh.delta, fresh.guarantee = sel.criterion, sel.tolerance, sel.delta, sel.guarantee
+    fresh.gears, fresh.schema_version = sel.gears, sel.schema_version  # the gear plan travels with its policy
     if get_criterion(sel.criterion).guarantee:  # a certified selection reports its guarantee, not the CP bound
         fresh.cp_bound_points = sel.cp_bound_points
     said = np.array([*sel.exit_ratio_calib, sel.acc_cascade_calib or 0.0, sel.cost_cascade or 0.0], dtype=float)

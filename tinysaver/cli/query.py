@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from ..errors import SelectionError, UsageError
+from ..gears import gear_plan, with_gears
 from ..report import render
 from ..selector import SelectorConfig, select
 from ..sources import SOURCES
 from ..zoo import load_zoo
-from ._args import add_selector_args, command, positive_int
+from ._args import add_selector_args, command, finite_float, positive_int
 
 
 def register(sub) -> None:
@@ -19,13 +21,27 @@ def register(sub) -> None:
     q.add_argument("--top", type=positive_int, default=5, help="how many candidates to list")
     q.add_argument("--save", help="write the selection as JSON, for 'tinysaver infer --selection FILE'")
     q.add_argument("--quiet", action="store_true", help="print the answer's one sentence only")
+    q.add_argument("--gears", action="store_true",
+                   help="also plan gears: the selected saver's certified operating points, from the zero-loss "
+                        "policy down to the cheapest within --max-loss at --delta (saved with --save)")
+    q.add_argument("--max-loss", type=finite_float, help="the gears' loss budget ε, in accuracy points")
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    if args.gears != (args.max_loss is not None):
+        raise UsageError("--gears plans within a loss budget: give both --gears and --max-loss POINTS")
     zoo = load_zoo(args.zoo, args.root)
     result = select(zoo, args.base, SelectorConfig.from_options(args), savers=args.saver, top=args.top)
     print(render(result, quiet=args.quiet))
     sel = result.best
+    if args.gears:
+        if len(sel.stages) != 2:
+            raise SelectionError("gears are planned for a saver → base pair; the selection is "
+                                 f"{' → '.join(sel.models)}" + (" (give --max-stages 2)" if sel.found else ""))
+        plan = gear_plan(zoo, args.base, args.max_loss, args.delta, saver=sel.models[0], cost=args.cost,
+                         method=args.guarantee_method, seed=args.seed)
+        print("\n" + plan.table())
+        sel = with_gears(sel, plan)
     if args.quiet:
         if args.save:
             sel.save(args.save)
