@@ -151,3 +151,30 @@ def test_the_switch_refuses_nonsense():
         GearBox([2.0, 1.0], target_ms=100, up=0.1, down=0.2)
     with pytest.raises(SelectionError, match="at least two gears"):
         GearPlan("s", "b", 1.0, 0.1, 4, "flops", 10, (Gear(0.9, 0.25, 0.5, 1.0),))
+
+
+def test_the_service_refuses_gears_it_cannot_switch_in_one_line(fashion, plan):
+    """--gears needs a latency target, a gear plan, the fused layout and a saver → base pair, and
+    does not mix with --adapt; each refusal is one line, before anything is deployed."""
+    from tinysaver.errors import ServeError
+    from tinysaver.serve import ServeOptions, service_spec
+
+    sel = select(fashion, BASE, SelectorConfig()).best
+    for opts, why in ((dict(gears=True), "give both --gears and --latency-target-ms"),
+                      (dict(latency_target_ms=100.0), "give both --gears and --latency-target-ms"),
+                      (dict(gears=True, latency_target_ms=100.0, adapt=True, audit=0.1), "give one of them")):
+        with pytest.raises(ServeError, match=why) as e:
+            ServeOptions(**opts)
+        assert "\n" not in str(e.value)
+    geared = ServeOptions(gears=True, latency_target_ms=100.0, backend="eager")
+    with pytest.raises(ServeError, match="needs a selection with a gear plan"):
+        service_spec(sel, fashion, geared)
+    with pytest.raises(ServeError, match="use --layout fused"):
+        service_spec(with_gears(sel, plan), fashion, ServeOptions(gears=True, latency_target_ms=100.0,
+                                                                   layout="per-stage"))
+    spec = service_spec(with_gears(sel, plan), fashion, geared)
+    assert spec.gears["gears"][0]["threshold"] == plan.gears[0].threshold
+    from tinysaver.serve.options import ServiceSpec
+
+    with pytest.raises(ServeError, match=r"\(ESN exits\)"):  # what `tinysaver esn serve --gears` builds
+        ServiceSpec(spec.stages, geared, factory="esn.serve:esn_stages", gears=spec.gears)

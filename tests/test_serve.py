@@ -54,10 +54,16 @@ def service():
     adapt = ServeOptions(num_cpus=0.2, max_body_bytes=64 * 1024, audit=1.0, audit_tolerance=2.5, adapt=True,
                          backend="eager")
     serve.run(build_app(sel, zoo, adapt, token=TOKEN), name="adapt", route_prefix="/adapt")  # the one with a token
+    # gears within 1 point, and a 1 ms latency target that any queue puts at risk, so the gears move
+    from tinysaver.gears import gear_plan, with_gears
+
+    geared = with_gears(sel, gear_plan(zoo, BASE, 1.0, 0.1))
+    gears = ServeOptions(num_cpus=0.2, gears=True, latency_target_ms=1.0, audit=1.0, audit_tolerance=2.5)
+    serve.run(build_app(geared, zoo, gears), name="gears", route_prefix="/gears")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     with_token = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                               headers={"authorization": f"Bearer {TOKEN}"})
-    yield {"client": client, "adapt": with_token, "sel": sel, "zoo": zoo, "serve": serve,
+    yield {"client": client, "adapt": with_token, "sel": sel, "geared": geared, "zoo": zoo, "serve": serve,
            "grpc": f"127.0.0.1:{grpc_port}", "port": port}
     client.close()
     with_token.close()
@@ -510,6 +516,51 @@ def test_every_dashboard_query_evaluates_in_a_real_prometheus(service, offline, 
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_gears_answer_as_cascade_predict_at_the_gear_that_answered_and_drift_holds_gear_0(service, offline):
+    """--gears with a 1 ms target: under 8 concurrent clients the replica leaves gear 0; every
+    answer names its gear (field and header) and equals Cascade.predict at that gear's threshold;
+    /metrics has the gear gauge; shifted traffic calls drift, which holds the zero-loss gear."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tinysaver.cascade import build_cascade
+    from tinysaver.data import load_dataset
+    from tinysaver.policy import MARGIN, Selection
+
+    imgs, _ = offline
+    c, plan = service["client"], service["geared"].gears
+    thresholds = [g["threshold"] for g in plan["gears"]]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: post_answered(c, png(imgs[i % N]), "/gears/predict"), range(3 * N)))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200][:3]
+    seen = {r.json()["gear"] for r in replies}
+    assert all(r.headers["x-tinysaver-gear"] == str(r.json()["gear"]) for r in replies)
+    assert seen - {0}, "a 1 ms target never moved the gear"
+    for g in seen:
+        ref = build_cascade(Selection.manual("fashion-mnist", [(plan["saver"], thresholds[g])], BASE),
+                            service["zoo"]).predict(imgs, all_stages=True)
+        for k, r in enumerate(replies):
+            i, a = k % N, r.json()
+            if a["gear"] == g and abs(float(ref.stage_conf[0][i]) - thresholds[g]) >= MARGIN:
+                assert (a["exit_stage"], a["class"]) == (ref.stage[i], ref.pred[i]), (g, i, a)
+    fams = {f.name: f for f in text_string_to_metric_families(c.get("/gears/metrics").text)}
+    assert fams["tinysaver_gear"].samples[0].value in range(len(thresholds))
+    per_gear = {s.labels["gear"]: s.value for s in fams["tinysaver_gear_answers"].samples}
+    assert sum(per_gear.values()) == 3 * N
+    # the same images shifted by 8 pixels: the audit calls drift and the zero-loss gear holds
+    shifted = torch.roll(load_dataset("fashion-mnist:test", progress=False, limit=150).images, 8, dims=3)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda im: post_answered(c, png(im), "/gears/predict"), shifted))
+    for _ in range(600):  # the audits run after the answers
+        h = c.get("/gears/healthz").json()
+        if h["gears"]["forced"] or h["audit"]["pending"] == 0:
+            break
+        time.sleep(0.1)
+    assert h["gears"]["forced"] and h["status"] == "drift", h
+    later = [post_answered(c, png(imgs[i]), "/gears/predict").json()["gear"] for i in range(8)]
+    assert later == [0] * 8
+    assert c.get("/fused/metrics.json").json()["gears"] is None  # a service without gears says so
 
 
 # Each gRPC client runs in a process of its own: tritonclient.grpc and kserve register the same

@@ -103,7 +103,7 @@ def test_fused_early_answers_do_not_wait_for_the_base_pass_of_their_batch():
 
     got = asyncio.run(go())
     base_end = next(t for kind, name, t in log if kind == "end" and name == base.name)
-    for i, ((stage, pred, conf), t) in got.items():
+    for i, ((stage, pred, conf, *_), t) in got.items():
         assert pred == i and stage == (0 if i % 2 == 0 else 1)
         if stage == 0:  # answered while the base was still running on the odd ones
             assert t < base_end - 0.5, (i, base_end - t)
@@ -130,7 +130,7 @@ def test_a_fused_batcher_for_adapt_gives_the_savers_answer_with_every_request():
 
     got = answer_all(batcher, 4)
     assert [g[:2] for g in got] == [(0, 0), (1, 1), (0, 2), (1, 3)]
-    saver = [(p, round(c, 6)) for _, _, _, (p, c) in got]
+    saver = [(p, round(c, 6)) for _, _, _, (p, c), _ in got]
     assert saver == [(0, 0.99), (1, 0.0), (2, 0.99), (3, 0.0)]  # the saver's, on either stage
 
 
@@ -212,7 +212,7 @@ def test_a_fused_batch_larger_than_a_model_batch_runs_in_chunks_with_the_base_re
     want = {}
     engine.run([saver, base], [0.9], 40, lambda idx: list(idx), lambda i, idx, p, c: want.update(
         {int(j): (i, int(pj), float(cj)) for j, pj, cj in zip(idx, p, c)}), batch_size=40)
-    assert got == [want[i] for i in range(40)]
+    assert [g[:3] for g in got] == [want[i] for i in range(40)]
 
 
 def two_slow_stages(plan, device="cpu", only=None) -> dict:
@@ -236,7 +236,7 @@ class Handle:
 
 @pytest.mark.parametrize("layout", ["fused", "per-stage"])
 def test_each_layouts_answerer_owns_its_thresholds_and_adapt_moves_them_through_one_method(layout):
-    """The ingress asks one answerer whatever the layout: same answers, same five fields, and the
+    """The ingress asks one answerer whatever the layout: same answers, same six fields, and the
     threshold ``--adapt`` sets is the one the next request meets."""
     from tinysaver.serve.fused import FusedAnswerer
     from tinysaver.serve.per_stage import WalkAnswerer
@@ -257,5 +257,5 @@ def test_each_layouts_answerer_owns_its_thresholds_and_adapt_moves_them_through_
 
     a, out, together = asyncio.run(go())
     assert [o[:3] for o in out] == [(0, 2, pytest.approx(0.95)), (1, 3, 0.0), (1, 2, 1.0)]
-    assert all(len(o) == 5 for o in out + together) and a.thresholds == [0.99]
+    assert all(len(o) == 6 and o[5] is None for o in out + together) and a.thresholds == [0.99]
     assert [o[0] for o in together] == [1, 1]

@@ -12,6 +12,7 @@ import os
 import sys
 
 from ..errors import MissingExtraError, UsageError
+from ..gears import GearPlan, gear_plan, with_gears
 from ..report import describe
 from ..selector import PolicyRequest, selection_for
 from ..serve import LAYOUTS, ServeOptions, service_spec, replica_needs, routes
@@ -82,6 +83,14 @@ def add_serve_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--adapt", action="store_true",
                    help="retune the saver's threshold within the bound: raise it on drift, lower it only once "
                         "fresh audits certify a lower one (needs --audit; a saver and its base)")
+    q.add_argument("--gears", action="store_true",
+                   help="switch between the selection's certified gears by load, holding --latency-target-ms "
+                        "(fused layout, a saver and its base; the plan: tinysaver query --gears, or --max-loss)")
+    q.add_argument("--latency-target-ms", type=positive_float, default=d.latency_target_ms,
+                   help="with --gears: the p99 latency to hold by moving to cheaper gears")
+    q.add_argument("--max-loss", type=positive_float, default=None,
+                   help="with --gears and a selection without a gear plan: plan one within this many accuracy "
+                        "points (at --delta)")
     q.add_argument("--max-body-mb", type=positive_float, default=d.max_body_bytes / 2**20)
     q.add_argument("--max-images", type=positive_int, default=d.max_images,
                    help="images per /predict/batch or OIP infer request (more get 413)")
@@ -144,7 +153,8 @@ def serve_options(args: argparse.Namespace):
                         backend=args.backend, audit=args.audit,
                         delta=args.delta, audit_tolerance=args.audit_tolerance, adapt=args.adapt,
                         max_body_bytes=max(1, int(args.max_body_mb * 2**20)), max_images=args.max_images,
-                        accept_preprocess_change=args.accept_preprocess_change)
+                        accept_preprocess_change=args.accept_preprocess_change,
+                        gears=args.gears, latency_target_ms=args.latency_target_ms)
 
 
 def need_serve() -> None:
@@ -162,7 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         zoo = load_zoo(args.zoo, args.root)
         request = PolicyRequest.from_options(args)
-        sel = selection_for(zoo, request)
+        sel = with_planned_gears(selection_for(zoo, request), zoo, args)
         spec = service_spec(sel, zoo, opts)  # validated before anything is deployed
         app, needs = application(spec, token_or_env(args.token)), replica_needs(spec)
         print(describe(sel), file=sys.stderr)
@@ -173,6 +183,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if starting:
             starting.close()
+
+
+def with_planned_gears(sel, zoo, args: argparse.Namespace):
+    """``sel`` with a gear plan where ``--gears --max-loss`` asks for one it lacks (printed)."""
+    if args.max_loss is not None and not args.gears:
+        raise UsageError("--max-loss plans gears: give --gears too (and --latency-target-ms)")
+    if args.gears and sel.gears is None and args.max_loss is not None and len(sel.stages) == 2:
+        sel = with_gears(sel, gear_plan(zoo, sel.base, args.max_loss, args.delta, saver=sel.models[0],
+                                        cost=args.cost, method=args.guarantee_method, seed=args.seed))
+    if args.gears and sel.gears is not None:
+        print(GearPlan.from_dict(sel.gears).table(), file=sys.stderr)
+    return sel
 
 
 def _address(args: argparse.Namespace) -> str | None:
@@ -186,4 +208,5 @@ def run_app(app, models, args: argparse.Namespace, needs: dict | None = None, st
                        drain_timeout_s=args.drain_timeout, needs=needs, verbose=args.verbose, starting=starting)
 
 
-__all__ = ["register", "add_serve_args", "serve_options", "need_serve", "cmd_serve", "run_app"]
+__all__ = ["register", "add_serve_args", "serve_options", "need_serve", "cmd_serve", "run_app",
+           "with_planned_gears"]

@@ -62,6 +62,11 @@ class Batcher:
     async def __call__(self, item: Any) -> Any:
         return await self.submit(item)
 
+    @property
+    def waiting(self) -> int:
+        """Items queued and not yet cut into a batch."""
+        return len(self._queue)
+
     async def _next_batch(self) -> list:
         """The next batch, once it is full or its oldest item has waited ``wait_s``."""
         while not self._queue:

@@ -49,7 +49,12 @@ def service_spec(selection: Selection | dict | str | Path, zoo=None, options: Se
         if len(set(o.per_stage("num_gpus", n))) > 1:
             raise ServeError("--layout fused puts every stage on one device: give --num-gpus one value, or use "
                              "--layout per-stage")
-    return ServiceSpec(stages, o)
+    gears = None
+    if o.gears:
+        from ..policy import Selection
+
+        gears = Selection.coerce(selection, "service_spec").gears
+    return ServiceSpec(stages, o, gears=gears)
 
 
 def layout_backend(stages: StagePlan, o: ServeOptions, zoo) -> str:

@@ -49,6 +49,7 @@ from .per_stage import ItemStage, WalkAnswerer
 from .stages import load_stages, stage_device
 
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+GEAR_HEADER = "X-Tinysaver-Gear"  # with --gears, the gear that answered a /predict request
 INLINE_DECODE_PIXELS = 128 * 128  # an image this small is decoded on the event loop (`IngressServer._image`)
 # a dead replica, or a deployment Serve is replacing or deleting (no replica, back-pressure, a
 # cancelled call): a retry may find a new replica, else the client is told to retry. Seen under
@@ -196,6 +197,7 @@ class IngressServer:
         # --adapt: the monitor of the threshold in use, which it retunes (a saver → base pair)
         self.audit = (ThresholdAdapter(spec.stages.thresholds[0], o.audit, o.delta, o.audit_tolerance, seed=o.seed)
                       if o.adapt else AuditMonitor(o.audit, o.delta, o.audit_tolerance))
+        self.gear_audits: dict[int, AuditMonitor] = {}  # --gears: one monitor per gear seen
         self._tasks: set = set()
         # a stop: new requests get 503 once the command that runs the service asks (serve.drain),
         # and the requests already admitted are counted until answered, so that it knows when to go
@@ -219,7 +221,7 @@ class IngressServer:
         t0 = time.perf_counter()
         return self._record(img, t0, *await self.answerer.answer(img))
 
-    def _record(self, img, t0: float, i: int, pred, conf, carry, first) -> dict:
+    def _record(self, img, t0: float, i: int, pred, conf, carry, first, gear=None) -> dict:
         """Count an answered image, audit it if drawn, and give its answer's JSON fields."""
         ms = (time.perf_counter() - t0) * 1e3
         early = i < len(self.names) - 1
@@ -229,8 +231,13 @@ class IngressServer:
             self.answerer.set_threshold(0, self.audit.threshold)
         else:
             record = self.audit.request(early, audit)
+        records = [(self.audit, record)]
+        if gear is not None:  # each gear's answers are audited on their own as well
+            monitor = self.gear_audits.setdefault(gear, AuditMonitor(self.o.audit, self.o.delta,
+                                                                     self.o.audit_tolerance))
+            records.append((monitor, monitor.request(early, audit)))
         if audit:
-            self._keep(self._audit(img, pred, record, i, carry))  # after the answer: the client never waits
+            self._keep(self._audit(img, pred, records, i, carry))  # after the answer: the client never waits
         self.requests += 1
         self.exits[i] += 1
         self.latency[next((b for b in LATENCY_BUCKETS_MS if ms <= b), "inf")] += 1
@@ -240,19 +247,29 @@ class IngressServer:
         self.m_exits.inc(tags={"stage": self.names[i]})
         self.m_latency.observe(ms)
         prom.LATENCY.observe(ms / 1e3)
-        return {"class": int(pred), "name": self.class_names[int(pred)] if self.class_names else None,
-                "confidence": float(conf), "exit_stage": i, "stage_name": self.names[i],
-                "latency_ms": round(ms, 3)}
+        out = {"class": int(pred), "name": self.class_names[int(pred)] if self.class_names else None,
+               "confidence": float(conf), "exit_stage": i, "stage_name": self.names[i],
+               "latency_ms": round(ms, 3)}
+        if gear is not None:
+            out["gear"] = gear
+        return out
 
-    async def _audit(self, img, pred: int, record: list, answered: int, carry) -> None:
+    async def _audit(self, img, pred: int, records: list, answered: int, carry) -> None:
+        """The base's answer for an audited image, given to every monitor that counted it (the
+        service's, and its gear's)."""
         try:
             base_pred = await self.answerer.base_answer(img, answered, carry)
         except BadRequest:
-            self.audit.dropped(record)
+            for monitor, record in records:
+                monitor.dropped(record)
             return
-        self.audit.audited(record, base_pred != pred)
+        for monitor, record in records:
+            monitor.audited(record, base_pred != pred)
         if self.o.adapt:
             self.answerer.set_threshold(0, self.audit.threshold)
+        gearing = self.answerer.gearing
+        if gearing is not None and any(m.state == "drift" for m, _ in records):
+            gearing.forced = True  # a drift alarm holds the zero-loss gear from here on
 
     async def _image(self, data: bytes, pixels: int):
         """``data`` decoded (`http.decode`), ``pixels`` being its header's count: a small image on
@@ -363,7 +380,7 @@ class IngressServer:
             self.timing["decode"] += t2 - t1
             self.timing["answer"] += time.perf_counter() - t2
             self.timed += 1
-            return out
+            return JSONResponse(out, headers={GEAR_HEADER: str(out["gear"])}) if "gear" in out else out
         except BadRequest as e:
             return self._error(e)
 
@@ -460,6 +477,8 @@ class IngressServer:
         status = "draining" if await self._is_draining() else "starting" if starting else self._status()
         body = {"status": status, "layout": self.spec.layout, "stages": self.names,
                 "thresholds": self._thresholds(), "answered": self.requests, "audit": audit}
+        if self.answerer.gearing is not None:
+            body["gears"] = self._gears()
         if starting:
             body["waiting_for"] = starting
         if status in ("draining", "starting"):
@@ -667,7 +686,14 @@ class IngressServer:
                 "timing_ms": self._timing(),
                 "retried_calls": self.answerer.retried, "unavailable": self.answerer.unavailable,
                 "incoming": self.incoming,
-                "status": self._status(), "audit": self.audit.view(), "pid": os.getpid()}
+                "status": self._status(), "audit": self.audit.view(), "gears": self._gears(), "pid": os.getpid()}
+
+    def _gears(self) -> dict | None:
+        """With --gears: the gear in use, each gear's answers and threshold, and each gear's audit."""
+        gearing = self.answerer.gearing
+        if gearing is None:
+            return None
+        return {**gearing.view(), "audit": {str(g): m.view() for g, m in sorted(self.gear_audits.items())}}
 
 
 # the ingress's token, set when its replica starts: `_authorized` is called by FastAPI without the

@@ -57,6 +57,9 @@ class ServeOptions:
     request_timeout_s: float = 25.0
     seed: int = 0
     accept_preprocess_change: bool = False
+    # switch between the selection's certified gears by load (tinysaver.gears), holding this p99 (ms)
+    gears: bool = False
+    latency_target_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.layout is not None and self.layout not in LAYOUTS:
@@ -78,6 +81,14 @@ class ServeOptions:
             raise ServeError(f"--max-images must be a whole number ≥ 1, got {self.max_images!r}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ServeError(f"--max-pixels must be ≥ 1, got {self.max_pixels}")
+        if self.gears != (self.latency_target_ms is not None):
+            raise ServeError("--gears holds a latency target: give both --gears and --latency-target-ms MS")
+        if self.gears and not 0 < self.latency_target_ms < 1e3 * self.request_timeout_s:
+            raise ServeError(f"--latency-target-ms must be > 0 and below the request timeout "
+                             f"({1e3 * self.request_timeout_s:g} ms), got {self.latency_target_ms}")
+        if self.gears and self.adapt:
+            raise ServeError("--adapt moves the threshold itself and --gears switches between certified ones: "
+                             "give one of them")
         if not 0 < self.request_timeout_s < GRACEFUL_SHUTDOWN_S:
             raise ServeError(f"request_timeout_s must be in (0, {GRACEFUL_SHUTDOWN_S}) s, the replicas' graceful "
                              f"shutdown, got {self.request_timeout_s}")
@@ -101,7 +112,9 @@ class ServeOptions:
         return "per-stage" if given_per_stage else "fused"
 
 
-Answer = tuple  # what a layout answers a request: (stage, class, confidence, carry, first stage's (class, confidence) or None)
+# what a layout answers a request: (stage, class, confidence, carry, first stage's (class, confidence)
+# or None[, the gear that answered it])
+Answer = tuple
 
 
 @dataclass(frozen=True)
@@ -118,12 +131,23 @@ class ServiceSpec:
     options: ServeOptions
     factory: str = MODEL_STAGES
     extra: dict = field(default_factory=dict)
+    gears: dict | None = None  # the selection's gear plan (tinysaver.gears.GearPlan.to_dict) with --gears
 
     def __post_init__(self) -> None:
         n = len(self.stages)
         if self.options.adapt and (n != 2 or self.factory != MODEL_STAGES):
             raise ServeError(f"--adapt retunes one saver before its base; this policy has {n} stages"
                              f"{' (ESN exits)' if self.factory != MODEL_STAGES else ''}")
+        if self.options.gears:
+            if self.factory != MODEL_STAGES or n != 2:
+                raise ServeError(f"--gears switches one saver's threshold before its base; this policy has {n} "
+                                 f"stages{' (ESN exits)' if self.factory != MODEL_STAGES else ''}")
+            if self.layout != "fused":
+                raise ServeError("--gears switches in the fused layout, where a replica sees its whole queue; "
+                                 "use --layout fused")
+            if self.gears is None:
+                raise ServeError("--gears needs a selection with a gear plan: tinysaver query --gears --max-loss "
+                                 "POINTS --save sel.json, then --selection sel.json (or give --max-loss here)")
 
     @property
     def layout(self) -> str:

@@ -88,6 +88,8 @@ class WalkAnswerer:
     layout = "per-stage"
     stream_timeout_s = None  # each walk keeps its own deadline
 
+    gearing = None  # gears switch in the fused layout only (ServiceSpec refuses them here)
+
     def __init__(self, spec: ServiceSpec, handles: Sequence, dead: tuple[type[BaseException], ...]):
         o = spec.options
         self.handles, self.names, self.dead = list(handles), list(spec.stages.names), dead
@@ -114,7 +116,7 @@ class WalkAnswerer:
     async def answer(self, img) -> Answer:
         seen = [] if self.first else None
         i, pred, conf, carry = await self.walk.answer(img, self.timeout_s, seen)
-        return i, pred, conf, carry, (seen[0] if seen else None)
+        return i, pred, conf, carry, (seen[0] if seen else None), None  # no gears in this layout
 
     def submit(self, img, arrived: float) -> Awaitable:
         return self.answer(img)

@@ -56,6 +56,16 @@ def state_families(stats: dict) -> Iterator[Metric]:
                                   "accuracy given up against the base, as a fraction")
         bound.add_metric([], audit["loss_points"]["upper"] / 100.0)
         yield bound
+    gears = stats.get("gears")
+    gear = GaugeMetricFamily("tinysaver_gear", "the gear in use (0: the zero-loss policy; always 0 without --gears)")
+    gear.add_metric([], gears["in_use"] if gears else 0)
+    yield gear
+    if gears:
+        per_gear = CounterMetricFamily("tinysaver_gear_answers", "images answered, by the gear in use",
+                                       labels=["gear"])
+        for g, n in enumerate(gears["answers"]):
+            per_gear.add_metric([str(g)], n)
+        yield per_gear
     batches = HistogramMetricFamily("tinysaver_batch_size", "images per model batch, per stage (fused replicas: "
                                     "'requests' is the requests per engine call)", labels=["stage"])
     for key, sizes in (stats.get("batch_sizes") or {}).items():
