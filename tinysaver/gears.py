@@ -224,17 +224,18 @@ class GearBox:
         g = self.gear
         late = self.wait_ms(g, waiting, capacity) + oldest_ms > self.up * self.target_ms
         if g < len(self.costs) - 1 and (late or (waiting and arrivals > self.capacity(g, capacity))):
-            self._move(g + 1, waiting)
+            self.shift(g + 1, waiting)
         elif (g > 0 and arrivals < self.headroom * self.capacity(g - 1, capacity)
               and self.wait_ms(g - 1, waiting, capacity) + oldest_ms < self.down * self.target_ms):
             self.calm += 1
             if self.calm >= self.hold:
-                self._move(g - 1, waiting)
+                self.shift(g - 1, waiting)
         else:
             self.calm = 0
         return self.gear
 
-    def _move(self, to: int, waiting: int) -> None:
+    def shift(self, to: int, waiting: int) -> None:
+        """Move to gear ``to`` (recorded with the images waiting then)."""
         self.switches.append((self.gear, to, waiting))
         self.gear, self.calm = to, 0
 

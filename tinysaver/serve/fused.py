@@ -55,7 +55,7 @@ class Gearing:
     def choose(self, waiting: int, oldest_s: float, now: float) -> int:
         if self.forced:
             if self.box.gear:
-                self.box._move(0, waiting)
+                self.box.shift(0, waiting)
             return 0
         if self.capacity0 is None:  # nothing measured yet: the zero-loss gear
             return self.box.gear

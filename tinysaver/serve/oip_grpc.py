@@ -129,34 +129,5 @@ def empty(method: str) -> object:
     return getattr(messages(), f"{method}Response")()
 
 
-def infer(target: str, images: list[bytes], model: str, token: str | None = None, timeout_s: float = 30.0) -> list[dict]:
-    """``images`` answered by a service's v2 gRPC method at ``target`` ("host:port"), one dict per
-    image with the output names as keys. A refusal raises ``grpc.RpcError``. A plain client for
-    scripts and benchmarks; Triton's and KServe's clients work the same way."""
-    import grpc
-    import struct
-
-    pb = messages()
-    req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name=oip.INPUT, datatype="BYTES", shape=[len(images)])
-    req.raw_input_contents.append(b"".join(struct.pack("<I", len(x)) + x for x in images))
-    metadata = [("authorization", f"Bearer {token}")] if token else []
-    with grpc.insecure_channel(target) as channel:
-        call = channel.unary_unary(f"/{SERVICE}/ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
-                                   response_deserializer=pb.ModelInferResponse.FromString)
-        resp = call(req, metadata=metadata, timeout=timeout_s)
-    cols = {o.name: _values(o.datatype, raw) for o, raw in zip(resp.outputs, resp.raw_output_contents)}
-    return [{k: v[i] for k, v in cols.items()} for i in range(len(images))]
-
-
-def _values(datatype: str, raw: bytes) -> list:
-    import struct
-
-    if datatype == "BYTES":
-        return [x.decode() for x in oip.split_bytes(raw)]
-    code = "q" if datatype == "INT64" else "f"
-    return list(struct.unpack(f"<{len(raw) // struct.calcsize(code)}{code}", raw))
-
-
-__all__ = ["SERVICE", "SERVICER", "add_servicer", "available", "empty", "infer", "infer_response", "messages",
+__all__ = ["SERVICE", "SERVICER", "add_servicer", "available", "empty", "infer_response", "messages",
            "model_metadata", "parse_infer", "request", "server_metadata"]
