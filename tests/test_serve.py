@@ -602,6 +602,7 @@ bad = tg.InferInput("image", [1], "BYTES")
 bad.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
 out["bad_image"] = code(lambda: c.infer(name, [bad], headers=fused))
 out["unknown_model"] = code(lambda: c.infer("resnet50-cascade", [t], headers=fused))
+out["load"] = code(lambda: c.load_model(name, headers=fused))
 out["no_token"] = code(lambda: c.infer(name, [t], headers={"application": "adapt"}))
 out["wrong_token"] = code(lambda: c.infer(name, [t], headers={"application": "adapt", "authorization": "Bearer nope"}))
 ok = c.infer(name, [t], headers={"application": "adapt", "authorization": f"Bearer {token}"})
@@ -664,6 +665,7 @@ def test_open_inference_protocol_over_grpc_with_triton_s_and_kserve_s_clients(se
     assert t["bad_image"][0] == "StatusCode.INVALID_ARGUMENT" and "image 0" in t["bad_image"][1], t["bad_image"]
     assert t["unknown_model"][0] == "StatusCode.NOT_FOUND" and "unknown model 'resnet50-cascade'" in t["unknown_model"][1]
     assert t["no_token"][0] == t["wrong_token"][0] == "StatusCode.UNAUTHENTICATED", (t["no_token"], t["wrong_token"])
+    assert t["load"][0] == "StatusCode.UNIMPLEMENTED" and "serves one cascade" in t["load"][1], t["load"]
     assert "missing or wrong token" in t["wrong_token"][1] and t["with_token"] == n
 
     k = run(_KSERVE_GRPC)
