@@ -89,7 +89,8 @@ class FusedBatcher:
         self.stages, self.thresholds, self.base_from = list(stages), [float(t) for t in thresholds], base_from
         self.first, self.batch_size = first, batch_size
         # --gears: each batch runs at the saver threshold of the gear chosen from the queue
-        # (``queued()``: requests waiting behind this batch); each answer names its gear
+        # (``queued()``: requests waiting behind this batch, those still being read or decoded
+        # included); each answer names its gear
         self.gearing, self.queued = gearing, queued
         self.sizes: dict[int, int] = {}  # {requests in a batch: batches}
         self.stage_sizes: list[dict[int, int]] = [{} for _ in self.stages]  # each stage's {batch size: batches}
@@ -198,7 +199,7 @@ class FusedAnswerer:
             thresholds[0] = self.gearing.thresholds[0]
         self.engine = FusedBatcher([built[i] for i in range(len(spec.stages))], thresholds,
                                    spec.stages.base_from, first=o.adapt, batch_size=o.max_batch_size,
-                                   gearing=self.gearing, queued=lambda: self._batches.waiting)
+                                   gearing=self.gearing, queued=lambda: self._batches.waiting + incoming())
         self._batches = Batcher(self.engine.answer_batch, o.max_batch_size, o.batch_wait_timeout_s,
                                 expected=incoming, max_cut=FUSED_CUT * o.max_batch_size)
         self._base = Batcher(self.engine.base_batch, o.max_batch_size, o.batch_wait_timeout_s)
