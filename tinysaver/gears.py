@@ -170,6 +170,17 @@ def gear_plan(zoo, base: str, max_loss: float, delta: float = 0.1, saver: str | 
                     method, message)
 
 
+def plan_gears(sel: Selection, zoo, max_loss: float, cfg) -> Selection:
+    """``sel`` carrying the gears of its saver within ``max_loss`` points, planned with the δ, cost,
+    guarantee method and seed of ``cfg`` (a `tinysaver.selector.SelectorConfig`); what ``query
+    --gears`` and ``serve --gears --max-loss`` call. Refused unless ``sel`` is a saver → base pair."""
+    if len(sel.stages) != 2:
+        raise SelectionError("gears are planned for a saver → base pair; the selection is "
+                             f"{' → '.join(sel.models)}" + (" (give --max-stages 2)" if sel.found else ""))
+    return with_gears(sel, gear_plan(zoo, sel.base, max_loss, cfg.delta, saver=sel.models[0], cost=cfg.cost,
+                                     method=cfg.guarantee_method, seed=cfg.seed))
+
+
 def with_gears(sel: Selection, plan: GearPlan) -> Selection:
     """``sel`` carrying ``plan`` (saved with it by ``query --save``); refused when they differ in pair."""
     if sel.models != [plan.saver, plan.base]:
@@ -240,4 +251,4 @@ class GearBox:
         self.gear, self.calm = to, 0
 
 
-__all__ = ["LEVELS", "Gear", "GearBox", "GearPlan", "gear_plan", "grid_ceiling", "with_gears"]
+__all__ = ["LEVELS", "Gear", "GearBox", "GearPlan", "gear_plan", "grid_ceiling", "plan_gears", "with_gears"]

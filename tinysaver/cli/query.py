@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..errors import SelectionError, UsageError
-from ..gears import gear_plan, with_gears
+from ..errors import UsageError
+from ..gears import GearPlan, plan_gears
 from ..report import render
 from ..selector import SelectorConfig, select
 from ..sources import SOURCES
@@ -35,13 +35,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     print(render(result, quiet=args.quiet))
     sel = result.best
     if args.gears:
-        if len(sel.stages) != 2:
-            raise SelectionError("gears are planned for a saver → base pair; the selection is "
-                                 f"{' → '.join(sel.models)}" + (" (give --max-stages 2)" if sel.found else ""))
-        plan = gear_plan(zoo, args.base, args.max_loss, args.delta, saver=sel.models[0], cost=args.cost,
-                         method=args.guarantee_method, seed=args.seed)
-        print("\n" + plan.table())
-        sel = with_gears(sel, plan)
+        sel = plan_gears(sel, zoo, args.max_loss, SelectorConfig.from_options(args))
+        print("\n" + GearPlan.from_dict(sel.gears).table())
     if args.quiet:
         if args.save:
             sel.save(args.save)

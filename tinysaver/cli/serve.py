@@ -12,9 +12,9 @@ import os
 import sys
 
 from ..errors import MissingExtraError, UsageError
-from ..gears import GearPlan, gear_plan, with_gears
+from ..gears import GearPlan, plan_gears
 from ..report import describe
-from ..selector import PolicyRequest, selection_for
+from ..selector import PolicyRequest, SelectorConfig, selection_for
 from ..serve import LAYOUTS, ServeOptions, service_spec, replica_needs, routes
 from ..backends import DEFAULT_BACKEND
 from ..serve.builders import application
@@ -190,8 +190,7 @@ def with_planned_gears(sel, zoo, args: argparse.Namespace):
     if args.max_loss is not None and not args.gears:
         raise UsageError("--max-loss plans gears: give --gears too (and --latency-target-ms)")
     if args.gears and sel.gears is None and args.max_loss is not None and len(sel.stages) == 2:
-        sel = with_gears(sel, gear_plan(zoo, sel.base, args.max_loss, args.delta, saver=sel.models[0],
-                                        cost=args.cost, method=args.guarantee_method, seed=args.seed))
+        sel = plan_gears(sel, zoo, args.max_loss, SelectorConfig.from_options(args))
     if args.gears and sel.gears is not None:
         print(GearPlan.from_dict(sel.gears).table(), file=sys.stderr)
     return sel
