@@ -33,7 +33,7 @@ import statistics
 import struct
 import time
 
-from loadgen import encoded_images, free_port, start_local_ray
+from loadgen import encoded_images, free_port, grpc_loop, start_local_ray
 
 
 # the routes of each request size, and what each is compared with (itself: a reference)
@@ -86,23 +86,6 @@ def grpc_requests(route: str, bodies: list[bytes], per: int, model: str) -> list
     return out
 
 
-async def grpc_loop(target: str, method: str, reqs: list[bytes], concurrency: int) -> float:
-    """The same closed loop over one gRPC channel (HTTP/2 multiplexes the users' calls)."""
-    import grpc
-
-    todo = iter(reqs)
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(method)  # bytes in, bytes out: no message classes on the client's side
-
-        async def user():
-            for body in todo:
-                await call(body, timeout=120)  # a refusal raises grpc.aio.AioRpcError
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(user() for _ in range(concurrency)))
-        return time.perf_counter() - t0
-
-
 async def closed_loop(url: str, reqs: list[tuple[bytes, dict]], concurrency: int) -> float:
     import httpx
 
@@ -147,18 +130,18 @@ def main() -> int:
     for route in ("oip-json", "oip-binary"):
         for per in (1, 16):
             urls[(route, per)] = f"{base}/v2/models/{name}/infer"
-    target = f"127.0.0.1:{gport}"
+    target = f"127.0.0.1:{gport}/oip"  # the application, as loadgen's gRPC loop names it
     methods = {"grpc-native": METHOD, "oip-grpc": f"/{SERVICE}/ModelInfer"}
 
     def run(route: str, per: int, conc: int) -> tuple[int, float]:
         if route in methods:
             reqs = grpc_requests(route, bodies, per, name)
-            return len(reqs), asyncio.run(grpc_loop(target, methods[route], reqs, conc))
+            return len(reqs), asyncio.run(grpc_loop(target, reqs, conc, len(reqs), methods[route]))[0]
         reqs = requests_for(route, bodies, per)
         return len(reqs), asyncio.run(closed_loop(urls[(route, per)], reqs, conc))
 
     asyncio.run(closed_loop(urls[("native", 1)], requests_for("native", bodies[:64], 1), 8))  # warm-up
-    asyncio.run(grpc_loop(target, methods["oip-grpc"], grpc_requests("oip-grpc", bodies[:64], 1, name), 8))
+    asyncio.run(grpc_loop(target, grpc_requests("oip-grpc", bodies[:64], 1, name), 8, 64, methods["oip-grpc"]))
     print(f"{' → '.join(sel.models)}, fused, 1 replica; {args.images} images per run; load "
           f"{os.getloadavg()[0]:.2f} before", flush=True)
     rate: dict = {}

@@ -93,18 +93,21 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, total: in
         return time.perf_counter() - t0, results
 
 
-async def grpc_loop(target: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[float, list[dict]]:
-    """``closed_loop`` over gRPC: ``target`` is "host:port/application"."""
+async def grpc_loop(target: str, bodies: list[bytes], concurrency: int, total: int,
+                    method: str = METHOD) -> tuple[float, list[dict]]:
+    """``closed_loop`` over gRPC: ``target`` is "host:port/application"; ``method`` takes and gives
+    bytes (the service's own, whose JSON answers are kept, or another, whose are not read)."""
     address, _, app = target.partition("/")
     results: list[dict] = []
     counter = iter(range(total))
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(METHOD)
+        call = channel.unary_unary(method)
 
         async def user():
             for i in counter:
                 t0 = time.perf_counter()
-                answer = json.loads(await call(bodies[i % len(bodies)], metadata=(("application", app),), timeout=120))
+                reply = await call(bodies[i % len(bodies)], metadata=(("application", app),), timeout=120)
+                answer = json.loads(reply) if method == METHOD else {}
                 results.append({**answer, "client_ms": (time.perf_counter() - t0) * 1e3})
 
         t0 = time.perf_counter()
