@@ -84,7 +84,8 @@ class FileRun:
 
 
 def open_files(zoo: Zoo, request: PolicyRequest, paths: Sequence[str | os.PathLike], *,
-               backend: str | Sequence[str] = DEFAULT_BACKEND, device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE, threads: Sequence[int] | None = None,
+               backend: str | Sequence[str] = DEFAULT_BACKEND, device: str = "cpu",
+               batch_size: int = DEFAULT_BATCH_SIZE, threads: Sequence[int] | None = None,
                backend_fallback: str | None = None, accept_preprocess_change: bool = False,
                max_pixels: int = MAX_PIXELS, refill: bool = True, pipeline: bool = False) -> FileRun:
     """Resolve ``request`` over ``zoo``, load its stages and list the images under ``paths``.
