@@ -15,10 +15,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from tinysaver.errors import MissingFileError, UsageError
 from tinysaver.schemas import ESNCheckpointSchema, ESNSettingsSchema, parse
 from tinysaver.yamlfile import read_mapping
+from tinysaver.zoo import atomic_write_bytes
 
 from .model import ESNConfig, ExitSequenceNetwork, esn_loss
 from .pair import Pair  # noqa: F401 (re-exported: the pair is what training takes)
@@ -66,8 +68,6 @@ def frozen_features(pair: Pair, images, batch_size: int = 256, desc: str | None 
     ``pair.saver`` may be None (exits inside the base only): then the saver entries are absent.
     ``desc``: show a progress bar over the batches on stderr, with this label (a minute's work on
     10k images here)."""
-    from tqdm.auto import tqdm
-
     from tinysaver.transforms import prepare_batch
 
     out: dict[str, list] = {"saver_feat": [], "saver_logits": [], "base_logits": []}
@@ -112,8 +112,6 @@ def train_esn(pair: Pair, data, settings: TrainSettings, log=print, progress: bo
 
     ``cache`` may pass features already computed by `frozen_features` on ``data``.
     """
-    from tqdm.auto import tqdm
-
     from tinysaver.train import warmup_cosine
 
     torch.manual_seed(settings.seed)
@@ -201,8 +199,6 @@ def _live_features(pair: Pair, data, idx, y, settings: TrainSettings, mixer):
 
 def save_esn(path: str | Path, esn: ExitSequenceNetwork, pair: Pair, settings: TrainSettings,
              extra: dict | None = None) -> None:
-    from tinysaver.zoo import atomic_write_bytes
-
     buf = io.BytesIO()
     torch.save({"state_dict": esn.state_dict(), "config": esn.cfg.to_dict(), "settings": asdict(settings),
                 "zoo": pair.zoo, "saver": pair.saver_key, "base": pair.base_key, **(extra or {})}, buf)

@@ -1,3 +1,6 @@
+import csv
+import io
+import json
 import threading
 import warnings
 
@@ -228,6 +231,16 @@ def test_open_files_resolves_the_policy_once_and_streams_what_the_command_prints
     summary = run.summary()
     assert summary["images"] == 3 and summary["unreadable"] == 1 and summary["skipped"] == 1
     assert summary["thresholds"] == run.selection.thresholds
+    for fmt in ("csv", "jsonl"):  # what the command writes: a row per image, the unreadable file on the log
+        out, log = io.StringIO(), io.StringIO()
+        again = open_files(zoo, PolicyRequest(base="resnet10t"), [tmp_path], batch_size=2, threads=[1])
+        assert again.write(out, fmt, log, progress=False) == 3
+        lines = out.getvalue().splitlines()
+        rows = list(csv.DictReader(lines)) if fmt == "csv" else [json.loads(line) for line in lines]
+        assert {r["path"]: int(r["class"]) for r in rows} == {p: r["class"] for p, r in got.items() if isinstance(r, dict)}
+        assert log.getvalue().splitlines() == [f"tinysaver: cannot read {tmp_path / '3.png'}: {got[str(tmp_path / '3.png')]}"]
+    with pytest.raises(UsageError, match="format must be csv or jsonl"):
+        run.write(io.StringIO(), "xml")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UsageError, match="no images found"):

@@ -265,3 +265,63 @@ def test_every_module_says_what_it_exports():
         assert exported is not None, path
         missing = [n for n in exported if n not in bound]
         assert not missing, (path, missing)
+
+
+def _module_imports(repo):
+    """Each module of the package (dotted name) → (the modules it imports at its top level, the
+    imports inside its functions as ``(function, line, module)``), read from the source."""
+    import ast
+
+    mods = {}
+    for path in [*(repo / "tinysaver").rglob("*.py"), *(repo / "esn").rglob("*.py")]:
+        parts = list(path.relative_to(repo).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    out = {}
+    for name, path in mods.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+
+        def targets(node):
+            if isinstance(node, ast.Import):
+                return [a.name for a in node.names]
+            base = ".".join(package[:len(package) - node.level + 1] + [node.module or ""]).strip(".") \
+                if node.level else node.module
+            return [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods] or [base]
+
+        tree = ast.parse(path.read_text())
+        top = [t for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) for t in targets(node)]
+        inner = [(fn.name, node.lineno, t) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom)) for t in targets(node)]
+        out[name] = (top, inner)
+    return out
+
+
+def test_imports_inside_functions_each_keep_something_heavy_out():
+    """The package's rule (its docstring): imports are at module level, except where one would make
+    a module load a third-party package it does not load already (torch, Ray, an extra). Each import
+    inside a function is checked against what its module's top-level imports load, transitively
+    (a module's packages' ``__init__`` included), read from the source."""
+    import sys
+
+    from tests.helpers import REPO
+
+    mods = _module_imports(REPO)
+
+    def loads(name: str) -> set:
+        """The third-party top-level packages that importing ``name`` loads (a walk of the graph:
+        a package's ``__init__`` and its modules import each other)."""
+        seen, todo, found = set(), [name], set()
+        while todo:
+            m = todo.pop()
+            if m in seen:
+                continue
+            seen.add(m)
+            if m in mods:
+                todo += [".".join(m.split(".")[:i]) for i in range(1, m.count(".") + 1)] + mods[m][0]
+            elif m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] not in ("tinysaver", "esn"):
+                found.add(m.split(".")[0])
+        return found
+
+    needless = [f"{name}:{line} ({fn}) imports {t}"
+                for name, (_, inner) in mods.items() for fn, line, t in inner
+                if not loads(t) - loads(name) and not (t.split(".")[0] in mods and t not in mods)]
+    assert len(mods) > 80 and not needless, needless

@@ -4,7 +4,8 @@ Data flows one way: profiler → zoo_index → selector → cascade (and the ``e
 Names are imported on first use, so ``tinysaver query`` does not pay for torch and timm. Inside
 the package, imports are at module level, except where one would make a light module (the CLI, the
 zoo, the selector, the serve builder) load torch, Ray or an optional extra: those stay in the
-function that needs them (tests/test_cli_errors.py checks that the light modules stay light).
+function that needs them (tests/test_cli_errors.py checks that the light modules stay light, and
+tests/test_registries.py that each import inside a function keeps a third-party package out).
 """
 from importlib import import_module
 

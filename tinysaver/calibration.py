@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .errors import MissingExtraError, UsageError
 from .policy import confidence
@@ -143,8 +144,6 @@ def coverage_and_size(sets: np.ndarray, labels) -> tuple[float, float]:
 def model_logits(model, data, batch_size: int = 256, desc: str | None = None) -> torch.Tensor:
     """(N, K) float32 logits of a zoo model (``Zoo.load_model``) on a DecodedSet, eager PyTorch; with
     ``desc``, a progress bar on stderr (minutes per model on a 2-core machine)."""
-    from tqdm.auto import tqdm
-
     from .transforms import prepare_batch
 
     out = []

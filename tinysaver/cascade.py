@@ -19,7 +19,7 @@ import torch
 
 from . import engine
 from .backends import DEFAULT_BACKEND, backends_that, get_backend
-from .decoding import take_images
+from .decoding import decoded_blocks, take_images
 from .errors import CascadeError  # noqa: F401 (re-exported)
 from .models import LoadedModel
 from .policy import Selection, answers, apply, exit_ratios
@@ -299,8 +299,6 @@ def classify_files(cascade: Cascade, source, budget, batch_size: int, *, refill:
     `tinysaver.budget.InputBudget` that refuses an image from its header. ``tally`` is updated as
     it goes. Memory stays bounded by the block, which holds a few batches and at least 256 images,
     so that refill can gather survivors across batches and a pipeline is not drained every few."""
-    from .decoding import decoded_blocks
-
     tally = tally if tally is not None else FileTally(cascade.stage_names)
     for index, imgs, failures in decoded_blocks(source, max(batch_size * 8, 256), budget):
         tally.unreadable += len(failures)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .errors import UsageError, ZooError
 from .policy import confidence
@@ -180,8 +181,6 @@ def fine_tune_epoch(module, preprocess, images, order: np.ndarray, labels: np.nd
     ``loss``; ``labels`` and ``base_pred`` (N,) index like ``images``. Returns the mean loss;
     ``bar``: the progress bar's title (None: no bar)."""
     import torch
-    from tqdm.auto import tqdm
-
     from .decoding import take_images
     from .transforms import prepare_batch
 

@@ -1,14 +1,20 @@
 """Classify image files, folders and tars through a cascade: the library side of ``tinysaver infer``.
 
 `open_files` does everything before the first image (the policy, the stage plan, the models, the
-file list, the input budget) and returns a `FileRun` whose `FileRun.rows` streams the answers.
-The command only prints what it is given.
+file list, the input budget) and returns a `FileRun` whose `FileRun.rows` streams the answers and
+`FileRun.write` writes them as CSV or JSON lines. The command only prints what it is given.
 """
 from __future__ import annotations
 
+import csv
+import json
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TextIO
+
+import torch
+from tqdm.auto import tqdm
 
 from .backends import DEFAULT_BACKEND
 from .budget import InputBudget
@@ -33,8 +39,6 @@ def torch_threads(given: Sequence[int] | None) -> tuple[int, str | None]:
     (``os.sched_getaffinity``), or 1 on a machine already busier than that: measured on a loaded
     2-core machine, torch's default ran at 19-46 img/s against about 800 on one thread. The count
     is set on torch unless ``given`` names one per stage."""
-    import torch
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     why = None
     if given and len(given) == 1:
@@ -75,6 +79,30 @@ class FileRun:
         per file that could not be read, as `tinysaver.cascade.classify_files` streams them."""
         return classify_files(self.cascade, self.source, self.budget, self.batch_size, refill=self.refill,
                               pipeline=self.pipeline, tally=self.tally)
+
+    def write(self, out: TextIO, fmt: str = "csv", log: TextIO | None = None, progress: bool = True) -> int:
+        """Stream `rows` to ``out`` as CSV (a header, then `ROW_FIELDS` per image) or JSON lines;
+        each unreadable file is one line on ``log`` instead. ``progress``: a bar on ``log`` past 200
+        files. Returns the number of images answered."""
+        if fmt not in ("csv", "jsonl"):
+            raise UsageError(f"format must be csv or jsonl, not {fmt!r}")
+        log = log or sys.stderr
+        writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        if writer:
+            writer.writerow(ROW_FIELDS)
+        # the bar counts answered images (and unreadable ones), not decoded ones: decoding runs ahead
+        n = len(self.source.ids)
+        with tqdm(total=n, desc="infer", unit="img", disable=n < 200 or not progress, file=log) as bar:
+            for path, row in self.rows():
+                bar.update(1)
+                if isinstance(row, str):
+                    print(f"tinysaver: cannot read {path}: {row}", file=log)
+                elif writer:
+                    writer.writerow([path, row["class"], row["name"] or "", f"{row['confidence']:.6f}",
+                                     row["exit_stage"], row["stage_name"]])
+                else:
+                    print(json.dumps({"path": path, **row}), file=out)
+        return self.tally.answered
 
     def summary(self) -> dict:
         """The run's counts and figures (`FileTally.summary`), with the policy and backends used."""

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError
 
@@ -61,8 +62,6 @@ def _sdpa_ops() -> list[Any]:
 
 def flop_counter():
     """A torch FlopCounterMode that also counts the fused attention kernels (torch leaves CPU SDPA at 0)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     mapping = {op: (lambda q, k, v, *a, **kw: _sdpa_flops(q, k, v)) for op in _sdpa_ops()}
     return FlopCounterMode(display=False, custom_mapping=mapping)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file, save
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -179,8 +180,6 @@ def choose_precision(model, sd32: dict, calib, test, cfg: TrainConfig, device) -
 
 def recompress(cfg: TrainConfig) -> None:
     """Re-apply `choose_precision` to fp32 checkpoints already trained (no retraining)."""
-    from safetensors.torch import load_file, save
-
     out = Path(cfg.out_dir)
     manifest_path = out / "manifest.yaml"
     manifest = yaml.safe_load(manifest_path.read_text())
@@ -206,8 +205,6 @@ def recompress(cfg: TrainConfig) -> None:
 
 def train_zoo(cfg: TrainConfig, only: list[str] | None = None) -> Path:
     """Train every model of ``cfg`` not yet in the manifest; returns the manifest path (resumable)."""
-    from safetensors.torch import save
-
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     out = Path(cfg.out_dir)

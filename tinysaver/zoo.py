@@ -12,6 +12,7 @@ the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import io
 import os
@@ -206,8 +207,6 @@ class Zoo:
     def model(self, key: str) -> dict[str, Any]:
         """The raw manifest mapping of ``key``, for code that writes the manifest; readers use `entry`."""
         if key not in self.models:
-            import difflib
-
             close = difflib.get_close_matches(key, list(self.models), n=5, cutoff=0.3)
             raise ZooError(f"model {key!r} is not in zoo {self.name!r}. "
                            f"{'Did you mean: ' + ', '.join(close) if close else 'Models: ' + ', '.join(self.models)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data import sample_images
 from ..sources import SOURCES
 from ..zoo import DEFAULT_ZOO
 from ._args import command, group, positive_int
@@ -21,8 +22,6 @@ def register(sub) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ..data import sample_images
-
     written = sample_images(args.dataset, Path(args.out), args.n, args.seed)
     kind = args.dataset.partition(":")[0]
     known = SOURCES.get(kind).zoo if kind in SOURCES else None

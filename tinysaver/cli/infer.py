@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 
 from ..backends import DEFAULT_BACKEND
-from ..infer import ROW_FIELDS, open_files
+from ..infer import open_files
 from ..limits import MAX_PIXELS
 from ..selector import PolicyRequest
 from ..stageplan import DEFAULT_BATCH_SIZE
@@ -40,32 +39,15 @@ def register(sub) -> None:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     run = open_files(load_zoo(args.zoo, args.root), PolicyRequest.from_options(args), args.paths,
                      backend=args.backend, device=args.device, batch_size=args.batch_size, threads=args.threads,
                      backend_fallback=args.backend_fallback, accept_preprocess_change=args.accept_preprocess_change,
                      max_pixels=args.max_pixels, refill=not args.no_refill, pipeline=args.pipeline)
     for line in run.warnings + ([] if args.quiet else run.notes):
         print(f"tinysaver: {line}", file=sys.stderr)
-    writer = csv.writer(sys.stdout, lineterminator="\n") if args.format == "csv" else None
-    if writer:
-        writer.writerow(ROW_FIELDS)
-    # the bar counts answered images (and unreadable ones), not decoded ones: decoding runs ahead
-    n = len(run.source.ids)
-    bar = tqdm(total=n, desc="infer", unit="img", disable=n < 200 or args.quiet, file=sys.stderr)
-    for path, row in run.rows():
-        bar.update(1)
-        if isinstance(row, str):
-            print(f"tinysaver: cannot read {path}: {row}", file=sys.stderr)
-        elif writer:
-            writer.writerow([path, row["class"], row["name"] or "", f"{row['confidence']:.6f}", row["exit_stage"],
-                             row["stage_name"]])
-        else:
-            print(json.dumps({"path": path, **row}))
-    bar.close()
+    answered = run.write(sys.stdout, args.format, sys.stderr, progress=not args.quiet)
     print("summary: " + json.dumps(run.summary()), file=sys.stderr)
-    return 0 if run.tally.answered else 2
+    return 0 if answered else 2
 
 
 __all__ = ["register", "cmd_infer"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -75,8 +76,6 @@ def cmd_zoo_show(args: argparse.Namespace) -> int:
         print(f"zoo {z.name} ({z.path}) has no models yet: run 'tinysaver profile' into it")
         return 0
     if args.format == "table":
-        import textwrap
-
         head = f"zoo {z.name}: {z.manifest.get('description', '')}".rstrip(": ")
         print(head if args.wide else textwrap.fill(head, NARROW, subsequent_indent="  "))
         for s, v in z.splits.items():

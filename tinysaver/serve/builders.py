@@ -51,8 +51,6 @@ def service_spec(selection: Selection | dict | str | Path, zoo=None, options: Se
                              "--layout per-stage")
     gears = None
     if o.gears:
-        from ..policy import Selection
-
         gears = Selection.coerce(selection, "service_spec").gears
     return ServiceSpec(stages, o, gears=gears)
 

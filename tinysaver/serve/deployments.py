@@ -24,6 +24,7 @@ import ray
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from ray import serve
@@ -734,8 +735,6 @@ def _refusals(route) -> list[int]:
 def _openapi() -> dict:
     """FastAPI's schema, with each route's refusals as the service gives them and without 422."""
     if api.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
         schema = get_openapi(title=api.title, version=__version__, routes=api.routes)
         for r in ROUTES:
             op = schema["paths"][r.path][r.method.lower()]

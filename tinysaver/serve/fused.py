@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import engine
+from ..gears import GearBox, GearPlan
 from .batching import Batcher
 from .http import OVERLOADED, BadRequest
 from .options import Answer, ServiceSpec
@@ -33,8 +34,6 @@ class Gearing:
     0 (the audit's drift alarm sets it). Called from the event loop only."""
 
     def __init__(self, plan: dict, target_ms: float):
-        from ..gears import GearBox, GearPlan
-
         plan = GearPlan.from_dict(plan)
         self.thresholds = plan.thresholds
         self.costs = [g.cost for g in plan.gears]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 
+from . import oip_grpc
+
 SERVICE = "tinysaver.Cascade"
 METHOD = f"/{SERVICE}/Predict"
 SERVICER = "tinysaver.serve.grpc_api.add_servicer"  # for Serve's gRPCOptions.grpc_servicer_functions
@@ -28,15 +30,11 @@ STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 408
 def servicers() -> list[str]:
     """What Serve's gRPC proxy registers: this module's ``Predict``, and the Open Inference
     Protocol's service where its generated module is installed (`tinysaver.serve.oip_grpc`)."""
-    from . import oip_grpc
-
     return [SERVICER] + ([oip_grpc.SERVICER] if oip_grpc.available() else [])
 
 
 def listing() -> str:
     """The gRPC methods as the start-up line says them."""
-    from . import oip_grpc
-
     if oip_grpc.available():
         return f"{METHOD} and the Open Inference Protocol's {oip_grpc.SERVICE}"
     return f"{METHOD}; the Open Inference Protocol over gRPC needs pip install 'tinysaver[grpc]'"

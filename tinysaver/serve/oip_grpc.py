@@ -16,6 +16,7 @@ hold one of them, and the service's replicas hold kserve's. Nothing here imports
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 from . import oip
@@ -36,8 +37,6 @@ def available() -> bool:
 
 def messages():
     """kserve's generated messages module (``ModelInferRequest``, …)."""
-    import importlib
-
     return importlib.import_module(_MODULE)
 
 
