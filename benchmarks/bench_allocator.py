@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import table_head
+
 ALLOCATORS = {
     "glibc": None,
     "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
@@ -80,8 +82,7 @@ def main() -> int:
     size = next(iter(results.values()))[0]["size"]
     print(f"{args.model} at {size} px, eager fp32, {args.threads} threads, {args.repeats} interleaved repetitions "
           f"of ≥ {args.seconds:g} s each")
-    print("| batch | malloc | ms / image, median (min–max) | kernel share of CPU time | speedup vs glibc |")
-    print("|---|---|---|---|---|")
+    table_head("| batch | malloc | ms / image, median (min–max) | kernel share of CPU time | speedup vs glibc |")
     for bs in args.batch_sizes:
         base = np.median([r["ms_per_image"] for r in results[(bs, "glibc")]])
         for name in allocs:

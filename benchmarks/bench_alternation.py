@@ -25,7 +25,7 @@ import torch
 from tinysaver.runtimes import make_runner
 from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
-from common import parser
+from common import parser, table_head
 
 
 def ms_per_call(fn, n: int) -> float:
@@ -49,9 +49,8 @@ def main() -> int:
             if s.found and len(s.models) == 2 and (not args.bases or s.base in args.bases)]
     print(f"zoo {args.zoo}: batch 1, {args.calls} calls per loop, {args.repeats} interleaved repetitions, "
           f"threads saver {t_saver}, base {t_base}; medians (min–max); savers selected on flops\n")
-    print("| base ← saver | backend | saver ms | base ms | alternated ms per pair | alternated / sum | "
+    table_head("| base ← saver | backend | saver ms | base ms | alternated ms per pair | alternated / sum | "
           "exit ratio (test) | cascade/ideal this allows |")
-    print("|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     for sel in sels:
         saver, base = (zoo.load_model(k) for k in sel.models)

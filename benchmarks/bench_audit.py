@@ -26,6 +26,8 @@ import argparse
 
 import numpy as np
 
+from common import table_head
+
 
 def outcomes(exit_, disagree, n: int, fraction: float, rng) -> tuple[np.ndarray, np.ndarray]:
     """(early, hit) per request: hit = exited, audited and disagreeing."""
@@ -114,8 +116,7 @@ def main() -> int:
           f"test: exit {clean_exit.mean():.1%}, loss against the base {(clean_exit & clean_dis).mean() * 100:.2f} points")
     for name, (ex, dis) in shifts.items():
         print(f"  {name}: exit {ex.mean():.1%}, loss against the base {(ex & dis).mean() * 100:.2f} points")
-    print("\n| audit | streams × requests | P(any drift), clean | ends certified |")
-    print("|---|---|---|---|")
+    table_head("\n| audit | streams × requests | P(any drift), clean | ends certified |")
     for a in args.audits:
         false = certified = 0
         for seed in range(args.streams):
@@ -125,9 +126,8 @@ def main() -> int:
             certified += m.state == "certified"
         print(f"| {a} | {args.streams} × {args.requests:,} | {false / args.streams:.3f} | "
               f"{certified / args.streams:.0%} |", flush=True)
-    print(f"\n| audit | shift at request {args.shift_at:,} | drift before the shift | delay to drift, median | "
+    table_head(f"\n| audit | shift at request {args.shift_at:,} | drift before the shift | delay to drift, median | "
           "90th pct | never called |")
-    print("|---|---|---|---|---|---|")
     curves = {}
     for a in args.audits:
         for name, (shift_exit, shift_dis) in shifts.items():
@@ -151,10 +151,9 @@ def main() -> int:
         plot_delays(curves, args.requests - args.shift_at, args.png)
     if args.adapt_streams:
         t0 = sel.thresholds[0]
-        print(f"\n| audit | shift | streams | post-shift loss against the base, fixed → adapt (points) | "
+        table_head(f"\n| audit | shift | streams | post-shift loss against the base, fixed → adapt (points) | "
               f"post-shift exit ratio, fixed → adapt | threshold at the end, median (from {t0:.4f}) | "
               "streams that moved before the shift |")
-        print("|---|---|---|---|---|---|---|")
         for a in args.audits:
             for name in shifts:
                 fixed_loss, adapt_loss, fixed_exit, adapt_exit, ends, moved = [], [], [], [], [], 0

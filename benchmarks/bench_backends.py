@@ -29,7 +29,7 @@ from tinysaver.cascade import Cascade
 from tinysaver.data import load_dataset
 from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
-from common import parser
+from common import parser, table_head
 
 
 def rss_mb() -> float:
@@ -78,16 +78,14 @@ def main() -> int:
         for m in sel.models:
             models.setdefault(m, zoo.load_model(m))
     # export (or load from the cache) once per model and backend, noting time and memory
-    print("\n| backend | models | export s (total, this run) | from cache | resident MB added |")
-    print("|---|---|---|---|---|")
+    table_head("\n| backend | models | export s (total, this run) | from cache | resident MB added |")
     for b in backends:
         before = rss_mb()
         cas = [Cascade([models[m]], [], backend=b) for m in models]
         print(f"| {b} | {len(cas)} | {sum(c._runners[0].export_s for c in cas):.1f} | "
               f"{sum(c._runners[0].cached for c in cas)} | {rss_mb() - before:.0f} |")
-    print("\n| base ← saver | FLOPs saving | batch | backend | base img/s | cascade img/s | speedup | ideal | "
+    table_head("\n| base ← saver | FLOPs saving | batch | backend | base img/s | cascade img/s | speedup | ideal | "
           "of ideal | exit ratio | best cascade / best base, spinning or not |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
     goals = []
     for sel in sels:
         saver, base = sel.models[0], sel.base
@@ -134,8 +132,7 @@ def main() -> int:
             t_best, b_best, _, _ = min(best[bs])
             if eager_base is not None:
                 goals.append((base, saver, sel.saving_pct, bs, b_best, eager_base / t_best, best[bs]))
-    print("\n| base ← saver | batch | fastest backend for the cascade | cascade there vs base on eager |")
-    print("|---|---|---|---|")
+    table_head("\n| base ← saver | batch | fastest backend for the cascade | cascade there vs base on eager |")
     for base, saver, _, bs, b_best, ratio, _ in goals:
         print(f"| {base} ← {saver} | {bs} | {b_best} | {ratio:.2f}× |")
     print("\ngoals (issue 11):")

@@ -17,7 +17,7 @@ from tinysaver.cascade import build_cascade, compare_with_base
 from tinysaver.data import load_dataset
 from tinysaver.selector import SelectorConfig, select
 from tinysaver.zoo import load_zoo
-from common import parser
+from common import parser, table_head
 
 
 def main() -> int:
@@ -39,9 +39,8 @@ def main() -> int:
     cas = build_cascade(sel, zoo)
     print(f"{args.zoo}: {sel.savers[0].model} (conf ≥ {sel.savers[0].threshold:.4f}) → {args.base}; "
           f"{len(data)} images from {uri}; torch threads {torch.get_num_threads()}")
-    print("| batch | base img/s | cascade img/s | no refill img/s | refill gain | speedup | ideal speedup | "
+    table_head("| batch | base img/s | cascade img/s | no refill img/s | refill gain | speedup | ideal speedup | "
           "cascade/ideal | exit ratio | base acc | cascade acc |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in compare_with_base(cas, data.images, data.labels, args.batch_sizes, args.reps):
         print(f"| {r['batch']} | {r['base_img_s']:.1f} | {r['cascade_img_s']:.1f} | {r['cascade_norefill_img_s']:.1f} | "
               f"{r['cascade_img_s'] / r['cascade_norefill_img_s']:.2f}x | {r['speedup']:.2f}x | "

@@ -26,7 +26,7 @@ classes, one each, is very little to learn deferral from, and 250 test images gi
 import time
 
 import numpy as np
-from common import parser
+from common import parser, table_head
 
 
 def policy_on(conf_c, correct_c, base_correct_c, conf_t, criterion: str, tolerance: float = 0.0):
@@ -81,8 +81,7 @@ def evaluate(name, out_c, out_t, labels_c, labels_t, base_c, base_t, cost_ratio,
 def print_table(rows: list[dict]) -> None:
     """The rows of :func:`evaluate` as a Markdown table, figures to two decimals."""
     cols = list(dict.fromkeys([c for c in rows[0] if c != "variant"] + ["train_s"]))
-    print("| variant | " + " | ".join(cols) + " |")
-    print("|---|" + "---|" * len(cols))
+    table_head("| variant | " + " | ".join(cols) + " |")
     for row in rows:
         print(f"| {row['variant']} | " + " | ".join(
             "" if row.get(c) is None else f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c])

@@ -17,7 +17,7 @@ answered before the base's head. Figures depend on no timing.
 import time
 
 import numpy as np
-from common import parser
+from common import parser, table_head
 
 
 def main() -> int:
@@ -69,10 +69,9 @@ def main() -> int:
             loss = 100 * (base_ok[hold].mean() - ok[hold].mean())
             population = 100 * (base_ok.mean() - ok.mean())
             rows[method].append((loss, (where[hold] < n_exits).mean(), pol.thresholds[0], population))
-    print(f"\n| test | splits | violation rate, population loss > {args.tolerance} pts | held-out loss > "
+    table_head(f"\n| test | splits | violation rate, population loss > {args.tolerance} pts | held-out loss > "
           f"{args.tolerance} pts | mean held-out loss (pts) | mean share answered before the base head | "
           "median shared threshold |")
-    print("|---|---|---|---|---|---|---|")
     for method, r in rows.items():
         r = np.array(r, dtype=float)
         print(f"| {method} | {args.splits} | {np.mean(r[:, 3] > args.tolerance):.3f} | "

@@ -12,7 +12,7 @@ from tinysaver.cascade import build_cascade, compare_with_base
 from tinysaver.data import load_dataset
 from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
-from common import parser
+from common import parser, table_head
 
 
 def main() -> int:
@@ -26,9 +26,8 @@ def main() -> int:
     data = load_dataset(zoo.splits["test"]["source"], progress=False, limit=args.images)
     print(f"zoo {args.zoo}, criterion {args.criterion} on calib, accuracy on all of test, timing on the first "
           f"{len(data)} test images, torch threads {torch.get_num_threads()}")
-    print("| base | saver | threshold | exit ratio (test) | FLOPs saving | speedup bs1 | speedup bs128 | "
+    table_head("| base | saver | threshold | exit ratio (test) | FLOPs saving | speedup bs1 | speedup bs128 | "
           "test acc base | test acc cascade |")
-    print("|---|---|---|---|---|---|---|---|---|")
     for sel in sels:
         if not sel.found:
             print(f"| {sel.base} | — ({sel.message}) | | | 0% | | | {100 * sel.acc_base_test:.2f}% | "

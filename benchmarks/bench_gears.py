@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from common import parser
+from common import parser, table_head
 from loadgen import drive, encoded_images, start_local_ray
 
 LOADS = (0.5, 1.0, 1.5, 2.0)
@@ -210,8 +210,7 @@ def main() -> int:
         step_plot(args.png, urls["gears"], bodies, capacity, max(10.0, args.seconds / 2), args.grace_s, args.target_ms)
     serve.shutdown()
     ray.shutdown()
-    print("\n| load | app | sent | answered | p50 ms | p99 ms | goodput img/s | 503 | failed | loss pts | gear mix |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    table_head("\n| load | app | sent | answered | p50 ms | p99 ms | goodput img/s | 503 | failed | loss pts | gear mix |")
     for r in rows:
         print(f"| {r['load']:.1f}x | {r['app']} | {r['sent']} | {r['answered']} | {r['p50']:.0f} | {r['p99']:.0f} | "
               f"{r['goodput']:.1f} | {r['503']} | {r['failed']} | {r['loss']:.2f} | {r['gears']} |")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import parser
+from common import parser, table_head
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -107,9 +107,8 @@ def main() -> int:
         if (seed + 1) % 50 == 0:
             print(f"  {seed + 1} splits, {time.perf_counter() - t0:.0f} s", flush=True)
 
-    print(f"\n| test | stages | mean held-out exit ratio | violation rate (held-out loss > {args.tolerance} pts) | "
+    table_head(f"\n| test | stages | mean held-out exit ratio | violation rate (held-out loss > {args.tolerance} pts) | "
           "chains chosen | mean certified exit ratio | 3 stages certify ≥ 2 stages |")
-    print("|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         for stages in (2, 3):
             if (method, stages) not in rows:

@@ -15,6 +15,8 @@ import io
 import subprocess
 import sys
 
+from common import table_head
+
 SHAPES = [(256, 256), (100000, 1), (1, 100000), (65535, 2), (12000, 12000), (20000, 20000), (610, 1), (6000, 6000)]
 
 PROBE = r"""
@@ -67,8 +69,7 @@ def main() -> int:
             rows.append((w, h, len(data), what, float(mb)))
             print(f"{w} × {h}: {what}, peak RSS +{float(mb):.1f} MB", flush=True)
     base = rows[0][4]
-    print("\n| image | file bytes | outcome | peak RSS growth MB | vs. a 256 × 256 image |")
-    print("|---|---|---|---|---|")
+    table_head("\n| image | file bytes | outcome | peak RSS growth MB | vs. a 256 × 256 image |")
     for w, h, n, what, mb in rows:
         print(f"| {w} × {h} | {n:,} | {what} | {mb:.1f} | {mb / base if base > 0 else float('nan'):.2f}× |")
     return 0

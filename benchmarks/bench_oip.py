@@ -34,6 +34,7 @@ import struct
 import time
 
 from loadgen import encoded_images, free_port, grpc_loop, start_local_ray
+from common import table_head
 
 
 # the routes of each request size, and what each is compared with (itself: a reference)
@@ -162,8 +163,7 @@ def main() -> int:
         print(f"round {rnd + 1} done, load {os.getloadavg()[0]:.2f}", flush=True)
     serve.shutdown()
     ray.shutdown()
-    print("\n| images per request | concurrency | route | images/s (median) | time per image / reference's |")
-    print("|---|---|---|---|---|")
+    table_head("\n| images per request | concurrency | route | images/s (median) | time per image / reference's |")
     for per in (1, 16):
         for conc in (1, 32):
             for route in ROUTES[per]:

@@ -30,7 +30,7 @@ from tinysaver.runtimes import make_runner
 from tinysaver.selector import SelectorConfig, select
 from tinysaver.transforms import prepare_batch
 from tinysaver.zoo import load_zoo
-from common import parser
+from common import parser, table_head
 
 
 def one_graph(saver_onnx, base_onnx, threshold: float, num_classes: int):
@@ -131,7 +131,7 @@ def main() -> int:
           f"exit ratio {exit_ratio:.1%}; threads saver {t_saver}, base {t_base}, one graph {max(t_saver, t_base)}; "
           f"{args.repeats} interleaved repetitions, medians (min–max)")
     print(f"one graph answers as the two sessions on {same:.1%} of images\n")
-    print("| path | ms per image | speedup over the base alone |\n|---|---|---|")
+    table_head("| path | ms per image | speedup over the base alone |")
     for k, v in ms.items():
         r = ms["base alone"] / v
         print(f"| {k} | {np.median(v):.3f} ({v.min():.3f}–{v.max():.3f}) | {np.median(r):.2f}× ({r.min():.2f}–{r.max():.2f}) |")

@@ -19,7 +19,7 @@ import openvino as ov
 
 from tinysaver.runtimes import make_runner
 from tinysaver.zoo import load_zoo
-from common import parser
+from common import parser, table_head
 
 
 def median_ms(fn, x, calls: int) -> float:
@@ -34,8 +34,7 @@ def median_ms(fn, x, calls: int) -> float:
 
 def fixed_shapes(zoo, keys, batch_sizes, threads: int, rounds: int) -> None:
     print(f"## Dynamic batch against fixed shape ({threads} threads, medians of {rounds} interleaved rounds)\n")
-    print("| model | batch | dynamic ms | fixed ms | dynamic / fixed | compile ms, fixed | max logit diff |")
-    print("|---|---|---|---|---|---|---|")
+    table_head("| model | batch | dynamic ms | fixed ms | dynamic / fixed | compile ms, fixed | max logit diff |")
     for key in keys:
         m = zoo.load_model(key)
         ovm = make_runner(m, "openvino", threads=threads).fn  # tinysaver's OpenVinoModel
@@ -58,8 +57,7 @@ def pinning(zoo, key: str, calls: int) -> None:
     core = ov.Core()
     x = np.random.default_rng(0).random((1, *m.preprocess.input_size), dtype=np.float32)
     print(f"\n## Two 1-thread copies of {key} at batch 1 in two threads ({calls} calls each)\n")
-    print("| CPU pinning | one copy alone, ms/call | two in parallel, ms/call | parallel / alone |")
-    print("|---|---|---|---|")
+    table_head("| CPU pinning | one copy alone, ms/call | two in parallel, ms/call | parallel / alone |")
     for pin in (True, False):
         cfg = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": pin}
         a, b = (core.compile_model(core.read_model(str(path)), "CPU", cfg) for _ in range(2))

@@ -35,7 +35,7 @@ from tinysaver.cascade import Cascade
 from tinysaver.data import load_dataset
 from tinysaver.selector import SelectorConfig, select_all
 from tinysaver.zoo import load_zoo
-from common import parser
+from common import parser, table_head
 
 
 def timed(cascade: Cascade, images, bs: int, pipeline: bool, torch_threads: int) -> tuple[float, np.ndarray]:
@@ -66,10 +66,9 @@ def main() -> int:
     print(f"zoo {args.zoo}: {len(images)} {split} images, {args.repeats} interleaved repetitions, savers selected "
           f"on flops; sequential cascade and bases on threads {t_saver},{t_base}, pipelined cascade on "
           f"{p_saver},{p_base}; speedups over the best base are medians (min–max)\n")
-    print("| base ← saver | backend | batch | exit ratio | best base ms/img | sequential ms/img | pipelined ms/img | "
+    table_head("| base ← saver | backend | batch | exit ratio | best base ms/img | sequential ms/img | pipelined ms/img | "
           "sequential / best base | pipelined / best base | sequential of ideal | pipelined of ideal | "
           "pipelined / eager base |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     default = torch.get_num_threads()
     for sel in sels:
         saver, base = (zoo.load_model(k) for k in sel.models)

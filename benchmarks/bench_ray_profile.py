@@ -22,6 +22,7 @@ import numpy as np
 from loadgen import start_ray
 from tinysaver.profile_ray import profile_on_ray
 from tinysaver.profiler import ProfileConfig, profile
+from common import table_head
 
 CONFIG = Path(__file__).resolve().parent.parent / "zoo_index" / "configs" / "fashion-mnist.yaml"
 
@@ -55,8 +56,7 @@ def main() -> int:
     ray.shutdown()
     lm, rm = float(np.median(local)), float(np.median(on_ray))
     print(f"\n{len(cfg.models)} models × 10,000 test images, {args.shards} shards, 2 CPUs")
-    print(f"| backend | wall s (median of {args.repeats}) | all |")
-    print("|---|---|---|")
+    table_head(f"| backend | wall s (median of {args.repeats}) | all |")
     print(f"| local | {lm:.1f} | {', '.join(f'{t:.1f}' for t in local)} |")
     print(f"| ray | {rm:.1f} | {', '.join(f'{t:.1f}' for t in on_ray)} |")
     print(f"ray / local = {rm / lm:.2f} (goal ≤ 1.15); starting the local Ray instance took {start_s:.1f} s more")

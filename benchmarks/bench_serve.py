@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from loadgen import closed_loop, encoded_images, start_local_ray
-from common import parser, serve_load_options
+from common import parser, serve_load_options, table_head
 
 
 def in_process(sel, zoo, images, batch_size: int, repeats: int = 3, esn=None) -> dict[str, float]:
@@ -134,9 +134,8 @@ def main() -> int:
     ray.shutdown()
     ip = in_process(sel, zoo, data.images, args.max_batch_size, esn=esn)
     ip_c, ip_b = ip["cascade"], ip["base"]
-    print("\n| concurrency | cascade img/s | p50 ms | p99 ms | exit ratio | p50 early exit | p50 via base | "
+    table_head("\n| concurrency | cascade img/s | p50 ms | p99 ms | exit ratio | p50 early exit | p50 via base | "
           "base img/s | base p50 | base p99 | served speedup |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['cascade_img_s']:.1f} | {r['cascade_p50']:.1f} | {r['cascade_p99']:.1f} | "
               f"{r['exit_ratio']:.1%} | {r['early_p50']:.1f} | {r['late_p50']:.1f} | {r['base_img_s']:.1f} | "
@@ -151,9 +150,8 @@ def main() -> int:
           f"{ip_c / top['cascade_img_s']:.2f}× the in-process cascade's time per image")
     if esn:
         print("\nsaver + ESN exits, served (one deployment per part) against the same base:\n")
-        print("| concurrency | ESN img/s | p50 ms | p99 ms | share answered per part (saver, exits, head) | "
+        table_head("| concurrency | ESN img/s | p50 ms | p99 ms | share answered per part (saver, exits, head) | "
               "served speedup vs base |")
-        print("|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['concurrency']} | {r['esn_img_s']:.1f} | {r['esn_p50']:.1f} | {r['esn_p99']:.1f} | "
                   f"{', '.join(f'{100 * x:.1f}%' for x in r['esn_share'])} | {r['esn_img_s'] / r['base_img_s']:.2f}× |")

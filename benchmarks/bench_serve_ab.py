@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from loadgen import batch_loop, drive, encoded_images, start_local_ray
-from common import parser
+from common import parser, table_head
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,8 +133,7 @@ def main() -> int:
         for n in trees:
             keys = sorted(httpx.get(url[n] + "/metrics.json", timeout=30).json()["batch_sizes"])
             print(f"{n}: /metrics batch_sizes keys {keys}")
-        print("\n| route | before img/s, median | after img/s, median | after / before per round | median |")
-        print("|---|---|---|---|---|")
+        table_head("\n| route | before img/s, median | after img/s, median | after / before per round | median |")
         for k in kinds:
             ratios = [a / b for a, b in zip(res["after", k], res["before", k])]
             print(f"| {k} | {np.median(res['before', k]):.1f} | {np.median(res['after', k]):.1f} | "

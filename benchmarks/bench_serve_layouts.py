@@ -61,7 +61,7 @@ async def predict(request: Request):
 
 from fastapi import FastAPI, Request  # noqa: E402
 from ray import serve as _serve  # noqa: E402
-from common import parser, serve_load_options
+from common import parser, serve_load_options, table_head
 
 floor_api = FastAPI()
 
@@ -441,9 +441,8 @@ def main() -> int:
               ("fused-grpc", "floor-serve-grpc"), ("fused-grpc", "floor-serve"),
               ("floor-serve-plain", "floor-serve"), ("floor-serve-mor8", "floor-serve")]
     ratios = [(a, b) for a, b in ratios if a in urls and b in urls]  # the pairs this run has
-    print("| concurrency | " + " | ".join(f"{n} img/s" for n in names) + " | " +
+    table_head("| concurrency | " + " | ".join(f"{n} img/s" for n in names) + " | " +
           " | ".join(f"{a} / {b}" for a, b in ratios) + " | fused / in-process |")
-    print("|---|" + "---|" * (len(names) + len(ratios) + 1))
     for r in rows:
         ratio = lambda a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "–"  # noqa: E731
         fip = f"{r['fused'] / ip[backend_of('fused')]:.2f}" if "fused" in r else "–"
@@ -459,9 +458,8 @@ def main() -> int:
     if args.png:
         plot_throughput(rows, names, ip["eager"], args.max_batch_size, args.png)
     early = [n for n in ("fused", "fused-2r", "fused-grpc") if n in names]
-    print("\n| concurrency | " + " | ".join(f"{n} p50 ms" for n in names) + " | " +
+    table_head("\n| concurrency | " + " | ".join(f"{n} p50 ms" for n in names) + " | " +
           " | ".join(f"{n} early-answer p50 ms" for n in early) + " |")
-    print("|---|" + "---|" * (len(names) + len(early)))
     for r in rows:
         print(f"| {r['concurrency']} | " + " | ".join(f"{r[n + ':p50']:.1f}" for n in names) + " | " +
               " | ".join(f"{r.get(n + ':early_p50', float('nan')):.1f}" for n in early) + " |")
@@ -470,9 +468,8 @@ def main() -> int:
               "come from the replica's /metrics; 'proxy + transport' is the client's mean latency less the server's "
               "read + decode + answer: Serve's proxy, the HTTP hops and the request's serialisation to the replica. "
               "'client CPU' is the benchmark client's own CPU time per request, on the same cores.")
-        print("| concurrency | app | client latency | proxy + transport | read body | decode | batch wait | engine |"
+        table_head("| concurrency | app | client latency | proxy + transport | read body | decode | batch wait | engine |"
               " engine CPU | client CPU |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
         for g in gaps:
             server = g["read"] + g["decode"] + g["answer"]
             print(f"| {g['concurrency']} | {g['app']} | {g['client']:.1f} | {g['client'] - server:.1f} | {g['read']:.2f} "
@@ -482,8 +479,7 @@ def main() -> int:
         print("\nCPU time per /predict request, by process (ms, medians of the runs; the whole machine has 2 cores, so "
               "2,000 ms of CPU per second at most). 'replicas': the app's own Serve replicas; 'rest': Ray's other "
               "processes (controller, raylet, GCS, idle apps) and anything else on the machine.")
-        print("| concurrency | app | client | proxy | replicas | uvicorn | rest | total |")
-        print("|---|---|---|---|---|---|---|---|")
+        table_head("| concurrency | app | client | proxy | replicas | uvicorn | rest | total |")
         for r in cpu_rows:
             print(f"| {r['concurrency']} | {r['app']} | " + " | ".join(f"{r[k]:.2f}" for k in CPU_PARTS) +
                   f" | {cpu_total(r):.2f} |")
@@ -492,8 +488,7 @@ def main() -> int:
             print(f"concurrency {r['concurrency']}, /predict: " + cpu_bound(cpu_total(r), ip))
     if batches:
         print("\nBatches the replicas ran during the /predict runs (all runs of each concurrency):")
-        print("| concurrency | app | stage | batches | mean size | of size 1 |")
-        print("|---|---|---|---|---|---|")
+        table_head("| concurrency | app | stage | batches | mean size | of size 1 |")
         for (c, name, stage), hist in batches.items():
             n = sum(hist.values())
             if n:
@@ -505,9 +500,8 @@ def main() -> int:
               f"eager cascade: {ip['eager']:.1f} img/s ({ip['eager:cpu_ms']:.2f} ms CPU per image), on 1 torch thread "
               f"{ip['eager:1t']:.1f} img/s ({ip['eager:1t:cpu_ms']:.2f} ms CPU per image); onnxruntime "
               f"{ip['onnxruntime']:.1f} img/s ({ip['onnxruntime:cpu_ms']:.2f} ms). CPU ms per image by process:")
-        print("| concurrency | app | img/s | / in-process (same backend) | / in-process on 1 thread | client | proxy | "
+        table_head("| concurrency | app | img/s | / in-process (same backend) | / in-process on 1 thread | client | proxy | "
               "replicas | rest | total CPU |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
         for (name, c), rate in batch_rate.items():
             ref = ip[backend_of(name)]
             one_t = "–" if backend_of(name) != "eager" else f"{rate / ip['eager:1t']:.2f}"

@@ -17,6 +17,7 @@ from tinysaver.decoding import take_images
 from tinysaver.runtimes import make_runner
 from tinysaver.transforms import prepare_batch
 from tinysaver.zoo import load_zoo
+from common import table_head
 
 
 def ms_per_call(fn, inputs, calls: int = 300) -> float:
@@ -34,8 +35,7 @@ def ms_per_call(fn, inputs, calls: int = 300) -> float:
 def main() -> int:
     zoo = load_zoo("fashion-mnist")
     imgs = load_dataset(zoo.splits["test"]["source"], progress=False, limit=200).images
-    print("| model | input | runtime | 1 thread ms | 2 threads ms | 2 / 1 |")
-    print("|---|---|---|---|---|---|")
+    table_head("| model | input | runtime | 1 thread ms | 2 threads ms | 2 / 1 |")
     for key in zoo.models:
         m = zoo.load_model(key)
         xs = [prepare_batch(take_images(imgs, np.array([i])), m.preprocess) for i in range(len(imgs))]

@@ -1,4 +1,4 @@
-"""What the benchmarks share, written once: their command-line options.
+"""What the benchmarks share, written once: their command-line options and their tables' header.
 
 A benchmark runs as a script (``python benchmarks/bench_x.py``), so it imports this module by its
 own name, as it imports `loadgen` (the serving benchmarks' service start and clients).
@@ -28,4 +28,11 @@ def serve_load_options(ap: argparse.ArgumentParser, requests: int) -> argparse.A
     return ap
 
 
-__all__ = ["parser", "serve_load_options"]
+def table_head(header: str) -> None:
+    """Print a Markdown table's ``header`` (``"| a | b |"``, a leading newline kept) and the rule under
+    it, with as many columns as the header has; RESULTS.md takes the rows as they are printed."""
+    print(header, flush=True)
+    print("|" + "---|" * (header.strip().count("|") - 1), flush=True)
+
+
+__all__ = ["parser", "serve_load_options", "table_head"]

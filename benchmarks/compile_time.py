@@ -15,14 +15,14 @@ from pathlib import Path
 
 from tinysaver.runtimes import make_runner
 from tinysaver.zoo import load_zoo
-from common import parser
+from common import parser, table_head
 
 
 def main() -> int:
     ap = parser("fashion-mnist")
     args = ap.parse_args()
     zoo = load_zoo(args.zoo)
-    print("| model | compile s (batch 2 and 1) | ONNX export s | compile / export |\n|---|---|---|---|")
+    table_head("| model | compile s (batch 2 and 1) | ONNX export s | compile / export |")
     totals = [0.0, 0.0]
     with tempfile.TemporaryDirectory() as tmp:
         for key in zoo.models:

@@ -15,6 +15,7 @@ import torch
 
 from tinysaver.measure import count_flops
 from tinysaver.published import BENCHMARK_CSV, published_gmacs
+from common import table_head
 
 MODELS = ["resnet50", "efficientvit_m0", "swin_tiny_patch4_window7_224", "davit_tiny", "tf_efficientnet_lite0",
           "mobilenetv3_large_100", "efficientformerv2_s0"]
@@ -35,9 +36,8 @@ def fvcore_gmacs(m) -> tuple[float, float]:
 
 
 def main() -> int:
-    print(f"| model | published ({BENCHMARK_CSV}) | DeepSpeed | diff | torch fallback | diff "
+    table_head(f"| model | published ({BENCHMARK_CSV}) | DeepSpeed | diff | torch fallback | diff "
           "| fvcore total | fvcore BN+upsample | DeepSpeed + that |")
-    print("|---|---|---|---|---|---|---|---|---|")
     for arch in MODELS:
         pub = published_gmacs(arch, 224)
         m = timm.create_model(arch).eval()

@@ -26,7 +26,7 @@ from tinysaver.policy import exits
 from tinysaver.criteria import GUARANTEE_GRID
 from tinysaver.sweep import SaverOrder, best_exit
 from tinysaver.zoo import load_zoo
-from common import parser
+from common import parser, table_head
 
 
 def pooled(zoo, saver: str, base: str, splits):
@@ -91,8 +91,7 @@ def main() -> int:
             viol[m] += (b_all[ex].sum() - s_all[ex].sum()) / N > eps
     print(f"zoo {args.zoo}: {saver} → {base}, population {N} samples ({'+'.join(splits)} pooled), calibration draws of "
           f"{N // 2}, {args.repeats} repetitions, ε = {args.tolerance} pts, δ = {args.delta}")
-    print("| method | mean exit ratio | exit ratio vs MAPIE | violation rate (promised ≤ δ) | s per selection |")
-    print("|---|---|---|---|---|")
+    table_head("| method | mean exit ratio | exit ratio vs MAPIE | violation rate (promised ≤ δ) | s per selection |")
     ref = np.mean(exit_share[methods[-1]])
     for m in methods:
         e = np.mean(exit_share[m])

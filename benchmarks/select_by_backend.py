@@ -6,11 +6,11 @@ batch-1 latency on eager PyTorch, ONNX Runtime or OpenVINO (the rows `tinysaver 
 """
 from tinysaver.zoo import load_zoo
 from tinysaver.selector import select_all, SelectorConfig
+from common import table_head
 zoo = load_zoo("fashion-mnist")
 costs = ["flops", "latency:cpu:bs1:eager", "latency:cpu:bs1:onnxruntime", "latency:cpu:bs1:openvino"]
 res = {c: {s.base: s for s in select_all(zoo, SelectorConfig(cost=c))[0]} for c in costs}
-print("| base | " + " | ".join(f"saver on {c} (saving)" for c in costs) + " |")
-print("|---" * (len(costs) + 1) + "|")
+table_head("| base | " + " | ".join(f"saver on {c} (saving)" for c in costs) + " |")
 for b in res["flops"]:
     cells = []
     for c in costs:

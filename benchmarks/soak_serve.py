@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from loadgen import encoded_images, start_local_service
-from common import parser
+from common import parser, table_head
 
 SERVE_PROCESS_NAMES = ("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController")
 
@@ -197,16 +197,14 @@ def main() -> int:
     errors = sum(m["errors"] for m in minutes)
     print(f"\n{sent} requests sent, {sum(m['answered'] for m in minutes)} answered, "
           f"{sum(m['hostile_refused'] for m in minutes)} hostile handled as they should be, {errors} errors\n")
-    print("| process | RSS at start MiB | after minute 1 | at the end | growth since minute 1 |")
-    print("|---|---|---|---|---|")
+    table_head("| process | RSS at start MiB | after minute 1 | at the end | growth since minute 1 |")
     growth = {}
     for name in sorted(last["rss"]):
         a, b = first["rss"].get(name), last["rss"][name]
         growth[name] = (b / a - 1) if a else float("nan")
         print(f"| {name} | {start_rss.get(name, float('nan')):.0f} | {a if a else float('nan'):.0f} | {b:.0f} | "
               f"{100 * growth[name]:+.1f} % |")
-    print("\n| minute | answered | errors | p50 ms | p99 ms | audit | load |")
-    print("|---|---|---|---|---|---|---|")
+    table_head("\n| minute | answered | errors | p50 ms | p99 ms | audit | load |")
     for m in minutes:
         print(f"| {m['minute']} | {m['answered']} | {m['errors']} | {m['p50']:.1f} | {m['p99']:.1f} | {m['audit']} | "
               f"{m['load']:.2f} |")
