@@ -65,16 +65,28 @@ def services(tmp_path_factory):
             p.wait(timeout=60)
 
 
-def wait_until_up(proc, url: str, what: str) -> None:
+def wait_until_up(proc, url: str, what: str, live: bool = False, every_s: float = 0.5) -> None:
     """Until /healthz says 200. Quiet, a service is up in about 30 s; with a matmul loop beside the
-    tests, the stage replicas of this 2-core VM took 2.5 minutes to load their models."""
+    tests, the stage replicas of this 2-core VM took 2.5 minutes to load their models. ``live``:
+    once /v2/health/live has answered 200, it answers 200 at every poll after, through the port's
+    hand-over to Serve's proxy (a liveness probe never fails once the command is running)."""
     import httpx
 
-    up_by = time.monotonic() + 480
+    up_by, alive, failed = time.monotonic() + 480, False, []
     while True:
+        if live:
+            try:
+                got = str(httpx.get(f"{url}/v2/health/live", timeout=10).status_code)
+            except httpx.HTTPError as e:
+                got = type(e).__name__
+            alive = alive or got == "200"
+            if alive and got != "200":
+                failed.append(got)
         try:
             h = httpx.get(f"{url}/healthz", timeout=2)
             if h.status_code == 200:
+                assert alive or not live, "the liveness route never answered before the service was up"
+                assert not failed, f"liveness failed during start-up after it had answered: {failed}"
                 return
             if h.status_code == 503 and "application/json" in h.headers.get("content-type", ""):
                 # the ingress is up before its stages: it must not call itself healthy yet
@@ -84,7 +96,7 @@ def wait_until_up(proc, url: str, what: str) -> None:
         assert proc.poll() is None, proc.log.read_text()[-3000:]
         if time.monotonic() > up_by:
             pytest.fail(f"{what} did not come up in 8 minutes")
-        time.sleep(0.5)
+        time.sleep(every_s)
 
 
 def stream_while_stopping(proc, url: str, img: bytes, clients: int = 16, settle_s: float = 2.0) -> dict:
@@ -305,6 +317,28 @@ def test_an_unschedulable_replica_stops_the_command_at_once_and_sigterm_works_du
     assert proc.returncode == 0, out[-3000:]
     assert "stopped before the service was up" in out or "tinysaver: drained in" in out, out[-3000:]
     assert "Traceback" not in out and "Aborted" not in out
+
+
+def test_liveness_is_answered_from_the_first_answer_until_the_service_is_up(tmp_path):
+    """In Serve's default mode the command's start-up server shares the port with Serve's proxy
+    and hands it over once the application answers: every liveness poll after the first 200 is
+    200 again, through Ray's start, the proxy's bind and the models' load; then SIGTERM stops it."""
+    need_package("ray")
+    need_package("httpx")
+    port = free_port()
+    with (tmp_path / "serve.log").open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tinysaver", "serve", "--zoo", "fashion-mnist", "--base",
+                                 "resnet10t", "--port", str(port), "--num-cpus", "0.5"], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+    proc.log = tmp_path / "serve.log"
+    try:
+        wait_until_up(proc, f"http://127.0.0.1:{port}", "tinysaver serve", live=True, every_s=0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    out = proc.log.read_text()
+    assert proc.returncode == 0 and "tinysaver: drained in" in out and "Traceback" not in out, out[-3000:]
 
 
 def test_a_machine_that_never_ran_ray_gets_a_token_before_ray_start(tmp_path, monkeypatch):

@@ -338,6 +338,59 @@ def test_compressed_bodies_are_inflated_within_the_size_limit():
         assert e.value.status == status and words in e.value.reason and "\n" not in e.value.reason, e.value.reason
 
 
+def test_the_port_goes_to_the_proxy_only_once_the_proxy_answers_and_without_a_gap():
+    """Serve's proxy binds the port with SO_REUSEPORT beside the start-up server. Every connection
+    stays with the start-up server until the hand-over's check gets the proxy's own answer through
+    the port; from then on every connection reaches the proxy. A check that reaches no other server
+    (the start-up server's own answer) or a failing one keeps the port where it was."""
+    import socket
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.helpers import free_port
+    from tinysaver.serve.lifecycle import _proxy_answers
+    from tinysaver.serve.starting import STARTING_HEADER, StartingServer
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"proxy")
+
+        def log_message(self, *a):
+            pass
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/livez"
+
+    def who(n: int = 24) -> set:
+        out = set()
+        for _ in range(n):
+            with urllib.request.urlopen(url, timeout=10) as r:
+                out.add("starting" if STARTING_HEADER in r.headers else r.read().decode())
+        return out
+
+    with StartingServer("127.0.0.1", port, share=True) as starting:
+        assert starting.shared  # Linux: the port's group is steered
+        assert not starting.hand_over(lambda: _proxy_answers(url)) and who() == {"starting"}  # nobody else listens
+        proxy = ThreadingHTTPServer(("127.0.0.1", port), Proxy, bind_and_activate=False)
+        proxy.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        proxy.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as Serve's proxy binds
+        proxy.server_bind()
+        proxy.server_activate()
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        try:
+            assert who() == {"starting"}  # the proxy listens, and gets nothing yet
+            assert not starting.hand_over(lambda: False) and who() == {"starting"}
+            assert starting.hand_over(lambda: _proxy_answers(url), settle_s=0.05)
+            assert not starting.thread.is_alive() and who() == {"proxy"}
+        finally:
+            proxy.shutdown()
+            proxy.server_close()
+
+
 def test_the_port_answers_liveness_while_ray_starts_and_is_free_after():
     """What `tinysaver serve` holds its port with until Serve's proxy takes it: the liveness routes
     200, everything else 503 with Retry-After in the service's error shape; closed, the port is free."""

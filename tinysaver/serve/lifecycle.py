@@ -34,7 +34,7 @@ from ..ray_local import RAY_CLI, ensure_ray_token, set_local_ray_env
 from . import grpc_api, listener, routes
 from .builders import unschedulable
 from .reaper import in_session
-from .starting import StartingServer
+from .starting import STARTING_HEADER, StartingServer
 
 log = logging.getLogger("tinysaver.serve")
 
@@ -125,7 +125,37 @@ def claim_ports(host: str, port: int, grpc_port: int | None = None, hold: bool =
         if grpc_port == port:
             raise ServeError(f"--grpc-port {grpc_port} is also --port: give the gRPC proxy a port of its own")
         check_port(host, grpc_port, "--grpc-port")
-    return StartingServer(host, port) if hold else None
+    return StartingServer(host, port, share=proxy_shares_port()) if hold else None
+
+
+def proxy_shares_port() -> bool:
+    """Whether Serve's HTTP proxy will bind its port with ``SO_REUSEPORT`` (Ray's default, read
+    from the environment the local Ray inherits), so that `StartingServer` may listen beside it;
+    HAProxy (``--high-throughput``) binds alone unless told otherwise."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1":
+        return os.environ.get("SERVE_SOCKET_REUSE_PORT_ENABLED", "0") == "1"
+    return os.environ.get("SERVE_SOCKET_REUSE_PORT_ENABLED", "1") == "1"
+
+
+def hand_over(starting: StartingServer, url: str, timeout_s: float, stop: list) -> bool:
+    """Give the port to Serve's proxy once it answers ``url`` (a liveness route) through it; until
+    then `StartingServer` keeps answering. After ``timeout_s`` (or a stop) the port goes to the proxy
+    anyway. Returns whether the proxy answered."""
+    deadline = time.monotonic() + timeout_s
+    while not stop and time.monotonic() < deadline:
+        if starting.hand_over(lambda: _proxy_answers(url)):
+            return True
+        time.sleep(0.25)
+    starting.close()
+    return False
+
+
+def _proxy_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200 and STARTING_HEADER not in r.headers
+    except (OSError, urllib.error.HTTPError):
+        return False
 
 
 ADDRESS_WAIT_S = 15.0  # how long --address may take to answer before the command gives up
@@ -428,8 +458,8 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
             why = unschedulable(needs, ray.nodes())
             if why:
                 raise ServeError(f"the service cannot start: {why}")
-        if starting:
-            starting.close()  # the proxy takes the port now
+        if starting and not starting.shared:
+            starting.close()  # the proxy takes the port now; a shared one is handed over once the service answers
         start_serve({"host": host, "port": port}, grpc_port=grpc_port)
         if hasattr(serve, "run_many"):  # deploy, then wait here, where a deadline and Ctrl-C apply
             serve.run_many([serve.RunTarget(app, name=APP, route_prefix="/")], wait_for_applications_running=False)
@@ -437,6 +467,8 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
         else:
             serve.run(app, name=APP, route_prefix="/")
         health = f"http://{_local(host)}:{port}{routes.HEALTH}"
+        if starting and starting.shared:
+            hand_over(starting, f"http://{_local(host)}:{port}{routes.LIVE}", PROXY_START_S, stop)
         if stop:  # during start-up: a replica that is up may have admitted requests, so it drains too
             n = answered(health)  # a slow start can answer before this command sees it running
             say(f"tinysaver: stopped after {n:,} answer{'s' if n != 1 else ''}, before the command saw the service "
@@ -478,5 +510,5 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
                 head.stop(STOP_RESERVE_S)
 
 
-__all__ = ["APP", "DRAIN_TIMEOUT_S", "STARTUP_TIMEOUT_S", "HIGH_THROUGHPUT_ENV", "PROXY_START_S", "local_ray_env", "start_serve", "AuditWatch", "LocalHead", "check_address", "check_port", "claim_ports", "drain", "remove_stale_heads",
+__all__ = ["APP", "DRAIN_TIMEOUT_S", "STARTUP_TIMEOUT_S", "HIGH_THROUGHPUT_ENV", "PROXY_START_S", "local_ray_env", "start_serve", "AuditWatch", "LocalHead", "check_address", "check_port", "claim_ports", "drain", "hand_over", "proxy_shares_port", "remove_stale_heads",
            "run_service", "wait_running"]

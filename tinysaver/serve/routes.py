@@ -22,13 +22,15 @@ class Route:
     shown: bool = True
 
 
+HEALTH = "/healthz"  # what the command polls for the answered count and the audit
+LIVE = "/livez"  # what the command asks Serve's proxy before it hands the port over
 OIP = "/v2"  # the Open Inference Protocol's routes are listed once, as their prefix
 ROUTES = (
     Route("POST", "/predict", "predict", "one image → its class, confidence and exit", token=True),
     Route("POST", "/predict/batch", "predict_batch", "images → one answer per line, each as soon as it is ready",
           token=True),
-    Route("GET", "/healthz", "healthz", "readiness with the audit's state and bound"),
-    Route("GET", "/livez", "livez", "liveness: the replica's event loop answers"),
+    Route("GET", HEALTH, "healthz", "readiness with the audit's state and bound"),
+    Route("GET", LIVE, "livez", "liveness: the replica's event loop answers"),
     Route("GET", "/readyz", "readyz", "readiness: every stage up, and admitting requests"),
     Route("GET", "/metrics", "metrics", "Prometheus text (JSON with Accept: application/json)", token=True),
     Route("GET", "/metrics.json", "metrics_json", "the counters as JSON", token=True, shown=False),
@@ -56,7 +58,6 @@ ROUTES = (
     Route("POST", f"{OIP}/models/{{name}}/versions/{{version}}/infer", "oip_infer", "the same, by version",
           token=True, shown=False),
 )
-HEALTH = "/healthz"  # what the command polls for the answered count and the audit
 
 
 def listing() -> str:
@@ -73,4 +74,4 @@ def with_token() -> list[str]:
     return sorted({r.path for r in ROUTES if r.token})
 
 
-__all__ = ["HEALTH", "OIP", "ROUTES", "Route", "listing", "with_token"]
+__all__ = ["HEALTH", "LIVE", "OIP", "ROUTES", "Route", "listing", "with_token"]
