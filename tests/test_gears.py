@@ -178,3 +178,21 @@ def test_the_service_refuses_gears_it_cannot_switch_in_one_line(fashion, plan):
 
     with pytest.raises(ServeError, match=r"\(ESN exits\)"):  # what `tinysaver esn serve --gears` builds
         ServiceSpec(spec.stages, geared, factory="esn.serve:esn_stages", gears=spec.gears)
+
+
+def test_the_held_out_images_are_those_no_plan_was_fitted_to(fashion):
+    """`held_out` names the samples `calibration_and_test` holds out, by index into their split:
+    the whole test split where the zoo has calib and test, else the seeded half not calibrated on.
+    What bench_gears scores the served answers on."""
+    from tinysaver.splits import held_out
+
+    lite = load_zoo("imagenet-lite")
+    for zoo, models in ((fashion, [BASE, "mobilenetv3_small_075"]),
+                        (lite, ["tf_efficientnet_lite2.pypi_in1k", "tf_efficientnet_lite0.pypi_in1k"])):
+        calib, test = calibration_and_test(zoo, models, None, None, seed=3)
+        split, idx = held_out(zoo, seed=3)
+        whole = zoo.predictions(models[0], split)
+        assert np.array_equal(whole.labels[idx], test.labels) and np.array_equal(whole.pred[idx], test.pred[models[0]])
+        assert len(idx) == len(test.labels) and np.all(np.diff(idx) > 0)
+    assert split == "val" and len(idx) == 500 and len(calib.labels) == 500
+    assert not np.array_equal(held_out(lite, seed=3)[1], held_out(lite, seed=4)[1])

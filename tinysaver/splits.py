@@ -73,10 +73,8 @@ def calibration_and_test(zoo: Zoo, models: Sequence[str], calib_split: str | Non
             calib_split, test_split = "calib", "test"
         elif splits:
             whole = load_split_data(zoo, splits[0], models, calibrate)
-            perm = np.random.default_rng(seed).permutation(len(whole.labels))
-            half = len(perm) // 2
-            return (whole.subset(np.sort(perm[:half]), f"{splits[0]}[calib]"),
-                    whole.subset(np.sort(perm[half:]), f"{splits[0]}[holdout]"))
+            calib_idx, held_idx = _halves(len(whole.labels), seed)
+            return (whole.subset(calib_idx, f"{splits[0]}[calib]"), whole.subset(held_idx, f"{splits[0]}[holdout]"))
         else:
             raise SelectionError(f"zoo {zoo.name!r} has no splits with predictions")
     if calib_split is None:
@@ -88,4 +86,20 @@ def calibration_and_test(zoo: Zoo, models: Sequence[str], calib_split: str | Non
     return calib, test
 
 
-__all__ = ["CALIBRATIONS", "check_calibration", "SplitData", "load_split_data", "calibration_and_test"]
+def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:n // 2]), np.sort(perm[n // 2:])
+
+
+def held_out(zoo: Zoo, seed: int = 0) -> tuple[str, np.ndarray]:
+    """The held-out samples of `calibration_and_test`'s defaults, as (split, indices into it): the
+    images a run may be scored on that no selection or gear plan of this zoo was fitted to."""
+    splits = list(zoo.splits)
+    if "calib" in splits and "test" in splits:
+        return "test", np.arange(zoo.splits["test"]["samples"])
+    if not splits:
+        raise SelectionError(f"zoo {zoo.name!r} has no splits with predictions")
+    return splits[0], _halves(int(zoo.splits[splits[0]]["samples"]), seed)[1]
+
+
+__all__ = ["CALIBRATIONS", "check_calibration", "SplitData", "load_split_data", "calibration_and_test", "held_out"]
