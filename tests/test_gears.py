@@ -196,3 +196,36 @@ def test_the_held_out_images_are_those_no_plan_was_fitted_to(fashion):
         assert len(idx) == len(test.labels) and np.all(np.diff(idx) > 0)
     assert split == "val" and len(idx) == 500 and len(calib.labels) == 500
     assert not np.array_equal(held_out(lite, seed=3)[1], held_out(lite, seed=4)[1])
+
+
+def test_a_replica_at_half_load_keeps_gear_0_through_poisson_bursts(plan):
+    """A fused replica's gearing (`tinysaver.serve.fused.Gearing`) under Poisson arrivals at half
+    its capacity, one image per batch, the batch it decides for not counted as waiting: the bursts
+    of a Poisson stream do not move it off the zero-loss gear. Under twice the capacity, requests
+    pile up behind the batch and it climbs, one gear first."""
+    import random
+
+    from tinysaver.serve.fused import Gearing
+
+    def run(rate: float, capacity: float = 20.0, seconds: float = 600.0) -> Gearing:
+        """One image per batch, first come first served; gear g takes cost[g] / cost[0] / capacity s."""
+        g, rng = Gearing(plan.to_dict(), 2000.0), random.Random(5)  # a target of 40 service times
+        g.served(0, 1, 1 / capacity)
+        arrivals, t = [], 0.0
+        while t < seconds:
+            t += rng.expovariate(rate)
+            arrivals.append(t)
+        free_at, told = 0.0, 0
+        for k, at in enumerate(arrivals):
+            start = max(at, free_at)
+            while told < len(arrivals) and arrivals[told] <= start:  # the replica sees each arrival
+                g.arrived(1, arrivals[told])
+                told += 1
+            gear = g.choose(1, told - k - 1, start - at, start)  # those arrived after it wait behind it
+            free_at = start + g.costs[gear] / g.costs[0] / capacity
+        return g
+
+    calm = run(10.0)
+    assert calm.box.switches == [] and calm.box.gear == 0
+    busy = run(40.0, seconds=30.0)
+    assert busy.box.gear > 0 and busy.box.switches[0][:2] == (0, 1)

@@ -30,6 +30,26 @@ def triton_request(outputs=None):
     return body, None if n is None else str(n)
 
 
+def test_a_service_with_gears_gives_the_gear_as_an_output_and_one_without_refuses_it():
+    geared = [{**a, "gear": g} for a, g in zip(ANSWERS, (2, 0, 1))]
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
+                                   "data": [base64.b64encode(i).decode() for i in IMAGES]}]}).encode()
+    req = oip.parse_infer(body, None, gears=True)
+    assert [o.name for o in req.outputs] == [*oip.OUTPUTS, "gear"]  # none named: all of them, the gear too
+    out, _ = oip.encode_response("m-cascade", req, geared)
+    got = {o["name"]: (o["datatype"], o["data"]) for o in json.loads(out)["outputs"]}
+    assert got["gear"] == ("INT64", [2, 0, 1]) and got["class_index"] == ("INT64", [3, 1, 0])
+    assert [o.name for o in oip.parse_infer(body, None).outputs] == list(oip.OUTPUTS)
+    asks_gear = json.dumps({**json.loads(body), "outputs": [{"name": "gear"}]}).encode()
+    with pytest.raises(BadRequest, match="unknown output 'gear'; this model gives class_index, label, confidence, stage$"):
+        oip.parse_infer(asks_gear, None)
+    assert [o.name for o in oip.parse_infer(asks_gear, None, gears=True).outputs] == ["gear"]
+    assert [o["name"] for o in oip.model_metadata("m", gears=True)["outputs"]][-1] == "gear"
+    assert "gear" not in [o["name"] for o in oip.model_metadata("m")["outputs"]]
+    assert oip.model_config("m", ["a", "b"], [0.5], 8, 16, 5.0, gears=True)["output"][-1] == {
+        "name": "gear", "data_type": "TYPE_INT64", "dims": [-1]}
+
+
 def test_tritonclient_binary_requests_and_responses_round_trip():
     import tritonclient.http as th
 
@@ -231,6 +251,10 @@ def test_grpc_requests_built_by_kserve_parse_and_our_responses_read_back_in_it()
     assert out["class_index"] == [3, 1, 0] and out["stage"] == [b"saver", b"base", b"base"]
     np.testing.assert_allclose(out["confidence"], [0.75, 0.5, 0.25])
     assert res.id == "r1" and res.model_name == "m-cascade"
+    geared = InferResponse.from_grpc(oip_grpc.infer_response(  # a service with gears: the gear too
+        "m-cascade", oip_grpc.parse_infer(wire, gears=True), [{**a, "gear": 1} for a in ANSWERS]))
+    assert {o.name: o.as_numpy().tolist() for o in geared.outputs}["gear"] == [1, 1, 1]
+    assert [t.name for t in oip_grpc.model_metadata("m", gears=True).outputs][-1] == "gear"
     # the same images as raw_input_contents (Triton's clients send these)
     raw = oip_grpc.messages().ModelInferRequest(model_name="m-cascade")
     raw.inputs.add(name="image", datatype="BYTES", shape=[len(IMAGES)])

@@ -565,6 +565,20 @@ def test_gears_answer_as_cascade_predict_at_the_gear_that_answered_and_drift_hol
     later = [post_answered(c, png(imgs[i]), "/gears/predict").json()["gear"] for i in range(8)]
     assert later == [0] * 8
     assert c.get("/fused/metrics.json").json()["gears"] is None  # a service without gears says so
+    # the Open Inference Protocol says the gear too, as an output of its own, on a service with gears only
+    import base64
+
+    from tinysaver.serve import oip
+
+    name = oip.model_name(BASE)
+    data = [base64.b64encode(png(imgs[i])).decode() for i in range(3)]
+    r = c.post(f"/gears/v2/models/{name}/infer",
+               json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3], "data": data}]})
+    out = {o["name"]: o["data"] for o in r.json()["outputs"]}
+    assert out["gear"] == [0, 0, 0] and out["class_index"] == [a["class"] for a in (
+        post_answered(c, png(imgs[i]), "/gears/predict").json() for i in range(3))], r.text
+    assert "gear" in [o["name"] for o in c.get(f"/gears/v2/models/{name}").json()["outputs"]]
+    assert "gear" not in [o["name"] for o in c.get(f"/fused/v2/models/{name}").json()["outputs"]]
 
 
 # Each gRPC client runs in a process of its own: tritonclient.grpc and kserve register the same

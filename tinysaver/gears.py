@@ -197,12 +197,13 @@ class GearBox:
 
     ``costs``: each gear's cost per image (the plan's), gear 0 the dearest; ``target_ms``: the p99
     latency to hold. Each decision is given the images waiting, the oldest one's age, the current
-    gear's capacity (images per second of busy time, measured) and the recent arrival rate
-    (images/s); another gear's capacity is the current one's scaled by the two costs. It moves up
+    gear's capacity (images per second of busy time, measured), the recent arrival rate (images/s)
+    and the images of the batch it decides for (``serving``: counted in the predicted wait, not as
+    waiting); another gear's capacity is the current one's scaled by the two costs. It moves up
     (cheaper) when the predicted wait passes ``up`` × target, or when images arrive faster than the
-    current gear serves them and some wait; and down one gear only when the dearer gear would serve
-    the arrivals with ``headroom`` to spare and a wait under ``down`` × target, for ``hold``
-    decisions in a row."""
+    current gear serves them and some wait behind the batch; and down one gear only when the dearer
+    gear would serve the arrivals with ``headroom`` to spare and a wait under ``down`` × target, for
+    ``hold`` decisions in a row."""
 
     costs: Sequence[float]
     target_ms: float
@@ -230,14 +231,15 @@ class GearBox:
         c = self.capacity(gear, capacity)
         return 1e3 * waiting / c if c > 0 else (float("inf") if waiting else 0.0)
 
-    def decide(self, waiting: int, oldest_ms: float, capacity: float, arrivals: float) -> int:
+    def decide(self, waiting: int, oldest_ms: float, capacity: float, arrivals: float, serving: int = 0) -> int:
         """The gear for the next batch (see the class)."""
         g = self.gear
-        late = self.wait_ms(g, waiting, capacity) + oldest_ms > self.up * self.target_ms
+        # a lone request at low load is its own batch: it waits for nobody, so it is no backlog
+        late = self.wait_ms(g, waiting + serving, capacity) + oldest_ms > self.up * self.target_ms
         if g < len(self.costs) - 1 and (late or (waiting and arrivals > self.capacity(g, capacity))):
             self.shift(g + 1, waiting)
         elif (g > 0 and arrivals < self.headroom * self.capacity(g - 1, capacity)
-              and self.wait_ms(g - 1, waiting, capacity) + oldest_ms < self.down * self.target_ms):
+              and self.wait_ms(g - 1, waiting + serving, capacity) + oldest_ms < self.down * self.target_ms):
             self.calm += 1
             if self.calm >= self.hold:
                 self.shift(g - 1, waiting)

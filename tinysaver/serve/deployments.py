@@ -536,7 +536,7 @@ class IngressServer:
         return r if isinstance(r, JSONResponse) else {"ready": True}
 
     async def oip_metadata(self, name: str, version: str = oip.VERSION):
-        return self._unknown(name, version) or oip.model_metadata(self.oip_name)
+        return self._unknown(name, version) or oip.model_metadata(self.oip_name, self.o.gears)
 
     async def oip_model_ready(self, name: str, version: str = oip.VERSION):
         unknown = self._unknown(name, version)
@@ -549,7 +549,7 @@ class IngressServer:
         stages = self.spec.stages
         return self._unknown(name, version) or oip.model_config(
             self.oip_name, stages.names, stages.thresholds, self.o.max_images, self.o.max_batch_size,
-            self.o.batch_wait_timeout_s * 1e3)
+            self.o.batch_wait_timeout_s * 1e3, self.o.gears)
 
     async def oip_stats(self, name: str | None = None, version: str = oip.VERSION):
         """Triton's statistics from the counts the replica keeps (one replica's, as /metrics is)."""
@@ -574,7 +574,7 @@ class IngressServer:
             with self._admitted():
                 with self._on_its_way():
                     req = oip.parse_infer(await read_body(request, self.o.max_body_bytes, self.o.body_timeout_s),
-                                          request.headers.get(oip.HEADER_LENGTH), self.o.max_images)
+                                          request.headers.get(oip.HEADER_LENGTH), self.o.max_images, self.o.gears)
                 answers = await self._infer(req)
         except BadRequest as e:
             return self._error(e)
@@ -599,7 +599,7 @@ class IngressServer:
             request = oip_grpc.request("ModelInfer", data)
             self._check_model(request.model_name, request.model_version or oip.VERSION)
             with self._admitted():
-                req = oip_grpc.parse_infer(request, self.o.max_images)
+                req = oip_grpc.parse_infer(request, self.o.max_images, self.o.gears)
                 answers = await self._infer(req)
             return oip_grpc.infer_response(self.oip_name, req, answers)
         except BadRequest as e:
@@ -630,7 +630,7 @@ class IngressServer:
 
     async def ModelMetadata(self, data: bytes, grpc_context):  # noqa: N802
         async def metadata():
-            return oip_grpc.model_metadata(self.oip_name)
+            return oip_grpc.model_metadata(self.oip_name, self.o.gears)
         return await self._model_call("ModelMetadata", data, grpc_context, metadata)
 
     async def RepositoryModelLoad(self, data: bytes, grpc_context):  # noqa: N802

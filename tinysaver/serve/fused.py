@@ -51,7 +51,8 @@ class Gearing:
         """Images per second arriving lately (exponentially weighted, ``ARRIVALS_TAU_S``)."""
         return self.rate * float(np.exp(-(now - self.last) / ARRIVALS_TAU_S))
 
-    def choose(self, waiting: int, oldest_s: float, now: float) -> int:
+    def choose(self, serving: int, waiting: int, oldest_s: float, now: float) -> int:
+        """The gear of a batch of ``serving`` images with ``waiting`` behind it (`GearBox.decide`)."""
         if self.forced:
             if self.box.gear:
                 self.box.shift(0, waiting)
@@ -60,7 +61,7 @@ class Gearing:
             return self.box.gear
         g = self.box.gear
         return self.box.decide(waiting, 1e3 * oldest_s, self.capacity0 * self.costs[0] / self.costs[g],
-                               self.arrivals(now))
+                               self.arrivals(now), serving)
 
     def served(self, gear: int, n: int, busy_s: float) -> None:
         if busy_s > 0 and n:
@@ -109,7 +110,7 @@ class FusedBatcher:
         thresholds, gear = list(self.thresholds), None
         if self.gearing is not None:
             oldest = min((item[2] for item in items if len(item) > 2), default=start)
-            gear = self.gearing.choose(len(items) + self.queued(), start - oldest, start)
+            gear = self.gearing.choose(len(items), self.queued(), start - oldest, start)
             thresholds[0] = self.gearing.thresholds[gear]
 
         def settle(rows: list[int], values: list[tuple]) -> None:

@@ -26,6 +26,7 @@ from .http import DIGITS, BadRequest
 
 INPUT = "image"
 OUTPUTS = {"class_index": "INT64", "label": "BYTES", "confidence": "FP32", "stage": "BYTES"}
+GEAR = {"gear": "INT64"}  # a service with gears (--gears) also says which gear answered each image
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["classification", "binary_tensor_data"]
 VERSION = "1"
@@ -36,10 +37,15 @@ def model_name(base: str) -> str:
     return f"{base.replace('/', '_')}-cascade"
 
 
-def model_metadata(name: str) -> dict:
+def outputs(gears: bool = False) -> dict[str, str]:
+    """The outputs this model gives, name → datatype: ``gear`` too where the service has gears."""
+    return {**OUTPUTS, **GEAR} if gears else OUTPUTS
+
+
+def model_metadata(name: str, gears: bool = False) -> dict:
     return {"name": name, "versions": [VERSION], "platform": "tinysaver_cascade",
             "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": k, "datatype": v, "shape": [-1]} for k, v in OUTPUTS.items()]}
+            "outputs": [{"name": k, "datatype": v, "shape": [-1]} for k, v in outputs(gears).items()]}
 
 
 @dataclass
@@ -124,17 +130,18 @@ def check_count(shape, want: int, images: list) -> None:
         raise BadRequest(400, f"input '{INPUT}' holds no image")
 
 
-def requested(name: str, classification: int, binary: bool = False) -> Requested:
+def requested(name: str, classification: int, binary: bool = False, gears: bool = False) -> Requested:
     """One asked-for output, checked: a known name, and top-1 at most."""
-    if name not in OUTPUTS:
-        raise BadRequest(400, f"unknown output {name!r}; this model gives {', '.join(OUTPUTS)}")
+    if name not in outputs(gears):
+        raise BadRequest(400, f"unknown output {name!r}; this model gives {', '.join(outputs(gears))}")
     if classification > 1:
         raise BadRequest(400, "classification asks for the top 1 only here: a cascade's early answer carries "
                               "no ranking past its first class")
     return Requested(name, binary, classification)
 
 
-def parse_infer(body: bytes, header_length: str | None, max_images: int | None = None) -> InferRequest:
+def parse_infer(body: bytes, header_length: str | None, max_images: int | None = None,
+                gears: bool = False) -> InferRequest:
     """The request of ``POST /v2/models/{name}/infer``: a JSON body, or a JSON header of
     ``header_length`` bytes followed by binary tensor data, read through
     `OIPRequestSchema`. Anything else is a 400; more than ``max_images``
@@ -168,14 +175,14 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int | None =
         raise BadRequest(400, f"input '{INPUT}' has neither data nor binary_data_size")
     check_count(tensor.shape, want, images)
     binary_all = bool(req.parameters and req.parameters.binary_data_output)
-    outputs = []
+    asked = []
     for o in req.outputs or []:
         p = o.parameters
         binary = p.binary_data if p is not None and p.binary_data is not None else binary_all
-        outputs.append(requested(o.name, (p.classification if p else None) or 0, binary))
-    if not outputs:
-        outputs = [Requested(n, binary_all) for n in OUTPUTS]
-    return InferRequest(images, outputs, None if req.id is None else str(req.id))
+        asked.append(requested(o.name, (p.classification if p else None) or 0, binary, gears))
+    if not asked:
+        asked = [Requested(n, binary_all) for n in outputs(gears)]
+    return InferRequest(images, asked, None if req.id is None else str(req.id))
 
 
 def _values(name: str, answers: Sequence[dict]) -> list:
@@ -185,6 +192,8 @@ def _values(name: str, answers: Sequence[dict]) -> list:
         return [a["name"] if a["name"] is not None else str(a["class"]) for a in answers]
     if name == "confidence":
         return [float(a["confidence"]) for a in answers]
+    if name == "gear":
+        return [int(a["gear"]) for a in answers]
     return [a["stage_name"] for a in answers]
 
 
@@ -201,7 +210,7 @@ def tensors(req: InferRequest, answers: Sequence[dict]) -> list[tuple[Requested,
     out = []
     n = len(answers)
     for r in req.outputs:
-        values, datatype, shape = _values(r.name, answers), OUTPUTS[r.name], [n]
+        values, datatype, shape = _values(r.name, answers), outputs(True)[r.name], [n]
         if r.classification:
             values = [f"{a['confidence']:f}:{int(a['class'])}:{lab}" for a, lab in zip(answers, _values("label", answers))]
             datatype, shape = "BYTES", [n, 1]
@@ -237,7 +246,7 @@ TRITON_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "FP32": "TYPE_FP3
 
 
 def model_config(name: str, stages: Sequence[str], thresholds: Sequence[float], max_images: int,
-                 max_batch_size: int, batch_wait_ms: float) -> dict:
+                 max_batch_size: int, batch_wait_ms: float, gears: bool = False) -> dict:
     """Triton's model configuration of the cascade (``GET /v2/models/{name}/config``).
 
     ``max_batch_size`` is 0 in Triton's sense: the tensors' shapes are whole, ``[-1]`` images, as the
@@ -250,7 +259,7 @@ def model_config(name: str, stages: Sequence[str], thresholds: Sequence[float], 
               "batch_wait_ms": f"{batch_wait_ms:g}"}
     return {"name": name, "platform": "tinysaver_cascade", "backend": "tinysaver", "max_batch_size": 0,
             "version_policy": {"latest": {"num_versions": 1}},
-            "input": [tensor(INPUT, "BYTES")], "output": [tensor(k, v) for k, v in OUTPUTS.items()],
+            "input": [tensor(INPUT, "BYTES")], "output": [tensor(k, v) for k, v in outputs(gears).items()],
             "parameters": {k: {"string_value": v} for k, v in params.items()}}
 
 
@@ -280,6 +289,6 @@ def repository_index(name: str, ready: bool) -> list[dict]:
              "reason": "" if ready else "the cascade is starting or stopping"}]
 
 
-__all__ = ["EXTENSIONS", "HEADER_LENGTH", "INPUT", "InferRequest", "OUTPUTS", "Requested", "TRITON_TYPES", "binary",
+__all__ = ["EXTENSIONS", "GEAR", "HEADER_LENGTH", "INPUT", "InferRequest", "OUTPUTS", "Requested", "TRITON_TYPES", "binary",
            "check_count", "check_input", "encode_response", "model_config", "model_metadata", "model_name",
-           "model_stats", "parse_infer", "repository_index", "requested", "split_bytes", "tensors"]
+           "model_stats", "outputs", "parse_infer", "repository_index", "requested", "split_bytes", "tensors"]

@@ -74,7 +74,7 @@ def _parameter(params, key: str):
     return getattr(p, which) if which else None
 
 
-def parse_infer(msg, max_images: int | None = None) -> oip.InferRequest:
+def parse_infer(msg, max_images: int | None = None, gears: bool = False) -> oip.InferRequest:
     """A ``ModelInferRequest`` → what it asks, checked as the HTTP route checks its JSON (400, 413)."""
     if len(msg.inputs) != 1:
         raise BadRequest(400, f"this model takes one input, '{oip.INPUT}'; the request has {len(msg.inputs)}")
@@ -94,9 +94,9 @@ def parse_infer(msg, max_images: int | None = None) -> oip.InferRequest:
         k = _parameter(o.parameters, "classification")
         if k is not None and (isinstance(k, str) or k < 0):
             raise BadRequest(400, f"output {o.name!r}: the parameter 'classification' is a count, got {k!r}")
-        outputs.append(oip.requested(o.name, int(k or 0)))
+        outputs.append(oip.requested(o.name, int(k or 0), gears=gears))
     if not outputs:
-        outputs = [oip.Requested(n) for n in oip.OUTPUTS]
+        outputs = [oip.Requested(n) for n in oip.outputs(gears)]
     return oip.InferRequest(images, outputs, msg.id or None)
 
 
@@ -110,8 +110,8 @@ def infer_response(name: str, req: oip.InferRequest, answers) -> object:
     return out
 
 
-def model_metadata(name: str) -> object:
-    meta = oip.model_metadata(name)
+def model_metadata(name: str, gears: bool = False) -> object:
+    meta = oip.model_metadata(name, gears)
     pb = messages()
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
