@@ -211,6 +211,7 @@ def test_a_replica_at_half_load_keeps_gear_0_through_poisson_bursts(plan):
         """One image per batch, first come first served; gear g takes cost[g] / cost[0] / capacity s."""
         g, rng = Gearing(plan.to_dict(), 2000.0), random.Random(5)  # a target of 40 service times
         g.served(0, 1, 1 / capacity)
+        g.last = 0.0  # the simulated clock
         arrivals, t = [], 0.0
         while t < seconds:
             t += rng.expovariate(rate)
@@ -229,3 +230,11 @@ def test_a_replica_at_half_load_keeps_gear_0_through_poisson_bursts(plan):
     assert calm.box.switches == [] and calm.box.gear == 0
     busy = run(40.0, seconds=30.0)
     assert busy.box.gear > 0 and busy.box.switches[0][:2] == (0, 1)
+
+
+def test_the_batch_being_decided_is_in_the_predicted_wait_but_is_no_backlog():
+    box = GearBox([2.0, 1.0], target_ms=1000.0)
+    assert box.decide(0, 0.0, capacity=10.0, arrivals=15.0, serving=1) == 0  # a lone request outpaced by a burst
+    assert box.decide(1, 0.0, capacity=10.0, arrivals=15.0, serving=1) == 1  # one behind it: the arrivals win
+    late = GearBox([2.0, 1.0], target_ms=1000.0)
+    assert late.decide(0, 0.0, capacity=10.0, arrivals=1.0, serving=6) == 1  # 6 images: 600 ms > half the target

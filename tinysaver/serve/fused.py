@@ -49,7 +49,7 @@ class Gearing:
 
     def arrivals(self, now: float) -> float:
         """Images per second arriving lately (exponentially weighted, ``ARRIVALS_TAU_S``)."""
-        return self.rate * float(np.exp(-(now - self.last) / ARRIVALS_TAU_S))
+        return self.rate * float(np.exp(-max(now - self.last, 0.0) / ARRIVALS_TAU_S))  # a clock read late
 
     def choose(self, serving: int, waiting: int, oldest_s: float, now: float) -> int:
         """The gear of a batch of ``serving`` images with ``waiting`` behind it (`GearBox.decide`)."""
