@@ -96,6 +96,8 @@ STARTUP_TIMEOUT_S = 120.0  # how long a service may take to be running before th
 DRAIN_TIMEOUT_S = 15.0  # from SIGTERM to exit: drain, close the listener, stop Ray
 STOP_RESERVE_S = 3.0  # of --drain-timeout, kept for stopping Ray once the replicas are drained
 CLOSE_S = 1.0  # of --drain-timeout, for the connections open when the listener closes to get their answers
+# a running application answers through the proxy within a second or two: past this the port is the proxy's anyway
+HAND_OVER_S = 60.0
 
 
 def check_port(host: str, port: int, option: str = "--port") -> None:
@@ -468,7 +470,7 @@ def run_service(app, models, *, host: str = "127.0.0.1", port: int = 8000, grpc_
             serve.run(app, name=APP, route_prefix="/")
         health = f"http://{_local(host)}:{port}{routes.HEALTH}"
         if starting and starting.shared:
-            hand_over(starting, f"http://{_local(host)}:{port}{routes.LIVE}", PROXY_START_S, stop)
+            hand_over(starting, f"http://{_local(host)}:{port}{routes.LIVE}", HAND_OVER_S, stop)
         if stop:  # during start-up: a replica that is up may have admitted requests, so it drains too
             n = answered(health)  # a slow start can answer before this command sees it running
             say(f"tinysaver: stopped after {n:,} answer{'s' if n != 1 else ''}, before the command saw the service "
