@@ -26,6 +26,7 @@ def service_spec(selection: Selection | dict | str | Path, zoo=None, options: Se
     """The spec of a saver → … → base ``selection`` over ``zoo``, checked before anything is deployed:
     the stages resolved once (`tinysaver.stageplan.resolve`), and the options able to place them."""
     o = options or ServeOptions()
+    selection = Selection.coerce(selection, "service_spec")  # a file is read once, for every use below
     stages = resolve(selection, zoo, backend=o.backend or DEFAULT_BACKEND,
                      accept_preprocess_change=o.accept_preprocess_change, batch_size=o.max_batch_size, root=root)
     if o.backend is None:  # the layout's default, from what the zoo records of each stage's model
@@ -49,10 +50,7 @@ def service_spec(selection: Selection | dict | str | Path, zoo=None, options: Se
         if len(set(o.per_stage("num_gpus", n))) > 1:
             raise ServeError("--layout fused puts every stage on one device: give --num-gpus one value, or use "
                              "--layout per-stage")
-    gears = None
-    if o.gears:
-        gears = Selection.coerce(selection, "service_spec").gears
-    return ServiceSpec(stages, o, gears=gears)
+    return ServiceSpec(stages, o, gears=selection.gears if o.gears else None)
 
 
 def layout_backend(stages: StagePlan, o: ServeOptions, zoo) -> str:
