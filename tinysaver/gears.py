@@ -182,10 +182,8 @@ def plan_gears(sel: Selection, zoo, max_loss: float, cfg) -> Selection:
 
 
 def with_gears(sel: Selection, plan: GearPlan) -> Selection:
-    """``sel`` carrying ``plan`` (saved with it by ``query --save``); refused when they differ in pair."""
-    if sel.models != [plan.saver, plan.base]:
-        raise SelectionError(f"the gear plan is for {plan.saver} → {plan.base}, the selection is "
-                             f"{' → '.join(sel.models)}")
+    """``sel`` carrying ``plan`` (saved with it by ``query --save``); refused when they differ in pair
+    (by `Selection`'s own check, which a file read back meets too)."""
     return replace(sel, gears=plan.to_dict(), schema_version=GEARS_SCHEMA_VERSION)
 
 
